@@ -1,0 +1,24 @@
+//! The sans-IO vocabulary of Lanyard: SPIFFE IDs, selectors, registration entries, X.509 and
+//! JWT SVIDs, trust bundles and rotation math.
+//!
+//! Nothing in this crate performs I/O or reads a clock. Functions that depend on the current
+//! time take `now: SystemTime`; functions that need randomness use `ring`'s system RNG or take
+//! the random input as a parameter (rotation jitter). Every other Lanyard crate speaks these
+//! types, and protobuf or SQL representations convert to and from them at their edges.
+#![warn(missing_docs)]
+
+pub mod bundle;
+pub mod entry;
+pub mod id;
+pub mod jwt;
+pub mod keys;
+pub mod rotation;
+pub mod selector;
+pub mod x509;
+pub mod x509pop;
+
+pub use bundle::{JwtAuthority, TrustBundle, X509Authority};
+pub use entry::{EntryId, RegistrationEntry};
+pub use id::{SpiffeId, TrustDomain};
+pub use keys::{KeyPair, KeyType};
+pub use selector::{Selector, SelectorSet};
