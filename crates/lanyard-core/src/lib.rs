@@ -14,6 +14,7 @@ pub mod jwt;
 pub mod keys;
 pub mod rotation;
 pub mod selector;
+pub mod tls;
 pub mod x509;
 pub mod x509pop;
 

@@ -17,6 +17,8 @@
 /// imports, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/descriptor.bin");
 
+pub mod convert;
+
 /// SPIRE's APIs (`spire.api.*`).
 pub mod spire {
     /// SPIRE's API packages.
