@@ -1,0 +1,595 @@
+//! `spire.api.server.agent.v1.Agent`: node attestation (join token, x509pop), agent SVID
+//! renewal, and agent administration (list, show, ban, evict, join tokens).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lanyard_core::x509::{self, SvidParams, X509Svid};
+use lanyard_core::x509pop::{self, ServerAttestation};
+use lanyard_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId};
+use lanyard_proto::convert::{
+    selector_to_proto, selectors_from_proto, spiffe_id_from_proto, spiffe_id_to_proto,
+    x509_svid_to_proto,
+};
+use lanyard_proto::spire::api::server::agent::v1 as pb;
+use lanyard_proto::spire::api::server::agent::v1::agent_server::{Agent, AgentServer};
+use lanyard_proto::spire::api::types;
+use lanyard_proto::spire::api::types::permission_denied_details::Reason;
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{ApiError, Authorizer, Caller, permission_denied};
+use crate::datastore::{
+    AgentFilter, AttestedAgent, DatastoreError, MatchMode, PageRequest, SelectorFilter,
+};
+use crate::state::ServerState;
+
+const SERVICE: &str = "/spire.api.server.agent.v1.Agent/";
+/// The longest attestation exchange allowed, so a silent client cannot hold a stream open.
+const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default and largest page of `ListAgents`.
+const MAX_PAGE_SIZE: u32 = 1000;
+
+fn method(name: &str) -> String {
+    format!("{SERVICE}{name}")
+}
+
+/// The agent service.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    state: Arc<ServerState>,
+    auth: Authorizer,
+    x509pop_anchors: Option<Arc<Vec<Vec<u8>>>>,
+}
+
+impl AgentService {
+    /// A service over `state`; `x509pop_anchors` enables x509pop with these CA certificates.
+    pub fn new(state: Arc<ServerState>, x509pop_anchors: Option<Vec<Vec<u8>>>) -> Self {
+        Self {
+            auth: Authorizer::new(Arc::clone(&state)),
+            state,
+            x509pop_anchors: x509pop_anchors.map(Arc::new),
+        }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> AgentServer<Self> {
+        AgentServer::new(self)
+    }
+
+    /// Signs an agent SVID for `agent_id` over the public key of `csr`.
+    fn sign_agent_svid(&self, agent_id: &SpiffeId, csr: &[u8]) -> Result<X509Svid, ApiError> {
+        let csr = x509::parse_csr(csr)
+            .map_err(|e| ApiError::InvalidArgument(format!("invalid CSR: {e}")))?;
+        let ca = self
+            .state
+            .ca
+            .x509_ca()
+            .ok_or_else(|| ApiError::Internal("no active X.509 authority".into()))?;
+        let params = SvidParams::new(
+            agent_id.clone(),
+            csr.public_key_der().to_vec(),
+            self.state.config.agent_ttl(),
+        );
+        ca.mint_svid(&params, self.state.now())
+            .map_err(|e| ApiError::Internal(format!("signing agent SVID: {e}")))
+    }
+
+    /// Runs the attestation exchange and returns the result to send.
+    async fn attest(
+        &self,
+        mut requests: Streaming<pb::AttestAgentRequest>,
+        challenges: tokio::sync::mpsc::Sender<Result<pb::AttestAgentResponse, Status>>,
+    ) -> Result<pb::AttestAgentResponse, Status> {
+        let first = requests
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("missing attestation parameters"))?;
+        let Some(pb::attest_agent_request::Step::Params(params)) = first.step else {
+            return Err(Status::invalid_argument("missing params"));
+        };
+        let data = params
+            .data
+            .ok_or_else(|| Status::invalid_argument("missing attestation data"))?;
+        let csr = params
+            .params
+            .map(|p| p.csr)
+            .filter(|csr| !csr.is_empty())
+            .ok_or_else(|| Status::invalid_argument("missing CSR"))?;
+        if data.r#type.is_empty() {
+            return Err(Status::invalid_argument("missing attestation data type"));
+        }
+        if data.payload.is_empty() {
+            return Err(Status::invalid_argument("missing attestation data payload"));
+        }
+
+        let trust_domain = self.state.trust_domain().clone();
+        let now = self.state.now();
+        let (agent_id, selectors, can_reattest) = match data.r#type.as_str() {
+            "join_token" if self.state.config.node_attestor.join_token_enabled() => {
+                let token = String::from_utf8(data.payload)
+                    .map_err(|_| Status::invalid_argument("join token is not UTF-8"))?;
+                let record = match self.state.store.take_join_token(&token).await {
+                    Ok(record) => record,
+                    Err(DatastoreError::NotFound(_)) => {
+                        return Err(Status::permission_denied(
+                            "failed to attest: join token does not exist or has already been used",
+                        ));
+                    }
+                    Err(e) => return Err(ApiError::from(e).into_status()),
+                };
+                if record.expires_at <= now {
+                    return Err(Status::permission_denied(
+                        "failed to attest: join token expired",
+                    ));
+                }
+                let agent_id = trust_domain.join_token_agent_id(&token).map_err(|e| {
+                    Status::invalid_argument(format!("join token cannot form an agent ID: {e}"))
+                })?;
+                (agent_id, SelectorSet::new(), false)
+            }
+            "x509pop" if self.x509pop_anchors.is_some() => {
+                let anchors = self
+                    .x509pop_anchors
+                    .as_deref()
+                    .map_or(&[][..], Vec::as_slice);
+                let (attestation, challenge) =
+                    ServerAttestation::begin(&data.payload, anchors, &trust_domain, now)
+                        .map_err(x509pop_status)?;
+                challenges
+                    .send(Ok(pb::AttestAgentResponse {
+                        step: Some(pb::attest_agent_response::Step::Challenge(challenge)),
+                    }))
+                    .await
+                    .map_err(|_| Status::cancelled("agent went away"))?;
+                let answer = requests
+                    .message()
+                    .await?
+                    .ok_or_else(|| Status::invalid_argument("missing challenge response"))?;
+                let Some(pb::attest_agent_request::Step::ChallengeResponse(response)) = answer.step
+                else {
+                    return Err(Status::invalid_argument("expected a challenge response"));
+                };
+                let result = attestation.finish(&response).map_err(x509pop_status)?;
+                let selectors: SelectorSet = result.selectors().iter().cloned().collect();
+                (result.agent_id().clone(), selectors, x509pop::CAN_REATTEST)
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "could not find node attestor type {other:?}"
+                )));
+            }
+        };
+
+        if agent_id.is_server_id() {
+            return Err(Status::permission_denied(
+                "failed to attest: agent ID may not be the server ID",
+            ));
+        }
+        let existing = self
+            .state
+            .store
+            .get_agent(&agent_id)
+            .await
+            .map_err(|e| ApiError::from(e).into_status())?;
+        if existing.as_ref().is_some_and(AttestedAgent::is_banned) {
+            return Err(Status::permission_denied(
+                "failed to attest: agent is banned",
+            ));
+        }
+
+        let svid = self.sign_agent_svid(&agent_id, &csr)?;
+        let record = match existing {
+            Some(mut agent) => {
+                agent.attestation_type = data.r#type.clone();
+                agent.serial = svid.serial().to_owned();
+                agent.not_after = svid.not_after();
+                agent.new_serial.clear();
+                agent.new_not_after = None;
+                agent.can_reattest = can_reattest;
+                agent.selectors = selectors.clone();
+                self.state.store.update_agent(agent).await
+            }
+            None => {
+                let mut agent = AttestedAgent::new(
+                    agent_id.clone(),
+                    data.r#type.clone(),
+                    svid.serial(),
+                    svid.not_after(),
+                );
+                agent.can_reattest = can_reattest;
+                agent.selectors = selectors.clone();
+                self.state.store.create_agent(agent).await
+            }
+        };
+        record.map_err(|e| ApiError::from(e).into_status())?;
+        self.state.agent_attested(&agent_id, selectors);
+        tracing::info!(
+            target: "audit",
+            agent_id = %agent_id,
+            attestation_type = %data.r#type,
+            serial = %svid.serial(),
+            "agent attested"
+        );
+        Ok(pb::AttestAgentResponse {
+            step: Some(pb::attest_agent_response::Step::Result(
+                pb::attest_agent_response::Result {
+                    svid: Some(x509_svid_to_proto(&svid, "")),
+                    reattestable: can_reattest,
+                },
+            )),
+        })
+    }
+
+    fn agent_id_from(&self, id: Option<&types::Spiffeid>) -> Result<SpiffeId, Status> {
+        let id = id.ok_or_else(|| Status::invalid_argument("invalid agent ID: missing"))?;
+        let id = spiffe_id_from_proto(id)
+            .map_err(|e| Status::invalid_argument(format!("invalid agent ID: {e}")))?;
+        if !id.is_member_of(self.state.trust_domain()) {
+            return Err(Status::invalid_argument(format!(
+                "invalid agent ID: {id} is not in trust domain {}",
+                self.state.trust_domain()
+            )));
+        }
+        Ok(id)
+    }
+
+    fn audit(&self, caller: &Caller, action: &str, agent_id: &SpiffeId) {
+        tracing::info!(target: "audit", caller = %caller.describe(), agent_id = %agent_id, "{action}");
+    }
+}
+
+fn x509pop_status(e: x509pop::X509PopError) -> Status {
+    if e.is_verification_failure() {
+        Status::permission_denied(format!("failed to attest: {e}"))
+    } else {
+        Status::invalid_argument(format!("failed to attest: {e}"))
+    }
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// An agent record in SPIRE's wire form, with only the fields `mask` asks for (all if none).
+pub fn agent_to_proto(agent: &AttestedAgent, mask: Option<&types::AgentMask>) -> types::Agent {
+    let all = types::AgentMask {
+        attestation_type: true,
+        x509svid_serial_number: true,
+        x509svid_expires_at: true,
+        selectors: true,
+        banned: true,
+        can_reattest: true,
+    };
+    let mask = mask.unwrap_or(&all);
+    types::Agent {
+        id: Some(spiffe_id_to_proto(&agent.spiffe_id)),
+        attestation_type: if mask.attestation_type {
+            agent.attestation_type.clone()
+        } else {
+            String::new()
+        },
+        x509svid_serial_number: if mask.x509svid_serial_number {
+            agent.serial.clone()
+        } else {
+            String::new()
+        },
+        x509svid_expires_at: if mask.x509svid_expires_at {
+            unix_secs(agent.not_after)
+        } else {
+            0
+        },
+        selectors: if mask.selectors {
+            agent.selectors.iter().map(selector_to_proto).collect()
+        } else {
+            Vec::new()
+        },
+        banned: mask.banned && agent.is_banned(),
+        can_reattest: mask.can_reattest && agent.can_reattest,
+    }
+}
+
+fn parse_time_filter(value: &str) -> Result<Option<SystemTime>, Status> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(secs) = value.parse::<u64>() {
+        return Ok(Some(UNIX_EPOCH + Duration::from_secs(secs)));
+    }
+    humantime::parse_rfc3339_weak(value)
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("invalid by_expires_before {value:?}: {e}")))
+}
+
+fn agent_filter(
+    by_attestation_type: String,
+    by_selector_match: Option<&types::SelectorMatch>,
+    by_banned: Option<bool>,
+    by_can_reattest: Option<bool>,
+    by_expires_before: &str,
+) -> Result<AgentFilter, Status> {
+    let by_selectors = match by_selector_match {
+        None => None,
+        Some(m) => {
+            let selectors = selectors_from_proto("by_selector_match", &m.selectors)
+                .map_err(|e| Status::invalid_argument(format!("invalid selector filter: {e}")))?;
+            if selectors.is_empty() {
+                return Err(Status::invalid_argument(
+                    "invalid selector filter: empty selector set",
+                ));
+            }
+            let mode = match types::selector_match::MatchBehavior::try_from(m.r#match) {
+                Ok(types::selector_match::MatchBehavior::MatchExact) => MatchMode::Exact,
+                Ok(types::selector_match::MatchBehavior::MatchSubset) => MatchMode::Subset,
+                Ok(types::selector_match::MatchBehavior::MatchSuperset) => MatchMode::Superset,
+                Ok(types::selector_match::MatchBehavior::MatchAny) => MatchMode::Any,
+                Err(_) => {
+                    return Err(Status::invalid_argument(
+                        "invalid selector filter: unknown match behavior",
+                    ));
+                }
+            };
+            Some(SelectorFilter { selectors, mode })
+        }
+    };
+    Ok(AgentFilter {
+        by_attestation_type: Some(by_attestation_type).filter(|t| !t.is_empty()),
+        by_selectors,
+        by_banned,
+        by_can_reattest,
+        by_expires_before: parse_time_filter(by_expires_before)?,
+    })
+}
+
+type AttestStream = Pin<Box<dyn Stream<Item = Result<pb::AttestAgentResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn count_agents(
+        &self,
+        request: Request<pb::CountAgentsRequest>,
+    ) -> Result<Response<pb::CountAgentsResponse>, Status> {
+        self.auth.admin(&request, &method("CountAgents"))?;
+        let filter = match request.into_inner().filter {
+            Some(f) => agent_filter(
+                f.by_attestation_type,
+                f.by_selector_match.as_ref(),
+                f.by_banned,
+                f.by_can_reattest,
+                &f.by_expires_before,
+            )?,
+            None => AgentFilter::default(),
+        };
+        let count = self
+            .state
+            .store
+            .count_agents(&filter)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::CountAgentsResponse {
+            count: i32::try_from(count).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.auth.admin(&request, &method("ListAgents"))?;
+        let req = request.into_inner();
+        let filter = match req.filter {
+            Some(f) => agent_filter(
+                f.by_attestation_type,
+                f.by_selector_match.as_ref(),
+                f.by_banned,
+                f.by_can_reattest,
+                &f.by_expires_before,
+            )?,
+            None => AgentFilter::default(),
+        };
+        if req.page_size < 0 {
+            return Err(Status::invalid_argument("page_size cannot be negative"));
+        }
+        let size = u32::try_from(req.page_size)
+            .unwrap_or(0)
+            .clamp(0, MAX_PAGE_SIZE);
+        let page = (size > 0 || !req.page_token.is_empty()).then(|| PageRequest {
+            token: Some(req.page_token.clone()).filter(|t| !t.is_empty()),
+            size: if size == 0 { MAX_PAGE_SIZE } else { size },
+        });
+        let (agents, next) = self
+            .state
+            .store
+            .list_agents(&filter, page)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents
+                .iter()
+                .map(|a| agent_to_proto(a, req.output_mask.as_ref()))
+                .collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<types::Agent>, Status> {
+        self.auth.admin(&request, &method("GetAgent"))?;
+        let req = request.into_inner();
+        let id = self.agent_id_from(req.id.as_ref())?;
+        let agent = self
+            .state
+            .store
+            .get_agent(&id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| Status::not_found("agent not found"))?;
+        Ok(Response::new(agent_to_proto(
+            &agent,
+            req.output_mask.as_ref(),
+        )))
+    }
+
+    async fn delete_agent(
+        &self,
+        request: Request<pb::DeleteAgentRequest>,
+    ) -> Result<Response<()>, Status> {
+        let caller = self.auth.admin(&request, &method("DeleteAgent"))?;
+        let id = self.agent_id_from(request.get_ref().id.as_ref())?;
+        match self.state.store.delete_agent(&id).await {
+            Ok(_) => {}
+            Err(DatastoreError::NotFound(_)) => return Err(Status::not_found("agent not found")),
+            Err(e) => return Err(ApiError::from(e).into()),
+        }
+        self.state.agent_evicted(&id);
+        self.audit(&caller, "agent evicted", &id);
+        Ok(Response::new(()))
+    }
+
+    async fn ban_agent(
+        &self,
+        request: Request<pb::BanAgentRequest>,
+    ) -> Result<Response<()>, Status> {
+        let caller = self.auth.admin(&request, &method("BanAgent"))?;
+        let id = self.agent_id_from(request.get_ref().id.as_ref())?;
+        match self.state.store.ban_agent(&id).await {
+            Ok(_) => {}
+            Err(DatastoreError::NotFound(_)) => return Err(Status::not_found("agent not found")),
+            Err(e) => return Err(ApiError::from(e).into()),
+        }
+        self.audit(&caller, "agent banned", &id);
+        Ok(Response::new(()))
+    }
+
+    type AttestAgentStream = AttestStream;
+
+    async fn attest_agent(
+        &self,
+        request: Request<Streaming<pb::AttestAgentRequest>>,
+    ) -> Result<Response<Self::AttestAgentStream>, Status> {
+        let requests = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let outcome =
+                tokio::time::timeout(ATTESTATION_TIMEOUT, service.attest(requests, tx.clone()))
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("attestation timed out")));
+            if let Err(status) = &outcome {
+                tracing::info!(code = ?status.code(), message = %status.message(), "attestation refused");
+            }
+            let _ = tx.send(outcome).await;
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream.map(|item| item))))
+    }
+
+    async fn renew_agent(
+        &self,
+        request: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::RenewAgentResponse>, Status> {
+        let caller = self.auth.agent(&request, &method("RenewAgent")).await?;
+        if caller.agent.can_reattest {
+            return Err(permission_denied(
+                &method("RenewAgent"),
+                Some(Reason::AgentMustReattest),
+            ));
+        }
+        let csr = request
+            .into_inner()
+            .params
+            .map(|p| p.csr)
+            .filter(|csr| !csr.is_empty())
+            .ok_or_else(|| Status::invalid_argument("missing CSR"))?;
+        let svid = self.sign_agent_svid(caller.id(), &csr)?;
+        let mut agent = caller.agent.clone();
+        agent.new_serial = svid.serial().to_owned();
+        agent.new_not_after = Some(svid.not_after());
+        self.state
+            .store
+            .update_agent(agent)
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(target: "audit", agent_id = %caller.id(), serial = %svid.serial(), "agent SVID renewed");
+        Ok(Response::new(pb::RenewAgentResponse {
+            svid: Some(x509_svid_to_proto(&svid, "")),
+        }))
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<types::JoinToken>, Status> {
+        let caller = self.auth.admin(&request, &method("CreateJoinToken"))?;
+        let req = request.into_inner();
+        if req.ttl < 1 {
+            return Err(Status::invalid_argument(
+                "ttl is required, you must provide one",
+            ));
+        }
+        let token = if req.token.is_empty() {
+            EntryId::generate().as_str().to_owned()
+        } else {
+            req.token.clone()
+        };
+        let trust_domain = self.state.trust_domain().clone();
+        let token_agent_id = trust_domain
+            .join_token_agent_id(&token)
+            .map_err(|e| Status::invalid_argument(format!("invalid token: {e}")))?;
+        let agent_id = match req.agent_id.as_ref() {
+            Some(id) if !id.trust_domain.is_empty() || !id.path.is_empty() => {
+                let id = self.agent_id_from(Some(id))?;
+                if id.is_trust_domain_id() {
+                    return Err(Status::invalid_argument(
+                        "invalid agent ID: the path cannot be empty",
+                    ));
+                }
+                Some(id)
+            }
+            _ => None,
+        };
+        let now = self.state.now();
+        let expires_at = now + Duration::from_secs(u64::try_from(req.ttl).unwrap_or(0));
+        self.state
+            .store
+            .create_join_token(&token, expires_at)
+            .await
+            .map_err(ApiError::from)?;
+        if let Some(agent_id) = agent_id {
+            // SPIRE's convenience: an entry giving the token's agent the chosen ID as an alias.
+            let selector = Selector::new("spiffe_id", token_agent_id.as_str())
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let entry = RegistrationEntry::new(
+                EntryId::generate(),
+                agent_id,
+                token_agent_id,
+                [selector].into_iter().collect(),
+                now,
+            );
+            let entry = self
+                .state
+                .store
+                .create_entry(entry)
+                .await
+                .map_err(ApiError::from)?;
+            self.state.entry_written(&entry);
+        }
+        tracing::info!(target: "audit", caller = %caller.describe(), "join token created");
+        Ok(Response::new(types::JoinToken {
+            value: token,
+            expires_at: unix_secs(expires_at),
+        }))
+    }
+
+    async fn post_status(
+        &self,
+        _request: Request<pb::PostStatusRequest>,
+    ) -> Result<Response<pb::PostStatusResponse>, Status> {
+        // SPIRE v1.13 answers Unimplemented and its agent never calls this.
+        Err(Status::unimplemented("PostStatus is not implemented"))
+    }
+}

@@ -1,0 +1,181 @@
+//! The one place where server errors become gRPC statuses.
+
+use lanyard_proto::spire::api::types::PermissionDeniedDetails;
+use lanyard_proto::spire::api::types::permission_denied_details::Reason;
+use prost::Message as _;
+use tonic::{Code, Status};
+
+use crate::ca::CaError;
+use crate::datastore::DatastoreError;
+
+/// An error from a service handler, before it becomes a [`Status`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The thing asked for does not exist (or is not visible to the caller).
+    #[error("{0}")]
+    NotFound(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The thing to create exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The system is not in a state that allows the operation.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The request exceeds a limit.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A datastore failure.
+    #[error(transparent)]
+    Datastore(#[from] DatastoreError),
+    /// A CA failure.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// Anything else that is the server's fault.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The gRPC code for this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::NotFound(_) => Code::NotFound,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::Datastore(e) => match e {
+                DatastoreError::NotFound(_) => Code::NotFound,
+                DatastoreError::AlreadyExists { .. } => Code::AlreadyExists,
+                DatastoreError::Conflict(_) => Code::Aborted,
+                DatastoreError::FailedPrecondition(_) => Code::FailedPrecondition,
+                DatastoreError::Invalid(_) => Code::InvalidArgument,
+                _ => Code::Internal,
+            },
+            Self::Ca(CaError::FailedPrecondition(_)) => Code::FailedPrecondition,
+            Self::Ca(_) | Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The status to return to the caller. Internal details are logged, not sent.
+    pub fn into_status(self) -> Status {
+        let code = self.code();
+        if code == Code::Internal {
+            tracing::error!(error = %self, "internal error");
+            return Status::internal("internal error; see the server log");
+        }
+        Status::new(code, self.to_string())
+    }
+
+    /// The per-item status of a batch RPC.
+    pub fn to_proto_status(&self) -> lanyard_proto::spire::api::types::Status {
+        let status = match self.code() {
+            Code::Internal => {
+                tracing::error!(error = %self, "internal error");
+                "internal error; see the server log".to_owned()
+            }
+            _ => self.to_string(),
+        };
+        lanyard_proto::spire::api::types::Status {
+            code: self.code() as i32,
+            message: status,
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        e.into_status()
+    }
+}
+
+/// The per-item status of a successful batch item.
+pub fn ok_status() -> lanyard_proto::spire::api::types::Status {
+    lanyard_proto::spire::api::types::Status {
+        code: Code::Ok as i32,
+        message: "OK".to_owned(),
+    }
+}
+
+/// `google.rpc.Status`, the payload of the `grpc-status-details-bin` trailer.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<prost_types::Any>,
+}
+
+/// SPIRE's authorization failure: PermissionDenied "authorization denied for method <m>",
+/// carrying a `PermissionDeniedDetails` with `reason` when there is one (SPIRE's agent reads
+/// it to decide whether to re-attest).
+pub fn permission_denied(method: &str, reason: Option<Reason>) -> Status {
+    let message = format!("authorization denied for method {method}");
+    let Some(reason) = reason else {
+        return Status::permission_denied(message);
+    };
+    let details = PermissionDeniedDetails {
+        reason: reason as i32,
+    };
+    let any = match prost_types::Any::from_msg(&details) {
+        Ok(any) => any,
+        Err(_) => return Status::permission_denied(message),
+    };
+    let rpc_status = RpcStatus {
+        code: Code::PermissionDenied as i32,
+        message: message.clone(),
+        details: vec![any],
+    };
+    Status::with_details(
+        Code::PermissionDenied,
+        message,
+        rpc_status.encode_to_vec().into(),
+    )
+}
+
+/// The `PermissionDeniedDetails` reason carried by a status, if any.
+pub fn denial_reason(status: &Status) -> Option<Reason> {
+    let rpc = RpcStatus::decode(status.details()).ok()?;
+    rpc.details.iter().find_map(|any| {
+        let details = any.to_msg::<PermissionDeniedDetails>().ok()?;
+        Reason::try_from(details.reason).ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denial_carries_the_reason() {
+        let status = permission_denied(
+            "/spire.api.server.entry.v1.Entry/SyncAuthorizedEntries",
+            Some(Reason::AgentBanned),
+        );
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(
+            status.message(),
+            "authorization denied for method /spire.api.server.entry.v1.Entry/SyncAuthorizedEntries"
+        );
+        assert_eq!(denial_reason(&status), Some(Reason::AgentBanned));
+        assert_eq!(denial_reason(&permission_denied("/m", None)), None);
+    }
+
+    #[test]
+    fn internal_details_stay_in_the_log() {
+        let status = ApiError::Internal("disk on fire at /secret/path".into()).into_status();
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("/secret/path"));
+        let status = ApiError::from(DatastoreError::NotFound("entry \"x\"".into())).into_status();
+        assert_eq!(status.code(), Code::NotFound);
+    }
+}

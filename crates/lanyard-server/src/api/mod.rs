@@ -1,0 +1,201 @@
+//! The server API: SPIRE's `spire.api.server.*` services and Lanyard's own, plus the caller
+//! identification, authorization and error mapping they share.
+//!
+//! Authorization follows SPIRE's policy: admin RPCs need a local (Unix socket) caller or an
+//! admin SVID; agent RPCs need the agent's *current* SVID; attestation and `GetBundle` are
+//! open to anyone.
+
+pub mod agent;
+pub mod bundle;
+pub mod entry;
+pub mod errors;
+pub mod metadata;
+pub mod svid;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use lanyard_core::SpiffeId;
+use lanyard_proto::spire::api::types::permission_denied_details::Reason;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
+use tonic::{Request, Status};
+
+use crate::datastore::AttestedAgent;
+use crate::state::ServerState;
+
+pub use errors::{ApiError, permission_denied};
+
+/// Who is calling, as far as the transport can tell.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A process on this host, over the admin Unix socket.
+    Local {
+        /// The caller's uid, from the kernel.
+        uid: Option<u32>,
+    },
+    /// A TLS client that presented an X.509-SVID the TLS layer verified against the bundle.
+    Svid(PeerSvid),
+    /// A TLS client without a certificate.
+    Anonymous,
+}
+
+/// The verified SVID a TLS peer presented.
+#[derive(Debug, Clone)]
+pub struct PeerSvid {
+    /// Its SPIFFE ID.
+    pub id: SpiffeId,
+    /// Its serial number in decimal, as SPIRE compares agent serials.
+    pub serial: String,
+    /// Its expiry.
+    pub not_after: SystemTime,
+}
+
+impl Caller {
+    /// Identifies the caller of `request`.
+    pub fn of<T>(request: &Request<T>) -> Caller {
+        if let Some(info) = request.extensions().get::<UdsConnectInfo>() {
+            return Caller::Local {
+                uid: info.peer_cred.map(|c| c.uid()),
+            };
+        }
+        let certs = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs());
+        let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
+            return Caller::Anonymous;
+        };
+        // The TLS verifier already checked the chain; read what it verified.
+        let id = lanyard_core::x509::spiffe_id_of(leaf);
+        let serial = lanyard_core::x509::serial_decimal(leaf);
+        let validity = lanyard_core::x509::validity_of(leaf);
+        match (id, serial, validity) {
+            (Ok(id), Ok(serial), Ok((_, not_after))) => Caller::Svid(PeerSvid {
+                id,
+                serial,
+                not_after,
+            }),
+            _ => Caller::Anonymous,
+        }
+    }
+
+    /// A short description for audit logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Caller::Local { uid: Some(uid) } => format!("local uid {uid}"),
+            Caller::Local { uid: None } => "local".to_owned(),
+            Caller::Svid(svid) => svid.id.to_string(),
+            Caller::Anonymous => "anonymous".to_owned(),
+        }
+    }
+}
+
+/// Authorization checks shared by the services.
+#[derive(Debug, Clone)]
+pub struct Authorizer {
+    state: Arc<ServerState>,
+}
+
+impl Authorizer {
+    /// Checks against `state`.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Self { state }
+    }
+
+    /// A local caller or an admin SVID.
+    pub fn admin<T>(&self, request: &Request<T>, method: &str) -> Result<Caller, Status> {
+        let caller = Caller::of(request);
+        match &caller {
+            Caller::Local { .. } => Ok(caller),
+            Caller::Svid(svid) if self.state.is_admin_id(&svid.id) => Ok(caller),
+            _ => Err(permission_denied(method, None)),
+        }
+    }
+
+    /// A local caller, an admin SVID or a downstream SVID.
+    pub fn downstream<T>(&self, request: &Request<T>, method: &str) -> Result<Caller, Status> {
+        let caller = Caller::of(request);
+        match &caller {
+            Caller::Local { .. } => Ok(caller),
+            Caller::Svid(svid)
+                if self.state.is_admin_id(&svid.id) || self.state.is_downstream_id(&svid.id) =>
+            {
+                Ok(caller)
+            }
+            _ => Err(permission_denied(method, None)),
+        }
+    }
+
+    /// An attested agent presenting its current SVID (SPIRE's agent authorizer): an expired
+    /// SVID, an unknown agent, a banned agent or a superseded SVID is refused with the
+    /// matching `PermissionDeniedDetails` reason. Presenting the SVID issued by `RenewAgent`
+    /// makes it the current one.
+    pub async fn agent<T>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+    ) -> Result<AgentCaller, Status> {
+        let Caller::Svid(svid) = Caller::of(request) else {
+            return Err(permission_denied(method, None));
+        };
+        let now = self.state.now();
+        if svid.not_after <= now {
+            return Err(permission_denied(method, Some(Reason::AgentExpired)));
+        }
+        let Some(mut agent) = self
+            .state
+            .store
+            .get_agent(&svid.id)
+            .await
+            .map_err(|e| ApiError::from(e).into_status())?
+        else {
+            return Err(permission_denied(method, Some(Reason::AgentNotAttested)));
+        };
+        if agent.is_banned() {
+            return Err(permission_denied(method, Some(Reason::AgentBanned)));
+        }
+        if agent.serial == svid.serial {
+            return Ok(AgentCaller { svid, agent });
+        }
+        if !agent.new_serial.is_empty() && agent.new_serial == svid.serial {
+            agent.serial = std::mem::take(&mut agent.new_serial);
+            agent.not_after = agent.new_not_after.take().unwrap_or(svid.not_after);
+            let agent = self
+                .state
+                .store
+                .update_agent(agent)
+                .await
+                .map_err(|e| ApiError::from(e).into_status())?;
+            return Ok(AgentCaller { svid, agent });
+        }
+        Err(permission_denied(method, Some(Reason::AgentNotActive)))
+    }
+
+    /// Either an agent or an admin (SPIRE allows both on `GetFederatedBundle`).
+    pub async fn agent_or_admin<T>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+    ) -> Result<(), Status> {
+        if self.admin(request, method).is_ok() {
+            return Ok(());
+        }
+        self.agent(request, method).await.map(|_| ())
+    }
+}
+
+/// An authenticated agent and its record.
+#[derive(Debug, Clone)]
+pub struct AgentCaller {
+    /// The SVID it presented.
+    pub svid: PeerSvid,
+    /// Its attested-agent record.
+    pub agent: AttestedAgent,
+}
+
+impl AgentCaller {
+    /// The agent's SPIFFE ID.
+    pub fn id(&self) -> &SpiffeId {
+        &self.svid.id
+    }
+}

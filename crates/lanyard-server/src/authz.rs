@@ -1,0 +1,344 @@
+//! The in-memory authorization index: which registration entries each agent may obtain SVIDs
+//! for. It is updated per change (an entry written, an agent attested) and never rebuilt per
+//! request.
+//!
+//! SPIRE's rule: an agent is authorized for entries whose parent is the agent's ID, or the
+//! SPIFFE ID of a node alias entry (parent = the server ID) whose selectors are all among the
+//! agent's node selectors; and, recursively, for entries whose parent is the SPIFFE ID of an
+//! entry already found. Alias entries themselves are not returned. Expired entries authorize
+//! nothing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use lanyard_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId};
+
+/// The index. Cheap to query; callers hold it behind a lock and apply changes as they commit.
+#[derive(Debug)]
+pub struct AuthorizationIndex {
+    server_id: SpiffeId,
+    entries: HashMap<EntryId, Arc<RegistrationEntry>>,
+    /// Entry IDs by parent ID, ordered for stable output.
+    by_parent: HashMap<SpiffeId, BTreeMap<EntryId, ()>>,
+    /// Alias entries (parent = server ID) by each of their selectors.
+    aliases_by_selector: HashMap<Selector, Vec<EntryId>>,
+    /// Node selectors of each attested agent.
+    agents: HashMap<SpiffeId, SelectorSet>,
+}
+
+impl AuthorizationIndex {
+    /// An empty index for the server whose ID is `server_id`.
+    pub fn new(server_id: SpiffeId) -> Self {
+        Self {
+            server_id,
+            entries: HashMap::new(),
+            by_parent: HashMap::new(),
+            aliases_by_selector: HashMap::new(),
+            agents: HashMap::new(),
+        }
+    }
+
+    /// Builds an index from every entry and every agent's node selectors.
+    pub fn build(
+        server_id: SpiffeId,
+        entries: impl IntoIterator<Item = RegistrationEntry>,
+        agents: impl IntoIterator<Item = (SpiffeId, SelectorSet)>,
+    ) -> Self {
+        let mut index = Self::new(server_id);
+        for entry in entries {
+            index.upsert_entry(entry);
+        }
+        for (agent_id, selectors) in agents {
+            index.set_agent_selectors(agent_id, selectors);
+        }
+        index
+    }
+
+    /// Number of entries indexed.
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Number of agents with node selectors indexed.
+    pub fn agent_count(&self) -> usize {
+        self.agents.len()
+    }
+
+    /// The entry with this ID, if indexed.
+    pub fn entry(&self, id: &EntryId) -> Option<&Arc<RegistrationEntry>> {
+        self.entries.get(id)
+    }
+
+    /// Adds or replaces an entry.
+    pub fn upsert_entry(&mut self, entry: RegistrationEntry) {
+        self.remove_entry(&entry.id);
+        let entry = Arc::new(entry);
+        self.by_parent
+            .entry(entry.parent_id.clone())
+            .or_default()
+            .insert(entry.id.clone(), ());
+        if entry.parent_id == self.server_id {
+            for selector in entry.selectors.iter() {
+                self.aliases_by_selector
+                    .entry(selector.clone())
+                    .or_default()
+                    .push(entry.id.clone());
+            }
+        }
+        self.entries.insert(entry.id.clone(), entry);
+    }
+
+    /// Removes an entry; returns it if it was indexed.
+    pub fn remove_entry(&mut self, id: &EntryId) -> Option<Arc<RegistrationEntry>> {
+        let old = self.entries.remove(id)?;
+        if let Some(children) = self.by_parent.get_mut(&old.parent_id) {
+            children.remove(id);
+            if children.is_empty() {
+                self.by_parent.remove(&old.parent_id);
+            }
+        }
+        if old.parent_id == self.server_id {
+            for selector in old.selectors.iter() {
+                if let Some(ids) = self.aliases_by_selector.get_mut(selector) {
+                    ids.retain(|other| other != id);
+                    if ids.is_empty() {
+                        self.aliases_by_selector.remove(selector);
+                    }
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// Records (or replaces) an agent's node selectors.
+    pub fn set_agent_selectors(&mut self, agent_id: SpiffeId, selectors: SelectorSet) {
+        self.agents.insert(agent_id, selectors);
+    }
+
+    /// Forgets an agent's node selectors (the agent was evicted).
+    pub fn remove_agent(&mut self, agent_id: &SpiffeId) {
+        self.agents.remove(agent_id);
+    }
+
+    /// The SPIFFE IDs of the node alias entries that apply to this agent at `now`.
+    pub fn aliases_of(&self, agent_id: &SpiffeId, now: SystemTime) -> Vec<SpiffeId> {
+        let Some(node_selectors) = self.agents.get(agent_id) else {
+            return Vec::new();
+        };
+        let mut seen = HashSet::new();
+        let mut aliases = Vec::new();
+        for selector in node_selectors.iter() {
+            for id in self.aliases_by_selector.get(selector).into_iter().flatten() {
+                if !seen.insert(id) {
+                    continue;
+                }
+                if let Some(entry) = self.entries.get(id)
+                    && !entry.is_expired(now)
+                    && entry.selectors.matches(node_selectors)
+                {
+                    aliases.push(entry.spiffe_id.clone());
+                }
+            }
+        }
+        aliases.sort();
+        aliases.dedup();
+        aliases
+    }
+
+    /// Every entry the agent may obtain SVIDs for at `now`, ordered by entry ID.
+    pub fn authorized_entries(
+        &self,
+        agent_id: &SpiffeId,
+        now: SystemTime,
+    ) -> Vec<Arc<RegistrationEntry>> {
+        let mut roots = self.aliases_of(agent_id, now);
+        roots.push(agent_id.clone());
+
+        let mut visited_parents: HashSet<SpiffeId> = HashSet::new();
+        let mut found: BTreeMap<EntryId, Arc<RegistrationEntry>> = BTreeMap::new();
+        let mut queue = roots;
+        while let Some(parent) = queue.pop() {
+            if !visited_parents.insert(parent.clone()) {
+                continue;
+            }
+            let Some(children) = self.by_parent.get(&parent) else {
+                continue;
+            };
+            for id in children.keys() {
+                let Some(entry) = self.entries.get(id) else {
+                    continue;
+                };
+                if entry.is_expired(now) || found.contains_key(id) {
+                    continue;
+                }
+                found.insert(id.clone(), Arc::clone(entry));
+                queue.push(entry.spiffe_id.clone());
+            }
+        }
+        found.into_values().collect()
+    }
+
+    /// Whether some unexpired entry with SPIFFE ID `id` satisfies `flag` (e.g. is `admin`).
+    pub fn has_flagged_entry(
+        &self,
+        id: &SpiffeId,
+        now: SystemTime,
+        flag: impl Fn(&RegistrationEntry) -> bool,
+    ) -> bool {
+        self.entries
+            .values()
+            .any(|e| &e.spiffe_id == id && !e.is_expired(now) && flag(e))
+    }
+
+    /// The entry, if the agent is authorized for it at `now`.
+    pub fn authorized_entry(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &EntryId,
+        now: SystemTime,
+    ) -> Option<Arc<RegistrationEntry>> {
+        self.authorized_entries(agent_id, now)
+            .into_iter()
+            .find(|e| &e.id == entry_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use lanyard_core::TrustDomain;
+
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    fn id(path: &str) -> SpiffeId {
+        SpiffeId::from_path(&td(), path).unwrap()
+    }
+
+    fn sels(items: &[&str]) -> SelectorSet {
+        items.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn entry(eid: &str, spiffe: &str, parent: &SpiffeId, selectors: &[&str]) -> RegistrationEntry {
+        RegistrationEntry::new(
+            EntryId::new(eid).unwrap(),
+            id(spiffe),
+            parent.clone(),
+            sels(selectors),
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+
+    fn ids(entries: &[Arc<RegistrationEntry>]) -> Vec<&str> {
+        entries.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[test]
+    fn direct_alias_and_nested_entries() {
+        let server = td().server_id();
+        let agent_a = id("/spire/agent/join_token/a");
+        let agent_b = id("/spire/agent/join_token/b");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let mut index = AuthorizationIndex::build(
+            server.clone(),
+            [
+                entry("direct", "/web", &agent_a, &["unix:uid:1"]),
+                entry(
+                    "alias",
+                    "/nodes/prod",
+                    &server,
+                    &["x509pop:ca:1", "x509pop:dc:eu"],
+                ),
+                entry("via-alias", "/db", &id("/nodes/prod"), &["unix:uid:2"]),
+                entry("nested", "/db/child", &id("/db"), &["unix:uid:3"]),
+                entry("other", "/mail", &agent_b, &["unix:uid:4"]),
+            ],
+            [
+                (
+                    agent_a.clone(),
+                    sels(&["x509pop:ca:1", "x509pop:dc:eu", "x509pop:x:y"]),
+                ),
+                (agent_b.clone(), sels(&["x509pop:ca:1"])),
+            ],
+        );
+        assert_eq!(
+            ids(&index.authorized_entries(&agent_a, now)),
+            ["direct", "nested", "via-alias"]
+        );
+        assert_eq!(index.aliases_of(&agent_a, now), [id("/nodes/prod")]);
+        // Agent B lacks one of the alias's selectors.
+        assert_eq!(ids(&index.authorized_entries(&agent_b, now)), ["other"]);
+        assert!(
+            index
+                .authorized_entry(&agent_b, &EntryId::new("direct").unwrap(), now)
+                .is_none()
+        );
+        assert!(
+            index
+                .authorized_entry(&agent_a, &EntryId::new("nested").unwrap(), now)
+                .is_some()
+        );
+
+        // Changes apply incrementally.
+        index.set_agent_selectors(agent_b.clone(), sels(&["x509pop:ca:1", "x509pop:dc:eu"]));
+        assert_eq!(
+            ids(&index.authorized_entries(&agent_b, now)),
+            ["nested", "other", "via-alias"]
+        );
+        index.remove_entry(&EntryId::new("alias").unwrap());
+        assert_eq!(ids(&index.authorized_entries(&agent_b, now)), ["other"]);
+        assert_eq!(ids(&index.authorized_entries(&agent_a, now)), ["direct"]);
+
+        // Re-parenting an entry moves it.
+        index.upsert_entry(entry("other", "/mail", &agent_a, &["unix:uid:4"]));
+        assert!(index.authorized_entries(&agent_b, now).is_empty());
+        assert_eq!(
+            ids(&index.authorized_entries(&agent_a, now)),
+            ["direct", "other"]
+        );
+        index.remove_agent(&agent_b);
+        assert_eq!(index.agent_count(), 1);
+    }
+
+    #[test]
+    fn expired_entries_authorize_nothing_including_their_children() {
+        let server = td().server_id();
+        let agent = id("/spire/agent/join_token/a");
+        let mut parent = entry("parent", "/p", &agent, &["unix:uid:1"]);
+        parent.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(50));
+        let index = AuthorizationIndex::build(
+            server,
+            [parent, entry("child", "/p/c", &id("/p"), &["unix:uid:2"])],
+            [],
+        );
+        let before = SystemTime::UNIX_EPOCH + Duration::from_secs(49);
+        let after = SystemTime::UNIX_EPOCH + Duration::from_secs(50);
+        assert_eq!(
+            ids(&index.authorized_entries(&agent, before)),
+            ["child", "parent"]
+        );
+        assert!(index.authorized_entries(&agent, after).is_empty());
+    }
+
+    #[test]
+    fn cycles_terminate() {
+        let server = td().server_id();
+        let agent = id("/spire/agent/join_token/a");
+        let index = AuthorizationIndex::build(
+            server,
+            [
+                entry("a", "/a", &agent, &["u:1"]),
+                entry("b", "/b", &id("/a"), &["u:2"]),
+                entry("c", "/a", &id("/b"), &["u:3"]),
+            ],
+            [],
+        );
+        let now = SystemTime::UNIX_EPOCH;
+        assert_eq!(ids(&index.authorized_entries(&agent, now)), ["a", "b", "c"]);
+    }
+}

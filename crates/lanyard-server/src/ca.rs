@@ -1,0 +1,742 @@
+//! The CA manager: the trust domain's X.509 CA and JWT signing keys, each in two slots (A and
+//! B), rotated on schedule and recorded in a journal in the datastore.
+//!
+//! The successor authority is prepared at 1/2 of the active one's life and published in the
+//! bundle at once, so that agents and federated peers learn it before it signs anything; it
+//! becomes active at 5/6. An authority stays in the bundle until it expires, and nothing it
+//! signed outlives it (SVID lifetimes are capped at the signer's expiry), so the bundle always
+//! holds every authority that can still verify a live SVID. Private keys live in the
+//! [`KeyManager`], never in the datastore; the journal holds certificates and key IDs only.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use lanyard_core::bundle::{JwtAuthority, X509Authority};
+use lanyard_core::keys::{KeyPair, KeyType};
+use lanyard_core::rotation::{CaAction, ca_action};
+use lanyard_core::x509::{self, CaSubject, X509Ca};
+use lanyard_core::{TrustBundle, TrustDomain};
+use serde::{Deserialize, Serialize};
+
+use crate::datastore::{Datastore, DatastoreError};
+use crate::keymanager::{KeyManager, KeyManagerError};
+
+/// The journal's key in the datastore. One server per datastore for now; HA servers will key
+/// their journals by server instance.
+const JOURNAL_KEY: &str = "local";
+
+/// Errors from the CA manager.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// A key could not be stored or loaded.
+    #[error(transparent)]
+    Keys(#[from] KeyManagerError),
+    /// The datastore failed.
+    #[error(transparent)]
+    Datastore(#[from] DatastoreError),
+    /// Certificate creation failed.
+    #[error("creating CA certificate: {0}")]
+    X509(#[from] x509::X509Error),
+    /// The bundle could not be updated.
+    #[error("updating bundle: {0}")]
+    Bundle(#[from] lanyard_core::bundle::BundleError),
+    /// The journal in the datastore is unreadable.
+    #[error("CA journal is corrupt: {0}")]
+    Journal(String),
+    /// An operation needs an authority in a state it is not in.
+    #[error("{0}")]
+    FailedPrecondition(String),
+}
+
+/// What the CA manager needs from the server configuration.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Lifetime of each authority.
+    pub ca_ttl: Duration,
+    /// Key type of X.509 CA keys.
+    pub x509_key_type: KeyType,
+    /// Key type of JWT signing keys.
+    pub jwt_key_type: KeyType,
+    /// Subject of CA certificates.
+    pub subject: CaSubject,
+}
+
+/// One of the two slots an authority lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    /// Slot A.
+    A,
+    /// Slot B.
+    B,
+}
+
+impl Slot {
+    fn other(self) -> Self {
+        match self {
+            Self::A => Self::B,
+            Self::B => Self::A,
+        }
+    }
+
+    fn x509_key_id(self) -> &'static str {
+        match self {
+            Self::A => "x509-ca-a",
+            Self::B => "x509-ca-b",
+        }
+    }
+
+    fn jwt_key_id(self) -> &'static str {
+        match self {
+            Self::A => "jwt-a",
+            Self::B => "jwt-b",
+        }
+    }
+}
+
+/// An X.509 authority in a slot.
+#[derive(Debug)]
+pub struct X509Slot {
+    /// Which slot.
+    pub slot: Slot,
+    /// The CA with its key.
+    pub ca: Arc<X509Ca>,
+    /// Start of validity.
+    pub not_before: SystemTime,
+}
+
+/// A JWT signing key in a slot.
+#[derive(Debug)]
+pub struct JwtKey {
+    /// Which slot.
+    pub slot: Slot,
+    /// The `kid` published in the bundle and put in every token.
+    pub key_id: String,
+    /// The private key.
+    pub key: KeyPair,
+    /// When the key was created.
+    pub not_before: SystemTime,
+    /// When the key leaves the bundle; tokens never outlive it.
+    pub not_after: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct CaState {
+    x509_current: Option<Arc<X509Slot>>,
+    x509_next: Option<Arc<X509Slot>>,
+    jwt_current: Option<Arc<JwtKey>>,
+    jwt_next: Option<Arc<JwtKey>>,
+    bundle: Option<Arc<TrustBundle>>,
+}
+
+/// The persisted journal: which certificate and key ID sit in which slot.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Journal {
+    x509: Vec<X509Record>,
+    jwt: Vec<JwtRecord>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Status {
+    Active,
+    Prepared,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct X509Record {
+    slot: Slot,
+    status: Status,
+    certificate: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct JwtRecord {
+    slot: Slot,
+    status: Status,
+    key_id: String,
+    not_before: u64,
+    not_after: u64,
+}
+
+/// What changed in one rotation step, for logs.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RotationReport {
+    /// An X.509 authority was prepared.
+    pub x509_prepared: bool,
+    /// An X.509 authority was activated.
+    pub x509_activated: bool,
+    /// A JWT key was prepared.
+    pub jwt_prepared: bool,
+    /// A JWT key was activated.
+    pub jwt_activated: bool,
+}
+
+impl RotationReport {
+    /// Whether anything changed.
+    pub fn changed(&self) -> bool {
+        self.x509_prepared || self.x509_activated || self.jwt_prepared || self.jwt_activated
+    }
+}
+
+/// The CA manager.
+#[derive(Debug)]
+pub struct CaManager {
+    config: CaConfig,
+    keys: Arc<dyn KeyManager>,
+    store: Arc<dyn Datastore>,
+    state: RwLock<CaState>,
+    /// Serializes rotation and bundle edits so that read-modify-write cycles do not interleave.
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+impl CaManager {
+    /// Restores the authorities recorded in the journal (dropping any whose key is gone or
+    /// which have expired), then brings the slots up to date for `now`.
+    pub async fn load(
+        config: CaConfig,
+        keys: Arc<dyn KeyManager>,
+        store: Arc<dyn Datastore>,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
+        let manager = Self {
+            config,
+            keys,
+            store,
+            state: RwLock::new(CaState::default()),
+            write_lock: tokio::sync::Mutex::new(()),
+        };
+        let _guard = manager.write_lock.lock().await;
+        manager.restore(now).await?;
+        drop(_guard);
+        manager.rotate(now).await?;
+        Ok(manager)
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.config.trust_domain
+    }
+
+    /// The active X.509 CA. Present once [`CaManager::load`] has returned.
+    pub fn x509_ca(&self) -> Option<Arc<X509Ca>> {
+        self.read().x509_current.as_ref().map(|s| Arc::clone(&s.ca))
+    }
+
+    /// The active and prepared X.509 authorities.
+    pub fn x509_slots(&self) -> (Option<Arc<X509Slot>>, Option<Arc<X509Slot>>) {
+        let state = self.read();
+        (state.x509_current.clone(), state.x509_next.clone())
+    }
+
+    /// The active JWT signing key. Present once [`CaManager::load`] has returned.
+    pub fn jwt_key(&self) -> Option<Arc<JwtKey>> {
+        self.read().jwt_current.clone()
+    }
+
+    /// The active and prepared JWT keys.
+    pub fn jwt_slots(&self) -> (Option<Arc<JwtKey>>, Option<Arc<JwtKey>>) {
+        let state = self.read();
+        (state.jwt_current.clone(), state.jwt_next.clone())
+    }
+
+    /// The trust domain's bundle as last written by this manager.
+    pub fn bundle(&self) -> Option<Arc<TrustBundle>> {
+        self.read().bundle.clone()
+    }
+
+    /// One rotation step: prepare or activate authorities as the schedule says, persist the
+    /// journal and publish new authorities in the bundle.
+    pub async fn rotate(&self, now: SystemTime) -> Result<RotationReport, CaError> {
+        let _guard = self.write_lock.lock().await;
+        let mut report = RotationReport::default();
+
+        let (x509_current, x509_next, jwt_current, jwt_next) = {
+            let s = self.read();
+            (
+                s.x509_current.clone(),
+                s.x509_next.is_some(),
+                s.jwt_current.clone(),
+                s.jwt_next.is_some(),
+            )
+        };
+
+        // X.509.
+        match &x509_current {
+            None => {
+                // A prepared authority left over from before a restart is used first.
+                let mut s = self.write();
+                if let Some(next) = s.x509_next.take() {
+                    s.x509_current = Some(next);
+                } else {
+                    drop(s);
+                    let prepared = self.prepare_x509(Slot::A, now)?;
+                    s = self.write();
+                    s.x509_current = Some(prepared);
+                    report.x509_prepared = true;
+                }
+                report.x509_activated = true;
+            }
+            Some(current) => {
+                match ca_action(current.not_before, current.ca.not_after(), x509_next, now) {
+                    CaAction::Wait => {}
+                    CaAction::PrepareNext => {
+                        let prepared = self.prepare_x509(current.slot.other(), now)?;
+                        self.write().x509_next = Some(prepared);
+                        report.x509_prepared = true;
+                    }
+                    CaAction::ActivateNext => {
+                        let mut s = self.write();
+                        if let Some(next) = s.x509_next.take() {
+                            s.x509_current = Some(next);
+                            report.x509_activated = true;
+                        }
+                    }
+                }
+            }
+        }
+
+        // JWT.
+        match &jwt_current {
+            None => {
+                let mut s = self.write();
+                if let Some(next) = s.jwt_next.take() {
+                    s.jwt_current = Some(next);
+                } else {
+                    drop(s);
+                    let prepared = self.prepare_jwt(Slot::A, now)?;
+                    s = self.write();
+                    s.jwt_current = Some(prepared);
+                    report.jwt_prepared = true;
+                }
+                report.jwt_activated = true;
+            }
+            Some(current) => {
+                match ca_action(current.not_before, current.not_after, jwt_next, now) {
+                    CaAction::Wait => {}
+                    CaAction::PrepareNext => {
+                        let prepared = self.prepare_jwt(current.slot.other(), now)?;
+                        self.write().jwt_next = Some(prepared);
+                        report.jwt_prepared = true;
+                    }
+                    CaAction::ActivateNext => {
+                        let mut s = self.write();
+                        if let Some(next) = s.jwt_next.take() {
+                            s.jwt_current = Some(next);
+                            report.jwt_activated = true;
+                        }
+                    }
+                }
+            }
+        }
+
+        if report.changed() {
+            self.save_journal().await?;
+        }
+        self.publish_bundle(now).await?;
+        Ok(report)
+    }
+
+    /// Applies `edit` to the stored bundle of this trust domain and keeps it; used by the
+    /// bundle API so that its edits and rotation never overwrite each other.
+    pub async fn edit_bundle<F>(&self, edit: F) -> Result<Arc<TrustBundle>, CaError>
+    where
+        F: FnOnce(&mut TrustBundle) -> Result<(), CaError> + Send,
+    {
+        let _guard = self.write_lock.lock().await;
+        let mut bundle = self
+            .store
+            .get_bundle(&self.config.trust_domain)
+            .await?
+            .unwrap_or_else(|| TrustBundle::new(self.config.trust_domain.clone()));
+        edit(&mut bundle)?;
+        let saved = Arc::new(self.store.set_bundle(bundle).await?);
+        self.write().bundle = Some(Arc::clone(&saved));
+        Ok(saved)
+    }
+
+    fn prepare_x509(&self, slot: Slot, now: SystemTime) -> Result<Arc<X509Slot>, CaError> {
+        let key = self
+            .keys
+            .generate(slot.x509_key_id(), self.config.x509_key_type)?;
+        let ca = X509Ca::self_signed(
+            &self.config.trust_domain,
+            key,
+            &self.config.subject,
+            now,
+            self.config.ca_ttl,
+        )?;
+        let (not_before, _) = x509::validity_of(ca.cert_der())?;
+        Ok(Arc::new(X509Slot {
+            slot,
+            ca: Arc::new(ca),
+            not_before,
+        }))
+    }
+
+    fn prepare_jwt(&self, slot: Slot, now: SystemTime) -> Result<Arc<JwtKey>, CaError> {
+        let key = self
+            .keys
+            .generate(slot.jwt_key_id(), self.config.jwt_key_type)?;
+        // Whole seconds, so that the journal round-trips exactly.
+        let not_before = UNIX_EPOCH + Duration::from_secs(unix_secs(now));
+        Ok(Arc::new(JwtKey {
+            slot,
+            key_id: random_key_id(),
+            key,
+            not_before,
+            not_after: not_before + self.config.ca_ttl,
+        }))
+    }
+
+    async fn restore(&self, now: SystemTime) -> Result<(), CaError> {
+        let Some(bytes) = self.store.get_ca_journal(JOURNAL_KEY).await? else {
+            return Ok(());
+        };
+        let journal: Journal =
+            serde_json::from_slice(&bytes).map_err(|e| CaError::Journal(e.to_string()))?;
+        let mut state = CaState::default();
+        for record in journal.x509 {
+            let Some(key) = self.keys.load(record.slot.x509_key_id())? else {
+                tracing::warn!(slot = ?record.slot, "X.509 CA key is missing; dropping the authority");
+                continue;
+            };
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(&record.certificate)
+                .map_err(|e| CaError::Journal(e.to_string()))?;
+            let ca = match X509Ca::new(der, key, Vec::new()) {
+                Ok(ca) => ca,
+                Err(error) => {
+                    tracing::warn!(slot = ?record.slot, %error, "CA certificate does not match its key; dropping the authority");
+                    continue;
+                }
+            };
+            if ca.not_after() <= now {
+                continue;
+            }
+            let (not_before, _) = x509::validity_of(ca.cert_der())?;
+            let slot = Arc::new(X509Slot {
+                slot: record.slot,
+                ca: Arc::new(ca),
+                not_before,
+            });
+            match record.status {
+                Status::Active => state.x509_current = Some(slot),
+                Status::Prepared => state.x509_next = Some(slot),
+            }
+        }
+        for record in journal.jwt {
+            let not_after = UNIX_EPOCH + Duration::from_secs(record.not_after);
+            if not_after <= now {
+                continue;
+            }
+            let Some(key) = self.keys.load(record.slot.jwt_key_id())? else {
+                tracing::warn!(slot = ?record.slot, "JWT key is missing; dropping the authority");
+                continue;
+            };
+            let jwt = Arc::new(JwtKey {
+                slot: record.slot,
+                key_id: record.key_id,
+                key,
+                not_before: UNIX_EPOCH + Duration::from_secs(record.not_before),
+                not_after,
+            });
+            match record.status {
+                Status::Active => state.jwt_current = Some(jwt),
+                Status::Prepared => state.jwt_next = Some(jwt),
+            }
+        }
+        state.bundle = self
+            .store
+            .get_bundle(&self.config.trust_domain)
+            .await?
+            .map(Arc::new);
+        *self.write() = state;
+        Ok(())
+    }
+
+    async fn save_journal(&self) -> Result<(), CaError> {
+        let journal = {
+            let s = self.read();
+            let mut journal = Journal::default();
+            for (slot, status) in [
+                (&s.x509_current, Status::Active),
+                (&s.x509_next, Status::Prepared),
+            ] {
+                if let Some(slot) = slot {
+                    journal.x509.push(X509Record {
+                        slot: slot.slot,
+                        status,
+                        certificate: base64::engine::general_purpose::STANDARD
+                            .encode(slot.ca.cert_der()),
+                    });
+                }
+            }
+            for (key, status) in [
+                (&s.jwt_current, Status::Active),
+                (&s.jwt_next, Status::Prepared),
+            ] {
+                if let Some(key) = key {
+                    journal.jwt.push(JwtRecord {
+                        slot: key.slot,
+                        status,
+                        key_id: key.key_id.clone(),
+                        not_before: unix_secs(key.not_before),
+                        not_after: unix_secs(key.not_after),
+                    });
+                }
+            }
+            journal
+        };
+        let bytes = serde_json::to_vec(&journal).map_err(|e| CaError::Journal(e.to_string()))?;
+        self.store.set_ca_journal(JOURNAL_KEY, &bytes).await?;
+        Ok(())
+    }
+
+    /// Makes sure every slot's authority is in the bundle and expired ones are not.
+    async fn publish_bundle(&self, now: SystemTime) -> Result<(), CaError> {
+        let (x509s, jwts) = {
+            let s = self.read();
+            let x509s: Vec<Vec<u8>> = [&s.x509_current, &s.x509_next]
+                .into_iter()
+                .flatten()
+                .map(|slot| slot.ca.cert_der().to_vec())
+                .collect();
+            let jwts: Vec<JwtAuthority> = [&s.jwt_current, &s.jwt_next]
+                .into_iter()
+                .flatten()
+                .map(|k| JwtAuthority::from_key_pair(&k.key_id, &k.key, Some(k.not_after)))
+                .collect::<Result<_, _>>()?;
+            (x509s, jwts)
+        };
+        let mut bundle = self
+            .store
+            .get_bundle(&self.config.trust_domain)
+            .await?
+            .unwrap_or_else(|| TrustBundle::new(self.config.trust_domain.clone()));
+        let before = bundle.clone();
+        for der in x509s {
+            bundle.add_x509_authority(X509Authority::new(der)?);
+        }
+        for authority in jwts {
+            bundle.add_jwt_authority(authority)?;
+        }
+        let expired: Vec<Vec<u8>> = bundle
+            .x509_authorities()
+            .iter()
+            .filter(|a| x509::validity_of(a.der()).is_ok_and(|(_, not_after)| not_after <= now))
+            .map(|a| a.der().to_vec())
+            .collect();
+        for der in expired {
+            bundle.remove_x509_authority(&der);
+        }
+        bundle.remove_expired_jwt_authorities(now);
+        let bundle = if bundle == before && self.read().bundle.is_some() {
+            bundle
+        } else {
+            self.store.set_bundle(bundle).await?
+        };
+        self.write().bundle = Some(Arc::new(bundle));
+        Ok(())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, CaState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, CaState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A random 32-character alphanumeric key ID, as SPIRE makes them.
+fn random_key_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = [0u8; 32];
+    // Without an RNG the server cannot mint keys either; the key generation that precedes this
+    // call would already have failed.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    bytes
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use lanyard_core::SpiffeId;
+    use lanyard_core::x509::SvidParams;
+
+    use super::*;
+    use crate::datastore::memory::MemoryStore;
+    use crate::keymanager::MemoryKeyManager;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn config() -> CaConfig {
+        CaConfig {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            ca_ttl: 24 * HOUR,
+            x509_key_type: KeyType::EcP256,
+            jwt_key_type: KeyType::EcP256,
+            subject: CaSubject::default(),
+        }
+    }
+
+    fn start() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    #[tokio::test]
+    async fn first_start_creates_and_publishes_authorities() {
+        let keys: Arc<dyn KeyManager> = Arc::new(MemoryKeyManager::new());
+        let store: Arc<dyn Datastore> = Arc::new(MemoryStore::new());
+        let ca = CaManager::load(config(), keys, Arc::clone(&store), start())
+            .await
+            .unwrap();
+        let x509 = ca.x509_ca().unwrap();
+        let jwt = ca.jwt_key().unwrap();
+        let bundle = store
+            .get_bundle(&config().trust_domain)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(bundle.x509_authorities().len(), 1);
+        assert_eq!(bundle.x509_authorities()[0].der(), x509.cert_der());
+        assert!(bundle.jwt_authority(&jwt.key_id).is_some());
+        assert_eq!(jwt.key_id.len(), 32);
+
+        // An SVID it mints verifies against the published bundle.
+        let leaf_key = KeyPair::generate(KeyType::EcP256).unwrap();
+        let id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
+        let svid = x509
+            .mint_svid(
+                &SvidParams::new(id.clone(), leaf_key.public_key_der(), HOUR),
+                start(),
+            )
+            .unwrap();
+        let roots: Vec<&[u8]> = bundle.x509_authorities().iter().map(|a| a.der()).collect();
+        let verified =
+            x509::verify_svid_chain(svid.cert_chain(), &config().trust_domain, &roots, start())
+                .unwrap();
+        assert_eq!(verified.spiffe_id(), &id);
+    }
+
+    #[tokio::test]
+    async fn authorities_rotate_on_schedule_and_leave_the_bundle_when_expired() {
+        let keys: Arc<dyn KeyManager> = Arc::new(MemoryKeyManager::new());
+        let store: Arc<dyn Datastore> = Arc::new(MemoryStore::new());
+        let t0 = start();
+        let ca = CaManager::load(config(), keys, Arc::clone(&store), t0)
+            .await
+            .unwrap();
+        let first = ca.x509_ca().unwrap();
+        let first_jwt = ca.jwt_key().unwrap().key_id.clone();
+
+        let report = ca.rotate(t0 + 11 * HOUR).await.unwrap();
+        assert!(!report.changed());
+
+        let report = ca
+            .rotate(t0 + 12 * HOUR + Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(report.x509_prepared && report.jwt_prepared, "{report:?}");
+        assert!(!report.x509_activated);
+        // Still signing with the first authority, but the bundle already has both.
+        assert_eq!(ca.x509_ca().unwrap().cert_der(), first.cert_der());
+        let bundle = ca.bundle().unwrap();
+        assert_eq!(bundle.x509_authorities().len(), 2);
+        assert_eq!(bundle.jwt_authorities().len(), 2);
+
+        let report = ca
+            .rotate(t0 + 20 * HOUR + Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(report.x509_activated && report.jwt_activated, "{report:?}");
+        let second = ca.x509_ca().unwrap();
+        assert_ne!(second.cert_der(), first.cert_der());
+        assert_ne!(ca.jwt_key().unwrap().key_id, first_jwt);
+        // The old authority still verifies live SVIDs, so it stays published.
+        assert_eq!(ca.bundle().unwrap().x509_authorities().len(), 2);
+
+        // Once the first authority has expired it leaves the bundle.
+        ca.rotate(t0 + 24 * HOUR + Duration::from_secs(1))
+            .await
+            .unwrap();
+        let bundle = store
+            .get_bundle(&config().trust_domain)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(bundle.x509_authorities().len(), 1);
+        assert_eq!(bundle.x509_authorities()[0].der(), second.cert_der());
+        assert!(bundle.jwt_authority(&first_jwt).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_restart_restores_the_same_authorities() {
+        let keys: Arc<dyn KeyManager> = Arc::new(MemoryKeyManager::new());
+        let store: Arc<dyn Datastore> = Arc::new(MemoryStore::new());
+        let t0 = start();
+        let ca = CaManager::load(config(), Arc::clone(&keys), Arc::clone(&store), t0)
+            .await
+            .unwrap();
+        ca.rotate(t0 + 13 * HOUR).await.unwrap();
+        let (current, next) = ca.x509_slots();
+        let jwt = ca.jwt_key().unwrap().key_id.clone();
+        let sequence = ca.bundle().unwrap().sequence_number();
+        drop(ca);
+
+        let again = CaManager::load(config(), keys, Arc::clone(&store), t0 + 14 * HOUR)
+            .await
+            .unwrap();
+        let (current2, next2) = again.x509_slots();
+        assert_eq!(
+            current2.unwrap().ca.cert_der(),
+            current.unwrap().ca.cert_der()
+        );
+        assert_eq!(next2.unwrap().ca.cert_der(), next.unwrap().ca.cert_der());
+        assert_eq!(again.jwt_key().unwrap().key_id, jwt);
+        assert_eq!(
+            again.bundle().unwrap().sequence_number(),
+            sequence,
+            "an unchanged bundle is not rewritten"
+        );
+    }
+
+    #[tokio::test]
+    async fn lost_keys_mean_new_authorities_not_a_crash() {
+        let store: Arc<dyn Datastore> = Arc::new(MemoryStore::new());
+        let t0 = start();
+        let ca = CaManager::load(
+            config(),
+            Arc::new(MemoryKeyManager::new()),
+            Arc::clone(&store),
+            t0,
+        )
+        .await
+        .unwrap();
+        let old = ca.x509_ca().unwrap();
+        drop(ca);
+        let again = CaManager::load(
+            config(),
+            Arc::new(MemoryKeyManager::new()),
+            Arc::clone(&store),
+            t0 + HOUR,
+        )
+        .await
+        .unwrap();
+        let new = again.x509_ca().unwrap();
+        assert_ne!(new.cert_der(), old.cert_der());
+        // Both are published: SVIDs from the old one are still live.
+        assert_eq!(again.bundle().unwrap().x509_authorities().len(), 2);
+    }
+}

@@ -1,0 +1,530 @@
+//! Server configuration, read from TOML. Unknown keys are rejected with their name, so a typo
+//! never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lanyard_core::keys::KeyType;
+use lanyard_core::{SpiffeId, TrustDomain};
+use serde::Deserialize;
+
+/// Default TCP address of the server API.
+pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
+/// Default path of the admin socket.
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/lanyard/server/private/api.sock";
+/// Default lifetime of a CA authority.
+pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default X.509-SVID lifetime.
+pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Default JWT-SVID lifetime.
+pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key, or a value of the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// A value parsed but is not acceptable.
+    #[error("invalid value for {key}: {reason}")]
+    Invalid {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The server's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The trust domain this server is the authority for.
+    pub trust_domain: TrustDomain,
+    /// TCP address for the TLS server API (agents and remote admins).
+    #[serde(default = "default_bind_address")]
+    pub bind_address: SocketAddr,
+    /// Unix socket for the local admin API; its directory is made owner-only.
+    #[serde(default = "default_socket_path")]
+    pub socket_path: PathBuf,
+    /// Directory for the datastore and keys; made owner-only.
+    pub data_dir: PathBuf,
+    /// Lifetime of each X.509 CA and JWT signing authority.
+    #[serde(default = "default_ca_ttl", with = "duration")]
+    pub ca_ttl: Duration,
+    /// Key type of the CA and JWT signing keys.
+    #[serde(default, with = "key_type")]
+    pub ca_key_type: KeyType,
+    /// Key type of the JWT signing keys; defaults to `ca_key_type`.
+    #[serde(default, with = "opt_key_type")]
+    pub jwt_key_type: Option<KeyType>,
+    /// Subject of the self-signed CA certificates.
+    #[serde(default)]
+    pub ca_subject: CaSubjectConfig,
+    /// X.509-SVID lifetime for entries that do not set one.
+    #[serde(default = "default_x509_svid_ttl", with = "duration")]
+    pub default_x509_svid_ttl: Duration,
+    /// JWT-SVID lifetime for entries that do not set one.
+    #[serde(default = "default_jwt_svid_ttl", with = "duration")]
+    pub default_jwt_svid_ttl: Duration,
+    /// Lifetime of agent SVIDs; defaults to `default_x509_svid_ttl`.
+    #[serde(default, with = "opt_duration")]
+    pub agent_ttl: Option<Duration>,
+    /// The `iss` claim of JWT-SVIDs, if any.
+    #[serde(default)]
+    pub jwt_issuer: Option<String>,
+    /// SPIFFE IDs allowed to call the admin API over TLS.
+    #[serde(default)]
+    pub admin_ids: Vec<SpiffeId>,
+    /// Log level: `error`, `warn`, `info`, `debug` or `trace`.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    /// Log format.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Where registrations and agents are stored.
+    #[serde(default)]
+    pub datastore: DatastoreConfig,
+    /// Where private keys are kept.
+    #[serde(default)]
+    pub key_manager: KeyManagerConfig,
+    /// Enabled node attestors.
+    #[serde(default)]
+    pub node_attestor: NodeAttestorConfig,
+}
+
+/// Subject fields of CA certificates (SPIRE's `ca_subject`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSubjectConfig {
+    /// `C` values.
+    #[serde(default = "default_country")]
+    pub country: Vec<String>,
+    /// `O` values.
+    #[serde(default = "default_organization")]
+    pub organization: Vec<String>,
+    /// `CN`, if any.
+    #[serde(default)]
+    pub common_name: Option<String>,
+}
+
+impl Default for CaSubjectConfig {
+    fn default() -> Self {
+        Self {
+            country: default_country(),
+            organization: default_organization(),
+            common_name: None,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Datastore selection.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatastoreConfig {
+    /// The backend.
+    #[serde(default)]
+    pub kind: DatastoreKind,
+    /// SQLite file; defaults to `<data_dir>/datastore.sqlite3`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+/// Datastore backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatastoreKind {
+    /// Embedded SQLite under the data directory.
+    #[default]
+    Sqlite,
+    /// In memory; everything is lost on exit. For tests and demos.
+    Memory,
+}
+
+/// Key manager selection.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyManagerConfig {
+    /// The backend.
+    #[serde(default)]
+    pub kind: KeyManagerKind,
+    /// Key directory for `disk`; defaults to `<data_dir>/keys`.
+    #[serde(default)]
+    pub directory: Option<PathBuf>,
+}
+
+/// Key manager backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyManagerKind {
+    /// PKCS#8 files, mode 0600.
+    #[default]
+    Disk,
+    /// In memory; a restart creates a new CA.
+    Memory,
+}
+
+/// Node attestor configuration; absent tables disable the attestor.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAttestorConfig {
+    /// Join tokens (enabled unless `enabled = false`).
+    #[serde(default)]
+    pub join_token: Option<JoinTokenConfig>,
+    /// x509pop: agents prove possession of a certificate's key.
+    #[serde(default)]
+    pub x509pop: Option<X509PopConfig>,
+}
+
+impl NodeAttestorConfig {
+    /// Whether join-token attestation is on: it is unless explicitly disabled.
+    pub fn join_token_enabled(&self) -> bool {
+        self.join_token.as_ref().is_none_or(|c| c.enabled)
+    }
+}
+
+/// Join token attestor settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenConfig {
+    /// Set to false to refuse join tokens.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+/// x509pop attestor settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X509PopConfig {
+    /// PEM file of CA certificates that agent certificates must chain to.
+    pub ca_bundle_path: PathBuf,
+}
+
+impl ServerConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// A configuration with every default, for tests and `lanyard dev`.
+    pub fn new(trust_domain: TrustDomain, data_dir: PathBuf) -> Self {
+        Self {
+            trust_domain,
+            bind_address: default_bind_address(),
+            socket_path: default_socket_path(),
+            data_dir,
+            ca_ttl: DEFAULT_CA_TTL,
+            ca_key_type: KeyType::default(),
+            jwt_key_type: None,
+            ca_subject: CaSubjectConfig::default(),
+            default_x509_svid_ttl: DEFAULT_X509_SVID_TTL,
+            default_jwt_svid_ttl: DEFAULT_JWT_SVID_TTL,
+            agent_ttl: None,
+            jwt_issuer: None,
+            admin_ids: Vec::new(),
+            log_level: default_log_level(),
+            log_format: LogFormat::Text,
+            datastore: DatastoreConfig::default(),
+            key_manager: KeyManagerConfig::default(),
+            node_attestor: NodeAttestorConfig::default(),
+        }
+    }
+
+    /// Checks values that parse but make no sense together.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let positive = |key, d: Duration| {
+            if d.is_zero() {
+                Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be greater than zero".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("ca_ttl", self.ca_ttl)?;
+        positive("default_x509_svid_ttl", self.default_x509_svid_ttl)?;
+        positive("default_jwt_svid_ttl", self.default_jwt_svid_ttl)?;
+        if let Some(ttl) = self.agent_ttl {
+            positive("agent_ttl", ttl)?;
+        }
+        if !matches!(
+            self.log_level.as_str(),
+            "error" | "warn" | "info" | "debug" | "trace"
+        ) {
+            return Err(ConfigError::Invalid {
+                key: "log_level",
+                reason: format!(
+                    "{:?} is not one of error, warn, info, debug, trace",
+                    self.log_level
+                ),
+            });
+        }
+        for key_type in [Some(self.ca_key_type), self.jwt_key_type]
+            .into_iter()
+            .flatten()
+        {
+            if matches!(key_type, KeyType::Rsa2048 | KeyType::Rsa4096) {
+                return Err(ConfigError::Invalid {
+                    key: "ca_key_type",
+                    reason: format!(
+                        "{key_type} keys cannot be generated by this build; use ec-p256 or ec-p384"
+                    ),
+                });
+            }
+        }
+        for id in &self.admin_ids {
+            if id.is_trust_domain_id() {
+                return Err(ConfigError::Invalid {
+                    key: "admin_ids",
+                    reason: format!("{id} has no path"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The agent SVID lifetime in effect.
+    pub fn agent_ttl(&self) -> Duration {
+        self.agent_ttl.unwrap_or(self.default_x509_svid_ttl)
+    }
+
+    /// The JWT key type in effect.
+    pub fn jwt_key_type(&self) -> KeyType {
+        self.jwt_key_type.unwrap_or(self.ca_key_type)
+    }
+
+    /// The SQLite file in effect.
+    pub fn datastore_path(&self) -> PathBuf {
+        self.datastore
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("datastore.sqlite3"))
+    }
+
+    /// The key directory in effect.
+    pub fn key_directory(&self) -> PathBuf {
+        self.key_manager
+            .directory
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys"))
+    }
+}
+
+fn default_bind_address() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8081))
+}
+fn default_socket_path() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET_PATH)
+}
+fn default_ca_ttl() -> Duration {
+    DEFAULT_CA_TTL
+}
+fn default_x509_svid_ttl() -> Duration {
+    DEFAULT_X509_SVID_TTL
+}
+fn default_jwt_svid_ttl() -> Duration {
+    DEFAULT_JWT_SVID_TTL
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_country() -> Vec<String> {
+    vec!["US".to_owned()]
+}
+fn default_organization() -> Vec<String> {
+    vec!["SPIFFE".to_owned()]
+}
+fn yes() -> bool {
+    true
+}
+
+/// Durations written as `"90s"`, `"1h30m"`, `"7d"` (humantime syntax).
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    /// Deserializes a humantime duration string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration ({e})")))
+    }
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::Deserializer;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}
+
+mod key_type {
+    use lanyard_core::keys::KeyType;
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<KeyType, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_key_type {
+    use lanyard_core::keys::KeyType;
+    use serde::Deserializer;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<KeyType>, D::Error> {
+        super::key_type::deserialize(d).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+        trust_domain = "example.org"
+        bind_address = "127.0.0.1:8081"
+        socket_path  = "/tmp/lanyard/server/private/api.sock"
+        data_dir     = "/var/lib/lanyard/server"
+        ca_ttl = "48h"
+        default_x509_svid_ttl = "30m"
+        default_jwt_svid_ttl = "2m"
+        ca_key_type = "ec-p384"
+        jwt_issuer = "https://oidc.example.org"
+        log_format = "json"
+
+        [datastore]
+        kind = "sqlite"
+
+        [node_attestor.join_token]
+
+        [node_attestor.x509pop]
+        ca_bundle_path = "/etc/lanyard/agent-ca.pem"
+    "#;
+
+    #[test]
+    fn the_documented_sample_parses() {
+        let c = ServerConfig::parse(SAMPLE).unwrap();
+        assert_eq!(c.trust_domain.name(), "example.org");
+        assert_eq!(c.bind_address.port(), 8081);
+        assert_eq!(c.ca_ttl, Duration::from_secs(48 * 3600));
+        assert_eq!(c.default_x509_svid_ttl, Duration::from_secs(1800));
+        assert_eq!(c.agent_ttl(), Duration::from_secs(1800));
+        assert_eq!(c.ca_key_type, KeyType::EcP384);
+        assert_eq!(c.jwt_key_type(), KeyType::EcP384);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.node_attestor.join_token_enabled());
+        assert!(c.node_attestor.x509pop.is_some());
+        assert_eq!(
+            c.datastore_path(),
+            Path::new("/var/lib/lanyard/server/datastore.sqlite3")
+        );
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let c = ServerConfig::parse(include_str!("../../../deploy/server.toml")).unwrap();
+        assert_eq!(c.trust_domain.name(), "example.org");
+        assert!(c.node_attestor.join_token_enabled());
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = ServerConfig::parse("trust_domain = \"td\"\ndata_dir = \"/d\"").unwrap();
+        assert_eq!(c.bind_address, default_bind_address());
+        assert_eq!(c.socket_path, Path::new(DEFAULT_SOCKET_PATH));
+        assert_eq!(c.ca_ttl, DEFAULT_CA_TTL);
+        assert_eq!(c.default_jwt_svid_ttl, DEFAULT_JWT_SVID_TTL);
+        assert_eq!(c.ca_key_type, KeyType::EcP256);
+        assert_eq!(c.key_directory(), Path::new("/d/keys"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = ServerConfig::parse("trust_domain = \"td\"\ndata_dir = \"/d\"\nca_tll = \"1h\"")
+            .unwrap_err();
+        assert!(err.to_string().contains("ca_tll"), "{err}");
+        let err = ServerConfig::parse(
+            "trust_domain = \"td\"\ndata_dir = \"/d\"\n[datastore]\nknd = \"sqlite\"",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("knd"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            ("trust_domain = \"Bad\"\ndata_dir = \"/d\"", "trust domain"),
+            (
+                "trust_domain = \"td\"\ndata_dir = \"/d\"\nca_ttl = \"soon\"",
+                "soon",
+            ),
+            (
+                "trust_domain = \"td\"\ndata_dir = \"/d\"\nca_ttl = \"0s\"",
+                "ca_ttl",
+            ),
+            (
+                "trust_domain = \"td\"\ndata_dir = \"/d\"\nca_key_type = \"ed25519\"",
+                "ed25519",
+            ),
+            (
+                "trust_domain = \"td\"\ndata_dir = \"/d\"\nca_key_type = \"rsa-2048\"",
+                "ca_key_type",
+            ),
+            (
+                "trust_domain = \"td\"\ndata_dir = \"/d\"\nlog_level = \"loud\"",
+                "log_level",
+            ),
+            (
+                "trust_domain = \"td\"\ndata_dir = \"/d\"\nbind_address = \"nowhere\"",
+                "bind_address",
+            ),
+            ("data_dir = \"/d\"", "trust_domain"),
+        ];
+        for (text, needle) in cases {
+            let err = ServerConfig::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}

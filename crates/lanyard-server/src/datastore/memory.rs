@@ -1,0 +1,554 @@
+//! [`MemoryStore`]: the datastore in process memory, for tests and throwaway servers. It follows
+//! the same rules as the SQL store, checked by the shared conformance suite.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use lanyard_core::bundle::TrustBundle;
+use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
+
+use super::convert::{checked_bundle, normalize_agent, normalize_entry, whole_second};
+use super::{
+    AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSubject, Datastore,
+    DatastoreError, EntryFilter, JoinTokenRecord, Page, PageRequest, Result, bundle_in_use,
+    merge_bundles, missing_federated_bundle, not_found, revision_conflict,
+};
+
+/// A datastore held in memory behind one mutex. Nothing survives the process.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: BTreeMap<String, RegistrationEntry>,
+    agents: BTreeMap<String, AttestedAgent>,
+    join_tokens: HashMap<String, SystemTime>,
+    bundles: BTreeMap<String, TrustBundle>,
+    ca_journals: HashMap<String, Vec<u8>>,
+    meta: HashMap<String, Vec<u8>>,
+    revision: i64,
+    changes: Vec<Change>,
+}
+
+impl State {
+    fn record(&mut self, kind: ChangeKind, subject: ChangeSubject) {
+        self.revision += 1;
+        self.changes.push(Change {
+            revision: self.revision,
+            kind,
+            subject,
+        });
+    }
+
+    fn similar_entry(&self, entry: &RegistrationEntry) -> Option<&RegistrationEntry> {
+        self.entries
+            .values()
+            .find(|other| other.id != entry.id && other.is_similar(entry))
+    }
+
+    fn check_federated_bundles(&self, entry: &RegistrationEntry) -> Result<()> {
+        match entry
+            .federates_with
+            .iter()
+            .find(|td| !self.bundles.contains_key(td.name()))
+        {
+            Some(td) => Err(missing_federated_bundle(td)),
+            None => Ok(()),
+        }
+    }
+
+    fn entries_federating_with(&self, trust_domain: &TrustDomain) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.federates_with.contains(trust_domain))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-applied change: every method
+        // checks first and mutates last. Keep serving rather than poisoning every caller.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One page of `items` (already filtered and ordered by key) after `page.token`.
+fn paginate<'a, T: Clone + 'a>(
+    items: impl Iterator<Item = (&'a String, &'a T)>,
+    page: Option<PageRequest>,
+) -> Result<Page<T>> {
+    let Some(page) = page else {
+        return Ok((items.map(|(_, v)| v.clone()).collect(), None));
+    };
+    page.validate()?;
+    let size = usize::try_from(page.size).unwrap_or(usize::MAX);
+    let mut out: Vec<(&String, &T)> = items
+        .filter(|(key, _)| page.token.as_ref().is_none_or(|token| *key > token))
+        .take(size.saturating_add(1))
+        .collect();
+    let next = if out.len() > size {
+        out.truncate(size);
+        out.last().map(|(key, _)| (*key).clone())
+    } else {
+        None
+    };
+    Ok((out.into_iter().map(|(_, v)| v.clone()).collect(), next))
+}
+
+fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+#[async_trait::async_trait]
+impl Datastore for MemoryStore {
+    async fn create_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
+        let mut entry = normalize_entry(entry)?;
+        entry.revision_number = 0;
+        if entry.selectors.is_empty() {
+            return Err(DatastoreError::Invalid(
+                "entry: selectors cannot be empty".into(),
+            ));
+        }
+        let mut state = self.lock();
+        if let Some(existing) = state.entries.get(entry.id.as_str()) {
+            return Err(DatastoreError::entry_exists(
+                existing,
+                format!("entry {:?}", entry.id.as_str()),
+            ));
+        }
+        if let Some(existing) = state.similar_entry(&entry) {
+            return Err(DatastoreError::entry_exists(
+                existing,
+                "similar entry".to_owned(),
+            ));
+        }
+        state.check_federated_bundles(&entry)?;
+        state
+            .entries
+            .insert(entry.id.as_str().to_owned(), entry.clone());
+        state.record(ChangeKind::Created, ChangeSubject::Entry(entry.id.clone()));
+        Ok(entry)
+    }
+
+    async fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>> {
+        Ok(self.lock().entries.get(id.as_str()).cloned())
+    }
+
+    async fn update_entry(
+        &self,
+        entry: RegistrationEntry,
+        expected_revision: Option<i64>,
+    ) -> Result<RegistrationEntry> {
+        let mut entry = normalize_entry(entry)?;
+        if entry.selectors.is_empty() {
+            return Err(DatastoreError::Invalid(
+                "entry: selectors cannot be empty".into(),
+            ));
+        }
+        let mut state = self.lock();
+        let Some(stored) = state.entries.get(entry.id.as_str()) else {
+            return Err(not_found("entry", entry.id.as_str()));
+        };
+        if let Some(expected) = expected_revision
+            && stored.revision_number != expected
+        {
+            return Err(revision_conflict(
+                &entry.id,
+                expected,
+                stored.revision_number,
+            ));
+        }
+        entry.created_at = stored.created_at;
+        entry.revision_number = stored.revision_number + 1;
+        if let Some(existing) = state.similar_entry(&entry) {
+            return Err(DatastoreError::entry_exists(
+                existing,
+                "similar entry".to_owned(),
+            ));
+        }
+        state.check_federated_bundles(&entry)?;
+        state
+            .entries
+            .insert(entry.id.as_str().to_owned(), entry.clone());
+        state.record(ChangeKind::Updated, ChangeSubject::Entry(entry.id.clone()));
+        Ok(entry)
+    }
+
+    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
+        let mut state = self.lock();
+        let entry = state
+            .entries
+            .remove(id.as_str())
+            .ok_or_else(|| not_found("entry", id.as_str()))?;
+        state.record(ChangeKind::Deleted, ChangeSubject::Entry(id.clone()));
+        Ok(entry)
+    }
+
+    async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+        page: Option<PageRequest>,
+    ) -> Result<Page<RegistrationEntry>> {
+        filter.validate()?;
+        let state = self.lock();
+        paginate(
+            state.entries.iter().filter(|(_, e)| filter.matches(e)),
+            page,
+        )
+    }
+
+    async fn count_entries(&self, filter: &EntryFilter) -> Result<u64> {
+        filter.validate()?;
+        let state = self.lock();
+        Ok(count(
+            state.entries.values().filter(|e| filter.matches(e)).count(),
+        ))
+    }
+
+    async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>> {
+        Ok(self.lock().entries.values().cloned().collect())
+    }
+
+    async fn prune_entries(&self, expires_before: SystemTime) -> Result<Vec<EntryId>> {
+        let expires_before = whole_second(expires_before)?;
+        let mut state = self.lock();
+        let expired: Vec<EntryId> = state
+            .entries
+            .values()
+            .filter(|e| e.expires_at.is_some_and(|at| at < expires_before))
+            .map(|e| e.id.clone())
+            .collect();
+        for id in &expired {
+            state.entries.remove(id.as_str());
+            state.record(ChangeKind::Deleted, ChangeSubject::Entry(id.clone()));
+        }
+        Ok(expired)
+    }
+
+    async fn current_revision(&self) -> Result<i64> {
+        Ok(self.lock().revision)
+    }
+
+    async fn changes_since(&self, revision: i64) -> Result<Vec<Change>> {
+        let state = self.lock();
+        Ok(state
+            .changes
+            .iter()
+            .filter(|c| c.revision > revision)
+            .cloned()
+            .collect())
+    }
+
+    async fn prune_changes(&self, before: i64) -> Result<u64> {
+        let mut state = self.lock();
+        let n_before = state.changes.len();
+        state.changes.retain(|c| c.revision >= before);
+        Ok(count(n_before - state.changes.len()))
+    }
+
+    async fn create_agent(&self, agent: AttestedAgent) -> Result<AttestedAgent> {
+        let mut agent = agent;
+        let now = SystemTime::now();
+        agent.created_at = now;
+        agent.updated_at = now;
+        let agent = normalize_agent(agent)?;
+        let mut state = self.lock();
+        if state.agents.contains_key(agent.spiffe_id.as_str()) {
+            return Err(DatastoreError::exists(format!(
+                "agent {:?}",
+                agent.spiffe_id.as_str()
+            )));
+        }
+        state
+            .agents
+            .insert(agent.spiffe_id.as_str().to_owned(), agent.clone());
+        state.record(
+            ChangeKind::Created,
+            ChangeSubject::Agent(agent.spiffe_id.clone()),
+        );
+        Ok(agent)
+    }
+
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AttestedAgent>> {
+        Ok(self.lock().agents.get(id.as_str()).cloned())
+    }
+
+    async fn update_agent(&self, agent: AttestedAgent) -> Result<AttestedAgent> {
+        let mut agent = agent;
+        agent.updated_at = SystemTime::now();
+        let mut agent = normalize_agent(agent)?;
+        let mut state = self.lock();
+        let Some(stored) = state.agents.get_mut(agent.spiffe_id.as_str()) else {
+            return Err(not_found("agent", agent.spiffe_id.as_str()));
+        };
+        agent.created_at = stored.created_at;
+        *stored = agent.clone();
+        state.record(
+            ChangeKind::Updated,
+            ChangeSubject::Agent(agent.spiffe_id.clone()),
+        );
+        Ok(agent)
+    }
+
+    async fn set_agent_selectors(
+        &self,
+        id: &SpiffeId,
+        selectors: SelectorSet,
+    ) -> Result<AttestedAgent> {
+        let updated_at = whole_second(SystemTime::now())?;
+        self.modify_agent(id, |agent| {
+            agent.selectors = selectors;
+            agent.updated_at = updated_at;
+        })
+    }
+
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<AttestedAgent> {
+        let mut state = self.lock();
+        let agent = state
+            .agents
+            .remove(id.as_str())
+            .ok_or_else(|| not_found("agent", id.as_str()))?;
+        state.record(ChangeKind::Deleted, ChangeSubject::Agent(id.clone()));
+        Ok(agent)
+    }
+
+    async fn ban_agent(&self, id: &SpiffeId) -> Result<AttestedAgent> {
+        let updated_at = whole_second(SystemTime::now())?;
+        self.modify_agent(id, |agent| {
+            agent.serial.clear();
+            agent.new_serial.clear();
+            agent.updated_at = updated_at;
+        })
+    }
+
+    async fn list_agents(
+        &self,
+        filter: &AgentFilter,
+        page: Option<PageRequest>,
+    ) -> Result<Page<AttestedAgent>> {
+        filter.validate()?;
+        let filter = AgentFilter {
+            by_expires_before: filter.by_expires_before.map(whole_second).transpose()?,
+            ..filter.clone()
+        };
+        let state = self.lock();
+        paginate(state.agents.iter().filter(|(_, a)| filter.matches(a)), page)
+    }
+
+    async fn count_agents(&self, filter: &AgentFilter) -> Result<u64> {
+        filter.validate()?;
+        let filter = AgentFilter {
+            by_expires_before: filter.by_expires_before.map(whole_second).transpose()?,
+            ..filter.clone()
+        };
+        let state = self.lock();
+        Ok(count(
+            state.agents.values().filter(|a| filter.matches(a)).count(),
+        ))
+    }
+
+    async fn create_join_token(
+        &self,
+        token: &str,
+        expires_at: SystemTime,
+    ) -> Result<JoinTokenRecord> {
+        if token.is_empty() {
+            return Err(DatastoreError::Invalid("join token: empty".into()));
+        }
+        let expires_at = whole_second(expires_at)?;
+        let mut state = self.lock();
+        if state.join_tokens.contains_key(token) {
+            return Err(DatastoreError::exists("join token"));
+        }
+        state.join_tokens.insert(token.to_owned(), expires_at);
+        Ok(JoinTokenRecord {
+            token: token.to_owned(),
+            expires_at,
+        })
+    }
+
+    async fn take_join_token(&self, token: &str) -> Result<JoinTokenRecord> {
+        let expires_at = self
+            .lock()
+            .join_tokens
+            .remove(token)
+            .ok_or_else(|| DatastoreError::NotFound("join token".into()))?;
+        Ok(JoinTokenRecord {
+            token: token.to_owned(),
+            expires_at,
+        })
+    }
+
+    async fn prune_join_tokens(&self, expires_before: SystemTime) -> Result<u64> {
+        let expires_before = whole_second(expires_before)?;
+        let mut state = self.lock();
+        let n_before = state.join_tokens.len();
+        state.join_tokens.retain(|_, at| *at >= expires_before);
+        Ok(count(n_before - state.join_tokens.len()))
+    }
+
+    async fn get_bundle(&self, trust_domain: &TrustDomain) -> Result<Option<TrustBundle>> {
+        Ok(self.lock().bundles.get(trust_domain.name()).cloned())
+    }
+
+    async fn create_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle> {
+        let (_, bundle) = checked_bundle(&bundle)?;
+        let name = bundle.trust_domain().name().to_owned();
+        let mut state = self.lock();
+        if state.bundles.contains_key(&name) {
+            return Err(DatastoreError::exists(format!("bundle of {name:?}")));
+        }
+        state.bundles.insert(name, bundle.clone());
+        state.record(
+            ChangeKind::Created,
+            ChangeSubject::Bundle(bundle.trust_domain().clone()),
+        );
+        Ok(bundle)
+    }
+
+    async fn update_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle> {
+        let (_, bundle) = checked_bundle(&bundle)?;
+        let mut state = self.lock();
+        let Some(stored) = state.bundles.get_mut(bundle.trust_domain().name()) else {
+            return Err(not_found("bundle of", bundle.trust_domain().name()));
+        };
+        *stored = bundle.clone();
+        state.record(
+            ChangeKind::Updated,
+            ChangeSubject::Bundle(bundle.trust_domain().clone()),
+        );
+        Ok(bundle)
+    }
+
+    async fn set_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle> {
+        let (_, bundle) = checked_bundle(&bundle)?;
+        let mut state = self.lock();
+        let kind = match state
+            .bundles
+            .insert(bundle.trust_domain().name().to_owned(), bundle.clone())
+        {
+            Some(_) => ChangeKind::Updated,
+            None => ChangeKind::Created,
+        };
+        state.record(kind, ChangeSubject::Bundle(bundle.trust_domain().clone()));
+        Ok(bundle)
+    }
+
+    async fn append_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle> {
+        let (_, bundle) = checked_bundle(&bundle)?;
+        let mut state = self.lock();
+        let name = bundle.trust_domain().name().to_owned();
+        let (merged, kind) = match state.bundles.get(&name) {
+            None => (bundle, ChangeKind::Created),
+            Some(stored) => match merge_bundles(stored, &bundle)? {
+                Some(merged) => (merged, ChangeKind::Updated),
+                None => return Ok(stored.clone()),
+            },
+        };
+        state.bundles.insert(name, merged.clone());
+        state.record(kind, ChangeSubject::Bundle(merged.trust_domain().clone()));
+        Ok(merged)
+    }
+
+    async fn delete_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+        mode: BundleDeleteMode,
+    ) -> Result<TrustBundle> {
+        let mut state = self.lock();
+        if !state.bundles.contains_key(trust_domain.name()) {
+            return Err(not_found("bundle of", trust_domain.name()));
+        }
+        let federating = state.entries_federating_with(trust_domain);
+        match mode {
+            BundleDeleteMode::Restrict if !federating.is_empty() => {
+                return Err(bundle_in_use(trust_domain, federating.len()));
+            }
+            BundleDeleteMode::Restrict => {}
+            BundleDeleteMode::Delete => {
+                for id in federating {
+                    if let Some(entry) = state.entries.remove(&id) {
+                        state.record(ChangeKind::Deleted, ChangeSubject::Entry(entry.id));
+                    }
+                }
+            }
+            BundleDeleteMode::Dissociate => {
+                for id in federating {
+                    if let Some(entry) = state.entries.get_mut(&id) {
+                        entry.federates_with.remove(trust_domain);
+                        entry.revision_number += 1;
+                        let entry_id = entry.id.clone();
+                        state.record(ChangeKind::Updated, ChangeSubject::Entry(entry_id));
+                    }
+                }
+            }
+        }
+        let bundle = state
+            .bundles
+            .remove(trust_domain.name())
+            .ok_or_else(|| not_found("bundle of", trust_domain.name()))?;
+        state.record(
+            ChangeKind::Deleted,
+            ChangeSubject::Bundle(trust_domain.clone()),
+        );
+        Ok(bundle)
+    }
+
+    async fn list_bundles(&self, page: Option<PageRequest>) -> Result<Page<TrustBundle>> {
+        let state = self.lock();
+        paginate(state.bundles.iter(), page)
+    }
+
+    async fn count_bundles(&self) -> Result<u64> {
+        Ok(count(self.lock().bundles.len()))
+    }
+
+    async fn get_ca_journal(&self, server_key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.lock().ca_journals.get(server_key).cloned())
+    }
+
+    async fn set_ca_journal(&self, server_key: &str, journal: &[u8]) -> Result<()> {
+        self.lock()
+            .ca_journals
+            .insert(server_key.to_owned(), journal.to_vec());
+        Ok(())
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.lock().meta.get(key).cloned())
+    }
+
+    async fn set_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.lock().meta.insert(key.to_owned(), value.to_vec());
+        Ok(())
+    }
+}
+
+impl MemoryStore {
+    fn modify_agent(
+        &self,
+        id: &SpiffeId,
+        change: impl FnOnce(&mut AttestedAgent),
+    ) -> Result<AttestedAgent> {
+        let mut state = self.lock();
+        let Some(agent) = state.agents.get_mut(id.as_str()) else {
+            return Err(not_found("agent", id.as_str()));
+        };
+        change(agent);
+        let agent = agent.clone();
+        state.record(ChangeKind::Updated, ChangeSubject::Agent(id.clone()));
+        Ok(agent)
+    }
+}

@@ -1,0 +1,1432 @@
+//! [`SqlStore`]: the datastore in SQLite through sqlx, with the versioned migrations of
+//! `crates/lanyard-server/migrations/` embedded at compile time.
+//!
+//! Durability: WAL journal with `synchronous = FULL`, so a write acknowledged with `Ok` is on
+//! disk and survives `kill -9` or power loss. Every change runs in one `BEGIN IMMEDIATE`
+//! transaction (it takes the write lock up front, so two writers never deadlock on an upgrade),
+//! and in-process writers queue on a mutex rather than in SQLite's busy handler. Reads that
+//! span several statements run in one read transaction, so they see one snapshot.
+//!
+//! Entries and agents keep their selector sets (and entries their `federates_with`) twice: as a
+//! canonical JSON column, which is what reads decode and what the duplicate-entry unique index
+//! compares, and in child tables, which the set filters query. Both are written in the same
+//! transaction.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use lanyard_core::bundle::TrustBundle;
+use lanyard_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId, TrustDomain};
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+
+use super::convert::{
+    BundleRecord, JwtAuthorityRecord, X509AuthorityRecord, checked_bundle, duration_seconds,
+    from_unix_seconds, normalize_agent, normalize_entry, seconds_duration, unix_seconds,
+    whole_second,
+};
+use super::{
+    AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSubject, Datastore,
+    DatastoreError, EntryFilter, JoinTokenRecord, MatchMode, Page, PageRequest, Result,
+    SelectorFilter, bundle_in_use, merge_bundles, missing_federated_bundle, not_found,
+    revision_conflict,
+};
+
+/// The schema migrations, embedded at compile time from `migrations/`.
+static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// How long a connection waits for another process's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections in the pool: a writer and a few concurrent readers (WAL lets readers run
+/// alongside the writer).
+const MAX_CONNECTIONS: u32 = 4;
+
+impl From<sqlx::Error> for DatastoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match error.as_database_error() {
+            Some(db) if db.is_unique_violation() => Self::exists(db.message().to_owned()),
+            _ => Self::Backend(error.to_string()),
+        }
+    }
+}
+
+/// The SQLite datastore. Cheap to clone; clones share the connection pool.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: SqlitePool,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction and the in-process write lock, released in that order.
+struct WriteTx<'a> {
+    tx: Transaction<'static, Sqlite>,
+    _guard: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl WriteTx<'_> {
+    fn conn(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
+
+    async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl SqlStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    ///
+    /// The parent directory is created (mode 0700 on Unix) if missing, and the file is
+    /// created, or tightened, to mode 0600. A database written by a newer Lanyard, with
+    /// migrations this build does not know, is refused.
+    pub async fn open(path: &Path) -> Result<Self> {
+        prepare_file(path)?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(|e| DatastoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        Self::migrate(pool).await
+    }
+
+    /// A private in-memory database (one connection; gone when the store is dropped).
+    pub async fn open_in_memory() -> Result<Self> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await?;
+        Self::migrate(pool).await
+    }
+
+    async fn migrate(pool: SqlitePool) -> Result<Self> {
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| DatastoreError::Backend(format!("schema migration failed: {e}")))?;
+        Ok(Self {
+            pool,
+            write_lock: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    /// The newest schema version this build knows (the last migration's number).
+    pub fn schema_version() -> i64 {
+        MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+    }
+
+    /// Closes every connection, checkpointing the WAL. Further calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn write(&self) -> Result<WriteTx<'_>> {
+        let guard = self.write_lock.lock().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(WriteTx { tx, _guard: guard })
+    }
+}
+
+#[cfg(unix)]
+fn prepare_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+
+    let io_error = |what: &str, e: std::io::Error| {
+        DatastoreError::Backend(format!("cannot {what} {}: {e}", path.display()))
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| io_error("create the directory of", e))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io_error("create", e))?;
+    let metadata = file.metadata().map_err(|e| io_error("inspect", e))?;
+    if metadata.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io_error("restrict the permissions of", e))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn prepare_file(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            DatastoreError::Backend(format!("cannot create {}: {e}", parent.display()))
+        })?;
+    }
+    Ok(())
+}
+
+// ----- row encoding -----
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> DatastoreError {
+    DatastoreError::Backend(format!("stored {what} is invalid: {e}"))
+}
+
+fn selectors_json(selectors: &SelectorSet) -> Result<String> {
+    serde_json::to_string(selectors).map_err(|e| DatastoreError::Backend(e.to_string()))
+}
+
+fn trust_domains_json<'a>(trust_domains: impl Iterator<Item = &'a TrustDomain>) -> Result<String> {
+    let names: Vec<&str> = trust_domains.map(TrustDomain::name).collect();
+    serde_json::to_string(&names).map_err(|e| DatastoreError::Backend(e.to_string()))
+}
+
+fn bool_int(value: bool) -> i64 {
+    i64::from(value)
+}
+
+fn count(n: i64) -> Result<u64> {
+    u64::try_from(n).map_err(|e| corrupt("count", e))
+}
+
+macro_rules! entry_columns {
+    () => {
+        "e.entry_id, e.spiffe_id, e.parent_id, e.selectors, e.federates_with, e.x509_svid_ttl, \
+         e.jwt_svid_ttl, e.admin, e.downstream, e.expires_at, e.dns_names, e.revision_number, \
+         e.store_svid, e.hint, e.created_at, e.owner, e.reason, e.ticket"
+    };
+}
+
+macro_rules! agent_columns {
+    () => {
+        "a.spiffe_id, a.attestation_type, a.serial_number, a.expires_at, a.new_serial_number, \
+         a.new_expires_at, a.can_reattest, a.selectors, a.agent_version, a.created_at, \
+         a.updated_at"
+    };
+}
+
+fn entry_from_row(row: &SqliteRow) -> Result<RegistrationEntry> {
+    let id: String = row.try_get("entry_id")?;
+    let spiffe_id: String = row.try_get("spiffe_id")?;
+    let parent_id: String = row.try_get("parent_id")?;
+    let selectors: String = row.try_get("selectors")?;
+    let federates_with: String = row.try_get("federates_with")?;
+    let dns_names: String = row.try_get("dns_names")?;
+    let federates_with: Vec<String> =
+        serde_json::from_str(&federates_with).map_err(|e| corrupt("federates_with", e))?;
+    Ok(RegistrationEntry {
+        id: EntryId::new(&id).map_err(|e| corrupt("entry ID", e))?,
+        spiffe_id: spiffe_id.parse().map_err(|e| corrupt("spiffe_id", e))?,
+        parent_id: parent_id.parse().map_err(|e| corrupt("parent_id", e))?,
+        selectors: serde_json::from_str(&selectors).map_err(|e| corrupt("selectors", e))?,
+        x509_svid_ttl: row
+            .try_get::<Option<i64>, _>("x509_svid_ttl")?
+            .map(seconds_duration)
+            .transpose()?,
+        jwt_svid_ttl: row
+            .try_get::<Option<i64>, _>("jwt_svid_ttl")?
+            .map(seconds_duration)
+            .transpose()?,
+        federates_with: federates_with
+            .iter()
+            .map(|name| TrustDomain::new(name).map_err(|e| corrupt("federates_with", e)))
+            .collect::<Result<_>>()?,
+        admin: row.try_get("admin")?,
+        downstream: row.try_get("downstream")?,
+        expires_at: row
+            .try_get::<Option<i64>, _>("expires_at")?
+            .map(from_unix_seconds)
+            .transpose()?,
+        dns_names: serde_json::from_str(&dns_names).map_err(|e| corrupt("dns_names", e))?,
+        revision_number: row.try_get("revision_number")?,
+        store_svid: row.try_get("store_svid")?,
+        hint: row.try_get("hint")?,
+        created_at: from_unix_seconds(row.try_get("created_at")?)?,
+        owner: row.try_get("owner")?,
+        reason: row.try_get("reason")?,
+        ticket: row.try_get("ticket")?,
+    })
+}
+
+fn agent_from_row(row: &SqliteRow) -> Result<AttestedAgent> {
+    let spiffe_id: String = row.try_get("spiffe_id")?;
+    let selectors: String = row.try_get("selectors")?;
+    Ok(AttestedAgent {
+        spiffe_id: spiffe_id.parse().map_err(|e| corrupt("agent ID", e))?,
+        attestation_type: row.try_get("attestation_type")?,
+        serial: row.try_get("serial_number")?,
+        not_after: from_unix_seconds(row.try_get("expires_at")?)?,
+        new_serial: row.try_get("new_serial_number")?,
+        new_not_after: row
+            .try_get::<Option<i64>, _>("new_expires_at")?
+            .map(from_unix_seconds)
+            .transpose()?,
+        can_reattest: row.try_get("can_reattest")?,
+        selectors: serde_json::from_str(&selectors).map_err(|e| corrupt("agent selectors", e))?,
+        agent_version: row.try_get("agent_version")?,
+        created_at: from_unix_seconds(row.try_get("created_at")?)?,
+        updated_at: from_unix_seconds(row.try_get("updated_at")?)?,
+    })
+}
+
+// ----- statements shared by several operations -----
+
+async fn record_change(
+    conn: &mut SqliteConnection,
+    kind: ChangeKind,
+    subject: &ChangeSubject,
+) -> Result<i64> {
+    let revision: i64 = sqlx::query_scalar(
+        "UPDATE store_state SET revision = revision + 1 WHERE id = 1 RETURNING revision",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query("INSERT INTO changes (revision, kind, subject_type, subject) VALUES (?, ?, ?, ?)")
+        .bind(revision)
+        .bind(kind.as_str())
+        .bind(subject.kind_str())
+        .bind(subject.key())
+        .execute(&mut *conn)
+        .await?;
+    Ok(revision)
+}
+
+async fn fetch_entry(conn: &mut SqliteConnection, id: &str) -> Result<Option<RegistrationEntry>> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        entry_columns!(),
+        " FROM registered_entries e WHERE e.entry_id = ?"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(entry_from_row).transpose()
+}
+
+async fn fetch_similar_entry(
+    conn: &mut SqliteConnection,
+    entry: &RegistrationEntry,
+) -> Result<Option<RegistrationEntry>> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        entry_columns!(),
+        " FROM registered_entries e \
+         WHERE e.spiffe_id = ? AND e.parent_id = ? AND e.selectors = ? AND e.entry_id <> ?"
+    ))
+    .bind(entry.spiffe_id.as_str())
+    .bind(entry.parent_id.as_str())
+    .bind(selectors_json(&entry.selectors)?)
+    .bind(entry.id.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(entry_from_row).transpose()
+}
+
+async fn check_federated_bundles(
+    conn: &mut SqliteConnection,
+    entry: &RegistrationEntry,
+) -> Result<()> {
+    for trust_domain in &entry.federates_with {
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM bundles WHERE trust_domain = ?")
+                .bind(trust_domain.name())
+                .fetch_optional(&mut *conn)
+                .await?;
+        if exists.is_none() {
+            return Err(missing_federated_bundle(trust_domain));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the entry's row (insert or replace of every column) and its child rows.
+async fn write_entry(
+    conn: &mut SqliteConnection,
+    entry: &RegistrationEntry,
+    insert: bool,
+) -> Result<()> {
+    let sql = if insert {
+        "INSERT INTO registered_entries (spiffe_id, parent_id, selectors, federates_with, \
+         x509_svid_ttl, jwt_svid_ttl, admin, downstream, expires_at, dns_names, revision_number, \
+         store_svid, hint, created_at, owner, reason, ticket, entry_id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    } else {
+        "UPDATE registered_entries SET spiffe_id = ?, parent_id = ?, selectors = ?, \
+         federates_with = ?, x509_svid_ttl = ?, jwt_svid_ttl = ?, admin = ?, downstream = ?, \
+         expires_at = ?, dns_names = ?, revision_number = ?, store_svid = ?, hint = ?, \
+         created_at = ?, owner = ?, reason = ?, ticket = ? WHERE entry_id = ?"
+    };
+    let dns_names = serde_json::to_string(&entry.dns_names)
+        .map_err(|e| DatastoreError::Backend(e.to_string()))?;
+    sqlx::query(sql)
+        .bind(entry.spiffe_id.as_str())
+        .bind(entry.parent_id.as_str())
+        .bind(selectors_json(&entry.selectors)?)
+        .bind(trust_domains_json(entry.federates_with.iter())?)
+        .bind(entry.x509_svid_ttl.map(duration_seconds).transpose()?)
+        .bind(entry.jwt_svid_ttl.map(duration_seconds).transpose()?)
+        .bind(bool_int(entry.admin))
+        .bind(bool_int(entry.downstream))
+        .bind(entry.expires_at.map(unix_seconds).transpose()?)
+        .bind(dns_names)
+        .bind(entry.revision_number)
+        .bind(bool_int(entry.store_svid))
+        .bind(entry.hint.as_str())
+        .bind(unix_seconds(entry.created_at)?)
+        .bind(entry.owner.as_deref())
+        .bind(entry.reason.as_deref())
+        .bind(entry.ticket.as_deref())
+        .bind(entry.id.as_str())
+        .execute(&mut *conn)
+        .await?;
+    if !insert {
+        sqlx::query("DELETE FROM entry_selectors WHERE entry_id = ?")
+            .bind(entry.id.as_str())
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("DELETE FROM entry_federates_with WHERE entry_id = ?")
+            .bind(entry.id.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
+    for selector in &entry.selectors {
+        sqlx::query("INSERT INTO entry_selectors (entry_id, type, value) VALUES (?, ?, ?)")
+            .bind(entry.id.as_str())
+            .bind(selector.kind())
+            .bind(selector.value())
+            .execute(&mut *conn)
+            .await?;
+    }
+    for trust_domain in &entry.federates_with {
+        sqlx::query("INSERT INTO entry_federates_with (entry_id, trust_domain) VALUES (?, ?)")
+            .bind(entry.id.as_str())
+            .bind(trust_domain.name())
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn delete_entry_row(conn: &mut SqliteConnection, id: &EntryId) -> Result<()> {
+    // Child rows go with it (ON DELETE CASCADE).
+    sqlx::query("DELETE FROM registered_entries WHERE entry_id = ?")
+        .bind(id.as_str())
+        .execute(&mut *conn)
+        .await?;
+    record_change(conn, ChangeKind::Deleted, &ChangeSubject::Entry(id.clone())).await?;
+    Ok(())
+}
+
+async fn fetch_agent(conn: &mut SqliteConnection, id: &str) -> Result<Option<AttestedAgent>> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        agent_columns!(),
+        " FROM attested_agents a WHERE a.spiffe_id = ?"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(agent_from_row).transpose()
+}
+
+async fn write_agent(
+    conn: &mut SqliteConnection,
+    agent: &AttestedAgent,
+    insert: bool,
+) -> Result<()> {
+    let sql = if insert {
+        "INSERT INTO attested_agents (attestation_type, serial_number, expires_at, \
+         new_serial_number, new_expires_at, can_reattest, selectors, agent_version, created_at, \
+         updated_at, spiffe_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    } else {
+        "UPDATE attested_agents SET attestation_type = ?, serial_number = ?, expires_at = ?, \
+         new_serial_number = ?, new_expires_at = ?, can_reattest = ?, selectors = ?, \
+         agent_version = ?, created_at = ?, updated_at = ? WHERE spiffe_id = ?"
+    };
+    sqlx::query(sql)
+        .bind(agent.attestation_type.as_str())
+        .bind(agent.serial.as_str())
+        .bind(unix_seconds(agent.not_after)?)
+        .bind(agent.new_serial.as_str())
+        .bind(agent.new_not_after.map(unix_seconds).transpose()?)
+        .bind(bool_int(agent.can_reattest))
+        .bind(selectors_json(&agent.selectors)?)
+        .bind(agent.agent_version.as_str())
+        .bind(unix_seconds(agent.created_at)?)
+        .bind(unix_seconds(agent.updated_at)?)
+        .bind(agent.spiffe_id.as_str())
+        .execute(&mut *conn)
+        .await?;
+    if !insert {
+        sqlx::query("DELETE FROM agent_selectors WHERE spiffe_id = ?")
+            .bind(agent.spiffe_id.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
+    for selector in &agent.selectors {
+        sqlx::query("INSERT INTO agent_selectors (spiffe_id, type, value) VALUES (?, ?, ?)")
+            .bind(agent.spiffe_id.as_str())
+            .bind(selector.kind())
+            .bind(selector.value())
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn fetch_bundle_record(
+    conn: &mut SqliteConnection,
+    trust_domain: &str,
+) -> Result<Option<BundleRecord>> {
+    let Some(row) =
+        sqlx::query("SELECT sequence_number, refresh_hint FROM bundles WHERE trust_domain = ?")
+            .bind(trust_domain)
+            .fetch_optional(&mut *conn)
+            .await?
+    else {
+        return Ok(None);
+    };
+    let x509_authorities = sqlx::query(
+        "SELECT der, tainted FROM bundle_x509_authorities WHERE trust_domain = ? ORDER BY position",
+    )
+    .bind(trust_domain)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|row| {
+        Ok(X509AuthorityRecord {
+            der: row.try_get("der")?,
+            tainted: row.try_get("tainted")?,
+        })
+    })
+    .collect::<Result<_>>()?;
+    let jwt_authorities = sqlx::query(
+        "SELECT key_id, public_key, expires_at, tainted FROM bundle_jwt_authorities \
+         WHERE trust_domain = ? ORDER BY position",
+    )
+    .bind(trust_domain)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|row| {
+        Ok(JwtAuthorityRecord {
+            key_id: row.try_get("key_id")?,
+            public_key_der: row.try_get("public_key")?,
+            expires_at: row.try_get("expires_at")?,
+            tainted: row.try_get("tainted")?,
+        })
+    })
+    .collect::<Result<_>>()?;
+    Ok(Some(BundleRecord {
+        trust_domain: trust_domain.to_owned(),
+        sequence_number: row.try_get("sequence_number")?,
+        refresh_hint: row.try_get("refresh_hint")?,
+        x509_authorities,
+        jwt_authorities,
+    }))
+}
+
+async fn fetch_bundle(
+    conn: &mut SqliteConnection,
+    trust_domain: &str,
+) -> Result<Option<TrustBundle>> {
+    fetch_bundle_record(conn, trust_domain)
+        .await?
+        .map(BundleRecord::into_bundle)
+        .transpose()
+}
+
+/// Creates or replaces the bundle's row and authority rows.
+async fn write_bundle(conn: &mut SqliteConnection, record: &BundleRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO bundles (trust_domain, sequence_number, refresh_hint) VALUES (?, ?, ?) \
+         ON CONFLICT (trust_domain) DO UPDATE \
+         SET sequence_number = excluded.sequence_number, refresh_hint = excluded.refresh_hint",
+    )
+    .bind(record.trust_domain.as_str())
+    .bind(record.sequence_number)
+    .bind(record.refresh_hint)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM bundle_x509_authorities WHERE trust_domain = ?")
+        .bind(record.trust_domain.as_str())
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM bundle_jwt_authorities WHERE trust_domain = ?")
+        .bind(record.trust_domain.as_str())
+        .execute(&mut *conn)
+        .await?;
+    for (position, authority) in (0i64..).zip(&record.x509_authorities) {
+        sqlx::query(
+            "INSERT INTO bundle_x509_authorities (trust_domain, position, der, tainted) \
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(record.trust_domain.as_str())
+        .bind(position)
+        .bind(authority.der.as_slice())
+        .bind(bool_int(authority.tainted))
+        .execute(&mut *conn)
+        .await?;
+    }
+    for (position, authority) in (0i64..).zip(&record.jwt_authorities) {
+        sqlx::query(
+            "INSERT INTO bundle_jwt_authorities \
+             (trust_domain, position, key_id, public_key, expires_at, tainted) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(record.trust_domain.as_str())
+        .bind(position)
+        .bind(authority.key_id.as_str())
+        .bind(authority.public_key_der.as_slice())
+        .bind(authority.expires_at)
+        .bind(bool_int(authority.tainted))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn bundle_exists(conn: &mut SqliteConnection, trust_domain: &str) -> Result<bool> {
+    let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM bundles WHERE trust_domain = ?")
+        .bind(trust_domain)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(exists.is_some())
+}
+
+// ----- filters -----
+
+/// Where a record's set lives: `children` is the child table, joined on its `key` column to
+/// the owner's `owner_key`; `candidate_json` is the owner's canonical JSON copy of the set.
+struct SetColumns {
+    children: &'static str,
+    key: &'static str,
+    owner_key: &'static str,
+    candidate_json: &'static str,
+}
+
+const ENTRY_SELECTORS: SetColumns = SetColumns {
+    children: "entry_selectors",
+    key: "entry_id",
+    owner_key: "e.entry_id",
+    candidate_json: "e.selectors",
+};
+
+const ENTRY_FEDERATES_WITH: SetColumns = SetColumns {
+    children: "entry_federates_with",
+    key: "entry_id",
+    owner_key: "e.entry_id",
+    candidate_json: "e.federates_with",
+};
+
+const AGENT_SELECTORS: SetColumns = SetColumns {
+    children: "agent_selectors",
+    key: "spiffe_id",
+    owner_key: "a.spiffe_id",
+    candidate_json: "a.selectors",
+};
+
+/// Appends `AND <condition>` for a set filter over a child table.
+///
+/// `given_json` is the canonical JSON of the given set (for [`MatchMode::Exact`]), `n_given`
+/// its size, and `member` pushes "child row `c` is in the given set".
+fn push_set_condition(
+    qb: &mut QueryBuilder<Sqlite>,
+    mode: MatchMode,
+    columns: &SetColumns,
+    given_json: String,
+    n_given: usize,
+    member: &dyn Fn(&mut QueryBuilder<Sqlite>),
+) -> Result<()> {
+    let SetColumns {
+        children,
+        key,
+        owner_key,
+        candidate_json,
+    } = columns;
+    let n_given = i64::try_from(n_given).map_err(|e| DatastoreError::Invalid(e.to_string()))?;
+    let correlated = format!("FROM {children} c WHERE c.{key} = {owner_key}");
+    match mode {
+        MatchMode::Exact => {
+            // Both sides are canonical (sorted, deduplicated) JSON, so equal text is equal sets.
+            qb.push(format!(" AND {candidate_json} = "));
+            qb.push_bind(given_json);
+        }
+        MatchMode::Subset => {
+            qb.push(format!(
+                " AND {candidate_json} <> '[]' AND NOT EXISTS (SELECT 1 {correlated} AND NOT ("
+            ));
+            member(qb);
+            qb.push("))");
+        }
+        MatchMode::Superset => {
+            qb.push(format!(" AND (SELECT COUNT(*) {correlated} AND ("));
+            member(qb);
+            qb.push(")) = ");
+            qb.push_bind(n_given);
+        }
+        MatchMode::Any => {
+            qb.push(format!(" AND EXISTS (SELECT 1 {correlated} AND ("));
+            member(qb);
+            qb.push("))");
+        }
+    }
+    Ok(())
+}
+
+fn push_selector_filter(
+    qb: &mut QueryBuilder<Sqlite>,
+    filter: &SelectorFilter,
+    columns: &SetColumns,
+) -> Result<()> {
+    let selectors: Vec<Selector> = filter.selectors.iter().cloned().collect();
+    let member = |qb: &mut QueryBuilder<Sqlite>| {
+        for (i, selector) in selectors.iter().enumerate() {
+            if i > 0 {
+                qb.push(" OR ");
+            }
+            qb.push("(c.type = ");
+            qb.push_bind(selector.kind().to_owned());
+            qb.push(" AND c.value = ");
+            qb.push_bind(selector.value().to_owned());
+            qb.push(")");
+        }
+    };
+    push_set_condition(
+        qb,
+        filter.mode,
+        columns,
+        selectors_json(&filter.selectors)?,
+        selectors.len(),
+        &member,
+    )
+}
+
+fn push_entry_filter(qb: &mut QueryBuilder<Sqlite>, filter: &EntryFilter) -> Result<()> {
+    filter.validate()?;
+    if let Some(id) = &filter.by_spiffe_id {
+        qb.push(" AND e.spiffe_id = ");
+        qb.push_bind(id.as_str().to_owned());
+    }
+    if let Some(id) = &filter.by_parent_id {
+        qb.push(" AND e.parent_id = ");
+        qb.push_bind(id.as_str().to_owned());
+    }
+    if let Some(hint) = &filter.by_hint {
+        qb.push(" AND e.hint = ");
+        qb.push_bind(hint.clone());
+    }
+    if let Some(downstream) = filter.by_downstream {
+        qb.push(" AND e.downstream = ");
+        qb.push_bind(bool_int(downstream));
+    }
+    if let Some(selectors) = &filter.by_selectors {
+        push_selector_filter(qb, selectors, &ENTRY_SELECTORS)?;
+    }
+    if let Some(federates_with) = &filter.by_federates_with {
+        let names: Vec<String> = federates_with
+            .trust_domains
+            .iter()
+            .map(|td| td.name().to_owned())
+            .collect();
+        let member = |qb: &mut QueryBuilder<Sqlite>| {
+            qb.push("c.trust_domain IN (");
+            for (i, name) in names.iter().enumerate() {
+                if i > 0 {
+                    qb.push(", ");
+                }
+                qb.push_bind(name.clone());
+            }
+            qb.push(")");
+        };
+        push_set_condition(
+            qb,
+            federates_with.mode,
+            &ENTRY_FEDERATES_WITH,
+            trust_domains_json(federates_with.trust_domains.iter())?,
+            names.len(),
+            &member,
+        )?;
+    }
+    Ok(())
+}
+
+fn push_agent_filter(qb: &mut QueryBuilder<Sqlite>, filter: &AgentFilter) -> Result<()> {
+    filter.validate()?;
+    if let Some(attestation_type) = &filter.by_attestation_type {
+        qb.push(" AND a.attestation_type = ");
+        qb.push_bind(attestation_type.clone());
+    }
+    if let Some(banned) = filter.by_banned {
+        qb.push(if banned {
+            " AND a.serial_number = ''"
+        } else {
+            " AND a.serial_number <> ''"
+        });
+    }
+    if let Some(can_reattest) = filter.by_can_reattest {
+        qb.push(" AND a.can_reattest = ");
+        qb.push_bind(bool_int(can_reattest));
+    }
+    if let Some(before) = filter.by_expires_before {
+        qb.push(" AND a.expires_at < ");
+        qb.push_bind(unix_seconds(whole_second(before)?)?);
+    }
+    if let Some(selectors) = &filter.by_selectors {
+        push_selector_filter(qb, selectors, &AGENT_SELECTORS)?;
+    }
+    Ok(())
+}
+
+/// Appends the page condition and order: `AND key > token ORDER BY key LIMIT size + 1`.
+fn push_page(qb: &mut QueryBuilder<Sqlite>, key: &str, page: Option<&PageRequest>) -> Result<()> {
+    if let Some(page) = page {
+        page.validate()?;
+        if let Some(token) = &page.token {
+            qb.push(format!(" AND {key} > "));
+            qb.push_bind(token.clone());
+        }
+    }
+    qb.push(format!(" ORDER BY {key}"));
+    if let Some(page) = page {
+        qb.push(" LIMIT ");
+        qb.push_bind(i64::from(page.size) + 1);
+    }
+    Ok(())
+}
+
+/// Cuts the extra row fetched by [`push_page`] and makes the next token from the last key.
+fn finish_page<T>(
+    mut items: Vec<T>,
+    page: Option<&PageRequest>,
+    key: impl Fn(&T) -> String,
+) -> Page<T> {
+    let Some(page) = page else {
+        return (items, None);
+    };
+    let size = usize::try_from(page.size).unwrap_or(usize::MAX);
+    if items.len() > size {
+        items.truncate(size);
+        let next = items.last().map(key);
+        (items, next)
+    } else {
+        (items, None)
+    }
+}
+
+#[async_trait::async_trait]
+impl Datastore for SqlStore {
+    async fn create_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
+        let mut entry = normalize_entry(entry)?;
+        entry.revision_number = 0;
+        if entry.selectors.is_empty() {
+            return Err(DatastoreError::Invalid(
+                "entry: selectors cannot be empty".into(),
+            ));
+        }
+        let mut tx = self.write().await?;
+        if let Some(existing) = fetch_entry(tx.conn(), entry.id.as_str()).await? {
+            return Err(DatastoreError::entry_exists(
+                &existing,
+                format!("entry {:?}", entry.id.as_str()),
+            ));
+        }
+        if let Some(existing) = fetch_similar_entry(tx.conn(), &entry).await? {
+            return Err(DatastoreError::entry_exists(
+                &existing,
+                "similar entry".to_owned(),
+            ));
+        }
+        check_federated_bundles(tx.conn(), &entry).await?;
+        write_entry(tx.conn(), &entry, true).await?;
+        record_change(
+            tx.conn(),
+            ChangeKind::Created,
+            &ChangeSubject::Entry(entry.id.clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    async fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>> {
+        let mut conn = self.pool.acquire().await?;
+        fetch_entry(&mut conn, id.as_str()).await
+    }
+
+    async fn update_entry(
+        &self,
+        entry: RegistrationEntry,
+        expected_revision: Option<i64>,
+    ) -> Result<RegistrationEntry> {
+        let mut entry = normalize_entry(entry)?;
+        if entry.selectors.is_empty() {
+            return Err(DatastoreError::Invalid(
+                "entry: selectors cannot be empty".into(),
+            ));
+        }
+        let mut tx = self.write().await?;
+        let Some(stored) = fetch_entry(tx.conn(), entry.id.as_str()).await? else {
+            return Err(not_found("entry", entry.id.as_str()));
+        };
+        if let Some(expected) = expected_revision
+            && stored.revision_number != expected
+        {
+            return Err(revision_conflict(
+                &entry.id,
+                expected,
+                stored.revision_number,
+            ));
+        }
+        entry.created_at = stored.created_at;
+        entry.revision_number = stored.revision_number + 1;
+        if let Some(existing) = fetch_similar_entry(tx.conn(), &entry).await? {
+            return Err(DatastoreError::entry_exists(
+                &existing,
+                "similar entry".to_owned(),
+            ));
+        }
+        check_federated_bundles(tx.conn(), &entry).await?;
+        write_entry(tx.conn(), &entry, false).await?;
+        record_change(
+            tx.conn(),
+            ChangeKind::Updated,
+            &ChangeSubject::Entry(entry.id.clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
+        let mut tx = self.write().await?;
+        let Some(entry) = fetch_entry(tx.conn(), id.as_str()).await? else {
+            return Err(not_found("entry", id.as_str()));
+        };
+        delete_entry_row(tx.conn(), id).await?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+        page: Option<PageRequest>,
+    ) -> Result<Page<RegistrationEntry>> {
+        let mut qb = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT ",
+            entry_columns!(),
+            " FROM registered_entries e WHERE 1 = 1"
+        ));
+        push_entry_filter(&mut qb, filter)?;
+        push_page(&mut qb, "e.entry_id", page.as_ref())?;
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        let entries = rows
+            .iter()
+            .map(entry_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(finish_page(entries, page.as_ref(), |e| {
+            e.id.as_str().to_owned()
+        }))
+    }
+
+    async fn count_entries(&self, filter: &EntryFilter) -> Result<u64> {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("SELECT COUNT(*) FROM registered_entries e WHERE 1 = 1");
+        push_entry_filter(&mut qb, filter)?;
+        count(qb.build_query_scalar::<i64>().fetch_one(&self.pool).await?)
+    }
+
+    async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>> {
+        let (entries, _) = self.list_entries(&EntryFilter::default(), None).await?;
+        Ok(entries)
+    }
+
+    async fn prune_entries(&self, expires_before: SystemTime) -> Result<Vec<EntryId>> {
+        let expires_before = unix_seconds(whole_second(expires_before)?)?;
+        let mut tx = self.write().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT entry_id FROM registered_entries \
+             WHERE expires_at IS NOT NULL AND expires_at < ? ORDER BY entry_id",
+        )
+        .bind(expires_before)
+        .fetch_all(&mut *tx.conn())
+        .await?;
+        let mut pruned = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id = EntryId::new(&id).map_err(|e| corrupt("entry ID", e))?;
+            delete_entry_row(tx.conn(), &id).await?;
+            pruned.push(id);
+        }
+        tx.commit().await?;
+        Ok(pruned)
+    }
+
+    async fn current_revision(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT revision FROM store_state WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn changes_since(&self, revision: i64) -> Result<Vec<Change>> {
+        let rows = sqlx::query(
+            "SELECT revision, kind, subject_type, subject FROM changes \
+             WHERE revision > ? ORDER BY revision",
+        )
+        .bind(revision)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let kind: String = row.try_get("kind")?;
+                let subject_type: String = row.try_get("subject_type")?;
+                let subject: String = row.try_get("subject")?;
+                Ok(Change {
+                    revision: row.try_get("revision")?,
+                    kind: ChangeKind::parse(&kind)?,
+                    subject: ChangeSubject::parse(&subject_type, &subject)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn prune_changes(&self, before: i64) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let done = sqlx::query("DELETE FROM changes WHERE revision < ?")
+            .bind(before)
+            .execute(&mut *tx.conn())
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn create_agent(&self, agent: AttestedAgent) -> Result<AttestedAgent> {
+        let mut agent = agent;
+        let now = SystemTime::now();
+        agent.created_at = now;
+        agent.updated_at = now;
+        let agent = normalize_agent(agent)?;
+        let mut tx = self.write().await?;
+        if fetch_agent(tx.conn(), agent.spiffe_id.as_str())
+            .await?
+            .is_some()
+        {
+            return Err(DatastoreError::exists(format!(
+                "agent {:?}",
+                agent.spiffe_id.as_str()
+            )));
+        }
+        write_agent(tx.conn(), &agent, true).await?;
+        record_change(
+            tx.conn(),
+            ChangeKind::Created,
+            &ChangeSubject::Agent(agent.spiffe_id.clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AttestedAgent>> {
+        let mut conn = self.pool.acquire().await?;
+        fetch_agent(&mut conn, id.as_str()).await
+    }
+
+    async fn update_agent(&self, agent: AttestedAgent) -> Result<AttestedAgent> {
+        let mut agent = agent;
+        agent.updated_at = SystemTime::now();
+        let agent = normalize_agent(agent)?;
+        self.modify_agent(&agent.spiffe_id.clone(), move |stored| {
+            let created_at = stored.created_at;
+            *stored = agent;
+            stored.created_at = created_at;
+        })
+        .await
+    }
+
+    async fn set_agent_selectors(
+        &self,
+        id: &SpiffeId,
+        selectors: SelectorSet,
+    ) -> Result<AttestedAgent> {
+        let updated_at = whole_second(SystemTime::now())?;
+        self.modify_agent(id, move |agent| {
+            agent.selectors = selectors;
+            agent.updated_at = updated_at;
+        })
+        .await
+    }
+
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<AttestedAgent> {
+        let mut tx = self.write().await?;
+        let Some(agent) = fetch_agent(tx.conn(), id.as_str()).await? else {
+            return Err(not_found("agent", id.as_str()));
+        };
+        sqlx::query("DELETE FROM attested_agents WHERE spiffe_id = ?")
+            .bind(id.as_str())
+            .execute(&mut *tx.conn())
+            .await?;
+        record_change(
+            tx.conn(),
+            ChangeKind::Deleted,
+            &ChangeSubject::Agent(id.clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    async fn ban_agent(&self, id: &SpiffeId) -> Result<AttestedAgent> {
+        let updated_at = whole_second(SystemTime::now())?;
+        self.modify_agent(id, move |agent| {
+            agent.serial.clear();
+            agent.new_serial.clear();
+            agent.updated_at = updated_at;
+        })
+        .await
+    }
+
+    async fn list_agents(
+        &self,
+        filter: &AgentFilter,
+        page: Option<PageRequest>,
+    ) -> Result<Page<AttestedAgent>> {
+        let mut qb = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT ",
+            agent_columns!(),
+            " FROM attested_agents a WHERE 1 = 1"
+        ));
+        push_agent_filter(&mut qb, filter)?;
+        push_page(&mut qb, "a.spiffe_id", page.as_ref())?;
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        let agents = rows
+            .iter()
+            .map(agent_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(finish_page(agents, page.as_ref(), |a| {
+            a.spiffe_id.as_str().to_owned()
+        }))
+    }
+
+    async fn count_agents(&self, filter: &AgentFilter) -> Result<u64> {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("SELECT COUNT(*) FROM attested_agents a WHERE 1 = 1");
+        push_agent_filter(&mut qb, filter)?;
+        count(qb.build_query_scalar::<i64>().fetch_one(&self.pool).await?)
+    }
+
+    async fn create_join_token(
+        &self,
+        token: &str,
+        expires_at: SystemTime,
+    ) -> Result<JoinTokenRecord> {
+        if token.is_empty() {
+            return Err(DatastoreError::Invalid("join token: empty".into()));
+        }
+        let expires_at = whole_second(expires_at)?;
+        let mut tx = self.write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO join_tokens (token, expires_at) VALUES (?, ?) \
+             ON CONFLICT (token) DO NOTHING",
+        )
+        .bind(token)
+        .bind(unix_seconds(expires_at)?)
+        .execute(&mut *tx.conn())
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(DatastoreError::exists("join token"));
+        }
+        tx.commit().await?;
+        Ok(JoinTokenRecord {
+            token: token.to_owned(),
+            expires_at,
+        })
+    }
+
+    async fn take_join_token(&self, token: &str) -> Result<JoinTokenRecord> {
+        let mut tx = self.write().await?;
+        // One statement: of concurrent takes, whether in this process or another, exactly one
+        // deletes the row and gets it back.
+        let expires_at: Option<i64> =
+            sqlx::query_scalar("DELETE FROM join_tokens WHERE token = ? RETURNING expires_at")
+                .bind(token)
+                .fetch_optional(&mut *tx.conn())
+                .await?;
+        let Some(expires_at) = expires_at else {
+            return Err(DatastoreError::NotFound("join token".into()));
+        };
+        tx.commit().await?;
+        Ok(JoinTokenRecord {
+            token: token.to_owned(),
+            expires_at: from_unix_seconds(expires_at)?,
+        })
+    }
+
+    async fn prune_join_tokens(&self, expires_before: SystemTime) -> Result<u64> {
+        let expires_before = unix_seconds(whole_second(expires_before)?)?;
+        let mut tx = self.write().await?;
+        let done = sqlx::query("DELETE FROM join_tokens WHERE expires_at < ?")
+            .bind(expires_before)
+            .execute(&mut *tx.conn())
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn get_bundle(&self, trust_domain: &TrustDomain) -> Result<Option<TrustBundle>> {
+        let mut tx = self.pool.begin().await?;
+        let bundle = fetch_bundle(&mut tx, trust_domain.name()).await?;
+        tx.commit().await?;
+        Ok(bundle)
+    }
+
+    async fn create_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle> {
+        let (record, bundle) = checked_bundle(&bundle)?;
+        let mut tx = self.write().await?;
+        if bundle_exists(tx.conn(), &record.trust_domain).await? {
+            return Err(DatastoreError::exists(format!(
+                "bundle of {:?}",
+                record.trust_domain
+            )));
+        }
+        write_bundle(tx.conn(), &record).await?;
+        record_change(
+            tx.conn(),
+            ChangeKind::Created,
+            &ChangeSubject::Bundle(bundle.trust_domain().clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(bundle)
+    }
+
+    async fn update_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle> {
+        let (record, bundle) = checked_bundle(&bundle)?;
+        let mut tx = self.write().await?;
+        if !bundle_exists(tx.conn(), &record.trust_domain).await? {
+            return Err(not_found("bundle of", &record.trust_domain));
+        }
+        write_bundle(tx.conn(), &record).await?;
+        record_change(
+            tx.conn(),
+            ChangeKind::Updated,
+            &ChangeSubject::Bundle(bundle.trust_domain().clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(bundle)
+    }
+
+    async fn set_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle> {
+        let (record, bundle) = checked_bundle(&bundle)?;
+        let mut tx = self.write().await?;
+        let kind = if bundle_exists(tx.conn(), &record.trust_domain).await? {
+            ChangeKind::Updated
+        } else {
+            ChangeKind::Created
+        };
+        write_bundle(tx.conn(), &record).await?;
+        record_change(
+            tx.conn(),
+            kind,
+            &ChangeSubject::Bundle(bundle.trust_domain().clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(bundle)
+    }
+
+    async fn append_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle> {
+        let (record, bundle) = checked_bundle(&bundle)?;
+        let mut tx = self.write().await?;
+        let (merged, kind) = match fetch_bundle(tx.conn(), &record.trust_domain).await? {
+            None => (bundle, ChangeKind::Created),
+            Some(stored) => match merge_bundles(&stored, &bundle)? {
+                Some(merged) => (merged, ChangeKind::Updated),
+                None => return Ok(stored),
+            },
+        };
+        let (record, merged) = checked_bundle(&merged)?;
+        write_bundle(tx.conn(), &record).await?;
+        record_change(
+            tx.conn(),
+            kind,
+            &ChangeSubject::Bundle(merged.trust_domain().clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(merged)
+    }
+
+    async fn delete_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+        mode: BundleDeleteMode,
+    ) -> Result<TrustBundle> {
+        let mut tx = self.write().await?;
+        let Some(bundle) = fetch_bundle(tx.conn(), trust_domain.name()).await? else {
+            return Err(not_found("bundle of", trust_domain.name()));
+        };
+        let federating: Vec<String> = sqlx::query_scalar(
+            "SELECT entry_id FROM entry_federates_with WHERE trust_domain = ? ORDER BY entry_id",
+        )
+        .bind(trust_domain.name())
+        .fetch_all(&mut *tx.conn())
+        .await?;
+        match mode {
+            BundleDeleteMode::Restrict if !federating.is_empty() => {
+                return Err(bundle_in_use(trust_domain, federating.len()));
+            }
+            BundleDeleteMode::Restrict => {}
+            BundleDeleteMode::Delete => {
+                for id in federating {
+                    let id = EntryId::new(&id).map_err(|e| corrupt("entry ID", e))?;
+                    delete_entry_row(tx.conn(), &id).await?;
+                }
+            }
+            BundleDeleteMode::Dissociate => {
+                for id in federating {
+                    let Some(mut entry) = fetch_entry(tx.conn(), &id).await? else {
+                        continue;
+                    };
+                    entry.federates_with.remove(trust_domain);
+                    entry.revision_number += 1;
+                    write_entry(tx.conn(), &entry, false).await?;
+                    record_change(
+                        tx.conn(),
+                        ChangeKind::Updated,
+                        &ChangeSubject::Entry(entry.id.clone()),
+                    )
+                    .await?;
+                }
+            }
+        }
+        // Authority rows go with it (ON DELETE CASCADE).
+        sqlx::query("DELETE FROM bundles WHERE trust_domain = ?")
+            .bind(trust_domain.name())
+            .execute(&mut *tx.conn())
+            .await?;
+        record_change(
+            tx.conn(),
+            ChangeKind::Deleted,
+            &ChangeSubject::Bundle(trust_domain.clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(bundle)
+    }
+
+    async fn list_bundles(&self, page: Option<PageRequest>) -> Result<Page<TrustBundle>> {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("SELECT b.trust_domain FROM bundles b WHERE 1 = 1");
+        push_page(&mut qb, "b.trust_domain", page.as_ref())?;
+        let mut tx = self.pool.begin().await?;
+        let names: Vec<String> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
+        let mut bundles = Vec::with_capacity(names.len());
+        for name in &names {
+            if let Some(bundle) = fetch_bundle(&mut tx, name).await? {
+                bundles.push(bundle);
+            }
+        }
+        tx.commit().await?;
+        Ok(finish_page(bundles, page.as_ref(), |b| {
+            b.trust_domain().name().to_owned()
+        }))
+    }
+
+    async fn count_bundles(&self) -> Result<u64> {
+        count(
+            sqlx::query_scalar("SELECT COUNT(*) FROM bundles")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn get_ca_journal(&self, server_key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(
+            sqlx::query_scalar("SELECT data FROM ca_journals WHERE server_key = ?")
+                .bind(server_key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn set_ca_journal(&self, server_key: &str, journal: &[u8]) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO ca_journals (server_key, data) VALUES (?, ?) \
+             ON CONFLICT (server_key) DO UPDATE SET data = excluded.data",
+        )
+        .bind(server_key)
+        .bind(journal)
+        .execute(&mut *tx.conn())
+        .await?;
+        tx.commit().await
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn set_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES (?, ?) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&mut *tx.conn())
+        .await?;
+        tx.commit().await
+    }
+}
+
+impl SqlStore {
+    /// Reads the agent, applies `change`, writes it back and logs an update, in one
+    /// transaction.
+    async fn modify_agent(
+        &self,
+        id: &SpiffeId,
+        change: impl FnOnce(&mut AttestedAgent) + Send,
+    ) -> Result<AttestedAgent> {
+        let mut tx = self.write().await?;
+        let Some(mut agent) = fetch_agent(tx.conn(), id.as_str()).await? else {
+            return Err(not_found("agent", id.as_str()));
+        };
+        change(&mut agent);
+        write_agent(tx.conn(), &agent, false).await?;
+        record_change(
+            tx.conn(),
+            ChangeKind::Updated,
+            &ChangeSubject::Agent(id.clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+}

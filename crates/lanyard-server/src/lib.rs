@@ -1,0 +1,16 @@
+//! The Lanyard server: the trust domain's CA, the registration datastore, node attestation,
+//! and the SPIRE-compatible server API served over TLS and an owner-only Unix socket.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod authz;
+pub mod ca;
+pub mod config;
+pub mod datastore;
+pub mod keymanager;
+pub mod server;
+pub mod state;
+pub mod tls;
+
+pub use config::ServerConfig;
+pub use server::{Server, ServerError, run};

@@ -1,0 +1,334 @@
+//! Starting and stopping a server: opening the datastore and keys, loading the CA, serving
+//! the API on TCP (TLS) and the admin Unix socket, and running the rotation loop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lanyard_core::x509::CaSubject;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::transport::server::Router;
+
+use crate::api::agent::AgentService;
+use crate::api::bundle::BundleService;
+use crate::api::entry::EntryService;
+use crate::api::metadata::EntryMetadataService;
+use crate::api::svid::SvidService;
+use crate::ca::{CaConfig, CaError, CaManager};
+use crate::config::{DatastoreKind, KeyManagerKind, ServerConfig};
+use crate::datastore::{Datastore, DatastoreError, MemoryStore, SqlStore};
+use crate::keymanager::{self, DiskKeyManager, KeyManager, KeyManagerError, MemoryKeyManager};
+use crate::state::{Clock, ServerState};
+use crate::tls::{ServerSvid, TlsError};
+
+/// How often the CA and server SVID rotation is checked.
+const ROTATION_INTERVAL: Duration = Duration::from_secs(5);
+/// The longest a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The data directory or a socket directory could not be prepared.
+    #[error("{0}")]
+    Setup(#[from] KeyManagerError),
+    /// The datastore could not be opened.
+    #[error("datastore: {0}")]
+    Datastore(#[from] DatastoreError),
+    /// The CA could not be loaded or created.
+    #[error("CA: {0}")]
+    Ca(#[from] CaError),
+    /// TLS state could not be built.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// A listener could not be bound.
+    #[error("binding {what}: {source}")]
+    Bind {
+        /// The address or socket path.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The x509pop CA bundle could not be read.
+    #[error("reading x509pop ca_bundle_path {path}: {reason}")]
+    X509PopBundle {
+        /// The configured file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    state: Arc<ServerState>,
+    tcp_addr: SocketAddr,
+    socket_path: PathBuf,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Server {
+    /// Opens the datastore and keys, loads the CA and starts serving. Binding port 0 picks a
+    /// free port; see [`Server::tcp_addr`].
+    pub async fn start(config: ServerConfig, clock: Clock) -> Result<Self, ServerError> {
+        keymanager::create_private_dir(&config.data_dir)?;
+        let store: Arc<dyn Datastore> = match config.datastore.kind {
+            DatastoreKind::Sqlite => Arc::new(SqlStore::open(&config.datastore_path()).await?),
+            DatastoreKind::Memory => Arc::new(MemoryStore::new()),
+        };
+        let keys: Arc<dyn KeyManager> = match config.key_manager.kind {
+            KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(config.key_directory())?),
+            KeyManagerKind::Memory => Arc::new(MemoryKeyManager::new()),
+        };
+        let ca_config = CaConfig {
+            trust_domain: config.trust_domain.clone(),
+            ca_ttl: config.ca_ttl,
+            x509_key_type: config.ca_key_type,
+            jwt_key_type: config.jwt_key_type(),
+            subject: CaSubject {
+                country: config.ca_subject.country.clone(),
+                organization: config.ca_subject.organization.clone(),
+                common_name: config.ca_subject.common_name.clone(),
+            },
+        };
+        let now = clock();
+        let ca = Arc::new(CaManager::load(ca_config, keys, Arc::clone(&store), now).await?);
+        let x509pop_anchors = match &config.node_attestor.x509pop {
+            Some(x509pop) => Some(read_certificates(&x509pop.ca_bundle_path)?),
+            None => None,
+        };
+        let server_svid = Arc::new(ServerSvid::new(&ca, config.default_x509_svid_ttl, now)?);
+        let state = Arc::new(ServerState::new(config, store, Arc::clone(&ca), clock).await?);
+
+        let tcp = TcpListener::bind(state.config.bind_address)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: state.config.bind_address.to_string(),
+                source,
+            })?;
+        let tcp_addr = tcp.local_addr().map_err(|source| ServerError::Bind {
+            what: state.config.bind_address.to_string(),
+            source,
+        })?;
+        let socket_path = state.config.socket_path.clone();
+        let uds = bind_admin_socket(&socket_path)?;
+
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        let tls = Arc::new(crate::tls::server_config(
+            Arc::clone(&server_svid),
+            Arc::clone(&ca),
+        )?);
+        let tcp_router = routes(&state, x509pop_anchors.clone());
+        tasks.spawn(serve_tls(tcp, tls, tcp_router, stopped.clone()));
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let uds_router = routes(&state, x509pop_anchors).add_service(health_service);
+        let mut uds_stopped = stopped.clone();
+        tasks.spawn(async move {
+            let incoming = UnixListenerStream::new(uds);
+            let result = uds_router
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = uds_stopped.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "admin socket server failed");
+            }
+        });
+
+        tasks.spawn(rotate(Arc::clone(&state), server_svid, stopped));
+
+        tracing::info!(
+            trust_domain = %state.trust_domain(),
+            address = %tcp_addr,
+            socket = %socket_path.display(),
+            "server started"
+        );
+        Ok(Self {
+            state,
+            tcp_addr,
+            socket_path,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The shared state, for tests and embedding.
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// The bound TCP address.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    /// The admin socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// Stops serving and waits for every task to finish.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        let _ = std::fs::remove_file(&self.socket_path);
+        tracing::info!("server stopped");
+    }
+}
+
+/// Runs a server until `shutdown` completes.
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let server = Server::start(config, crate::state::system_clock()).await?;
+    shutdown.await;
+    server.shutdown().await;
+    Ok(())
+}
+
+fn routes(state: &Arc<ServerState>, x509pop_anchors: Option<Vec<Vec<u8>>>) -> Router {
+    use lanyard_proto::spire::api::server::bundle::v1::bundle_server::BundleServer;
+    use lanyard_proto::spire::api::server::svid::v1::svid_server::SvidServer;
+
+    tonic::transport::Server::builder()
+        .add_service(AgentService::new(Arc::clone(state), x509pop_anchors).into_server())
+        .add_service(EntryService::new(Arc::clone(state)).into_server())
+        .add_service(SvidServer::new(SvidService::new(Arc::clone(state))))
+        .add_service(BundleServer::new(BundleService::new(Arc::clone(state))))
+        .add_service(EntryMetadataService::new(Arc::clone(state)).into_server())
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<Vec<u8>>, ServerError> {
+    let error = |reason: String| ServerError::X509PopBundle {
+        path: path.to_owned(),
+        reason,
+    };
+    let certs: Vec<Vec<u8>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| error(e.to_string()))?
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(error("no certificates found".into()));
+    }
+    Ok(certs)
+}
+
+/// Binds the admin socket in a directory only the owner can enter, replacing a stale socket.
+fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    let bind_error = |source| ServerError::Bind {
+        what: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        keymanager::create_private_dir(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_error(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(bind_error)?;
+    }
+    Ok(listener)
+}
+
+async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let (tx, rx) = mpsc::channel(64);
+    let mut accept_stopped = stopped.clone();
+    let accept_loop = tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = accept_stopped.wait_for(|s| *s) => break,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            // Handshakes run on their own task so a slow client never blocks the others.
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok::<_, std::io::Error>(stream)).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let result = router
+        .serve_with_incoming_shutdown(ReceiverStream::new(rx), async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
+        .await;
+    accept_loop.abort();
+    if let Err(error) = result {
+        tracing::error!(%error, "TLS server failed");
+    }
+}
+
+async fn rotate(
+    state: Arc<ServerState>,
+    svid: Arc<ServerSvid>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut interval = tokio::time::interval(ROTATION_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stop = tokio::select! {
+            _ = interval.tick() => false,
+            _ = stopped.wait_for(|s| *s) => true,
+        };
+        if stop {
+            return;
+        }
+        let now = state.now();
+        match state.ca.rotate(now).await {
+            Ok(report) if report.changed() => tracing::info!(?report, "CA rotated"),
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "CA rotation failed"),
+        }
+        if let Err(error) = svid.rotate_if_needed(&state.ca, now) {
+            tracing::error!(%error, "server SVID rotation failed");
+        }
+        if let Err(error) = state.store.prune_join_tokens(now).await {
+            tracing::warn!(%error, "pruning join tokens failed");
+        }
+    }
+}

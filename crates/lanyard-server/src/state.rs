@@ -1,0 +1,144 @@
+//! The state every API service shares: configuration, datastore, CA, the authorization index
+//! and the clock.
+
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::SystemTime;
+
+use lanyard_core::{EntryId, RegistrationEntry, SpiffeId, TrustBundle, TrustDomain};
+
+use crate::authz::AuthorizationIndex;
+use crate::ca::CaManager;
+use crate::config::ServerConfig;
+use crate::datastore::Datastore;
+
+/// A source of the current time; tests substitute a controllable one.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(SystemTime::now)
+}
+
+/// Shared server state.
+pub struct ServerState {
+    /// The configuration the server runs with.
+    pub config: ServerConfig,
+    /// The datastore.
+    pub store: Arc<dyn Datastore>,
+    /// The CA manager.
+    pub ca: Arc<CaManager>,
+    index: RwLock<AuthorizationIndex>,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("trust_domain", &self.config.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerState {
+    /// Builds the state, loading the authorization index from the datastore.
+    pub async fn new(
+        config: ServerConfig,
+        store: Arc<dyn Datastore>,
+        ca: Arc<CaManager>,
+        clock: Clock,
+    ) -> Result<Self, crate::datastore::DatastoreError> {
+        let entries = store.list_all_entries().await?;
+        let mut agents = Vec::new();
+        let mut token = None;
+        loop {
+            let page = crate::datastore::PageRequest {
+                token: token.take(),
+                size: 1000,
+            };
+            let (batch, next) = store
+                .list_agents(&crate::datastore::AgentFilter::default(), Some(page))
+                .await?;
+            agents.extend(batch.into_iter().map(|a| (a.spiffe_id, a.selectors)));
+            match next {
+                Some(next) => token = Some(next),
+                None => break,
+            }
+        }
+        let index = AuthorizationIndex::build(config.trust_domain.server_id(), entries, agents);
+        Ok(Self {
+            config,
+            store,
+            ca,
+            index: RwLock::new(index),
+            clock,
+        })
+    }
+
+    /// The current time.
+    pub fn now(&self) -> SystemTime {
+        (self.clock)()
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.config.trust_domain
+    }
+
+    /// The trust domain's current bundle.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.ca
+            .bundle()
+            .unwrap_or_else(|| Arc::new(TrustBundle::new(self.config.trust_domain.clone())))
+    }
+
+    /// Read access to the authorization index.
+    pub fn index(&self) -> RwLockReadGuard<'_, AuthorizationIndex> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn index_mut(&self) -> RwLockWriteGuard<'_, AuthorizationIndex> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a committed entry write in the index.
+    pub fn entry_written(&self, entry: &RegistrationEntry) {
+        self.index_mut().upsert_entry(entry.clone());
+    }
+
+    /// Records a committed entry deletion in the index.
+    pub fn entry_deleted(&self, id: &EntryId) {
+        self.index_mut().remove_entry(id);
+    }
+
+    /// Records an agent's node selectors after attestation.
+    pub fn agent_attested(&self, agent_id: &SpiffeId, selectors: lanyard_core::SelectorSet) {
+        self.index_mut()
+            .set_agent_selectors(agent_id.clone(), selectors);
+    }
+
+    /// Records an agent's eviction.
+    pub fn agent_evicted(&self, agent_id: &SpiffeId) {
+        self.index_mut().remove_agent(agent_id);
+    }
+
+    /// Entries the agent may obtain SVIDs for now.
+    pub fn authorized_entries(&self, agent_id: &SpiffeId) -> Vec<Arc<RegistrationEntry>> {
+        self.index().authorized_entries(agent_id, self.now())
+    }
+
+    /// Whether `id` is an admin: listed in `admin_ids`, or the SPIFFE ID of an unexpired
+    /// entry marked `admin`.
+    pub fn is_admin_id(&self, id: &SpiffeId) -> bool {
+        if self.config.admin_ids.contains(id) {
+            return true;
+        }
+        let now = self.now();
+        self.index().has_flagged_entry(id, now, |e| e.admin)
+    }
+
+    /// Whether `id` is the SPIFFE ID of an unexpired entry marked `downstream`.
+    pub fn is_downstream_id(&self, id: &SpiffeId) -> bool {
+        let now = self.now();
+        self.index().has_flagged_entry(id, now, |e| e.downstream)
+    }
+}

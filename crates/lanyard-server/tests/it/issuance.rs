@@ -1,0 +1,242 @@
+//! SVID issuance end to end over mTLS: an attested agent obtains X.509 and JWT SVIDs for the
+//! entries authorized to it and for no others, and syncs exactly those entries.
+
+use std::time::{Duration, SystemTime};
+
+use lanyard_core::keys::{KeyPair, KeyType};
+use lanyard_core::{TrustDomain, x509};
+use lanyard_proto::convert::{bundle_from_proto, entry_mask_all, spiffe_id_to_proto};
+use lanyard_proto::spire::api::server::bundle::v1 as bundle_pb;
+use lanyard_proto::spire::api::server::bundle::v1::bundle_client::BundleClient;
+use lanyard_proto::spire::api::server::entry::v1 as entry_pb;
+use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
+use lanyard_proto::spire::api::server::svid::v1 as svid_pb;
+use lanyard_proto::spire::api::server::svid::v1::svid_client::SvidClient;
+use lanyard_proto::spire::api::types;
+use tonic::Code;
+
+use crate::support::{AttestedAgentIdentity, TestServer, trust_domain};
+
+async fn create_entry(
+    server: &TestServer,
+    spiffe_path: &str,
+    parent: &lanyard_core::SpiffeId,
+    expires_at: i64,
+) -> String {
+    let id = lanyard_core::SpiffeId::from_path(&trust_domain(), spiffe_path).unwrap();
+    let response = EntryClient::new(server.admin().await)
+        .batch_create_entry(entry_pb::BatchCreateEntryRequest {
+            entries: vec![types::Entry {
+                spiffe_id: Some(spiffe_id_to_proto(&id)),
+                parent_id: Some(spiffe_id_to_proto(parent)),
+                selectors: vec![types::Selector {
+                    r#type: "unix".into(),
+                    value: "uid:1000".into(),
+                }],
+                dns_names: vec!["web.example.org".into()],
+                x509_svid_ttl: 600,
+                expires_at,
+                ..Default::default()
+            }],
+            output_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let result = &response.results[0];
+    assert_eq!(result.status.as_ref().unwrap().code, 0, "{result:?}");
+    result.entry.as_ref().unwrap().id.clone()
+}
+
+async fn mint(
+    server: &TestServer,
+    agent: &AttestedAgentIdentity,
+    entry_id: &str,
+) -> svid_pb::batch_new_x509svid_response::Result {
+    let key = KeyPair::generate(KeyType::EcP256).unwrap();
+    let csr = x509::build_csr(&key, None).unwrap();
+    let mut results = SvidClient::new(server.tls(Some((&agent.chain, &agent.key))).await)
+        .batch_new_x509svid(svid_pb::BatchNewX509svidRequest {
+            params: vec![svid_pb::NewX509svidParams {
+                entry_id: entry_id.to_owned(),
+                csr,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 1);
+    results.remove(0)
+}
+
+#[tokio::test]
+async fn an_agent_gets_svids_for_its_entries_only() {
+    let server = TestServer::start().await;
+    let agent_a = server.attest_new_agent().await;
+    let agent_b = server.attest_new_agent().await;
+    let entry = create_entry(&server, "/web", &agent_a.id, 0).await;
+
+    let result = mint(&server, &agent_a, &entry).await;
+    assert_eq!(result.status.as_ref().unwrap().code, 0, "{result:?}");
+    let svid = result.svid.unwrap();
+    let verified = x509::verify_svid_chain(
+        &svid.cert_chain,
+        &trust_domain(),
+        &server.authorities(),
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!(verified.spiffe_id().as_str(), "spiffe://example.org/web");
+    let lifetime = verified
+        .not_after()
+        .duration_since(verified.not_before())
+        .unwrap();
+    assert!(
+        lifetime <= Duration::from_secs(620),
+        "TTL from the entry: {lifetime:?}"
+    );
+
+    // Agent B is not the entry's parent.
+    let refused = mint(&server, &agent_b, &entry).await;
+    assert_eq!(
+        refused.status.as_ref().unwrap().code,
+        Code::NotFound as i32,
+        "{refused:?}"
+    );
+    assert!(refused.svid.is_none());
+
+    // Unauthenticated callers get nothing at all.
+    let err = SvidClient::new(server.tls(None).await)
+        .batch_new_x509svid(svid_pb::BatchNewX509svidRequest {
+            params: vec![svid_pb::NewX509svidParams {
+                entry_id: entry.clone(),
+                csr: x509::build_csr(&KeyPair::generate(KeyType::EcP256).unwrap(), None).unwrap(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_jwt_svid_for_an_entry_validates_against_the_bundle() {
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let entry = create_entry(&server, "/api", &agent.id, 0).await;
+    let svid = SvidClient::new(server.tls(Some((&agent.chain, &agent.key))).await)
+        .new_jwtsvid(svid_pb::NewJwtsvidRequest {
+            entry_id: entry,
+            audience: vec!["billing".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
+    let bundle = BundleClient::new(server.tls(None).await)
+        .get_bundle(bundle_pb::GetBundleRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bundle.trust_domain, "example.org");
+    let bundle = bundle_from_proto(&bundle).unwrap();
+    let validated = lanyard_core::jwt::validate_jwt_svid_with_bundle(
+        &svid.token,
+        "billing",
+        &bundle,
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!(validated.spiffe_id.as_str(), "spiffe://example.org/api");
+    let wrong_audience = lanyard_core::jwt::validate_jwt_svid_with_bundle(
+        &svid.token,
+        "other",
+        &bundle,
+        SystemTime::now(),
+    );
+    assert!(wrong_audience.is_err());
+}
+
+async fn sync_ids(server: &TestServer, agent: &AttestedAgentIdentity) -> Vec<String> {
+    let channel = server.tls(Some((&agent.chain, &agent.key))).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(entry_pb::SyncAuthorizedEntriesRequest {
+        output_mask: Some(entry_mask_all()),
+        ids: Vec::new(),
+    })
+    .await
+    .unwrap();
+    let mut stream = EntryClient::new(channel)
+        .sync_authorized_entries(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.entry_revisions.is_empty());
+    let mut ids: Vec<String> = first.entries.into_iter().map(|e| e.id).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn sync_returns_authorized_unexpired_entries() {
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let other = server.attest_new_agent().await;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let live = create_entry(&server, "/live", &agent.id, 0).await;
+    let expiring = create_entry(
+        &server,
+        "/expiring",
+        &agent.id,
+        i64::try_from(now + 60).unwrap(),
+    )
+    .await;
+    create_entry(&server, "/others", &other.id, 0).await;
+
+    let mut want = vec![live.clone(), expiring.clone()];
+    want.sort();
+    assert_eq!(sync_ids(&server, &agent).await, want);
+
+    // Once the entry expires it authorizes nothing: not synced, not minted.
+    server.clock.advance(Duration::from_secs(120));
+    assert_eq!(sync_ids(&server, &agent).await, vec![live]);
+    let refused = mint(&server, &agent, &expiring).await;
+    assert_eq!(refused.status.unwrap().code, Code::NotFound as i32);
+}
+
+#[tokio::test]
+async fn foreign_trust_domain_ids_are_refused_for_entries() {
+    let server = TestServer::start().await;
+    let parent = TrustDomain::new("example.org")
+        .unwrap()
+        .id()
+        .join("agent")
+        .unwrap();
+    let response = EntryClient::new(server.admin().await)
+        .batch_create_entry(entry_pb::BatchCreateEntryRequest {
+            entries: vec![types::Entry {
+                spiffe_id: Some(types::Spiffeid {
+                    trust_domain: "elsewhere.org".into(),
+                    path: "/web".into(),
+                }),
+                parent_id: Some(spiffe_id_to_proto(&parent)),
+                selectors: vec![types::Selector {
+                    r#type: "unix".into(),
+                    value: "uid:1".into(),
+                }],
+                ..Default::default()
+            }],
+            output_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = response.results[0].status.as_ref().unwrap();
+    assert_eq!(status.code, Code::InvalidArgument as i32);
+    assert!(status.message.contains("spiffe_id"), "{status:?}");
+}

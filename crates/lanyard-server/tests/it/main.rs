@@ -1,0 +1,11 @@
+//! Integration tests for lanyard-server.
+#![allow(clippy::unwrap_used)]
+// Test modules are private; `pub` in them means "shared with the other test modules".
+#![allow(unreachable_pub)]
+
+mod agent_api;
+mod datastore;
+mod entry_api;
+mod issuance;
+mod support;
+mod svid_bundle_api;

@@ -1,0 +1,274 @@
+//! `lanyard agent list|show|ban|evict|count`: attested agents through SPIRE's Agent API.
+//! (`agent run`, the node agent itself, joins this group as one more variant.)
+
+use std::io::Write;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use lanyard_proto::spire::api::server::agent::v1::{
+    BanAgentRequest, CountAgentsRequest, DeleteAgentRequest, GetAgentRequest, ListAgentsRequest,
+    count_agents_request, list_agents_request,
+};
+use lanyard_proto::spire::api::types;
+use serde_json::{Value, json};
+
+use crate::cli::client::{SocketArgs, rpc_error};
+use crate::cli::output::{OutputArgs, agent_json, count_noun, write_agent_pretty, write_json};
+use crate::cli::parse::{self, MatchMode};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AgentCommand {
+    /// List attested agents.
+    List(ListArgs),
+    /// Show one attested agent.
+    Show(AgentIdArgs),
+    /// Ban an agent: it can neither renew its SVID nor attest again until evicted.
+    Ban(AgentIdArgs),
+    /// Evict an agent: delete its record, so that it must attest again.
+    Evict(AgentIdArgs),
+    /// Count attested agents.
+    Count(CountArgs),
+}
+
+impl AgentCommand {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::List(_) => "list",
+            Self::Show(_) => "show",
+            Self::Ban(_) => "ban",
+            Self::Evict(_) => "evict",
+            Self::Count(_) => "count",
+        }
+    }
+
+    pub(crate) async fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
+        match self {
+            Self::List(args) => list(&args, out).await,
+            Self::Show(args) => show(&args, out).await,
+            Self::Ban(args) => ban(&args, out).await,
+            Self::Evict(args) => evict(&args, out).await,
+            Self::Count(args) => count(&args, out).await,
+        }
+    }
+}
+
+/// Agent filters shared by `list` and `count`.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct AgentFilterArgs {
+    /// Only agents admitted by this node attestor (e.g. join_token, x509pop).
+    #[arg(long, value_name = "TYPE")]
+    attestation_type: Option<String>,
+    /// Only agents whose selectors match these, per --match (repeatable).
+    #[arg(long = "selector", value_name = "TYPE:VALUE")]
+    selectors: Vec<String>,
+    /// How --selector matches.
+    #[arg(long = "match", value_name = "MODE", value_enum, default_value_t)]
+    match_mode: MatchMode,
+    /// Only banned agents (--banned=false: only agents not banned).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    banned: Option<bool>,
+    /// Only agents that renew by attesting again (--can-reattest=false: the others).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    can_reattest: Option<bool>,
+    /// Only agents whose SVID expires before this time, passed to the server as given.
+    #[arg(long, value_name = "TIME")]
+    expires_before: Option<String>,
+}
+
+impl AgentFilterArgs {
+    fn to_filter(&self) -> anyhow::Result<list_agents_request::Filter> {
+        let mut filter = list_agents_request::Filter {
+            by_attestation_type: self.attestation_type.clone().unwrap_or_default(),
+            by_banned: self.banned,
+            by_can_reattest: self.can_reattest,
+            by_expires_before: self.expires_before.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        if !self.selectors.is_empty() {
+            filter.by_selector_match = Some(types::SelectorMatch {
+                selectors: parse::selectors(&self.selectors)?,
+                r#match: self.match_mode.selector_match() as i32,
+            });
+        }
+        Ok(filter)
+    }
+
+    fn to_count_filter(&self) -> anyhow::Result<count_agents_request::Filter> {
+        let filter = self.to_filter()?;
+        Ok(count_agents_request::Filter {
+            by_attestation_type: filter.by_attestation_type,
+            by_selector_match: filter.by_selector_match,
+            by_banned: filter.by_banned,
+            by_can_reattest: filter.by_can_reattest,
+            by_expires_before: filter.by_expires_before,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ListArgs {
+    #[command(flatten)]
+    filter: AgentFilterArgs,
+    #[command(flatten)]
+    socket: SocketArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CountArgs {
+    #[command(flatten)]
+    filter: AgentFilterArgs,
+    #[command(flatten)]
+    socket: SocketArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentIdArgs {
+    /// The agent's SPIFFE ID, e.g. spiffe://example.org/spire/agent/join_token/<token>.
+    #[arg(long, value_name = "ID")]
+    spiffe_id: String,
+    #[command(flatten)]
+    socket: SocketArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+impl AgentIdArgs {
+    fn id(&self) -> anyhow::Result<types::Spiffeid> {
+        parse::spiffe_id(&self.spiffe_id).context("--spiffe-id is invalid")
+    }
+}
+
+async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let filter = args.filter.to_filter()?;
+    let client = args.socket.connect().await?;
+    let mut agents = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListAgentsRequest {
+            filter: Some(filter.clone()),
+            output_mask: None,
+            page_size: 0,
+            page_token: page_token.clone(),
+        };
+        let response = client
+            .agent()
+            .list_agents(request)
+            .await
+            .map_err(|status| rpc_error("ListAgents failed", &status))?
+            .into_inner();
+        agents.extend(response.agents);
+        if response.next_page_token.is_empty() {
+            break;
+        }
+        if response.next_page_token == page_token {
+            bail!("the server returned the same page token twice");
+        }
+        page_token = response.next_page_token;
+    }
+    write_agents(out, &agents, args.output.is_json())
+}
+
+/// Prints a list of agents.
+fn write_agents(out: &mut dyn Write, agents: &[types::Agent], json: bool) -> anyhow::Result<()> {
+    if json {
+        let agents: Vec<Value> = agents.iter().map(agent_json).collect();
+        return write_json(out, &json!({ "agents": agents }));
+    }
+    if agents.is_empty() {
+        writeln!(out, "No attested agents found")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "Found {}:",
+        count_noun(agents.len(), "attested agent", "attested agents")
+    )?;
+    for agent in agents {
+        writeln!(out)?;
+        write_agent_pretty(out, agent, false)?;
+    }
+    Ok(())
+}
+
+async fn show(args: &AgentIdArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let id = args.id()?;
+    let client = args.socket.connect().await?;
+    let request = GetAgentRequest {
+        id: Some(id),
+        output_mask: None,
+    };
+    let agent = client
+        .agent()
+        .get_agent(request)
+        .await
+        .map_err(|status| rpc_error(&format!("cannot get agent {}", args.spiffe_id), &status))?
+        .into_inner();
+    if args.output.is_json() {
+        write_json(out, &agent_json(&agent))
+    } else {
+        writeln!(out, "Found an attested agent given its SPIFFE ID")?;
+        writeln!(out)?;
+        write_agent_pretty(out, &agent, true)
+    }
+}
+
+async fn ban(args: &AgentIdArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let id = args.id()?;
+    let client = args.socket.connect().await?;
+    client
+        .agent()
+        .ban_agent(BanAgentRequest { id: Some(id) })
+        .await
+        .map_err(|status| rpc_error(&format!("cannot ban agent {}", args.spiffe_id), &status))?;
+    if args.output.is_json() {
+        write_json(out, &json!({}))
+    } else {
+        writeln!(out, "Agent banned successfully")?;
+        Ok(())
+    }
+}
+
+async fn evict(args: &AgentIdArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let id = args.id()?;
+    let client = args.socket.connect().await?;
+    client
+        .agent()
+        .delete_agent(DeleteAgentRequest { id: Some(id) })
+        .await
+        .map_err(|status| rpc_error(&format!("cannot evict agent {}", args.spiffe_id), &status))?;
+    if args.output.is_json() {
+        write_json(out, &json!({}))
+    } else {
+        writeln!(out, "Agent evicted successfully")?;
+        Ok(())
+    }
+}
+
+async fn count(args: &CountArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let filter = args.filter.to_count_filter()?;
+    let client = args.socket.connect().await?;
+    let count = client
+        .agent()
+        .count_agents(CountAgentsRequest {
+            filter: Some(filter),
+        })
+        .await
+        .map_err(|status| rpc_error("CountAgents failed", &status))?
+        .into_inner()
+        .count;
+    if args.output.is_json() {
+        write_json(out, &json!({ "count": count }))
+    } else {
+        let n = usize::try_from(count).unwrap_or_default();
+        writeln!(
+            out,
+            "{}",
+            count_noun(n, "attested agent", "attested agents")
+        )?;
+        Ok(())
+    }
+}

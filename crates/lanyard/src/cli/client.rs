@@ -1,0 +1,165 @@
+//! The connection to the server's admin API over its Unix socket, and the wording of the
+//! errors that calls on it can end with.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use clap::Args;
+use lanyard_proto::lanyard::api::v1::entry_metadata_service_client::EntryMetadataServiceClient;
+use lanyard_proto::spire::api::server::agent::v1::agent_client::AgentClient;
+use lanyard_proto::spire::api::server::bundle::v1::bundle_client::BundleClient;
+use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
+use lanyard_proto::spire::api::server::svid::v1::svid_client::SvidClient;
+use lanyard_proto::spire::api::types;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_client::HealthClient;
+
+/// Where the server listens for local admin calls unless told otherwise.
+pub(crate) const DEFAULT_SERVER_SOCKET: &str = "/tmp/lanyard/server/private/api.sock";
+
+/// How long one call may take before the command gives up on a stuck server.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `--socket` option shared by every command that talks to the server.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct SocketArgs {
+    /// Path to the server's admin API socket.
+    #[arg(
+        long = "socket",
+        value_name = "PATH",
+        env = "LANYARD_SERVER_SOCKET",
+        default_value = DEFAULT_SERVER_SOCKET
+    )]
+    pub(crate) socket: PathBuf,
+}
+
+impl SocketArgs {
+    /// Connects to the socket.
+    pub(crate) async fn connect(&self) -> anyhow::Result<ServerClient> {
+        ServerClient::connect(&self.socket).await
+    }
+}
+
+/// An open HTTP/2 connection to the admin socket; hands out one typed client per service.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerClient {
+    channel: Channel,
+}
+
+impl ServerClient {
+    /// Connects now, so that a missing or refused socket is reported before any request is
+    /// built, with the path in the message.
+    pub(crate) async fn connect(socket: &Path) -> anyhow::Result<Self> {
+        let path = socket.to_str().with_context(|| {
+            format!(
+                "socket path {} is not valid UTF-8",
+                socket.to_string_lossy()
+            )
+        })?;
+        // tonic dials `unix:` endpoints itself; the authority it sends is a placeholder.
+        let endpoint = Endpoint::from_shared(format!("unix:{path}"))
+            .with_context(|| format!("invalid socket path {path}"))?
+            .timeout(CALL_TIMEOUT);
+        let channel = endpoint.connect().await.map_err(|err| {
+            anyhow!(
+                "cannot connect to the server at {path}: {}",
+                root_cause_message(&err)
+            )
+        })?;
+        Ok(Self { channel })
+    }
+
+    pub(crate) fn entry(&self) -> EntryClient<Channel> {
+        EntryClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn entry_metadata(&self) -> EntryMetadataServiceClient<Channel> {
+        EntryMetadataServiceClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn agent(&self) -> AgentClient<Channel> {
+        AgentClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn bundle(&self) -> BundleClient<Channel> {
+        BundleClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn svid(&self) -> SvidClient<Channel> {
+        SvidClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel.clone())
+    }
+}
+
+/// The innermost cause of a transport error, which is the useful part ("No such file or
+/// directory (os error 2)") under tonic's generic "transport error".
+fn root_cause_message(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = err;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}
+
+/// The error for a failed call: `<what>: <server message> (<code>)`.
+pub(crate) fn rpc_error(what: &str, status: &tonic::Status) -> anyhow::Error {
+    anyhow!(
+        "{what}: {}",
+        describe_status(status.code(), status.message())
+    )
+}
+
+/// `<message> (<code name>)`, or the code's description when the server sent no message.
+pub(crate) fn describe_status(code: tonic::Code, message: &str) -> String {
+    if message.is_empty() {
+        format!("{} ({code:?})", code.description())
+    } else {
+        format!("{message} ({code:?})")
+    }
+}
+
+/// The gRPC code of a per-item batch status; an absent status counts as OK, as in SPIRE's
+/// clients.
+pub(crate) fn item_code(status: Option<&types::Status>) -> tonic::Code {
+    status.map_or(tonic::Code::Ok, |status| tonic::Code::from_i32(status.code))
+}
+
+/// Whether a failed call means the server lacks the service: a SPIRE server has no
+/// `lanyard.api.v1` services, and reads of Lanyard-only data are skipped against it.
+pub(crate) fn is_unimplemented(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unimplemented
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_descriptions_name_the_code() {
+        assert_eq!(
+            describe_status(tonic::Code::NotFound, "entry not found"),
+            "entry not found (NotFound)"
+        );
+        assert_eq!(
+            describe_status(tonic::Code::Unavailable, ""),
+            "The service is currently unavailable (Unavailable)"
+        );
+    }
+
+    #[tokio::test]
+    async fn connecting_to_a_missing_socket_names_the_path() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("absent.sock");
+        let err = ServerClient::connect(&socket)
+            .await
+            .expect_err("nothing listens there");
+        let message = format!("{err:#}");
+        assert!(message.contains(&socket.display().to_string()), "{message}");
+        assert!(message.contains("No such file or directory"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+    }
+}

@@ -1,0 +1,1548 @@
+//! `lanyard entry create|show|update|delete|count`: registration entries through SPIRE's Entry
+//! API, and their owner, reason and ticket through Lanyard's EntryMetadataService (they are
+//! not fields of SPIRE's `Entry` message).
+
+mod data;
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{Args, Subcommand};
+use lanyard_proto::convert::{ok_status, status_from_tonic};
+use lanyard_proto::lanyard::api::v1::{
+    EntryMetadata, GetEntryMetadataRequest, SetEntryMetadataRequest,
+};
+use lanyard_proto::spire::api::server::entry::v1::{
+    BatchCreateEntryRequest, BatchDeleteEntryRequest, BatchUpdateEntryRequest, CountEntriesRequest,
+    GetEntryRequest, ListEntriesRequest, count_entries_request, list_entries_request,
+};
+use lanyard_proto::spire::api::types;
+use serde_json::{Value, json};
+
+use crate::cli::client::{ServerClient, SocketArgs, is_unimplemented, item_code, rpc_error};
+use crate::cli::output::{
+    OutputArgs, count_noun, entry_json, status_json, status_text, write_entry_pretty, write_json,
+};
+use crate::cli::parse::{self, MatchMode};
+
+/// The flags that `--data` replaces. (Naming them rather than their group keeps clap's
+/// conflict message to the flags actually given.)
+const ENTRY_FIELD_ARGS: [&str; 17] = [
+    "spiffe_id",
+    "parent_id",
+    "node",
+    "selectors",
+    "x509_svid_ttl",
+    "jwt_svid_ttl",
+    "dns_names",
+    "federates_with",
+    "admin",
+    "downstream",
+    "expires_at",
+    "hint",
+    "store_svid",
+    "owner",
+    "reason",
+    "ticket",
+    "entry_id",
+];
+
+/// The filters that `--entry-id` replaces in `entry show`.
+const ENTRY_FILTER_ARGS: [&str; 8] = [
+    "spiffe_id",
+    "parent_id",
+    "selectors",
+    "match_mode",
+    "federates_with",
+    "match_federates_with",
+    "hint",
+    "downstream",
+];
+
+/// How many entry IDs go into one GetEntryMetadata call.
+const METADATA_BATCH: usize = 500;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum EntryCommand {
+    /// Create registration entries, from flags or from a JSON batch file.
+    Create(CreateArgs),
+    /// Show one entry by ID, or every entry matching the filters.
+    Show(ShowArgs),
+    /// Change the given fields of an entry (fields not given are left as they are).
+    Update(UpdateArgs),
+    /// Delete entries by ID.
+    Delete(DeleteArgs),
+    /// Count the entries matching the filters.
+    Count(CountArgs),
+}
+
+impl EntryCommand {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Create(_) => "create",
+            Self::Show(_) => "show",
+            Self::Update(_) => "update",
+            Self::Delete(_) => "delete",
+            Self::Count(_) => "count",
+        }
+    }
+
+    pub(crate) async fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
+        match self {
+            Self::Create(args) => create(&args, out).await,
+            Self::Show(args) => show(&args, out).await,
+            Self::Update(args) => update(&args, out).await,
+            Self::Delete(args) => delete(&args, out).await,
+            Self::Count(args) => count(&args, out).await,
+        }
+    }
+}
+
+/// The fields of an entry as flags, shared by `create` and `update`. Values are kept as text
+/// and parsed by [`EntryFields::to_spec`], so that bad values are reported like other errors.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct EntryFields {
+    /// SPIFFE ID that the entry issues, e.g. spiffe://example.org/web.
+    #[arg(long, value_name = "ID")]
+    spiffe_id: Option<String>,
+    /// SPIFFE ID of the parent: an agent, the server (a node entry) or another entry's ID.
+    #[arg(long, value_name = "ID", conflicts_with = "node")]
+    parent_id: Option<String>,
+    /// Make this a node entry: its parent is the server, spiffe://<trust domain>/spire/server.
+    #[arg(long)]
+    node: bool,
+    /// Selector the workload or node must have, as type:value (repeatable).
+    #[arg(long = "selector", value_name = "TYPE:VALUE")]
+    selectors: Vec<String>,
+    /// X.509-SVID lifetime: seconds or a duration such as 1h (0: the server's default).
+    #[arg(long, value_name = "DURATION")]
+    x509_svid_ttl: Option<String>,
+    /// JWT-SVID lifetime: seconds or a duration such as 5m (0: the server's default).
+    #[arg(long, value_name = "DURATION")]
+    jwt_svid_ttl: Option<String>,
+    /// DNS name for the X.509-SVID; the first is also the subject common name (repeatable).
+    #[arg(long = "dns", value_name = "NAME")]
+    dns_names: Vec<String>,
+    /// Trust domain whose bundle workloads of this entry also get (repeatable).
+    #[arg(long = "federates-with", value_name = "TRUST_DOMAIN")]
+    federates_with: Vec<String>,
+    /// SVIDs of this entry may call the admin API (--admin=false to clear).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    admin: Option<bool>,
+    /// SVIDs of this entry belong to a downstream server (--downstream=false to clear).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    downstream: Option<bool>,
+    /// When the entry is removed: RFC 3339 or Unix seconds (0: never).
+    #[arg(long, value_name = "TIME")]
+    expires_at: Option<String>,
+    /// Hint returned with the SVIDs in the Workload API.
+    #[arg(long, value_name = "TEXT")]
+    hint: Option<String>,
+    /// Deliver the SVID to the agent's SVID store instead of to workloads (--store-svid=false
+    /// to clear).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    store_svid: Option<bool>,
+    /// Person or team accountable for the entry.
+    #[arg(long, value_name = "TEXT")]
+    owner: Option<String>,
+    /// Why the entry exists.
+    #[arg(long, value_name = "TEXT")]
+    reason: Option<String>,
+    /// Change or approval ticket for the entry.
+    #[arg(long, value_name = "TEXT")]
+    ticket: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// ID of the new entry (default: the server generates one).
+    #[arg(long, value_name = "ID")]
+    entry_id: Option<String>,
+    #[command(flatten)]
+    fields: EntryFields,
+    /// Create the entries of a JSON batch file ({"entries": [...]}, SPIRE's format plus owner,
+    /// reason and ticket); - reads standard input.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ENTRY_FIELD_ARGS)]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    socket: SocketArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UpdateArgs {
+    /// ID of the entry to change.
+    #[arg(long, value_name = "ID", required_unless_present = "data")]
+    entry_id: Option<String>,
+    #[command(flatten)]
+    fields: EntryFields,
+    /// Update the entries of a JSON batch file; each must have its "id", and only the
+    /// members it has are changed. - reads standard input.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ENTRY_FIELD_ARGS)]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    socket: SocketArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DeleteArgs {
+    /// ID of an entry to delete (repeatable).
+    #[arg(long = "entry-id", value_name = "ID", required = true)]
+    entry_ids: Vec<String>,
+    #[command(flatten)]
+    socket: SocketArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// Entry filters shared by `show` and `count`.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct EntryFilterArgs {
+    /// Only entries with this SPIFFE ID.
+    #[arg(long, value_name = "ID")]
+    spiffe_id: Option<String>,
+    /// Only entries with this parent ID.
+    #[arg(long, value_name = "ID")]
+    parent_id: Option<String>,
+    /// Only entries whose selectors match these, per --match (repeatable).
+    #[arg(long = "selector", value_name = "TYPE:VALUE")]
+    selectors: Vec<String>,
+    /// How --selector (and, unless --match-federates-with is given, --federates-with) match.
+    #[arg(long = "match", value_name = "MODE", value_enum, default_value_t)]
+    match_mode: MatchMode,
+    /// Only entries whose federated trust domains match these (repeatable).
+    #[arg(long = "federates-with", value_name = "TRUST_DOMAIN")]
+    federates_with: Vec<String>,
+    /// How --federates-with matches (default: as --match).
+    #[arg(long, value_name = "MODE", value_enum)]
+    match_federates_with: Option<MatchMode>,
+    /// Only entries with this hint.
+    #[arg(long, value_name = "TEXT")]
+    hint: Option<String>,
+    /// Only entries for downstream servers.
+    #[arg(long)]
+    downstream: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ShowArgs {
+    /// Show only the entry with this ID.
+    #[arg(long, value_name = "ID", conflicts_with_all = ENTRY_FILTER_ARGS)]
+    entry_id: Option<String>,
+    #[command(flatten)]
+    filter: EntryFilterArgs,
+    #[command(flatten)]
+    socket: SocketArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CountArgs {
+    #[command(flatten)]
+    filter: EntryFilterArgs,
+    #[command(flatten)]
+    socket: SocketArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// One entry to write: its fields, which of them were given (the input mask of an update),
+/// and its governance metadata.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct EntrySpec {
+    pub(crate) entry: types::Entry,
+    pub(crate) fields: types::EntryMask,
+    pub(crate) metadata: MetadataSpec,
+}
+
+/// Owner, reason and ticket as given; `None` leaves a stored value unchanged on update.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct MetadataSpec {
+    pub(crate) owner: Option<String>,
+    pub(crate) reason: Option<String>,
+    pub(crate) ticket: Option<String>,
+}
+
+impl MetadataSpec {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.owner.is_none() && self.reason.is_none() && self.ticket.is_none()
+    }
+
+    /// The metadata to store: the given values over the `existing` ones.
+    fn merged_onto(&self, entry_id: &str, existing: Option<&EntryMetadata>) -> EntryMetadata {
+        let pick = |given: &Option<String>, stored: Option<&String>| {
+            given
+                .clone()
+                .or_else(|| stored.cloned())
+                .unwrap_or_default()
+        };
+        EntryMetadata {
+            entry_id: entry_id.to_owned(),
+            owner: pick(&self.owner, existing.map(|m| &m.owner)),
+            reason: pick(&self.reason, existing.map(|m| &m.reason)),
+            ticket: pick(&self.ticket, existing.map(|m| &m.ticket)),
+        }
+    }
+
+    /// The metadata as given, for printing an entry that was not stored.
+    fn as_given(&self, entry_id: &str) -> Option<EntryMetadata> {
+        (!self.is_empty()).then(|| self.merged_onto(entry_id, None))
+    }
+}
+
+fn mask_is_empty(mask: &types::EntryMask) -> bool {
+    *mask == types::EntryMask::default()
+}
+
+impl EntryFields {
+    /// Parses the flags into a spec. Flags not given stay unset in the mask.
+    fn to_spec(&self, entry_id: Option<&str>) -> anyhow::Result<EntrySpec> {
+        let mut spec = EntrySpec::default();
+        let entry = &mut spec.entry;
+        let mask = &mut spec.fields;
+        if let Some(id) = entry_id {
+            entry.id = id.to_owned();
+        }
+        if let Some(value) = &self.spiffe_id {
+            entry.spiffe_id = Some(parse::spiffe_id(value).context("spiffe_id is invalid")?);
+            mask.spiffe_id = true;
+        }
+        if let Some(value) = &self.parent_id {
+            entry.parent_id = Some(parse::spiffe_id(value).context("parent_id is invalid")?);
+            mask.parent_id = true;
+        }
+        if self.node {
+            let Some(spiffe_id) = &entry.spiffe_id else {
+                bail!("--node needs --spiffe-id, whose trust domain names the server");
+            };
+            entry.parent_id = Some(types::Spiffeid {
+                trust_domain: spiffe_id.trust_domain.clone(),
+                path: "/spire/server".to_owned(),
+            });
+            mask.parent_id = true;
+        }
+        if !self.selectors.is_empty() {
+            entry.selectors = parse::selectors(&self.selectors)?;
+            mask.selectors = true;
+        }
+        if let Some(value) = &self.x509_svid_ttl {
+            entry.x509_svid_ttl = parse::ttl_seconds(value).context("x509_svid_ttl is invalid")?;
+            mask.x509_svid_ttl = true;
+        }
+        if let Some(value) = &self.jwt_svid_ttl {
+            entry.jwt_svid_ttl = parse::ttl_seconds(value).context("jwt_svid_ttl is invalid")?;
+            mask.jwt_svid_ttl = true;
+        }
+        if !self.dns_names.is_empty() {
+            entry.dns_names = self.dns_names.clone();
+            mask.dns_names = true;
+        }
+        if !self.federates_with.is_empty() {
+            entry.federates_with = self
+                .federates_with
+                .iter()
+                .map(|td| parse::trust_domain(td))
+                .collect::<anyhow::Result<_>>()
+                .context("federates_with is invalid")?;
+            mask.federates_with = true;
+        }
+        if let Some(admin) = self.admin {
+            entry.admin = admin;
+            mask.admin = true;
+        }
+        if let Some(downstream) = self.downstream {
+            entry.downstream = downstream;
+            mask.downstream = true;
+        }
+        if let Some(store_svid) = self.store_svid {
+            entry.store_svid = store_svid;
+            mask.store_svid = true;
+        }
+        if let Some(value) = &self.expires_at {
+            entry.expires_at = parse::unix_time(value).context("expires_at is invalid")?;
+            mask.expires_at = true;
+        }
+        if let Some(hint) = &self.hint {
+            entry.hint = hint.clone();
+            mask.hint = true;
+        }
+        spec.metadata = MetadataSpec {
+            owner: self.owner.clone(),
+            reason: self.reason.clone(),
+            ticket: self.ticket.clone(),
+        };
+        Ok(spec)
+    }
+}
+
+/// Reads a file, or standard input for `-`.
+fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if path == Path::new("-") {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("cannot read standard input")?;
+        Ok(bytes)
+    } else {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    }
+}
+
+fn read_data_file(path: &Path) -> anyhow::Result<Vec<EntrySpec>> {
+    let bytes = read_input(path)?;
+    data::parse_entries(&bytes).with_context(|| format!("{}", path.display()))
+}
+
+/// The entry fields that `create` requires, named as flags or as JSON members.
+fn check_create_fields(spec: &EntrySpec, from_flags: bool) -> anyhow::Result<()> {
+    let missing = if spec.entry.spiffe_id.is_none() {
+        Some(("--spiffe-id", "spiffe_id"))
+    } else if spec.entry.parent_id.is_none() {
+        Some(("--parent-id (or --node)", "parent_id"))
+    } else if spec.entry.selectors.is_empty() {
+        Some(("--selector", "selectors"))
+    } else {
+        None
+    };
+    match missing {
+        Some((flag, _)) if from_flags => bail!("{flag} is required (or use --data FILE)"),
+        Some((_, member)) => bail!("{member} is required"),
+        None => Ok(()),
+    }
+}
+
+impl CreateArgs {
+    /// The entries to create, checked for the required fields.
+    fn specs(&self) -> anyhow::Result<Vec<EntrySpec>> {
+        match &self.data {
+            Some(path) => {
+                let specs = read_data_file(path)?;
+                for (index, spec) in specs.iter().enumerate() {
+                    check_create_fields(spec, false)
+                        .with_context(|| format!("{}: entries[{index}]", path.display()))?;
+                }
+                Ok(specs)
+            }
+            None => {
+                let spec = self.fields.to_spec(self.entry_id.as_deref())?;
+                check_create_fields(&spec, true)?;
+                Ok(vec![spec])
+            }
+        }
+    }
+}
+
+impl UpdateArgs {
+    /// The entries to update; each has an ID and at least one field to change.
+    fn specs(&self) -> anyhow::Result<Vec<EntrySpec>> {
+        let (specs, from_flags) = match &self.data {
+            Some(path) => (read_data_file(path)?, false),
+            None => (vec![self.fields.to_spec(self.entry_id.as_deref())?], true),
+        };
+        for (index, spec) in specs.iter().enumerate() {
+            let place = if from_flags {
+                String::new()
+            } else {
+                format!("entries[{index}]: ")
+            };
+            if spec.entry.id.is_empty() {
+                bail!("{place}the entry ID is required");
+            }
+            if mask_is_empty(&spec.fields) && spec.metadata.is_empty() {
+                bail!("{place}nothing to update; give at least one field to change");
+            }
+        }
+        Ok(specs)
+    }
+}
+
+/// The request `entry create` sends for the given specs.
+pub(crate) fn create_request(specs: &[EntrySpec]) -> BatchCreateEntryRequest {
+    BatchCreateEntryRequest {
+        entries: specs.iter().map(|spec| spec.entry.clone()).collect(),
+        output_mask: None,
+    }
+}
+
+/// The requests `entry update` sends: one per distinct set of given fields, because an input
+/// mask applies to a whole batch. Each comes with the positions of its entries in `specs`.
+/// Specs that change only metadata send no update.
+pub(crate) fn update_requests(specs: &[EntrySpec]) -> Vec<(BatchUpdateEntryRequest, Vec<usize>)> {
+    let mut groups: Vec<(types::EntryMask, Vec<usize>)> = Vec::new();
+    for (index, spec) in specs.iter().enumerate() {
+        if mask_is_empty(&spec.fields) {
+            continue;
+        }
+        match groups.iter_mut().find(|(mask, _)| *mask == spec.fields) {
+            Some((_, members)) => members.push(index),
+            None => groups.push((spec.fields, vec![index])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(mask, members)| {
+            let request = BatchUpdateEntryRequest {
+                entries: members.iter().map(|&i| specs[i].entry.clone()).collect(),
+                input_mask: Some(mask),
+                output_mask: None,
+            };
+            (request, members)
+        })
+        .collect()
+}
+
+/// What became of one entry of a create or update batch.
+#[derive(Debug, Clone)]
+struct ItemOutcome {
+    /// The entry as requested.
+    requested: types::Entry,
+    requested_metadata: MetadataSpec,
+    /// The entry call's status for this item.
+    status: types::Status,
+    /// The entry as stored, when the call succeeded.
+    entry: Option<types::Entry>,
+    /// The stored metadata, when some was set or already present.
+    metadata: Option<EntryMetadata>,
+    /// The metadata call's status, when metadata was to be set.
+    metadata_status: Option<types::Status>,
+}
+
+impl ItemOutcome {
+    fn new(spec: &EntrySpec) -> Self {
+        Self {
+            requested: spec.entry.clone(),
+            requested_metadata: spec.metadata.clone(),
+            status: ok_status(),
+            entry: None,
+            metadata: None,
+            metadata_status: None,
+        }
+    }
+
+    fn succeeded(&self) -> bool {
+        is_ok(Some(&self.status)) && self.metadata_status.as_ref().is_none_or(|s| is_ok(Some(s)))
+    }
+
+    /// The ID of the stored entry when the entry call succeeded.
+    fn stored_id(&self) -> Option<&str> {
+        if !is_ok(Some(&self.status)) {
+            return None;
+        }
+        self.entry.as_ref().map(|entry| entry.id.as_str())
+    }
+}
+
+fn is_ok(status: Option<&types::Status>) -> bool {
+    item_code(status) == tonic::Code::Ok
+}
+
+async fn create(args: &CreateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let specs = args.specs()?;
+    let client = args.socket.connect().await?;
+    let response = client
+        .entry()
+        .batch_create_entry(create_request(&specs))
+        .await
+        .map_err(|status| rpc_error("BatchCreateEntry failed", &status))?
+        .into_inner();
+    if response.results.len() != specs.len() {
+        bail!(
+            "the server answered {} results for {} entries",
+            response.results.len(),
+            specs.len()
+        );
+    }
+    let mut outcomes: Vec<ItemOutcome> = specs.iter().map(ItemOutcome::new).collect();
+    for (outcome, result) in outcomes.iter_mut().zip(response.results) {
+        outcome.status = result.status.unwrap_or_else(ok_status);
+        outcome.entry = result.entry;
+    }
+    store_metadata(&client, &mut outcomes, false).await;
+    report_outcomes(out, &outcomes, "create", args.output.is_json())
+}
+
+async fn update(args: &UpdateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let specs = args.specs()?;
+    let client = args.socket.connect().await?;
+    let mut outcomes: Vec<ItemOutcome> = specs.iter().map(ItemOutcome::new).collect();
+    for (request, members) in update_requests(&specs) {
+        let response = client
+            .entry()
+            .batch_update_entry(request)
+            .await
+            .map_err(|status| rpc_error("BatchUpdateEntry failed", &status))?
+            .into_inner();
+        if response.results.len() != members.len() {
+            bail!(
+                "the server answered {} results for {} entries",
+                response.results.len(),
+                members.len()
+            );
+        }
+        for (&index, result) in members.iter().zip(response.results) {
+            outcomes[index].status = result.status.unwrap_or_else(ok_status);
+            outcomes[index].entry = result.entry;
+        }
+    }
+    // Entries whose metadata alone changes: fetch them, both to check that they exist and to
+    // print them.
+    for (outcome, spec) in outcomes.iter_mut().zip(&specs) {
+        if !mask_is_empty(&spec.fields) {
+            continue;
+        }
+        let request = GetEntryRequest {
+            id: spec.entry.id.clone(),
+            output_mask: None,
+        };
+        match client.entry().get_entry(request).await {
+            Ok(response) => outcome.entry = Some(response.into_inner()),
+            Err(status) => outcome.status = status_from_tonic(&status),
+        }
+    }
+    store_metadata(&client, &mut outcomes, true).await;
+    // Print updated entries whole: with the metadata they already had.
+    let unchanged: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.metadata.is_none())
+        .filter_map(|o| o.stored_id().map(str::to_owned))
+        .collect();
+    if let Ok(stored) = fetch_metadata(&client, &unchanged).await {
+        for outcome in &mut outcomes {
+            if outcome.metadata.is_none()
+                && let Some(id) = outcome.stored_id()
+            {
+                outcome.metadata = stored.get(id).cloned();
+            }
+        }
+    }
+    report_outcomes(out, &outcomes, "update", args.output.is_json())
+}
+
+/// Sets the metadata of the items whose entry call succeeded and that were given metadata.
+/// With `merge`, values not given keep what the server has. Failures are recorded per item.
+async fn store_metadata(client: &ServerClient, outcomes: &mut [ItemOutcome], merge: bool) {
+    let targets: Vec<usize> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.stored_id().is_some() && !o.requested_metadata.is_empty())
+        .map(|(i, _)| i)
+        .collect();
+    if targets.is_empty() {
+        return;
+    }
+    let existing = if merge {
+        let ids: Vec<String> = targets
+            .iter()
+            .filter_map(|&i| outcomes[i].stored_id().map(str::to_owned))
+            .collect();
+        match fetch_metadata(client, &ids).await {
+            Ok(existing) => existing,
+            Err(status) => {
+                for &i in &targets {
+                    outcomes[i].metadata_status = Some(status_from_tonic(&status));
+                }
+                return;
+            }
+        }
+    } else {
+        HashMap::new()
+    };
+    let metadata: Vec<EntryMetadata> = targets
+        .iter()
+        .map(|&i| {
+            let id = outcomes[i].stored_id().unwrap_or_default();
+            outcomes[i]
+                .requested_metadata
+                .merged_onto(id, existing.get(id))
+        })
+        .collect();
+    let request = SetEntryMetadataRequest {
+        metadata: metadata.clone(),
+    };
+    match client.entry_metadata().set_entry_metadata(request).await {
+        Ok(response) => {
+            let results = response.into_inner().results;
+            if results.len() != targets.len() {
+                let status = types::Status {
+                    code: tonic::Code::Internal as i32,
+                    message: format!(
+                        "the server answered {} metadata results for {} entries",
+                        results.len(),
+                        targets.len()
+                    ),
+                };
+                for &i in &targets {
+                    outcomes[i].metadata_status = Some(status.clone());
+                }
+                return;
+            }
+            for ((&i, result), sent) in targets.iter().zip(results).zip(metadata) {
+                let status = result.status.unwrap_or_else(ok_status);
+                if is_ok(Some(&status)) {
+                    outcomes[i].metadata = Some(result.metadata.unwrap_or(sent));
+                }
+                outcomes[i].metadata_status = Some(status);
+            }
+        }
+        Err(status) => {
+            let mut status = status_from_tonic(&status);
+            if status.code == tonic::Code::Unimplemented as i32 {
+                status.message =
+                    "this server does not store owner, reason and ticket (it has no lanyard.api.v1.EntryMetadataService)"
+                        .to_owned();
+            }
+            for &i in &targets {
+                outcomes[i].metadata_status = Some(status.clone());
+            }
+        }
+    }
+}
+
+/// Prints every item of a create or update batch, then fails if any item failed.
+fn report_outcomes(
+    out: &mut dyn Write,
+    outcomes: &[ItemOutcome],
+    verb: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        let results: Vec<Value> = outcomes.iter().map(outcome_json).collect();
+        write_json(out, &json!({ "results": results }))?;
+    } else {
+        for outcome in outcomes {
+            write_outcome_pretty(out, outcome, verb)?;
+            writeln!(out)?;
+        }
+    }
+    let failed = outcomes.iter().filter(|o| !o.succeeded()).count();
+    if failed > 0 {
+        bail!(
+            "{failed} of {} failed",
+            count_noun(outcomes.len(), "entry", "entries")
+        );
+    }
+    Ok(())
+}
+
+fn outcome_json(outcome: &ItemOutcome) -> Value {
+    let mut item = serde_json::Map::new();
+    item.insert("status".into(), status_json(Some(&outcome.status)));
+    let entry = match &outcome.entry {
+        Some(entry) if is_ok(Some(&outcome.status)) => entry_json(entry, outcome.metadata.as_ref()),
+        _ => entry_json(
+            &outcome.requested,
+            outcome
+                .requested_metadata
+                .as_given(&outcome.requested.id)
+                .as_ref(),
+        ),
+    };
+    item.insert("entry".into(), entry);
+    if let Some(status) = &outcome.metadata_status {
+        item.insert("metadata_status".into(), status_json(Some(status)));
+    }
+    Value::Object(item)
+}
+
+fn write_outcome_pretty(
+    out: &mut dyn Write,
+    outcome: &ItemOutcome,
+    verb: &str,
+) -> anyhow::Result<()> {
+    match &outcome.entry {
+        Some(entry) if is_ok(Some(&outcome.status)) => {
+            write_entry_pretty(out, entry, outcome.metadata.as_ref())?;
+            if let Some(status) = &outcome.metadata_status
+                && !is_ok(Some(status))
+            {
+                writeln!(
+                    out,
+                    "Failed to set the owner, reason and ticket of entry {} {}",
+                    entry.id,
+                    status_text(Some(status))
+                )?;
+            }
+        }
+        _ => {
+            writeln!(
+                out,
+                "Failed to {verb} the following entry {}:",
+                status_text(Some(&outcome.status))
+            )?;
+            let metadata = outcome.requested_metadata.as_given(&outcome.requested.id);
+            write_entry_pretty(out, &outcome.requested, metadata.as_ref())?;
+        }
+    }
+    Ok(())
+}
+
+/// The stored metadata of the given entries, keyed by entry ID. A server without the
+/// metadata service (SPIRE) has none.
+async fn fetch_metadata(
+    client: &ServerClient,
+    entry_ids: &[String],
+) -> Result<HashMap<String, EntryMetadata>, tonic::Status> {
+    let mut found = HashMap::new();
+    for chunk in entry_ids.chunks(METADATA_BATCH) {
+        let request = GetEntryMetadataRequest {
+            entry_ids: chunk.to_vec(),
+        };
+        match client.entry_metadata().get_entry_metadata(request).await {
+            Ok(response) => {
+                for metadata in response.into_inner().metadata {
+                    found.insert(metadata.entry_id.clone(), metadata);
+                }
+            }
+            Err(status) if is_unimplemented(&status) => return Ok(HashMap::new()),
+            Err(status) => return Err(status),
+        }
+    }
+    Ok(found)
+}
+
+impl EntryFilterArgs {
+    /// The ListEntries filter for these flags.
+    fn to_filter(&self) -> anyhow::Result<list_entries_request::Filter> {
+        let mut filter = list_entries_request::Filter::default();
+        if let Some(id) = &self.spiffe_id {
+            filter.by_spiffe_id = Some(parse::spiffe_id(id).context("--spiffe-id is invalid")?);
+        }
+        if let Some(id) = &self.parent_id {
+            filter.by_parent_id = Some(parse::spiffe_id(id).context("--parent-id is invalid")?);
+        }
+        if !self.selectors.is_empty() {
+            filter.by_selectors = Some(types::SelectorMatch {
+                selectors: parse::selectors(&self.selectors)?,
+                r#match: self.match_mode.selector_match() as i32,
+            });
+        }
+        if !self.federates_with.is_empty() {
+            let mode = self.match_federates_with.unwrap_or(self.match_mode);
+            filter.by_federates_with = Some(types::FederatesWithMatch {
+                trust_domains: self
+                    .federates_with
+                    .iter()
+                    .map(|td| parse::trust_domain(td))
+                    .collect::<anyhow::Result<_>>()
+                    .context("--federates-with is invalid")?,
+                r#match: mode.federates_with_match() as i32,
+            });
+        }
+        filter.by_hint = self.hint.clone();
+        if self.downstream {
+            filter.by_downstream = Some(true);
+        }
+        Ok(filter)
+    }
+
+    /// The CountEntries filter: the same criteria in CountEntries' own message type.
+    fn to_count_filter(&self) -> anyhow::Result<count_entries_request::Filter> {
+        let filter = self.to_filter()?;
+        Ok(count_entries_request::Filter {
+            by_spiffe_id: filter.by_spiffe_id,
+            by_parent_id: filter.by_parent_id,
+            by_selectors: filter.by_selectors,
+            by_federates_with: filter.by_federates_with,
+            by_hint: filter.by_hint,
+            by_downstream: filter.by_downstream,
+        })
+    }
+}
+
+/// Every entry matching `filter`, following page tokens to the end.
+async fn list_all_entries(
+    client: &ServerClient,
+    filter: list_entries_request::Filter,
+) -> anyhow::Result<Vec<types::Entry>> {
+    let mut entries = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListEntriesRequest {
+            filter: Some(filter.clone()),
+            output_mask: None,
+            page_size: 0,
+            page_token: page_token.clone(),
+        };
+        let response = client
+            .entry()
+            .list_entries(request)
+            .await
+            .map_err(|status| rpc_error("ListEntries failed", &status))?
+            .into_inner();
+        entries.extend(response.entries);
+        if response.next_page_token.is_empty() {
+            return Ok(entries);
+        }
+        if response.next_page_token == page_token {
+            bail!("the server returned the same page token twice");
+        }
+        page_token = response.next_page_token;
+    }
+}
+
+async fn show(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    // Check the arguments before connecting, so that a typo is reported as such.
+    let filter = match &args.entry_id {
+        Some(_) => None,
+        None => Some(args.filter.to_filter()?),
+    };
+    let client = args.socket.connect().await?;
+    let entries = match (&args.entry_id, filter) {
+        (Some(id), _) => {
+            let request = GetEntryRequest {
+                id: id.clone(),
+                output_mask: None,
+            };
+            let entry = client
+                .entry()
+                .get_entry(request)
+                .await
+                .map_err(|status| rpc_error(&format!("cannot get entry {id}"), &status))?
+                .into_inner();
+            vec![entry]
+        }
+        (None, filter) => list_all_entries(&client, filter.unwrap_or_default()).await?,
+    };
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let metadata = fetch_metadata(&client, &ids)
+        .await
+        .map_err(|status| rpc_error("GetEntryMetadata failed", &status))?;
+    write_entries(out, &entries, &metadata, args.output.is_json())
+}
+
+/// Prints a list of entries with their metadata.
+fn write_entries(
+    out: &mut dyn Write,
+    entries: &[types::Entry],
+    metadata: &HashMap<String, EntryMetadata>,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        let entries: Vec<Value> = entries
+            .iter()
+            .map(|entry| entry_json(entry, metadata.get(&entry.id)))
+            .collect();
+        return write_json(out, &json!({ "entries": entries }));
+    }
+    writeln!(
+        out,
+        "Found {}",
+        count_noun(entries.len(), "entry", "entries")
+    )?;
+    for entry in entries {
+        write_entry_pretty(out, entry, metadata.get(&entry.id))?;
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+async fn delete(args: &DeleteArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let client = args.socket.connect().await?;
+    let request = BatchDeleteEntryRequest {
+        ids: args.entry_ids.clone(),
+    };
+    let results = client
+        .entry()
+        .batch_delete_entry(request)
+        .await
+        .map_err(|status| rpc_error("BatchDeleteEntry failed", &status))?
+        .into_inner()
+        .results;
+    if args.output.is_json() {
+        let items: Vec<Value> = results
+            .iter()
+            .map(|r| json!({ "status": status_json(r.status.as_ref()), "id": r.id }))
+            .collect();
+        write_json(out, &json!({ "results": items }))?;
+    } else {
+        for result in &results {
+            if is_ok(result.status.as_ref()) {
+                writeln!(out, "Deleted entry with ID: {}", result.id)?;
+            } else {
+                writeln!(
+                    out,
+                    "Failed to delete entry with ID {} {}",
+                    result.id,
+                    status_text(result.status.as_ref())
+                )?;
+            }
+        }
+    }
+    let failed = results.iter().filter(|r| !is_ok(r.status.as_ref())).count();
+    if failed > 0 {
+        bail!(
+            "{failed} of {} failed",
+            count_noun(results.len(), "entry", "entries")
+        );
+    }
+    if results.len() != args.entry_ids.len() {
+        return Err(anyhow!(
+            "the server answered {} results for {} entries",
+            results.len(),
+            args.entry_ids.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn count(args: &CountArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let filter = args.filter.to_count_filter()?;
+    let client = args.socket.connect().await?;
+    let request = CountEntriesRequest {
+        filter: Some(filter),
+    };
+    let count = client
+        .entry()
+        .count_entries(request)
+        .await
+        .map_err(|status| rpc_error("CountEntries failed", &status))?
+        .into_inner()
+        .count;
+    if args.output.is_json() {
+        write_json(out, &json!({ "count": count }))
+    } else {
+        let n = usize::try_from(count).unwrap_or_default();
+        writeln!(
+            out,
+            "{}",
+            count_noun(n, "registration entry", "registration entries")
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use clap::Parser as _;
+    use lanyard_proto::spire::api::types::{federates_with_match, selector_match};
+
+    use super::*;
+    use crate::cli::output::tests::{sample_entry, sample_metadata};
+    use crate::cli::{Cli, Command};
+
+    pub(crate) fn metadata(owner: &str, reason: &str, ticket: &str) -> MetadataSpec {
+        let some = |text: &str| (!text.is_empty()).then(|| text.to_owned());
+        MetadataSpec {
+            owner: some(owner),
+            reason: some(reason),
+            ticket: some(ticket),
+        }
+    }
+
+    fn parse(args: &[&str]) -> Result<EntryCommand, clap::Error> {
+        let cli = Cli::try_parse_from(["lanyard", "entry"].iter().chain(args))?;
+        match cli.command {
+            Command::Entry(command) => Ok(command),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn create_args(args: &[&str]) -> CreateArgs {
+        match parse(&[&["create"], args].concat()).expect("parses") {
+            EntryCommand::Create(args) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn update_args(args: &[&str]) -> UpdateArgs {
+        match parse(&[&["update"], args].concat()).expect("parses") {
+            EntryCommand::Update(args) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn show_args(args: &[&str]) -> ShowArgs {
+        match parse(&[&["show"], args].concat()).expect("parses") {
+            EntryCommand::Show(args) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn id(trust_domain: &str, path: &str) -> types::Spiffeid {
+        types::Spiffeid {
+            trust_domain: trust_domain.into(),
+            path: path.into(),
+        }
+    }
+
+    fn selector(kind: &str, value: &str) -> types::Selector {
+        types::Selector {
+            r#type: kind.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn create_flags_become_the_request() {
+        let args = create_args(&[
+            "--spiffe-id",
+            "spiffe://example.org/web",
+            "--parent-id",
+            "spiffe://example.org/spire/agent/join_token/abc",
+            "--selector",
+            "unix:uid:1000",
+            "--selector",
+            "k8s:pod-label:app:web",
+            "--x509-svid-ttl",
+            "1h",
+            "--jwt-svid-ttl",
+            "300",
+            "--dns",
+            "web.example.org",
+            "--federates-with",
+            "partner.org",
+            "--admin",
+            "--downstream",
+            "--expires-at",
+            "2030-01-01T00:00:00Z",
+            "--hint",
+            "external",
+            "--store-svid",
+            "--entry-id",
+            "web-1",
+            "--owner",
+            "team-web",
+            "--reason",
+            "serves the storefront",
+            "--ticket",
+            "CHG-42",
+        ]);
+        let specs = args.specs().expect("valid");
+        let request = create_request(&specs);
+        assert_eq!(
+            request,
+            BatchCreateEntryRequest {
+                entries: vec![types::Entry {
+                    id: "web-1".into(),
+                    spiffe_id: Some(id("example.org", "/web")),
+                    parent_id: Some(id("example.org", "/spire/agent/join_token/abc")),
+                    selectors: vec![
+                        selector("unix", "uid:1000"),
+                        selector("k8s", "pod-label:app:web"),
+                    ],
+                    x509_svid_ttl: 3600,
+                    federates_with: vec!["partner.org".into()],
+                    admin: true,
+                    downstream: true,
+                    expires_at: 1_893_456_000,
+                    dns_names: vec!["web.example.org".into()],
+                    revision_number: 0,
+                    store_svid: true,
+                    jwt_svid_ttl: 300,
+                    hint: "external".into(),
+                    created_at: 0,
+                }],
+                output_mask: None,
+            }
+        );
+        assert_eq!(
+            specs[0].metadata,
+            metadata("team-web", "serves the storefront", "CHG-42")
+        );
+    }
+
+    #[test]
+    fn node_entries_take_the_server_as_parent() {
+        let specs = create_args(&[
+            "--node",
+            "--spiffe-id",
+            "spiffe://example.org/nodes/rack-1",
+            "--selector",
+            "x509pop:subject:cn:rack-1",
+            "--expires-at",
+            "1893456000",
+        ])
+        .specs()
+        .expect("valid");
+        assert_eq!(
+            specs[0].entry.parent_id,
+            Some(id("example.org", "/spire/server"))
+        );
+        assert_eq!(specs[0].entry.expires_at, 1_893_456_000);
+        assert!(specs[0].metadata.is_empty());
+        assert!(
+            parse(&["create", "--node", "--parent-id", "spiffe://example.org/x",]).is_err(),
+            "--node and --parent-id conflict"
+        );
+    }
+
+    #[test]
+    fn create_flag_errors_are_one_clear_line() {
+        let base = [
+            "--spiffe-id",
+            "spiffe://example.org/web",
+            "--parent-id",
+            "spiffe://example.org/agent",
+        ];
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--selector", "unix:uid:1"],
+                "--spiffe-id is required (or use --data FILE)",
+            ),
+            (
+                &[
+                    "--spiffe-id",
+                    "spiffe://example.org/web",
+                    "--selector",
+                    "unix:uid:1",
+                ],
+                "--parent-id (or --node) is required",
+            ),
+            (&base, "--selector is required"),
+            (
+                &[
+                    "--spiffe-id",
+                    "example.org/web",
+                    "--parent-id",
+                    "spiffe://example.org/a",
+                    "--selector",
+                    "unix:uid:1",
+                ],
+                "spiffe_id is invalid: \"example.org/web\" is not a valid SPIFFE ID: scheme is missing or invalid",
+            ),
+        ];
+        for (args, expected) in cases {
+            let err = create_args(args).specs().expect_err("invalid");
+            let message = format!("{err:#}");
+            assert!(message.starts_with(expected), "{args:?}: {message}");
+        }
+        let bad_values: &[(&[&str], &str)] = &[
+            (
+                &["--selector", "unix"],
+                "invalid selector \"unix\": selector \"unix\" must have the form type:value",
+            ),
+            (
+                &["--selector", "unix:uid:1", "--x509-svid-ttl", "an hour"],
+                "x509_svid_ttl is invalid: invalid duration \"an hour\"",
+            ),
+            (
+                &["--selector", "unix:uid:1", "--jwt-svid-ttl", "1.5s"],
+                "jwt_svid_ttl is invalid: duration \"1.5s\" is not a whole number of seconds",
+            ),
+            (
+                &["--selector", "unix:uid:1", "--expires-at", "next week"],
+                "expires_at is invalid: invalid time \"next week\"",
+            ),
+            (
+                &[
+                    "--selector",
+                    "unix:uid:1",
+                    "--federates-with",
+                    "Partner.org",
+                ],
+                "federates_with is invalid: ",
+            ),
+        ];
+        for (args, expected) in bad_values {
+            let all = [&base[..], args].concat();
+            let err = create_args(&all).specs().expect_err("invalid");
+            let message = format!("{err:#}");
+            assert!(message.starts_with(expected), "{args:?}: {message}");
+            assert!(!message.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn data_files_conflict_with_entry_flags() {
+        assert!(parse(&["create", "--data", "x.json", "--spiffe-id", "spiffe://a/b"]).is_err());
+        assert!(parse(&["create", "--data", "x.json", "--owner", "me"]).is_err());
+        assert!(parse(&["create", "--data", "x.json", "--entry-id", "e"]).is_err());
+        assert!(parse(&["update", "--data", "x.json", "--hint", "h"]).is_err());
+        assert!(parse(&["create", "--data", "x.json"]).is_ok());
+        assert!(
+            parse(&["update"]).is_err(),
+            "update needs --entry-id or --data"
+        );
+    }
+
+    #[test]
+    fn data_files_with_governance_fields_become_the_request() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("entries.json");
+        std::fs::write(
+            &path,
+            r#"{"entries": [
+                {"spiffe_id": "spiffe://example.org/a", "parent_id": "spiffe://example.org/spire/server",
+                 "selectors": ["unix:uid:1"], "owner": "team-a", "ticket": "CHG-1"},
+                {"spiffe_id": {"trust_domain": "example.org", "path": "/b"},
+                 "parent_id": {"trust_domain": "example.org", "path": "/a"},
+                 "selectors": [{"type": "unix", "value": "uid:2"}], "reason": "batch job"}
+            ]}"#,
+        )
+        .expect("write");
+        let args = create_args(&["--data", path.to_str().expect("utf-8")]);
+        let specs = args.specs().expect("valid");
+        let request = create_request(&specs);
+        assert_eq!(request.entries.len(), 2);
+        assert_eq!(request.entries[0].spiffe_id, Some(id("example.org", "/a")));
+        assert_eq!(request.entries[1].parent_id, Some(id("example.org", "/a")));
+        assert_eq!(request.entries[1].selectors, [selector("unix", "uid:2")]);
+        assert_eq!(specs[0].metadata, metadata("team-a", "", "CHG-1"));
+        assert_eq!(specs[1].metadata, metadata("", "batch job", ""));
+
+        std::fs::write(
+            &path,
+            r#"{"entries": [{"spiffe_id": "spiffe://example.org/a"}]}"#,
+        )
+        .expect("write");
+        let err = create_args(&["--data", path.to_str().expect("utf-8")])
+            .specs()
+            .expect_err("missing fields");
+        assert!(
+            format!("{err:#}").ends_with("entries[0]: parent_id is required"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn updates_send_only_the_given_fields() {
+        let args = update_args(&[
+            "--entry-id",
+            "web-1",
+            "--selector",
+            "unix:uid:1001",
+            "--admin=false",
+            "--hint",
+            "",
+            "--owner",
+            "team-web",
+        ]);
+        let specs = args.specs().expect("valid");
+        let requests = update_requests(&specs);
+        assert_eq!(requests.len(), 1);
+        let (request, members) = &requests[0];
+        assert_eq!(members, &[0]);
+        assert_eq!(
+            request.input_mask,
+            Some(types::EntryMask {
+                selectors: true,
+                admin: true,
+                hint: true,
+                ..Default::default()
+            })
+        );
+        assert_eq!(request.entries[0].id, "web-1");
+        assert_eq!(request.entries[0].selectors, [selector("unix", "uid:1001")]);
+        assert!(!request.entries[0].admin);
+        assert_eq!(specs[0].metadata, metadata("team-web", "", ""));
+
+        // Metadata alone sends no entry update.
+        let specs = update_args(&["--entry-id", "web-1", "--ticket", "CHG-9"])
+            .specs()
+            .expect("valid");
+        assert!(update_requests(&specs).is_empty());
+
+        let err = update_args(&["--entry-id", "web-1"])
+            .specs()
+            .expect_err("empty");
+        assert_eq!(
+            format!("{err:#}"),
+            "nothing to update; give at least one field to change"
+        );
+    }
+
+    #[test]
+    fn data_updates_need_an_id_and_a_change_per_entry() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("updates.json");
+        let path_text = path.to_str().expect("utf-8");
+        let cases = [
+            (
+                r#"{"entries": [{"hint": "h"}]}"#,
+                "entries[0]: the entry ID is required",
+            ),
+            (
+                r#"{"entries": [{"id": "a", "hint": "h"}, {"id": "b"}]}"#,
+                "entries[1]: nothing to update",
+            ),
+        ];
+        for (json, expected) in cases {
+            std::fs::write(&path, json).expect("write");
+            let err = update_args(&["--data", path_text])
+                .specs()
+                .expect_err("invalid");
+            assert!(format!("{err:#}").starts_with(expected), "{err:#}");
+        }
+        std::fs::write(&path, r#"{"entries": [{"id": "a", "owner": "me"}]}"#).expect("write");
+        let specs = update_args(&["--data", path_text]).specs().expect("valid");
+        assert_eq!(specs[0].metadata, metadata("me", "", ""));
+    }
+
+    #[test]
+    fn batch_updates_group_entries_by_their_fields() {
+        let mut hint_only = EntrySpec::default();
+        hint_only.entry.id = "a".into();
+        hint_only.fields.hint = true;
+        let mut ttl_only = EntrySpec::default();
+        ttl_only.entry.id = "b".into();
+        ttl_only.fields.x509_svid_ttl = true;
+        let mut hint_again = hint_only.clone();
+        hint_again.entry.id = "c".into();
+        let requests = update_requests(&[hint_only, ttl_only, hint_again]);
+        assert_eq!(requests.len(), 2);
+        assert_eq!(requests[0].1, [0, 2]);
+        assert_eq!(requests[1].1, [1]);
+        let ids: Vec<&str> = requests[0]
+            .0
+            .entries
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "c"]);
+    }
+
+    #[test]
+    fn metadata_updates_keep_stored_values_not_given() {
+        let stored = sample_metadata();
+        let merged = metadata("", "", "CHG-99").merged_onto(&stored.entry_id, Some(&stored));
+        assert_eq!(merged.owner, "team-web");
+        assert_eq!(merged.reason, "serves the storefront");
+        assert_eq!(merged.ticket, "CHG-99");
+        let fresh = metadata("me", "", "").merged_onto("e", None);
+        assert_eq!((fresh.owner.as_str(), fresh.reason.as_str()), ("me", ""));
+    }
+
+    #[test]
+    fn show_filters_become_the_list_filter() {
+        let args = show_args(&[
+            "--spiffe-id",
+            "spiffe://example.org/web",
+            "--parent-id",
+            "spiffe://example.org/agent",
+            "--selector",
+            "unix:uid:1000",
+            "--match",
+            "exact",
+            "--federates-with",
+            "partner.org",
+            "--match-federates-with",
+            "any",
+            "--hint",
+            "external",
+            "--downstream",
+        ]);
+        let filter = args.filter.to_filter().expect("valid");
+        assert_eq!(filter.by_spiffe_id, Some(id("example.org", "/web")));
+        assert_eq!(filter.by_parent_id, Some(id("example.org", "/agent")));
+        assert_eq!(
+            filter.by_selectors,
+            Some(types::SelectorMatch {
+                selectors: vec![selector("unix", "uid:1000")],
+                r#match: selector_match::MatchBehavior::MatchExact as i32,
+            })
+        );
+        assert_eq!(
+            filter.by_federates_with,
+            Some(types::FederatesWithMatch {
+                trust_domains: vec!["partner.org".into()],
+                r#match: federates_with_match::MatchBehavior::MatchAny as i32,
+            })
+        );
+        assert_eq!(filter.by_hint.as_deref(), Some("external"));
+        assert_eq!(filter.by_downstream, Some(true));
+
+        // SPIRE's default match is superset, and unset filters stay unset.
+        let filter = show_args(&["--selector", "unix:uid:1"])
+            .filter
+            .to_filter()
+            .expect("valid");
+        assert_eq!(
+            filter.by_selectors.map(|m| m.r#match),
+            Some(selector_match::MatchBehavior::MatchSuperset as i32)
+        );
+        assert_eq!(filter.by_hint, None);
+        assert_eq!(filter.by_downstream, None);
+        assert_eq!(filter.by_spiffe_id, None);
+
+        assert!(parse(&["show", "--entry-id", "e", "--hint", "h"]).is_err());
+        assert!(parse(&["show", "--entry-id", "e"]).is_ok());
+        assert!(parse(&["show", "--match", "most"]).is_err());
+    }
+
+    #[test]
+    fn entry_lists_print_pretty_and_json() {
+        let entry = sample_entry();
+        let mut metadata = HashMap::new();
+        metadata.insert(entry.id.clone(), sample_metadata());
+        let mut other = sample_entry();
+        other.id = "no-metadata".into();
+
+        let mut pretty = Vec::new();
+        write_entries(
+            &mut pretty,
+            &[entry.clone(), other.clone()],
+            &metadata,
+            false,
+        )
+        .expect("writes");
+        let pretty = String::from_utf8(pretty).expect("utf-8");
+        assert!(pretty.starts_with("Found 2 entries\nEntry ID         : 6f0b7c1e"));
+        assert_eq!(pretty.matches("Owner            : team-web").count(), 1);
+
+        let mut json = Vec::new();
+        write_entries(&mut json, &[entry, other], &metadata, true).expect("writes");
+        let value: Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(value["entries"][0]["owner"], "team-web");
+        assert_eq!(value["entries"][1]["id"], "no-metadata");
+        assert!(value["entries"][1].get("owner").is_none());
+        // The document feeds back into `entry create --data`.
+        let specs = data::parse_entries(&json).expect("parses");
+        assert_eq!(specs.len(), 2);
+    }
+
+    #[test]
+    fn batch_results_print_every_item_then_fail() {
+        let created = sample_entry();
+        let mut ok = ItemOutcome::new(&EntrySpec {
+            entry: created.clone(),
+            fields: types::EntryMask::default(),
+            metadata: metadata("team-web", "", ""),
+        });
+        ok.entry = Some(created.clone());
+        ok.metadata = Some(sample_metadata());
+        ok.metadata_status = Some(ok_status());
+        let mut failed = ItemOutcome::new(&EntrySpec {
+            entry: created,
+            ..Default::default()
+        });
+        failed.status = types::Status {
+            code: tonic::Code::AlreadyExists as i32,
+            message: "similar entry already exists".into(),
+        };
+
+        let mut out = Vec::new();
+        let err = report_outcomes(&mut out, &[ok.clone(), failed.clone()], "create", false)
+            .expect_err("one failed");
+        assert_eq!(format!("{err:#}"), "1 of 2 entries failed");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains("Owner            : team-web\n"));
+        assert!(text.contains(
+            "Failed to create the following entry (code: AlreadyExists, msg: \"similar entry already exists\"):\n"
+        ));
+
+        let mut out = Vec::new();
+        report_outcomes(&mut out, &[ok.clone()], "create", true).expect("all succeeded");
+        let value: Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(value["results"][0]["status"]["code"], 0);
+        assert_eq!(value["results"][0]["entry"]["owner"], "team-web");
+        assert_eq!(value["results"][0]["metadata_status"]["code"], 0);
+
+        let mut metadata_failed = ok;
+        metadata_failed.metadata = None;
+        metadata_failed.metadata_status = Some(types::Status {
+            code: tonic::Code::InvalidArgument as i32,
+            message: "owner is too long".into(),
+        });
+        let mut out = Vec::new();
+        report_outcomes(&mut out, &[metadata_failed], "create", false)
+            .expect_err("metadata failed");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains("Failed to set the owner, reason and ticket of entry 6f0b7c1e-2b1a-4c7e-9d62-0c4b3f1a9e10 (code: InvalidArgument, msg: \"owner is too long\")"), "{text}");
+    }
+}

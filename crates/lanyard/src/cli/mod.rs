@@ -1,0 +1,170 @@
+//! The command tree and its dispatch. Each top-level subcommand lives in its own module with
+//! its clap types and its handlers; adding one (`server run`, `dev`) is one variant here plus
+//! one module.
+
+mod agent;
+mod bundle;
+mod client;
+mod entry;
+mod health;
+mod logging;
+mod output;
+mod parse;
+mod server;
+mod svid;
+mod token;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Issue and manage SPIFFE workload identities.
+#[derive(Debug, Parser)]
+#[command(name = "lanyard", version, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+// Parsed once per process; boxing the larger argument sets would only add noise.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create, show, update, delete and count registration entries.
+    #[command(subcommand)]
+    Entry(entry::EntryCommand),
+    /// List, show, ban, evict and count attested agents.
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
+    /// Generate join tokens for node attestation.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Show the server's trust bundle and manage federated bundles.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
+    /// Mint one-off X.509-SVIDs.
+    #[command(subcommand)]
+    X509(svid::X509Command),
+    /// Mint one-off JWT-SVIDs.
+    #[command(subcommand)]
+    Jwt(svid::JwtCommand),
+    /// Operate the server.
+    #[command(subcommand)]
+    Server(server::ServerCommand),
+}
+
+impl Command {
+    /// The command's words as typed (`entry create`), for error messages.
+    pub(crate) fn name(&self) -> String {
+        let (group, leaf) = match self {
+            Self::Entry(command) => ("entry", command.name()),
+            Self::Agent(command) => ("agent", command.name()),
+            Self::Token(command) => ("token", command.name()),
+            Self::Bundle(command) => ("bundle", command.name()),
+            Self::X509(command) => ("x509", command.name()),
+            Self::Jwt(command) => ("jwt", command.name()),
+            Self::Server(command) => ("server", command.name()),
+        };
+        format!("{group} {leaf}")
+    }
+
+    /// Runs the command, writing its results to `out`. An error is reported by the caller as
+    /// the command's one stderr line; a batch whose items partly failed prints every item
+    /// first and then returns an error that counts the failures.
+    pub(crate) async fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
+        match self {
+            Self::Entry(command) => command.run(out).await,
+            Self::Agent(command) => command.run(out).await,
+            Self::Token(command) => command.run(out).await,
+            Self::Bundle(command) => command.run(out).await,
+            Self::X509(command) => command.run(out).await,
+            Self::Jwt(command) => command.run(out).await,
+            Self::Server(command) => command.run(out).await,
+        }
+    }
+}
+
+/// Prints a failed command's error as one line on stderr.
+#[allow(clippy::print_stderr)] // The binary's one place that writes errors.
+pub(crate) fn report_error(command_name: &str, err: &anyhow::Error) {
+    let line = if let Some(unhealthy) = err.downcast_ref::<health::Unhealthy>() {
+        // `healthcheck` has its own wording, like SPIRE's, for probes that grep for it.
+        unhealthy.to_string()
+    } else {
+        format!("error: {command_name}: {err:#}")
+    };
+    eprintln!("{}", one_line(&line));
+}
+
+/// Prints a command-line parsing error as one line on stderr, or help and version text as
+/// clap renders it. Usage errors exit 1 like every other failure.
+#[allow(clippy::print_stderr)]
+pub(crate) fn report_usage_error(err: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // Help asked for explicitly goes to stdout and succeeds; help shown because a
+            // subcommand is missing goes to stderr and fails.
+            let _ = err.print();
+            if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        _ => {
+            // clap's message runs up to its usage block; keep that part, on one line.
+            let rendered = err.render().to_string();
+            let message: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.starts_with("Usage:"))
+                .filter(|line| !line.starts_with("For more information"))
+                .collect();
+            let message = one_line(&message.join("\n"));
+            let first = if message.starts_with("error:") {
+                message
+            } else {
+                format!("error: {message}")
+            };
+            eprintln!("{} (see --help)", one_line(&first));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Collapses a message onto one line: server-supplied text may hold newlines.
+fn one_line(message: &str) -> String {
+    message
+        .split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn one_line_joins_lines() {
+        assert_eq!(one_line("a\nb\r\n  c\n"), "a b c");
+    }
+
+    #[test]
+    fn names_are_the_typed_words() {
+        let cli = Cli::try_parse_from(["lanyard", "entry", "count"]).expect("parses");
+        assert_eq!(cli.command.name(), "entry count");
+        let cli = Cli::try_parse_from(["lanyard", "server", "healthcheck"]).expect("parses");
+        assert_eq!(cli.command.name(), "server healthcheck");
+    }
+}

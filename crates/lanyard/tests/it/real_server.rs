@@ -1,0 +1,214 @@
+//! `lanyard server run` as a child process, driven by the CLI's own admin commands.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct RunningServer {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lanyard(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lanyard"))
+        .args(args)
+        .output()
+        .expect("lanyard runs")
+}
+
+fn start_server() -> RunningServer {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin").join("api.sock");
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"example.org\"\nbind_address = \"127.0.0.1:0\"\nsocket_path = {:?}\ndata_dir = {:?}\n",
+            socket,
+            dir.path().join("data"),
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_lanyard"))
+        .args(["server", "run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = RunningServer {
+        child,
+        socket,
+        _dir: dir,
+    };
+    wait_healthy(&server.socket);
+    server
+}
+
+fn wait_healthy(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = lanyard(&[
+            "server",
+            "healthcheck",
+            "--socket",
+            socket.to_str().unwrap(),
+        ]);
+        if out.status.success() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "server never became healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn admin_commands_work_against_a_real_server() {
+    let server = start_server();
+    let socket = server.socket.to_str().unwrap();
+
+    let out = lanyard(&["token", "generate", "--socket", socket, "--ttl", "600"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("Token: "), "{stdout}");
+
+    let out = lanyard(&[
+        "entry",
+        "create",
+        "--socket",
+        socket,
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--parent-id",
+        "spiffe://example.org/spire/agent/join_token/t1",
+        "--selector",
+        "unix:uid:1000",
+        "--x509-svid-ttl",
+        "10m",
+        "--owner",
+        "team-web",
+        "--reason",
+        "serves the web tier",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    let out = lanyard(&["entry", "show", "--socket", socket, "--output", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = json.to_string();
+    assert!(
+        text.contains("spiffe://example.org/web") || text.contains("\"/web\""),
+        "{text}"
+    );
+    assert!(text.contains("team-web"), "owner is shown: {text}");
+
+    // A duplicate is refused with a clear one-line error and exit 1.
+    let out = lanyard(&[
+        "entry",
+        "create",
+        "--socket",
+        socket,
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--parent-id",
+        "spiffe://example.org/spire/agent/join_token/t1",
+        "--selector",
+        "unix:uid:1000",
+    ]);
+    assert!(!out.status.success());
+
+    // An invalid ID never reaches the server.
+    let out = lanyard(&[
+        "entry",
+        "create",
+        "--socket",
+        socket,
+        "--spiffe-id",
+        "spiffe://Example.org/web",
+        "--parent-id",
+        "spiffe://example.org/spire/server",
+        "--selector",
+        "unix:uid:1",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: entry create:"), "{stderr}");
+
+    let out = lanyard(&["entry", "count", "--socket", socket]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains('1'));
+
+    let out = lanyard(&["bundle", "show", "--socket", socket]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"));
+
+    let out = lanyard(&["bundle", "show", "--socket", socket, "--format", "spiffe"]);
+    assert!(out.status.success(), "{out:?}");
+    let jwks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        jwks["keys"].as_array().is_some_and(|k| k.len() >= 2),
+        "{jwks}"
+    );
+
+    let out = lanyard(&[
+        "x509",
+        "mint",
+        "--socket",
+        socket,
+        "--spiffe-id",
+        "spiffe://example.org/tool",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"));
+
+    let out = lanyard(&[
+        "jwt",
+        "mint",
+        "--socket",
+        socket,
+        "--spiffe-id",
+        "spiffe://example.org/tool",
+        "--audience",
+        "api",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .split('.')
+            .count(),
+        3
+    );
+
+    let out = lanyard(&["agent", "count", "--socket", socket]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn a_bad_config_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\nca_tll = \"1h\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lanyard"))
+        .args(["server", "run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ca_tll"), "{stderr}");
+    assert!(stderr.starts_with("error: server run:"), "{stderr}");
+}
