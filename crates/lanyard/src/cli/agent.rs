@@ -18,6 +18,8 @@ use crate::cli::parse::{self, MatchMode};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AgentCommand {
+    /// Run the node agent until Ctrl-C or SIGTERM.
+    Run(crate::cli::server::RunArgs),
     /// List attested agents.
     List(ListArgs),
     /// Show one attested agent.
@@ -33,6 +35,7 @@ pub(crate) enum AgentCommand {
 impl AgentCommand {
     pub(crate) fn name(&self) -> &'static str {
         match self {
+            Self::Run(_) => "run",
             Self::List(_) => "list",
             Self::Show(_) => "show",
             Self::Ban(_) => "ban",
@@ -43,6 +46,7 @@ impl AgentCommand {
 
     pub(crate) async fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
         match self {
+            Self::Run(args) => run_agent(&args).await,
             Self::List(args) => list(&args, out).await,
             Self::Show(args) => show(&args, out).await,
             Self::Ban(args) => ban(&args, out).await,
@@ -50,6 +54,15 @@ impl AgentCommand {
             Self::Count(args) => count(&args, out).await,
         }
     }
+}
+
+async fn run_agent(args: &crate::cli::server::RunArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let config = lanyard_agent::AgentConfig::load(&args.config)
+        .with_context(|| format!("config {}", args.config.display()))?;
+    crate::cli::logging::init(&config.log_level, &config.log_format)?;
+    lanyard_agent::run(config, crate::cli::logging::shutdown_signal()).await?;
+    Ok(())
 }
 
 /// Agent filters shared by `list` and `count`.

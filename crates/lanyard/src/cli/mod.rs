@@ -5,6 +5,7 @@
 mod agent;
 mod bundle;
 mod client;
+mod dev;
 mod entry;
 mod health;
 mod logging;
@@ -13,6 +14,7 @@ mod parse;
 mod server;
 mod svid;
 mod token;
+mod workload;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -52,6 +54,17 @@ pub(crate) enum Command {
     /// Operate the server.
     #[command(subcommand)]
     Server(server::ServerCommand),
+    /// Fetch this process's SVIDs and bundles from the agent's Workload API.
+    #[command(subcommand)]
+    Fetch(workload::FetchCommand),
+    /// Validate credentials through the agent's Workload API.
+    #[command(subcommand)]
+    Validate(workload::ValidateCommand),
+    /// Print every X.509-SVID rotation the agent pushes, until Ctrl-C.
+    Watch(workload::WatchArgs),
+    /// Run a server and an agent in this process and register the current user: the
+    /// one-command tour.
+    Dev(dev::DevArgs),
 }
 
 impl Command {
@@ -65,6 +78,10 @@ impl Command {
             Self::X509(command) => ("x509", command.name()),
             Self::Jwt(command) => ("jwt", command.name()),
             Self::Server(command) => ("server", command.name()),
+            Self::Fetch(command) => ("fetch", command.name()),
+            Self::Validate(command) => ("validate", command.name()),
+            Self::Watch(_) => return "watch".to_owned(),
+            Self::Dev(_) => return "dev".to_owned(),
         };
         format!("{group} {leaf}")
     }
@@ -81,6 +98,10 @@ impl Command {
             Self::X509(command) => command.run(out).await,
             Self::Jwt(command) => command.run(out).await,
             Self::Server(command) => command.run(out).await,
+            Self::Fetch(command) => command.run(out).await,
+            Self::Validate(command) => command.run(out).await,
+            Self::Watch(args) => args.run(out).await,
+            Self::Dev(args) => dev::run(args, out).await,
         }
     }
 }

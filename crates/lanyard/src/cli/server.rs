@@ -19,7 +19,7 @@ pub(crate) enum ServerCommand {
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// The server's TOML configuration file.
+    /// The TOML configuration file.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub(crate) config: PathBuf,
 }

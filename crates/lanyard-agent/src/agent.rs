@@ -1,0 +1,118 @@
+//! Running the whole agent: the manager (attestation, sync, minting, rotation) plus the
+//! Workload API on its socket, until shutdown or a fatal manager error (e.g. banned).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use lanyard_core::SpiffeId;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::attestor::UnixAttestor;
+use crate::config::AgentConfig;
+use crate::manager::{Manager, ManagerError, ManagerHandle, system_clock};
+use crate::workload::{ServeError, StreamStopper, WorkloadApi, bind_socket};
+
+/// Why the agent could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The manager could not start or stopped on its own.
+    #[error(transparent)]
+    Manager(Arc<ManagerError>),
+    /// The Workload API socket could not be served.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    manager: ManagerHandle,
+    socket_path: PathBuf,
+    stop: watch::Sender<bool>,
+    stopper: StreamStopper,
+    server: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Agent {
+    /// Attests (or restores) the agent and starts serving the Workload API.
+    pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
+        let manager = Manager::start(config.clone(), system_clock())
+            .await
+            .map_err(|e| AgentError::Manager(Arc::new(e)))?;
+        let attestor = Arc::new(UnixAttestor::new(&config.workload_attestor.unix));
+        let api = WorkloadApi::new(manager.snapshots(), manager.jwt_minter(), attestor);
+        let stopper = api.stream_stopper();
+        let listener = bind_socket(&config.socket_path)?;
+        let (stop, mut stopped) = watch::channel(false);
+        let router = tonic::transport::Server::builder().add_service(api.into_service());
+        let server = tokio::spawn(crate::workload::serve_router(
+            listener,
+            router,
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+        tracing::info!(
+            agent_id = %manager.agent_id(),
+            socket = %config.socket_path.display(),
+            "agent started"
+        );
+        Ok(Self {
+            manager,
+            socket_path: config.socket_path,
+            stop,
+            stopper,
+            server,
+        })
+    }
+
+    /// The agent's SPIFFE ID.
+    pub fn agent_id(&self) -> SpiffeId {
+        self.manager.agent_id()
+    }
+
+    /// The Workload API socket.
+    pub fn socket_path(&self) -> &std::path::Path {
+        &self.socket_path
+    }
+
+    /// The manager, for embedding and tests.
+    pub fn manager(&self) -> &ManagerHandle {
+        &self.manager
+    }
+
+    /// Completes when the agent has failed on its own (e.g. it was banned).
+    pub async fn failed(&self) -> Arc<ManagerError> {
+        self.manager.failed().await
+    }
+
+    /// Stops serving and stops the manager.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.stopper.stop();
+        match self.server.await {
+            Ok(Err(error)) => tracing::warn!(%error, "Workload API server ended with an error"),
+            Err(error) => tracing::warn!(%error, "Workload API server task failed"),
+            Ok(Ok(())) => {}
+        }
+        self.manager.shutdown().await;
+        tracing::info!("agent stopped");
+    }
+}
+
+/// Runs the agent until `shutdown` completes, or returns the error that stopped it.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    let agent = Agent::start(config).await?;
+    let outcome = tokio::select! {
+        () = shutdown => Ok(()),
+        error = agent.failed() => Err(AgentError::Manager(error)),
+    };
+    agent.shutdown().await;
+    outcome
+}

@@ -1,0 +1,615 @@
+//! Workload attestation: turning the kernel's credentials for a Workload API caller into the
+//! selectors that registration entries match against.
+//!
+//! The caller never says who it is. The Unix socket gives the agent the peer's PID, UID and
+//! GID (`SO_PEERCRED`), and the [`UnixAttestor`] reads the rest from `/proc` and the account
+//! databases, the way SPIRE's `unix` workload attestor does: `unix:uid`, `unix:user`,
+//! `unix:gid`, `unix:group`, `unix:supplementary_gid`, `unix:supplementary_group`, and with
+//! `discover_workload_path` also `unix:path` and `unix:sha256`.
+//!
+//! A PID is only a name for a process while that process lives; once it exits the kernel may
+//! hand the same PID to another one. The attestor therefore pins the process by its start
+//! time (`/proc/<pid>/stat` field 22): the time read when the connection was accepted, before
+//! collecting and after collecting must all agree, and the process's effective UID and GID
+//! must still be the ones the kernel reported for the connection.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read as _};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use lanyard_core::{Selector, SelectorSet};
+
+use crate::config::UnixAttestorConfig;
+
+/// The selector type the Unix attestor produces.
+pub const UNIX_SELECTOR_TYPE: &str = "unix";
+
+/// Executables whose digests are remembered; the cache is emptied when it grows past this.
+const DIGEST_CACHE_CAPACITY: usize = 256;
+
+/// The kernel's credentials for the process at the other end of a Workload API connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// The peer's process ID, when the platform reports it.
+    pub pid: Option<i32>,
+    /// The peer's effective user ID when it connected.
+    pub uid: u32,
+    /// The peer's effective group ID when it connected.
+    pub gid: u32,
+    /// The peer process's start time (clock ticks after boot, `/proc/<pid>/stat` field 22)
+    /// read when the connection was accepted. With it the attestor can tell the original
+    /// caller from a later process that was given the same PID.
+    pub start_time: Option<u64>,
+}
+
+impl PeerCredentials {
+    /// The credentials of a Unix socket peer, without a start time.
+    pub fn from_ucred(cred: &tokio::net::unix::UCred) -> Self {
+        Self {
+            pid: cred.pid(),
+            uid: cred.uid(),
+            gid: cred.gid(),
+            start_time: None,
+        }
+    }
+
+    /// Reads the peer's start time from `/proc` now, when the connection has just been
+    /// accepted. Fails when the PID is unknown or the process is already gone.
+    pub fn with_current_start_time(mut self) -> Result<Self, AttestError> {
+        let pid = self.pid.ok_or(AttestError::NoPid)?;
+        self.start_time = Some(process_start_time(pid)?);
+        Ok(self)
+    }
+}
+
+/// Why a caller could not be attested.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestError {
+    /// The kernel did not report the caller's PID.
+    #[error("the caller's process ID is unknown")]
+    NoPid,
+    /// The caller's process has exited.
+    #[error("process {pid} has exited")]
+    ProcessGone {
+        /// The caller's PID.
+        pid: i32,
+    },
+    /// The process now holding the caller's PID started after the connection was made, or
+    /// during attestation: it is not the caller.
+    #[error("process {pid} is not the original caller (its PID was reused)")]
+    PidReused {
+        /// The caller's PID.
+        pid: i32,
+    },
+    /// The process's effective UID or GID is no longer the one it connected with.
+    #[error("process {pid} now runs as {what} {actual}, but connected as {expected}")]
+    CredentialsChanged {
+        /// The caller's PID.
+        pid: i32,
+        /// `uid` or `gid`.
+        what: &'static str,
+        /// What the kernel reported for the connection.
+        expected: u32,
+        /// What `/proc` says now.
+        actual: u32,
+    },
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A `/proc` file did not have the expected format.
+    #[error("{path} is malformed: {reason}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The executable is larger than `workload_size_limit`.
+    #[error("workload {path} exceeds size limit ({size} > {limit})")]
+    TooLarge {
+        /// The executable's path.
+        path: String,
+        /// Its size in bytes.
+        size: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// The attestation task failed to run to completion.
+    #[error("attestation task failed: {0}")]
+    Task(String),
+}
+
+impl AttestError {
+    /// Whether the error means the caller cannot be tied to a live process, as opposed to a
+    /// failure to collect its selectors.
+    pub fn is_caller_unverified(&self) -> bool {
+        matches!(
+            self,
+            Self::NoPid
+                | Self::ProcessGone { .. }
+                | Self::PidReused { .. }
+                | Self::CredentialsChanged { .. }
+        )
+    }
+}
+
+/// Finds the selectors of a Workload API caller. Implementations: [`UnixAttestor`]; tests
+/// and later Kubernetes or Docker attestors plug in here.
+#[tonic::async_trait]
+pub trait WorkloadAttestor: Send + Sync + 'static {
+    /// The selectors of the process behind `peer`.
+    async fn attest(&self, peer: &PeerCredentials) -> Result<SelectorSet, AttestError>;
+}
+
+/// SPIRE's `unix` workload attestor, reading Linux's `/proc`.
+#[derive(Debug, Clone)]
+pub struct UnixAttestor {
+    inner: Arc<UnixAttestorInner>,
+}
+
+#[derive(Debug)]
+struct UnixAttestorInner {
+    discover_workload_path: bool,
+    workload_size_limit: u64,
+    proc_root: PathBuf,
+    passwd_path: PathBuf,
+    group_path: PathBuf,
+    digests: Mutex<HashMap<FileIdentity, String>>,
+}
+
+/// What identifies a file's content without reading it. The change time (`ctime`) cannot
+/// be set by users, unlike `mtime`, so a rewritten binary never keeps its cached digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(metadata: &std::fs::Metadata) -> Self {
+        Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            size: metadata.size(),
+            mtime: (metadata.mtime(), metadata.mtime_nsec()),
+            ctime: (metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+}
+
+impl UnixAttestor {
+    /// An attestor with the agent's `[workload_attestor.unix]` settings.
+    pub fn new(config: &UnixAttestorConfig) -> Self {
+        Self::with_paths(
+            config,
+            PathBuf::from("/proc"),
+            PathBuf::from("/etc/passwd"),
+            PathBuf::from("/etc/group"),
+        )
+    }
+
+    /// An attestor reading process information under `proc_root` and account names from
+    /// the given `passwd` and `group` files.
+    pub fn with_paths(
+        config: &UnixAttestorConfig,
+        proc_root: PathBuf,
+        passwd_path: PathBuf,
+        group_path: PathBuf,
+    ) -> Self {
+        Self {
+            inner: Arc::new(UnixAttestorInner {
+                discover_workload_path: config.discover_workload_path,
+                workload_size_limit: config.workload_size_limit,
+                proc_root,
+                passwd_path,
+                group_path,
+                digests: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Attests `peer` on the calling thread (it reads files and may hash an executable).
+    pub fn attest_blocking(&self, peer: &PeerCredentials) -> Result<SelectorSet, AttestError> {
+        self.inner.attest(peer)
+    }
+}
+
+#[tonic::async_trait]
+impl WorkloadAttestor for UnixAttestor {
+    async fn attest(&self, peer: &PeerCredentials) -> Result<SelectorSet, AttestError> {
+        let inner = Arc::clone(&self.inner);
+        let peer = *peer;
+        tokio::task::spawn_blocking(move || inner.attest(&peer))
+            .await
+            .map_err(|e| AttestError::Task(e.to_string()))?
+    }
+}
+
+impl UnixAttestorInner {
+    fn attest(&self, peer: &PeerCredentials) -> Result<SelectorSet, AttestError> {
+        let pid = peer.pid.ok_or(AttestError::NoPid)?;
+        let process_dir = self.proc_root.join(pid.to_string());
+        let started = start_time_in(&process_dir, pid)?;
+        if peer
+            .start_time
+            .is_some_and(|at_accept| at_accept != started)
+        {
+            return Err(AttestError::PidReused { pid });
+        }
+
+        let status_path = process_dir.join("status");
+        let status = read_proc_file(&status_path, pid)?;
+        let status = ProcessStatus::parse(&status).map_err(|reason| AttestError::Malformed {
+            path: status_path.clone(),
+            reason,
+        })?;
+        for (what, expected, actual) in [
+            ("uid", peer.uid, status.effective_uid),
+            ("gid", peer.gid, status.effective_gid),
+        ] {
+            if expected != actual {
+                return Err(AttestError::CredentialsChanged {
+                    pid,
+                    what,
+                    expected,
+                    actual,
+                });
+            }
+        }
+
+        let mut selectors = SelectorSet::new();
+        let users = read_optional(&self.passwd_path);
+        let groups = read_optional(&self.group_path);
+        add(&mut selectors, "uid", &peer.uid.to_string());
+        if let Some(user) = account_name(&users, 2, peer.uid) {
+            add(&mut selectors, "user", user);
+        }
+        add(&mut selectors, "gid", &peer.gid.to_string());
+        if let Some(group) = account_name(&groups, 2, peer.gid) {
+            add(&mut selectors, "group", group);
+        }
+        for gid in &status.supplementary_gids {
+            add(&mut selectors, "supplementary_gid", &gid.to_string());
+            if let Some(group) = account_name(&groups, 2, *gid) {
+                add(&mut selectors, "supplementary_group", group);
+            }
+        }
+
+        if self.discover_workload_path {
+            let exe_link = process_dir.join("exe");
+            let path = std::fs::read_link(&exe_link)
+                .map_err(|source| proc_error(pid, &exe_link, source))?;
+            let path = path.to_string_lossy().into_owned();
+            add(&mut selectors, "path", &path);
+            // Hash through the /proc link rather than the path: it is the file the process
+            // runs even when the path names something else in another mount namespace.
+            let digest = self.sha256_of(&exe_link, &path, pid)?;
+            add(&mut selectors, "sha256", &digest);
+        }
+
+        if start_time_in(&process_dir, pid)? != started {
+            return Err(AttestError::PidReused { pid });
+        }
+        Ok(selectors)
+    }
+
+    fn sha256_of(
+        &self,
+        exe_link: &Path,
+        display_path: &str,
+        pid: i32,
+    ) -> Result<String, AttestError> {
+        let mut file = File::open(exe_link).map_err(|source| proc_error(pid, exe_link, source))?;
+        let io_error = |source| AttestError::Io {
+            path: exe_link.to_owned(),
+            source,
+        };
+        let before = FileIdentity::of(&file.metadata().map_err(io_error)?);
+        let limit = self.workload_size_limit;
+        if limit > 0 && before.size > limit {
+            return Err(AttestError::TooLarge {
+                path: display_path.to_owned(),
+                size: before.size,
+                limit,
+            });
+        }
+        if let Some(digest) = self
+            .digests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&before)
+        {
+            return Ok(digest.clone());
+        }
+
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut hashed: u64 = 0;
+        loop {
+            let n = file.read(&mut buffer).map_err(io_error)?;
+            let Some(chunk) = buffer.get(..n) else {
+                break;
+            };
+            if chunk.is_empty() {
+                break;
+            }
+            hashed = hashed.saturating_add(n as u64);
+            if limit > 0 && hashed > limit {
+                return Err(AttestError::TooLarge {
+                    path: display_path.to_owned(),
+                    size: hashed,
+                    limit,
+                });
+            }
+            context.update(chunk);
+        }
+        let digest = hex(context.finish().as_ref());
+
+        // Remember the digest only if the file did not change while it was read.
+        if FileIdentity::of(&file.metadata().map_err(io_error)?) == before {
+            let mut digests = self.digests.lock().unwrap_or_else(PoisonError::into_inner);
+            if digests.len() >= DIGEST_CACHE_CAPACITY {
+                digests.clear();
+            }
+            digests.insert(before, digest.clone());
+        }
+        Ok(digest)
+    }
+}
+
+/// The start time of process `pid` in clock ticks after boot (`/proc/<pid>/stat` field 22).
+pub fn process_start_time(pid: i32) -> Result<u64, AttestError> {
+    start_time_in(&Path::new("/proc").join(pid.to_string()), pid)
+}
+
+fn start_time_in(process_dir: &Path, pid: i32) -> Result<u64, AttestError> {
+    let path = process_dir.join("stat");
+    let stat = read_proc_file(&path, pid)?;
+    parse_start_time(&stat).map_err(|reason| AttestError::Malformed { path, reason })
+}
+
+/// Field 22 of `/proc/<pid>/stat`. Field 2 is the command name in parentheses and may itself
+/// contain spaces and parentheses, so fields are counted from the last `)`.
+fn parse_start_time(stat: &str) -> Result<u64, &'static str> {
+    let (_, after_name) = stat
+        .rsplit_once(')')
+        .ok_or("no closing parenthesis after the command name")?;
+    // Field 3 (state) is the first after the name, so field 22 is the 20th.
+    after_name
+        .split_ascii_whitespace()
+        .nth(19)
+        .ok_or("too few fields")?
+        .parse()
+        .map_err(|_| "start time is not a number")
+}
+
+/// The parts of `/proc/<pid>/status` the attestor uses.
+#[derive(Debug, PartialEq, Eq)]
+struct ProcessStatus {
+    effective_uid: u32,
+    effective_gid: u32,
+    supplementary_gids: Vec<u32>,
+}
+
+impl ProcessStatus {
+    fn parse(status: &str) -> Result<Self, &'static str> {
+        let mut effective_uid = None;
+        let mut effective_gid = None;
+        let mut supplementary_gids = Vec::new();
+        for line in status.lines() {
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            match key {
+                // Real, effective, saved and filesystem IDs; SPIRE uses the effective one.
+                "Uid" => effective_uid = Some(second_id(value).ok_or("bad Uid line")?),
+                "Gid" => effective_gid = Some(second_id(value).ok_or("bad Gid line")?),
+                "Groups" => {
+                    supplementary_gids = value
+                        .split_ascii_whitespace()
+                        .map(str::parse)
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| "bad Groups line")?;
+                }
+                _ => {}
+            }
+        }
+        Ok(Self {
+            effective_uid: effective_uid.ok_or("no Uid line")?,
+            effective_gid: effective_gid.ok_or("no Gid line")?,
+            supplementary_gids,
+        })
+    }
+}
+
+fn second_id(value: &str) -> Option<u32> {
+    value.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+/// The name of the first `/etc/passwd` or `/etc/group` line whose numeric ID (the field at
+/// `id_field`) is `id`.
+fn account_name(database: &str, id_field: usize, id: u32) -> Option<&str> {
+    database
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let line_id: u32 = fields.nth(id_field - 1)?.parse().ok()?;
+            (line_id == id && !name.is_empty()).then_some(name)
+        })
+}
+
+fn add(selectors: &mut SelectorSet, kind: &str, value: &str) {
+    // A value no selector can hold (over-long, control characters) matches no entry either;
+    // leaving it out never grants more than including it would.
+    match Selector::new(UNIX_SELECTOR_TYPE, &format!("{kind}:{value}")) {
+        Ok(selector) => {
+            selectors.insert(selector);
+        }
+        Err(error) => tracing::warn!(%error, kind, "skipping unrepresentable unix selector"),
+    }
+}
+
+fn read_proc_file(path: &Path, pid: i32) -> Result<String, AttestError> {
+    std::fs::read_to_string(path).map_err(|source| proc_error(pid, path, source))
+}
+
+fn proc_error(pid: i32, path: &Path, source: io::Error) -> AttestError {
+    match source.kind() {
+        // ESRCH surfaces when the process dies between opening its directory and reading.
+        io::ErrorKind::NotFound => AttestError::ProcessGone { pid },
+        _ if source.raw_os_error() == Some(3) => AttestError::ProcessGone { pid },
+        _ => AttestError::Io {
+            path: path.to_owned(),
+            source,
+        },
+    }
+}
+
+/// An account database, or nothing when it cannot be read: names are optional selectors.
+fn read_optional(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|error| {
+        tracing::debug!(path = %path.display(), %error, "account database unreadable");
+        String::new()
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_counts_fields_after_the_last_parenthesis() {
+        let stat = "1234 (we ird) (name) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    987654 1000000 100 18446744073709551615";
+        assert_eq!(parse_start_time(stat), Ok(987_654));
+        assert!(parse_start_time("1234 no-paren S 1").is_err());
+        assert!(parse_start_time("1 (x) S 1 2").is_err());
+    }
+
+    #[test]
+    fn status_gives_effective_ids_and_groups() {
+        let status = "Name:\tx\nUid:\t1000\t1001\t1000\t1001\nGid:\t50\t51\t50\t51\n\
+                      Groups:\t4 24 27 \nVmRSS:\t1 kB\n";
+        assert_eq!(
+            ProcessStatus::parse(status),
+            Ok(ProcessStatus {
+                effective_uid: 1001,
+                effective_gid: 51,
+                supplementary_gids: vec![4, 24, 27],
+            })
+        );
+        let no_groups = "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n";
+        assert_eq!(
+            ProcessStatus::parse(no_groups).map(|s| s.supplementary_gids),
+            Ok(vec![])
+        );
+        assert!(ProcessStatus::parse("Gid:\t0\t0\t0\t0\n").is_err());
+        assert!(ProcessStatus::parse("Uid:\tx\ty\nGid:\t0\t0\n").is_err());
+    }
+
+    #[test]
+    fn account_names_come_from_the_numeric_id_field() {
+        let passwd = "# comment\nroot:x:0:0:root:/root:/bin/bash\n\
+                      nginx:x:101:101::/nonexistent:/usr/sbin/nologin\nbad:x:notanumber:1\n";
+        assert_eq!(account_name(passwd, 2, 0), Some("root"));
+        assert_eq!(account_name(passwd, 2, 101), Some("nginx"));
+        assert_eq!(account_name(passwd, 2, 5), None);
+        let group = "root:x:0:\nadm:x:4:syslog,alice\n";
+        assert_eq!(account_name(group, 2, 4), Some("adm"));
+        assert_eq!(account_name("", 2, 0), None);
+    }
+
+    #[test]
+    fn fake_proc_tree_is_attested_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc_root = dir.path().join("proc");
+        let process = proc_root.join("42");
+        std::fs::create_dir_all(&process).unwrap();
+        let stat = |start: u64| {
+            format!("42 (app) S 1 42 42 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start} 0 0\n")
+        };
+        std::fs::write(process.join("stat"), stat(777)).unwrap();
+        std::fs::write(
+            process.join("status"),
+            "Uid:\t7\t1000\t1000\t1000\nGid:\t7\t1000\t1000\t1000\nGroups:\t4 1000 99\n",
+        )
+        .unwrap();
+        let passwd = dir.path().join("passwd");
+        std::fs::write(&passwd, "alice:x:1000:1000::/home/alice:/bin/sh\n").unwrap();
+        let group = dir.path().join("group");
+        std::fs::write(&group, "adm:x:4:alice\nalice:x:1000:\n").unwrap();
+        let attestor =
+            UnixAttestor::with_paths(&UnixAttestorConfig::default(), proc_root, passwd, group);
+        let peer = PeerCredentials {
+            pid: Some(42),
+            uid: 1000,
+            gid: 1000,
+            start_time: Some(777),
+        };
+
+        let selectors: Vec<String> = attestor
+            .attest_blocking(&peer)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            selectors,
+            [
+                "unix:gid:1000",
+                "unix:group:alice",
+                "unix:supplementary_gid:1000",
+                "unix:supplementary_gid:4",
+                "unix:supplementary_gid:99",
+                "unix:supplementary_group:adm",
+                "unix:supplementary_group:alice",
+                "unix:uid:1000",
+                "unix:user:alice",
+            ]
+        );
+
+        let reused = PeerCredentials {
+            start_time: Some(776),
+            ..peer
+        };
+        assert!(matches!(
+            attestor.attest_blocking(&reused),
+            Err(AttestError::PidReused { pid: 42 })
+        ));
+        let other_uid = PeerCredentials { uid: 7, ..peer };
+        assert!(matches!(
+            attestor.attest_blocking(&other_uid),
+            Err(AttestError::CredentialsChanged { what: "uid", .. })
+        ));
+        let gone = PeerCredentials {
+            pid: Some(43),
+            ..peer
+        };
+        assert!(matches!(
+            attestor.attest_blocking(&gone),
+            Err(AttestError::ProcessGone { pid: 43 })
+        ));
+        assert!(matches!(
+            attestor.attest_blocking(&PeerCredentials { pid: None, ..peer }),
+            Err(AttestError::NoPid)
+        ));
+    }
+}

@@ -1,0 +1,305 @@
+//! Agent configuration, read from TOML. Unknown keys are rejected with their name.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lanyard_core::TrustDomain;
+use lanyard_core::keys::KeyType;
+use serde::Deserialize;
+
+/// Default Workload API socket.
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/lanyard/agent/public/api.sock";
+/// Default interval between syncs with the server.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// Default bound on cached X.509-SVIDs.
+pub const DEFAULT_X509_SVID_CACHE_SIZE: usize = 1000;
+/// Default bound on cached JWT-SVIDs.
+pub const DEFAULT_JWT_SVID_CACHE_SIZE: usize = 1000;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key, or a value of the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// A value parsed but is not acceptable.
+    #[error("invalid value for {key}: {reason}")]
+    Invalid {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The agent's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The server's TCP address, `host:port`.
+    pub server_address: String,
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// PEM file with the trust domain's CA certificates, used to authenticate the server
+    /// before the first attestation.
+    #[serde(default)]
+    pub trust_bundle_path: Option<PathBuf>,
+    /// Skip server authentication on first contact (check only the server's SPIFFE ID).
+    /// Insecure: anyone on the network path could impersonate the server once.
+    #[serde(default)]
+    pub insecure_bootstrap: bool,
+    /// Where the agent keeps its SVID, key and bundle; made owner-only.
+    pub data_dir: PathBuf,
+    /// The Workload API socket; its directory is world-accessible.
+    #[serde(default = "default_socket_path")]
+    pub socket_path: PathBuf,
+    /// A join token for the first attestation.
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// How to attest the node.
+    #[serde(default)]
+    pub node_attestor: NodeAttestorConfig,
+    /// How to identify workloads.
+    #[serde(default)]
+    pub workload_attestor: WorkloadAttestorConfig,
+    /// How often to sync entries and bundles.
+    #[serde(default = "default_sync_interval", with = "duration")]
+    pub sync_interval: Duration,
+    /// The most X.509-SVIDs kept.
+    #[serde(default = "default_x509_cache")]
+    pub x509_svid_cache_size: usize,
+    /// The most JWT-SVIDs kept.
+    #[serde(default = "default_jwt_cache")]
+    pub jwt_svid_cache_size: usize,
+    /// Key type of workload SVID keys.
+    #[serde(default, with = "key_type")]
+    pub workload_key_type: KeyType,
+    /// Log level.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    /// Log format: `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+/// Node attestor configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAttestorConfig {
+    /// Attest with an x509pop certificate and key.
+    #[serde(default)]
+    pub x509pop: Option<X509PopConfig>,
+}
+
+/// x509pop agent settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X509PopConfig {
+    /// PEM certificate (leaf first, then intermediates).
+    pub certificate_path: PathBuf,
+    /// PEM PKCS#8 private key.
+    pub private_key_path: PathBuf,
+}
+
+/// Workload attestor configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadAttestorConfig {
+    /// The Unix attestor (always on; this table tunes it).
+    #[serde(default)]
+    pub unix: UnixAttestorConfig,
+}
+
+/// Unix workload attestor settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnixAttestorConfig {
+    /// Also emit `unix:path` and `unix:sha256` of the caller's executable.
+    #[serde(default)]
+    pub discover_workload_path: bool,
+    /// Don't hash executables larger than this many bytes (0 = no limit).
+    #[serde(default)]
+    pub workload_size_limit: u64,
+}
+
+impl AgentConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// A configuration with defaults for everything but the essentials.
+    pub fn new(server_address: String, trust_domain: TrustDomain, data_dir: PathBuf) -> Self {
+        Self {
+            server_address,
+            trust_domain,
+            trust_bundle_path: None,
+            insecure_bootstrap: false,
+            data_dir,
+            socket_path: default_socket_path(),
+            join_token: None,
+            node_attestor: NodeAttestorConfig::default(),
+            workload_attestor: WorkloadAttestorConfig::default(),
+            sync_interval: DEFAULT_SYNC_INTERVAL,
+            x509_svid_cache_size: DEFAULT_X509_SVID_CACHE_SIZE,
+            jwt_svid_cache_size: DEFAULT_JWT_SVID_CACHE_SIZE,
+            workload_key_type: KeyType::EcP256,
+            log_level: default_log_level(),
+            log_format: default_log_format(),
+        }
+    }
+
+    /// Checks values that parse but make no sense together.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.trust_bundle_path.is_some() && self.insecure_bootstrap {
+            return Err(ConfigError::Invalid {
+                key: "insecure_bootstrap",
+                reason: "set either trust_bundle_path or insecure_bootstrap, not both".into(),
+            });
+        }
+        if self.join_token.is_some() && self.node_attestor.x509pop.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "join_token",
+                reason: "set either join_token or [node_attestor.x509pop], not both".into(),
+            });
+        }
+        if self.sync_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "sync_interval",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        if self.x509_svid_cache_size == 0 || self.jwt_svid_cache_size == 0 {
+            return Err(ConfigError::Invalid {
+                key: "x509_svid_cache_size",
+                reason: "cache sizes must be greater than zero".into(),
+            });
+        }
+        if matches!(self.workload_key_type, KeyType::Rsa2048 | KeyType::Rsa4096) {
+            return Err(ConfigError::Invalid {
+                key: "workload_key_type",
+                reason: "RSA keys cannot be generated by this build; use ec-p256 or ec-p384".into(),
+            });
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid {
+                key: "log_format",
+                reason: format!("{:?} is not text or json", self.log_format),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn default_socket_path() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET_PATH)
+}
+fn default_sync_interval() -> Duration {
+    DEFAULT_SYNC_INTERVAL
+}
+fn default_x509_cache() -> usize {
+    DEFAULT_X509_SVID_CACHE_SIZE
+}
+fn default_jwt_cache() -> usize {
+    DEFAULT_JWT_SVID_CACHE_SIZE
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_log_format() -> String {
+    "text".to_owned()
+}
+
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration ({e})")))
+    }
+}
+
+mod key_type {
+    use lanyard_core::keys::KeyType;
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<KeyType, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_parses() {
+        let c = AgentConfig::parse(
+            r#"
+            server_address = "127.0.0.1:8081"
+            trust_domain = "example.org"
+            trust_bundle_path = "/etc/lanyard/bundle.pem"
+            data_dir = "/var/lib/lanyard/agent"
+            join_token = "abc"
+            sync_interval = "10s"
+            [workload_attestor.unix]
+            discover_workload_path = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.socket_path, Path::new(DEFAULT_SOCKET_PATH));
+        assert_eq!(c.sync_interval, Duration::from_secs(10));
+        assert!(c.workload_attestor.unix.discover_workload_path);
+        assert_eq!(c.join_token.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let c = AgentConfig::parse(include_str!("../../../deploy/agent.toml")).unwrap();
+        assert_eq!(c.server_address, "127.0.0.1:8081");
+        assert!(!c.insecure_bootstrap);
+    }
+
+    #[test]
+    fn unknown_and_conflicting_keys_are_named() {
+        let base = "server_address = \"a:1\"\ntrust_domain = \"td\"\ndata_dir = \"/d\"\n";
+        let err = AgentConfig::parse(&format!("{base}sync_intervall = \"1s\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sync_intervall"), "{err}");
+        let err = AgentConfig::parse(&format!(
+            "{base}insecure_bootstrap = true\ntrust_bundle_path = \"/b\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("insecure_bootstrap"), "{err}");
+        let err = AgentConfig::parse(&format!("{base}sync_interval = \"0s\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sync_interval"), "{err}");
+    }
+}

@@ -1,0 +1,648 @@
+//! The agent's end of the server connection: TLS dialled the way SPIRE's agent dials it, and
+//! one function per RPC that checks the response as SPIRE's agent relies on it.
+//!
+//! Attestation and the `GetBundle` that follows it use a connection without a client
+//! certificate; every other call uses mTLS with the agent SVID. The mTLS channel is cached
+//! and dropped after any RPC error and whenever the agent SVID changes, as SPIRE does.
+
+use std::fmt;
+use std::io;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use hyper_util::rt::TokioIo;
+use lanyard_core::keys::KeyPair;
+use lanyard_core::tls::{InsecureBootstrapVerifier, SpiffeServerVerifier, client_config};
+use lanyard_core::x509::{self, X509Svid};
+use lanyard_core::{SpiffeId, TrustBundle, TrustDomain, x509pop};
+use lanyard_proto::convert::bundle_from_proto;
+use lanyard_proto::spire::api::server::agent::v1 as agent_pb;
+use lanyard_proto::spire::api::server::agent::v1::agent_client::AgentClient;
+use lanyard_proto::spire::api::server::bundle::v1 as bundle_pb;
+use lanyard_proto::spire::api::server::bundle::v1::bundle_client::BundleClient;
+use lanyard_proto::spire::api::server::svid::v1 as svid_pb;
+use lanyard_proto::spire::api::server::svid::v1::svid_client::SvidClient;
+use lanyard_proto::spire::api::types;
+use lanyard_proto::spire::api::types::PermissionDeniedDetails;
+use lanyard_proto::spire::api::types::permission_denied_details::Reason;
+use prost::Message as _;
+use rustls::pki_types::ServerName;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// The deadline of one RPC, streams included (SPIRE's agent uses 30 s).
+pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long establishing a TCP and TLS connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why talking to the server failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    /// The RPC failed (including connection failures, which tonic reports as statuses).
+    #[error("{rpc}: {}", describe(.status))]
+    Rpc { rpc: &'static str, status: Status },
+    /// The server answered something the agent cannot use.
+    #[error("{rpc}: {reason}")]
+    InvalidResponse { rpc: &'static str, reason: String },
+    /// A TLS configuration could not be built from the agent's credentials.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The configured server address is not usable.
+    #[error("server_address {address:?}: {reason}")]
+    Address { address: String, reason: String },
+    /// Building a key, CSR or attestation message failed locally.
+    #[error("{0}")]
+    Local(String),
+}
+
+impl ClientError {
+    /// The `PermissionDeniedDetails` reason of a refused RPC, if it carries one.
+    pub(crate) fn denial_reason(&self) -> Option<Reason> {
+        match self {
+            Self::Rpc { status, .. } => denial_reason(status),
+            _ => None,
+        }
+    }
+
+    /// The gRPC code of a failed RPC.
+    pub(crate) fn code(&self) -> Option<Code> {
+        match self {
+            Self::Rpc { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    fn invalid(rpc: &'static str, reason: impl fmt::Display) -> Self {
+        Self::InvalidResponse {
+            rpc,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+fn describe(status: &Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    // Connection failures carry their cause (refused, TLS) in the source chain.
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn rpc_error(rpc: &'static str) -> impl Fn(Status) -> ClientError {
+    move |status| ClientError::Rpc { rpc, status }
+}
+
+/// Runs `future` with the RPC deadline.
+pub(crate) async fn with_deadline<T>(
+    rpc: &'static str,
+    future: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout(RPC_TIMEOUT, future).await {
+        Ok(result) => result,
+        Err(_) => Err(ClientError::Rpc {
+            rpc,
+            status: Status::deadline_exceeded("the server did not answer in time"),
+        }),
+    }
+}
+
+/// `google.rpc.Status`, the payload of the `grpc-status-details-bin` trailer.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<prost_types::Any>,
+}
+
+/// The reason SPIRE's server attaches to an authorization failure: a
+/// `spire.api.types.PermissionDeniedDetails` in the `google.rpc.Status` details of a
+/// `PermissionDenied` status. Like SPIRE's agent, only that code and detail type count.
+pub(crate) fn denial_reason(status: &Status) -> Option<Reason> {
+    if status.code() != Code::PermissionDenied {
+        return None;
+    }
+    let rpc_status = RpcStatus::decode(status.details()).ok()?;
+    rpc_status.details.iter().find_map(|any| {
+        let details = any.to_msg::<PermissionDeniedDetails>().ok()?;
+        Reason::try_from(details.reason).ok()
+    })
+}
+
+/// The agent's own SVID and key, presented on mTLS connections.
+pub(crate) struct AgentCredentials {
+    pub(crate) svid: X509Svid,
+    pub(crate) not_before: SystemTime,
+    pub(crate) key: Arc<KeyPair>,
+}
+
+impl fmt::Debug for AgentCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentCredentials")
+            .field("svid", &self.svid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to authenticate the server on a connection without a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ServerTrust {
+    /// Verify its SVID against the current bundle.
+    Bundle,
+    /// Check only its SPIFFE ID (`insecure_bootstrap`, before any bundle is known).
+    InsecureBootstrap,
+}
+
+/// Connections to the server, shared by the manager and the JWT minter.
+pub(crate) struct ServerClient {
+    address: String,
+    endpoint: Endpoint,
+    server_name: ServerName<'static>,
+    server_id: SpiffeId,
+    /// The trust domain's X.509 authorities, read on every handshake.
+    authorities: Arc<RwLock<Vec<Vec<u8>>>>,
+    credentials: RwLock<Option<Arc<AgentCredentials>>>,
+    channel: Mutex<Option<Channel>>,
+}
+
+impl fmt::Debug for ServerClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerClient")
+            .field("address", &self.address)
+            .field("server_id", &self.server_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerClient {
+    /// A client for the server at `address` (`host:port`) of `trust_domain`.
+    pub(crate) fn new(address: &str, trust_domain: &TrustDomain) -> Result<Self, ClientError> {
+        let address_error = |reason: String| ClientError::Address {
+            address: address.to_owned(),
+            reason,
+        };
+        let host = host_of(address).ok_or_else(|| address_error("expected host:port".into()))?;
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| address_error(e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(RPC_TIMEOUT);
+        // Like grpc-go, send the host as SNI (rustls sends none for IP addresses). The server
+        // ignores it, so a host that is not a valid DNS name just falls back to a fixed name.
+        let server_name = ServerName::try_from(host.to_owned())
+            .or_else(|_| ServerName::try_from("lanyard-server"))
+            .map_err(|e| address_error(e.to_string()))?;
+        Ok(Self {
+            address: address.to_owned(),
+            endpoint,
+            server_name,
+            server_id: trust_domain.server_id(),
+            authorities: Arc::new(RwLock::new(Vec::new())),
+            credentials: RwLock::new(None),
+            channel: Mutex::new(None),
+        })
+    }
+
+    /// Trusts `bundle`'s X.509 authorities for the server from the next handshake on.
+    pub(crate) fn set_bundle(&self, bundle: &TrustBundle) {
+        let authorities = bundle
+            .x509_authorities()
+            .iter()
+            .map(|a| a.der().to_vec())
+            .collect();
+        *self.authorities.write().unwrap_or_else(|e| e.into_inner()) = authorities;
+    }
+
+    /// Presents `credentials` from now on, dropping the connection made with the old ones.
+    pub(crate) fn set_credentials(&self, credentials: Arc<AgentCredentials>) {
+        *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = Some(credentials);
+        self.reset();
+    }
+
+    /// The credentials presented on mTLS connections.
+    pub(crate) fn credentials(&self) -> Option<Arc<AgentCredentials>> {
+        self.credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Drops the cached mTLS connection; the next call dials again.
+    pub(crate) fn reset(&self) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The mTLS channel, dialled lazily on first use.
+    pub(crate) fn channel(&self) -> Result<Channel, ClientError> {
+        let mut cached = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(channel) = cached.as_ref() {
+            return Ok(channel.clone());
+        }
+        let credentials = self
+            .credentials()
+            .ok_or_else(|| ClientError::Local("the agent has no SVID yet".into()))?;
+        let config = client_config(
+            Arc::new(self.verifier()),
+            Some((credentials.svid.cert_chain(), &credentials.key)),
+        )?;
+        let channel = self.dial(config);
+        *cached = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// A new channel without a client certificate, for attestation and the bundle fetch
+    /// that follows it.
+    pub(crate) fn bootstrap_channel(&self, trust: ServerTrust) -> Result<Channel, ClientError> {
+        let config = match trust {
+            ServerTrust::Bundle => client_config(Arc::new(self.verifier()), None)?,
+            ServerTrust::InsecureBootstrap => client_config(
+                Arc::new(InsecureBootstrapVerifier::new(self.server_id.clone())),
+                None,
+            )?,
+        };
+        Ok(self.dial(config))
+    }
+
+    fn verifier(&self) -> SpiffeServerVerifier {
+        let authorities = Arc::clone(&self.authorities);
+        SpiffeServerVerifier::new(
+            self.server_id.clone(),
+            Arc::new(move || {
+                authorities
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+            }),
+        )
+    }
+
+    fn dial(&self, config: rustls::ClientConfig) -> Channel {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let address = self.address.clone();
+        let server_name = self.server_name.clone();
+        self.endpoint
+            .connect_with_connector_lazy(tower::service_fn(move |_| {
+                let connector = connector.clone();
+                let address = address.clone();
+                let server_name = server_name.clone();
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(address.as_str()).await?;
+                    tcp.set_nodelay(true)?;
+                    let tls = connector.connect(server_name, tcp).await?;
+                    Ok::<_, io::Error>(TokioIo::new(tls))
+                }
+            }))
+    }
+}
+
+/// The host part of `host:port` or `[v6]:port`.
+fn host_of(address: &str) -> Option<&str> {
+    let (host, port) = address.rsplit_once(':')?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return None;
+    }
+    Some(
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host),
+    )
+}
+
+/// How the node proves its identity.
+pub(crate) enum Attestor {
+    /// A one-time join token.
+    JoinToken(String),
+    /// An x509pop certificate chain (leaf first) and the leaf's key.
+    X509Pop {
+        chain: Vec<Vec<u8>>,
+        key: Box<KeyPair>,
+    },
+}
+
+impl fmt::Debug for Attestor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The token is a credential until it is used.
+        match self {
+            Self::JoinToken(_) => f.write_str("JoinToken"),
+            Self::X509Pop { chain, .. } => f
+                .debug_struct("X509Pop")
+                .field("n_certs", &chain.len())
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// What a successful attestation returns.
+#[derive(Debug)]
+pub(crate) struct Attested {
+    /// The agent SVID chain, leaf first.
+    pub(crate) chain: Vec<Vec<u8>>,
+    /// Whether the agent re-attests instead of renewing.
+    pub(crate) reattestable: bool,
+}
+
+const ATTEST_AGENT: &str = "AttestAgent";
+
+/// Runs `AttestAgent` for an agent key `key`: the parameters, then a challenge response
+/// for each challenge (x509pop), until the result.
+pub(crate) async fn attest_agent(
+    channel: Channel,
+    attestor: &Attestor,
+    key: &KeyPair,
+) -> Result<Attested, ClientError> {
+    use agent_pb::attest_agent_request::Step as RequestStep;
+    use agent_pb::attest_agent_response::Step as ResponseStep;
+
+    let csr = x509::build_csr(key, None)
+        .map_err(|e| ClientError::Local(format!("building the agent CSR: {e}")))?;
+    let (kind, payload) = match attestor {
+        Attestor::JoinToken(token) => ("join_token", token.as_bytes().to_vec()),
+        Attestor::X509Pop { chain, .. } => (
+            x509pop::ATTESTOR_NAME,
+            x509pop::build_attestation_payload(chain),
+        ),
+    };
+    let (requests, outbound) = mpsc::channel(2);
+    let closed = || ClientError::invalid(ATTEST_AGENT, "the server closed the stream");
+    requests
+        .send(agent_pb::AttestAgentRequest {
+            step: Some(RequestStep::Params(
+                agent_pb::attest_agent_request::Params {
+                    data: Some(types::AttestationData {
+                        r#type: kind.to_owned(),
+                        payload,
+                    }),
+                    params: Some(agent_pb::AgentX509svidParams { csr }),
+                },
+            )),
+        })
+        .await
+        .map_err(|_| closed())?;
+    let mut responses = AgentClient::new(channel)
+        .attest_agent(ReceiverStream::new(outbound))
+        .await
+        .map_err(rpc_error(ATTEST_AGENT))?
+        .into_inner();
+    loop {
+        let response = responses
+            .message()
+            .await
+            .map_err(rpc_error(ATTEST_AGENT))?
+            .ok_or_else(|| {
+                ClientError::invalid(ATTEST_AGENT, "the stream ended without a result")
+            })?;
+        match response.step {
+            Some(ResponseStep::Challenge(challenge)) => {
+                let Attestor::X509Pop { key: pop_key, .. } = attestor else {
+                    return Err(ClientError::invalid(
+                        ATTEST_AGENT,
+                        "server issued unexpected challenge",
+                    ));
+                };
+                let answer = x509pop::answer_challenge(pop_key, &challenge).map_err(|e| {
+                    ClientError::Local(format!("answering the x509pop challenge: {e}"))
+                })?;
+                requests
+                    .send(agent_pb::AttestAgentRequest {
+                        step: Some(RequestStep::ChallengeResponse(answer)),
+                    })
+                    .await
+                    .map_err(|_| closed())?;
+            }
+            Some(ResponseStep::Result(result)) => {
+                let svid = result
+                    .svid
+                    .ok_or_else(|| ClientError::invalid(ATTEST_AGENT, "the result has no SVID"))?;
+                if svid.cert_chain.is_empty() {
+                    return Err(ClientError::invalid(
+                        ATTEST_AGENT,
+                        "the SVID has no certificates",
+                    ));
+                }
+                // Half-close and let the server end the stream.
+                drop(requests);
+                let _ = responses.message().await;
+                return Ok(Attested {
+                    chain: svid.cert_chain,
+                    reattestable: result.reattestable,
+                });
+            }
+            None => {
+                return Err(ClientError::invalid(
+                    ATTEST_AGENT,
+                    "a response without a step",
+                ));
+            }
+        }
+    }
+}
+
+const GET_BUNDLE: &str = "GetBundle";
+
+/// The trust domain's bundle, which must belong to `trust_domain` and hold at least one
+/// X.509 authority (an empty one would leave the agent unable to verify the server).
+pub(crate) async fn get_bundle(
+    channel: Channel,
+    trust_domain: &TrustDomain,
+) -> Result<TrustBundle, ClientError> {
+    let bundle = BundleClient::new(channel)
+        .get_bundle(bundle_pb::GetBundleRequest::default())
+        .await
+        .map_err(rpc_error(GET_BUNDLE))?
+        .into_inner();
+    let bundle = bundle_from_proto(&bundle).map_err(|e| ClientError::invalid(GET_BUNDLE, e))?;
+    if bundle.trust_domain() != trust_domain {
+        return Err(ClientError::invalid(
+            GET_BUNDLE,
+            format!(
+                "the bundle is for {}, not {trust_domain}",
+                bundle.trust_domain()
+            ),
+        ));
+    }
+    if bundle.x509_authorities().is_empty() {
+        return Err(ClientError::invalid(
+            GET_BUNDLE,
+            "the bundle has no X.509 authorities",
+        ));
+    }
+    Ok(bundle)
+}
+
+const GET_FEDERATED_BUNDLE: &str = "GetFederatedBundle";
+
+/// The bundle of a federated trust domain; `None` when the server has none (NotFound).
+pub(crate) async fn get_federated_bundle(
+    channel: Channel,
+    trust_domain: &TrustDomain,
+) -> Result<Option<TrustBundle>, ClientError> {
+    let result = BundleClient::new(channel)
+        .get_federated_bundle(bundle_pb::GetFederatedBundleRequest {
+            trust_domain: trust_domain.name().to_owned(),
+            output_mask: None,
+        })
+        .await;
+    let bundle = match result {
+        Ok(response) => response.into_inner(),
+        Err(status) if status.code() == Code::NotFound => return Ok(None),
+        Err(status) => return Err(rpc_error(GET_FEDERATED_BUNDLE)(status)),
+    };
+    let bundle =
+        bundle_from_proto(&bundle).map_err(|e| ClientError::invalid(GET_FEDERATED_BUNDLE, e))?;
+    if bundle.trust_domain() != trust_domain {
+        return Err(ClientError::invalid(
+            GET_FEDERATED_BUNDLE,
+            format!(
+                "asked for {trust_domain}, got the bundle of {}",
+                bundle.trust_domain()
+            ),
+        ));
+    }
+    Ok(Some(bundle))
+}
+
+const BATCH_NEW_X509_SVID: &str = "BatchNewX509SVID";
+
+/// Mints one X509-SVID per parameter. Results come in request order; there may be fewer
+/// than parameters, never more.
+pub(crate) async fn batch_new_x509_svid(
+    channel: Channel,
+    params: Vec<svid_pb::NewX509svidParams>,
+) -> Result<Vec<svid_pb::batch_new_x509svid_response::Result>, ClientError> {
+    let n_params = params.len();
+    let results = SvidClient::new(channel)
+        .batch_new_x509svid(svid_pb::BatchNewX509svidRequest { params })
+        .await
+        .map_err(rpc_error(BATCH_NEW_X509_SVID))?
+        .into_inner()
+        .results;
+    if results.len() > n_params {
+        return Err(ClientError::invalid(
+            BATCH_NEW_X509_SVID,
+            format!("{} results for {n_params} requests", results.len()),
+        ));
+    }
+    Ok(results)
+}
+
+const NEW_JWT_SVID: &str = "NewJWTSVID";
+
+/// Mints a JWT-SVID for an entry. The response must have a token, and non-zero `issued_at`
+/// and `expires_at` in that order.
+pub(crate) async fn new_jwt_svid(
+    channel: Channel,
+    entry_id: &str,
+    audiences: &[String],
+) -> Result<types::Jwtsvid, ClientError> {
+    let svid = SvidClient::new(channel)
+        .new_jwtsvid(svid_pb::NewJwtsvidRequest {
+            entry_id: entry_id.to_owned(),
+            audience: audiences.to_vec(),
+        })
+        .await
+        .map_err(rpc_error(NEW_JWT_SVID))?
+        .into_inner()
+        .svid
+        .ok_or_else(|| ClientError::invalid(NEW_JWT_SVID, "the response has no SVID"))?;
+    if svid.token.is_empty() {
+        return Err(ClientError::invalid(NEW_JWT_SVID, "the SVID has no token"));
+    }
+    if svid.issued_at <= 0 || svid.expires_at <= 0 || svid.issued_at > svid.expires_at {
+        return Err(ClientError::invalid(
+            NEW_JWT_SVID,
+            "issued_at and expires_at must be set and in order",
+        ));
+    }
+    Ok(svid)
+}
+
+const RENEW_AGENT: &str = "RenewAgent";
+
+/// Renews the agent SVID for the key behind `csr`; returns the new chain, leaf first.
+pub(crate) async fn renew_agent(
+    channel: Channel,
+    csr: Vec<u8>,
+) -> Result<Vec<Vec<u8>>, ClientError> {
+    let svid = AgentClient::new(channel)
+        .renew_agent(agent_pb::RenewAgentRequest {
+            params: Some(agent_pb::AgentX509svidParams { csr }),
+        })
+        .await
+        .map_err(rpc_error(RENEW_AGENT))?
+        .into_inner()
+        .svid
+        .ok_or_else(|| ClientError::invalid(RENEW_AGENT, "the response has no SVID"))?;
+    if svid.cert_chain.is_empty() {
+        return Err(ClientError::invalid(
+            RENEW_AGENT,
+            "the SVID has no certificates",
+        ));
+    }
+    Ok(svid.cert_chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_reason(reason: Reason) -> Status {
+        let any = prost_types::Any::from_msg(&PermissionDeniedDetails {
+            reason: reason as i32,
+        })
+        .unwrap();
+        let details = RpcStatus {
+            code: Code::PermissionDenied as i32,
+            message: "authorization denied for method /m".into(),
+            details: vec![any],
+        };
+        Status::with_details(
+            Code::PermissionDenied,
+            "authorization denied for method /m",
+            details.encode_to_vec().into(),
+        )
+    }
+
+    #[test]
+    fn denial_reasons_are_read_from_the_status_details() {
+        for reason in [
+            Reason::AgentBanned,
+            Reason::AgentExpired,
+            Reason::AgentNotActive,
+            Reason::AgentNotAttested,
+            Reason::AgentMustReattest,
+        ] {
+            assert_eq!(denial_reason(&with_reason(reason)), Some(reason));
+        }
+        assert_eq!(
+            denial_reason(&Status::permission_denied("no details")),
+            None
+        );
+        // Only PermissionDenied counts, as in SPIRE's agent.
+        let other = Status::with_details(
+            Code::Internal,
+            "x",
+            with_reason(Reason::AgentBanned).details().to_vec().into(),
+        );
+        assert_eq!(denial_reason(&other), None);
+        let garbage = Status::with_details(Code::PermissionDenied, "x", vec![1, 2, 3].into());
+        assert_eq!(denial_reason(&garbage), None);
+    }
+
+    #[test]
+    fn hosts_of_addresses() {
+        assert_eq!(host_of("127.0.0.1:8081"), Some("127.0.0.1"));
+        assert_eq!(host_of("spire.example.org:443"), Some("spire.example.org"));
+        assert_eq!(host_of("[::1]:8081"), Some("::1"));
+        assert_eq!(host_of("no-port"), None);
+        assert_eq!(host_of(":8081"), None);
+        assert_eq!(host_of("host:http"), None);
+    }
+}

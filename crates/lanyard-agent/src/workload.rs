@@ -1,0 +1,1086 @@
+//! The SPIFFE Workload API on the agent's public Unix socket, wire-compatible with SPIRE's
+//! agent so that go-spiffe, py-spiffe, java-spiffe and the `spiffe` crate work unchanged.
+//!
+//! The caller is identified from the kernel's peer credentials of the connection (never from
+//! anything it sends), attested into selectors by a [`WorkloadAttestor`], and served from
+//! the manager's latest [`Snapshot`]. Streaming RPCs send the complete state at once and
+//! again whenever what this caller would get changes. Status codes and messages are SPIRE's
+//! where clients depend on them (`no identity issued`, `security header missing from
+//! request`, `audience must be specified`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use lanyard_core::id::IdError;
+use lanyard_core::jwt::{JwtError, validate_jwt_svid};
+use lanyard_core::{SelectorSet, SpiffeId, TrustBundle, TrustDomain};
+use lanyard_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use lanyard_proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse,
+    WitsvidRequest, WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid,
+    X509svidRequest, X509svidResponse,
+};
+use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::{Connected, Router};
+use tonic::{Request, Response, Status};
+
+use crate::attestor::{AttestError, PeerCredentials, WorkloadAttestor};
+use crate::cache::{CachedEntry, JwtMintError, JwtMinter, Snapshot};
+
+/// The gRPC metadata key every Workload API request must carry with the value `true`.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// How long a request waits for the agent's first sync, or a stream for the caller's first
+/// X.509-SVIDs, before answering Unavailable (which clients retry with backoff).
+pub const DEFAULT_INITIAL_WAIT: Duration = Duration::from_secs(10);
+
+/// The Workload API socket's mode: workloads of every UID must be able to connect.
+const SOCKET_MODE: u32 = 0o777;
+/// Mode of directories created for the socket: anyone may enter, only the agent may write.
+const SOCKET_DIR_MODE: u32 = 0o755;
+
+/// Claims of a foreign trust domain's JWT-SVID that `ValidateJWTSVID` returns; the others
+/// are dropped, as SPIRE does without `allowed_foreign_jwt_claims`.
+const FOREIGN_CLAIMS_KEPT: [&str; 3] = ["sub", "aud", "exp"];
+
+/// The source of the current time.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// The Workload API service wrapped in its security-header check, ready for a tonic
+/// [`Router`]. Only its own paths (`/SpiffeWorkloadAPI/…`) are checked: other services on
+/// the same socket (Envoy SDS, health) do not need the header.
+pub type WorkloadApiService = InterceptedService<
+    SpiffeWorkloadApiServer<WorkloadApi>,
+    fn(Request<()>) -> Result<Request<()>, Status>,
+>;
+
+/// Why a Workload API request failed. [`WorkloadError::into_status`] is the one place these
+/// become gRPC statuses; the messages that clients match on are SPIRE's.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkloadError {
+    /// The request lacks exactly one `workload.spiffe.io: true` metadata entry.
+    #[error("security header missing from request")]
+    MissingSecurityHeader,
+    /// The connection carries no usable peer credentials.
+    #[error("{0}")]
+    CallerUnknown(String),
+    /// The caller could not be attested.
+    #[error(transparent)]
+    Attestation(AttestError),
+    /// The caller matches no registration entry.
+    #[error("no identity issued")]
+    NoIdentity,
+    /// `audience` is empty or has an empty value.
+    #[error("audience must be specified")]
+    NoAudience,
+    /// `ValidateJWTSVID` was called without a token.
+    #[error("svid must be specified")]
+    NoSvid,
+    /// The requested SPIFFE ID does not parse.
+    #[error("invalid requested SPIFFE ID: {0}")]
+    InvalidSpiffeId(IdError),
+    /// The JWT-SVID did not validate.
+    #[error("{0}")]
+    InvalidToken(JwtError),
+    /// A JWT-SVID could not be minted.
+    #[error("could not fetch JWT-SVID: {0}")]
+    JwtMint(JwtMintError),
+    /// The agent is not ready to answer yet.
+    #[error("{0}")]
+    NotReady(&'static str),
+    /// The agent is stopping.
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+    /// The RPC is not served.
+    #[error("{0} is not supported by this agent")]
+    Unimplemented(&'static str),
+}
+
+impl WorkloadError {
+    /// The gRPC status for this error.
+    pub fn into_status(self) -> Status {
+        let message = self.to_string();
+        match self {
+            Self::MissingSecurityHeader
+            | Self::NoAudience
+            | Self::NoSvid
+            | Self::InvalidSpiffeId(_)
+            | Self::InvalidToken(_) => Status::invalid_argument(message),
+            Self::CallerUnknown(_) => Status::internal(message),
+            Self::Attestation(error) if error.is_caller_unverified() => Status::unauthenticated(
+                format!("could not verify existence of the original caller: {error}"),
+            ),
+            Self::Attestation(error) => {
+                Status::unavailable(format!("workload attestation failed: {error}"))
+            }
+            Self::NoIdentity | Self::JwtMint(JwtMintError::NotAuthorized(_)) => {
+                Status::permission_denied("no identity issued")
+            }
+            Self::JwtMint(_) | Self::NotReady(_) | Self::ShuttingDown => {
+                Status::unavailable(message)
+            }
+            Self::Unimplemented(_) => Status::unimplemented(message),
+        }
+    }
+}
+
+impl From<WorkloadError> for Status {
+    fn from(error: WorkloadError) -> Self {
+        error.into_status()
+    }
+}
+
+/// The SPIFFE Workload API handler.
+#[derive(Clone)]
+pub struct WorkloadApi {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    jwt_minter: Arc<dyn JwtMinter>,
+    attestor: Arc<dyn WorkloadAttestor>,
+    clock: Clock,
+    initial_wait: Duration,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl std::fmt::Debug for WorkloadApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadApi")
+            .field("initial_wait", &self.initial_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Ends every open Workload API stream (with Unavailable, so clients reconnect). A graceful
+/// server shutdown waits for open streams, which a workload would otherwise hold forever.
+#[derive(Debug, Clone)]
+pub struct StreamStopper {
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl StreamStopper {
+    /// Ends all open streams, and any opened from now on.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl WorkloadApi {
+    /// A handler serving snapshots from `snapshots`, minting JWT-SVIDs through `jwt_minter`
+    /// and identifying callers with `attestor`, on the system clock.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        jwt_minter: Arc<dyn JwtMinter>,
+        attestor: Arc<dyn WorkloadAttestor>,
+    ) -> Self {
+        Self {
+            snapshots,
+            jwt_minter,
+            attestor,
+            clock: Arc::new(SystemTime::now),
+            initial_wait: DEFAULT_INITIAL_WAIT,
+            stop: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    /// The same handler reading time from `clock`.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The same handler waiting at most `wait` for the first sync or the first X.509-SVIDs.
+    pub fn with_initial_wait(mut self, wait: Duration) -> Self {
+        self.initial_wait = wait;
+        self
+    }
+
+    /// A handle that ends this handler's open streams.
+    pub fn stream_stopper(&self) -> StreamStopper {
+        StreamStopper {
+            stop: Arc::clone(&self.stop),
+        }
+    }
+
+    /// The service with its security-header check, for [`Router::add_service`].
+    pub fn into_service(self) -> WorkloadApiService {
+        SpiffeWorkloadApiServer::with_interceptor(
+            self,
+            check_security_header as fn(Request<()>) -> Result<Request<()>, Status>,
+        )
+    }
+
+    async fn attest<T>(&self, request: &Request<T>) -> Result<SelectorSet, WorkloadError> {
+        let peer = caller(request)?;
+        let selectors = self
+            .attestor
+            .attest(&peer)
+            .await
+            .map_err(WorkloadError::Attestation)?;
+        tracing::debug!(pid = ?peer.pid, uid = peer.uid, ?selectors, "workload attested");
+        Ok(selectors)
+    }
+
+    /// The latest snapshot once the agent has synced at least once.
+    async fn synced_snapshot(&self) -> Result<Arc<Snapshot>, WorkloadError> {
+        let mut snapshots = self.snapshots.clone();
+        let synced = async move {
+            snapshots
+                .wait_for(|snapshot| snapshot.synced)
+                .await
+                .map(|snapshot| Arc::clone(&snapshot))
+        };
+        match tokio::time::timeout(self.initial_wait, synced).await {
+            Ok(Ok(snapshot)) => Ok(snapshot),
+            Ok(Err(_)) => Err(WorkloadError::ShuttingDown),
+            Err(_) => Err(WorkloadError::NotReady(NOT_SYNCED)),
+        }
+    }
+
+    /// Runs `step` on the current snapshot and again on every new one (and at the times it
+    /// asks for), sending each message that differs from the last one sent.
+    fn watch<T, F>(&self, mut step: F) -> ReceiverStream<Result<T, Status>>
+    where
+        T: Clone + PartialEq + Send + 'static,
+        F: FnMut(&Snapshot, SystemTime) -> Step<T> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(1);
+        let mut snapshots = self.snapshots.clone();
+        let mut stop = self.stop.subscribe();
+        let clock = Arc::clone(&self.clock);
+        let give_up_at = tokio::time::Instant::now() + self.initial_wait;
+        tokio::spawn(async move {
+            let mut last_sent: Option<T> = None;
+            loop {
+                let snapshot = Arc::clone(&snapshots.borrow_and_update());
+                let now = clock();
+                let (recheck_at, waiting_for) = match step(&snapshot, now) {
+                    Step::Send {
+                        message,
+                        recheck_at,
+                    } => {
+                        if last_sent.as_ref() != Some(&message) {
+                            if !deliver(&tx, Ok(message.clone()), &mut stop).await {
+                                return;
+                            }
+                            last_sent = Some(message);
+                        }
+                        (recheck_at, None)
+                    }
+                    Step::Wait { reason, recheck_at } => (recheck_at, Some(reason)),
+                    Step::Fail(error) => {
+                        deliver(&tx, Err(error.into_status()), &mut stop).await;
+                        return;
+                    }
+                };
+                // Only the first message has a deadline; later, waiting means the workload
+                // keeps what it has until the manager publishes more.
+                let give_up = match waiting_for {
+                    Some(reason) if last_sent.is_none() => Some(reason),
+                    _ => None,
+                };
+                let outcome = tokio::select! {
+                    changed = snapshots.changed() => match changed {
+                        Ok(()) => None,
+                        Err(_) => Some(WorkloadError::ShuttingDown),
+                    },
+                    () = sleep_until_time(recheck_at, now) => None,
+                    reason = give_up_after(give_up, give_up_at) => {
+                        Some(WorkloadError::NotReady(reason))
+                    }
+                    () = stopped(&mut stop) => Some(WorkloadError::ShuttingDown),
+                    () = tx.closed() => return,
+                };
+                if let Some(error) = outcome {
+                    deliver(&tx, Err(error.into_status()), &mut stop).await;
+                    return;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+const NOT_SYNCED: &str = "the agent has not synced with the server yet";
+const SVIDS_PENDING: &str = "X509-SVIDs for this workload are not available yet";
+
+/// What a streaming RPC does with one snapshot.
+enum Step<T> {
+    /// Send this (unless it equals the last message), and look again at `recheck_at`.
+    Send {
+        message: T,
+        recheck_at: Option<SystemTime>,
+    },
+    /// Send nothing yet.
+    Wait {
+        reason: &'static str,
+        recheck_at: Option<SystemTime>,
+    },
+    /// End the stream with this error.
+    Fail(WorkloadError),
+}
+
+async fn sleep_until_time(at: Option<SystemTime>, now: SystemTime) {
+    match at {
+        Some(at) => tokio::time::sleep(at.duration_since(now).unwrap_or_default()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn give_up_after(reason: Option<&'static str>, at: tokio::time::Instant) -> &'static str {
+    match reason {
+        Some(reason) => {
+            tokio::time::sleep_until(at).await;
+            reason
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends `item` unless the streams are stopped first: a workload that does not read must
+/// not keep the server from shutting down. Returns whether it was sent.
+async fn deliver<T>(
+    tx: &mpsc::Sender<Result<T, Status>>,
+    item: Result<T, Status>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        biased;
+        sent = tx.send(item) => sent.is_ok(),
+        () = stopped(stop) => false,
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // A dropped sender (the handler is gone) stops streams too.
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
+/// The key of a trust domain in the Workload API's bundle maps: its SPIFFE ID.
+fn bundle_key(trust_domain: &TrustDomain) -> String {
+    trust_domain.id().to_string()
+}
+
+/// The caller's full X.509 state: its SVIDs, own bundle and federated bundles.
+fn x509_svid_step(
+    snapshot: &Snapshot,
+    selectors: &SelectorSet,
+    now: SystemTime,
+) -> Step<X509svidResponse> {
+    if !snapshot.synced {
+        return Step::Wait {
+            reason: NOT_SYNCED,
+            recheck_at: None,
+        };
+    }
+    let entries = snapshot.entries_for(selectors);
+    if entries.is_empty() {
+        return Step::Fail(WorkloadError::NoIdentity);
+    }
+    let identities = snapshot.identities_for(selectors, now);
+    // Wake when the first SVID expires, so an SVID the manager failed to renew is withdrawn
+    // rather than left with the workload as current.
+    let recheck_at = identities.iter().map(|i| i.svid.not_after()).min();
+    if identities.is_empty() {
+        return Step::Wait {
+            reason: SVIDS_PENDING,
+            recheck_at,
+        };
+    }
+    let bundle = snapshot.bundle.x509_authorities_der_concat();
+    let svids = identities
+        .iter()
+        .map(|identity| X509svid {
+            spiffe_id: identity.svid.spiffe_id().to_string(),
+            x509_svid: identity.svid.chain_concatenated_der(),
+            x509_svid_key: identity.key.secret_pkcs8_der().to_vec(),
+            bundle: bundle.clone(),
+            hint: identity.entry.hint.clone(),
+        })
+        .collect();
+    let federated_bundles = snapshot
+        .federated_for(entries.iter().map(AsRef::as_ref))
+        .into_iter()
+        .filter(|(td, _)| *td != snapshot.trust_domain)
+        .map(|(td, b)| (bundle_key(&td), b.x509_authorities_der_concat()))
+        .collect();
+    Step::Send {
+        message: X509svidResponse {
+            svids,
+            crl: Vec::new(),
+            federated_bundles,
+        },
+        recheck_at,
+    }
+}
+
+/// Own and federated bundles of a caller with entries, encoded by `encode`.
+fn bundles_step(
+    snapshot: &Snapshot,
+    selectors: &SelectorSet,
+    encode: impl Fn(&TrustBundle) -> Vec<u8>,
+) -> Step<BTreeMap<String, Vec<u8>>> {
+    if !snapshot.synced {
+        return Step::Wait {
+            reason: NOT_SYNCED,
+            recheck_at: None,
+        };
+    }
+    let entries = snapshot.entries_for(selectors);
+    if entries.is_empty() {
+        return Step::Fail(WorkloadError::NoIdentity);
+    }
+    let mut bundles: BTreeMap<String, Vec<u8>> = snapshot
+        .federated_for(entries.iter().map(AsRef::as_ref))
+        .iter()
+        .map(|(td, bundle)| (bundle_key(td), encode(bundle)))
+        .collect();
+    bundles.insert(bundle_key(&snapshot.trust_domain), encode(&snapshot.bundle));
+    Step::Send {
+        message: bundles,
+        recheck_at: None,
+    }
+}
+
+fn map_step<T, U>(step: Step<T>, f: impl FnOnce(T) -> U) -> Step<U> {
+    match step {
+        Step::Send {
+            message,
+            recheck_at,
+        } => Step::Send {
+            message: f(message),
+            recheck_at,
+        },
+        Step::Wait { reason, recheck_at } => Step::Wait { reason, recheck_at },
+        Step::Fail(error) => Step::Fail(error),
+    }
+}
+
+/// The tonic interceptor enforcing the Workload API's security header: exactly one
+/// `workload.spiffe.io` entry, equal to `true`.
+pub fn check_security_header(request: Request<()>) -> Result<Request<()>, Status> {
+    let mut values = request.metadata().get_all(SECURITY_HEADER).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) if value.as_bytes() == b"true" => Ok(request),
+        _ => Err(WorkloadError::MissingSecurityHeader.into_status()),
+    }
+}
+
+fn caller<T>(request: &Request<T>) -> Result<PeerCredentials, WorkloadError> {
+    let info = request
+        .extensions()
+        .get::<WorkloadConnectInfo>()
+        .ok_or_else(|| {
+            WorkloadError::CallerUnknown(
+                "the connection has no peer credentials; the Workload API must be served \
+                 through lanyard_agent::workload::serve"
+                    .to_owned(),
+            )
+        })?;
+    info.peer()
+        .copied()
+        .map_err(|reason| WorkloadError::CallerUnknown(reason.to_owned()))
+}
+
+type Streamed<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Streamed<X509svidResponse>;
+    type FetchX509BundlesStream = Streamed<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Streamed<JwtBundlesResponse>;
+    type FetchWITSVIDStream = tokio_stream::Empty<Result<WitsvidResponse, Status>>;
+    type FetchWITBundlesStream = tokio_stream::Empty<Result<WitBundlesResponse, Status>>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let selectors = self.attest(&request).await?;
+        Ok(Response::new(self.watch(move |snapshot, now| {
+            x509_svid_step(snapshot, &selectors, now)
+        })))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let selectors = self.attest(&request).await?;
+        Ok(Response::new(self.watch(move |snapshot, _| {
+            map_step(
+                bundles_step(
+                    snapshot,
+                    &selectors,
+                    TrustBundle::x509_authorities_der_concat,
+                ),
+                |bundles| X509BundlesResponse {
+                    crl: Vec::new(),
+                    bundles,
+                },
+            )
+        })))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        let body = request.get_ref();
+        if body.audience.is_empty() || body.audience.iter().any(String::is_empty) {
+            return Err(WorkloadError::NoAudience.into());
+        }
+        let requested: Option<SpiffeId> = match body.spiffe_id.as_str() {
+            "" => None,
+            id => Some(id.parse().map_err(WorkloadError::InvalidSpiffeId)?),
+        };
+        let selectors = self.attest(&request).await?;
+        let snapshot = self.synced_snapshot().await?;
+
+        let mut seen = BTreeSet::new();
+        let entries: Vec<Arc<CachedEntry>> = snapshot
+            .entries_for(&selectors)
+            .into_iter()
+            .filter(|entry| requested.as_ref().is_none_or(|id| entry.spiffe_id == *id))
+            // Two entries with one SPIFFE ID would only yield two tokens for the same subject.
+            .filter(|entry| seen.insert(entry.spiffe_id.clone()))
+            .collect();
+        if entries.is_empty() {
+            return Err(WorkloadError::NoIdentity.into());
+        }
+        let audiences = &request.get_ref().audience;
+        let mut svids = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            let svid = self
+                .jwt_minter
+                .jwt_svid(entry, audiences)
+                .await
+                .map_err(WorkloadError::JwtMint)?;
+            svids.push(Jwtsvid {
+                spiffe_id: entry.spiffe_id.to_string(),
+                svid: svid.token,
+                hint: entry.hint.clone(),
+            });
+        }
+        Ok(Response::new(JwtsvidResponse { svids }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let selectors = self.attest(&request).await?;
+        Ok(Response::new(self.watch(move |snapshot, _| {
+            map_step(
+                bundles_step(snapshot, &selectors, |bundle| {
+                    bundle.jwt_only_jwks_json().into_bytes()
+                }),
+                |bundles| JwtBundlesResponse { bundles },
+            )
+        })))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        let body = request.get_ref();
+        if body.audience.is_empty() {
+            return Err(WorkloadError::NoAudience.into());
+        }
+        if body.svid.is_empty() {
+            return Err(WorkloadError::NoSvid.into());
+        }
+        // Like SPIRE, validation needs no identity of the caller's own, but it is attested:
+        // the federated bundles it may use are those of its entries.
+        let selectors = self.attest(&request).await?;
+        let snapshot = self.synced_snapshot().await?;
+        let entries = snapshot.entries_for(&selectors);
+        let federated = snapshot.federated_for(entries.iter().map(AsRef::as_ref));
+        let bundle_for = |trust_domain: &TrustDomain| {
+            if *trust_domain == snapshot.trust_domain {
+                Some(snapshot.bundle.as_ref())
+            } else {
+                federated.get(trust_domain).map(AsRef::as_ref)
+            }
+        };
+        let validated = validate_jwt_svid(&body.svid, &body.audience, bundle_for, (self.clock)())
+            .map_err(WorkloadError::InvalidToken)?;
+
+        let mut claims = validated.claims;
+        if !validated.spiffe_id.is_member_of(&snapshot.trust_domain) {
+            claims.retain(|name, _| FOREIGN_CLAIMS_KEPT.contains(&name.as_str()));
+        }
+        // `aud` may be a single string in the token; it is always returned as a list.
+        claims.insert(
+            "aud".to_owned(),
+            Value::Array(validated.audiences.into_iter().map(Value::String).collect()),
+        );
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: validated.spiffe_id.to_string(),
+            claims: Some(json_object_to_struct(claims)),
+        }))
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        _request: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(WorkloadError::Unimplemented("FetchWITSVID").into())
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _request: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(WorkloadError::Unimplemented("FetchWITBundles").into())
+    }
+}
+
+/// A JSON object as a `google.protobuf.Struct` (numbers become doubles, as in protobuf's
+/// JSON mapping).
+pub fn json_object_to_struct(object: Map<String, Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: object
+            .into_iter()
+            .map(|(name, value)| (name, json_to_value(value)))
+            .collect(),
+    }
+}
+
+fn json_to_value(value: Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        Value::Null => Kind::NullValue(prost_types::NullValue::NullValue.into()),
+        Value::Bool(b) => Kind::BoolValue(b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        Value::String(s) => Kind::StringValue(s),
+        Value::Array(values) => Kind::ListValue(prost_types::ListValue {
+            values: values.into_iter().map(json_to_value).collect(),
+        }),
+        Value::Object(object) => Kind::StructValue(json_object_to_struct(object)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// Connection info of a Workload API connection, in every request's extensions: the peer's
+/// kernel credentials with its process start time, read when the connection was accepted.
+#[derive(Debug, Clone)]
+pub struct WorkloadConnectInfo {
+    peer: Result<PeerCredentials, Arc<str>>,
+}
+
+impl WorkloadConnectInfo {
+    /// The caller's credentials, or why they could not be read.
+    pub fn peer(&self) -> Result<&PeerCredentials, &str> {
+        self.peer.as_ref().map_err(AsRef::as_ref)
+    }
+}
+
+/// An accepted Workload API connection that remembers who connected.
+#[derive(Debug)]
+struct WorkloadConnection {
+    stream: UnixStream,
+    info: WorkloadConnectInfo,
+}
+
+impl WorkloadConnection {
+    fn accept(stream: UnixStream) -> Self {
+        let peer = match stream.peer_cred() {
+            Ok(cred) => PeerCredentials::from_ucred(&cred)
+                .with_current_start_time()
+                .map_err(|e| format!("could not identify the calling process: {e}")),
+            Err(e) => Err(format!("could not read the caller's credentials: {e}")),
+        };
+        if let Err(error) = &peer {
+            tracing::debug!(%error, "workload connection without usable credentials");
+        }
+        Self {
+            stream,
+            info: WorkloadConnectInfo {
+                peer: peer.map_err(Arc::from),
+            },
+        }
+    }
+}
+
+impl Connected for WorkloadConnection {
+    type ConnectInfo = WorkloadConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for WorkloadConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WorkloadConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Why the Workload API could not be served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The socket or its directory could not be prepared.
+    #[error("preparing socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Something that is not a socket is in the way.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// The gRPC server failed.
+    #[error("serving the Workload API: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds the public Workload API socket: creates missing parent directories with mode 0755,
+/// replaces a stale socket (but nothing else), and makes the socket connectable by every
+/// UID (0777).
+pub fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
+    let socket_error = |source| ServeError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        create_public_dirs(dir).map_err(socket_error)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(socket_error)?;
+        }
+        Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(socket_error(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(socket_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .map_err(socket_error)?;
+    Ok(listener)
+}
+
+/// Creates `dir` and its missing ancestors with mode 0755 (regardless of the umask). Existing
+/// directories are left as they are: the socket may live in a shared directory like `/tmp`.
+fn create_public_dirs(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut current = Some(dir);
+    while let Some(candidate) = current {
+        if candidate.as_os_str().is_empty() || candidate.exists() {
+            break;
+        }
+        missing.push(candidate);
+        current = candidate.parent();
+    }
+    for dir in missing.into_iter().rev() {
+        match std::fs::create_dir(dir) {
+            Ok(()) => {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(SOCKET_DIR_MODE))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, recording each connection's
+/// caller ([`WorkloadConnectInfo`]) as it is accepted. Call [`StreamStopper::stop`] before
+/// or as `shutdown` completes, or open streams keep the server from stopping.
+pub async fn serve_router<F>(
+    listener: UnixListener,
+    router: Router,
+    shutdown: F,
+) -> Result<(), ServeError>
+where
+    F: Future<Output = ()>,
+{
+    let incoming =
+        UnixListenerStream::new(listener).map(|accepted| accepted.map(WorkloadConnection::accept));
+    router
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(ServeError::Transport)
+}
+
+/// Serves the Workload API alone on `socket_path` (see [`bind_socket`]) until `shutdown`
+/// completes, then ends open streams and returns.
+pub async fn serve<F>(socket_path: &Path, api: WorkloadApi, shutdown: F) -> Result<(), ServeError>
+where
+    F: Future<Output = ()>,
+{
+    let listener = bind_socket(socket_path)?;
+    let stopper = api.stream_stopper();
+    let router = tonic::transport::Server::builder().add_service(api.into_service());
+    tracing::info!(socket = %socket_path.display(), "serving the Workload API");
+    serve_router(listener, router, async move {
+        shutdown.await;
+        stopper.stop();
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use lanyard_core::x509::{CaSubject, SvidParams, X509Ca};
+    use lanyard_core::{EntryId, KeyPair, KeyType, X509Authority};
+
+    use super::*;
+    use crate::cache::Identity;
+
+    struct Fixture {
+        ca: X509Ca,
+        snapshot: Snapshot,
+        entry: Arc<CachedEntry>,
+        selectors: SelectorSet,
+    }
+
+    fn fixture() -> Fixture {
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca = X509Ca::self_signed(
+            &td,
+            KeyPair::generate(KeyType::EcP256).unwrap(),
+            &CaSubject::default(),
+            SystemTime::now() - Duration::from_secs(3600),
+            Duration::from_secs(24 * 3600),
+        )
+        .unwrap();
+        let mut bundle = TrustBundle::new(td.clone());
+        bundle.add_x509_authority(X509Authority::new(ca.cert_der().to_vec()).unwrap());
+        let foreign = TrustDomain::new("foreign.example").unwrap();
+        let mut snapshot = Snapshot::new(td, Arc::new(bundle));
+        snapshot
+            .federated_bundles
+            .insert(foreign.clone(), Arc::new(TrustBundle::new(foreign.clone())));
+        let selectors: SelectorSet = ["unix:uid:1000".parse().unwrap()].into_iter().collect();
+        let entry = Arc::new(CachedEntry {
+            id: EntryId::new("web").unwrap(),
+            spiffe_id: "spiffe://example.org/web".parse().unwrap(),
+            selectors: selectors.clone(),
+            federates_with: BTreeSet::from([foreign]),
+            revision_number: 1,
+            hint: "internal".to_owned(),
+            created_at: SystemTime::UNIX_EPOCH,
+            admin: false,
+            downstream: false,
+            store_svid: false,
+        });
+        Fixture {
+            ca,
+            snapshot,
+            entry,
+            selectors,
+        }
+    }
+
+    fn identity(fixture: &Fixture, issued: SystemTime) -> Identity {
+        let key = KeyPair::generate(KeyType::EcP256).unwrap();
+        let params = SvidParams::new(
+            fixture.entry.spiffe_id.clone(),
+            key.public_key_der(),
+            Duration::from_secs(600),
+        );
+        Identity {
+            entry: Arc::clone(&fixture.entry),
+            svid: Arc::new(fixture.ca.mint_svid(&params, issued).unwrap()),
+            key: Arc::new(key),
+        }
+    }
+
+    #[test]
+    fn x509_steps_wait_fail_and_send_as_the_snapshot_allows() {
+        let mut f = fixture();
+        let now = SystemTime::now();
+        let step = |f: &Fixture| x509_svid_step(&f.snapshot, &f.selectors, now);
+
+        assert!(matches!(
+            step(&f),
+            Step::Wait {
+                reason: NOT_SYNCED,
+                ..
+            }
+        ));
+        f.snapshot.synced = true;
+        assert!(matches!(step(&f), Step::Fail(WorkloadError::NoIdentity)));
+        f.snapshot.entries.push(Arc::clone(&f.entry));
+        assert!(matches!(
+            step(&f),
+            Step::Wait {
+                reason: SVIDS_PENDING,
+                ..
+            }
+        ));
+
+        // Expired: withheld, as if never minted.
+        let expired = identity(&f, now - Duration::from_secs(1200));
+        f.snapshot.identities.insert(f.entry.id.clone(), expired);
+        assert!(matches!(
+            step(&f),
+            Step::Wait {
+                reason: SVIDS_PENDING,
+                ..
+            }
+        ));
+
+        let fresh = identity(&f, now);
+        let not_after = fresh.svid.not_after();
+        f.snapshot.identities.insert(f.entry.id.clone(), fresh);
+        let Step::Send {
+            message,
+            recheck_at,
+        } = step(&f)
+        else {
+            panic!("nothing to send")
+        };
+        assert_eq!(recheck_at, Some(not_after));
+        assert_eq!(message.svids.len(), 1);
+        let svid = &message.svids[0];
+        assert_eq!(svid.spiffe_id, "spiffe://example.org/web");
+        assert_eq!(svid.hint, "internal");
+        assert_eq!(svid.bundle, f.ca.cert_der());
+        let federated: Vec<&String> = message.federated_bundles.keys().collect();
+        assert_eq!(federated, ["spiffe://foreign.example"]);
+
+        let Step::Send { message, .. } = bundles_step(&f.snapshot, &f.selectors, |b| {
+            b.jwt_only_jwks_json().into_bytes()
+        }) else {
+            panic!("no bundles")
+        };
+        let keys: Vec<&String> = message.keys().collect();
+        assert_eq!(keys, ["spiffe://example.org", "spiffe://foreign.example"]);
+    }
+
+    #[test]
+    fn security_header_needs_exactly_one_true() {
+        let request = |values: &[&str]| {
+            let mut request = Request::new(());
+            for value in values {
+                request
+                    .metadata_mut()
+                    .append(SECURITY_HEADER, value.parse().unwrap());
+            }
+            request
+        };
+        assert!(check_security_header(request(&["true"])).is_ok());
+        for values in [&[][..], &["false"], &["TRUE"], &["true", "true"], &["1"]] {
+            let status = check_security_header(request(values)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{values:?}");
+            assert_eq!(status.message(), "security header missing from request");
+        }
+    }
+
+    #[test]
+    fn claims_become_a_protobuf_struct() {
+        let claims = serde_json::json!({
+            "sub": "spiffe://example.org/a",
+            "aud": ["x", "y"],
+            "exp": 1_700_000_000u64,
+            "nested": {"ok": true, "none": null},
+        });
+        let Value::Object(claims) = claims else {
+            panic!("not an object")
+        };
+        let converted = json_object_to_struct(claims);
+        use prost_types::value::Kind;
+        assert_eq!(
+            converted.fields["exp"].kind,
+            Some(Kind::NumberValue(1_700_000_000.0))
+        );
+        let Some(Kind::ListValue(aud)) = &converted.fields["aud"].kind else {
+            panic!("aud is not a list")
+        };
+        assert_eq!(aud.values.len(), 2);
+        let Some(Kind::StructValue(nested)) = &converted.fields["nested"].kind else {
+            panic!("nested is not a struct")
+        };
+        assert_eq!(nested.fields["ok"].kind, Some(Kind::BoolValue(true)));
+        assert_eq!(nested.fields["none"].kind, Some(Kind::NullValue(0)));
+    }
+
+    #[test]
+    fn errors_map_to_spire_statuses() {
+        let cases = [
+            (
+                WorkloadError::NoIdentity,
+                tonic::Code::PermissionDenied,
+                "no identity issued",
+            ),
+            (
+                WorkloadError::NoAudience,
+                tonic::Code::InvalidArgument,
+                "audience must be specified",
+            ),
+            (
+                WorkloadError::NoSvid,
+                tonic::Code::InvalidArgument,
+                "svid must be specified",
+            ),
+            (
+                WorkloadError::Attestation(AttestError::ProcessGone { pid: 1 }),
+                tonic::Code::Unauthenticated,
+                "could not verify existence of the original caller: process 1 has exited",
+            ),
+            (
+                WorkloadError::Unimplemented("FetchWITSVID"),
+                tonic::Code::Unimplemented,
+                "FetchWITSVID is not supported by this agent",
+            ),
+        ];
+        for (error, code, message) in cases {
+            let status = error.into_status();
+            assert_eq!((status.code(), status.message()), (code, message));
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests for lanyard-agent.
+#![allow(clippy::unwrap_used)]
+// Test modules are private; `pub` in them means "shared with the other test modules".
+#![allow(unreachable_pub)]
+
+mod manager;
+mod workload_api;
