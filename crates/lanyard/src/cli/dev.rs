@@ -23,9 +23,10 @@ pub(crate) struct DevArgs {
     /// The trust domain.
     #[arg(long, default_value = "example.org")]
     trust_domain: String,
-    /// Where to serve the Workload API (default: `<data dir>/agent/api.sock`).
-    #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
+    /// Where to serve the Workload API. The default is the agent's usual socket, where
+    /// `lanyard fetch` and other clients look first.
+    #[arg(long, value_name = "PATH", default_value = crate::cli::workload::DEFAULT_AGENT_SOCKET)]
+    socket: PathBuf,
     /// Log level.
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -148,10 +149,7 @@ pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()
         agent_state,
     );
     agent_config.trust_bundle_path = Some(bundle_path);
-    agent_config.socket_path = args
-        .socket
-        .clone()
-        .unwrap_or_else(|| data_dir.join("agent-public").join("api.sock"));
+    agent_config.socket_path = args.socket.clone();
     if first_start {
         agent_config.join_token = Some(token);
     }
