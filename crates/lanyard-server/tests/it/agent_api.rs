@@ -262,8 +262,23 @@ async fn a_restarted_server_keeps_its_ca_and_agents() {
     let mut server = TestServer::start().await;
     let agent = server.attest_new_agent().await;
     let authorities = server.authorities();
+    let entry = lanyard_core::RegistrationEntry::new(
+        lanyard_core::EntryId::new("kept").unwrap(),
+        "spiffe://example.org/kept".parse().unwrap(),
+        agent.id.clone(),
+        ["unix:uid:1".parse().unwrap()].into_iter().collect(),
+        std::time::SystemTime::now(),
+    );
+    let state = server.server().state().clone();
+    let entry = state.store.create_entry(entry).await.unwrap();
+    state.entry_written(&entry);
+    drop(state);
     server.restart().await;
     assert_eq!(server.authorities(), authorities);
+    // Entries survive and are authorized to the same agent again.
+    let authorized = server.server().state().authorized_entries(&agent.id);
+    assert_eq!(authorized.len(), 1);
+    assert_eq!(authorized[0].id.as_str(), "kept");
     // The agent's SVID still authenticates it.
     let mut client = AgentClient::new(server.tls(Some((&agent.chain, &agent.key))).await);
     client

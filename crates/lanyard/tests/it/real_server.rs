@@ -212,3 +212,90 @@ fn a_bad_config_is_one_clear_line() {
     assert!(stderr.contains("ca_tll"), "{stderr}");
     assert!(stderr.starts_with("error: server run:"), "{stderr}");
 }
+
+#[test]
+fn acknowledged_entries_survive_sigkill_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin").join("api.sock");
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"example.org\"\nbind_address = \"127.0.0.1:0\"\nsocket_path = {:?}\ndata_dir = {:?}\n",
+            socket,
+            dir.path().join("data"),
+        ),
+    )
+    .unwrap();
+    let spawn = || {
+        let child = Command::new(env!("CARGO_BIN_EXE_lanyard"))
+            .args(["server", "run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_healthy(&socket);
+        child
+    };
+    let mut server = spawn();
+    let socket_str = socket.to_str().unwrap().to_owned();
+
+    // Writers keep creating entries; every exit status 0 is an acknowledged write.
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let acknowledged = std::sync::Arc::clone(&acknowledged);
+        let stop = std::sync::Arc::clone(&stop);
+        let socket = socket_str.clone();
+        std::thread::spawn(move || {
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let id = format!("spiffe://example.org/w{i}");
+                let out = lanyard(&[
+                    "entry",
+                    "create",
+                    "--socket",
+                    &socket,
+                    "--spiffe-id",
+                    &id,
+                    "--parent-id",
+                    "spiffe://example.org/spire/server",
+                    "--selector",
+                    &format!("k:v{i}"),
+                ]);
+                if out.status.success() {
+                    acknowledged.lock().unwrap().push(id);
+                }
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acknowledged.lock().unwrap().len() < 10 {
+        assert!(Instant::now() < deadline, "writes were not acknowledged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGKILL: no chance to flush or shut down cleanly.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(acknowledged.len() >= 10);
+
+    let mut server = spawn();
+    let out = lanyard(&["entry", "show", "--socket", &socket_str, "--output", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    for id in &acknowledged {
+        let path = id.trim_start_matches("spiffe://example.org");
+        assert!(
+            shown.contains(&format!("\"{id}\"")) || shown.contains(&format!("\"{path}\"")),
+            "acknowledged entry {id} was lost"
+        );
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}
