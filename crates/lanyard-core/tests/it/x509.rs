@@ -1168,3 +1168,42 @@ fn errors_are_lowercase() {
         assert!(!text.ends_with('.'), "{text}");
     }
 }
+
+#[test]
+fn rsa_csrs_are_accepted_and_minted() {
+    use rsa::pkcs8::EncodePrivateKey as _;
+    let rsa_key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
+    let key = KeyPair::from_pkcs8_der(rsa_key.to_pkcs8_der().unwrap().as_bytes()).unwrap();
+    assert_eq!(key.key_type(), KeyType::Rsa2048);
+    let id: SpiffeId = "spiffe://example.org/rsa-workload".parse().unwrap();
+    let csr = lanyard_core::x509::build_csr(&key, Some(&id)).unwrap();
+    let verified = lanyard_core::x509::parse_csr(&csr).unwrap();
+    assert_eq!(verified.public_key_der(), key.public_key_der());
+    assert_eq!(verified.uri_sans(), [id.to_string()]);
+
+    let ca = lanyard_core::x509::X509Ca::self_signed(
+        &td("example.org"),
+        KeyPair::generate(KeyType::EcP256).unwrap(),
+        &lanyard_core::x509::CaSubject::default(),
+        now(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let svid = ca
+        .mint_svid_from_csr(&csr, &id, &[], Duration::from_secs(600), now())
+        .unwrap();
+    let verified = lanyard_core::x509::verify_svid_chain(
+        svid.cert_chain(),
+        &td("example.org"),
+        &[ca.cert_der()],
+        now(),
+    )
+    .unwrap();
+    assert_eq!(verified.spiffe_id(), &id);
+
+    // A tampered RSA CSR is refused.
+    let mut bad = csr.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x01;
+    assert!(lanyard_core::x509::parse_csr(&bad).is_err());
+}
