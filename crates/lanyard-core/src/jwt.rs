@@ -207,6 +207,32 @@ pub struct JwtSvid {
     pub key_id: String,
 }
 
+impl JwtSvid {
+    /// Assembles a JWT-SVID that was minted elsewhere, e.g. received from a server's
+    /// `NewJWTSVID`. The caller is responsible for having validated `token` and for the other
+    /// fields describing it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        token: String,
+        spiffe_id: SpiffeId,
+        audiences: Vec<String>,
+        expires_at: SystemTime,
+        issued_at: SystemTime,
+        jti: String,
+        key_id: String,
+    ) -> Self {
+        Self {
+            token,
+            spiffe_id,
+            audiences,
+            expires_at,
+            issued_at,
+            jti,
+            key_id,
+        }
+    }
+}
+
 impl fmt::Debug for JwtSvid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JwtSvid")

@@ -9,11 +9,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lanyard_core::jwt::{self, JwtSigningKey, JwtSvid, JwtSvidParams};
-use lanyard_core::keys::{KeyPair, KeyType};
+use lanyard_core::jwt::{self, JwtSvid};
 use lanyard_core::rotation::{Jitter, renewal_time};
 use lanyard_core::{SpiffeId, TrustBundle};
 use lanyard_proto::convert::spiffe_id_from_proto;
@@ -254,11 +253,7 @@ fn svid_from_response(
     )
 }
 
-/// Builds a [`JwtSvid`] from its parts.
-///
-/// `JwtSvid` is `#[non_exhaustive]` and `lanyard-core` offers no constructor for a token
-/// minted elsewhere, so this overwrites every public field of a clone of a template minted
-/// once with a throwaway key. The template's token is never handed out.
+/// A `JwtSvid` for a token the server minted, described by the fields read from it.
 fn jwt_svid(
     token: String,
     spiffe_id: SpiffeId,
@@ -268,37 +263,9 @@ fn jwt_svid(
     jti: String,
     key_id: String,
 ) -> Result<JwtSvid, String> {
-    static TEMPLATE: OnceLock<Option<JwtSvid>> = OnceLock::new();
-    let template = TEMPLATE.get_or_init(|| {
-        let key = KeyPair::generate(KeyType::EcP256).ok()?;
-        let subject: SpiffeId = "spiffe://template.invalid/template".parse().ok()?;
-        jwt::mint_jwt_svid(
-            &JwtSigningKey {
-                key: &key,
-                key_id: "template",
-                expires_at: None,
-            },
-            &JwtSvidParams {
-                spiffe_id: &subject,
-                audiences: &["template".to_owned()],
-                ttl: Duration::from_secs(1),
-                issuer: None,
-            },
-            UNIX_EPOCH + Duration::from_secs(1),
-        )
-        .ok()
-    });
-    let mut svid = template
-        .clone()
-        .ok_or_else(|| "could not prepare a JWT-SVID value".to_owned())?;
-    svid.token = token;
-    svid.spiffe_id = spiffe_id;
-    svid.audiences = audiences;
-    svid.expires_at = expires_at;
-    svid.issued_at = issued_at;
-    svid.jti = jti;
-    svid.key_id = key_id;
-    Ok(svid)
+    Ok(JwtSvid::from_parts(
+        token, spiffe_id, audiences, expires_at, issued_at, jti, key_id,
+    ))
 }
 
 #[cfg(test)]
@@ -326,7 +293,8 @@ mod tests {
     }
 
     fn bundle_with(kid: &str, tainted: bool) -> TrustBundle {
-        let key = KeyPair::generate(KeyType::EcP256).unwrap();
+        let key =
+            lanyard_core::keys::KeyPair::generate(lanyard_core::keys::KeyType::EcP256).unwrap();
         let mut bundle = TrustBundle::new(TrustDomain::new("example.org").unwrap());
         bundle
             .add_jwt_authority(

@@ -234,7 +234,11 @@ fn parse_entries(
                 out.insert(parsed.id.clone(), Arc::new(parsed));
             }
             Err(reason) => {
-                tracing::warn!(entry_id = %entry.id, %reason, "dropping a malformed entry from the server");
+                tracing::warn!(
+                    entry_id = %entry.id,
+                    %reason,
+                    "dropping a malformed entry from the server"
+                );
             }
         }
     }

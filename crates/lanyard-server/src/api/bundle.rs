@@ -301,7 +301,7 @@ impl Bundle for BundleService {
         &self,
         request: Request<AppendBundleRequest>,
     ) -> Result<Response<types::Bundle>, Status> {
-        self.auth.admin(&request, APPEND_BUNDLE)?;
+        let caller = self.auth.admin(&request, APPEND_BUNDLE)?;
         let request = request.into_inner();
         if request.x509_authorities.is_empty() && request.jwt_authorities.is_empty() {
             return Err(invalid("no authorities to append").into());
@@ -329,6 +329,7 @@ impl Bundle for BundleService {
             sequence_number = bundle.sequence_number(),
             "authorities appended to the bundle"
         );
+        audit(&caller, APPEND_BUNDLE);
         Ok(Response::new(bundle_to_proto_masked(
             &bundle,
             request.output_mask.as_ref(),
@@ -358,6 +359,7 @@ impl Bundle for BundleService {
             }),
         )
         .jwt_authorities;
+        audit(&caller, PUBLISH_JWT_AUTHORITY);
         Ok(Response::new(PublishJwtAuthorityResponse {
             jwt_authorities,
         }))
@@ -424,7 +426,7 @@ impl Bundle for BundleService {
         &self,
         request: Request<BatchCreateFederatedBundleRequest>,
     ) -> Result<Response<BatchCreateFederatedBundleResponse>, Status> {
-        self.auth.admin(&request, BATCH_CREATE_FEDERATED_BUNDLE)?;
+        let caller = self.auth.admin(&request, BATCH_CREATE_FEDERATED_BUNDLE)?;
         let request = request.into_inner();
         let mut results = Vec::with_capacity(request.bundle.len());
         for bundle in &request.bundle {
@@ -434,6 +436,7 @@ impl Bundle for BundleService {
             let (status, bundle) = split(result);
             results.push(batch_create_federated_bundle_response::Result { status, bundle });
         }
+        audit(&caller, BATCH_CREATE_FEDERATED_BUNDLE);
         Ok(Response::new(BatchCreateFederatedBundleResponse {
             results,
         }))
@@ -443,7 +446,7 @@ impl Bundle for BundleService {
         &self,
         request: Request<BatchUpdateFederatedBundleRequest>,
     ) -> Result<Response<BatchUpdateFederatedBundleResponse>, Status> {
-        self.auth.admin(&request, BATCH_UPDATE_FEDERATED_BUNDLE)?;
+        let caller = self.auth.admin(&request, BATCH_UPDATE_FEDERATED_BUNDLE)?;
         let request = request.into_inner();
         let input_mask = request.input_mask.unwrap_or_else(bundle_mask_all);
         let mut results = Vec::with_capacity(request.bundle.len());
@@ -454,6 +457,7 @@ impl Bundle for BundleService {
             let (status, bundle) = split(result);
             results.push(batch_update_federated_bundle_response::Result { status, bundle });
         }
+        audit(&caller, BATCH_UPDATE_FEDERATED_BUNDLE);
         Ok(Response::new(BatchUpdateFederatedBundleResponse {
             results,
         }))
@@ -463,7 +467,7 @@ impl Bundle for BundleService {
         &self,
         request: Request<BatchSetFederatedBundleRequest>,
     ) -> Result<Response<BatchSetFederatedBundleResponse>, Status> {
-        self.auth.admin(&request, BATCH_SET_FEDERATED_BUNDLE)?;
+        let caller = self.auth.admin(&request, BATCH_SET_FEDERATED_BUNDLE)?;
         let request = request.into_inner();
         let mut results = Vec::with_capacity(request.bundle.len());
         for bundle in &request.bundle {
@@ -473,6 +477,7 @@ impl Bundle for BundleService {
             let (status, bundle) = split(result);
             results.push(batch_set_federated_bundle_response::Result { status, bundle });
         }
+        audit(&caller, BATCH_SET_FEDERATED_BUNDLE);
         Ok(Response::new(BatchSetFederatedBundleResponse { results }))
     }
 
@@ -480,7 +485,7 @@ impl Bundle for BundleService {
         &self,
         request: Request<BatchDeleteFederatedBundleRequest>,
     ) -> Result<Response<BatchDeleteFederatedBundleResponse>, Status> {
-        self.auth.admin(&request, BATCH_DELETE_FEDERATED_BUNDLE)?;
+        let caller = self.auth.admin(&request, BATCH_DELETE_FEDERATED_BUNDLE)?;
         let request = request.into_inner();
         let mode = match Mode::try_from(request.mode) {
             Ok(Mode::Restrict) => BundleDeleteMode::Restrict,
@@ -508,6 +513,7 @@ impl Bundle for BundleService {
             };
             results.push(result);
         }
+        audit(&caller, BATCH_DELETE_FEDERATED_BUNDLE);
         Ok(Response::new(BatchDeleteFederatedBundleResponse {
             results,
         }))
@@ -545,4 +551,9 @@ fn split(
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::InvalidArgument(message.into())
+}
+
+/// One audit line for a bundle change, naming the caller.
+fn audit(caller: &super::Caller, method: &str) {
+    tracing::info!(target: "audit", caller = %caller.describe(), method, "bundle changed");
 }
