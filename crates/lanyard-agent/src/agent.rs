@@ -47,7 +47,15 @@ impl Agent {
         let stopper = api.stream_stopper();
         let listener = bind_socket(&config.socket_path)?;
         let (stop, mut stopped) = watch::channel(false);
-        let router = tonic::transport::Server::builder().add_service(api.into_service());
+        // grpc.health.v1 shares the socket (it needs no security header), for probes and
+        // `lanyard agent healthcheck`.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let router = tonic::transport::Server::builder()
+            .add_service(api.into_service())
+            .add_service(health_service);
         let server = tokio::spawn(crate::workload::serve_router(
             listener,
             router,

@@ -20,6 +20,8 @@ use crate::cli::parse::{self, MatchMode};
 pub(crate) enum AgentCommand {
     /// Run the node agent until Ctrl-C or SIGTERM.
     Run(crate::cli::server::RunArgs),
+    /// Check that the agent answers on its Workload API socket and reports itself serving.
+    Healthcheck(crate::cli::workload::WorkloadSocketArgs),
     /// List attested agents.
     List(ListArgs),
     /// Show one attested agent.
@@ -36,6 +38,7 @@ impl AgentCommand {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Self::Run(_) => "run",
+            Self::Healthcheck(_) => "healthcheck",
             Self::List(_) => "list",
             Self::Show(_) => "show",
             Self::Ban(_) => "ban",
@@ -47,6 +50,9 @@ impl AgentCommand {
     pub(crate) async fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
         match self {
             Self::Run(args) => run_agent(&args).await,
+            Self::Healthcheck(socket) => {
+                crate::cli::workload::agent_healthcheck(&socket, out).await
+            }
             Self::List(args) => list(&args, out).await,
             Self::Show(args) => show(&args, out).await,
             Self::Ban(args) => ban(&args, out).await,

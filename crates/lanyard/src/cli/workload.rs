@@ -287,6 +287,36 @@ impl WatchArgs {
     }
 }
 
+/// `lanyard agent healthcheck`: `grpc.health.v1.Health/Check` on the Workload API socket.
+pub(crate) async fn agent_healthcheck(
+    socket: &WorkloadSocketArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let path = socket.path()?;
+    let channel = Endpoint::from_shared(format!("unix:{}", path.display()))
+        .context("invalid socket path")?
+        .connect()
+        .await
+        .with_context(|| format!("Agent is unhealthy: cannot connect to {}", path.display()))?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(|s| anyhow!("Agent is unhealthy: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    if response.status == ServingStatus::Serving as i32 {
+        writeln!(out, "Agent is healthy.")?;
+        Ok(())
+    } else {
+        bail!("Agent is unhealthy: status {}", response.status)
+    }
+}
+
 async fn first_x509(socket: &WorkloadSocketArgs) -> anyhow::Result<X509svidResponse> {
     let mut client = socket.connect().await?;
     let mut stream = client

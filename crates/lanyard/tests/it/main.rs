@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod dev;
 mod fake_server;
 mod real_server;
 
