@@ -1,0 +1,12 @@
+//! End-to-end tests: the real `lanyard` binary as server, agent, admin CLI and workload,
+//! with the published `spiffe` crate and raw gRPC as independent clients. The harness is the
+//! `lanyard_e2e` library (`tests/src/lib.rs`).
+
+// Helpers outside `#[test]` functions panic on purpose: a failed expectation is the test failing.
+#![allow(clippy::unwrap_used)]
+
+mod identities;
+mod mtls;
+mod resilience;
+mod rotation;
+mod spiffe_client;
