@@ -424,18 +424,21 @@ impl Drop for TestDir {
     }
 }
 
-/// A hard link (or, across file systems, a copy) of the binary at `dir/lanyard`, mode 0755:
-/// runnable by any uid as long as `dir`'s ancestors can be entered, which the build output
-/// directory may not allow.
+/// The binary at `dir/lanyard`, runnable by any uid as long as `dir`'s ancestors can be
+/// entered, which the build output directory may not allow: a hard link if the binary is
+/// world-executable already (cheap), else a copy made so (a hard link shares the mode of the
+/// build output, which is not ours to change).
 fn public_binary(dir: &Path) -> PathBuf {
     let target = dir.join("lanyard");
-    if !target.exists() {
-        let source = lanyard_binary();
-        if fs::hard_link(source, &target).is_err() {
-            fs::copy(source, &target).unwrap_or_else(|e| {
-                panic!("copying {} to {}: {e}", source.display(), target.display())
-            });
-        }
+    if target.exists() {
+        return target;
+    }
+    let source = lanyard_binary();
+    let world_executable = fs::metadata(source).is_ok_and(|m| m.mode() & 0o005 == 0o005);
+    if !(world_executable && fs::hard_link(source, &target).is_ok()) {
+        fs::copy(source, &target).unwrap_or_else(|e| {
+            panic!("copying {} to {}: {e}", source.display(), target.display())
+        });
         fs::set_permissions(&target, fs::Permissions::from_mode(0o755))
             .unwrap_or_else(|e| panic!("chmod {}: {e}", target.display()));
     }
