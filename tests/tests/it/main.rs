@@ -7,6 +7,7 @@
 
 mod identities;
 mod mtls;
+mod py_spiffe;
 mod resilience;
 mod rotation;
 mod spiffe_client;
