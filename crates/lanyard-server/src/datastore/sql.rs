@@ -133,6 +133,23 @@ impl SqlStore {
         MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
     }
 
+    /// Stores many new entries in one transaction, with every check of
+    /// [`Datastore::create_entry`], and returns them as stored. Nothing is stored if one
+    /// fails. One commit instead of one per entry, for loading large registration sets
+    /// (imports, benchmarks).
+    pub async fn create_entries(
+        &self,
+        entries: Vec<RegistrationEntry>,
+    ) -> Result<Vec<RegistrationEntry>> {
+        let mut tx = self.write().await?;
+        let mut stored = Vec::with_capacity(entries.len());
+        for entry in entries {
+            stored.push(insert_new_entry(tx.conn(), entry).await?);
+        }
+        tx.commit().await?;
+        Ok(stored)
+    }
+
     /// Closes every connection, checkpointing the WAL. Further calls fail.
     pub async fn close(&self) {
         self.pool.close().await;
@@ -339,6 +356,41 @@ async fn fetch_similar_entry(
     .fetch_optional(&mut *conn)
     .await?;
     row.as_ref().map(entry_from_row).transpose()
+}
+
+/// `create_entry`'s checks and writes, inside the caller's transaction.
+async fn insert_new_entry(
+    conn: &mut SqliteConnection,
+    entry: RegistrationEntry,
+) -> Result<RegistrationEntry> {
+    let mut entry = normalize_entry(entry)?;
+    entry.revision_number = 0;
+    if entry.selectors.is_empty() {
+        return Err(DatastoreError::Invalid(
+            "entry: selectors cannot be empty".into(),
+        ));
+    }
+    if let Some(existing) = fetch_entry(conn, entry.id.as_str()).await? {
+        return Err(DatastoreError::entry_exists(
+            &existing,
+            format!("entry {:?}", entry.id.as_str()),
+        ));
+    }
+    if let Some(existing) = fetch_similar_entry(conn, &entry).await? {
+        return Err(DatastoreError::entry_exists(
+            &existing,
+            "similar entry".to_owned(),
+        ));
+    }
+    check_federated_bundles(conn, &entry).await?;
+    write_entry(conn, &entry, true).await?;
+    record_change(
+        conn,
+        ChangeKind::Created,
+        &ChangeSubject::Entry(entry.id.clone()),
+    )
+    .await?;
+    Ok(entry)
 }
 
 async fn check_federated_bundles(
@@ -836,34 +888,8 @@ fn finish_page<T>(
 #[async_trait::async_trait]
 impl Datastore for SqlStore {
     async fn create_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
-        let mut entry = normalize_entry(entry)?;
-        entry.revision_number = 0;
-        if entry.selectors.is_empty() {
-            return Err(DatastoreError::Invalid(
-                "entry: selectors cannot be empty".into(),
-            ));
-        }
         let mut tx = self.write().await?;
-        if let Some(existing) = fetch_entry(tx.conn(), entry.id.as_str()).await? {
-            return Err(DatastoreError::entry_exists(
-                &existing,
-                format!("entry {:?}", entry.id.as_str()),
-            ));
-        }
-        if let Some(existing) = fetch_similar_entry(tx.conn(), &entry).await? {
-            return Err(DatastoreError::entry_exists(
-                &existing,
-                "similar entry".to_owned(),
-            ));
-        }
-        check_federated_bundles(tx.conn(), &entry).await?;
-        write_entry(tx.conn(), &entry, true).await?;
-        record_change(
-            tx.conn(),
-            ChangeKind::Created,
-            &ChangeSubject::Entry(entry.id.clone()),
-        )
-        .await?;
+        let entry = insert_new_entry(tx.conn(), entry).await?;
         tx.commit().await?;
         Ok(entry)
     }

@@ -1763,3 +1763,38 @@ async fn sql_in_memory_store_works() {
     entry_crud(store.clone()).await;
     change_log_records_every_change(Arc::new(SqlStore::open_in_memory().await.unwrap())).await;
 }
+
+// ----- SQL only -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_bulk_create_is_all_or_nothing() {
+    let dir = TempDir::new().unwrap();
+    let store = open_sql(&dir).await;
+    let stored = store
+        .create_entries(vec![
+            entry("bulk-1", "/a", "/agent", &["unix:uid:1"]),
+            entry("bulk-2", "/b", "/agent", &["unix:uid:2"]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 2);
+    assert!(stored.iter().all(|e| e.revision_number == 0));
+
+    // A duplicate ID in the batch refuses the whole batch.
+    let refused = store
+        .create_entries(vec![
+            entry("bulk-3", "/c", "/agent", &["unix:uid:3"]),
+            entry("bulk-1", "/d", "/agent", &["unix:uid:4"]),
+        ])
+        .await;
+    assert!(matches!(refused, Err(DatastoreError::AlreadyExists { .. })));
+    let ids: Vec<String> = store
+        .list_all_entries()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id.as_str().to_owned())
+        .collect();
+    assert_eq!(ids, ["bulk-1", "bulk-2"]);
+    assert_eq!(store.current_revision().await.unwrap(), 2);
+}
