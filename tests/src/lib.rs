@@ -19,6 +19,8 @@
 //!   as this process or as another uid ([`RunAs`]) and parse it into [`FetchedSvid`]s.
 //! - [`poll`] retries until a deadline instead of sleeping; [`block_on`] runs async clients
 //!   and [`within`] bounds each of their calls.
+//! - [`toolchain`] builds what the interoperability tests run beside Lanyard: SPIRE from the
+//!   Go module proxy and the go-spiffe and java-spiffe clients under `tests/interop`.
 //!
 //! Every helper panics with the command and its output when something goes wrong (this is
 //! test code: a panic with context is the most useful failure), and every [`ChildProcess`]
@@ -43,6 +45,8 @@ use lanyard_core::x509::{VerifiedSvid, X509Error};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use serde_json::Value;
+
+pub mod toolchain;
 
 /// The trust domain of every server and agent the harness starts.
 pub const TRUST_DOMAIN: &str = "example.org";

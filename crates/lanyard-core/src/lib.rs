@@ -1,5 +1,5 @@
 //! The sans-IO vocabulary of Lanyard: SPIFFE IDs, selectors, registration entries, X.509 and
-//! JWT SVIDs, trust bundles and rotation math.
+//! JWT SVIDs, trust bundles, rotation math, policy evaluation (Rego) and the audit chain format.
 //!
 //! Nothing in this crate performs I/O or reads a clock. Functions that depend on the current
 //! time take `now: SystemTime`; functions that need randomness use `ring`'s system RNG or take
@@ -7,11 +7,13 @@
 //! types, and protobuf or SQL representations convert to and from them at their edges.
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod bundle;
 pub mod entry;
 pub mod id;
 pub mod jwt;
 pub mod keys;
+pub mod policy;
 pub mod rotation;
 pub mod selector;
 pub mod tls;

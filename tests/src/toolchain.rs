@@ -1,0 +1,160 @@
+//! Programs the interoperability tests build from the package registries: SPIRE's server and
+//! agent (Go module proxy), and the client programs under `tests/interop` that use go-spiffe
+//! and java-spiffe.
+//!
+//! Each build lands in its own directory under `<target>/interop/` with a stamp naming what it
+//! was built from (the inputs' contents and the toolchain version). A later run whose stamp
+//! matches reuses it; anything else rebuilds it from scratch. An exclusive lock on
+//! `<name>.lock` beside it keeps two test processes from building the same thing at once.
+//! The toolchains keep their own caches between runs: Go's module and build caches, Maven's
+//! local repository.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::{CliOutput, workspace_root};
+
+/// The SPIRE release the interoperability tests run against.
+pub const SPIRE_VERSION: &str = "v1.13.3";
+
+/// `<target>/interop`: where built interoperability programs live.
+pub fn interop_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        workspace_root().join(target)
+    };
+    target.join("interop")
+}
+
+/// `tests/interop/<relative>`.
+pub fn interop_source(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("interop")
+        .join(relative)
+}
+
+/// Returns `<target>/interop/<name>`, built by `build` unless a previous build from the same
+/// `key` is there. `build` gets the empty directory and panics on failure (the stamp is written
+/// only after it returns, so a failed build is retried next time).
+pub fn cached_build(name: &str, key: &str, build: impl FnOnce(&Path)) -> PathBuf {
+    let parent = interop_dir();
+    fs::create_dir_all(&parent).unwrap_or_else(|e| panic!("creating {}: {e}", parent.display()));
+    let lock_path = parent.join(format!("{name}.lock"));
+    let lock = fs::File::create(&lock_path)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
+
+    let dir = parent.join(name);
+    let stamp = parent.join(format!("{name}.stamp"));
+    if dir.is_dir() && fs::read_to_string(&stamp).is_ok_and(|built| built == key) {
+        return dir;
+    }
+    match fs::remove_file(&stamp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("removing {}: {e}", stamp.display()),
+    }
+    match fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("removing the stale {}: {e}", dir.display()),
+    }
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    build(&dir);
+    fs::write(&stamp, key).unwrap_or_else(|e| panic!("writing {}: {e}", stamp.display()));
+    dir
+}
+
+/// The contents of `files` under `dir`, joined, for a [`cached_build`] key.
+pub fn key_of_files(dir: &Path, files: &[&str]) -> String {
+    let mut key = String::new();
+    for file in files {
+        let path = dir.join(file);
+        let contents =
+            fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        key.push_str(&format!("== {file}\n{contents}\n"));
+    }
+    key
+}
+
+/// `go version`, or a panic that says how to get Go.
+pub fn go_version() -> String {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION
+        .get_or_init(|| {
+            let output = CliOutput::run(Command::new("go").arg("version"));
+            assert!(
+                output.success(),
+                "the interoperability tests need the Go toolchain (`go` on PATH) and the Go \
+                 module proxy: {output}"
+            );
+            output.stdout.trim().to_owned()
+        })
+        .clone()
+}
+
+/// `go build -o <out>/ <packages>` in the module at `module`, with the module's go.sum
+/// enforced. Modules come from the Go module proxy into Go's module cache.
+pub fn go_build(module: &Path, packages: &[&str], out: &Path) {
+    let mut target = out.as_os_str().to_owned();
+    target.push("/");
+    let output = CliOutput::run(
+        Command::new("go")
+            .current_dir(module)
+            .args(["build", "-mod=readonly", "-trimpath", "-o"])
+            .arg(target)
+            .args(packages)
+            .env("CGO_ENABLED", "0"),
+    );
+    assert!(
+        output.success(),
+        "building {packages:?} in {} failed: {output}",
+        module.display()
+    );
+}
+
+/// SPIRE's own binaries, built from the Go module proxy.
+#[derive(Debug)]
+pub struct Spire {
+    /// `spire-server`.
+    pub server: PathBuf,
+    /// `spire-agent`.
+    pub agent: PathBuf,
+}
+
+/// `spire-server` and `spire-agent` at [`SPIRE_VERSION`], built once per machine from the
+/// module in `tests/interop/spire` (whose go.mod pins them as tools) and reused while that
+/// module and the Go version stay the same. The first build downloads SPIRE's dependencies and
+/// compiles them, which takes minutes; later ones take seconds.
+pub fn spire() -> &'static Spire {
+    static SPIRE: OnceLock<Spire> = OnceLock::new();
+    SPIRE.get_or_init(|| {
+        let module = interop_source("spire");
+        let key = format!(
+            "{}\n{}",
+            go_version(),
+            key_of_files(&module, &["go.mod", "go.sum"])
+        );
+        let dir = cached_build(&format!("spire-{SPIRE_VERSION}"), &key, |out| {
+            go_build(
+                &module,
+                &[
+                    "github.com/spiffe/spire/cmd/spire-server",
+                    "github.com/spiffe/spire/cmd/spire-agent",
+                ],
+                out,
+            );
+        });
+        Spire {
+            server: dir.join("spire-server"),
+            agent: dir.join("spire-agent"),
+        }
+    })
+}
