@@ -1,0 +1,115 @@
+//! `jwt`: `NewJWTSVID` throughput and latency from concurrent simulated agents, against raw
+//! ES256 signing on every core.
+
+use std::time::{Duration, Instant};
+
+use lanyard_proto::spire::api::server::svid::v1::NewJwtsvidRequest;
+use lanyard_proto::spire::api::server::svid::v1::svid_client::SvidClient;
+
+use crate::bench::batch::Fleet;
+use crate::bench::mint::{raw_es256_sign, run_threads};
+use crate::harness::Target;
+use crate::report::Report;
+use crate::stats::{Samples, per_second};
+
+/// The shape of one run.
+#[derive(Debug, Clone)]
+pub(crate) struct Scale {
+    pub(crate) agents: usize,
+    pub(crate) duration: Duration,
+}
+
+/// Results for comparisons between servers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outcome {
+    pub(crate) per_sec: f64,
+    pub(crate) p99_ms: f64,
+}
+
+/// Raw ES256 signatures per second on every core.
+pub(crate) fn raw_rate(cores: usize, duration: Duration) -> anyhow::Result<f64> {
+    run_threads(cores, duration, raw_es256_sign)
+}
+
+pub(crate) async fn run(
+    report: &mut Report,
+    target: &Target,
+    raw_es256: f64,
+    scale: &Scale,
+) -> anyhow::Result<Outcome> {
+    let fleet = Fleet::register(target, scale.agents, "jwt").await?;
+    let started = Instant::now();
+    let deadline = started + scale.duration;
+    let cpu_before = target.cpu.cpu_time();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (agent, entry_id) in &fleet.agents {
+        let mut client = SvidClient::new(agent.channel.clone());
+        let entry_id = entry_id.clone();
+        tasks.spawn(async move {
+            let mut samples = Samples::new();
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                let svid = client
+                    .new_jwtsvid(NewJwtsvidRequest {
+                        entry_id: entry_id.clone(),
+                        audience: vec!["bench".to_owned()],
+                    })
+                    .await?
+                    .into_inner();
+                samples.push(sent.elapsed());
+                anyhow::ensure!(svid.svid.is_some(), "no JWT-SVID in the response");
+            }
+            Ok::<_, anyhow::Error>(samples)
+        });
+    }
+    let mut samples = Samples::new();
+    while let Some(joined) = tasks.join_next().await {
+        samples.extend(joined??);
+    }
+    let elapsed = started.elapsed();
+    let cpu = target.cpu.cpu_time().saturating_sub(cpu_before);
+    let per_sec = per_second(samples.len() as u64, elapsed);
+    let cores = report.machine.cores;
+    let name = if target.name == "lanyard" {
+        "jwt".to_owned()
+    } else {
+        format!("jwt.{}", target.name)
+    };
+    let raw_us = 1e6 * cores as f64 / raw_es256.max(f64::MIN_POSITIVE);
+    let mut bench = report.bench(&name);
+    let agents = scale.agents;
+    bench.versus(
+        "per_sec",
+        &format!("JWT-SVIDs/s, {agents} agents"),
+        per_sec,
+        "/s",
+        ("raw ES256 signatures × cores", raw_es256, "/s"),
+    );
+    bench.versus(
+        "p50_ms",
+        &format!("p50 latency, {agents} agents"),
+        samples.percentile_ms(50.0),
+        "ms",
+        ("one raw ES256 signature", raw_us / 1e3, "ms"),
+    );
+    bench.versus(
+        "p99_ms",
+        &format!("p99 latency, {agents} agents"),
+        samples.percentile_ms(99.0),
+        "ms",
+        ("one raw ES256 signature", raw_us / 1e3, "ms"),
+    );
+    if !samples.is_empty() {
+        bench.versus(
+            "server_cpu_us_per_jwt",
+            "server CPU µs per JWT-SVID",
+            cpu.as_secs_f64() * 1e6 / samples.len() as f64,
+            "µs",
+            ("one raw ES256 signature", raw_us, "µs"),
+        );
+    }
+    Ok(Outcome {
+        per_sec,
+        p99_ms: samples.percentile_ms(99.0),
+    })
+}

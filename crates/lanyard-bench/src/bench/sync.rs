@@ -1,0 +1,265 @@
+//! `sync`: steady-state entry sync of many simulated agents with nothing changing (server
+//! CPU and wire bytes per sync, against the bare index lookup and the protobuf payload), and
+//! the propagation latency from creating an entry to its SVID reaching a streaming workload
+//! through a real agent, against the agent's sync interval.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lanyard_proto::spire::api::server::bundle::v1::GetBundleRequest;
+use lanyard_proto::spire::api::server::bundle::v1::bundle_client::BundleClient;
+use lanyard_proto::spire::api::server::entry::v1::SyncAuthorizedEntriesRequest;
+use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
+use lanyard_proto::spire::api::types;
+use prost::Message as _;
+use tokio::time::Instant;
+
+use crate::harness::{SimAgent, Target, current_uid, entry_message, scratch_dir, wait_until};
+use crate::report::Report;
+use crate::stats::Samples;
+use crate::workload::{AgentProcess, wait_for_socket, watch_arrivals};
+
+/// The shape of one run.
+#[derive(Debug, Clone)]
+pub(crate) struct Scale {
+    pub(crate) agents: usize,
+    pub(crate) entries_per_agent: usize,
+    pub(crate) rounds: usize,
+    pub(crate) propagation_trials: usize,
+    pub(crate) sync_interval: Duration,
+}
+
+/// Results for comparisons between servers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outcome {
+    pub(crate) cpu_us_per_sync: f64,
+    pub(crate) bytes_per_sync: f64,
+    pub(crate) propagation_p50_ms: f64,
+    pub(crate) propagation_p99_ms: f64,
+}
+
+/// The fields SPIRE's agent asks for in `SyncAuthorizedEntries`.
+fn agent_sync_mask() -> types::EntryMask {
+    types::EntryMask {
+        spiffe_id: true,
+        selectors: true,
+        federates_with: true,
+        admin: true,
+        downstream: true,
+        revision_number: true,
+        store_svid: true,
+        hint: true,
+        created_at: true,
+        ..Default::default()
+    }
+}
+
+/// One sync as an agent with nothing to learn runs it: `SyncAuthorizedEntries` (read to the
+/// end, or cancelled once the revisions are in) and `GetBundle`. Returns the payload bytes.
+async fn sync_once(agent: &SimAgent) -> anyhow::Result<usize> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(SyncAuthorizedEntriesRequest {
+        output_mask: Some(agent_sync_mask()),
+        ids: Vec::new(),
+    })
+    .await?;
+    let mut payload = 0;
+    {
+        let mut stream = EntryClient::new(agent.channel.clone())
+            .sync_authorized_entries(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        while let Some(message) = stream.message().await? {
+            payload += message.encoded_len();
+            if !message.entry_revisions.is_empty() && !message.more {
+                // Revision mode: every entry is cached and unchanged; cancel.
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let bundle = BundleClient::new(agent.channel.clone())
+        .get_bundle(GetBundleRequest { output_mask: None })
+        .await?
+        .into_inner();
+    payload += bundle.encoded_len();
+    Ok(payload)
+}
+
+pub(crate) async fn run(
+    report: &mut Report,
+    target: &Target,
+    index_lookup_us: f64,
+    scale: &Scale,
+) -> anyhow::Result<Outcome> {
+    let agents = target.attest_agents(scale.agents, 16).await?;
+    let entries = agents
+        .iter()
+        .enumerate()
+        .flat_map(|(a, agent)| {
+            (0..scale.entries_per_agent).map(move |k| {
+                entry_message(
+                    agent.id.as_str(),
+                    &format!("/bench/sync/{a}/{k}"),
+                    &[format!("unix:uid:{}", 10_000 + k)],
+                )
+            })
+        })
+        .collect();
+    target.create_entries(entries).await?;
+    let agents = Arc::new(agents);
+
+    // A first sync fills each agent's cache; the measured ones find nothing new.
+    let run_round = |agents: Arc<Vec<SimAgent>>| async move {
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..agents.len() {
+            let permit = Arc::clone(&semaphore).acquire_owned().await?;
+            let agents = Arc::clone(&agents);
+            tasks.spawn(async move {
+                let _permit = permit;
+                match agents.get(i) {
+                    Some(agent) => sync_once(agent).await,
+                    None => Ok(0),
+                }
+            });
+        }
+        let mut payload = 0usize;
+        while let Some(joined) = tasks.join_next().await {
+            payload += joined??;
+        }
+        Ok::<_, anyhow::Error>(payload)
+    };
+    run_round(Arc::clone(&agents)).await?;
+
+    let bytes_before: u64 = agents.iter().map(|a| a.bytes.total()).sum();
+    let cpu_before = target.cpu.cpu_time();
+    let started = Instant::now();
+    let mut payload = 0usize;
+    for _ in 0..scale.rounds {
+        payload += run_round(Arc::clone(&agents)).await?;
+    }
+    let elapsed = started.elapsed();
+    let cpu = target.cpu.cpu_time().saturating_sub(cpu_before);
+    let bytes = agents.iter().map(|a| a.bytes.total()).sum::<u64>() - bytes_before;
+    let syncs = (scale.agents * scale.rounds).max(1) as f64;
+    let cpu_us_per_sync = cpu.as_secs_f64() * 1e6 / syncs;
+    let bytes_per_sync = bytes as f64 / syncs;
+    let payload_per_sync = payload as f64 / syncs;
+
+    let name = if target.name == "lanyard" {
+        "sync".to_owned()
+    } else {
+        format!("sync.{}", target.name)
+    };
+    let n = scale.agents;
+    let k = scale.entries_per_agent;
+    {
+        let mut bench = report.bench(&name);
+        bench.versus(
+            "server_cpu_us_per_sync",
+            &format!("server CPU per steady-state sync, {n} agents × {k} entries"),
+            cpu_us_per_sync,
+            "µs",
+            ("index lookup alone", index_lookup_us, "µs"),
+        );
+        bench.versus(
+            "bytes_per_sync",
+            "bytes on the wire per sync (TLS, both directions)",
+            bytes_per_sync,
+            "B",
+            ("protobuf payload", payload_per_sync, "B"),
+        );
+        bench.figure(
+            "syncs_per_sec",
+            &format!("steady-state syncs per second, {n} agents"),
+            syncs / elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
+            "/s",
+        );
+    }
+    drop(agents);
+
+    let (p50, p99) = propagation(report, &name, target, scale).await?;
+    Ok(Outcome {
+        cpu_us_per_sync,
+        bytes_per_sync,
+        propagation_p50_ms: p50,
+        propagation_p99_ms: p99,
+    })
+}
+
+/// Creates entries one at a time for a workload streaming from a real agent, and measures
+/// until each one's SVID arrives.
+async fn propagation(
+    report: &mut Report,
+    name: &str,
+    target: &Target,
+    scale: &Scale,
+) -> anyhow::Result<(f64, f64)> {
+    let dir = scratch_dir("lanyard-bench-agent")?;
+    let mut agent = crate::bench::start_agent(target, dir.path(), scale.sync_interval).await?;
+    wait_for_socket(&mut agent, Duration::from_secs(30)).await?;
+    let (p50, p99) = measure_propagation(target, &agent, scale).await?;
+    let interval_ms = scale.sync_interval.as_secs_f64() * 1e3;
+    let mut bench = report.bench(name);
+    bench.versus(
+        "propagation_p50_ms",
+        "entry create → SVID at a streaming workload, p50",
+        p50,
+        "ms",
+        ("agent sync interval", interval_ms, "ms"),
+    );
+    bench.versus(
+        "propagation_p99_ms",
+        "entry create → SVID at a streaming workload, p99",
+        p99,
+        "ms",
+        ("agent sync interval", interval_ms, "ms"),
+    );
+    drop(agent);
+    Ok((p50, p99))
+}
+
+async fn measure_propagation(
+    target: &Target,
+    agent: &AgentProcess,
+    scale: &Scale,
+) -> anyhow::Result<(f64, f64)> {
+    let uid = current_uid();
+    let selector = [format!("unix:uid:{uid}")];
+    let parent = agent.agent_id.as_str().to_owned();
+    target
+        .create_entries(vec![entry_message(&parent, "/bench/prop/seed", &selector)])
+        .await?;
+    let (arrivals, watcher) = watch_arrivals(&agent.socket).await?;
+    let seed = "spiffe://example.org/bench/prop/seed";
+    let timeout = scale.sync_interval * 10 + Duration::from_secs(20);
+    wait_until("the first SVID", timeout, || {
+        let arrivals = arrivals.clone();
+        async move { arrivals.first_seen(seed).is_some() }
+    })
+    .await?;
+    let mut samples = Samples::new();
+    for trial in 0..scale.propagation_trials {
+        let path = format!("/bench/prop/{trial}");
+        let id = format!("spiffe://example.org{path}");
+        let created = Instant::now();
+        target
+            .create_entries(vec![entry_message(&parent, &path, &selector)])
+            .await?;
+        wait_until("a new SVID", timeout, || {
+            let arrivals = arrivals.clone();
+            let id = id.clone();
+            async move { arrivals.first_seen(&id).is_some() }
+        })
+        .await?;
+        if let Some(seen) = arrivals.first_seen(&id) {
+            samples.push(seen.saturating_duration_since(created));
+        }
+        // Decorrelate from the sync phase.
+        tokio::time::sleep(Duration::from_millis(37 * (trial as u64 % 7))).await;
+    }
+    watcher.abort();
+    let _ = arrivals.count();
+    Ok((samples.percentile_ms(50.0), samples.percentile_ms(99.0)))
+}

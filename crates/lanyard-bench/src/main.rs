@@ -1,0 +1,397 @@
+//! `lanyard-bench`: starts real Lanyard servers and agents on loopback, simulates agents and
+//! workloads, and reports throughput, latency and scale, each figure against a baseline
+//! measured in the same run (the raw crypto, the index alone, a lone workload, the sync
+//! interval) or against SPIRE on the same machine.
+// A command-line tool: progress goes to stderr, the table to stdout.
+#![allow(clippy::print_stderr, clippy::print_stdout)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod charts;
+mod cpu;
+mod harness;
+mod plan;
+mod report;
+mod spire;
+mod stats;
+mod workload;
+
+use crate::harness::{LanyardServer, scratch_dir};
+use crate::plan::Plan;
+use crate::report::{Machine, Report};
+
+#[derive(Debug, Parser)]
+#[command(name = "lanyard-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// A small version of every benchmark (for CI: under two minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Write every figure, with its baseline and ratio, as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Directory for the markdown table and the PNG charts.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Run only these benchmarks (comma-separated): mint, batch, jwt, index, sync, fanin,
+    /// restart.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Also run batch, jwt, sync and fanin against SPIRE on this machine.
+    #[arg(long)]
+    against_spire: bool,
+    /// Directory with spire-server and spire-agent (default: build them).
+    #[arg(long)]
+    spire_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs a Lanyard agent (the benchmarks start it as a child process).
+    #[command(hide = true)]
+    AgentChild(AgentChildArgs),
+}
+
+#[derive(Debug, Args)]
+struct AgentChildArgs {
+    #[arg(long)]
+    server_address: String,
+    #[arg(long)]
+    trust_bundle: PathBuf,
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    socket: PathBuf,
+    #[arg(long)]
+    join_token: String,
+    #[arg(long)]
+    sync_interval_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lanyard-load")
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Some(Command::AgentChild(args)) => runtime.block_on(agent_child(args)),
+        None => runtime.block_on(run(cli)),
+    }
+}
+
+async fn agent_child(args: AgentChildArgs) -> anyhow::Result<()> {
+    let mut config = lanyard_agent::AgentConfig::new(
+        args.server_address,
+        harness::trust_domain(),
+        args.data_dir,
+    );
+    config.trust_bundle_path = Some(args.trust_bundle);
+    config.socket_path = args.socket;
+    config.join_token = Some(args.join_token);
+    config.sync_interval = Duration::from_millis(args.sync_interval_ms);
+    let parent = parent_pid();
+    // Exit with the benchmark even if it is killed before it can stop us.
+    let orphaned = async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if parent_pid() != parent {
+                return;
+            }
+        }
+    };
+    lanyard_agent::run(config, orphaned).await?;
+    Ok(())
+}
+
+fn parent_pid() -> u32 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let plan = if cli.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    let selected = |name: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == name);
+    let mut report = Report::new(plan.mode, Machine::detect());
+    let started = Instant::now();
+    let step = |name: &str| eprintln!("[{:>6.1}s] {name}", started.elapsed().as_secs_f64());
+
+    let ceiling = {
+        step("mint");
+        let duration = plan.mint_duration;
+        let mut mint_report = Report::new(plan.mode, report.machine.clone());
+        let (ceiling, mint_report) = tokio::task::spawn_blocking(move || {
+            bench::mint::run(&mut mint_report, duration).map(|c| (c, mint_report))
+        })
+        .await??;
+        if selected("mint") {
+            report.merge(mint_report);
+        }
+        ceiling
+    };
+    let index = {
+        step("index");
+        let mut index_report = Report::new(plan.mode, report.machine.clone());
+        let shapes = plan.index_shapes.clone();
+        let (lookups, changes) = (plan.index_lookups, plan.index_changes);
+        let (outcome, index_report) = tokio::task::spawn_blocking(move || {
+            let outcome = bench::index::run(&mut index_report, &shapes, lookups, changes);
+            (outcome, index_report)
+        })
+        .await?;
+        if selected("index") {
+            report.merge(index_report);
+        }
+        outcome
+    };
+
+    let lanyard = if ["batch", "jwt", "sync", "fanin"]
+        .iter()
+        .any(|b| selected(b))
+    {
+        let dir = scratch_dir("lanyard-bench-server")?;
+        let server = LanyardServer::start(LanyardServer::config_in(dir.path())).await?;
+        let target = server.target();
+        let mut outcomes = plan::Outcomes::default();
+        if selected("batch") {
+            step("batch");
+            outcomes.batch =
+                Some(bench::batch::run(&mut report, &target, ceiling, &plan.batch).await?);
+        }
+        if selected("jwt") {
+            step("jwt");
+            let raw = bench::jwt::raw_rate(report.machine.cores, plan.mint_duration)?;
+            outcomes.jwt = Some(bench::jwt::run(&mut report, &target, raw, &plan.jwt).await?);
+        }
+        if selected("sync") {
+            step("sync");
+            outcomes.sync =
+                Some(bench::sync::run(&mut report, &target, index.lookup_us, &plan.sync).await?);
+        }
+        if selected("fanin") {
+            step("fanin");
+            outcomes.fanin = Some(bench::fanin::run(&mut report, &target, &plan.fanin).await?);
+        }
+        server.shutdown().await;
+        drop(dir);
+        Some(outcomes)
+    } else {
+        None
+    };
+
+    if selected("restart") {
+        step("restart");
+        bench::restart::run(&mut report, plan.restart_entries).await?;
+    }
+
+    if cli.against_spire {
+        step("against SPIRE");
+        let bin = cli
+            .spire_bin
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/tmp/spire-build/bin"));
+        let dir = scratch_dir("lanyard-bench-spire")?;
+        let spire = spire::SpireServer::start(&bin, dir.path()).await?;
+        let target = spire.target.clone();
+        let mut outcomes = plan::Outcomes::default();
+        if selected("batch") {
+            step("batch (SPIRE)");
+            outcomes.batch =
+                Some(bench::batch::run(&mut report, &target, ceiling, &plan.batch).await?);
+        }
+        if selected("jwt") {
+            step("jwt (SPIRE)");
+            let raw = bench::jwt::raw_rate(report.machine.cores, plan.mint_duration)?;
+            outcomes.jwt = Some(bench::jwt::run(&mut report, &target, raw, &plan.jwt).await?);
+        }
+        if selected("sync") {
+            step("sync (SPIRE)");
+            outcomes.sync =
+                Some(bench::sync::run(&mut report, &target, index.lookup_us, &plan.sync).await?);
+        }
+        if selected("fanin") {
+            step("fanin (SPIRE)");
+            outcomes.fanin = Some(bench::fanin::run(&mut report, &target, &plan.fanin).await?);
+        }
+        drop(spire);
+        if let Some(lanyard) = &lanyard {
+            spire::compare(&mut report, lanyard, &outcomes);
+        }
+    }
+
+    step("writing results");
+    write_outputs(&report, &cli)?;
+    step("done");
+    Ok(())
+}
+
+fn write_outputs(report: &Report, cli: &Cli) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    let mut report = report.clone();
+    match charts::load_font() {
+        Some(_) => {
+            for chart in &report.charts {
+                charts::draw(chart, &cli.out)?;
+            }
+        }
+        None => report
+            .notes
+            .push("charts: no TrueType font found (set LANYARD_BENCH_FONT); PNGs skipped".into()),
+    }
+    let markdown = report.to_markdown();
+    std::fs::write(cli.out.join("results.md"), &markdown)?;
+    if let Some(json) = &cli.json {
+        if let Some(parent) = json.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(json, report.to_json()?)?;
+    }
+    println!("{markdown}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::bench::index::{Layout, Shape};
+
+    /// A small run of the in-process benchmarks, end to end, checking that every figure the
+    /// report promises is there and that the JSON carries baselines and ratios.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_run_produces_every_expected_key() {
+        let mut report = Report::new("test", Machine::detect());
+        let mut mint_report = Report::new("test", report.machine.clone());
+        let (ceiling, mint_report) = tokio::task::spawn_blocking(move || {
+            let ceiling = bench::mint::run(&mut mint_report, Duration::from_millis(20)).unwrap();
+            (ceiling, mint_report)
+        })
+        .await
+        .unwrap();
+        report.merge(mint_report);
+        assert!(ceiling.mint_per_core > 0.0);
+        let shapes = [
+            Shape {
+                name: "direct",
+                agents: 20,
+                layout: Layout::Direct { per_agent: 3 },
+                spire_reference: false,
+            },
+            Shape {
+                name: "spire_shape",
+                agents: 50,
+                layout: Layout::Aliased {
+                    aliases: 5,
+                    per_alias: 2,
+                },
+                spire_reference: true,
+            },
+        ];
+        let index = bench::index::run(&mut report, &shapes, 10, 10);
+        assert!(index.lookup_us > 0.0);
+
+        let dir = scratch_dir("lanyard-bench-test").unwrap();
+        let server = LanyardServer::start(LanyardServer::config_in(dir.path()))
+            .await
+            .unwrap();
+        let target = server.target();
+        let scale = bench::batch::Scale {
+            batch_sizes: vec![1, 3],
+            agent_counts: vec![1, 2],
+            duration: Duration::from_millis(50),
+        };
+        let grid = bench::batch::run(&mut report, &target, ceiling, &scale)
+            .await
+            .unwrap();
+        assert_eq!(grid.len(), 4);
+        let jwt = bench::jwt::Scale {
+            agents: 2,
+            duration: Duration::from_millis(50),
+        };
+        bench::jwt::run(&mut report, &target, 1000.0, &jwt)
+            .await
+            .unwrap();
+        server.shutdown().await;
+        bench::restart::run(&mut report, 30).await.unwrap();
+
+        let keys: BTreeSet<&str> = report.figures.iter().map(|f| f.key.as_str()).collect();
+        let mut expected = vec![
+            "jwt.per_sec".to_owned(),
+            "jwt.p50_ms".to_owned(),
+            "jwt.p99_ms".to_owned(),
+            "jwt.server_cpu_us_per_jwt".to_owned(),
+            "restart.start_to_serving_ms".to_owned(),
+            "restart.start_ms".to_owned(),
+            "restart.bulk_load_entries_per_sec".to_owned(),
+        ];
+        for threads in [1, 2] {
+            expected.push(format!("mint.threads_{threads}.svids_per_sec"));
+            expected.push(format!("mint.threads_{threads}.us_per_svid"));
+        }
+        for shape in ["direct", "spire_shape"] {
+            for figure in [
+                "build_ms",
+                "lookup_us",
+                "build_us_per_entry",
+                "change_us",
+                "bytes_per_entry",
+            ] {
+                expected.push(format!("index.{shape}.{figure}"));
+            }
+        }
+        for agents in [1, 2] {
+            for size in [1, 3] {
+                for figure in [
+                    "svids_per_sec",
+                    "p50_ms",
+                    "p99_ms",
+                    "server_cpu_us_per_svid",
+                ] {
+                    expected.push(format!("batch.agents_{agents}.size_{size}.{figure}"));
+                }
+            }
+        }
+        for key in &expected {
+            assert!(keys.contains(key.as_str()), "missing {key}; have {keys:?}");
+        }
+
+        let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+        let figures = json["figures"].as_array().unwrap();
+        assert_eq!(figures.len(), report.figures.len());
+        for figure in figures {
+            assert!(figure["value"].is_number(), "{figure}");
+            assert!(figure["unit"].is_string(), "{figure}");
+            if !figure["baseline"].is_null() {
+                assert!(figure["baseline"]["value"].is_number(), "{figure}");
+                assert!(figure["baseline"]["ratio"].is_number(), "{figure}");
+            }
+        }
+        let spire = report.get("index.spire_shape.lookup_us").unwrap();
+        let baseline = spire.baseline.as_ref().unwrap();
+        assert_eq!(baseline.kind, crate::report::BaselineKind::Published);
+        assert_eq!(baseline.value, 21.0);
+        assert!(report.value("mint.threads_1.svids_per_sec").unwrap() > 0.0);
+        assert_eq!(report.charts.len(), 4);
+        let markdown = report.to_markdown();
+        for bench in ["mint", "index", "batch", "jwt", "restart"] {
+            assert!(markdown.contains(&format!("### `{bench}`")), "{bench}");
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! How big each benchmark runs: `--quick` (CI, under two minutes even in a debug build) or
+//! the full run (about ten minutes in release on two cores).
+
+use std::time::Duration;
+
+use crate::bench::index::{Layout, Shape};
+use crate::bench::{batch, fanin, jwt, sync};
+
+/// Every benchmark's scale.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub(crate) mode: &'static str,
+    pub(crate) mint_duration: Duration,
+    pub(crate) batch: batch::Scale,
+    pub(crate) jwt: jwt::Scale,
+    pub(crate) index_shapes: Vec<Shape>,
+    pub(crate) index_lookups: usize,
+    pub(crate) index_changes: usize,
+    pub(crate) sync: sync::Scale,
+    pub(crate) fanin: fanin::Scale,
+    pub(crate) restart_entries: usize,
+}
+
+impl Plan {
+    pub(crate) fn full() -> Self {
+        Self {
+            mode: "full",
+            mint_duration: Duration::from_secs(2),
+            batch: batch::Scale {
+                batch_sizes: vec![1, 10, 100, 500],
+                agent_counts: vec![1, 10, 100],
+                duration: Duration::from_secs(3),
+            },
+            jwt: jwt::Scale {
+                agents: 10,
+                duration: Duration::from_secs(4),
+            },
+            index_shapes: vec![
+                Shape {
+                    name: "direct_10k",
+                    agents: 1_000,
+                    layout: Layout::Direct { per_agent: 10 },
+                    spire_reference: false,
+                },
+                Shape {
+                    name: "direct_100k",
+                    agents: 10_000,
+                    layout: Layout::Direct { per_agent: 10 },
+                    spire_reference: false,
+                },
+                Shape {
+                    name: "spire_shape",
+                    agents: 50_000,
+                    layout: Layout::Aliased {
+                        aliases: 100,
+                        per_alias: 5,
+                    },
+                    spire_reference: true,
+                },
+            ],
+            index_lookups: 10_000,
+            index_changes: 10_000,
+            sync: sync::Scale {
+                agents: 1_000,
+                entries_per_agent: 5,
+                rounds: 5,
+                propagation_trials: 20,
+                sync_interval: Duration::from_secs(1),
+            },
+            fanin: fanin::Scale {
+                workloads: 1_000,
+                cached_svids: 100,
+                sync_interval: Duration::from_secs(1),
+            },
+            restart_entries: 100_000,
+        }
+    }
+
+    pub(crate) fn quick() -> Self {
+        Self {
+            mode: "quick",
+            mint_duration: Duration::from_millis(300),
+            batch: batch::Scale {
+                batch_sizes: vec![1, 10, 100],
+                agent_counts: vec![1, 10],
+                duration: Duration::from_millis(300),
+            },
+            jwt: jwt::Scale {
+                agents: 4,
+                duration: Duration::from_millis(500),
+            },
+            index_shapes: vec![
+                Shape {
+                    name: "direct_10k",
+                    agents: 100,
+                    layout: Layout::Direct { per_agent: 10 },
+                    spire_reference: false,
+                },
+                Shape {
+                    name: "direct_100k",
+                    agents: 1_000,
+                    layout: Layout::Direct { per_agent: 10 },
+                    spire_reference: false,
+                },
+                Shape {
+                    name: "spire_shape",
+                    agents: 5_000,
+                    layout: Layout::Aliased {
+                        aliases: 100,
+                        per_alias: 5,
+                    },
+                    spire_reference: true,
+                },
+            ],
+            index_lookups: 1_000,
+            index_changes: 1_000,
+            sync: sync::Scale {
+                agents: 50,
+                entries_per_agent: 5,
+                rounds: 3,
+                propagation_trials: 3,
+                sync_interval: Duration::from_millis(300),
+            },
+            fanin: fanin::Scale {
+                workloads: 50,
+                cached_svids: 10,
+                sync_interval: Duration::from_millis(300),
+            },
+            restart_entries: 5_000,
+        }
+    }
+}
+
+/// What the Lanyard runs produced, for the comparison with SPIRE.
+#[derive(Debug, Default)]
+pub(crate) struct Outcomes {
+    pub(crate) batch: Option<batch::Grid>,
+    pub(crate) jwt: Option<jwt::Outcome>,
+    pub(crate) sync: Option<sync::Outcome>,
+    pub(crate) fanin: Option<fanin::Outcome>,
+}

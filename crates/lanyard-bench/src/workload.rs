@@ -1,0 +1,194 @@
+//! Node agents as child processes (this binary re-executed as `agent-child`, or a SPIRE
+//! agent) and Workload API clients that stream X.509-SVIDs from them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lanyard_core::SpiffeId;
+use lanyard_proto::workload::X509svidRequest;
+use lanyard_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::harness::{Target, trust_domain, uds_channel};
+
+/// A node agent running as a child process, serving the Workload API on `socket`.
+#[derive(Debug)]
+pub(crate) struct AgentProcess {
+    child: Child,
+    pub(crate) socket: PathBuf,
+    pub(crate) agent_id: SpiffeId,
+}
+
+impl AgentProcess {
+    /// Starts this binary as a Lanyard agent attesting to `target` with a fresh join token.
+    pub(crate) async fn start_lanyard(
+        target: &Target,
+        dir: &Path,
+        sync_interval: Duration,
+    ) -> anyhow::Result<Self> {
+        let admin = target.admin().await?;
+        let token = target.join_token(&admin).await?;
+        let bundle = dir.join("bootstrap.pem");
+        let pem: String = target
+            .authorities()
+            .await?
+            .iter()
+            .map(|der| lanyard_core::keys::pem_encode("CERTIFICATE", der))
+            .collect();
+        std::fs::write(&bundle, pem)?;
+        let socket = dir.join("workload").join("api.sock");
+        let child = Command::new(std::env::current_exe()?)
+            .arg("agent-child")
+            .arg("--server-address")
+            .arg(target.addr.to_string())
+            .arg("--trust-bundle")
+            .arg(&bundle)
+            .arg("--data-dir")
+            .arg(dir.join("agent"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--join-token")
+            .arg(&token)
+            .arg("--sync-interval-ms")
+            .arg(sync_interval.as_millis().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the agent process")?;
+        let agent_id = trust_domain().join_token_agent_id(&token)?;
+        Ok(Self {
+            child,
+            socket,
+            agent_id,
+        })
+    }
+
+    /// Wraps an agent process started elsewhere (e.g. a SPIRE agent).
+    pub(crate) fn adopt(child: Child, socket: PathBuf, agent_id: SpiffeId) -> Self {
+        Self {
+            child,
+            socket,
+            agent_id,
+        }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the process has exited.
+    pub(crate) fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            anyhow::bail!("the agent process exited: {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Workload API client on its own connection, as a separate workload process would have.
+pub(crate) async fn workload_client(
+    socket: &Path,
+) -> anyhow::Result<
+    SpiffeWorkloadApiClient<
+        tonic::service::interceptor::InterceptedService<
+            Channel,
+            fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+        >,
+    >,
+> {
+    let channel = uds_channel(socket).await?;
+    Ok(SpiffeWorkloadApiClient::with_interceptor(
+        channel,
+        add_security_header as fn(_) -> _,
+    ))
+}
+
+fn add_security_header(
+    mut request: tonic::Request<()>,
+) -> Result<tonic::Request<()>, tonic::Status> {
+    request.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    Ok(request)
+}
+
+/// When each SPIFFE ID first reached a streaming workload.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Arrivals {
+    seen: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+impl Arrivals {
+    pub(crate) fn first_seen(&self, spiffe_id: &str) -> Option<Instant> {
+        self.seen
+            .lock()
+            .ok()
+            .and_then(|seen| seen.get(spiffe_id).copied())
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.seen.lock().map_or(0, |seen| seen.len())
+    }
+}
+
+/// Opens a `FetchX509SVID` stream on `socket` and records when each SPIFFE ID first
+/// arrives, until the task is aborted.
+pub(crate) async fn watch_arrivals(
+    socket: &Path,
+) -> anyhow::Result<(Arrivals, tokio::task::JoinHandle<()>)> {
+    let mut client = workload_client(socket).await?;
+    let arrivals = Arrivals::default();
+    let recorder = arrivals.clone();
+    let task = tokio::spawn(async move {
+        // The agent refuses the stream until it has an identity for us; ask again.
+        loop {
+            if let Ok(response) = client.fetch_x509svid(X509svidRequest {}).await {
+                let mut stream = response.into_inner();
+                while let Ok(Some(message)) = stream.message().await {
+                    let now = Instant::now();
+                    if let Ok(mut seen) = recorder.seen.lock() {
+                        for svid in message.svids {
+                            seen.entry(svid.spiffe_id).or_insert(now);
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    Ok((arrivals, task))
+}
+
+/// Waits until the agent's socket accepts connections.
+pub(crate) async fn wait_for_socket(
+    agent: &mut AgentProcess,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        agent.check_running()?;
+        if agent.socket.exists() && uds_channel(&agent.socket).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "the agent socket {} did not come up",
+                agent.socket.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
