@@ -784,7 +784,7 @@ fn write_outcome_pretty(
 
 /// The stored metadata of the given entries, keyed by entry ID. A server without the
 /// metadata service (SPIRE) has none.
-async fn fetch_metadata(
+pub(crate) async fn fetch_metadata(
     client: &ServerClient,
     entry_ids: &[String],
 ) -> Result<HashMap<String, EntryMetadata>, tonic::Status> {
@@ -856,7 +856,7 @@ impl EntryFilterArgs {
 }
 
 /// Every entry matching `filter`, following page tokens to the end.
-async fn list_all_entries(
+pub(crate) async fn list_all_entries(
     client: &ServerClient,
     filter: list_entries_request::Filter,
 ) -> anyhow::Result<Vec<types::Entry>> {

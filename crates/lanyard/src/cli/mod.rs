@@ -11,6 +11,7 @@ mod health;
 mod logging;
 mod output;
 mod parse;
+mod policy;
 mod server;
 mod svid;
 mod token;
@@ -65,6 +66,12 @@ pub(crate) enum Command {
     /// Run a server and an agent in this process and register the current user: the
     /// one-command tour.
     Dev(dev::DevArgs),
+    /// Test a policy, and check existing entries against a candidate policy.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Verify the tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(policy::AuditCommand),
 }
 
 impl Command {
@@ -80,6 +87,8 @@ impl Command {
             Self::Server(command) => ("server", command.name()),
             Self::Fetch(command) => ("fetch", command.name()),
             Self::Validate(command) => ("validate", command.name()),
+            Self::Policy(command) => ("policy", command.name()),
+            Self::Audit(command) => ("audit", command.name()),
             Self::Watch(_) => return "watch".to_owned(),
             Self::Dev(_) => return "dev".to_owned(),
         };
@@ -102,6 +111,8 @@ impl Command {
             Self::Validate(command) => command.run(out).await,
             Self::Watch(args) => args.run(out).await,
             Self::Dev(args) => dev::run(args, out).await,
+            Self::Policy(command) => command.run(out).await,
+            Self::Audit(command) => command.run(out).await,
         }
     }
 }

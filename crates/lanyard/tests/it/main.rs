@@ -7,6 +7,7 @@
 
 mod dev;
 mod fake_server;
+mod governance;
 mod real_server;
 
 use std::path::Path;

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct RunningServer {
+pub(crate) struct RunningServer {
     child: Child,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -24,7 +24,7 @@ fn lanyard(args: &[&str]) -> std::process::Output {
         .expect("lanyard runs")
 }
 
-fn start_server() -> RunningServer {
+pub(crate) fn start_server() -> RunningServer {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("admin").join("api.sock");
     let config = dir.path().join("server.toml");
