@@ -46,6 +46,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use serde_json::Value;
 
+pub mod spire;
 pub mod toolchain;
 
 /// The trust domain of every server and agent the harness starts.

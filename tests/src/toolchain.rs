@@ -138,12 +138,12 @@ pub fn spire() -> &'static Spire {
     SPIRE.get_or_init(|| {
         let module = interop_source("spire");
         let key = format!(
-            "{}\n{}",
+            "{}\ncgo\n{}",
             go_version(),
             key_of_files(&module, &["go.mod", "go.sum"])
         );
         let dir = cached_build(&format!("spire-{SPIRE_VERSION}"), &key, |out| {
-            go_build(
+            go_build_with_cgo(
                 &module,
                 &[
                     "github.com/spiffe/spire/cmd/spire-server",
@@ -157,4 +157,26 @@ pub fn spire() -> &'static Spire {
             agent: dir.join("spire-agent"),
         }
     })
+}
+
+/// `go build -o <out>/ <packages>` in the module at `module`, like [`go_build`] but with cgo
+/// on: SPIRE's SQLite datastore is the cgo `go-sqlite3` driver, and a server built without cgo
+/// refuses to start with it. Needs a C compiler (`cc`, or `CC`).
+pub fn go_build_with_cgo(module: &Path, packages: &[&str], out: &Path) {
+    let mut target = out.as_os_str().to_owned();
+    target.push("/");
+    let output = CliOutput::run(
+        Command::new("go")
+            .current_dir(module)
+            .args(["build", "-mod=readonly", "-o"])
+            .arg(target)
+            .args(packages)
+            .env("CGO_ENABLED", "1"),
+    );
+    assert!(
+        output.success(),
+        "building {packages:?} in {} with cgo failed (it needs a C compiler, `cc` or $CC): \
+         {output}",
+        module.display()
+    );
 }

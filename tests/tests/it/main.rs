@@ -11,3 +11,6 @@ mod py_spiffe;
 mod resilience;
 mod rotation;
 mod spiffe_client;
+mod spire_agent;
+mod spire_cli;
+mod spire_server;
