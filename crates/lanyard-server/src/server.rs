@@ -278,6 +278,11 @@ async fn serve_tls(
                     continue;
                 }
             };
+            // gRPC writes a response as several small frames; with Nagle's algorithm the
+            // later ones wait for the client's delayed ACK, adding ~40 ms to every unary call.
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%peer, %error, "cannot disable Nagle's algorithm");
+            }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             // Handshakes run on their own task so a slow client never blocks the others.
