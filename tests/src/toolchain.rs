@@ -180,3 +180,143 @@ pub fn go_build_with_cgo(module: &Path, packages: &[&str], out: &Path) {
         module.display()
     );
 }
+
+/// Set to `1` to skip the go-spiffe interoperability tests (CI never does).
+pub const SKIP_GO_VAR: &str = "LANYARD_E2E_SKIP_GO";
+
+/// Set to `1` to skip the java-spiffe interoperability tests (CI never does).
+pub const SKIP_JAVA_VAR: &str = "LANYARD_E2E_SKIP_JAVA";
+
+/// The go-spiffe client program (`tests/interop/go-spiffe`, see its `main.go`), built into
+/// `<target>/interop/go-spiffe` once per machine and reused while its go.mod, go.sum, source
+/// and the Go version stay the same. Panics, saying how to get Go, when `go` is missing.
+pub fn go_spiffe_client() -> &'static Path {
+    static CLIENT: OnceLock<PathBuf> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        require_tool(
+            "go",
+            &["version"],
+            &format!(
+                "the go-spiffe tests need the Go toolchain, 1.24 or newer (go.dev/dl, or \
+                 your distribution's golang package), on PATH, and the Go module proxy; \
+                 set {SKIP_GO_VAR}=1 to skip them"
+            ),
+        );
+        let module = interop_source("go-spiffe");
+        let key = format!(
+            "{}\n{}",
+            go_version(),
+            key_of_files(&module, &["go.mod", "go.sum", "main.go"])
+        );
+        cached_build("go-spiffe", &key, |out| go_build(&module, &["."], out)).join("go-spiffe")
+    })
+}
+
+/// The java-spiffe client program (`tests/interop/java-spiffe`), compiled by Maven.
+#[derive(Debug)]
+pub struct JavaClient {
+    /// The class path: the compiled program and every runtime dependency.
+    pub class_path: String,
+    /// The class whose `main` runs.
+    pub main_class: &'static str,
+}
+
+impl JavaClient {
+    /// `java -cp <class path> <main class>`: add the arguments and run it.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new("java");
+        command
+            .arg("-cp")
+            .arg(&self.class_path)
+            .arg(self.main_class)
+            .env_remove("JAVA_TOOL_OPTIONS")
+            .env_remove("CLASSPATH");
+        command
+    }
+}
+
+/// The java-spiffe client program, built with Maven into `<target>/interop/java-spiffe` once
+/// per machine (dependencies from Maven Central into the local repository, `~/.m2`) and reused
+/// while its pom.xml, its source and the `java` and `mvn` versions stay the same. Panics,
+/// saying how to get them, when `java` or `mvn` is missing.
+pub fn java_spiffe_client() -> &'static JavaClient {
+    static CLIENT: OnceLock<JavaClient> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let hint = format!(
+            "the java-spiffe tests need a JDK, 17 or newer, and Maven 3.8 or newer on PATH \
+             (Debian/Ubuntu: `apt-get install openjdk-17-jdk-headless maven`) and Maven \
+             Central; set {SKIP_JAVA_VAR}=1 to skip them"
+        );
+        // `java -version` prints on stderr; only Maven's first line names its version.
+        let java = require_tool("java", &["-version"], &hint);
+        let maven = require_tool("mvn", &["-B", "-v"], &hint);
+        let project = interop_source("java-spiffe");
+        let key = format!(
+            "{}{}\n{}\n{}",
+            java.stdout,
+            java.stderr,
+            maven.stdout.lines().next().unwrap_or_default(),
+            key_of_files(&project, &["pom.xml", JAVA_SOURCE])
+        );
+        let dir = cached_build("java-spiffe", &key, |out| {
+            copy_file(&project.join("pom.xml"), &out.join("pom.xml"));
+            copy_file(&project.join(JAVA_SOURCE), &out.join(JAVA_SOURCE));
+            let output = CliOutput::run(
+                Command::new("mvn")
+                    .current_dir(out)
+                    .args([
+                        "-B",
+                        "-q",
+                        "compile",
+                        "dependency:copy-dependencies",
+                        "-DincludeScope=runtime",
+                    ])
+                    .env_remove("MAVEN_OPTS"),
+            );
+            assert!(
+                output.success(),
+                "building {} with Maven failed: {output}\n{hint}",
+                project.display()
+            );
+        });
+        let target = dir.join("target");
+        JavaClient {
+            class_path: format!(
+                "{}:{}",
+                target.join("classes").display(),
+                target.join("dependency").join("*").display()
+            ),
+            main_class: "lanyard.interop.JavaSpiffeClient",
+        }
+    })
+}
+
+/// The Java program, relative to `tests/interop/java-spiffe`.
+const JAVA_SOURCE: &str = "src/main/java/lanyard/interop/JavaSpiffeClient.java";
+
+/// Runs `program args` and returns what it printed; panics with `hint` if it cannot run or
+/// fails.
+fn require_tool(program: &str, args: &[&str], hint: &str) -> CliOutput {
+    let mut command = Command::new(program);
+    command.args(args);
+    let output = match command.stdin(std::process::Stdio::null()).output() {
+        Ok(output) => output,
+        Err(e) => panic!("cannot run `{program}` ({e}): {hint}"),
+    };
+    let output = CliOutput {
+        command: format!("{program} {}", args.join(" ")),
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    assert!(output.success(), "{output}\n{hint}");
+    output
+}
+
+fn copy_file(from: &Path, to: &Path) {
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent).unwrap_or_else(|e| panic!("creating {}: {e}", parent.display()));
+    }
+    fs::copy(from, to)
+        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", from.display(), to.display()));
+}

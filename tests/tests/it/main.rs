@@ -5,7 +5,9 @@
 // Helpers outside `#[test]` functions panic on purpose: a failed expectation is the test failing.
 #![allow(clippy::unwrap_used)]
 
+mod go_spiffe;
 mod identities;
+mod java_spiffe;
 mod mtls;
 mod py_spiffe;
 mod resilience;
