@@ -26,7 +26,9 @@ use serde_json::{Value, json};
 
 const AUDIENCE: &str = "e2e-go";
 
-/// Renewal comes at about half-life: with 12 s, a new SVID every 6 s or so.
+/// The agent renews at half of an SVID's validity, which starts 10 s before issuance (the
+/// server backdates `NotBefore`): a 12 s SVID is renewed within a sync interval or two of its
+/// issuance, so both watching and handshaking see several rotations.
 const SHORT_TTL: &str = "12s";
 const ROTATIONS: usize = 2;
 const HANDSHAKES: usize = 24;
