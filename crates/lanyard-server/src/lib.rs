@@ -3,11 +3,13 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod authz;
 pub mod ca;
 pub mod config;
 pub mod datastore;
 pub mod keymanager;
+pub mod policy;
 pub mod server;
 pub mod state;
 pub mod tls;
