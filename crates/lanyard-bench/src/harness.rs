@@ -20,7 +20,7 @@ use lanyard_proto::spire::api::server::bundle::v1::GetBundleRequest;
 use lanyard_proto::spire::api::server::bundle::v1::bundle_client::BundleClient;
 use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
 use lanyard_proto::spire::api::server::entry::v1::{
-    BatchCreateEntryRequest, BatchUpdateEntryRequest,
+    BatchCreateEntryRequest, BatchUpdateEntryRequest, GetAuthorizedEntriesRequest,
 };
 use lanyard_proto::spire::api::types;
 use lanyard_server::{Server, ServerConfig};
@@ -260,6 +260,22 @@ pub(crate) struct SimAgent {
 }
 
 impl SimAgent {
+    /// Waits until the server authorizes this agent for at least `n` entries (SPIRE's
+    /// server sees new entries only when its entry cache next reloads).
+    pub(crate) async fn wait_authorized(&self, n: usize) -> anyhow::Result<()> {
+        let channel = self.channel.clone();
+        wait_until("entries to be authorized", Duration::from_secs(60), || {
+            let mut client = EntryClient::new(channel.clone());
+            async move {
+                client
+                    .get_authorized_entries(GetAuthorizedEntriesRequest { output_mask: None })
+                    .await
+                    .is_ok_and(|r| r.into_inner().entries.len() >= n)
+            }
+        })
+        .await
+    }
+
     /// A new mTLS channel to a server at `addr` (e.g. the same server after a restart).
     pub(crate) async fn connect(&self, addr: SocketAddr) -> anyhow::Result<Channel> {
         let authorities = Arc::clone(&self.authorities);

@@ -46,6 +46,9 @@ impl Fleet {
             })
             .collect();
         let ids = target.create_entries(entries).await?;
+        for agent in agents.first().into_iter().chain(agents.last()) {
+            agent.wait_authorized(1).await?;
+        }
         Ok(Self {
             agents: agents.into_iter().zip(ids).collect(),
         })

@@ -107,6 +107,9 @@ pub(crate) async fn run(
         })
         .collect();
     target.create_entries(entries).await?;
+    for agent in agents.first().into_iter().chain(agents.last()) {
+        agent.wait_authorized(scale.entries_per_agent).await?;
+    }
     let agents = Arc::new(agents);
 
     // A first sync fills each agent's cache; the measured ones find nothing new.
