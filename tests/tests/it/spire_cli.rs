@@ -278,6 +278,20 @@ fn agents(server: &Server, agent_id: &str) {
     let by_type = spire_ok(server, &["agent", "list"], &["-attestationType", "x509pop"]);
     assert!(by_type.contains("No attested agents found"), "{by_type}");
 
+    // -expiresBefore is sent in Go's `2006-01-02 15:04:05 -0700 -07` layout.
+    let later = spire_ok(
+        server,
+        &["agent", "list"],
+        &["-expiresBefore", "2999-01-02 15:04:05 +0000 +00"],
+    );
+    assert!(later.contains(agent_id), "{later}");
+    let earlier = spire_ok(
+        server,
+        &["agent", "count"],
+        &["-expiresBefore", "2001-01-02 15:04:05 -0700 -07"],
+    );
+    assert!(earlier.contains("0 attested agents"), "{earlier}");
+
     let banned = spire_ok(server, &["agent", "ban"], &["-spiffeID", agent_id]);
     assert!(banned.contains("Agent banned successfully"), "{banned}");
     let lanyard_view = server.cli_json(&["agent", "show", "--spiffe-id", agent_id]);

@@ -291,6 +291,9 @@ pub fn agent_to_proto(agent: &AttestedAgent, mask: Option<&types::AgentMask>) ->
     }
 }
 
+/// `by_expires_before` of ListAgents and CountAgents. SPIRE's CLI sends it in Go's layout
+/// `2006-01-02 15:04:05 -0700 -07` (what `spire-server agent list -expiresBefore` takes);
+/// Unix seconds and RFC 3339 are accepted too.
 fn parse_time_filter(value: &str) -> Result<Option<SystemTime>, Status> {
     if value.is_empty() {
         return Ok(None);
@@ -298,9 +301,57 @@ fn parse_time_filter(value: &str) -> Result<Option<SystemTime>, Status> {
     if let Ok(secs) = value.parse::<u64>() {
         return Ok(Some(UNIX_EPOCH + Duration::from_secs(secs)));
     }
+    if let Some(time) = parse_spire_cli_time(value) {
+        return Ok(Some(time));
+    }
     humantime::parse_rfc3339_weak(value)
         .map(Some)
         .map_err(|e| Status::invalid_argument(format!("invalid by_expires_before {value:?}: {e}")))
+}
+
+/// A time in Go's `2006-01-02 15:04:05 -0700 -07` layout: date, time of day, a `±hhmm`
+/// offset and the same offset again as `±hh`. `None` if `value` has another shape.
+fn parse_spire_cli_time(value: &str) -> Option<SystemTime> {
+    let mut parts = value.split(' ');
+    let (date, clock, offset, offset_hours) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let offset_seconds = signed_offset(offset, 4)?;
+    if signed_offset(offset_hours, 2)? != offset_seconds - offset_seconds % 3600 {
+        return None;
+    }
+    let utc_wall_clock = humantime::parse_rfc3339(&format!("{date}T{clock}Z")).ok()?;
+    let magnitude = Duration::from_secs(offset_seconds.unsigned_abs());
+    // Local time = UTC + offset, so UTC = local - offset.
+    if offset_seconds >= 0 {
+        utc_wall_clock.checked_sub(magnitude)
+    } else {
+        utc_wall_clock.checked_add(magnitude)
+    }
+}
+
+/// `±hh` (`digits` 2) or `±hhmm` (`digits` 4) as signed seconds.
+fn signed_offset(text: &str, digits: usize) -> Option<i64> {
+    let (sign, number) = match text.as_bytes().first()? {
+        b'+' => (1, &text[1..]),
+        b'-' => (-1, &text[1..]),
+        _ => return None,
+    };
+    if number.len() != digits || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let hours: i64 = number.get(..2)?.parse().ok()?;
+    let minutes: i64 = if digits == 4 {
+        number.get(2..)?.parse().ok()?
+    } else {
+        0
+    };
+    if minutes >= 60 {
+        return None;
+    }
+    Some(sign * (hours * 3600 + minutes * 60))
 }
 
 fn agent_filter(

@@ -393,3 +393,60 @@ async fn x509pop_attests_with_the_right_key_only() {
     .unwrap();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
+
+#[tokio::test]
+async fn agents_filter_by_expiry_in_the_layout_spire_server_cli_sends() {
+    // `spire-server agent list -expiresBefore` and `agent count` pass the time through in Go's
+    // `2006-01-02 15:04:05 -0700 -07` layout.
+    let server = TestServer::start().await;
+    server.attest_new_agent().await;
+    let mut admin = AgentClient::new(server.admin().await);
+    for (before, expected) in [
+        ("2001-02-03 04:05:06 +0000 +00", 0),
+        ("2999-01-02 15:04:05 -0700 -07", 1),
+        ("2999-01-02 15:04:05 +0530 +05", 1),
+        ("32503680000", 1),
+        ("2999-01-01T00:00:00Z", 1),
+    ] {
+        let listed = admin
+            .list_agents(pb::ListAgentsRequest {
+                filter: Some(pb::list_agents_request::Filter {
+                    by_expires_before: before.to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("listing agents expiring before {before:?}: {e}"))
+            .into_inner();
+        assert_eq!(listed.agents.len(), expected, "{before}");
+        let counted = admin
+            .count_agents(pb::CountAgentsRequest {
+                filter: Some(pb::count_agents_request::Filter {
+                    by_expires_before: before.to_owned(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("counting agents expiring before {before:?}: {e}"))
+            .into_inner();
+        assert_eq!(counted.count, i32::try_from(expected).unwrap(), "{before}");
+    }
+    for malformed in [
+        "2030-01-02 15:04:05 +0100 +02",
+        "2030-01-02 15:04:05 +01",
+        "tomorrow",
+    ] {
+        let refused = admin
+            .list_agents(pb::ListAgentsRequest {
+                filter: Some(pb::list_agents_request::Filter {
+                    by_expires_before: malformed.to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{malformed}");
+    }
+}
