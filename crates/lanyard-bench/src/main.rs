@@ -46,7 +46,8 @@ struct Cli {
     /// Also run batch, jwt, sync and fanin against SPIRE on this machine.
     #[arg(long)]
     against_spire: bool,
-    /// Directory with spire-server and spire-agent (default: build them).
+    /// Directory with spire-server and spire-agent (default: build them from the Go module
+    /// proxy, as the interoperability tests do, cached under `<target>/interop/`).
     #[arg(long)]
     spire_bin: Option<PathBuf>,
 }
@@ -202,10 +203,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     if cli.against_spire {
         step("against SPIRE");
-        let bin = cli
-            .spire_bin
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/tmp/spire-build/bin"));
+        let bin = match cli.spire_bin.clone() {
+            Some(bin) => bin,
+            None => build_spire()?,
+        };
         let dir = scratch_dir("lanyard-bench-spire")?;
         let spire = spire::SpireServer::start(&bin, dir.path()).await?;
         let target = spire.target.clone();
@@ -264,6 +265,24 @@ fn write_outputs(report: &Report, cli: &Cli) -> anyhow::Result<()> {
     }
     println!("{markdown}");
     Ok(())
+}
+
+/// Builds (or reuses) SPIRE the way the interoperability tests do, and returns the directory
+/// that holds `spire-server` and `spire-agent`.
+fn build_spire() -> anyhow::Result<PathBuf> {
+    let spire = std::panic::catch_unwind(lanyard_e2e::toolchain::spire).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        anyhow::anyhow!("cannot build SPIRE (or pass --spire-bin DIR): {message}")
+    })?;
+    spire
+        .server
+        .parent()
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow::anyhow!("SPIRE was built into no directory"))
 }
 
 #[cfg(test)]

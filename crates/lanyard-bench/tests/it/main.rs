@@ -1,0 +1,75 @@
+//! The quick benchmark end to end, as the test suite runs it: `lanyard-bench --quick` starts
+//! real servers and agents, runs every benchmark, and writes the JSON report, the markdown
+//! table and the charts. Checked: every benchmark reports, every figure is a finite number,
+//! and every baseline carries its ratio. No timing is asserted.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use serde_json::Value;
+
+const BENCHMARKS: [&str; 7] = ["mint", "batch", "jwt", "index", "sync", "fanin", "restart"];
+
+#[test]
+fn the_quick_run_reports_every_benchmark_with_baselines_and_ratios() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("out.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_lanyard-bench"))
+        .arg("--quick")
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "lanyard-bench --quick failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(report["mode"], "quick");
+    let benches: BTreeSet<&str> = report["benches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|bench| bench.as_str().unwrap())
+        .collect();
+    for bench in BENCHMARKS {
+        assert!(benches.contains(bench), "{bench} missing from {benches:?}");
+    }
+
+    let figures = report["figures"].as_array().unwrap();
+    let mut with_baseline = BTreeSet::new();
+    for figure in figures {
+        let key = figure["key"].as_str().unwrap();
+        let value = figure["value"].as_f64().unwrap_or(f64::NAN);
+        assert!(value.is_finite() && value >= 0.0, "{key}: {figure}");
+        if !figure["baseline"].is_null() {
+            let ratio = figure["baseline"]["ratio"].as_f64().unwrap_or(f64::NAN);
+            assert!(ratio.is_finite() && ratio > 0.0, "{key}: {figure}");
+            with_baseline.insert(figure["bench"].as_str().unwrap().to_owned());
+        }
+    }
+    // Each benchmark relates at least one figure to a baseline measured in the same run
+    // (or, for the index, to SPIRE's published figures).
+    for bench in BENCHMARKS {
+        assert!(
+            with_baseline.contains(bench),
+            "{bench} has no figure with a baseline"
+        );
+    }
+
+    let table = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
+    for bench in BENCHMARKS {
+        assert!(
+            table.contains(&format!("`{bench}`")),
+            "results.md lacks {bench}"
+        );
+    }
+}
