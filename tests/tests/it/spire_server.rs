@@ -295,6 +295,26 @@ fn lanyard_cli_administers_spire_server() {
     );
     let shown = lanyard_json(&spire, &["agent", "show", "--spiffe-id", &agent_id]);
     assert_eq!(shown["attestation_type"], "join_token", "{shown}");
+    // SPIRE drops an --expires-before it cannot parse instead of refusing it, so these
+    // counts show the filter arrives in a layout SPIRE reads.
+    let before_attestation = lanyard_json(
+        &spire,
+        &["agent", "list", "--expires-before", "2001-01-01T00:00:00Z"],
+    );
+    assert_eq!(
+        before_attestation["agents"],
+        serde_json::json!([]),
+        "{before_attestation}"
+    );
+    let far_future = lanyard_json(
+        &spire,
+        &["agent", "list", "--expires-before", "2999-01-01T00:00:00Z"],
+    );
+    assert_eq!(
+        far_future["agents"].as_array().map(Vec::len),
+        Some(1),
+        "{far_future}"
+    );
     let count = lanyard_on(&spire, &["agent", "count"]);
     assert!(
         count.expect_success().contains("1 attested agent"),

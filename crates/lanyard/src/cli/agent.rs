@@ -89,7 +89,7 @@ pub(crate) struct AgentFilterArgs {
     /// Only agents that renew by attesting again (--can-reattest=false: the others).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     can_reattest: Option<bool>,
-    /// Only agents whose SVID expires before this time, passed to the server as given.
+    /// Only agents whose SVID expires before this time: RFC 3339 or Unix seconds.
     #[arg(long, value_name = "TIME")]
     expires_before: Option<String>,
 }
@@ -100,7 +100,10 @@ impl AgentFilterArgs {
             by_attestation_type: self.attestation_type.clone().unwrap_or_default(),
             by_banned: self.banned,
             by_can_reattest: self.can_reattest,
-            by_expires_before: self.expires_before.clone().unwrap_or_default(),
+            by_expires_before: match &self.expires_before {
+                Some(time) => parse::spire_filter_time(time)?,
+                None => String::new(),
+            },
             ..Default::default()
         };
         if !self.selectors.is_empty() {

@@ -127,6 +127,24 @@ pub(crate) fn unix_time(value: &str) -> anyhow::Result<i64> {
     Ok(parsed.unix_timestamp())
 }
 
+/// A point in time (see [`unix_time`]) in the layout SPIRE's `by_expires_before` filters take,
+/// Go's `2006-01-02 15:04:05 -0700 -07`, in UTC. SPIRE's server ignores a value it cannot
+/// parse in that layout, silently dropping the filter, so the CLI never passes one through.
+pub(crate) fn spire_filter_time(value: &str) -> anyhow::Result<String> {
+    let seconds =
+        u64::try_from(unix_time(value)?).map_err(|_| anyhow!("time {value:?} is before 1970"))?;
+    let time = UNIX_EPOCH
+        .checked_add(Duration::from_secs(seconds))
+        .ok_or_else(|| anyhow!("time {value:?} is out of range"))?;
+    // `2023-11-14T22:13:20Z` → `2023-11-14 22:13:20 +0000 +00`.
+    let rfc3339 = humantime::format_rfc3339_seconds(time).to_string();
+    let (date, clock) = rfc3339
+        .trim_end_matches('Z')
+        .split_once('T')
+        .ok_or_else(|| anyhow!("time {value:?} is out of range"))?;
+    Ok(format!("{date} {clock} +0000 +00"))
+}
+
 /// Formats Unix seconds as RFC 3339 UTC, or `never` for 0 (the API's "not set").
 pub(crate) fn format_unix_time(seconds: i64) -> String {
     if seconds == 0 {
@@ -208,6 +226,19 @@ mod tests {
         assert!(unix_time("tomorrow").is_err());
         assert_eq!(format_unix_time(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(format_unix_time(0), "never");
+    }
+
+    #[test]
+    fn expiry_filters_use_spires_layout() {
+        assert_eq!(
+            spire_filter_time("1700000000").expect("unix"),
+            "2023-11-14 22:13:20 +0000 +00"
+        );
+        assert_eq!(
+            spire_filter_time("2023-11-15T00:13:20+02:00").expect("offset"),
+            "2023-11-14 22:13:20 +0000 +00"
+        );
+        assert!(spire_filter_time("2030-01-02 15:04:05 -0700 -07").is_err());
     }
 
     #[test]
