@@ -101,6 +101,10 @@ pub struct ServerConfig {
     /// Enabled node attestors.
     #[serde(default)]
     pub node_attestor: NodeAttestorConfig,
+    /// The tamper-evident audit log (hash-chained JSON lines, 0600); defaults to
+    /// `<data_dir>/audit.log`.
+    #[serde(default)]
+    pub audit_log_path: Option<PathBuf>,
 }
 
 /// Subject fields of CA certificates (SPIRE's `ca_subject`).
@@ -259,6 +263,7 @@ impl ServerConfig {
             datastore: DatastoreConfig::default(),
             key_manager: KeyManagerConfig::default(),
             node_attestor: NodeAttestorConfig::default(),
+            audit_log_path: None,
         }
     }
 
@@ -324,6 +329,13 @@ impl ServerConfig {
     /// The JWT key type in effect.
     pub fn jwt_key_type(&self) -> KeyType {
         self.jwt_key_type.unwrap_or(self.ca_key_type)
+    }
+
+    /// The audit log in effect.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.audit_log_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit.log"))
     }
 
     /// The SQLite file in effect.

@@ -57,6 +57,9 @@ pub enum ServerError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The audit log could not be opened, or does not verify.
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
     /// The x509pop CA bundle could not be read.
     #[error("reading x509pop ca_bundle_path {path}: {reason}")]
     X509PopBundle {
@@ -108,7 +111,12 @@ impl Server {
             None => None,
         };
         let server_svid = Arc::new(ServerSvid::new(&ca, config.default_x509_svid_ttl, now)?);
-        let state = Arc::new(ServerState::new(config, store, Arc::clone(&ca), clock).await?);
+        let audit = crate::audit::AuditLog::open(&config.audit_log_path())?;
+        let state = Arc::new(
+            ServerState::new(config, store, Arc::clone(&ca), clock)
+                .await?
+                .with_audit_log(audit),
+        );
 
         let tcp = TcpListener::bind(state.config.bind_address)
             .await

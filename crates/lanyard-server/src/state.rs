@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use lanyard_core::{EntryId, RegistrationEntry, SpiffeId, TrustBundle, TrustDomain};
 
+use crate::audit::AuditLog;
 use crate::authz::AuthorizationIndex;
 use crate::ca::CaManager;
 use crate::config::ServerConfig;
@@ -29,6 +30,7 @@ pub struct ServerState {
     pub ca: Arc<CaManager>,
     index: RwLock<AuthorizationIndex>,
     clock: Clock,
+    audit: Option<AuditLog>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -71,7 +73,31 @@ impl ServerState {
             ca,
             index: RwLock::new(index),
             clock,
+            audit: None,
         })
+    }
+
+    /// Records audit events in `log` from now on (without one, they are only traced).
+    pub fn with_audit_log(mut self, log: AuditLog) -> Self {
+        self.audit = Some(log);
+        self
+    }
+
+    /// The audit log, if the server keeps one.
+    pub fn audit_log(&self) -> Option<&AuditLog> {
+        self.audit.as_ref()
+    }
+
+    /// Records a change: one `audit` trace line, and one line in the audit log, fsynced,
+    /// with `caller`, `action` and `details` (a JSON object). The change it describes is
+    /// already committed, so a failure to record it is logged as an error, not returned.
+    pub fn audit(&self, caller: &str, action: &str, details: serde_json::Value) {
+        tracing::info!(target: "audit", caller, details = %details, "{action}");
+        let Some(log) = &self.audit else { return };
+        let event = serde_json::json!({"action": action, "caller": caller, "details": details});
+        if let Err(error) = log.record(self.now(), &event) {
+            tracing::error!(action, "the audit log could not record a change: {error}");
+        }
     }
 
     /// The current time.

@@ -205,12 +205,14 @@ impl AgentService {
         };
         record.map_err(|e| ApiError::from(e).into_status())?;
         self.state.agent_attested(&agent_id, selectors);
-        tracing::info!(
-            target: "audit",
-            agent_id = %agent_id,
-            attestation_type = %data.r#type,
-            serial = %svid.serial(),
-            "agent attested"
+        self.state.audit(
+            agent_id.as_ref(),
+            "agent attested",
+            serde_json::json!({
+                "agent_id": agent_id.to_string(),
+                "attestation_type": data.r#type,
+                "serial": svid.serial(),
+            }),
         );
         Ok(pb::AttestAgentResponse {
             step: Some(pb::attest_agent_response::Step::Result(
@@ -236,7 +238,11 @@ impl AgentService {
     }
 
     fn audit(&self, caller: &Caller, action: &str, agent_id: &SpiffeId) {
-        tracing::info!(target: "audit", caller = %caller.describe(), agent_id = %agent_id, "{action}");
+        self.state.audit(
+            &caller.describe(),
+            action,
+            serde_json::json!({"agent_id": agent_id.to_string()}),
+        );
     }
 }
 
@@ -565,7 +571,11 @@ impl Agent for AgentService {
             .update_agent(agent)
             .await
             .map_err(ApiError::from)?;
-        tracing::info!(target: "audit", agent_id = %caller.id(), serial = %svid.serial(), "agent SVID renewed");
+        self.state.audit(
+            caller.id().as_ref(),
+            "agent SVID renewed",
+            serde_json::json!({"agent_id": caller.id().to_string(), "serial": svid.serial()}),
+        );
         Ok(Response::new(pb::RenewAgentResponse {
             svid: Some(x509_svid_to_proto(&svid, "")),
         }))
@@ -629,7 +639,11 @@ impl Agent for AgentService {
                 .map_err(ApiError::from)?;
             self.state.entry_written(&entry);
         }
-        tracing::info!(target: "audit", caller = %caller.describe(), "join token created");
+        self.state.audit(
+            &caller.describe(),
+            "join token created",
+            serde_json::json!({"expires_at": unix_secs(expires_at)}),
+        );
         Ok(Response::new(types::JoinToken {
             value: token,
             expires_at: unix_secs(expires_at),

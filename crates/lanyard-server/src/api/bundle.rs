@@ -58,6 +58,15 @@ pub struct BundleService {
 }
 
 impl BundleService {
+    /// One audit record for a bundle change, naming the caller and the method.
+    fn audit(&self, caller: &super::Caller, method: &str) {
+        self.state.audit(
+            &caller.describe(),
+            "bundle changed",
+            serde_json::json!({"method": method}),
+        );
+    }
+
     /// A service over `state`'s CA manager and datastore.
     pub fn new(state: Arc<ServerState>) -> Self {
         let auth = Authorizer::new(Arc::clone(&state));
@@ -329,7 +338,7 @@ impl Bundle for BundleService {
             sequence_number = bundle.sequence_number(),
             "authorities appended to the bundle"
         );
-        audit(&caller, APPEND_BUNDLE);
+        self.audit(&caller, APPEND_BUNDLE);
         Ok(Response::new(bundle_to_proto_masked(
             &bundle,
             request.output_mask.as_ref(),
@@ -359,7 +368,7 @@ impl Bundle for BundleService {
             }),
         )
         .jwt_authorities;
-        audit(&caller, PUBLISH_JWT_AUTHORITY);
+        self.audit(&caller, PUBLISH_JWT_AUTHORITY);
         Ok(Response::new(PublishJwtAuthorityResponse {
             jwt_authorities,
         }))
@@ -436,7 +445,7 @@ impl Bundle for BundleService {
             let (status, bundle) = split(result);
             results.push(batch_create_federated_bundle_response::Result { status, bundle });
         }
-        audit(&caller, BATCH_CREATE_FEDERATED_BUNDLE);
+        self.audit(&caller, BATCH_CREATE_FEDERATED_BUNDLE);
         Ok(Response::new(BatchCreateFederatedBundleResponse {
             results,
         }))
@@ -457,7 +466,7 @@ impl Bundle for BundleService {
             let (status, bundle) = split(result);
             results.push(batch_update_federated_bundle_response::Result { status, bundle });
         }
-        audit(&caller, BATCH_UPDATE_FEDERATED_BUNDLE);
+        self.audit(&caller, BATCH_UPDATE_FEDERATED_BUNDLE);
         Ok(Response::new(BatchUpdateFederatedBundleResponse {
             results,
         }))
@@ -477,7 +486,7 @@ impl Bundle for BundleService {
             let (status, bundle) = split(result);
             results.push(batch_set_federated_bundle_response::Result { status, bundle });
         }
-        audit(&caller, BATCH_SET_FEDERATED_BUNDLE);
+        self.audit(&caller, BATCH_SET_FEDERATED_BUNDLE);
         Ok(Response::new(BatchSetFederatedBundleResponse { results }))
     }
 
@@ -513,7 +522,7 @@ impl Bundle for BundleService {
             };
             results.push(result);
         }
-        audit(&caller, BATCH_DELETE_FEDERATED_BUNDLE);
+        self.audit(&caller, BATCH_DELETE_FEDERATED_BUNDLE);
         Ok(Response::new(BatchDeleteFederatedBundleResponse {
             results,
         }))
@@ -551,9 +560,4 @@ fn split(
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::InvalidArgument(message.into())
-}
-
-/// One audit line for a bundle change, naming the caller.
-fn audit(caller: &super::Caller, method: &str) {
-    tracing::info!(target: "audit", caller = %caller.describe(), method, "bundle changed");
 }

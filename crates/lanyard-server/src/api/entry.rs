@@ -123,14 +123,15 @@ impl EntryService {
         match self.state.store.create_entry(entry.clone()).await {
             Ok(created) => {
                 self.state.entry_written(&created);
-                tracing::info!(
-                    target: "audit",
-                    caller = %caller.describe(),
-                    method = BATCH_CREATE_ENTRY,
-                    entry_id = %created.id,
-                    spiffe_id = %created.spiffe_id,
-                    parent_id = %created.parent_id,
-                    "entry created"
+                self.state.audit(
+                    &caller.describe(),
+                    "entry created",
+                    serde_json::json!({
+                        "method": BATCH_CREATE_ENTRY,
+                        "entry_id": created.id.as_str(),
+                        "spiffe_id": created.spiffe_id.to_string(),
+                        "parent_id": created.parent_id.to_string(),
+                    }),
                 );
                 batch_create_entry_response::Result {
                     status: Some(ok_status()),
@@ -168,14 +169,15 @@ impl EntryService {
     ) -> batch_update_entry_response::Result {
         match self.update_entry(proto, input_mask).await {
             Ok(updated) => {
-                tracing::info!(
-                    target: "audit",
-                    caller = %caller.describe(),
-                    method = BATCH_UPDATE_ENTRY,
-                    entry_id = %updated.id,
-                    spiffe_id = %updated.spiffe_id,
-                    revision_number = updated.revision_number,
-                    "entry updated"
+                self.state.audit(
+                    &caller.describe(),
+                    "entry updated",
+                    serde_json::json!({
+                        "method": BATCH_UPDATE_ENTRY,
+                        "entry_id": updated.id.as_str(),
+                        "spiffe_id": updated.spiffe_id.to_string(),
+                        "revision_number": updated.revision_number,
+                    }),
                 );
                 batch_update_entry_response::Result {
                     status: Some(ok_status()),
@@ -254,13 +256,14 @@ impl EntryService {
         match self.state.store.delete_entry(&entry_id).await {
             Ok(deleted) => {
                 self.state.entry_deleted(&deleted.id);
-                tracing::info!(
-                    target: "audit",
-                    caller = %caller.describe(),
-                    method = BATCH_DELETE_ENTRY,
-                    entry_id = %deleted.id,
-                    spiffe_id = %deleted.spiffe_id,
-                    "entry deleted"
+                self.state.audit(
+                    &caller.describe(),
+                    "entry deleted",
+                    serde_json::json!({
+                        "method": BATCH_DELETE_ENTRY,
+                        "entry_id": deleted.id.as_str(),
+                        "spiffe_id": deleted.spiffe_id.to_string(),
+                    }),
                 );
                 result(ok_status())
             }

@@ -61,16 +61,17 @@ impl EntryMetadataService {
         match self.set_metadata(metadata).await {
             Ok((entry, changed)) => {
                 if changed {
-                    tracing::info!(
-                        target: "audit",
-                        caller = %caller.describe(),
-                        method = SET_ENTRY_METADATA,
-                        entry_id = %entry.id,
-                        spiffe_id = %entry.spiffe_id,
-                        owner = entry.owner.as_deref().unwrap_or_default(),
-                        reason = entry.reason.as_deref().unwrap_or_default(),
-                        ticket = entry.ticket.as_deref().unwrap_or_default(),
-                        "entry metadata set"
+                    self.state.audit(
+                        &caller.describe(),
+                        "entry metadata set",
+                        serde_json::json!({
+                            "method": SET_ENTRY_METADATA,
+                            "entry_id": entry.id.as_str(),
+                            "spiffe_id": entry.spiffe_id.to_string(),
+                            "owner": entry.owner,
+                            "reason": entry.reason,
+                            "ticket": entry.ticket,
+                        }),
                     );
                 }
                 set_entry_metadata_response::Result {

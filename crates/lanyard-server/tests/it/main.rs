@@ -4,6 +4,7 @@
 #![allow(unreachable_pub)]
 
 mod agent_api;
+mod audit_log;
 mod datastore;
 mod entry_api;
 mod issuance;
