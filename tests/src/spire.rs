@@ -119,6 +119,12 @@ impl SpireServer {
     /// Starts a server in `dir` (created) for [`TRUST_DOMAIN`] and waits until
     /// `spire-server healthcheck` says it is healthy.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, "")
+    }
+
+    /// Like [`SpireServer::start`], with `extra_hcl` added to the `server` block (e.g.
+    /// `agent_ttl = "20s"`).
+    pub fn start_with(dir: &Path, extra_hcl: &str) -> Self {
         let spire = spire();
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let port = free_port();
@@ -132,6 +138,7 @@ impl SpireServer {
              \x20   trust_domain = {td}\n\
              \x20   data_dir = {data}\n\
              \x20   log_level = \"DEBUG\"\n\
+             \x20   {extra_hcl}\n\
              }}\n\
              plugins {{\n\
              \x20   DataStore \"sql\" {{\n\

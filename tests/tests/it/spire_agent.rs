@@ -21,7 +21,8 @@ fn spire_agent_attests_to_the_lanyard_server_and_serves_its_workloads() {
         return;
     }
     let dir = TestDir::new();
-    let server = Server::start(&dir.join("server"));
+    // A short agent SVID, so that spire-agent renews it (RenewAgent) while the test runs.
+    let server = Server::start_with(&dir.join("server"), "agent_ttl = \"20s\"");
     let token = server.generate_token();
     let agent_id = spiffe_id(&format!("/spire/agent/join_token/{token}"));
     let workload_id = spiffe_id("/e2e/spire-agent/workload");
@@ -93,5 +94,46 @@ fn spire_agent_attests_to_the_lanyard_server_and_serves_its_workloads() {
         SystemTime::now(),
     )
     .unwrap_or_else(|e| panic!("the second SVID does not verify: {e}"));
-    agent.process().assert_running();
+
+    // RenewAgent: near half-life spire-agent renews its SVID, and the server makes the new
+    // serial current on its first use; the agent goes on syncing with it.
+    let first_serial = agent_serial(&server, &agent_id);
+    poll("spire-agent to renew its agent SVID", SPIRE_TIMEOUT, || {
+        let serial = agent_serial(&server, &agent_id);
+        if serial == first_serial {
+            Err(format!("the serial is still {serial}"))
+        } else {
+            Ok(())
+        }
+    });
+    let after_renewal_id = spiffe_id("/e2e/spire-agent/after-renewal");
+    let renamed_entry = server.cli_json(&["entry", "show", "--spiffe-id", &renamed_id]);
+    let renamed_entry_id = renamed_entry["entries"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    server.create_entry(&after_renewal_id, &agent_id, &[&selector], &[]);
+    let deleted = server.cli(["entry", "delete", "--entry-id", &renamed_entry_id]);
+    assert!(deleted.success(), "{deleted}");
+    agent.wait_for_x509(&after_renewal_id);
+
+    // Banned: the next sync is denied with AGENT_BANNED, and spire-agent shuts down.
+    let banned = server.cli(["agent", "ban", "--spiffe-id", &agent_id]);
+    assert!(banned.success(), "{banned}");
+    let status = agent.process().wait_for_exit(SPIRE_TIMEOUT);
+    assert!(!status.success(), "spire-agent exited with {status}");
+    assert!(
+        agent.process().log().contains("Agent is banned"),
+        "spire-agent did not see the ban as one:\n{}",
+        agent.log_tail()
+    );
+}
+
+/// The agent's current SVID serial, as `lanyard agent show` reports it.
+fn agent_serial(server: &Server, agent_id: &str) -> String {
+    let shown = server.cli_json(&["agent", "show", "--spiffe-id", agent_id]);
+    shown["x509svid_serial_number"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no serial in {shown}"))
+        .to_owned()
 }

@@ -8,9 +8,10 @@
 use std::time::SystemTime;
 
 use lanyard_core::x509::verify_svid_chain;
-use lanyard_e2e::spire::{LanyardAgent, SpireServer, pretty_field, spire_or_skip};
+use lanyard_e2e::spire::{LanyardAgent, SPIRE_TIMEOUT, SpireServer, pretty_field, spire_or_skip};
 use lanyard_e2e::{
-    CliOutput, TestDir, cli, current_uid, pem_certificates, spiffe_id, trust_domain, uid_selector,
+    CliOutput, TestDir, cli, current_uid, pem_certificates, poll, spiffe_id, trust_domain,
+    uid_selector,
 };
 
 #[test]
@@ -19,7 +20,8 @@ fn lanyard_agent_attests_to_spire_server_and_serves_its_entries() {
         return;
     }
     let dir = TestDir::new();
-    let spire = SpireServer::start(&dir.join("spire-server"));
+    // A short agent SVID, so that the Lanyard agent renews it (RenewAgent) while the test runs.
+    let spire = SpireServer::start_with(&dir.join("spire-server"), "agent_ttl = \"20s\"");
     let token = spire.generate_token();
     let agent_id = spiffe_id(&format!("/spire/agent/join_token/{token}"));
     let workload_id = spiffe_id("/e2e/lanyard-agent/workload");
@@ -115,7 +117,46 @@ fn lanyard_agent_attests_to_spire_server_and_serves_its_entries() {
         ],
     );
     agent.wait_for_x509(&second_id);
-    agent.process().assert_running();
+
+    // RenewAgent: SPIRE makes the renewed SVID's serial current on its first use, and the
+    // agent goes on syncing with it.
+    let serial = |listed: &str| pretty_field(listed, "Serial number").unwrap_or_default();
+    let first_serial = serial(&listed);
+    poll(
+        "the Lanyard agent to renew its SVID with SPIRE",
+        SPIRE_TIMEOUT,
+        || {
+            let now = serial(&spire.cli_ok(&["agent", "list"], &[]));
+            if now == first_serial {
+                Err(format!("the serial is still {now}"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+    let third_id = spiffe_id("/e2e/lanyard-agent/after-renewal");
+    spire.cli_ok(
+        &["entry", "create"],
+        &[
+            "-parentID",
+            &agent_id,
+            "-spiffeID",
+            &third_id,
+            "-selector",
+            &selector,
+        ],
+    );
+    agent.wait_for_x509(&third_id);
+
+    // Banned by SPIRE: the agent's next call is denied with AGENT_BANNED and it stops.
+    spire.cli_ok(&["agent", "ban"], &["-spiffeID", &agent_id]);
+    let status = agent.process().wait_for_exit(SPIRE_TIMEOUT);
+    assert!(!status.success(), "the agent exited with {status}");
+    assert!(
+        agent.process().log().contains("agent is banned"),
+        "the agent did not report the ban:\n{}",
+        agent.log_tail()
+    );
 }
 
 /// `lanyard <args> --socket <SPIRE's admin socket>`.
