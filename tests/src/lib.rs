@@ -20,7 +20,9 @@
 //! - [`poll`] retries until a deadline instead of sleeping; [`block_on`] runs async clients
 //!   and [`within`] bounds each of their calls.
 //! - [`toolchain`] builds what the interoperability tests run beside Lanyard: SPIRE from the
-//!   Go module proxy and the go-spiffe and java-spiffe clients under `tests/interop`.
+//!   Go module proxy and the go-spiffe and java-spiffe clients under `tests/interop`. The
+//!   first [`lanyard_binary`] call starts SPIRE's build in the background when SPIRE tests
+//!   are selected, so that a first build on a fresh machine overlaps with the other tests.
 //!
 //! Every helper panics with the command and its output when something goes wrong (this is
 //! test code: a panic with context is the most useful failure), and every [`ChildProcess`]
@@ -91,6 +93,7 @@ static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 /// workspace build fails (another crate's tests do not compile), `cargo build -p lanyard`
 /// is the fallback.
 pub fn lanyard_binary() -> &'static Path {
+    toolchain::prefetch_spire();
     match BINARY.get_or_init(locate_or_build) {
         Ok(path) => path,
         Err(message) => panic!("{message}"),

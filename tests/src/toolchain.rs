@@ -12,7 +12,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
 
 use crate::{CliOutput, workspace_root};
 
@@ -118,6 +118,59 @@ pub fn go_build(module: &Path, packages: &[&str], out: &Path) {
         "building {packages:?} in {} failed: {output}",
         module.display()
     );
+}
+
+/// Starts building SPIRE in a background thread, once per process, so that a first build on
+/// a fresh machine overlaps with the tests that run before the SPIRE tests (libtest starts
+/// tests in name order, and `spire_*` come last). Does nothing when the SPIRE tests are
+/// skipped or filtered out, or when Go is missing (those tests then say so themselves).
+pub fn prefetch_spire() {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| {
+        let skipped = std::env::var_os(crate::spire::SKIP_VAR).is_some_and(|value| value == "1");
+        if skipped || !spire_tests_selected(std::env::args().skip(1)) {
+            return;
+        }
+        let has_go = Command::new("go")
+            .arg("version")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if has_go {
+            // A failure here is reported again, with its output, by the first SPIRE test.
+            let _ = std::thread::Builder::new()
+                .name("spire-prefetch".to_owned())
+                .spawn(|| std::panic::catch_unwind(spire));
+        }
+    });
+}
+
+/// Whether libtest's arguments select any `spire_*` test: no name filter, or a filter that
+/// such a test name could contain.
+fn spire_tests_selected(args: impl Iterator<Item = String>) -> bool {
+    const TAKES_VALUE: [&str; 6] = [
+        "--skip",
+        "--test-threads",
+        "--format",
+        "--color",
+        "--logfile",
+        "-Z",
+    ];
+    let mut filters = Vec::new();
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        if TAKES_VALUE.contains(&arg.as_str()) {
+            args.next();
+        } else if !arg.starts_with('-') {
+            filters.push(arg);
+        }
+    }
+    filters.is_empty()
+        || filters
+            .iter()
+            .any(|filter| filter.contains("spire") || "spire_".contains(filter.as_str()))
 }
 
 /// SPIRE's own binaries, built from the Go module proxy.
@@ -319,4 +372,28 @@ fn copy_file(from: &Path, to: &Path) {
     }
     fs::copy(from, to)
         .unwrap_or_else(|e| panic!("copying {} to {}: {e}", from.display(), to.display()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spire_tests_selected;
+
+    fn selected(args: &[&str]) -> bool {
+        spire_tests_selected(args.iter().map(|arg| (*arg).to_owned()))
+    }
+
+    #[test]
+    fn filters_decide_whether_spire_is_prefetched() {
+        assert!(selected(&[]));
+        assert!(selected(&["--test-threads", "2"]));
+        assert!(selected(&["spire"]));
+        assert!(selected(&["spire_agent::spire_agent_attests"]));
+        assert!(selected(&["py_spiffe", "spire_cli"]));
+        assert!(!selected(&["py_spiffe"]));
+        assert!(!selected(&["--skip", "spire", "rotation"]));
+        assert!(!selected(&[
+            "--exact",
+            "mtls::the_mtls_example_keeps_handshaking_across_svid_rotations"
+        ]));
+    }
 }
