@@ -105,6 +105,17 @@ pub struct ServerConfig {
     /// `<data_dir>/audit.log`.
     #[serde(default)]
     pub audit_log_path: Option<PathBuf>,
+    /// Policy as code; without it every entry that passes validation is allowed.
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
+}
+
+/// `[policy]`: the Rego policy every entry must pass at issuance.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The policy file (package `lanyard`); reloaded on SIGHUP and when it changes.
+    pub path: PathBuf,
 }
 
 /// Subject fields of CA certificates (SPIRE's `ca_subject`).
@@ -264,6 +275,7 @@ impl ServerConfig {
             key_manager: KeyManagerConfig::default(),
             node_attestor: NodeAttestorConfig::default(),
             audit_log_path: None,
+            policy: None,
         }
     }
 
@@ -479,6 +491,24 @@ mod tests {
         let c = ServerConfig::parse(include_str!("../../../deploy/server.toml")).unwrap();
         assert_eq!(c.trust_domain.name(), "example.org");
         assert!(c.node_attestor.join_token_enabled());
+    }
+
+    #[test]
+    fn policy_and_audit_log_paths_parse() {
+        let c = ServerConfig::parse(
+            "trust_domain = \"td\"\ndata_dir = \"/d\"\naudit_log_path = \"/l/audit.log\"\n[policy]\npath = \"/p/policy.rego\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.policy.as_ref().unwrap().path, Path::new("/p/policy.rego"));
+        assert_eq!(c.audit_log_path(), Path::new("/l/audit.log"));
+        let c = ServerConfig::parse("trust_domain = \"td\"\ndata_dir = \"/d\"").unwrap();
+        assert!(c.policy.is_none());
+        assert_eq!(c.audit_log_path(), Path::new("/d/audit.log"));
+        let error = ServerConfig::parse(
+            "trust_domain = \"td\"\ndata_dir = \"/d\"\n[policy]\npath = \"/p\"\nfile = \"/q\"\n",
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("file"), "{error}");
     }
 
     #[test]

@@ -33,6 +33,9 @@ const ROTATION_INTERVAL: Duration = Duration::from_secs(5);
 /// The longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often the policy file is checked for changes (SIGHUP reloads at once).
+const POLICY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -57,6 +60,9 @@ pub enum ServerError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The policy could not be loaded.
+    #[error("{0}")]
+    Policy(#[from] crate::policy::LoadError),
     /// The audit log could not be opened, or does not verify.
     #[error("{0}")]
     Audit(#[from] crate::audit::AuditError),
@@ -112,11 +118,17 @@ impl Server {
         };
         let server_svid = Arc::new(ServerSvid::new(&ca, config.default_x509_svid_ttl, now)?);
         let audit = crate::audit::AuditLog::open(&config.audit_log_path())?;
-        let state = Arc::new(
-            ServerState::new(config, store, Arc::clone(&ca), clock)
-                .await?
-                .with_audit_log(audit),
-        );
+        let policy = match &config.policy {
+            Some(policy) => Some(Arc::new(crate::policy::PolicyHolder::load(&policy.path)?)),
+            None => None,
+        };
+        let mut state = ServerState::new(config, store, Arc::clone(&ca), clock)
+            .await?
+            .with_audit_log(audit);
+        if let Some(policy) = &policy {
+            state = state.with_policy(Arc::clone(policy));
+        }
+        let state = Arc::new(state);
 
         let tcp = TcpListener::bind(state.config.bind_address)
             .await
@@ -159,6 +171,12 @@ impl Server {
             }
         });
 
+        if let Some(policy) = policy {
+            let mut policy_stopped = stopped.clone();
+            tasks.spawn(policy.watch(POLICY_CHECK_INTERVAL, async move {
+                let _ = policy_stopped.wait_for(|s| *s).await;
+            }));
+        }
         tasks.spawn(rotate(Arc::clone(&state), server_svid, stopped));
 
         tracing::info!(

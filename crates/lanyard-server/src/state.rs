@@ -1,8 +1,11 @@
 //! The state every API service shares: configuration, datastore, CA, the authorization index
 //! and the clock.
 
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::SystemTime;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime};
+
+use lanyard_core::policy::{EntryInput, EntryView, Operation, describe_violations, unix_seconds};
 
 use lanyard_core::{EntryId, RegistrationEntry, SpiffeId, TrustBundle, TrustDomain};
 
@@ -11,6 +14,7 @@ use crate::authz::AuthorizationIndex;
 use crate::ca::CaManager;
 use crate::config::ServerConfig;
 use crate::datastore::Datastore;
+use crate::policy::PolicyHolder;
 
 /// A source of the current time; tests substitute a controllable one.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
@@ -31,6 +35,21 @@ pub struct ServerState {
     index: RwLock<AuthorizationIndex>,
     clock: Clock,
     audit: Option<AuditLog>,
+    policy: Option<Arc<PolicyHolder>>,
+    decisions: Mutex<HashMap<EntryId, CachedDecision>>,
+}
+
+/// How long a policy decision about an entry is reused while neither the entry nor the
+/// policy changes. Rules may depend on the time (an expiry cap), so decisions age out.
+const DECISION_TTL: Duration = Duration::from_secs(30);
+
+/// A policy decision about one revision of an entry under one policy generation.
+#[derive(Debug, Clone, Copy)]
+struct CachedDecision {
+    revision: i64,
+    generation: u64,
+    passes: bool,
+    decided_at: SystemTime,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -74,6 +93,8 @@ impl ServerState {
             index: RwLock::new(index),
             clock,
             audit: None,
+            policy: None,
+            decisions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -81,6 +102,18 @@ impl ServerState {
     pub fn with_audit_log(mut self, log: AuditLog) -> Self {
         self.audit = Some(log);
         self
+    }
+
+    /// Applies `policy` at issuance from now on: an entry that does not pass it authorizes
+    /// nothing.
+    pub fn with_policy(mut self, policy: Arc<PolicyHolder>) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// The policy in force, if the server has one.
+    pub fn policy(&self) -> Option<&Arc<PolicyHolder>> {
+        self.policy.as_ref()
     }
 
     /// The audit log, if the server keeps one.
@@ -134,6 +167,10 @@ impl ServerState {
     /// Records a committed entry deletion in the index.
     pub fn entry_deleted(&self, id: &EntryId) {
         self.index_mut().remove_entry(id);
+        self.decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// Records an agent's node selectors after attestation.
@@ -147,9 +184,76 @@ impl ServerState {
         self.index_mut().remove_agent(agent_id);
     }
 
-    /// Entries the agent may obtain SVIDs for now.
+    /// Entries the agent may obtain SVIDs for now: those the index authorizes that also pass
+    /// the policy, if there is one.
     pub fn authorized_entries(&self, agent_id: &SpiffeId) -> Vec<Arc<RegistrationEntry>> {
-        self.index().authorized_entries(agent_id, self.now())
+        let now = self.now();
+        let entries = self.index().authorized_entries(agent_id, now);
+        match &self.policy {
+            None => entries,
+            Some(policy) => entries
+                .into_iter()
+                .filter(|entry| self.passes_policy(policy, entry, now))
+                .collect(),
+        }
+    }
+
+    /// Whether `entry` passes the policy at `now`, reusing a recent decision about the same
+    /// revision under the same policy. A policy that fails to evaluate fails closed.
+    fn passes_policy(
+        &self,
+        policy: &PolicyHolder,
+        entry: &RegistrationEntry,
+        now: SystemTime,
+    ) -> bool {
+        let generation = policy.generation();
+        let mut decisions = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cached) = decisions.get(&entry.id) {
+            let fresh = now
+                .duration_since(cached.decided_at)
+                .is_ok_and(|age| age < DECISION_TTL);
+            if cached.revision == entry.revision_number && cached.generation == generation && fresh
+            {
+                return cached.passes;
+            }
+        }
+        let input = EntryInput {
+            operation: Operation::Issue,
+            now: unix_seconds(now),
+            caller: None,
+            entry: EntryView::new(
+                entry,
+                self.config.default_x509_svid_ttl,
+                self.config.default_jwt_svid_ttl,
+            ),
+            exceptions: Vec::new(),
+        };
+        let passes = match policy.current().evaluate_entry(&input) {
+            Ok(decision) if decision.passes() => true,
+            Ok(decision) => {
+                tracing::warn!(
+                    entry_id = %entry.id,
+                    spiffe_id = %entry.spiffe_id,
+                    "the entry fails the policy and authorizes nothing: {}",
+                    describe_violations(&decision.violations)
+                );
+                false
+            }
+            Err(error) => {
+                tracing::error!(entry_id = %entry.id, "the policy failed to evaluate, so the entry authorizes nothing: {error}");
+                false
+            }
+        };
+        decisions.insert(
+            entry.id.clone(),
+            CachedDecision {
+                revision: entry.revision_number,
+                generation,
+                passes,
+                decided_at: now,
+            },
+        );
+        passes
     }
 
     /// Whether `id` is an admin: listed in `admin_ids`, or the SPIFFE ID of an unexpired

@@ -240,3 +240,57 @@ async fn foreign_trust_domain_ids_are_refused_for_entries() {
     assert_eq!(status.code, Code::InvalidArgument as i32);
     assert!(status.message.contains("spiffe_id"), "{status:?}");
 }
+
+const OWNER_REQUIRED: &str = r#"package lanyard
+import rego.v1
+violations contains {"rule": "owner-required", "message": "no owner"} if { input.entry.owner == null }
+"#;
+
+#[tokio::test]
+async fn an_entry_that_fails_the_policy_authorizes_nothing_until_it_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.rego");
+    std::fs::write(&policy_path, OWNER_REQUIRED).unwrap();
+    let path = policy_path.clone();
+    let server = TestServer::start_with(move |config| {
+        config.policy = Some(lanyard_server::config::PolicyConfig { path });
+    })
+    .await;
+    let agent = server.attest_new_agent().await;
+    let entry = create_entry(&server, "/ownerless", &agent.id, 0).await;
+
+    // No owner: not synced, not minted.
+    assert!(sync_ids(&server, &agent).await.is_empty());
+    let refused = mint(&server, &agent, &entry).await;
+    assert_eq!(refused.status.unwrap().code, Code::NotFound as i32);
+
+    // Setting the owner makes a new revision, which the policy passes.
+    let results = lanyard_proto::lanyard::api::v1::entry_metadata_service_client::EntryMetadataServiceClient::new(
+        server.admin().await,
+    )
+    .set_entry_metadata(lanyard_proto::lanyard::api::v1::SetEntryMetadataRequest {
+        metadata: vec![lanyard_proto::lanyard::api::v1::EntryMetadata {
+            entry_id: entry.clone(),
+            owner: "team-a".into(),
+            reason: String::new(),
+            ticket: String::new(),
+        }],
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .results;
+    assert_eq!(results[0].status.as_ref().unwrap().code, 0, "{results:?}");
+    assert_eq!(sync_ids(&server, &agent).await, vec![entry.clone()]);
+    let minted = mint(&server, &agent, &entry).await;
+    assert_eq!(minted.status.unwrap().code, 0);
+
+    // A stricter policy, reloaded: the same revision no longer passes.
+    std::fs::write(
+        &policy_path,
+        "package lanyard\nimport rego.v1\nviolations contains {\"rule\": \"closed\", \"message\": \"closed\"} if { true }\n",
+    )
+    .unwrap();
+    server.server().state().policy().unwrap().reload().unwrap();
+    assert!(sync_ids(&server, &agent).await.is_empty());
+}
