@@ -99,6 +99,11 @@ pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()
         lanyard_server::ServerConfig::new(trust_domain.clone(), data_dir.join("server"));
     server_config.bind_address = "127.0.0.1:0".parse().context("bind address")?;
     server_config.socket_path = data_dir.join("server-admin").join("api.sock");
+    // The shipped baseline policy, applied at issuance: the entry registered below passes it.
+    let policy_path = data_dir.join("policy.rego");
+    std::fs::write(&policy_path, BASELINE_POLICY)
+        .with_context(|| format!("writing {}", policy_path.display()))?;
+    server_config.policy = Some(lanyard_server::config::PolicyConfig { path: policy_path });
     let server =
         lanyard_server::Server::start(server_config, lanyard_server::state::system_clock())
             .await
@@ -210,6 +215,11 @@ fn print_banner(
     writeln!(out, "  agent           {agent_id}")?;
     writeln!(
         out,
+        "  policy          the baseline (deploy/policy/baseline.rego): entries need an owner, a \
+         reason and an expiry within 90 days, or they authorize nothing"
+    )?;
+    writeln!(
+        out,
         "  data            {}{}",
         data_dir.display(),
         if kept {
@@ -235,12 +245,15 @@ fn print_banner(
     writeln!(out, "  lanyard entry show")?;
     writeln!(
         out,
-        "  lanyard entry create --spiffe-id spiffe://{trust_domain}/demo --parent-id {agent_id} \\\n      --selector unix:uid:$(id -u) --owner $USER --reason demo"
+        "  lanyard entry create --spiffe-id spiffe://{trust_domain}/demo --parent-id {agent_id} \\\n      --selector unix:uid:$(id -u) --owner $USER --reason demo --expires-at $(($(date +%s) + 7*86400))"
     )?;
     writeln!(out)?;
     writeln!(out, "Press Ctrl-C to stop.")?;
     Ok(())
 }
+
+/// `deploy/policy/baseline.rego`, the policy `lanyard dev` runs with.
+const BASELINE_POLICY: &str = include_str!("../../../../deploy/policy/baseline.rego");
 
 #[cfg(test)]
 mod tests {

@@ -115,6 +115,22 @@ fn dev_serves_the_current_user_and_cleans_up_on_ctrl_c() {
     let text = String::from_utf8_lossy(&entries.stdout);
     assert!(text.contains("lanyard dev"), "{text}");
 
+    // Dev runs on the shipped baseline, and the user's entry passes it.
+    let policy = std::path::Path::new(&data_dir).join("policy.rego");
+    let check = Command::new(env!("CARGO_BIN_EXE_lanyard"))
+        .args(["policy", "check", "--policy"])
+        .arg(&policy)
+        .env("LANYARD_SERVER_SOCKET", &admin)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("1 entry checked, 0 would fail"),
+        "{check:?}"
+    );
+    let baseline = std::fs::read_to_string(&policy).unwrap();
+    assert!(baseline.contains("owner-required"), "{baseline}");
+
     // Ctrl-C stops both and removes the temporary data directory.
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
