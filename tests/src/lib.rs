@@ -910,6 +910,52 @@ pub fn spiffe_id(path: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}{path}")
 }
 
+/// Checks what a SPIFFE client library reported of its X.509-SVID, as JSON fields of `seen`
+/// (`x509_spiffe_id`, `x509_chain_pem`, `x509_bundle_pem`): the identity `id`, a chain that
+/// verifies against the server's authorities, and exactly those authorities as the bundle.
+pub fn assert_client_x509(server: &Server, seen: &Value, id: &str, client: &str) {
+    assert_eq!(seen["x509_spiffe_id"], id, "{seen}");
+    let chain = pem_certificates(seen["x509_chain_pem"].as_str().unwrap_or_default());
+    let mut authorities = server.bundle_der();
+    let verified = lanyard_core::x509::verify_svid_chain(
+        &chain,
+        &trust_domain(),
+        &authorities,
+        SystemTime::now(),
+    )
+    .unwrap_or_else(|e| panic!("the chain {client} got does not verify: {e}\n{seen}"));
+    assert_eq!(verified.spiffe_id().as_str(), id);
+    let mut served = pem_certificates(seen["x509_bundle_pem"].as_str().unwrap_or_default());
+    served.sort();
+    authorities.sort();
+    assert_eq!(
+        served, authorities,
+        "the bundle {client} got vs. the server's"
+    );
+}
+
+/// Checks what a SPIFFE client library reported of its JWT-SVID (`jwt_spiffe_id`,
+/// `jwt_audience`, `jwt_token`, and `validated_spiffe_id`, `validated_audience`,
+/// `offline_spiffe_id` from validating it through the agent and offline): minted for `id` and
+/// `audience`, validated as such, and valid against the server's own bundle.
+pub fn assert_client_jwt(server: &Server, seen: &Value, id: &str, audience: &str, client: &str) {
+    let audiences = serde_json::json!([audience]);
+    assert_eq!(seen["jwt_spiffe_id"], id, "{seen}");
+    assert_eq!(seen["jwt_audience"], audiences, "{seen}");
+    assert_eq!(seen["validated_spiffe_id"], id, "{seen}");
+    assert_eq!(seen["validated_audience"], audiences, "{seen}");
+    assert_eq!(seen["offline_spiffe_id"], id, "{seen}");
+    let token = seen["jwt_token"].as_str().unwrap_or_default();
+    let validated = lanyard_core::jwt::validate_jwt_svid_with_bundle(
+        token,
+        audience,
+        &server.spiffe_bundle(),
+        SystemTime::now(),
+    )
+    .unwrap_or_else(|e| panic!("the JWT-SVID {client} got does not validate: {e}\n{seen}"));
+    assert_eq!(validated.spiffe_id.as_str(), id);
+}
+
 /// The DER certificates of a PEM text, in order.
 pub fn pem_certificates(pem: &str) -> Vec<Vec<u8>> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
@@ -1155,7 +1201,7 @@ impl Agent {
     }
 }
 
-fn parse_fetch(output: CliOutput) -> Result<Vec<FetchedSvid>, CliOutput> {
+pub(crate) fn parse_fetch(output: CliOutput) -> Result<Vec<FetchedSvid>, CliOutput> {
     if !output.success() {
         return Err(output);
     }

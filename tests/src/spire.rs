@@ -487,22 +487,7 @@ impl LanyardAgent {
                 .args(["fetch", "x509", "--output", "json", "--socket"])
                 .arg(&self.socket),
         );
-        if !output.success() {
-            return Err(output);
-        }
-        let json = output.json();
-        let svids = json["svids"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no svids array: {output}"));
-        Ok(svids
-            .iter()
-            .map(|svid| FetchedSvid {
-                spiffe_id: svid["spiffe_id"].as_str().unwrap_or_default().to_owned(),
-                hint: svid["hint"].as_str().unwrap_or_default().to_owned(),
-                chain: pem_certificates(svid["x509_svid_pem"].as_str().unwrap_or_default()),
-                bundle: pem_certificates(svid["bundle_pem"].as_str().unwrap_or_default()),
-            })
-            .collect())
+        crate::parse_fetch(output)
     }
 
     /// Polls until a fetch returns an SVID for `spiffe_id`, and returns it; panics with the

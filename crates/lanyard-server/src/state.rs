@@ -207,8 +207,15 @@ impl ServerState {
         now: SystemTime,
     ) -> bool {
         let generation = policy.generation();
-        let mut decisions = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(cached) = decisions.get(&entry.id) {
+        // The lock covers the lookup and the insert, not the evaluation: syncs of many
+        // agents evaluate in parallel (two may decide the same entry at once; both agree).
+        let cached = self
+            .decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&entry.id)
+            .copied();
+        if let Some(cached) = cached {
             let fresh = now
                 .duration_since(cached.decided_at)
                 .is_ok_and(|age| age < DECISION_TTL);
@@ -244,15 +251,18 @@ impl ServerState {
                 false
             }
         };
-        decisions.insert(
-            entry.id.clone(),
-            CachedDecision {
-                revision: entry.revision_number,
-                generation,
-                passes,
-                decided_at: now,
-            },
-        );
+        self.decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                entry.id.clone(),
+                CachedDecision {
+                    revision: entry.revision_number,
+                    generation,
+                    passes,
+                    decided_at: now,
+                },
+            );
         passes
     }
 

@@ -16,13 +16,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lanyard_core::jwt::validate_jwt_svid_with_bundle;
 use lanyard_core::x509::verify_svid_chain;
 use lanyard_e2e::toolchain::{SKIP_GO_VAR, go_spiffe_client};
 use lanyard_e2e::{
-    ChildProcess, Cluster, TIMEOUT, current_uid, pem_certificates, poll, spiffe_id, trust_domain,
+    ChildProcess, Cluster, TIMEOUT, assert_client_jwt, assert_client_x509, current_uid,
+    pem_certificates, poll, spiffe_id, trust_domain,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const AUDIENCE: &str = "e2e-go";
 
@@ -48,36 +48,11 @@ fn go_spiffe_fetches_svids_and_validates_a_jwt() {
 
     // X.509: our identity, a chain that verifies against the server's authorities, and
     // exactly those authorities as the trust domain's bundle.
-    assert_eq!(seen["x509_spiffe_id"], id.as_str(), "{seen}");
-    let chain = pem_certificates(seen["x509_chain_pem"].as_str().unwrap_or_default());
-    let mut authorities = cluster.server.bundle_der();
-    let verified = verify_svid_chain(&chain, &trust_domain(), &authorities, SystemTime::now())
-        .unwrap_or_else(|e| panic!("the chain go-spiffe got does not verify: {e}\n{seen}"));
-    assert_eq!(verified.spiffe_id().as_str(), id);
-    let mut served = pem_certificates(seen["x509_bundle_pem"].as_str().unwrap_or_default());
-    served.sort();
-    authorities.sort();
-    assert_eq!(
-        served, authorities,
-        "the bundle go-spiffe got vs. the server's"
-    );
+    assert_client_x509(&cluster.server, seen, &id, "go-spiffe");
 
     // JWT: minted for us and the audience, valid through the agent, offline in Go and against
     // the server's own bundle, and refused by the agent for another audience.
-    assert_eq!(seen["jwt_spiffe_id"], id.as_str(), "{seen}");
-    assert_eq!(seen["jwt_audience"], json!([AUDIENCE]), "{seen}");
-    assert_eq!(seen["validated_spiffe_id"], id.as_str(), "{seen}");
-    assert_eq!(seen["validated_audience"], json!([AUDIENCE]), "{seen}");
-    assert_eq!(seen["offline_spiffe_id"], id.as_str(), "{seen}");
-    let token = seen["jwt_token"].as_str().unwrap_or_default();
-    let validated = validate_jwt_svid_with_bundle(
-        token,
-        AUDIENCE,
-        &cluster.server.spiffe_bundle(),
-        SystemTime::now(),
-    )
-    .unwrap_or_else(|e| panic!("the JWT-SVID go-spiffe got does not validate: {e}\n{seen}"));
-    assert_eq!(validated.spiffe_id.as_str(), id);
+    assert_client_jwt(&cluster.server, seen, &id, AUDIENCE, "go-spiffe");
     let refusal = seen["wrong_audience_error"].as_str().unwrap_or_default();
     assert!(
         refusal.contains("InvalidArgument"),

@@ -11,13 +11,11 @@
 //! Without a JDK and Maven the test fails and says how to install them, unless
 //! `LANYARD_E2E_SKIP_JAVA=1`.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use lanyard_core::jwt::validate_jwt_svid_with_bundle;
-use lanyard_core::x509::verify_svid_chain;
 use lanyard_e2e::toolchain::{JavaClient, SKIP_JAVA_VAR, java_spiffe_client};
-use lanyard_e2e::{ChildProcess, Cluster, current_uid, pem_certificates, trust_domain};
-use serde_json::{Value, json};
+use lanyard_e2e::{ChildProcess, Cluster, assert_client_jwt, assert_client_x509, current_uid};
+use serde_json::Value;
 
 const AUDIENCE: &str = "e2e-java";
 
@@ -38,35 +36,11 @@ fn java_spiffe_fetches_svids_and_validates_a_jwt() {
     assert_eq!(seen["x509_spiffe_id"], id.as_str(), "{seen}");
     assert_eq!(seen["x509_hint"], "java", "{seen}");
     assert_eq!(seen["x509_context_svids"], 1, "{seen}");
-    let chain = pem_certificates(seen["x509_chain_pem"].as_str().unwrap_or_default());
-    let mut authorities = cluster.server.bundle_der();
-    let verified = verify_svid_chain(&chain, &trust_domain(), &authorities, SystemTime::now())
-        .unwrap_or_else(|e| panic!("the chain java-spiffe got does not verify: {e}\n{seen}"));
-    assert_eq!(verified.spiffe_id().as_str(), id);
-    let mut served = pem_certificates(seen["x509_bundle_pem"].as_str().unwrap_or_default());
-    served.sort();
-    authorities.sort();
-    assert_eq!(
-        served, authorities,
-        "the bundle java-spiffe got vs. the server's"
-    );
+    assert_client_x509(&cluster.server, &seen, &id, "java-spiffe");
 
     // JWT: minted for us and the audience, valid through the agent, offline in Java and
     // against the server's own bundle, and refused by the agent for another audience.
-    assert_eq!(seen["jwt_spiffe_id"], id.as_str(), "{seen}");
-    assert_eq!(seen["jwt_audience"], json!([AUDIENCE]), "{seen}");
-    assert_eq!(seen["validated_spiffe_id"], id.as_str(), "{seen}");
-    assert_eq!(seen["validated_audience"], json!([AUDIENCE]), "{seen}");
-    assert_eq!(seen["offline_spiffe_id"], id.as_str(), "{seen}");
-    let token = seen["jwt_token"].as_str().unwrap_or_default();
-    let validated = validate_jwt_svid_with_bundle(
-        token,
-        AUDIENCE,
-        &cluster.server.spiffe_bundle(),
-        SystemTime::now(),
-    )
-    .unwrap_or_else(|e| panic!("the JWT-SVID java-spiffe got does not validate: {e}\n{seen}"));
-    assert_eq!(validated.spiffe_id.as_str(), id);
+    assert_client_jwt(&cluster.server, &seen, &id, AUDIENCE, "java-spiffe");
     let refusal = seen["wrong_audience_error"].as_str().unwrap_or_default();
     assert!(
         refusal.contains("INVALID_ARGUMENT"),

@@ -11,10 +11,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::SystemTime;
 
-use lanyard_core::x509::verify_svid_chain;
-use lanyard_e2e::{CliOutput, Cluster, current_uid, pem_certificates, trust_domain};
+use lanyard_e2e::{CliOutput, Cluster, assert_client_x509, current_uid, pem_certificates};
 
 /// Set to `1` to skip the Python interoperability tests (CI never does).
 const SKIP_VAR: &str = "LANYARD_E2E_SKIP_PYTHON";
@@ -52,20 +50,9 @@ fn py_spiffe_fetches_svids_and_validates_a_jwt() {
 
     // X.509: our identity, a chain that verifies against the server's authorities, and
     // exactly those authorities as the trust domain's bundle.
-    assert_eq!(seen["x509_spiffe_id"], id.as_str(), "{seen}");
     let chain = pem_certificates(seen["x509_chain_pem"].as_str().unwrap_or_default());
     assert_eq!(seen["x509_chain_length"], chain.len(), "{seen}");
-    let mut authorities = cluster.server.bundle_der();
-    let verified = verify_svid_chain(&chain, &trust_domain(), &authorities, SystemTime::now())
-        .unwrap_or_else(|e| panic!("the chain py-spiffe got does not verify: {e}\n{seen}"));
-    assert_eq!(verified.spiffe_id().as_str(), id);
-    let mut served = pem_certificates(seen["x509_bundle_pem"].as_str().unwrap_or_default());
-    served.sort();
-    authorities.sort();
-    assert_eq!(
-        served, authorities,
-        "the bundle py-spiffe got vs. the server's"
-    );
+    assert_client_x509(&cluster.server, &seen, &id, "py-spiffe");
 
     // JWT: minted for us and the audience, valid through the agent and offline, and refused
     // by the agent for another audience.
