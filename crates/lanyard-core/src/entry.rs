@@ -215,6 +215,9 @@ pub struct RegistrationEntry {
     pub reason: Option<String>,
     /// A change or ticket reference (Lanyard governance).
     pub ticket: Option<String>,
+    /// What created the entry: a declared entries file's label, `grant` for a just-in-time
+    /// grant (Lanyard governance). `lanyard apply --prune` only deletes its own label's.
+    pub source: Option<String>,
 }
 
 impl RegistrationEntry {
@@ -245,6 +248,7 @@ impl RegistrationEntry {
             owner: None,
             reason: None,
             ticket: None,
+            source: None,
         }
     }
 
@@ -293,6 +297,7 @@ impl RegistrationEntry {
         check_text("owner", self.owner.as_deref(), MAX_OWNER_LEN)?;
         check_text("reason", self.reason.as_deref(), MAX_REASON_LEN)?;
         check_text("ticket", self.ticket.as_deref(), MAX_OWNER_LEN)?;
+        check_text("source", self.source.as_deref(), MAX_OWNER_LEN)?;
         Ok(())
     }
 

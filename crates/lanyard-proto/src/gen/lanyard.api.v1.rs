@@ -14,6 +14,11 @@ pub struct EntryMetadata {
     /// Change or approval ticket reference.
     #[prost(string, tag = "4")]
     pub ticket: ::prost::alloc::string::String,
+    /// Label of what created the entry: the `source` of a declared entries file
+    /// (`lanyard apply`), `grant` for a just-in-time grant; empty otherwise.
+    /// `lanyard apply --prune` deletes only entries carrying its own label.
+    #[prost(string, tag = "5")]
+    pub source: ::prost::alloc::string::String,
 }
 impl ::prost::Name for EntryMetadata {
     const NAME: &'static str = "EntryMetadata";
@@ -639,6 +644,1958 @@ pub mod entry_metadata_service_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "lanyard.api.v1.EntryMetadataService";
     impl<T> tonic::server::NamedService for EntryMetadataServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// An entry with its governance metadata (metadata.entry_id is ignored on
+/// input; the entry's ID is used).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GovernedEntry {
+    #[prost(message, optional, tag = "1")]
+    pub entry: ::core::option::Option<super::super::super::spire::api::types::Entry>,
+    #[prost(message, optional, tag = "2")]
+    pub metadata: ::core::option::Option<EntryMetadata>,
+}
+impl ::prost::Name for GovernedEntry {
+    const NAME: &'static str = "GovernedEntry";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.GovernedEntry".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.GovernedEntry".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CreateGovernedEntriesRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub entries: ::prost::alloc::vec::Vec<GovernedEntry>,
+}
+impl ::prost::Name for CreateGovernedEntriesRequest {
+    const NAME: &'static str = "CreateGovernedEntriesRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.CreateGovernedEntriesRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.CreateGovernedEntriesRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CreateGovernedEntriesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub results: ::prost::alloc::vec::Vec<create_governed_entries_response::Result>,
+}
+/// Nested message and enum types in `CreateGovernedEntriesResponse`.
+pub mod create_governed_entries_response {
+    #[derive(Clone, PartialEq, ::prost::Message)]
+    pub struct Result {
+        #[prost(message, optional, tag = "1")]
+        pub status: ::core::option::Option<
+            super::super::super::super::spire::api::types::Status,
+        >,
+        /// The entry as stored when the status is OK.
+        #[prost(message, optional, tag = "2")]
+        pub entry: ::core::option::Option<super::GovernedEntry>,
+        /// IDs of the exceptions the entry was accepted under.
+        #[prost(string, repeated, tag = "3")]
+        pub exception_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    }
+    impl ::prost::Name for Result {
+        const NAME: &'static str = "Result";
+        const PACKAGE: &'static str = "lanyard.api.v1";
+        fn full_name() -> ::prost::alloc::string::String {
+            "lanyard.api.v1.CreateGovernedEntriesResponse.Result".into()
+        }
+        fn type_url() -> ::prost::alloc::string::String {
+            "type.googleapis.com/lanyard.api.v1.CreateGovernedEntriesResponse.Result"
+                .into()
+        }
+    }
+}
+impl ::prost::Name for CreateGovernedEntriesResponse {
+    const NAME: &'static str = "CreateGovernedEntriesResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.CreateGovernedEntriesResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.CreateGovernedEntriesResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct UpdateGovernedEntriesRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub entries: ::prost::alloc::vec::Vec<GovernedEntry>,
+}
+impl ::prost::Name for UpdateGovernedEntriesRequest {
+    const NAME: &'static str = "UpdateGovernedEntriesRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.UpdateGovernedEntriesRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.UpdateGovernedEntriesRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct UpdateGovernedEntriesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub results: ::prost::alloc::vec::Vec<update_governed_entries_response::Result>,
+}
+/// Nested message and enum types in `UpdateGovernedEntriesResponse`.
+pub mod update_governed_entries_response {
+    #[derive(Clone, PartialEq, ::prost::Message)]
+    pub struct Result {
+        #[prost(message, optional, tag = "1")]
+        pub status: ::core::option::Option<
+            super::super::super::super::spire::api::types::Status,
+        >,
+        #[prost(message, optional, tag = "2")]
+        pub entry: ::core::option::Option<super::GovernedEntry>,
+        #[prost(string, repeated, tag = "3")]
+        pub exception_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    }
+    impl ::prost::Name for Result {
+        const NAME: &'static str = "Result";
+        const PACKAGE: &'static str = "lanyard.api.v1";
+        fn full_name() -> ::prost::alloc::string::String {
+            "lanyard.api.v1.UpdateGovernedEntriesResponse.Result".into()
+        }
+        fn type_url() -> ::prost::alloc::string::String {
+            "type.googleapis.com/lanyard.api.v1.UpdateGovernedEntriesResponse.Result"
+                .into()
+        }
+    }
+}
+impl ::prost::Name for UpdateGovernedEntriesResponse {
+    const NAME: &'static str = "UpdateGovernedEntriesResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.UpdateGovernedEntriesResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.UpdateGovernedEntriesResponse".into()
+    }
+}
+/// An exception: an owned, expiring waiver of some policy rules for some
+/// entries. Times are Unix seconds.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyException {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub owner: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub ticket: ::prost::alloc::string::String,
+    /// Rule names it waives.
+    #[prost(string, repeated, tag = "5")]
+    pub rules: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Entry IDs it covers.
+    #[prost(string, repeated, tag = "6")]
+    pub entry_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// A SPIFFE ID it covers: exact, or a prefix ending in "/\*".
+    #[prost(string, tag = "7")]
+    pub spiffe_id_pattern: ::prost::alloc::string::String,
+    #[prost(int64, tag = "8")]
+    pub expires_at: i64,
+    #[prost(int64, tag = "9")]
+    pub created_at: i64,
+    #[prost(string, tag = "10")]
+    pub created_by: ::prost::alloc::string::String,
+    /// 0 when not revoked.
+    #[prost(int64, tag = "11")]
+    pub revoked_at: i64,
+}
+impl ::prost::Name for PolicyException {
+    const NAME: &'static str = "PolicyException";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.PolicyException".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.PolicyException".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateExceptionRequest {
+    #[prost(message, optional, tag = "1")]
+    pub exception: ::core::option::Option<PolicyException>,
+}
+impl ::prost::Name for CreateExceptionRequest {
+    const NAME: &'static str = "CreateExceptionRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.CreateExceptionRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.CreateExceptionRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetExceptionRequest {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+}
+impl ::prost::Name for GetExceptionRequest {
+    const NAME: &'static str = "GetExceptionRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.GetExceptionRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.GetExceptionRequest".into()
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListExceptionsRequest {
+    /// Also list expired and revoked exceptions.
+    #[prost(bool, tag = "1")]
+    pub include_inactive: bool,
+}
+impl ::prost::Name for ListExceptionsRequest {
+    const NAME: &'static str = "ListExceptionsRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.ListExceptionsRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.ListExceptionsRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListExceptionsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub exceptions: ::prost::alloc::vec::Vec<PolicyException>,
+}
+impl ::prost::Name for ListExceptionsResponse {
+    const NAME: &'static str = "ListExceptionsResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.ListExceptionsResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.ListExceptionsResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExtendExceptionRequest {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub expires_at: i64,
+    /// Why it is extended (recorded in the audit log).
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+}
+impl ::prost::Name for ExtendExceptionRequest {
+    const NAME: &'static str = "ExtendExceptionRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.ExtendExceptionRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.ExtendExceptionRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeExceptionRequest {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Why it is revoked (recorded in the audit log).
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
+impl ::prost::Name for RevokeExceptionRequest {
+    const NAME: &'static str = "RevokeExceptionRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.RevokeExceptionRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.RevokeExceptionRequest".into()
+    }
+}
+/// One SVID the server issued. Times are Unix seconds.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Issuance {
+    /// "x509-svid", "jwt-svid" or "agent-svid".
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    /// Decimal serial number of an X.509-SVID, or a JWT-SVID's jti.
+    #[prost(string, tag = "2")]
+    pub serial: ::prost::alloc::string::String,
+    /// Empty for agent SVIDs.
+    #[prost(string, tag = "3")]
+    pub entry_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    /// The agent it was issued to (the agent itself for agent SVIDs).
+    #[prost(string, tag = "5")]
+    pub agent_id: ::prost::alloc::string::String,
+    /// The signing authority: the hex subject key ID of the X.509 CA, or the
+    /// JWT key ID.
+    #[prost(string, tag = "6")]
+    pub authority_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "7")]
+    pub issued_at: i64,
+    #[prost(int64, tag = "8")]
+    pub not_after: i64,
+    /// Exceptions the entry passed the policy under.
+    #[prost(string, repeated, tag = "9")]
+    pub exception_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+impl ::prost::Name for Issuance {
+    const NAME: &'static str = "Issuance";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.Issuance".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.Issuance".into()
+    }
+}
+/// When an entry was last issued and last served, per agent.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EntryUsage {
+    #[prost(string, tag = "1")]
+    pub entry_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub agent_id: ::prost::alloc::string::String,
+    /// 0 when the ledger holds no issuance.
+    #[prost(int64, tag = "3")]
+    pub last_issued_at: i64,
+    /// 0 when the agent never reported serving it.
+    #[prost(int64, tag = "4")]
+    pub last_served_at: i64,
+    /// Issuances in the ledger.
+    #[prost(uint64, tag = "5")]
+    pub issued: u64,
+}
+impl ::prost::Name for EntryUsage {
+    const NAME: &'static str = "EntryUsage";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.EntryUsage".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.EntryUsage".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ReportUsageRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub served: ::prost::alloc::vec::Vec<report_usage_request::Served>,
+}
+/// Nested message and enum types in `ReportUsageRequest`.
+pub mod report_usage_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct Served {
+        #[prost(string, tag = "1")]
+        pub entry_id: ::prost::alloc::string::String,
+        #[prost(int64, tag = "2")]
+        pub last_served_at: i64,
+    }
+    impl ::prost::Name for Served {
+        const NAME: &'static str = "Served";
+        const PACKAGE: &'static str = "lanyard.api.v1";
+        fn full_name() -> ::prost::alloc::string::String {
+            "lanyard.api.v1.ReportUsageRequest.Served".into()
+        }
+        fn type_url() -> ::prost::alloc::string::String {
+            "type.googleapis.com/lanyard.api.v1.ReportUsageRequest.Served".into()
+        }
+    }
+}
+impl ::prost::Name for ReportUsageRequest {
+    const NAME: &'static str = "ReportUsageRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.ReportUsageRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.ReportUsageRequest".into()
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReportUsageResponse {}
+impl ::prost::Name for ReportUsageResponse {
+    const NAME: &'static str = "ReportUsageResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.ReportUsageResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.ReportUsageResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListUsageRequest {
+    /// Only these entries; all when empty.
+    #[prost(string, repeated, tag = "1")]
+    pub entry_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+impl ::prost::Name for ListUsageRequest {
+    const NAME: &'static str = "ListUsageRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.ListUsageRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.ListUsageRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListUsageResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub usage: ::prost::alloc::vec::Vec<EntryUsage>,
+}
+impl ::prost::Name for ListUsageResponse {
+    const NAME: &'static str = "ListUsageResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.ListUsageResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.ListUsageResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListIssuancesRequest {
+    /// Filters, each applied when set.
+    #[prost(string, tag = "1")]
+    pub entry_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub agent_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub authority_id: ::prost::alloc::string::String,
+    /// Only issuances whose not_after is after now.
+    #[prost(bool, tag = "5")]
+    pub unexpired_only: bool,
+    #[prost(int32, tag = "6")]
+    pub page_size: i32,
+    #[prost(string, tag = "7")]
+    pub page_token: ::prost::alloc::string::String,
+}
+impl ::prost::Name for ListIssuancesRequest {
+    const NAME: &'static str = "ListIssuancesRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.ListIssuancesRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.ListIssuancesRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListIssuancesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub issuances: ::prost::alloc::vec::Vec<Issuance>,
+    #[prost(string, tag = "2")]
+    pub next_page_token: ::prost::alloc::string::String,
+}
+impl ::prost::Name for ListIssuancesResponse {
+    const NAME: &'static str = "ListIssuancesResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.ListIssuancesResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.ListIssuancesResponse".into()
+    }
+}
+/// Generated client implementations.
+pub mod governed_entry_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Creates and updates registration entries together with their metadata, so
+    /// that the policy judges the entry as it will be stored. SPIRE's
+    /// BatchCreateEntry and BatchUpdateEntry are judged the same way, but carry no
+    /// metadata.
+    #[derive(Debug, Clone)]
+    pub struct GovernedEntryServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl GovernedEntryServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> GovernedEntryServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> GovernedEntryServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            GovernedEntryServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Creates each entry with its metadata; one result per item, in order.
+        /// INVALID_ARGUMENT when the policy refuses it (the message names each
+        /// broken rule and how to fix it); otherwise SPIRE's BatchCreateEntry codes.
+        pub async fn create_governed_entries(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateGovernedEntriesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CreateGovernedEntriesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.GovernedEntryService/CreateGovernedEntries",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "lanyard.api.v1.GovernedEntryService",
+                        "CreateGovernedEntries",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Replaces each entry (identified by entry.id) and its metadata; one result
+        /// per item, in order.
+        pub async fn update_governed_entries(
+            &mut self,
+            request: impl tonic::IntoRequest<super::UpdateGovernedEntriesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::UpdateGovernedEntriesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.GovernedEntryService/UpdateGovernedEntries",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "lanyard.api.v1.GovernedEntryService",
+                        "UpdateGovernedEntries",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod governed_entry_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with GovernedEntryServiceServer.
+    #[async_trait]
+    pub trait GovernedEntryService: std::marker::Send + std::marker::Sync + 'static {
+        /// Creates each entry with its metadata; one result per item, in order.
+        /// INVALID_ARGUMENT when the policy refuses it (the message names each
+        /// broken rule and how to fix it); otherwise SPIRE's BatchCreateEntry codes.
+        async fn create_governed_entries(
+            &self,
+            request: tonic::Request<super::CreateGovernedEntriesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CreateGovernedEntriesResponse>,
+            tonic::Status,
+        >;
+        /// Replaces each entry (identified by entry.id) and its metadata; one result
+        /// per item, in order.
+        async fn update_governed_entries(
+            &self,
+            request: tonic::Request<super::UpdateGovernedEntriesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::UpdateGovernedEntriesResponse>,
+            tonic::Status,
+        >;
+    }
+    /// Creates and updates registration entries together with their metadata, so
+    /// that the policy judges the entry as it will be stored. SPIRE's
+    /// BatchCreateEntry and BatchUpdateEntry are judged the same way, but carry no
+    /// metadata.
+    #[derive(Debug)]
+    pub struct GovernedEntryServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> GovernedEntryServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>>
+    for GovernedEntryServiceServer<T>
+    where
+        T: GovernedEntryService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/lanyard.api.v1.GovernedEntryService/CreateGovernedEntries" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateGovernedEntriesSvc<T: GovernedEntryService>(pub Arc<T>);
+                    impl<
+                        T: GovernedEntryService,
+                    > tonic::server::UnaryService<super::CreateGovernedEntriesRequest>
+                    for CreateGovernedEntriesSvc<T> {
+                        type Response = super::CreateGovernedEntriesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateGovernedEntriesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GovernedEntryService>::create_governed_entries(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateGovernedEntriesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.api.v1.GovernedEntryService/UpdateGovernedEntries" => {
+                    #[allow(non_camel_case_types)]
+                    struct UpdateGovernedEntriesSvc<T: GovernedEntryService>(pub Arc<T>);
+                    impl<
+                        T: GovernedEntryService,
+                    > tonic::server::UnaryService<super::UpdateGovernedEntriesRequest>
+                    for UpdateGovernedEntriesSvc<T> {
+                        type Response = super::UpdateGovernedEntriesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::UpdateGovernedEntriesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GovernedEntryService>::update_governed_entries(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UpdateGovernedEntriesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for GovernedEntryServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "lanyard.api.v1.GovernedEntryService";
+    impl<T> tonic::server::NamedService for GovernedEntryServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod exception_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Manages exceptions. Creating and extending are judged by the policy's
+    /// exception rules; every change is audited.
+    #[derive(Debug, Clone)]
+    pub struct ExceptionServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl ExceptionServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> ExceptionServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> ExceptionServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            ExceptionServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Creates an exception; the server assigns id, created_at and created_by.
+        pub async fn create_exception(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateExceptionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PolicyException>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.ExceptionService/CreateException",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("lanyard.api.v1.ExceptionService", "CreateException"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn get_exception(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetExceptionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PolicyException>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.ExceptionService/GetException",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("lanyard.api.v1.ExceptionService", "GetException"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Lists exceptions ordered by ID.
+        pub async fn list_exceptions(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListExceptionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListExceptionsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.ExceptionService/ListExceptions",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("lanyard.api.v1.ExceptionService", "ListExceptions"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Moves an active exception's expiry; the policy caps how far.
+        pub async fn extend_exception(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ExtendExceptionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PolicyException>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.ExceptionService/ExtendException",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("lanyard.api.v1.ExceptionService", "ExtendException"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Ends an exception now.
+        pub async fn revoke_exception(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RevokeExceptionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PolicyException>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.ExceptionService/RevokeException",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("lanyard.api.v1.ExceptionService", "RevokeException"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod exception_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with ExceptionServiceServer.
+    #[async_trait]
+    pub trait ExceptionService: std::marker::Send + std::marker::Sync + 'static {
+        /// Creates an exception; the server assigns id, created_at and created_by.
+        async fn create_exception(
+            &self,
+            request: tonic::Request<super::CreateExceptionRequest>,
+        ) -> std::result::Result<tonic::Response<super::PolicyException>, tonic::Status>;
+        async fn get_exception(
+            &self,
+            request: tonic::Request<super::GetExceptionRequest>,
+        ) -> std::result::Result<tonic::Response<super::PolicyException>, tonic::Status>;
+        /// Lists exceptions ordered by ID.
+        async fn list_exceptions(
+            &self,
+            request: tonic::Request<super::ListExceptionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListExceptionsResponse>,
+            tonic::Status,
+        >;
+        /// Moves an active exception's expiry; the policy caps how far.
+        async fn extend_exception(
+            &self,
+            request: tonic::Request<super::ExtendExceptionRequest>,
+        ) -> std::result::Result<tonic::Response<super::PolicyException>, tonic::Status>;
+        /// Ends an exception now.
+        async fn revoke_exception(
+            &self,
+            request: tonic::Request<super::RevokeExceptionRequest>,
+        ) -> std::result::Result<tonic::Response<super::PolicyException>, tonic::Status>;
+    }
+    /// Manages exceptions. Creating and extending are judged by the policy's
+    /// exception rules; every change is audited.
+    #[derive(Debug)]
+    pub struct ExceptionServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> ExceptionServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for ExceptionServiceServer<T>
+    where
+        T: ExceptionService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/lanyard.api.v1.ExceptionService/CreateException" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateExceptionSvc<T: ExceptionService>(pub Arc<T>);
+                    impl<
+                        T: ExceptionService,
+                    > tonic::server::UnaryService<super::CreateExceptionRequest>
+                    for CreateExceptionSvc<T> {
+                        type Response = super::PolicyException;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateExceptionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExceptionService>::create_exception(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateExceptionSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.api.v1.ExceptionService/GetException" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetExceptionSvc<T: ExceptionService>(pub Arc<T>);
+                    impl<
+                        T: ExceptionService,
+                    > tonic::server::UnaryService<super::GetExceptionRequest>
+                    for GetExceptionSvc<T> {
+                        type Response = super::PolicyException;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetExceptionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExceptionService>::get_exception(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetExceptionSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.api.v1.ExceptionService/ListExceptions" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListExceptionsSvc<T: ExceptionService>(pub Arc<T>);
+                    impl<
+                        T: ExceptionService,
+                    > tonic::server::UnaryService<super::ListExceptionsRequest>
+                    for ListExceptionsSvc<T> {
+                        type Response = super::ListExceptionsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListExceptionsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExceptionService>::list_exceptions(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListExceptionsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.api.v1.ExceptionService/ExtendException" => {
+                    #[allow(non_camel_case_types)]
+                    struct ExtendExceptionSvc<T: ExceptionService>(pub Arc<T>);
+                    impl<
+                        T: ExceptionService,
+                    > tonic::server::UnaryService<super::ExtendExceptionRequest>
+                    for ExtendExceptionSvc<T> {
+                        type Response = super::PolicyException;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ExtendExceptionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExceptionService>::extend_exception(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ExtendExceptionSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.api.v1.ExceptionService/RevokeException" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeExceptionSvc<T: ExceptionService>(pub Arc<T>);
+                    impl<
+                        T: ExceptionService,
+                    > tonic::server::UnaryService<super::RevokeExceptionRequest>
+                    for RevokeExceptionSvc<T> {
+                        type Response = super::PolicyException;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RevokeExceptionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExceptionService>::revoke_exception(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeExceptionSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for ExceptionServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "lanyard.api.v1.ExceptionService";
+    impl<T> tonic::server::NamedService for ExceptionServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod usage_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// The usage ledger: what was issued to whom, and what agents served.
+    #[derive(Debug, Clone)]
+    pub struct UsageServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl UsageServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> UsageServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> UsageServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            UsageServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Agents report when they last served each entry to a workload. Agent
+        /// callers only; entries the agent is not authorized for are ignored.
+        pub async fn report_usage(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReportUsageRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReportUsageResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.UsageService/ReportUsage",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.api.v1.UsageService", "ReportUsage"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Usage per entry and agent.
+        pub async fn list_usage(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListUsageRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListUsageResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.UsageService/ListUsage",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.api.v1.UsageService", "ListUsage"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Issuances, newest first, page by page.
+        pub async fn list_issuances(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListIssuancesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListIssuancesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.UsageService/ListIssuances",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.api.v1.UsageService", "ListIssuances"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod usage_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with UsageServiceServer.
+    #[async_trait]
+    pub trait UsageService: std::marker::Send + std::marker::Sync + 'static {
+        /// Agents report when they last served each entry to a workload. Agent
+        /// callers only; entries the agent is not authorized for are ignored.
+        async fn report_usage(
+            &self,
+            request: tonic::Request<super::ReportUsageRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReportUsageResponse>,
+            tonic::Status,
+        >;
+        /// Usage per entry and agent.
+        async fn list_usage(
+            &self,
+            request: tonic::Request<super::ListUsageRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListUsageResponse>,
+            tonic::Status,
+        >;
+        /// Issuances, newest first, page by page.
+        async fn list_issuances(
+            &self,
+            request: tonic::Request<super::ListIssuancesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListIssuancesResponse>,
+            tonic::Status,
+        >;
+    }
+    /// The usage ledger: what was issued to whom, and what agents served.
+    #[derive(Debug)]
+    pub struct UsageServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> UsageServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for UsageServiceServer<T>
+    where
+        T: UsageService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/lanyard.api.v1.UsageService/ReportUsage" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportUsageSvc<T: UsageService>(pub Arc<T>);
+                    impl<
+                        T: UsageService,
+                    > tonic::server::UnaryService<super::ReportUsageRequest>
+                    for ReportUsageSvc<T> {
+                        type Response = super::ReportUsageResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReportUsageRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as UsageService>::report_usage(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportUsageSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.api.v1.UsageService/ListUsage" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListUsageSvc<T: UsageService>(pub Arc<T>);
+                    impl<
+                        T: UsageService,
+                    > tonic::server::UnaryService<super::ListUsageRequest>
+                    for ListUsageSvc<T> {
+                        type Response = super::ListUsageResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListUsageRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as UsageService>::list_usage(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListUsageSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.api.v1.UsageService/ListIssuances" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListIssuancesSvc<T: UsageService>(pub Arc<T>);
+                    impl<
+                        T: UsageService,
+                    > tonic::server::UnaryService<super::ListIssuancesRequest>
+                    for ListIssuancesSvc<T> {
+                        type Response = super::ListIssuancesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListIssuancesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as UsageService>::list_issuances(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListIssuancesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for UsageServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "lanyard.api.v1.UsageService";
+    impl<T> tonic::server::NamedService for UsageServiceServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }

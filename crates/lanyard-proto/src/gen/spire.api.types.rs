@@ -207,6 +207,110 @@ impl ::prost::Name for Spiffeid {
         "type.googleapis.com/spire.api.types.SPIFFEID".into()
     }
 }
+/// A registration entry.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Entry {
+    /// Unique entry ID, assigned by the server unless the creator supplies one.
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// The identity issued to whatever matches this entry.
+    #[prost(message, optional, tag = "2")]
+    pub spiffe_id: ::core::option::Option<Spiffeid>,
+    /// The agent (or, for node entries, the server) that may claim this entry.
+    #[prost(message, optional, tag = "3")]
+    pub parent_id: ::core::option::Option<Spiffeid>,
+    /// All of these must be among the attested selectors for the entry to apply.
+    #[prost(message, repeated, tag = "4")]
+    pub selectors: ::prost::alloc::vec::Vec<Selector>,
+    /// Lifetime of X509-SVIDs issued for this entry, in seconds; zero means the
+    /// server default.
+    #[prost(int32, tag = "5")]
+    pub x509_svid_ttl: i32,
+    /// Trust domains whose bundles are delivered alongside this identity.
+    #[prost(string, repeated, tag = "6")]
+    pub federates_with: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Grants the identity access to the server's admin APIs.
+    #[prost(bool, tag = "7")]
+    pub admin: bool,
+    /// Marks the identity as a downstream server allowed to mint CA certificates.
+    #[prost(bool, tag = "8")]
+    pub downstream: bool,
+    /// When the entry stops applying, in seconds since the Unix epoch; zero
+    /// means never.
+    #[prost(int64, tag = "9")]
+    pub expires_at: i64,
+    /// DNS SANs added to X509-SVIDs issued for this entry.
+    #[prost(string, repeated, tag = "10")]
+    pub dns_names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Bumped by the server on every update.
+    #[prost(int64, tag = "11")]
+    pub revision_number: i64,
+    /// The SVID is meant for an SVID store rather than a local workload.
+    #[prost(bool, tag = "12")]
+    pub store_svid: bool,
+    /// Lifetime of JWT-SVIDs issued for this entry, in seconds; zero means the
+    /// server default.
+    #[prost(int32, tag = "13")]
+    pub jwt_svid_ttl: i32,
+    /// Operator-chosen label that helps a workload with several identities pick one.
+    #[prost(string, tag = "14")]
+    pub hint: ::prost::alloc::string::String,
+    /// Creation time, in seconds since the Unix epoch; set once by the server.
+    #[prost(int64, tag = "15")]
+    pub created_at: i64,
+}
+impl ::prost::Name for Entry {
+    const NAME: &'static str = "Entry";
+    const PACKAGE: &'static str = "spire.api.types";
+    fn full_name() -> ::prost::alloc::string::String {
+        "spire.api.types.Entry".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/spire.api.types.Entry".into()
+    }
+}
+/// Chooses which optional Entry fields a response fills in. The ID is always set.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EntryMask {
+    #[prost(bool, tag = "2")]
+    pub spiffe_id: bool,
+    #[prost(bool, tag = "3")]
+    pub parent_id: bool,
+    #[prost(bool, tag = "4")]
+    pub selectors: bool,
+    #[prost(bool, tag = "5")]
+    pub x509_svid_ttl: bool,
+    #[prost(bool, tag = "6")]
+    pub federates_with: bool,
+    #[prost(bool, tag = "7")]
+    pub admin: bool,
+    #[prost(bool, tag = "8")]
+    pub downstream: bool,
+    #[prost(bool, tag = "9")]
+    pub expires_at: bool,
+    #[prost(bool, tag = "10")]
+    pub dns_names: bool,
+    #[prost(bool, tag = "11")]
+    pub revision_number: bool,
+    #[prost(bool, tag = "12")]
+    pub store_svid: bool,
+    #[prost(bool, tag = "13")]
+    pub jwt_svid_ttl: bool,
+    #[prost(bool, tag = "14")]
+    pub hint: bool,
+    #[prost(bool, tag = "15")]
+    pub created_at: bool,
+}
+impl ::prost::Name for EntryMask {
+    const NAME: &'static str = "EntryMask";
+    const PACKAGE: &'static str = "spire.api.types";
+    fn full_name() -> ::prost::alloc::string::String {
+        "spire.api.types.EntryMask".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/spire.api.types.EntryMask".into()
+    }
+}
 /// An attested node agent. All fields are set by the server.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Agent {
@@ -441,110 +545,6 @@ impl ::prost::Name for BundleMask {
     }
     fn type_url() -> ::prost::alloc::string::String {
         "type.googleapis.com/spire.api.types.BundleMask".into()
-    }
-}
-/// A registration entry.
-#[derive(Clone, PartialEq, ::prost::Message)]
-pub struct Entry {
-    /// Unique entry ID, assigned by the server unless the creator supplies one.
-    #[prost(string, tag = "1")]
-    pub id: ::prost::alloc::string::String,
-    /// The identity issued to whatever matches this entry.
-    #[prost(message, optional, tag = "2")]
-    pub spiffe_id: ::core::option::Option<Spiffeid>,
-    /// The agent (or, for node entries, the server) that may claim this entry.
-    #[prost(message, optional, tag = "3")]
-    pub parent_id: ::core::option::Option<Spiffeid>,
-    /// All of these must be among the attested selectors for the entry to apply.
-    #[prost(message, repeated, tag = "4")]
-    pub selectors: ::prost::alloc::vec::Vec<Selector>,
-    /// Lifetime of X509-SVIDs issued for this entry, in seconds; zero means the
-    /// server default.
-    #[prost(int32, tag = "5")]
-    pub x509_svid_ttl: i32,
-    /// Trust domains whose bundles are delivered alongside this identity.
-    #[prost(string, repeated, tag = "6")]
-    pub federates_with: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
-    /// Grants the identity access to the server's admin APIs.
-    #[prost(bool, tag = "7")]
-    pub admin: bool,
-    /// Marks the identity as a downstream server allowed to mint CA certificates.
-    #[prost(bool, tag = "8")]
-    pub downstream: bool,
-    /// When the entry stops applying, in seconds since the Unix epoch; zero
-    /// means never.
-    #[prost(int64, tag = "9")]
-    pub expires_at: i64,
-    /// DNS SANs added to X509-SVIDs issued for this entry.
-    #[prost(string, repeated, tag = "10")]
-    pub dns_names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
-    /// Bumped by the server on every update.
-    #[prost(int64, tag = "11")]
-    pub revision_number: i64,
-    /// The SVID is meant for an SVID store rather than a local workload.
-    #[prost(bool, tag = "12")]
-    pub store_svid: bool,
-    /// Lifetime of JWT-SVIDs issued for this entry, in seconds; zero means the
-    /// server default.
-    #[prost(int32, tag = "13")]
-    pub jwt_svid_ttl: i32,
-    /// Operator-chosen label that helps a workload with several identities pick one.
-    #[prost(string, tag = "14")]
-    pub hint: ::prost::alloc::string::String,
-    /// Creation time, in seconds since the Unix epoch; set once by the server.
-    #[prost(int64, tag = "15")]
-    pub created_at: i64,
-}
-impl ::prost::Name for Entry {
-    const NAME: &'static str = "Entry";
-    const PACKAGE: &'static str = "spire.api.types";
-    fn full_name() -> ::prost::alloc::string::String {
-        "spire.api.types.Entry".into()
-    }
-    fn type_url() -> ::prost::alloc::string::String {
-        "type.googleapis.com/spire.api.types.Entry".into()
-    }
-}
-/// Chooses which optional Entry fields a response fills in. The ID is always set.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct EntryMask {
-    #[prost(bool, tag = "2")]
-    pub spiffe_id: bool,
-    #[prost(bool, tag = "3")]
-    pub parent_id: bool,
-    #[prost(bool, tag = "4")]
-    pub selectors: bool,
-    #[prost(bool, tag = "5")]
-    pub x509_svid_ttl: bool,
-    #[prost(bool, tag = "6")]
-    pub federates_with: bool,
-    #[prost(bool, tag = "7")]
-    pub admin: bool,
-    #[prost(bool, tag = "8")]
-    pub downstream: bool,
-    #[prost(bool, tag = "9")]
-    pub expires_at: bool,
-    #[prost(bool, tag = "10")]
-    pub dns_names: bool,
-    #[prost(bool, tag = "11")]
-    pub revision_number: bool,
-    #[prost(bool, tag = "12")]
-    pub store_svid: bool,
-    #[prost(bool, tag = "13")]
-    pub jwt_svid_ttl: bool,
-    #[prost(bool, tag = "14")]
-    pub hint: bool,
-    #[prost(bool, tag = "15")]
-    pub created_at: bool,
-}
-impl ::prost::Name for EntryMask {
-    const NAME: &'static str = "EntryMask";
-    const PACKAGE: &'static str = "spire.api.types";
-    fn full_name() -> ::prost::alloc::string::String {
-        "spire.api.types.EntryMask".into()
-    }
-    fn type_url() -> ::prost::alloc::string::String {
-        "type.googleapis.com/spire.api.types.EntryMask".into()
     }
 }
 /// A set of trust domain names and the rule used to compare it with an

@@ -1,7 +1,10 @@
 //! gRPC service names, method sets and streaming shapes must equal SPIRE's
 //! and SPIFFE's: clients address methods by `/<package>.<Service>/<Method>`.
 
-use lanyard_proto::lanyard::api::v1::entry_metadata_service_server;
+use lanyard_proto::lanyard::api::v1::{
+    entry_metadata_service_server, exception_service_server, governed_entry_service_server,
+    usage_service_server,
+};
 use lanyard_proto::spire::api::server::{
     agent::v1::agent_server, bundle::v1::bundle_server, debug::v1::debug_server,
     entry::v1::entry_server, localauthority::v1::local_authority_server, svid::v1::svid_server,
@@ -145,6 +148,37 @@ const SERVICES: &[Service] = &[
             ("SetEntryMetadata", Unary),
             ("GetEntryMetadata", Unary),
             ("ListEntryMetadata", Unary),
+        ],
+    },
+    Service {
+        service_name: "lanyard.api.v1.GovernedEntryService",
+        generated_name: governed_entry_service_server::SERVICE_NAME,
+        source: include_str!("../../src/gen/lanyard.api.v1.rs"),
+        methods: &[
+            ("CreateGovernedEntries", Unary),
+            ("UpdateGovernedEntries", Unary),
+        ],
+    },
+    Service {
+        service_name: "lanyard.api.v1.ExceptionService",
+        generated_name: exception_service_server::SERVICE_NAME,
+        source: include_str!("../../src/gen/lanyard.api.v1.rs"),
+        methods: &[
+            ("CreateException", Unary),
+            ("GetException", Unary),
+            ("ListExceptions", Unary),
+            ("ExtendException", Unary),
+            ("RevokeException", Unary),
+        ],
+    },
+    Service {
+        service_name: "lanyard.api.v1.UsageService",
+        generated_name: usage_service_server::SERVICE_NAME,
+        source: include_str!("../../src/gen/lanyard.api.v1.rs"),
+        methods: &[
+            ("ReportUsage", Unary),
+            ("ListUsage", Unary),
+            ("ListIssuances", Unary),
         ],
     },
 ];

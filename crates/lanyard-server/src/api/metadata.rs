@@ -219,15 +219,20 @@ fn non_empty(value: &str) -> Option<String> {
 }
 
 fn has_metadata(entry: &RegistrationEntry) -> bool {
-    entry.owner.is_some() || entry.reason.is_some() || entry.ticket.is_some()
+    entry.owner.is_some()
+        || entry.reason.is_some()
+        || entry.ticket.is_some()
+        || entry.source.is_some()
 }
 
-fn metadata_of(entry: &RegistrationEntry) -> EntryMetadata {
+/// The entry's governance metadata as the API carries it.
+pub(crate) fn metadata_of(entry: &RegistrationEntry) -> EntryMetadata {
     EntryMetadata {
         entry_id: entry.id.as_str().to_owned(),
         owner: entry.owner.clone().unwrap_or_default(),
         reason: entry.reason.clone().unwrap_or_default(),
         ticket: entry.ticket.clone().unwrap_or_default(),
+        source: entry.source.clone().unwrap_or_default(),
     }
 }
 

@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use lanyard_core::bundle::{JwtAuthority, TrustBundle, X509Authority};
+use lanyard_core::policy::Exception;
 use lanyard_core::{RegistrationEntry, TrustDomain};
 
 use super::{AttestedAgent, DatastoreError, Result};
@@ -68,6 +69,18 @@ pub(crate) fn normalize_entry(mut entry: RegistrationEntry) -> Result<Registrati
         .map(|ttl| duration_seconds(ttl).and_then(seconds_duration))
         .transpose()?;
     Ok(entry)
+}
+
+/// The exception as a store gives it back: times truncated to whole seconds; an empty ID is
+/// refused.
+pub(crate) fn normalize_exception(mut exception: Exception) -> Result<Exception> {
+    if exception.id.is_empty() {
+        return Err(DatastoreError::Invalid("exception: empty ID".to_owned()));
+    }
+    exception.expires_at = whole_second(exception.expires_at)?;
+    exception.created_at = whole_second(exception.created_at)?;
+    exception.revoked_at = exception.revoked_at.map(whole_second).transpose()?;
+    Ok(exception)
 }
 
 /// The agent as a store gives it back: times truncated to whole seconds.

@@ -6,13 +6,18 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use lanyard_core::bundle::TrustBundle;
+use lanyard_core::policy::Exception;
 use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
 
-use super::convert::{checked_bundle, normalize_agent, normalize_entry, whole_second};
+use super::convert::{
+    checked_bundle, normalize_agent, normalize_entry, normalize_exception, whole_second,
+};
+use super::governance::usage_record;
 use super::{
     AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSubject, Datastore,
-    DatastoreError, EntryFilter, JoinTokenRecord, Page, PageRequest, Result, bundle_in_use,
-    merge_bundles, missing_federated_bundle, not_found, revision_conflict,
+    DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
+    JoinTokenRecord, Page, PageRequest, Result, bundle_in_use, merge_bundles,
+    missing_federated_bundle, not_found, revision_conflict,
 };
 
 /// A datastore held in memory behind one mutex. Nothing survives the process.
@@ -31,6 +36,9 @@ struct State {
     meta: HashMap<String, Vec<u8>>,
     revision: i64,
     changes: Vec<Change>,
+    exceptions: BTreeMap<String, Exception>,
+    issuances: BTreeMap<(IssuanceKind, String), Issuance>,
+    served: BTreeMap<(String, String), SystemTime>,
 }
 
 impl State {
@@ -533,6 +541,139 @@ impl Datastore for MemoryStore {
     async fn set_meta(&self, key: &str, value: &[u8]) -> Result<()> {
         self.lock().meta.insert(key.to_owned(), value.to_vec());
         Ok(())
+    }
+
+    async fn create_exception(&self, exception: Exception) -> Result<Exception> {
+        let exception = normalize_exception(exception)?;
+        let mut state = self.lock();
+        if state.exceptions.contains_key(&exception.id) {
+            return Err(DatastoreError::exists(format!(
+                "exception {:?}",
+                exception.id
+            )));
+        }
+        state
+            .exceptions
+            .insert(exception.id.clone(), exception.clone());
+        Ok(exception)
+    }
+
+    async fn get_exception(&self, id: &str) -> Result<Option<Exception>> {
+        Ok(self.lock().exceptions.get(id).cloned())
+    }
+
+    async fn update_exception(&self, exception: Exception) -> Result<Exception> {
+        let exception = normalize_exception(exception)?;
+        let mut state = self.lock();
+        let stored = state
+            .exceptions
+            .get_mut(&exception.id)
+            .ok_or_else(|| not_found("exception", &exception.id))?;
+        *stored = exception.clone();
+        Ok(exception)
+    }
+
+    async fn list_exceptions(&self) -> Result<Vec<Exception>> {
+        Ok(self.lock().exceptions.values().cloned().collect())
+    }
+
+    async fn record_issuances(&self, issuances: &[Issuance]) -> Result<()> {
+        let mut state = self.lock();
+        for issuance in issuances {
+            let mut issuance = issuance.clone();
+            issuance.issued_at = whole_second(issuance.issued_at)?;
+            issuance.not_after = whole_second(issuance.not_after)?;
+            state
+                .issuances
+                .entry((issuance.kind, issuance.serial.clone()))
+                .or_insert(issuance);
+        }
+        Ok(())
+    }
+
+    async fn list_issuances(
+        &self,
+        filter: &IssuanceFilter,
+        page: Option<PageRequest>,
+    ) -> Result<Page<Issuance>> {
+        let mut matching: Vec<Issuance> = self
+            .lock()
+            .issuances
+            .values()
+            .filter(|issuance| filter.matches(issuance))
+            .cloned()
+            .collect();
+        matching.sort_by(|a, b| {
+            b.issued_at
+                .cmp(&a.issued_at)
+                .then_with(|| a.kind.as_str().cmp(b.kind.as_str()))
+                .then_with(|| a.serial.cmp(&b.serial))
+        });
+        let Some(page) = page else {
+            return Ok((matching, None));
+        };
+        page.validate()?;
+        let offset = match page.token.as_deref() {
+            None | Some("") => 0,
+            Some(token) => token
+                .parse::<usize>()
+                .map_err(|_| DatastoreError::Invalid(format!("page token {token:?}")))?,
+        };
+        let size = page.size as usize;
+        let rest: Vec<Issuance> = matching.into_iter().skip(offset).collect();
+        let next = (rest.len() > size).then(|| (offset + size).to_string());
+        Ok((rest.into_iter().take(size).collect(), next))
+    }
+
+    async fn prune_issuances(&self, issued_before: SystemTime) -> Result<u64> {
+        let mut state = self.lock();
+        let before = state.issuances.len();
+        state
+            .issuances
+            .retain(|_, issuance| issuance.issued_at >= issued_before);
+        Ok((before - state.issuances.len()) as u64)
+    }
+
+    async fn record_served(
+        &self,
+        agent_id: &SpiffeId,
+        served: &[(String, SystemTime)],
+    ) -> Result<()> {
+        let mut state = self.lock();
+        for (entry_id, at) in served {
+            let at = whole_second(*at)?;
+            let stored = state
+                .served
+                .entry((entry_id.clone(), agent_id.as_str().to_owned()))
+                .or_insert(at);
+            *stored = (*stored).max(at);
+        }
+        Ok(())
+    }
+
+    async fn list_usage(&self, entry_ids: &[String]) -> Result<Vec<EntryUsage>> {
+        let wanted = |id: &String| entry_ids.is_empty() || entry_ids.contains(id);
+        let state = self.lock();
+        let mut usage = BTreeMap::new();
+        for issuance in state.issuances.values() {
+            if issuance.entry_id.is_empty() || !wanted(&issuance.entry_id) {
+                continue;
+            }
+            let key = (
+                issuance.entry_id.clone(),
+                issuance.agent_id.as_str().to_owned(),
+            );
+            let record = usage_record(&mut usage, key);
+            record.issued += 1;
+            record.last_issued_at = record.last_issued_at.max(Some(issuance.issued_at));
+        }
+        for ((entry_id, agent_id), at) in &state.served {
+            if wanted(entry_id) {
+                usage_record(&mut usage, (entry_id.clone(), agent_id.clone())).last_served_at =
+                    Some(*at);
+            }
+        }
+        Ok(usage.into_values().collect())
     }
 }
 

@@ -17,12 +17,15 @@ use std::fmt;
 use std::time::SystemTime;
 
 use lanyard_core::bundle::TrustBundle;
+use lanyard_core::policy::Exception;
 use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
 
 mod convert;
+pub mod governance;
 pub mod memory;
 pub mod sql;
 
+pub use governance::{EntryUsage, Issuance, IssuanceFilter, IssuanceKind};
 pub use memory::MemoryStore;
 pub use sql::SqlStore;
 
@@ -631,6 +634,48 @@ pub trait Datastore: Send + Sync + fmt::Debug {
 
     /// Stores (replaces) a small server-state value.
     async fn set_meta(&self, key: &str, value: &[u8]) -> Result<()>;
+
+    // ----- exceptions -----
+
+    /// Stores a new exception. [`DatastoreError::AlreadyExists`] if the ID is taken.
+    async fn create_exception(&self, exception: Exception) -> Result<Exception>;
+
+    /// The exception with this ID.
+    async fn get_exception(&self, id: &str) -> Result<Option<Exception>>;
+
+    /// Replaces the stored exception with `exception.id`. [`DatastoreError::NotFound`] if
+    /// there is none.
+    async fn update_exception(&self, exception: Exception) -> Result<Exception>;
+
+    /// Every exception, active or not, ordered by ID.
+    async fn list_exceptions(&self) -> Result<Vec<Exception>>;
+
+    // ----- usage ledger -----
+
+    /// Records issued SVIDs; one already recorded (same kind and serial) is kept as it is.
+    async fn record_issuances(&self, issuances: &[Issuance]) -> Result<()>;
+
+    /// A page of the issuances matching `filter`, newest first. `None` returns them all.
+    async fn list_issuances(
+        &self,
+        filter: &IssuanceFilter,
+        page: Option<PageRequest>,
+    ) -> Result<Page<Issuance>>;
+
+    /// Forgets issuances issued strictly before `issued_before`, returning how many.
+    async fn prune_issuances(&self, issued_before: SystemTime) -> Result<u64>;
+
+    /// Records that `agent_id` served each entry to a workload at the given time; a time
+    /// older than the one stored is ignored.
+    async fn record_served(
+        &self,
+        agent_id: &SpiffeId,
+        served: &[(String, SystemTime)],
+    ) -> Result<()>;
+
+    /// Usage per entry and agent, ordered by entry ID then agent ID: every pair with an
+    /// issuance in the ledger or a report of serving. Only `entry_ids` when not empty.
+    async fn list_usage(&self, entry_ids: &[String]) -> Result<Vec<EntryUsage>>;
 }
 
 /// The error for a record that is not there, naming it.

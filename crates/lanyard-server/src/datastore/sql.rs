@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lanyard_core::bundle::TrustBundle;
+use lanyard_core::policy::Exception;
 use lanyard_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId, TrustDomain};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
@@ -28,14 +29,15 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::convert::{
     BundleRecord, JwtAuthorityRecord, X509AuthorityRecord, checked_bundle, duration_seconds,
-    from_unix_seconds, normalize_agent, normalize_entry, seconds_duration, unix_seconds,
-    whole_second,
+    from_unix_seconds, normalize_agent, normalize_entry, normalize_exception, seconds_duration,
+    unix_seconds, whole_second,
 };
+use super::governance::usage_record;
 use super::{
     AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSubject, Datastore,
-    DatastoreError, EntryFilter, JoinTokenRecord, MatchMode, Page, PageRequest, Result,
-    SelectorFilter, bundle_in_use, merge_bundles, missing_federated_bundle, not_found,
-    revision_conflict,
+    DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
+    JoinTokenRecord, MatchMode, Page, PageRequest, Result, SelectorFilter, bundle_in_use,
+    merge_bundles, missing_federated_bundle, not_found, revision_conflict,
 };
 
 /// The schema migrations, embedded at compile time from `migrations/`.
@@ -229,7 +231,7 @@ macro_rules! entry_columns {
     () => {
         "e.entry_id, e.spiffe_id, e.parent_id, e.selectors, e.federates_with, e.x509_svid_ttl, \
          e.jwt_svid_ttl, e.admin, e.downstream, e.expires_at, e.dns_names, e.revision_number, \
-         e.store_svid, e.hint, e.created_at, e.owner, e.reason, e.ticket"
+         e.store_svid, e.hint, e.created_at, e.owner, e.reason, e.ticket, e.source"
     };
 }
 
@@ -281,6 +283,7 @@ fn entry_from_row(row: &SqliteRow) -> Result<RegistrationEntry> {
         owner: row.try_get("owner")?,
         reason: row.try_get("reason")?,
         ticket: row.try_get("ticket")?,
+        source: row.try_get("source")?,
     })
 }
 
@@ -419,13 +422,13 @@ async fn write_entry(
     let sql = if insert {
         "INSERT INTO registered_entries (spiffe_id, parent_id, selectors, federates_with, \
          x509_svid_ttl, jwt_svid_ttl, admin, downstream, expires_at, dns_names, revision_number, \
-         store_svid, hint, created_at, owner, reason, ticket, entry_id) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+         store_svid, hint, created_at, owner, reason, ticket, source, entry_id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     } else {
         "UPDATE registered_entries SET spiffe_id = ?, parent_id = ?, selectors = ?, \
          federates_with = ?, x509_svid_ttl = ?, jwt_svid_ttl = ?, admin = ?, downstream = ?, \
          expires_at = ?, dns_names = ?, revision_number = ?, store_svid = ?, hint = ?, \
-         created_at = ?, owner = ?, reason = ?, ticket = ? WHERE entry_id = ?"
+         created_at = ?, owner = ?, reason = ?, ticket = ?, source = ? WHERE entry_id = ?"
     };
     let dns_names = serde_json::to_string(&entry.dns_names)
         .map_err(|e| DatastoreError::Backend(e.to_string()))?;
@@ -447,6 +450,7 @@ async fn write_entry(
         .bind(entry.owner.as_deref())
         .bind(entry.reason.as_deref())
         .bind(entry.ticket.as_deref())
+        .bind(entry.source.as_deref())
         .bind(entry.id.as_str())
         .execute(&mut *conn)
         .await?;
@@ -1430,6 +1434,228 @@ impl Datastore for SqlStore {
         .await?;
         tx.commit().await
     }
+
+    async fn create_exception(&self, exception: Exception) -> Result<Exception> {
+        let exception = normalize_exception(exception)?;
+        let mut tx = self.write().await?;
+        let inserted = write_exception(tx.conn(), &exception, true).await?;
+        if inserted == 0 {
+            return Err(DatastoreError::exists(format!(
+                "exception {:?}",
+                exception.id
+            )));
+        }
+        tx.commit().await?;
+        Ok(exception)
+    }
+
+    async fn get_exception(&self, id: &str) -> Result<Option<Exception>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            exception_columns!(),
+            " FROM policy_exceptions WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(exception_from_row)
+        .transpose()
+    }
+
+    async fn update_exception(&self, exception: Exception) -> Result<Exception> {
+        let exception = normalize_exception(exception)?;
+        let mut tx = self.write().await?;
+        if write_exception(tx.conn(), &exception, false).await? == 0 {
+            return Err(not_found("exception", &exception.id));
+        }
+        tx.commit().await?;
+        Ok(exception)
+    }
+
+    async fn list_exceptions(&self) -> Result<Vec<Exception>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            exception_columns!(),
+            " FROM policy_exceptions ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(exception_from_row)
+        .collect()
+    }
+
+    async fn record_issuances(&self, issuances: &[Issuance]) -> Result<()> {
+        if issuances.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write().await?;
+        // SQLite allows 32766 bound parameters per statement; 9 per row.
+        for chunk in issuances.chunks(1000) {
+            let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO issuances (kind, serial, entry_id, spiffe_id, agent_id, \
+                 authority_id, issued_at, not_after, exception_ids) ",
+            );
+            let mut rows = Vec::with_capacity(chunk.len());
+            for issuance in chunk {
+                rows.push((
+                    issuance,
+                    unix_seconds(issuance.issued_at)?,
+                    unix_seconds(issuance.not_after)?,
+                    serde_json::to_string(&issuance.exception_ids)
+                        .map_err(|e| DatastoreError::Backend(e.to_string()))?,
+                ));
+            }
+            builder.push_values(
+                rows,
+                |mut row, (issuance, issued_at, not_after, exceptions)| {
+                    row.push_bind(issuance.kind.as_str())
+                        .push_bind(issuance.serial.clone())
+                        .push_bind(issuance.entry_id.clone())
+                        .push_bind(issuance.spiffe_id.as_str().to_owned())
+                        .push_bind(issuance.agent_id.as_str().to_owned())
+                        .push_bind(issuance.authority_id.clone())
+                        .push_bind(issued_at)
+                        .push_bind(not_after)
+                        .push_bind(exceptions);
+                },
+            );
+            builder.push(" ON CONFLICT (kind, serial) DO NOTHING");
+            builder.build().execute(&mut *tx.conn()).await?;
+        }
+        tx.commit().await
+    }
+
+    async fn list_issuances(
+        &self,
+        filter: &IssuanceFilter,
+        page: Option<PageRequest>,
+    ) -> Result<Page<Issuance>> {
+        let offset = match &page {
+            Some(page) => {
+                page.validate()?;
+                page_offset(page.token.as_deref())?
+            }
+            None => 0,
+        };
+        let mut builder: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT kind, serial, entry_id, spiffe_id, agent_id, authority_id, issued_at, \
+             not_after, exception_ids FROM issuances WHERE 1 = 1",
+        );
+        if let Some(id) = &filter.entry_id {
+            builder.push(" AND entry_id = ").push_bind(id.clone());
+        }
+        if let Some(id) = &filter.spiffe_id {
+            builder
+                .push(" AND spiffe_id = ")
+                .push_bind(id.as_str().to_owned());
+        }
+        if let Some(id) = &filter.agent_id {
+            builder
+                .push(" AND agent_id = ")
+                .push_bind(id.as_str().to_owned());
+        }
+        if let Some(id) = &filter.authority_id {
+            builder.push(" AND authority_id = ").push_bind(id.clone());
+        }
+        if let Some(instant) = filter.valid_after {
+            builder
+                .push(" AND not_after > ")
+                .push_bind(unix_seconds(instant)?);
+        }
+        builder.push(" ORDER BY issued_at DESC, kind, serial");
+        if let Some(page) = &page {
+            builder
+                .push(" LIMIT ")
+                .push_bind(i64::from(page.size) + 1)
+                .push(" OFFSET ")
+                .push_bind(offset);
+        }
+        let rows = builder.build().fetch_all(&self.pool).await?;
+        let mut issuances = rows
+            .iter()
+            .map(issuance_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let next = match &page {
+            Some(page) if issuances.len() > page.size as usize => {
+                issuances.truncate(page.size as usize);
+                Some((offset + i64::from(page.size)).to_string())
+            }
+            _ => None,
+        };
+        Ok((issuances, next))
+    }
+
+    async fn prune_issuances(&self, issued_before: SystemTime) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let done = sqlx::query("DELETE FROM issuances WHERE issued_at < ?")
+            .bind(unix_seconds(issued_before)?)
+            .execute(&mut *tx.conn())
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn record_served(
+        &self,
+        agent_id: &SpiffeId,
+        served: &[(String, SystemTime)],
+    ) -> Result<()> {
+        if served.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write().await?;
+        for (entry_id, at) in served {
+            sqlx::query(
+                "INSERT INTO entry_usage (entry_id, agent_id, last_served_at) VALUES (?, ?, ?) \
+                 ON CONFLICT (entry_id, agent_id) DO UPDATE \
+                 SET last_served_at = MAX(last_served_at, excluded.last_served_at)",
+            )
+            .bind(entry_id)
+            .bind(agent_id.as_str())
+            .bind(unix_seconds(*at)?)
+            .execute(&mut *tx.conn())
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    async fn list_usage(&self, entry_ids: &[String]) -> Result<Vec<EntryUsage>> {
+        let mut issued: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT entry_id, agent_id, MAX(issued_at) AS last, COUNT(*) AS n FROM issuances \
+             WHERE entry_id != ''",
+        );
+        let mut served: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT entry_id, agent_id, last_served_at FROM entry_usage WHERE 1 = 1",
+        );
+        if !entry_ids.is_empty() {
+            for builder in [&mut issued, &mut served] {
+                builder.push(" AND entry_id IN (");
+                let mut list = builder.separated(", ");
+                for id in entry_ids {
+                    list.push_bind(id.clone());
+                }
+                builder.push(")");
+            }
+        }
+        issued.push(" GROUP BY entry_id, agent_id");
+        let mut usage = std::collections::BTreeMap::<(String, String), EntryUsage>::new();
+        let mut tx = self.pool.begin().await?;
+        for row in issued.build().fetch_all(&mut *tx).await? {
+            let key: (String, String) = (row.try_get("entry_id")?, row.try_get("agent_id")?);
+            let record = usage_record(&mut usage, key);
+            record.last_issued_at = Some(from_unix_seconds(row.try_get("last")?)?);
+            record.issued = count(row.try_get("n")?)?;
+        }
+        for row in served.build().fetch_all(&mut *tx).await? {
+            let key: (String, String) = (row.try_get("entry_id")?, row.try_get("agent_id")?);
+            usage_record(&mut usage, key).last_served_at =
+                Some(from_unix_seconds(row.try_get("last_served_at")?)?);
+        }
+        tx.commit().await?;
+        Ok(usage.into_values().collect())
+    }
 }
 
 impl SqlStore {
@@ -1454,5 +1680,105 @@ impl SqlStore {
         .await?;
         tx.commit().await?;
         Ok(agent)
+    }
+}
+
+macro_rules! exception_columns {
+    () => {
+        "id, owner, reason, ticket, rules, entry_ids, spiffe_id_pattern, expires_at, \
+         created_at, created_by, revoked_at"
+    };
+}
+use exception_columns;
+
+/// Inserts (`insert`) or replaces the exception's row; returns the rows written.
+async fn write_exception(
+    conn: &mut SqliteConnection,
+    exception: &Exception,
+    insert: bool,
+) -> Result<u64> {
+    let sql = if insert {
+        "INSERT INTO policy_exceptions (owner, reason, ticket, rules, entry_ids, \
+         spiffe_id_pattern, expires_at, created_at, created_by, revoked_at, id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+    } else {
+        "UPDATE policy_exceptions SET owner = ?, reason = ?, ticket = ?, rules = ?, \
+         entry_ids = ?, spiffe_id_pattern = ?, expires_at = ?, created_at = ?, \
+         created_by = ?, revoked_at = ? WHERE id = ?"
+    };
+    let json = |set: &std::collections::BTreeSet<String>| {
+        serde_json::to_string(set).map_err(|e| DatastoreError::Backend(e.to_string()))
+    };
+    let done = sqlx::query(sql)
+        .bind(exception.owner.as_str())
+        .bind(exception.reason.as_str())
+        .bind(exception.ticket.as_deref())
+        .bind(json(&exception.rules)?)
+        .bind(json(&exception.entry_ids)?)
+        .bind(exception.spiffe_id_pattern.as_deref())
+        .bind(unix_seconds(exception.expires_at)?)
+        .bind(unix_seconds(exception.created_at)?)
+        .bind(exception.created_by.as_str())
+        .bind(exception.revoked_at.map(unix_seconds).transpose()?)
+        .bind(exception.id.as_str())
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+fn exception_from_row(row: &SqliteRow) -> Result<Exception> {
+    let rules: String = row.try_get("rules")?;
+    let entry_ids: String = row.try_get("entry_ids")?;
+    Ok(Exception {
+        id: row.try_get("id")?,
+        owner: row.try_get("owner")?,
+        reason: row.try_get("reason")?,
+        ticket: row.try_get("ticket")?,
+        rules: serde_json::from_str(&rules).map_err(|e| corrupt("exception rules", e))?,
+        entry_ids: serde_json::from_str(&entry_ids)
+            .map_err(|e| corrupt("exception entry_ids", e))?,
+        spiffe_id_pattern: row.try_get("spiffe_id_pattern")?,
+        expires_at: from_unix_seconds(row.try_get("expires_at")?)?,
+        created_at: from_unix_seconds(row.try_get("created_at")?)?,
+        created_by: row.try_get("created_by")?,
+        revoked_at: row
+            .try_get::<Option<i64>, _>("revoked_at")?
+            .map(from_unix_seconds)
+            .transpose()?,
+    })
+}
+
+fn issuance_from_row(row: &SqliteRow) -> Result<Issuance> {
+    let kind: String = row.try_get("kind")?;
+    let spiffe_id: String = row.try_get("spiffe_id")?;
+    let agent_id: String = row.try_get("agent_id")?;
+    let exception_ids: String = row.try_get("exception_ids")?;
+    Ok(Issuance {
+        kind: IssuanceKind::parse(&kind)?,
+        serial: row.try_get("serial")?,
+        entry_id: row.try_get("entry_id")?,
+        spiffe_id: spiffe_id
+            .parse()
+            .map_err(|e| corrupt("issuance spiffe_id", e))?,
+        agent_id: agent_id
+            .parse()
+            .map_err(|e| corrupt("issuance agent_id", e))?,
+        authority_id: row.try_get("authority_id")?,
+        issued_at: from_unix_seconds(row.try_get("issued_at")?)?,
+        not_after: from_unix_seconds(row.try_get("not_after")?)?,
+        exception_ids: serde_json::from_str(&exception_ids)
+            .map_err(|e| corrupt("issuance exception_ids", e))?,
+    })
+}
+
+/// The row offset a page token stands for (the empty or absent token is the first page).
+fn page_offset(token: Option<&str>) -> Result<i64> {
+    match token {
+        None | Some("") => Ok(0),
+        Some(token) => token
+            .parse::<i64>()
+            .ok()
+            .filter(|offset| *offset >= 0)
+            .ok_or_else(|| DatastoreError::Invalid(format!("page token {token:?}"))),
     }
 }

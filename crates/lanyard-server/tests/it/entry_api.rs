@@ -987,6 +987,7 @@ fn metadata(entry_id: &str, owner: &str, reason: &str, ticket: &str) -> EntryMet
         owner: owner.to_owned(),
         reason: reason.to_owned(),
         ticket: ticket.to_owned(),
+        source: String::new(),
     }
 }
 

@@ -274,6 +274,7 @@ async fn an_entry_that_fails_the_policy_authorizes_nothing_until_it_passes() {
             owner: "team-a".into(),
             reason: String::new(),
             ticket: String::new(),
+            source: String::new(),
         }],
     })
     .await

@@ -287,6 +287,7 @@ impl MetadataSpec {
             owner: pick(&self.owner, existing.map(|m| &m.owner)),
             reason: pick(&self.reason, existing.map(|m| &m.reason)),
             ticket: pick(&self.ticket, existing.map(|m| &m.ticket)),
+            source: existing.map(|m| m.source.clone()).unwrap_or_default(),
         }
     }
 

@@ -301,6 +301,7 @@ pub(crate) mod tests {
             owner: "team-web".into(),
             reason: "serves the storefront".into(),
             ticket: "CHG-42".into(),
+            source: String::new(),
         }
     }
 
