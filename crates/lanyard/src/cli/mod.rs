@@ -5,13 +5,17 @@
 mod agent;
 mod bundle;
 mod client;
+mod declare;
 mod dev;
 mod entry;
+mod exception;
+mod grant;
 mod health;
 mod logging;
 mod output;
 mod parse;
 mod policy;
+mod report;
 mod server;
 mod svid;
 mod token;
@@ -72,6 +76,19 @@ pub(crate) enum Command {
     /// Verify the tamper-evident audit log.
     #[command(subcommand)]
     Audit(policy::AuditCommand),
+    /// Create, list, show, extend and revoke exceptions to the policy.
+    #[command(subcommand)]
+    Exception(exception::ExceptionCommand),
+    /// Create and revoke just-in-time grants: entries that end on their own.
+    #[command(subcommand)]
+    Grant(grant::GrantCommand),
+    /// Show what `apply` would change to reach a declared entries file.
+    Plan(declare::PlanArgs),
+    /// Reconcile the server's entries with a declared entries file.
+    Apply(declare::ApplyArgs),
+    /// Governance reports: stale, expiring, exceptions, ownerless, usage, holders.
+    #[command(subcommand)]
+    Report(report::ReportCommand),
 }
 
 impl Command {
@@ -89,6 +106,11 @@ impl Command {
             Self::Validate(command) => ("validate", command.name()),
             Self::Policy(command) => ("policy", command.name()),
             Self::Audit(command) => ("audit", command.name()),
+            Self::Exception(command) => ("exception", command.name()),
+            Self::Grant(command) => ("grant", command.name()),
+            Self::Report(command) => ("report", command.name()),
+            Self::Plan(_) => return "plan".to_owned(),
+            Self::Apply(_) => return "apply".to_owned(),
             Self::Watch(_) => return "watch".to_owned(),
             Self::Dev(_) => return "dev".to_owned(),
         };
@@ -113,6 +135,11 @@ impl Command {
             Self::Dev(args) => dev::run(args, out).await,
             Self::Policy(command) => command.run(out).await,
             Self::Audit(command) => command.run(out).await,
+            Self::Exception(command) => command.run(out).await,
+            Self::Grant(command) => command.run(out).await,
+            Self::Plan(args) => declare::plan(args, out).await,
+            Self::Apply(args) => declare::apply(args, out).await,
+            Self::Report(command) => command.run(out).await,
         }
     }
 }

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 pub(crate) struct RunningServer {
     child: Child,
     pub(crate) socket: PathBuf,
+    /// The server's `data_dir` (its datastore is `datastore.sqlite3` there).
+    #[allow(dead_code)]
+    pub(crate) data_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -25,15 +28,21 @@ fn lanyard(args: &[&str]) -> std::process::Output {
 }
 
 pub(crate) fn start_server() -> RunningServer {
-    let dir = tempfile::tempdir().unwrap();
+    start_server_with(tempfile::tempdir().unwrap(), "")
+}
+
+/// Starts a server on `dir` with `extra` appended to its config (after the top-level keys,
+/// so it may open tables such as `[policy]`). Whatever is already in `dir/data` (a seeded
+/// datastore) is used.
+pub(crate) fn start_server_with(dir: tempfile::TempDir, extra: &str) -> RunningServer {
     let socket = dir.path().join("admin").join("api.sock");
     let config = dir.path().join("server.toml");
+    let data_dir = dir.path().join("data");
     std::fs::write(
         &config,
         format!(
-            "trust_domain = \"example.org\"\nbind_address = \"127.0.0.1:0\"\nsocket_path = {:?}\ndata_dir = {:?}\n",
-            socket,
-            dir.path().join("data"),
+            "trust_domain = \"example.org\"\nbind_address = \"127.0.0.1:0\"\nsocket_path = {:?}\ndata_dir = {:?}\n{extra}",
+            socket, data_dir,
         ),
     )
     .unwrap();
@@ -47,6 +56,7 @@ pub(crate) fn start_server() -> RunningServer {
     let server = RunningServer {
         child,
         socket,
+        data_dir,
         _dir: dir,
     };
     wait_healthy(&server.socket);
