@@ -7,6 +7,9 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow};
 use clap::Args;
 use lanyard_proto::lanyard::api::v1::entry_metadata_service_client::EntryMetadataServiceClient;
+use lanyard_proto::lanyard::api::v1::exception_service_client::ExceptionServiceClient;
+use lanyard_proto::lanyard::api::v1::governed_entry_service_client::GovernedEntryServiceClient;
+use lanyard_proto::lanyard::api::v1::usage_service_client::UsageServiceClient;
 use lanyard_proto::spire::api::server::agent::v1::agent_client::AgentClient;
 use lanyard_proto::spire::api::server::bundle::v1::bundle_client::BundleClient;
 use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
@@ -76,6 +79,21 @@ impl ServerClient {
 
     pub(crate) fn entry_metadata(&self) -> EntryMetadataServiceClient<Channel> {
         EntryMetadataServiceClient::new(self.channel.clone())
+    }
+
+    #[allow(dead_code)] // Used by the governance commands as they land.
+    pub(crate) fn governed_entry(&self) -> GovernedEntryServiceClient<Channel> {
+        GovernedEntryServiceClient::new(self.channel.clone())
+    }
+
+    #[allow(dead_code)]
+    pub(crate) fn exception(&self) -> ExceptionServiceClient<Channel> {
+        ExceptionServiceClient::new(self.channel.clone())
+    }
+
+    #[allow(dead_code)]
+    pub(crate) fn usage(&self) -> UsageServiceClient<Channel> {
+        UsageServiceClient::new(self.channel.clone())
     }
 
     pub(crate) fn agent(&self) -> AgentClient<Channel> {

@@ -5,10 +5,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod declare;
 mod dev;
+mod exceptions;
 mod fake_server;
 mod governance;
 mod real_server;
+mod report;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,0 +1,1 @@
+//! `lanyard plan|apply` against a real server.

@@ -1,0 +1,1 @@
+//! `lanyard report` on a seeded datastore.
