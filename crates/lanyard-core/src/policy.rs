@@ -159,6 +159,9 @@ pub struct EntryView {
     pub ticket: Option<String>,
     /// When the entry expires (Unix seconds), if it does.
     pub expires_at: Option<u64>,
+    /// What created it (a declared file's label, `grant`), if known.
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 impl EntryView {
@@ -189,6 +192,7 @@ impl EntryView {
             reason: entry.reason.clone(),
             ticket: entry.ticket.clone(),
             expires_at: entry.expires_at.map(unix_seconds),
+            source: entry.source.clone(),
         }
     }
 }
@@ -246,6 +250,7 @@ impl EntryInput {
                 reason: None,
                 ticket: None,
                 expires_at: None,
+                source: None,
             },
             exceptions: Vec::new(),
         }

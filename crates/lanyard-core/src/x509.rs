@@ -401,6 +401,15 @@ impl X509Ca {
         self.not_after
     }
 
+    /// The authority's ID as SPIRE shows it: the lowercase hex of the CA certificate's
+    /// subject key identifier, or its SHA-1 fingerprint when it has none.
+    pub fn authority_id(&self) -> String {
+        match &self.subject_key_id {
+            Some(id) => hex_lower(id),
+            None => fingerprint_sha1_hex(&self.cert),
+        }
+    }
+
     /// The trust domain named by the CA's URI SAN, if it has one.
     pub fn trust_domain(&self) -> Option<&TrustDomain> {
         self.trust_domain.as_ref()

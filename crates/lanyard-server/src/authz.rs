@@ -179,16 +179,18 @@ impl AuthorizationIndex {
         found.into_values().collect()
     }
 
-    /// Whether some unexpired entry with SPIFFE ID `id` satisfies `flag` (e.g. is `admin`).
-    pub fn has_flagged_entry(
+    /// The unexpired entries with SPIFFE ID `id` that satisfy `flag` (e.g. are `admin`).
+    pub fn flagged_entries(
         &self,
         id: &SpiffeId,
         now: SystemTime,
         flag: impl Fn(&RegistrationEntry) -> bool,
-    ) -> bool {
+    ) -> Vec<Arc<RegistrationEntry>> {
         self.entries
             .values()
-            .any(|e| &e.spiffe_id == id && !e.is_expired(now) && flag(e))
+            .filter(|e| &e.spiffe_id == id && !e.is_expired(now) && flag(e))
+            .cloned()
+            .collect()
     }
 
     /// The entry, if the agent is authorized for it at `now`.

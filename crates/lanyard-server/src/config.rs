@@ -20,6 +20,9 @@ pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Default JWT-SVID lifetime.
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
 
+/// How long the usage ledger keeps issuance records by default.
+pub const DEFAULT_LEDGER_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -108,6 +111,9 @@ pub struct ServerConfig {
     /// Policy as code; without it every entry that passes validation is allowed.
     #[serde(default)]
     pub policy: Option<PolicyConfig>,
+    /// How long the usage ledger keeps each issuance record.
+    #[serde(default = "default_ledger_retention", with = "duration")]
+    pub ledger_retention: Duration,
 }
 
 /// `[policy]`: the Rego policy every entry must pass at issuance.
@@ -276,6 +282,7 @@ impl ServerConfig {
             node_attestor: NodeAttestorConfig::default(),
             audit_log_path: None,
             policy: None,
+            ledger_retention: DEFAULT_LEDGER_RETENTION,
         }
     }
 
@@ -294,6 +301,7 @@ impl ServerConfig {
         positive("ca_ttl", self.ca_ttl)?;
         positive("default_x509_svid_ttl", self.default_x509_svid_ttl)?;
         positive("default_jwt_svid_ttl", self.default_jwt_svid_ttl)?;
+        positive("ledger_retention", self.ledger_retention)?;
         if let Some(ttl) = self.agent_ttl {
             positive("agent_ttl", ttl)?;
         }
@@ -381,6 +389,9 @@ fn default_x509_svid_ttl() -> Duration {
 }
 fn default_jwt_svid_ttl() -> Duration {
     DEFAULT_JWT_SVID_TTL
+}
+fn default_ledger_retention() -> Duration {
+    DEFAULT_LEDGER_RETENTION
 }
 fn default_log_level() -> String {
     "info".to_owned()

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod config;
 pub mod datastore;
 pub mod keymanager;
+pub mod ledger;
 pub mod policy;
 pub mod server;
 pub mod state;

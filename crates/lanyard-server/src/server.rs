@@ -19,8 +19,11 @@ use tonic::transport::server::Router;
 use crate::api::agent::AgentService;
 use crate::api::bundle::BundleService;
 use crate::api::entry::EntryService;
+use crate::api::exception::ExceptionService;
+use crate::api::governed::GovernedEntryService;
 use crate::api::metadata::EntryMetadataService;
 use crate::api::svid::SvidService;
+use crate::api::usage::UsageService;
 use crate::ca::{CaConfig, CaError, CaManager};
 use crate::config::{DatastoreKind, KeyManagerKind, ServerConfig};
 use crate::datastore::{Datastore, DatastoreError, MemoryStore, SqlStore};
@@ -122,9 +125,11 @@ impl Server {
             Some(policy) => Some(Arc::new(crate::policy::PolicyHolder::load(&policy.path)?)),
             None => None,
         };
+        let (ledger, ledger_queue) = crate::ledger::Ledger::new();
         let mut state = ServerState::new(config, store, Arc::clone(&ca), clock)
             .await?
-            .with_audit_log(audit);
+            .with_audit_log(audit)
+            .with_ledger(ledger);
         if let Some(policy) = &policy {
             state = state.with_policy(Arc::clone(policy));
         }
@@ -177,6 +182,11 @@ impl Server {
                 let _ = policy_stopped.wait_for(|s| *s).await;
             }));
         }
+        tasks.spawn(crate::ledger::run(
+            ledger_queue,
+            Arc::clone(&state.store),
+            stopped.clone(),
+        ));
         tasks.spawn(rotate(Arc::clone(&state), server_svid, stopped));
 
         tracing::info!(
@@ -239,6 +249,9 @@ fn routes(state: &Arc<ServerState>, x509pop_anchors: Option<Vec<Vec<u8>>>) -> Ro
         .add_service(SvidServer::new(SvidService::new(Arc::clone(state))))
         .add_service(BundleServer::new(BundleService::new(Arc::clone(state))))
         .add_service(EntryMetadataService::new(Arc::clone(state)).into_server())
+        .add_service(GovernedEntryService::new(Arc::clone(state)).into_server())
+        .add_service(ExceptionService::new(Arc::clone(state)).into_server())
+        .add_service(UsageService::new(Arc::clone(state)).into_server())
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<Vec<u8>>, ServerError> {
@@ -360,6 +373,18 @@ async fn rotate(
         }
         if let Err(error) = state.store.prune_join_tokens(now).await {
             tracing::warn!(%error, "pruning join tokens failed");
+        }
+        // Exceptions written through another server sharing the datastore.
+        if let Err(error) = state.reload_exceptions().await {
+            tracing::warn!(%error, "reloading exceptions failed");
+        }
+        let retention = state.config.ledger_retention;
+        if let Some(cutoff) = now.checked_sub(retention) {
+            match state.store.prune_issuances(cutoff).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::debug!(pruned, "pruned issuance records past retention"),
+                Err(error) => tracing::warn!(%error, "pruning the usage ledger failed"),
+            }
         }
     }
 }

@@ -2,18 +2,24 @@
 //! and the clock.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lanyard_core::policy::{EntryInput, EntryView, Operation, describe_violations, unix_seconds};
+use lanyard_core::policy::{
+    CallerInput, Decision, EntryInput, EntryView, Exception, Operation, covering_exceptions,
+    describe_violations, unix_seconds,
+};
 
 use lanyard_core::{EntryId, RegistrationEntry, SpiffeId, TrustBundle, TrustDomain};
 
+use crate::api::{ApiError, Caller};
 use crate::audit::AuditLog;
 use crate::authz::AuthorizationIndex;
 use crate::ca::CaManager;
 use crate::config::ServerConfig;
-use crate::datastore::Datastore;
+use crate::datastore::{Datastore, Issuance};
+use crate::ledger::Ledger;
 use crate::policy::PolicyHolder;
 
 /// A source of the current time; tests substitute a controllable one.
@@ -37,19 +43,27 @@ pub struct ServerState {
     audit: Option<AuditLog>,
     policy: Option<Arc<PolicyHolder>>,
     decisions: Mutex<HashMap<EntryId, CachedDecision>>,
+    exceptions: RwLock<Arc<Vec<Exception>>>,
+    exceptions_generation: AtomicU64,
+    ledger: Option<Ledger>,
 }
 
 /// How long a policy decision about an entry is reused while neither the entry nor the
 /// policy changes. Rules may depend on the time (an expiry cap), so decisions age out.
 const DECISION_TTL: Duration = Duration::from_secs(30);
 
-/// A policy decision about one revision of an entry under one policy generation.
-#[derive(Debug, Clone, Copy)]
+/// A policy decision about one revision of an entry under one policy generation and one
+/// set of exceptions.
+#[derive(Debug, Clone)]
 struct CachedDecision {
     revision: i64,
     generation: u64,
+    exceptions_generation: u64,
     passes: bool,
-    decided_at: SystemTime,
+    exceptions_used: Arc<[String]>,
+    /// When the decision must be made again: [`DECISION_TTL`] after it was made, or when
+    /// the first exception it relies on lapses, whichever comes first.
+    valid_until: SystemTime,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -86,6 +100,7 @@ impl ServerState {
             }
         }
         let index = AuthorizationIndex::build(config.trust_domain.server_id(), entries, agents);
+        let exceptions = store.list_exceptions().await?;
         Ok(Self {
             config,
             store,
@@ -95,7 +110,107 @@ impl ServerState {
             audit: None,
             policy: None,
             decisions: Mutex::new(HashMap::new()),
+            exceptions: RwLock::new(Arc::new(exceptions)),
+            exceptions_generation: AtomicU64::new(0),
+            ledger: None,
         })
+    }
+
+    /// Records every issuance in `ledger` from now on.
+    pub fn with_ledger(mut self, ledger: Ledger) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// Queues an issuance for the usage ledger, if the server keeps one.
+    pub fn record_issuance(&self, issuance: Issuance) {
+        if let Some(ledger) = &self.ledger {
+            ledger.record(issuance);
+        }
+    }
+
+    /// Every exception the server knows, active or not, as of the last reload.
+    pub fn exceptions(&self) -> Arc<Vec<Exception>> {
+        Arc::clone(&self.exceptions.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Re-reads the exceptions from the datastore (after a write, and periodically, so that
+    /// changes made through another server sharing the datastore apply too). Decisions made
+    /// under the old set are not reused.
+    pub async fn reload_exceptions(&self) -> Result<(), crate::datastore::DatastoreError> {
+        let fresh = self.store.list_exceptions().await?;
+        let mut current = self.exceptions.write().unwrap_or_else(|e| e.into_inner());
+        if **current != fresh {
+            *current = Arc::new(fresh);
+            self.exceptions_generation.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// The policy's input for `entry`: the entry with the server's default TTLs and the
+    /// active exceptions that cover it.
+    fn entry_input(
+        &self,
+        entry: &RegistrationEntry,
+        operation: Operation,
+        caller: Option<CallerInput>,
+        now: SystemTime,
+    ) -> EntryInput {
+        let exceptions = self.exceptions();
+        EntryInput {
+            operation,
+            now: unix_seconds(now),
+            caller,
+            entry: EntryView::new(
+                entry,
+                self.config.default_x509_svid_ttl,
+                self.config.default_jwt_svid_ttl,
+            ),
+            exceptions: covering_exceptions(
+                exceptions.iter(),
+                entry.id.as_str(),
+                entry.spiffe_id.as_str(),
+                now,
+            ),
+        }
+    }
+
+    /// Judges an entry about to be written by `caller`. Without a policy every entry passes.
+    /// Returns the IDs of the exceptions it passes under; a refusal is `InvalidArgument`
+    /// naming each broken rule and its fix.
+    pub fn check_entry_write(
+        &self,
+        entry: &RegistrationEntry,
+        operation: Operation,
+        caller: &Caller,
+    ) -> Result<Vec<String>, ApiError> {
+        let Some(policy) = &self.policy else {
+            return Ok(Vec::new());
+        };
+        let input = self.entry_input(entry, operation, Some(caller_input(caller)), self.now());
+        let decision: Decision = policy
+            .current()
+            .evaluate_entry(&input)
+            .map_err(|e| ApiError::Internal(format!("the policy failed to evaluate: {e}")))?;
+        if decision.passes() {
+            Ok(decision.exceptions_used())
+        } else {
+            Err(ApiError::InvalidArgument(format!(
+                "entry violates policy: {}",
+                describe_violations(&decision.violations)
+            )))
+        }
+    }
+
+    /// The exceptions `entry` passed the policy under at its last issuance decision.
+    pub fn exceptions_used(&self, entry: &RegistrationEntry) -> Vec<String> {
+        self.decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&entry.id)
+            .filter(|cached| cached.revision == entry.revision_number)
+            .map(|cached| cached.exceptions_used.to_vec())
+            .unwrap_or_default()
     }
 
     /// Records audit events in `log` from now on (without one, they are only traced).
@@ -199,7 +314,8 @@ impl ServerState {
     }
 
     /// Whether `entry` passes the policy at `now`, reusing a recent decision about the same
-    /// revision under the same policy. A policy that fails to evaluate fails closed.
+    /// revision under the same policy and exceptions. A policy that fails to evaluate fails
+    /// closed.
     fn passes_policy(
         &self,
         policy: &PolicyHolder,
@@ -207,6 +323,7 @@ impl ServerState {
         now: SystemTime,
     ) -> bool {
         let generation = policy.generation();
+        let exceptions_generation = self.exceptions_generation.load(Ordering::Acquire);
         // The lock covers the lookup and the insert, not the evaluation: syncs of many
         // agents evaluate in parallel (two may decide the same entry at once; both agree).
         let cached = self
@@ -214,29 +331,20 @@ impl ServerState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&entry.id)
-            .copied();
+            .cloned();
         if let Some(cached) = cached {
-            let fresh = now
-                .duration_since(cached.decided_at)
-                .is_ok_and(|age| age < DECISION_TTL);
-            if cached.revision == entry.revision_number && cached.generation == generation && fresh
+            let fresh = now < cached.valid_until;
+            if cached.revision == entry.revision_number
+                && cached.generation == generation
+                && cached.exceptions_generation == exceptions_generation
+                && fresh
             {
                 return cached.passes;
             }
         }
-        let input = EntryInput {
-            operation: Operation::Issue,
-            now: unix_seconds(now),
-            caller: None,
-            entry: EntryView::new(
-                entry,
-                self.config.default_x509_svid_ttl,
-                self.config.default_jwt_svid_ttl,
-            ),
-            exceptions: Vec::new(),
-        };
-        let passes = match policy.current().evaluate_entry(&input) {
-            Ok(decision) if decision.passes() => true,
+        let input = self.entry_input(entry, Operation::Issue, None, now);
+        let (passes, exceptions_used) = match policy.current().evaluate_entry(&input) {
+            Ok(decision) if decision.passes() => (true, decision.exceptions_used()),
             Ok(decision) => {
                 tracing::warn!(
                     entry_id = %entry.id,
@@ -244,41 +352,77 @@ impl ServerState {
                     "the entry fails the policy and authorizes nothing: {}",
                     describe_violations(&decision.violations)
                 );
-                false
+                (false, Vec::new())
             }
             Err(error) => {
                 tracing::error!(entry_id = %entry.id, "the policy failed to evaluate, so the entry authorizes nothing: {error}");
-                false
+                (false, Vec::new())
             }
         };
-        self.decisions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                entry.id.clone(),
-                CachedDecision {
-                    revision: entry.revision_number,
-                    generation,
-                    passes,
-                    decided_at: now,
-                },
-            );
+        // An exception's expiry is a deadline for the decision too.
+        let valid_until = input
+            .exceptions
+            .iter()
+            .filter(|exception| exceptions_used.contains(&exception.id))
+            .map(|exception| UNIX_EPOCH + Duration::from_secs(exception.expires_at))
+            .fold(now + DECISION_TTL, SystemTime::min);
+        let mut decisions = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        decisions.insert(
+            entry.id.clone(),
+            CachedDecision {
+                revision: entry.revision_number,
+                generation,
+                exceptions_generation,
+                passes,
+                exceptions_used: exceptions_used.into(),
+                valid_until,
+            },
+        );
         passes
     }
 
     /// Whether `id` is an admin: listed in `admin_ids`, or the SPIFFE ID of an unexpired
-    /// entry marked `admin`.
+    /// entry marked `admin` that passes the policy.
     pub fn is_admin_id(&self, id: &SpiffeId) -> bool {
         if self.config.admin_ids.contains(id) {
             return true;
         }
-        let now = self.now();
-        self.index().has_flagged_entry(id, now, |e| e.admin)
+        self.has_passing_flagged_entry(id, |e| e.admin)
     }
 
-    /// Whether `id` is the SPIFFE ID of an unexpired entry marked `downstream`.
+    /// Whether `id` is the SPIFFE ID of an unexpired entry marked `downstream` that passes
+    /// the policy.
     pub fn is_downstream_id(&self, id: &SpiffeId) -> bool {
+        self.has_passing_flagged_entry(id, |e| e.downstream)
+    }
+
+    fn has_passing_flagged_entry(
+        &self,
+        id: &SpiffeId,
+        flag: impl Fn(&RegistrationEntry) -> bool,
+    ) -> bool {
         let now = self.now();
-        self.index().has_flagged_entry(id, now, |e| e.downstream)
+        let flagged = self.index().flagged_entries(id, now, flag);
+        match &self.policy {
+            None => !flagged.is_empty(),
+            Some(policy) => flagged
+                .iter()
+                .any(|entry| self.passes_policy(policy, entry, now)),
+        }
+    }
+}
+
+/// What the policy sees of `caller`.
+pub fn caller_input(caller: &Caller) -> CallerInput {
+    match caller {
+        Caller::Local { .. } => CallerInput {
+            id: None,
+            local: true,
+        },
+        Caller::Svid(svid) => CallerInput {
+            id: Some(svid.id.to_string()),
+            local: false,
+        },
+        Caller::Anonymous => CallerInput::default(),
     }
 }

@@ -21,7 +21,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{ApiError, Authorizer, Caller, permission_denied};
 use crate::datastore::{
-    AgentFilter, AttestedAgent, DatastoreError, MatchMode, PageRequest, SelectorFilter,
+    AgentFilter, AttestedAgent, DatastoreError, Issuance, IssuanceKind, MatchMode, PageRequest,
+    SelectorFilter,
 };
 use crate::state::ServerState;
 
@@ -72,8 +73,22 @@ impl AgentService {
             csr.public_key_der().to_vec(),
             self.state.config.agent_ttl(),
         );
-        ca.mint_svid(&params, self.state.now())
-            .map_err(|e| ApiError::Internal(format!("signing agent SVID: {e}")))
+        let now = self.state.now();
+        let svid = ca
+            .mint_svid(&params, now)
+            .map_err(|e| ApiError::Internal(format!("signing agent SVID: {e}")))?;
+        self.state.record_issuance(Issuance {
+            kind: IssuanceKind::AgentSvid,
+            serial: svid.serial().to_owned(),
+            entry_id: String::new(),
+            spiffe_id: agent_id.clone(),
+            agent_id: agent_id.clone(),
+            authority_id: ca.authority_id(),
+            issued_at: now,
+            not_after: svid.not_after(),
+            exception_ids: Vec::new(),
+        });
+        Ok(svid)
     }
 
     /// Runs the attestation exchange and returns the result to send.

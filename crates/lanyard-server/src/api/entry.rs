@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
+use lanyard_core::policy::{Operation, unix_seconds};
 use lanyard_core::{EntryId, RegistrationEntry, SpiffeId, TrustDomain};
 use lanyard_proto::convert::{
     entry_from_proto, entry_id_from_proto, entry_mask_all, entry_to_proto, entry_update_from_proto,
@@ -99,7 +100,10 @@ impl EntryService {
 
     /// Parses and checks an entry to create. The server assigns `created_at` and the revision
     /// (0), and an ID when the client gave none.
-    fn entry_to_create(&self, proto: &types::Entry) -> Result<RegistrationEntry, ApiError> {
+    pub(crate) fn entry_to_create(
+        &self,
+        proto: &types::Entry,
+    ) -> Result<RegistrationEntry, ApiError> {
         let mut input = entry_from_proto(proto).map_err(|e| convert_failed(&e))?;
         input.created_at = None;
         input.revision_number = 0;
@@ -108,6 +112,58 @@ impl EntryService {
             .validate(self.trust_domain())
             .map_err(|e| convert_failed(&e))?;
         Ok(entry)
+    }
+
+    /// Stores a new entry that the policy lets `caller` create, applies it to the index and
+    /// audits it. Returns the stored entry and the exceptions it passed under; on a
+    /// duplicate, the error comes with the similar entry already stored.
+    pub(crate) async fn create_checked(
+        &self,
+        caller: &Caller,
+        entry: RegistrationEntry,
+        method: &str,
+    ) -> Result<(RegistrationEntry, Vec<String>), (ApiError, Option<RegistrationEntry>)> {
+        let exception_ids = self
+            .state
+            .check_entry_write(&entry, Operation::Create, caller)
+            .map_err(|error| (error, None))?;
+        match self.state.store.create_entry(entry.clone()).await {
+            Ok(created) => {
+                self.state.entry_written(&created);
+                self.state.audit(
+                    &caller.describe(),
+                    "entry created",
+                    serde_json::json!({
+                        "method": method,
+                        "entry_id": created.id.as_str(),
+                        "spiffe_id": created.spiffe_id.to_string(),
+                        "parent_id": created.parent_id.to_string(),
+                        "owner": created.owner,
+                        "source": created.source,
+                        "expires_at": created.expires_at.map(unix_seconds),
+                        "exception_ids": exception_ids,
+                    }),
+                );
+                Ok((created, exception_ids))
+            }
+            Err(error) => Err(match error.existing_entry() {
+                // SPIRE answers a duplicate with the entry that is already registered.
+                Some(existing) if existing.is_similar(&entry) => (
+                    ApiError::AlreadyExists("similar entry already exists".to_owned()),
+                    Some(existing.clone()),
+                ),
+                // The client chose an ID that a different entry has: nothing to hand back
+                // that the client asked for.
+                Some(_) => (
+                    ApiError::AlreadyExists(format!(
+                        "an entry with id {:?} already exists",
+                        entry.id.as_str()
+                    )),
+                    None,
+                ),
+                None => (ApiError::from(error), None),
+            }),
+        }
     }
 
     async fn create_one(
@@ -120,42 +176,14 @@ impl EntryService {
             Ok(entry) => entry,
             Err(error) => return create_failed(&error),
         };
-        match self.state.store.create_entry(entry.clone()).await {
-            Ok(created) => {
-                self.state.entry_written(&created);
-                self.state.audit(
-                    &caller.describe(),
-                    "entry created",
-                    serde_json::json!({
-                        "method": BATCH_CREATE_ENTRY,
-                        "entry_id": created.id.as_str(),
-                        "spiffe_id": created.spiffe_id.to_string(),
-                        "parent_id": created.parent_id.to_string(),
-                    }),
-                );
-                batch_create_entry_response::Result {
-                    status: Some(ok_status()),
-                    entry: Some(entry_to_proto(&created, output_mask)),
-                }
-            }
-            Err(error) => match error.existing_entry() {
-                // SPIRE answers a duplicate with the entry that is already registered.
-                Some(existing) if existing.is_similar(&entry) => {
-                    batch_create_entry_response::Result {
-                        status: Some(
-                            ApiError::AlreadyExists("similar entry already exists".to_owned())
-                                .to_proto_status(),
-                        ),
-                        entry: Some(entry_to_proto(existing, output_mask)),
-                    }
-                }
-                // The client chose an ID that a different entry has: nothing to hand back
-                // that the client asked for.
-                Some(_) => create_failed(&ApiError::AlreadyExists(format!(
-                    "an entry with id {:?} already exists",
-                    entry.id.as_str()
-                ))),
-                None => create_failed(&ApiError::from(error)),
+        match self.create_checked(caller, entry, BATCH_CREATE_ENTRY).await {
+            Ok((created, _)) => batch_create_entry_response::Result {
+                status: Some(ok_status()),
+                entry: Some(entry_to_proto(&created, output_mask)),
+            },
+            Err((error, existing)) => batch_create_entry_response::Result {
+                status: Some(error.to_proto_status()),
+                entry: existing.map(|existing| entry_to_proto(&existing, output_mask)),
             },
         }
     }
@@ -167,23 +195,21 @@ impl EntryService {
         input_mask: Option<&types::EntryMask>,
         output_mask: Option<&types::EntryMask>,
     ) -> batch_update_entry_response::Result {
-        match self.update_entry(proto, input_mask).await {
-            Ok(updated) => {
-                self.state.audit(
-                    &caller.describe(),
-                    "entry updated",
-                    serde_json::json!({
-                        "method": BATCH_UPDATE_ENTRY,
-                        "entry_id": updated.id.as_str(),
-                        "spiffe_id": updated.spiffe_id.to_string(),
-                        "revision_number": updated.revision_number,
-                    }),
-                );
-                batch_update_entry_response::Result {
-                    status: Some(ok_status()),
-                    entry: Some(entry_to_proto(&updated, output_mask)),
-                }
+        let result = match parse_entry_id(&proto.id) {
+            Ok(id) => {
+                self.update_checked(caller, &id, BATCH_UPDATE_ENTRY, |current| {
+                    entry_update_from_proto(current, proto, input_mask)
+                        .map_err(|e| convert_failed(&e))
+                })
+                .await
             }
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok((updated, _)) => batch_update_entry_response::Result {
+                status: Some(ok_status()),
+                entry: Some(entry_to_proto(&updated, output_mask)),
+            },
             Err(error) => batch_update_entry_response::Result {
                 status: Some(error.to_proto_status()),
                 entry: None,
@@ -191,30 +217,30 @@ impl EntryService {
         }
     }
 
-    /// Reads the entry, applies the masked fields and writes it back, retrying if another
-    /// writer got in between.
-    async fn update_entry(
+    /// Reads the entry, applies `change`, checks the result (structure, then the policy for
+    /// `caller`) and writes it back, retrying if another writer got in between; applies it
+    /// to the index and audits it. Returns the stored entry and the exceptions it passed
+    /// under.
+    pub(crate) async fn update_checked(
         &self,
-        proto: &types::Entry,
-        input_mask: Option<&types::EntryMask>,
-    ) -> Result<RegistrationEntry, ApiError> {
-        if proto.id.is_empty() {
-            return Err(ApiError::InvalidArgument(
-                "failed to convert entry: missing id".to_owned(),
-            ));
-        }
-        let id = entry_id_from_proto(&proto.id).map_err(|e| convert_failed(&e))?;
+        caller: &Caller,
+        id: &EntryId,
+        method: &str,
+        change: impl Fn(&RegistrationEntry) -> Result<RegistrationEntry, ApiError>,
+    ) -> Result<(RegistrationEntry, Vec<String>), ApiError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let Some(current) = self.state.store.get_entry(&id).await? else {
+            let Some(current) = self.state.store.get_entry(id).await? else {
                 return Err(entry_not_found());
             };
-            let updated = entry_update_from_proto(&current, proto, input_mask)
-                .map_err(|e| convert_failed(&e))?;
+            let updated = change(&current)?;
             updated
                 .validate(self.trust_domain())
                 .map_err(|e| convert_failed(&e))?;
+            let exception_ids =
+                self.state
+                    .check_entry_write(&updated, Operation::Update, caller)?;
             match self
                 .state
                 .store
@@ -223,7 +249,21 @@ impl EntryService {
             {
                 Ok(stored) => {
                     self.state.entry_written(&stored);
-                    return Ok(stored);
+                    self.state.audit(
+                        &caller.describe(),
+                        "entry updated",
+                        serde_json::json!({
+                            "method": method,
+                            "entry_id": stored.id.as_str(),
+                            "spiffe_id": stored.spiffe_id.to_string(),
+                            "revision_number": stored.revision_number,
+                            "owner": stored.owner,
+                            "source": stored.source,
+                            "expires_at": stored.expires_at.map(unix_seconds),
+                            "exception_ids": exception_ids,
+                        }),
+                    );
+                    return Ok((stored, exception_ids));
                 }
                 Err(DatastoreError::Conflict(_)) if attempt < UPDATE_ATTEMPTS => continue,
                 Err(DatastoreError::NotFound(_)) => return Err(entry_not_found()),
@@ -721,6 +761,16 @@ fn invalid(message: impl Into<String>) -> ApiError {
 /// An entry the client sent does not parse or is not valid; the message names the field.
 fn convert_failed(error: &dyn std::fmt::Display) -> ApiError {
     invalid(format!("failed to convert entry: {error}"))
+}
+
+/// The entry ID of an update, which must be present.
+pub(crate) fn parse_entry_id(id: &str) -> Result<EntryId, ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::InvalidArgument(
+            "failed to convert entry: missing id".to_owned(),
+        ));
+    }
+    entry_id_from_proto(id).map_err(|e| convert_failed(&e))
 }
 
 fn entry_not_found() -> ApiError {

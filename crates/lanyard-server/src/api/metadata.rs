@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use lanyard_core::RegistrationEntry;
+use lanyard_core::policy::Operation;
 use lanyard_proto::convert::entry_id_from_proto;
 use lanyard_proto::lanyard::api::v1::entry_metadata_service_server::{
     EntryMetadataService as EntryMetadataRpc, EntryMetadataServiceServer,
@@ -58,7 +59,7 @@ impl EntryMetadataService {
         caller: &Caller,
         metadata: &EntryMetadata,
     ) -> set_entry_metadata_response::Result {
-        match self.set_metadata(metadata).await {
+        match self.set_metadata(caller, metadata).await {
             Ok((entry, changed)) => {
                 if changed {
                     self.state.audit(
@@ -90,6 +91,7 @@ impl EntryMetadataService {
     /// entry and whether anything changed.
     async fn set_metadata(
         &self,
+        caller: &Caller,
         metadata: &EntryMetadata,
     ) -> Result<(RegistrationEntry, bool), ApiError> {
         if metadata.entry_id.is_empty() {
@@ -113,6 +115,8 @@ impl EntryMetadataService {
             updated
                 .validate(self.state.trust_domain())
                 .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+            self.state
+                .check_entry_write(&updated, Operation::Update, caller)?;
             match self
                 .state
                 .store

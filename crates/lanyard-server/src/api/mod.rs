@@ -9,8 +9,11 @@ pub mod agent;
 pub mod bundle;
 pub mod entry;
 pub mod errors;
+pub mod exception;
+pub mod governed;
 pub mod metadata;
 pub mod svid;
+pub mod usage;
 
 use std::sync::Arc;
 use std::time::SystemTime;

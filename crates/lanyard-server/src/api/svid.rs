@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use lanyard_core::jwt::{JwtError, JwtSigningKey, JwtSvidParams, mint_jwt_svid};
+use lanyard_core::jwt::{JwtError, JwtSigningKey, JwtSvid, JwtSvidParams, mint_jwt_svid};
 use lanyard_core::x509::{self, CaSubject, SvidParams, X509Ca, X509Error, X509Svid};
 use lanyard_core::{RegistrationEntry, SpiffeId};
 use lanyard_proto::convert::{jwt_svid_to_proto, spiffe_id_from_proto, x509_svid_to_proto};
@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status};
 
 use super::errors::ok_status;
 use super::{ApiError, Authorizer};
+use crate::datastore::{Issuance, IssuanceKind};
 use crate::state::ServerState;
 
 /// The most CSRs one `BatchNewX509SVID` call may carry: SPIRE's per-call signing burst. The
@@ -95,7 +96,9 @@ impl Svid for SvidService {
             "",
             &caller.describe(),
         )?;
-        Ok(Response::new(MintJwtsvidResponse { svid: Some(svid) }))
+        Ok(Response::new(MintJwtsvidResponse {
+            svid: Some(jwt_svid_to_proto(&svid, "")),
+        }))
     }
 
     async fn batch_new_x509svid(
@@ -202,15 +205,30 @@ fn new_x509_svid(
         .ok_or_else(|| ApiError::NotFound(ENTRY_NOT_AUTHORIZED.to_owned()))?;
     let csr = x509::parse_csr(&param.csr).map_err(|e| csr_error(&e, "invalid CSR signature"))?;
     let ca = ca.ok_or_else(|| ApiError::Internal("no X.509 CA is active".to_owned()))?;
-    let ttl = entry
-        .x509_svid_ttl
-        .unwrap_or(state.config.default_x509_svid_ttl);
+    let ttl = capped_at_entry_expiry(
+        entry,
+        entry
+            .x509_svid_ttl
+            .unwrap_or(state.config.default_x509_svid_ttl),
+        now,
+    );
     let mut params = SvidParams::new(entry.spiffe_id.clone(), csr.public_key_der().to_vec(), ttl);
     params.dns_names = entry.dns_names.clone();
     let svid = ca
         .mint_svid(&params, now)
         .map_err(|e| ApiError::Internal(format!("failed to sign X509-SVID: {e}")))?;
     log_x509_issuance(&svid, entry.id.as_str(), agent_id.as_str());
+    state.record_issuance(Issuance {
+        kind: IssuanceKind::X509Svid,
+        serial: svid.serial().to_owned(),
+        entry_id: entry.id.as_str().to_owned(),
+        spiffe_id: entry.spiffe_id.clone(),
+        agent_id: agent_id.clone(),
+        authority_id: ca.authority_id(),
+        issued_at: now,
+        not_after: svid.not_after(),
+        exception_ids: state.exceptions_used(entry),
+    });
     Ok(x509_svid_to_proto(&svid, &entry.hint))
 }
 
@@ -228,21 +246,43 @@ pub fn new_jwt_svid(
         .into_iter()
         .find(|entry| entry.id.as_str() == entry_id)
         .ok_or_else(|| ApiError::NotFound(ENTRY_NOT_AUTHORIZED.to_owned()))?;
-    let ttl = entry
-        .jwt_svid_ttl
-        .unwrap_or(state.config.default_jwt_svid_ttl);
-    sign_jwt_svid(
+    let now = state.now();
+    let ttl = capped_at_entry_expiry(
+        &entry,
+        entry
+            .jwt_svid_ttl
+            .unwrap_or(state.config.default_jwt_svid_ttl),
+        now,
+    );
+    let svid = sign_jwt_svid(
         state,
         &entry.spiffe_id,
         audience,
         ttl,
         entry.id.as_str(),
         agent_id.as_str(),
-    )
-    .map(|mut svid| {
-        svid.hint.clone_from(&entry.hint);
-        svid
-    })
+    )?;
+    state.record_issuance(Issuance {
+        kind: IssuanceKind::JwtSvid,
+        serial: svid.jti.clone(),
+        entry_id: entry.id.as_str().to_owned(),
+        spiffe_id: entry.spiffe_id.clone(),
+        agent_id: agent_id.clone(),
+        authority_id: svid.key_id.clone(),
+        issued_at: now,
+        not_after: svid.expires_at,
+        exception_ids: state.exceptions_used(&entry),
+    });
+    Ok(jwt_svid_to_proto(&svid, &entry.hint))
+}
+
+/// `ttl`, shortened so that an SVID never outlives its entry: an entry's expiry (a grant's
+/// end) is the end of every credential issued under it.
+fn capped_at_entry_expiry(entry: &RegistrationEntry, ttl: Duration, now: SystemTime) -> Duration {
+    match entry.expires_at {
+        Some(expires_at) => ttl.min(expires_at.duration_since(now).unwrap_or(Duration::ZERO)),
+        None => ttl,
+    }
 }
 
 /// `MintX509SVID`: an SVID for the one URI SAN of `csr_der`, with the CSR's DNS names.
@@ -286,7 +326,7 @@ fn sign_jwt_svid(
     ttl: Duration,
     entry_id: &str,
     caller: &str,
-) -> Result<types::Jwtsvid, ApiError> {
+) -> Result<JwtSvid, ApiError> {
     if audience.is_empty() {
         return Err(invalid("at least one audience is required"));
     }
@@ -321,7 +361,7 @@ fn sign_jwt_svid(
         not_after = %humantime::format_rfc3339_seconds(svid.expires_at),
         "issued JWT-SVID"
     );
-    Ok(jwt_svid_to_proto(&svid, ""))
+    Ok(svid)
 }
 
 /// `NewDownstreamX509CA`: an intermediate CA for the CSR's key, signed by the active CA,

@@ -250,14 +250,17 @@ violations contains {"rule": "owner-required", "message": "no owner"} if { input
 async fn an_entry_that_fails_the_policy_authorizes_nothing_until_it_passes() {
     let dir = tempfile::tempdir().unwrap();
     let policy_path = dir.path().join("policy.rego");
-    std::fs::write(&policy_path, OWNER_REQUIRED).unwrap();
+    std::fs::write(&policy_path, "package lanyard\n").unwrap();
     let path = policy_path.clone();
     let server = TestServer::start_with(move |config| {
         config.policy = Some(lanyard_server::config::PolicyConfig { path });
     })
     .await;
     let agent = server.attest_new_agent().await;
+    // Registered while the policy allowed it; then the policy wants an owner.
     let entry = create_entry(&server, "/ownerless", &agent.id, 0).await;
+    std::fs::write(&policy_path, OWNER_REQUIRED).unwrap();
+    server.server().state().policy().unwrap().reload().unwrap();
 
     // No owner: not synced, not minted.
     assert!(sync_ids(&server, &agent).await.is_empty());
