@@ -13,14 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lanyard_core::bundle::{JwtAuthority, TrustBundle, X509Authority};
+use lanyard_core::policy::Exception;
 use lanyard_core::x509::{CaSubject, create_self_signed_ca};
 use lanyard_core::{
     EntryId, KeyPair, KeyType, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain,
 };
 use lanyard_server::datastore::{
     AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSubject, Datastore,
-    DatastoreError, EntryFilter, FederatesWithFilter, MatchMode, PageRequest, SelectorFilter,
-    SqlStore,
+    DatastoreError, EntryFilter, FederatesWithFilter, Issuance, IssuanceFilter, IssuanceKind,
+    MatchMode, PageRequest, SelectorFilter, SqlStore,
 };
 use tempfile::TempDir;
 
@@ -79,6 +80,9 @@ conformance!(
     append_bundle_merges_atomically,
     delete_bundle_modes,
     ca_journal_and_meta,
+    exceptions_round_trip,
+    ledger_records_lists_pages_and_prunes,
+    usage_merges_issuances_and_reports,
 );
 
 // ----- fixtures -----
@@ -1797,4 +1801,274 @@ async fn sql_bulk_create_is_all_or_nothing() {
         .collect();
     assert_eq!(ids, ["bulk-1", "bulk-2"]);
     assert_eq!(store.current_revision().await.unwrap(), 2);
+}
+
+// ----- governance records -----
+
+fn sample_exception(id: &str) -> Exception {
+    Exception {
+        id: id.to_owned(),
+        owner: "platform".to_owned(),
+        reason: "migration".to_owned(),
+        ticket: Some("CHG-1".to_owned()),
+        rules: ["admin-needs-exception".to_owned()].into(),
+        entry_ids: ["e1".to_owned(), "e2".to_owned()].into(),
+        spiffe_id_pattern: Some("spiffe://example.org/ops/*".to_owned()),
+        expires_at: at(2_000_000_000) + Duration::from_millis(700),
+        created_at: at(1_900_000_000),
+        created_by: "local uid 0".to_owned(),
+        revoked_at: None,
+    }
+}
+
+async fn exceptions_round_trip(store: Store) {
+    let created = store
+        .create_exception(sample_exception("x1"))
+        .await
+        .unwrap();
+    // Times come back whole seconds, like every other record.
+    assert_eq!(created.expires_at, at(2_000_000_000));
+    assert_eq!(
+        store.get_exception("x1").await.unwrap(),
+        Some(created.clone())
+    );
+    assert!(matches!(
+        store.create_exception(sample_exception("x1")).await,
+        Err(DatastoreError::AlreadyExists { .. })
+    ));
+    let mut bare = sample_exception("x0");
+    bare.ticket = None;
+    bare.spiffe_id_pattern = None;
+    let bare = store.create_exception(bare).await.unwrap();
+
+    let mut revoked = created.clone();
+    revoked.revoked_at = Some(at(1_950_000_000));
+    assert_eq!(
+        store.update_exception(revoked.clone()).await.unwrap(),
+        revoked
+    );
+    assert_eq!(
+        store.get_exception("x1").await.unwrap(),
+        Some(revoked.clone())
+    );
+    let ids: Vec<String> = store
+        .list_exceptions()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, ["x0", "x1"]);
+    assert_eq!(store.list_exceptions().await.unwrap()[0], bare);
+    assert!(matches!(
+        store.update_exception(sample_exception("missing")).await,
+        Err(DatastoreError::NotFound(_))
+    ));
+    assert!(store.get_exception("missing").await.unwrap().is_none());
+}
+
+fn issuance(
+    kind: IssuanceKind,
+    serial: &str,
+    entry: &str,
+    agent_path: &str,
+    issued: u64,
+) -> Issuance {
+    Issuance {
+        kind,
+        serial: serial.to_owned(),
+        entry_id: entry.to_owned(),
+        spiffe_id: spiffe("/web"),
+        agent_id: spiffe(agent_path),
+        authority_id: if kind == IssuanceKind::JwtSvid {
+            "kid-1".to_owned()
+        } else {
+            "ab12".to_owned()
+        },
+        issued_at: at(issued),
+        not_after: at(issued + 3600),
+        exception_ids: if serial == "3" {
+            vec!["x1".to_owned()]
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+async fn ledger_records_lists_pages_and_prunes(store: Store) {
+    let records = vec![
+        issuance(IssuanceKind::X509Svid, "1", "e1", "/agent/a", 1000),
+        issuance(IssuanceKind::X509Svid, "2", "e1", "/agent/b", 2000),
+        issuance(IssuanceKind::JwtSvid, "3", "e2", "/agent/a", 3000),
+        issuance(IssuanceKind::AgentSvid, "4", "", "/agent/a", 4000),
+    ];
+    store.record_issuances(&records).await.unwrap();
+    // Recording the same SVID again changes nothing.
+    store.record_issuances(&records[..1]).await.unwrap();
+    let all = store
+        .list_issuances(&IssuanceFilter::default(), None)
+        .await
+        .unwrap()
+        .0;
+    let serials: Vec<&str> = all.iter().map(|i| i.serial.as_str()).collect();
+    assert_eq!(serials, ["4", "3", "2", "1"], "newest first");
+    assert_eq!(all[1], records[2]);
+
+    let by = |filter: IssuanceFilter| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .list_issuances(&filter, None)
+                .await
+                .unwrap()
+                .0
+                .into_iter()
+                .map(|i| i.serial)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        by(IssuanceFilter {
+            entry_id: Some("e1".into()),
+            ..Default::default()
+        })
+        .await,
+        ["2", "1"]
+    );
+    assert_eq!(
+        by(IssuanceFilter {
+            agent_id: Some(spiffe("/agent/a")),
+            ..Default::default()
+        })
+        .await,
+        ["4", "3", "1"]
+    );
+    assert_eq!(
+        by(IssuanceFilter {
+            authority_id: Some("kid-1".into()),
+            ..Default::default()
+        })
+        .await,
+        ["3"]
+    );
+    assert_eq!(
+        by(IssuanceFilter {
+            valid_after: Some(at(2000 + 3600)),
+            ..Default::default()
+        })
+        .await,
+        ["4", "3"]
+    );
+    assert_eq!(
+        by(IssuanceFilter {
+            spiffe_id: Some(spiffe("/other")),
+            ..Default::default()
+        })
+        .await,
+        Vec::<String>::new()
+    );
+
+    let (first, next) = store
+        .list_issuances(&IssuanceFilter::default(), Some(PageRequest::first(3)))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 3);
+    let (second, last) = store
+        .list_issuances(
+            &IssuanceFilter::default(),
+            Some(PageRequest {
+                token: next,
+                size: 3,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        second.iter().map(|i| i.serial.as_str()).collect::<Vec<_>>(),
+        ["1"]
+    );
+    assert!(last.is_none());
+    assert!(matches!(
+        store
+            .list_issuances(
+                &IssuanceFilter::default(),
+                Some(PageRequest {
+                    token: Some("x".into()),
+                    size: 3
+                })
+            )
+            .await,
+        Err(DatastoreError::Invalid(_))
+    ));
+
+    assert_eq!(store.prune_issuances(at(2500)).await.unwrap(), 2);
+    assert_eq!(by(IssuanceFilter::default()).await, ["4", "3"]);
+}
+
+async fn usage_merges_issuances_and_reports(store: Store) {
+    store
+        .record_issuances(&[
+            issuance(IssuanceKind::X509Svid, "1", "e1", "/agent/a", 1000),
+            issuance(IssuanceKind::X509Svid, "2", "e1", "/agent/a", 2000),
+            issuance(IssuanceKind::X509Svid, "3", "e2", "/agent/b", 3000),
+            issuance(IssuanceKind::AgentSvid, "4", "", "/agent/a", 4000),
+        ])
+        .await
+        .unwrap();
+    store
+        .record_served(&spiffe("/agent/a"), &[("e1".into(), at(2500))])
+        .await
+        .unwrap();
+    // An older report does not move the time back.
+    store
+        .record_served(&spiffe("/agent/a"), &[("e1".into(), at(2400))])
+        .await
+        .unwrap();
+    store
+        .record_served(&spiffe("/agent/c"), &[("e3".into(), at(5000))])
+        .await
+        .unwrap();
+
+    let usage = store.list_usage(&[]).await.unwrap();
+    let rows: Vec<(&str, &str, Option<SystemTime>, Option<SystemTime>, u64)> = usage
+        .iter()
+        .map(|u| {
+            (
+                u.entry_id.as_str(),
+                u.agent_id.as_str(),
+                u.last_issued_at,
+                u.last_served_at,
+                u.issued,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (
+                "e1",
+                "spiffe://example.org/agent/a",
+                Some(at(2000)),
+                Some(at(2500)),
+                2
+            ),
+            (
+                "e2",
+                "spiffe://example.org/agent/b",
+                Some(at(3000)),
+                None,
+                1
+            ),
+            (
+                "e3",
+                "spiffe://example.org/agent/c",
+                None,
+                Some(at(5000)),
+                0
+            ),
+        ]
+    );
+    let only = store.list_usage(&["e2".to_owned()]).await.unwrap();
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].entry_id, "e2");
 }

@@ -48,7 +48,7 @@ async fn create_entry(
     result.entry.as_ref().unwrap().id.clone()
 }
 
-async fn mint(
+pub(crate) async fn mint(
     server: &TestServer,
     agent: &AttestedAgentIdentity,
     entry_id: &str,
@@ -158,7 +158,7 @@ async fn a_jwt_svid_for_an_entry_validates_against_the_bundle() {
     assert!(wrong_audience.is_err());
 }
 
-async fn sync_ids(server: &TestServer, agent: &AttestedAgentIdentity) -> Vec<String> {
+pub(crate) async fn sync_ids(server: &TestServer, agent: &AttestedAgentIdentity) -> Vec<String> {
     let channel = server.tls(Some((&agent.chain, &agent.key))).await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(entry_pb::SyncAuthorizedEntriesRequest {

@@ -7,6 +7,7 @@ mod agent_api;
 mod audit_log;
 mod datastore;
 mod entry_api;
+mod governance;
 mod issuance;
 mod support;
 mod svid_bundle_api;

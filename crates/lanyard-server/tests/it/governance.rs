@@ -1,0 +1,643 @@
+//! Governance end to end: the shipped baseline policy judges entry writes (SPIRE's Entry API
+//! and Lanyard's governed entries), exceptions waive exactly their rules until they lapse or
+//! are revoked, the usage ledger records issuances and agents' reports, and no SVID outlives
+//! its entry.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lanyard_core::{SpiffeId, x509};
+use lanyard_proto::convert::spiffe_id_to_proto;
+use lanyard_proto::lanyard::api::v1 as gov;
+use lanyard_proto::lanyard::api::v1::entry_metadata_service_client::EntryMetadataServiceClient;
+use lanyard_proto::lanyard::api::v1::exception_service_client::ExceptionServiceClient;
+use lanyard_proto::lanyard::api::v1::governed_entry_service_client::GovernedEntryServiceClient;
+use lanyard_proto::lanyard::api::v1::usage_service_client::UsageServiceClient;
+use lanyard_proto::spire::api::server::entry::v1 as entry_pb;
+use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
+use lanyard_proto::spire::api::server::svid::v1 as svid_pb;
+use lanyard_proto::spire::api::server::svid::v1::svid_client::SvidClient;
+use lanyard_proto::spire::api::types;
+use tonic::Code;
+
+use crate::issuance::{mint, sync_ids};
+use crate::support::{TestServer, trust_domain};
+
+const DAY: u64 = 86_400;
+
+fn baseline() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/policy/baseline.rego")
+}
+
+async fn governed_server() -> TestServer {
+    TestServer::start_with(|config| {
+        config.policy = Some(lanyard_server::config::PolicyConfig { path: baseline() });
+    })
+    .await
+}
+
+fn unix(time: SystemTime) -> i64 {
+    i64::try_from(time.duration_since(UNIX_EPOCH).unwrap().as_secs()).unwrap()
+}
+
+fn id(path: &str) -> SpiffeId {
+    SpiffeId::from_path(&trust_domain(), path).unwrap()
+}
+
+/// An entry under `parent` for uid 1000, expiring `days` from the server's now.
+fn entry(server: &TestServer, path: &str, parent: &SpiffeId, days: u64) -> types::Entry {
+    let now = server.server().state().now();
+    types::Entry {
+        spiffe_id: Some(spiffe_id_to_proto(&id(path))),
+        parent_id: Some(spiffe_id_to_proto(parent)),
+        selectors: vec![types::Selector {
+            r#type: "unix".into(),
+            value: "uid:1000".into(),
+        }],
+        expires_at: unix(now + Duration::from_secs(days * DAY)),
+        ..Default::default()
+    }
+}
+
+fn metadata(owner: &str, reason: &str) -> gov::EntryMetadata {
+    gov::EntryMetadata {
+        owner: owner.into(),
+        reason: reason.into(),
+        ticket: String::new(),
+        source: "test-suite".into(),
+        entry_id: String::new(),
+    }
+}
+
+async fn create_governed(
+    server: &TestServer,
+    entry: types::Entry,
+    metadata: gov::EntryMetadata,
+) -> gov::create_governed_entries_response::Result {
+    GovernedEntryServiceClient::new(server.admin().await)
+        .create_governed_entries(gov::CreateGovernedEntriesRequest {
+            entries: vec![gov::GovernedEntry {
+                entry: Some(entry),
+                metadata: Some(metadata),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .remove(0)
+}
+
+fn status(status: Option<&types::Status>) -> (i32, String) {
+    let status = status.expect("every result has a status");
+    (status.code, status.message.clone())
+}
+
+async fn create_exception(
+    server: &TestServer,
+    exception: gov::PolicyException,
+) -> Result<gov::PolicyException, tonic::Status> {
+    ExceptionServiceClient::new(server.admin().await)
+        .create_exception(gov::CreateExceptionRequest {
+            exception: Some(exception),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn exception(
+    rules: &[&str],
+    pattern: &str,
+    ticket: &str,
+    days: u64,
+    server: &TestServer,
+) -> gov::PolicyException {
+    gov::PolicyException {
+        owner: "platform-team".into(),
+        reason: "migration".into(),
+        ticket: ticket.into(),
+        rules: rules.iter().map(|r| (*r).to_owned()).collect(),
+        spiffe_id_pattern: pattern.into(),
+        expires_at: unix(server.server().state().now() + Duration::from_secs(days * DAY)),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_their_rules() {
+    let server = governed_server().await;
+    let parent = trust_domain().server_id();
+
+    // SPIRE's API carries no owner or reason: refused, naming each rule and its fix.
+    let response = EntryClient::new(server.admin().await)
+        .batch_create_entry(entry_pb::BatchCreateEntryRequest {
+            entries: vec![entry(&server, "/web", &parent, 30)],
+            output_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (code, message) = status(response.results[0].status.as_ref());
+    assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+    for needle in ["owner-required", "reason-required", "fix: set --owner"] {
+        assert!(message.contains(needle), "{needle} in {message}");
+    }
+
+    // With its metadata, the same entry passes and comes back with it.
+    let created = create_governed(
+        &server,
+        entry(&server, "/web", &parent, 30),
+        metadata("web-team", "serves the shop"),
+    )
+    .await;
+    assert_eq!(status(created.status.as_ref()).0, 0, "{created:?}");
+    let stored = created.entry.unwrap();
+    let stored_meta = stored.metadata.unwrap();
+    assert_eq!(stored_meta.owner, "web-team");
+    assert_eq!(stored_meta.source, "test-suite");
+    let web_id = stored.entry.unwrap().id;
+    assert!(created.exception_ids.is_empty());
+
+    // Too long an expiry, and an admin entry, are refused by their rules.
+    let long = create_governed(
+        &server,
+        entry(&server, "/long", &parent, 91),
+        metadata("o", "r"),
+    )
+    .await;
+    let (code, message) = status(long.status.as_ref());
+    assert_eq!(code, Code::InvalidArgument as i32);
+    assert!(message.contains("expiry-max-90d"), "{message}");
+    let mut admin = entry(&server, "/ops/admin", &parent, 30);
+    admin.admin = true;
+    let refused = create_governed(&server, admin.clone(), metadata("ops", "break glass")).await;
+    let (code, message) = status(refused.status.as_ref());
+    assert_eq!(code, Code::InvalidArgument as i32);
+    assert!(message.contains("admin-needs-exception"), "{message}");
+
+    // Exceptions are judged too: admin waivers need a ticket, and 30 days at most.
+    let err = create_exception(
+        &server,
+        exception(
+            &["admin-needs-exception"],
+            "spiffe://example.org/ops/admin",
+            "",
+            1,
+            &server,
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("exception-ticket-required"),
+        "{}",
+        err.message()
+    );
+    let err = create_exception(
+        &server,
+        exception(
+            &["admin-needs-exception"],
+            "spiffe://example.org/ops/admin",
+            "CHG-1",
+            31,
+            &server,
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.message().contains("exception-max-30d"),
+        "{}",
+        err.message()
+    );
+    let err = create_exception(
+        &server,
+        exception(&["admin-needs-exception"], "", "CHG-1", 1, &server),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.message().contains("scope"), "{}", err.message());
+    let err = create_exception(
+        &server,
+        exception(
+            &["admin-needs-exception"],
+            "spiffe://other.org/x",
+            "CHG-1",
+            1,
+            &server,
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // An exception for the admin rule, scoped to the ID: the admin entry passes under it,
+    // and only the waived rule is waived (a missing owner still fails).
+    let granted = create_exception(
+        &server,
+        exception(
+            &["admin-needs-exception"],
+            "spiffe://example.org/ops/*",
+            "CHG-1",
+            1,
+            &server,
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(!granted.id.is_empty());
+    assert_eq!(granted.created_by, "local uid ".to_owned() + &users_uid());
+    let accepted = create_governed(&server, admin.clone(), metadata("ops", "break glass")).await;
+    assert_eq!(status(accepted.status.as_ref()).0, 0, "{accepted:?}");
+    assert_eq!(accepted.exception_ids, vec![granted.id.clone()]);
+    let mut other_admin = entry(&server, "/ops/other", &parent, 30);
+    other_admin.admin = true;
+    let refused = create_governed(&server, other_admin, metadata("", "no owner")).await;
+    let (_, message) = status(refused.status.as_ref());
+    assert!(
+        message.contains("owner-required") && !message.contains("admin-needs"),
+        "{message}"
+    );
+
+    // Updates are judged as the entry will be: clearing the owner, or a 48h TTL, is refused.
+    let cleared = EntryMetadataServiceClient::new(server.admin().await)
+        .set_entry_metadata(gov::SetEntryMetadataRequest {
+            metadata: vec![gov::EntryMetadata {
+                entry_id: web_id.clone(),
+                ..metadata("", "serves the shop")
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (code, message) = status(cleared.results[0].status.as_ref());
+    assert_eq!(code, Code::InvalidArgument as i32);
+    assert!(message.contains("owner-required"), "{message}");
+    let mut longer = entry(&server, "/web", &parent, 30);
+    longer.id = web_id.clone();
+    longer.x509_svid_ttl = 48 * 3600;
+    let updated = EntryClient::new(server.admin().await)
+        .batch_update_entry(entry_pb::BatchUpdateEntryRequest {
+            entries: vec![longer],
+            input_mask: Some(types::EntryMask {
+                x509_svid_ttl: true,
+                ..Default::default()
+            }),
+            output_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, message) = status(updated.results[0].status.as_ref());
+    assert!(message.contains("x509-ttl-max-24h"), "{message}");
+
+    // Listing, extending past the cap, revoking twice.
+    let client = || async { ExceptionServiceClient::new(server.admin().await) };
+    let listed = client()
+        .await
+        .list_exceptions(gov::ListExceptionsRequest {
+            include_inactive: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.exceptions.len(), 1);
+    let too_far = client()
+        .await
+        .extend_exception(gov::ExtendExceptionRequest {
+            id: granted.id.clone(),
+            expires_at: unix(server.server().state().now() + Duration::from_secs(40 * DAY)),
+            reason: "still migrating".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        too_far.message().contains("exception-max-30d"),
+        "{}",
+        too_far.message()
+    );
+    let extended = client()
+        .await
+        .extend_exception(gov::ExtendExceptionRequest {
+            id: granted.id.clone(),
+            expires_at: unix(server.server().state().now() + Duration::from_secs(2 * DAY)),
+            reason: "still migrating".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(extended.expires_at > granted.expires_at);
+    let revoked = client()
+        .await
+        .revoke_exception(gov::RevokeExceptionRequest {
+            id: granted.id.clone(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(revoked.revoked_at, 0);
+    let again = client()
+        .await
+        .revoke_exception(gov::RevokeExceptionRequest {
+            id: granted.id.clone(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    let active = client()
+        .await
+        .list_exceptions(gov::ListExceptionsRequest {
+            include_inactive: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(active.exceptions.is_empty());
+    let all = client()
+        .await
+        .list_exceptions(gov::ListExceptionsRequest {
+            include_inactive: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.exceptions.len(), 1);
+}
+
+/// This process's uid, as the kernel reports it for a file it creates.
+fn users_uid() -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().metadata().unwrap().uid().to_string()
+}
+
+#[tokio::test]
+async fn an_exception_lets_an_entry_issue_until_it_lapses_or_is_revoked() {
+    let server = governed_server().await;
+    let agent = server.attest_new_agent().await;
+    let state = std::sync::Arc::clone(server.server().state());
+
+    // A 48h TTL breaks x509-ttl-max-24h; an exception for /batch/* waives it for a day.
+    let granted = create_exception(
+        &server,
+        exception(
+            &["x509-ttl-max-24h"],
+            "spiffe://example.org/batch/*",
+            "",
+            1,
+            &server,
+        ),
+    )
+    .await
+    .unwrap();
+    let mut batch = entry(&server, "/batch/nightly", &agent.id, 30);
+    batch.x509_svid_ttl = 48 * 3600;
+    let created = create_governed(&server, batch, metadata("data-team", "nightly batch")).await;
+    assert_eq!(status(created.status.as_ref()).0, 0, "{created:?}");
+    let batch_id = created.entry.unwrap().entry.unwrap().id;
+    assert_eq!(created.exception_ids, vec![granted.id.clone()]);
+
+    // In force: synced and minted, and the ledger records the exception with the SVID.
+    assert_eq!(sync_ids(&server, &agent).await, vec![batch_id.clone()]);
+    let minted = mint(&server, &agent, &batch_id).await;
+    assert_eq!(minted.status.unwrap().code, 0);
+    let issuances = wait_for_issuances(&server, &batch_id, 1).await;
+    assert_eq!(issuances[0].exception_ids, vec![granted.id.clone()]);
+
+    // Just before the exception's end it still holds; just after, it does not, with nobody
+    // sweeping anything: the decision is made against the clock at issuance. (The test
+    // clock moves in whole seconds from a fractional start, hence the one-second margins;
+    // the exact boundary is tested in the core with an explicit `now`.)
+    let expires = UNIX_EPOCH + Duration::from_secs(u64::try_from(granted.expires_at).unwrap());
+    let until_end = expires.duration_since(state.now()).unwrap();
+    server
+        .clock
+        .advance(Duration::from_secs(until_end.as_secs() - 1));
+    assert!(state.now() < expires);
+    assert_eq!(state.authorized_entries(&agent.id).len(), 1);
+    server.clock.advance(Duration::from_secs(2));
+    assert!(state.now() > expires);
+    assert!(state.authorized_entries(&agent.id).is_empty());
+}
+
+#[tokio::test]
+async fn revoking_an_exception_ends_what_it_allowed_at_once() {
+    let server = governed_server().await;
+    let agent = server.attest_new_agent().await;
+    let state = std::sync::Arc::clone(server.server().state());
+    let granted = create_exception(
+        &server,
+        exception(
+            &["admin-needs-exception", "x509-ttl-max-24h"],
+            "spiffe://example.org/ops/*",
+            "CHG-7",
+            1,
+            &server,
+        ),
+    )
+    .await
+    .unwrap();
+    let mut admin = entry(&server, "/ops/admin", &agent.id, 30);
+    admin.admin = true;
+    let created = create_governed(&server, admin, metadata("ops", "break glass")).await;
+    let admin_entry = created.entry.unwrap().entry.unwrap().id;
+    assert_eq!(sync_ids(&server, &agent).await, vec![admin_entry]);
+    assert!(state.is_admin_id(&id("/ops/admin")));
+
+    ExceptionServiceClient::new(server.admin().await)
+        .revoke_exception(gov::RevokeExceptionRequest {
+            id: granted.id,
+            reason: "incident closed".into(),
+        })
+        .await
+        .unwrap();
+    assert!(sync_ids(&server, &agent).await.is_empty());
+    assert!(
+        !state.is_admin_id(&id("/ops/admin")),
+        "an admin entry without its exception grants nothing"
+    );
+}
+
+async fn wait_for_issuances(server: &TestServer, entry_id: &str, n: usize) -> Vec<gov::Issuance> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let issuances = UsageServiceClient::new(server.admin().await)
+            .list_issuances(gov::ListIssuancesRequest {
+                entry_id: entry_id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .issuances;
+        if issuances.len() >= n || std::time::Instant::now() > deadline {
+            return issuances;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_ledger_records_issuances_and_what_agents_report_serving() {
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let other = server.attest_new_agent().await;
+    let state = std::sync::Arc::clone(server.server().state());
+    let web = create_governed(
+        &server,
+        entry(&server, "/web", &agent.id, 30),
+        metadata("web", "shop"),
+    )
+    .await
+    .entry
+    .unwrap()
+    .entry
+    .unwrap()
+    .id;
+    let theirs = create_governed(
+        &server,
+        entry(&server, "/theirs", &other.id, 30),
+        metadata("x", "y"),
+    )
+    .await
+    .entry
+    .unwrap()
+    .entry
+    .unwrap()
+    .id;
+
+    assert_eq!(mint(&server, &agent, &web).await.status.unwrap().code, 0);
+    let jwt = SvidClient::new(server.tls(Some((&agent.chain, &agent.key))).await)
+        .new_jwtsvid(svid_pb::NewJwtsvidRequest {
+            entry_id: web.clone(),
+            audience: vec!["db".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
+
+    let issuances = wait_for_issuances(&server, &web, 2).await;
+    assert_eq!(issuances.len(), 2, "{issuances:?}");
+    let x509_authority = state.ca.x509_ca().unwrap().authority_id();
+    let jwt_key = state.ca.jwt_key().unwrap().key_id.clone();
+    let x509_record = issuances.iter().find(|i| i.kind == "x509-svid").unwrap();
+    assert_eq!(x509_record.authority_id, x509_authority);
+    assert_eq!(x509_record.agent_id, agent.id.to_string());
+    assert_eq!(x509_record.spiffe_id, "spiffe://example.org/web");
+    let jwt_record = issuances.iter().find(|i| i.kind == "jwt-svid").unwrap();
+    assert_eq!(jwt_record.authority_id, jwt_key);
+    assert_eq!(jwt_record.not_after, jwt.expires_at);
+
+    // Agents' own SVIDs are in the ledger too: both agents hold SVIDs from the CA.
+    let holders = UsageServiceClient::new(server.admin().await)
+        .list_issuances(gov::ListIssuancesRequest {
+            authority_id: x509_authority.clone(),
+            unexpired_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .issuances;
+    let agents: std::collections::BTreeSet<&str> =
+        holders.iter().map(|i| i.agent_id.as_str()).collect();
+    assert!(
+        agents.contains(agent.id.as_str()) && agents.contains(other.id.as_str()),
+        "{agents:?}"
+    );
+    assert!(holders.iter().any(|i| i.kind == "agent-svid"));
+
+    // The agent reports serving its entry; a claim on another agent's entry is ignored.
+    let served_at = unix(state.now()) - 5;
+    UsageServiceClient::new(server.tls(Some((&agent.chain, &agent.key))).await)
+        .report_usage(gov::ReportUsageRequest {
+            served: vec![
+                gov::report_usage_request::Served {
+                    entry_id: web.clone(),
+                    last_served_at: served_at,
+                },
+                gov::report_usage_request::Served {
+                    entry_id: theirs.clone(),
+                    last_served_at: served_at,
+                },
+            ],
+        })
+        .await
+        .unwrap();
+    let usage = UsageServiceClient::new(server.admin().await)
+        .list_usage(gov::ListUsageRequest {
+            entry_ids: vec![web.clone(), theirs.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .usage;
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(usage[0].entry_id, web);
+    assert_eq!(usage[0].agent_id, agent.id.to_string());
+    assert_eq!(usage[0].last_served_at, served_at);
+    assert_eq!(usage[0].issued, 2);
+    assert!(usage[0].last_issued_at > 0);
+
+    // Only agents report usage; only admins read it.
+    let err = UsageServiceClient::new(server.admin().await)
+        .report_usage(gov::ReportUsageRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = UsageServiceClient::new(server.tls(Some((&agent.chain, &agent.key))).await)
+        .list_usage(gov::ListUsageRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn no_svid_outlives_its_entry() {
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let now = server.server().state().now();
+    let mut short = entry(&server, "/grant", &agent.id, 0);
+    let ends = now + Duration::from_secs(120);
+    short.expires_at = unix(ends);
+    short.x509_svid_ttl = 3600;
+    short.jwt_svid_ttl = 3600;
+    let id = create_governed(&server, short, metadata("me", "debugging"))
+        .await
+        .entry
+        .unwrap()
+        .entry
+        .unwrap()
+        .id;
+
+    let svid = mint(&server, &agent, &id).await.svid.unwrap();
+    let verified = x509::verify_svid_chain(
+        &svid.cert_chain,
+        &trust_domain(),
+        &server.authorities(),
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert!(
+        verified.not_after() <= ends,
+        "{:?} after {:?}",
+        verified.not_after(),
+        ends
+    );
+    assert!(verified.not_after() + Duration::from_secs(2) >= ends);
+    let jwt = SvidClient::new(server.tls(Some((&agent.chain, &agent.key))).await)
+        .new_jwtsvid(svid_pb::NewJwtsvidRequest {
+            entry_id: id,
+            audience: vec!["db".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
+    assert!(jwt.expires_at <= unix(ends));
+}
