@@ -2030,7 +2030,8 @@ async fn usage_merges_issuances_and_reports(store: Store) {
         .unwrap();
 
     let usage = store.list_usage(&[]).await.unwrap();
-    let rows: Vec<(&str, &str, Option<SystemTime>, Option<SystemTime>, u64)> = usage
+    type Row<'a> = (&'a str, &'a str, Option<SystemTime>, Option<SystemTime>, u64);
+    let rows: Vec<Row<'_>> = usage
         .iter()
         .map(|u| {
             (
