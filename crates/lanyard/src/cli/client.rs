@@ -81,12 +81,10 @@ impl ServerClient {
         EntryMetadataServiceClient::new(self.channel.clone())
     }
 
-    #[allow(dead_code)] // Used by the governance commands as they land.
     pub(crate) fn governed_entry(&self) -> GovernedEntryServiceClient<Channel> {
         GovernedEntryServiceClient::new(self.channel.clone())
     }
 
-    #[allow(dead_code)]
     pub(crate) fn exception(&self) -> ExceptionServiceClient<Channel> {
         ExceptionServiceClient::new(self.channel.clone())
     }

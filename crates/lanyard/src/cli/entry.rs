@@ -1,6 +1,11 @@
 //! `lanyard entry create|show|update|delete|count`: registration entries through SPIRE's Entry
 //! API, and their owner, reason and ticket through Lanyard's EntryMetadataService (they are
 //! not fields of SPIRE's `Entry` message).
+//!
+//! Creates and updates go through Lanyard's GovernedEntryService, which stores an entry and
+//! its metadata together, so that the policy judges the entry as it will be stored. A server
+//! without it (SPIRE) answers UNIMPLEMENTED, and the command falls back to SPIRE's
+//! BatchCreateEntry/BatchUpdateEntry followed by SetEntryMetadata.
 
 mod data;
 
@@ -12,7 +17,8 @@ use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Subcommand};
 use lanyard_proto::convert::{ok_status, status_from_tonic};
 use lanyard_proto::lanyard::api::v1::{
-    EntryMetadata, GetEntryMetadataRequest, SetEntryMetadataRequest,
+    CreateGovernedEntriesRequest, EntryMetadata, GetEntryMetadataRequest, GovernedEntry,
+    ListEntryMetadataRequest, SetEntryMetadataRequest, UpdateGovernedEntriesRequest,
 };
 use lanyard_proto::spire::api::server::entry::v1::{
     BatchCreateEntryRequest, BatchDeleteEntryRequest, BatchUpdateEntryRequest, CountEntriesRequest,
@@ -21,9 +27,12 @@ use lanyard_proto::spire::api::server::entry::v1::{
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::cli::client::{ServerClient, SocketArgs, is_unimplemented, item_code, rpc_error};
+use crate::cli::client::{
+    ServerClient, SocketArgs, describe_status, is_unimplemented, item_code, rpc_error,
+};
 use crate::cli::output::{
-    OutputArgs, count_noun, entry_json, status_json, status_text, write_entry_pretty, write_json,
+    OutputArgs, count_noun, entry_json, status_json, status_text, write_entry_pretty, write_field,
+    write_json,
 };
 use crate::cli::parse::{self, MatchMode};
 
@@ -512,6 +521,8 @@ struct ItemOutcome {
     metadata: Option<EntryMetadata>,
     /// The metadata call's status, when metadata was to be set.
     metadata_status: Option<types::Status>,
+    /// The exceptions the entry was accepted under.
+    exception_ids: Vec<String>,
 }
 
 impl ItemOutcome {
@@ -523,7 +534,31 @@ impl ItemOutcome {
             entry: None,
             metadata: None,
             metadata_status: None,
+            exception_ids: Vec::new(),
         }
+    }
+
+    /// The first failed status of this item: the entry's, else the metadata's.
+    fn failure(&self) -> Option<&types::Status> {
+        if !is_ok(Some(&self.status)) {
+            return Some(&self.status);
+        }
+        self.metadata_status.as_ref().filter(|s| !is_ok(Some(s)))
+    }
+
+    /// Records the result of a governed create or update.
+    fn record_governed(
+        &mut self,
+        status: Option<types::Status>,
+        stored: Option<GovernedEntry>,
+        exception_ids: Vec<String>,
+    ) {
+        self.status = status.unwrap_or_else(ok_status);
+        if let Some(stored) = stored {
+            self.entry = stored.entry;
+            self.metadata = stored.metadata.filter(|m| !metadata_is_empty(m));
+        }
+        self.exception_ids = exception_ids;
     }
 
     fn succeeded(&self) -> bool {
@@ -546,46 +581,216 @@ fn is_ok(status: Option<&types::Status>) -> bool {
 async fn create(args: &CreateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let specs = args.specs()?;
     let client = args.socket.connect().await?;
+    let outcomes = match create_governed(&client, &specs).await? {
+        Some(outcomes) => outcomes,
+        None => create_through_spire(&client, &specs).await?,
+    };
+    report_outcomes(out, &outcomes, "create", args.output.is_json())
+}
+
+/// An entry with its metadata as GovernedEntryService takes it.
+pub(crate) fn governed_entry(entry: types::Entry, metadata: EntryMetadata) -> GovernedEntry {
+    GovernedEntry {
+        entry: Some(entry),
+        metadata: Some(metadata),
+    }
+}
+
+pub(crate) fn metadata_is_empty(metadata: &EntryMetadata) -> bool {
+    metadata.owner.is_empty()
+        && metadata.reason.is_empty()
+        && metadata.ticket.is_empty()
+        && metadata.source.is_empty()
+}
+
+/// Creates the entries with their metadata in one governed call; `None` when the server has
+/// no GovernedEntryService.
+async fn create_governed(
+    client: &ServerClient,
+    specs: &[EntrySpec],
+) -> anyhow::Result<Option<Vec<ItemOutcome>>> {
+    let request = CreateGovernedEntriesRequest {
+        entries: specs
+            .iter()
+            .map(|spec| {
+                governed_entry(
+                    spec.entry.clone(),
+                    spec.metadata.merged_onto(&spec.entry.id, None),
+                )
+            })
+            .collect(),
+    };
+    let results = match client
+        .governed_entry()
+        .create_governed_entries(request)
+        .await
+    {
+        Ok(response) => response.into_inner().results,
+        Err(status) if is_unimplemented(&status) => return Ok(None),
+        Err(status) => return Err(rpc_error("CreateGovernedEntries failed", &status)),
+    };
+    check_result_count(results.len(), specs.len())?;
+    let mut outcomes: Vec<ItemOutcome> = specs.iter().map(ItemOutcome::new).collect();
+    for (outcome, result) in outcomes.iter_mut().zip(results) {
+        outcome.record_governed(result.status, result.entry, result.exception_ids);
+    }
+    Ok(Some(outcomes))
+}
+
+fn check_result_count(results: usize, sent: usize) -> anyhow::Result<()> {
+    if results != sent {
+        bail!("the server answered {results} results for {sent} entries");
+    }
+    Ok(())
+}
+
+/// SPIRE's path: BatchCreateEntry, then SetEntryMetadata for entries given metadata.
+async fn create_through_spire(
+    client: &ServerClient,
+    specs: &[EntrySpec],
+) -> anyhow::Result<Vec<ItemOutcome>> {
     let response = client
         .entry()
-        .batch_create_entry(create_request(&specs))
+        .batch_create_entry(create_request(specs))
         .await
         .map_err(|status| rpc_error("BatchCreateEntry failed", &status))?
         .into_inner();
-    if response.results.len() != specs.len() {
-        bail!(
-            "the server answered {} results for {} entries",
-            response.results.len(),
-            specs.len()
-        );
-    }
+    check_result_count(response.results.len(), specs.len())?;
     let mut outcomes: Vec<ItemOutcome> = specs.iter().map(ItemOutcome::new).collect();
     for (outcome, result) in outcomes.iter_mut().zip(response.results) {
         outcome.status = result.status.unwrap_or_else(ok_status);
         outcome.entry = result.entry;
     }
-    store_metadata(&client, &mut outcomes, false).await;
-    report_outcomes(out, &outcomes, "create", args.output.is_json())
+    store_metadata(client, &mut outcomes, false).await;
+    Ok(outcomes)
 }
 
 async fn update(args: &UpdateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let specs = args.specs()?;
     let client = args.socket.connect().await?;
+    let outcomes = match update_governed(&client, &specs).await? {
+        Some(outcomes) => outcomes,
+        None => update_through_spire(&client, &specs).await?,
+    };
+    report_outcomes(out, &outcomes, "update", args.output.is_json())
+}
+
+/// Copies the fields set in `mask` from `given` onto `stored`.
+fn apply_mask(stored: &mut types::Entry, given: &types::Entry, mask: &types::EntryMask) {
+    if mask.spiffe_id {
+        stored.spiffe_id.clone_from(&given.spiffe_id);
+    }
+    if mask.parent_id {
+        stored.parent_id.clone_from(&given.parent_id);
+    }
+    if mask.selectors {
+        stored.selectors.clone_from(&given.selectors);
+    }
+    if mask.x509_svid_ttl {
+        stored.x509_svid_ttl = given.x509_svid_ttl;
+    }
+    if mask.jwt_svid_ttl {
+        stored.jwt_svid_ttl = given.jwt_svid_ttl;
+    }
+    if mask.federates_with {
+        stored.federates_with.clone_from(&given.federates_with);
+    }
+    if mask.admin {
+        stored.admin = given.admin;
+    }
+    if mask.downstream {
+        stored.downstream = given.downstream;
+    }
+    if mask.expires_at {
+        stored.expires_at = given.expires_at;
+    }
+    if mask.dns_names {
+        stored.dns_names.clone_from(&given.dns_names);
+    }
+    if mask.store_svid {
+        stored.store_svid = given.store_svid;
+    }
+    if mask.hint {
+        stored.hint.clone_from(&given.hint);
+    }
+}
+
+/// Updates through GovernedEntryService, which replaces whole entries and metadata: reads
+/// each entry and its metadata, applies the given fields and sends the result. `None` when
+/// the server has no GovernedEntryService.
+async fn update_governed(
+    client: &ServerClient,
+    specs: &[EntrySpec],
+) -> anyhow::Result<Option<Vec<ItemOutcome>>> {
     let mut outcomes: Vec<ItemOutcome> = specs.iter().map(ItemOutcome::new).collect();
-    for (request, members) in update_requests(&specs) {
+    let mut stored_entries: Vec<Option<types::Entry>> = Vec::with_capacity(specs.len());
+    for (outcome, spec) in outcomes.iter_mut().zip(specs) {
+        let request = GetEntryRequest {
+            id: spec.entry.id.clone(),
+            output_mask: None,
+        };
+        match client.entry().get_entry(request).await {
+            Ok(response) => stored_entries.push(Some(response.into_inner())),
+            Err(status) => {
+                outcome.status = status_from_tonic(&status);
+                stored_entries.push(None);
+            }
+        }
+    }
+    let found: Vec<String> = stored_entries
+        .iter()
+        .flatten()
+        .map(|entry| entry.id.clone())
+        .collect();
+    let stored_metadata = fetch_metadata(client, &found)
+        .await
+        .map_err(|status| rpc_error("GetEntryMetadata failed", &status))?;
+    let mut members = Vec::new();
+    let mut entries = Vec::new();
+    for (index, (spec, stored)) in specs.iter().zip(stored_entries).enumerate() {
+        let Some(mut entry) = stored else { continue };
+        apply_mask(&mut entry, &spec.entry, &spec.fields);
+        let metadata = spec
+            .metadata
+            .merged_onto(&entry.id, stored_metadata.get(&entry.id));
+        entries.push(governed_entry(entry, metadata));
+        members.push(index);
+    }
+    if entries.is_empty() {
+        return Ok(Some(outcomes));
+    }
+    let request = UpdateGovernedEntriesRequest { entries };
+    let results = match client
+        .governed_entry()
+        .update_governed_entries(request)
+        .await
+    {
+        Ok(response) => response.into_inner().results,
+        Err(status) if is_unimplemented(&status) => return Ok(None),
+        Err(status) => return Err(rpc_error("UpdateGovernedEntries failed", &status)),
+    };
+    check_result_count(results.len(), members.len())?;
+    for (&index, result) in members.iter().zip(results) {
+        outcomes[index].record_governed(result.status, result.entry, result.exception_ids);
+    }
+    Ok(Some(outcomes))
+}
+
+/// SPIRE's path: BatchUpdateEntry with the given fields as the input mask, then
+/// SetEntryMetadata merged onto the stored metadata.
+async fn update_through_spire(
+    client: &ServerClient,
+    specs: &[EntrySpec],
+) -> anyhow::Result<Vec<ItemOutcome>> {
+    let mut outcomes: Vec<ItemOutcome> = specs.iter().map(ItemOutcome::new).collect();
+    for (request, members) in update_requests(specs) {
         let response = client
             .entry()
             .batch_update_entry(request)
             .await
             .map_err(|status| rpc_error("BatchUpdateEntry failed", &status))?
             .into_inner();
-        if response.results.len() != members.len() {
-            bail!(
-                "the server answered {} results for {} entries",
-                response.results.len(),
-                members.len()
-            );
-        }
+        check_result_count(response.results.len(), members.len())?;
         for (&index, result) in members.iter().zip(response.results) {
             outcomes[index].status = result.status.unwrap_or_else(ok_status);
             outcomes[index].entry = result.entry;
@@ -593,7 +798,7 @@ async fn update(args: &UpdateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     // Entries whose metadata alone changes: fetch them, both to check that they exist and to
     // print them.
-    for (outcome, spec) in outcomes.iter_mut().zip(&specs) {
+    for (outcome, spec) in outcomes.iter_mut().zip(specs) {
         if !mask_is_empty(&spec.fields) {
             continue;
         }
@@ -606,14 +811,14 @@ async fn update(args: &UpdateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             Err(status) => outcome.status = status_from_tonic(&status),
         }
     }
-    store_metadata(&client, &mut outcomes, true).await;
+    store_metadata(client, &mut outcomes, true).await;
     // Print updated entries whole: with the metadata they already had.
     let unchanged: Vec<String> = outcomes
         .iter()
         .filter(|o| o.metadata.is_none())
         .filter_map(|o| o.stored_id().map(str::to_owned))
         .collect();
-    if let Ok(stored) = fetch_metadata(&client, &unchanged).await {
+    if let Ok(stored) = fetch_metadata(client, &unchanged).await {
         for outcome in &mut outcomes {
             if outcome.metadata.is_none()
                 && let Some(id) = outcome.stored_id()
@@ -622,7 +827,7 @@ async fn update(args: &UpdateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             }
         }
     }
-    report_outcomes(out, &outcomes, "update", args.output.is_json())
+    Ok(outcomes)
 }
 
 /// Sets the metadata of the items whose entry call succeeded and that were given metadata.
@@ -723,10 +928,22 @@ fn report_outcomes(
     }
     let failed = outcomes.iter().filter(|o| !o.succeeded()).count();
     if failed > 0 {
-        bail!(
+        let counted = format!(
             "{failed} of {} failed",
             count_noun(outcomes.len(), "entry", "entries")
         );
+        // A lone entry's failure (a policy refusal names the rule and its fix) belongs on
+        // the error line itself.
+        match outcomes {
+            [single] => {
+                let status = single.failure().cloned().unwrap_or_else(ok_status);
+                bail!(
+                    "{counted}: {}",
+                    describe_status(tonic::Code::from_i32(status.code), &status.message)
+                );
+            }
+            _ => bail!("{counted}"),
+        }
     }
     Ok(())
 }
@@ -745,6 +962,14 @@ fn outcome_json(outcome: &ItemOutcome) -> Value {
         ),
     };
     item.insert("entry".into(), entry);
+    if let Some(source) = outcome.metadata.as_ref().map(|m| &m.source)
+        && !source.is_empty()
+    {
+        item.insert("source".into(), json!(source));
+    }
+    if !outcome.exception_ids.is_empty() {
+        item.insert("exception_ids".into(), json!(outcome.exception_ids));
+    }
     if let Some(status) = &outcome.metadata_status {
         item.insert("metadata_status".into(), status_json(Some(status)));
     }
@@ -759,6 +984,14 @@ fn write_outcome_pretty(
     match &outcome.entry {
         Some(entry) if is_ok(Some(&outcome.status)) => {
             write_entry_pretty(out, entry, outcome.metadata.as_ref())?;
+            write_source_pretty(out, outcome.metadata.as_ref())?;
+            if !outcome.exception_ids.is_empty() {
+                write_field(
+                    out,
+                    "Exceptions",
+                    &format!("{} (accepted under)", outcome.exception_ids.join(", ")),
+                )?;
+            }
             if let Some(status) = &outcome.metadata_status
                 && !is_ok(Some(status))
             {
@@ -781,6 +1014,49 @@ fn write_outcome_pretty(
         }
     }
     Ok(())
+}
+
+/// The `Source` line of an entry created by `apply` or `grant`.
+fn write_source_pretty(
+    out: &mut dyn Write,
+    metadata: Option<&EntryMetadata>,
+) -> anyhow::Result<()> {
+    if let Some(metadata) = metadata
+        && !metadata.source.is_empty()
+    {
+        write_field(out, "Source", &metadata.source)?;
+    }
+    Ok(())
+}
+
+/// Every entry's stored metadata, keyed by entry ID, following page tokens to the end. A
+/// server without the metadata service (SPIRE) has none.
+pub(crate) async fn list_all_metadata(
+    client: &ServerClient,
+) -> anyhow::Result<HashMap<String, EntryMetadata>> {
+    let mut found = HashMap::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListEntryMetadataRequest {
+            page_size: 0,
+            page_token: page_token.clone(),
+        };
+        let response = match client.entry_metadata().list_entry_metadata(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if is_unimplemented(&status) => return Ok(HashMap::new()),
+            Err(status) => return Err(rpc_error("ListEntryMetadata failed", &status)),
+        };
+        for metadata in response.metadata {
+            found.insert(metadata.entry_id.clone(), metadata);
+        }
+        if response.next_page_token.is_empty() {
+            return Ok(found);
+        }
+        if response.next_page_token == page_token {
+            bail!("the server returned the same page token twice");
+        }
+        page_token = response.next_page_token;
+    }
 }
 
 /// The stored metadata of the given entries, keyed by entry ID. A server without the
@@ -938,6 +1214,7 @@ fn write_entries(
     )?;
     for entry in entries {
         write_entry_pretty(out, entry, metadata.get(&entry.id))?;
+        write_source_pretty(out, metadata.get(&entry.id))?;
         writeln!(out)?;
     }
     Ok(())
