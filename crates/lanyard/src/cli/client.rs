@@ -86,12 +86,10 @@ impl ServerClient {
         GovernedEntryServiceClient::new(self.channel.clone())
     }
 
-    #[allow(dead_code)]
     pub(crate) fn exception(&self) -> ExceptionServiceClient<Channel> {
         ExceptionServiceClient::new(self.channel.clone())
     }
 
-    #[allow(dead_code)]
     pub(crate) fn usage(&self) -> UsageServiceClient<Channel> {
         UsageServiceClient::new(self.channel.clone())
     }
