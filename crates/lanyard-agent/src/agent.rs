@@ -43,7 +43,8 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Manager(Arc::new(e)))?;
         let attestor = Arc::new(UnixAttestor::new(&config.workload_attestor.unix));
-        let api = WorkloadApi::new(manager.snapshots(), manager.jwt_minter(), attestor);
+        let api = WorkloadApi::new(manager.snapshots(), manager.jwt_minter(), attestor)
+            .with_usage(manager.usage());
         let stopper = api.stream_stopper();
         let listener = bind_socket(&config.socket_path)?;
         let (stop, mut stopped) = watch::channel(false);

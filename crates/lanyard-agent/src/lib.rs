@@ -8,6 +8,7 @@ pub mod attestor;
 pub mod cache;
 pub mod config;
 pub mod manager;
+pub mod usage;
 pub mod workload;
 
 pub use agent::{Agent, AgentError, run};

@@ -8,13 +8,16 @@
 //! [`Snapshot`] through a `watch` channel after every change. It renews the agent SVID at
 //! half its life (`RenewAgent`, or re-attestation for re-attestable agents), re-mints
 //! workload SVIDs at half their life or when their entry or the CA changes, and withdraws
-//! SVIDs when they expire. When the server is unreachable it keeps serving what is still
+//! SVIDs when they expire. After each sync it reports to the server when workloads were last
+//! served each entry (`report`, from the [`UsageTracker`] the Workload API records into), unless
+//! the server lacks the service. When the server is unreachable it keeps serving what is still
 //! valid and retries with backoff. A ban, or a demand to re-attest that the agent cannot
 //! meet, stops the manager with an error ([`ManagerHandle::failed`]).
 
 mod attest;
 mod client;
 mod jwt;
+mod report;
 mod runner;
 mod storage;
 mod sync;
@@ -35,6 +38,7 @@ use self::runner::Runner;
 use self::storage::{StoredState, StoredSvid};
 use crate::cache::{JwtMinter, Snapshot};
 use crate::config::AgentConfig;
+use crate::usage::UsageTracker;
 
 /// Where the manager reads the time. Tests pass a clock they control.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
@@ -200,6 +204,7 @@ impl Manager {
             snapshots.clone(),
             config.jwt_svid_cache_size,
         ));
+        let usage = Arc::new(UsageTracker::new());
         let runner = Runner::new(
             config,
             clock,
@@ -209,6 +214,7 @@ impl Manager {
             credentials,
             reattestable,
             bundle,
+            Arc::clone(&usage),
         );
 
         let (stop, stopped) = watch::channel(false);
@@ -229,6 +235,7 @@ impl Manager {
             snapshots,
             agent_id,
             jwt_minter,
+            usage,
             failure,
             stop,
             task,
@@ -241,6 +248,7 @@ pub struct ManagerHandle {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     agent_id: watch::Receiver<SpiffeId>,
     jwt_minter: Arc<ManagerJwtMinter>,
+    usage: Arc<UsageTracker>,
     failure: watch::Receiver<Option<Arc<ManagerError>>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -263,6 +271,12 @@ impl ManagerHandle {
     /// Mints JWT-SVIDs through the server, with a cache.
     pub fn jwt_minter(&self) -> Arc<dyn JwtMinter> {
         Arc::clone(&self.jwt_minter) as Arc<dyn JwtMinter>
+    }
+
+    /// Where the Workload API records what it serves; the manager reports it to the server
+    /// after each sync.
+    pub fn usage(&self) -> Arc<UsageTracker> {
+        Arc::clone(&self.usage)
     }
 
     /// The agent's SPIFFE ID.

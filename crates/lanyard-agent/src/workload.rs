@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use lanyard_core::id::IdError;
 use lanyard_core::jwt::{JwtError, validate_jwt_svid};
-use lanyard_core::{SelectorSet, SpiffeId, TrustBundle, TrustDomain};
+use lanyard_core::{EntryId, SelectorSet, SpiffeId, TrustBundle, TrustDomain};
 use lanyard_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
@@ -42,6 +42,7 @@ use tonic::{Request, Response, Status};
 
 use crate::attestor::{AttestError, PeerCredentials, WorkloadAttestor};
 use crate::cache::{CachedEntry, JwtMintError, JwtMinter, Snapshot};
+use crate::usage::UsageTracker;
 
 /// The gRPC metadata key every Workload API request must carry with the value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -156,6 +157,7 @@ pub struct WorkloadApi {
     clock: Clock,
     initial_wait: Duration,
     stop: Arc<watch::Sender<bool>>,
+    usage: Option<Arc<UsageTracker>>,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -195,6 +197,7 @@ impl WorkloadApi {
             clock: Arc::new(SystemTime::now),
             initial_wait: DEFAULT_INITIAL_WAIT,
             stop: Arc::new(watch::channel(false).0),
+            usage: None,
         }
     }
 
@@ -207,6 +210,14 @@ impl WorkloadApi {
     /// The same handler waiting at most `wait` for the first sync or the first X.509-SVIDs.
     pub fn with_initial_wait(mut self, wait: Duration) -> Self {
         self.initial_wait = wait;
+        self
+    }
+
+    /// The same handler recording into `usage` which entries' SVIDs it serves: every SVID
+    /// of each `FetchX509SVID` response sent (initial or pushed), and the entries of each
+    /// `FetchJWTSVID` answer.
+    pub fn with_usage(mut self, usage: Arc<UsageTracker>) -> Self {
+        self.usage = Some(usage);
         self
     }
 
@@ -263,6 +274,7 @@ impl WorkloadApi {
         let mut snapshots = self.snapshots.clone();
         let mut stop = self.stop.subscribe();
         let clock = Arc::clone(&self.clock);
+        let usage = self.usage.clone();
         let give_up_at = tokio::time::Instant::now() + self.initial_wait;
         tokio::spawn(async move {
             let mut last_sent: Option<T> = None;
@@ -273,10 +285,14 @@ impl WorkloadApi {
                     Step::Send {
                         message,
                         recheck_at,
+                        served,
                     } => {
                         if last_sent.as_ref() != Some(&message) {
                             if !deliver(&tx, Ok(message.clone()), &mut stop).await {
                                 return;
+                            }
+                            if let Some(usage) = &usage {
+                                usage.record(&served, clock());
                             }
                             last_sent = Some(message);
                         }
@@ -325,6 +341,8 @@ enum Step<T> {
     Send {
         message: T,
         recheck_at: Option<SystemTime>,
+        /// The entries whose SVIDs the message carries.
+        served: Vec<EntryId>,
     },
     /// Send nothing yet.
     Wait {
@@ -426,6 +444,7 @@ fn x509_svid_step(
             federated_bundles,
         },
         recheck_at,
+        served: identities.iter().map(|i| i.entry.id.clone()).collect(),
     }
 }
 
@@ -454,6 +473,7 @@ fn bundles_step(
     Step::Send {
         message: bundles,
         recheck_at: None,
+        served: Vec::new(),
     }
 }
 
@@ -462,9 +482,11 @@ fn map_step<T, U>(step: Step<T>, f: impl FnOnce(T) -> U) -> Step<U> {
         Step::Send {
             message,
             recheck_at,
+            served,
         } => Step::Send {
             message: f(message),
             recheck_at,
+            served,
         },
         Step::Wait { reason, recheck_at } => Step::Wait { reason, recheck_at },
         Step::Fail(error) => Step::Fail(error),
@@ -576,6 +598,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 svid: svid.token,
                 hint: entry.hint.clone(),
             });
+        }
+        if let Some(usage) = &self.usage {
+            usage.record(entries.iter().map(|entry| &entry.id), (self.clock)());
         }
         Ok(Response::new(JwtsvidResponse { svids }))
     }
@@ -980,11 +1005,13 @@ mod tests {
         let Step::Send {
             message,
             recheck_at,
+            served,
         } = step(&f)
         else {
             panic!("nothing to send")
         };
         assert_eq!(recheck_at, Some(not_after));
+        assert_eq!(served, [f.entry.id.clone()]);
         assert_eq!(message.svids.len(), 1);
         let svid = &message.svids[0];
         assert_eq!(svid.spiffe_id, "spiffe://example.org/web");

@@ -16,6 +16,8 @@ use lanyard_core::tls::{InsecureBootstrapVerifier, SpiffeServerVerifier, client_
 use lanyard_core::x509::{self, X509Svid};
 use lanyard_core::{SpiffeId, TrustBundle, TrustDomain, x509pop};
 use lanyard_proto::convert::bundle_from_proto;
+use lanyard_proto::lanyard::api::v1 as lanyard_pb;
+use lanyard_proto::lanyard::api::v1::usage_service_client::UsageServiceClient;
 use lanyard_proto::spire::api::server::agent::v1 as agent_pb;
 use lanyard_proto::spire::api::server::agent::v1::agent_client::AgentClient;
 use lanyard_proto::spire::api::server::bundle::v1 as bundle_pb;
@@ -587,6 +589,28 @@ pub(crate) async fn renew_agent(
         ));
     }
     Ok(svid.cert_chain)
+}
+
+pub(crate) const REPORT_USAGE: &str = "ReportUsage";
+
+/// Tells the server when workloads were last served each entry (Lanyard's
+/// `UsageService`; a SPIRE server answers Unimplemented).
+pub(crate) async fn report_usage(
+    channel: Channel,
+    served: &[crate::usage::Served],
+) -> Result<(), ClientError> {
+    let served = served
+        .iter()
+        .map(|served| lanyard_pb::report_usage_request::Served {
+            entry_id: served.entry_id.as_str().to_owned(),
+            last_served_at: served.last_served_at,
+        })
+        .collect();
+    UsageServiceClient::new(channel)
+        .report_usage(lanyard_pb::ReportUsageRequest { served })
+        .await
+        .map_err(rpc_error(REPORT_USAGE))?;
+    Ok(())
 }
 
 #[cfg(test)]

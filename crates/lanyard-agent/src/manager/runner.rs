@@ -22,10 +22,12 @@ use super::attest::{
     load_attestor,
 };
 use super::client::{self, AgentCredentials, ClientError, ServerClient, ServerTrust};
+use super::report::UsageReporter;
 use super::storage::{self, StoredState, StoredSvid};
 use super::{AGENT_SVID_EXPIRY_MARGIN, Clock, ManagerError, blocking, sync};
 use crate::cache::{CachedEntry, Identity, Snapshot};
 use crate::config::AgentConfig;
+use crate::usage::UsageTracker;
 
 /// The longest wait between failed syncs (SPIRE: min(8 min, 48 × sync interval)).
 const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(8 * 60);
@@ -72,6 +74,7 @@ pub(super) struct Runner {
     batch_limit: usize,
     /// Entries left without SVIDs because of `x509_svid_cache_size`, last time we warned.
     n_over_capacity: usize,
+    usage: UsageReporter,
 }
 
 impl Runner {
@@ -86,6 +89,7 @@ impl Runner {
         credentials: Arc<AgentCredentials>,
         reattestable: bool,
         bundle: Arc<TrustBundle>,
+        usage: Arc<UsageTracker>,
     ) -> Self {
         Self {
             config,
@@ -104,6 +108,7 @@ impl Runner {
             dirty: false,
             batch_limit: MAX_CSRS_PER_CALL,
             n_over_capacity: 0,
+            usage: UsageReporter::new(usage),
         }
     }
 
@@ -193,6 +198,13 @@ impl Runner {
                         }
                         sync_failures = 0;
                         next_sync = Instant::now() + interval;
+                        // Serving what was just synced comes first: publish, then report.
+                        self.publish();
+                        let entries = &self.entries;
+                        tokio::select! {
+                            () = self.usage.after_sync(&self.client, |id| entries.contains_key(id)) => {}
+                            _ = stop.changed() => return Ok(()),
+                        }
                     }
                     Err(error) => {
                         self.client.reset();

@@ -4,4 +4,5 @@
 #![allow(unreachable_pub)]
 
 mod manager;
+mod usage;
 mod workload_api;

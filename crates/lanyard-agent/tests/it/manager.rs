@@ -27,23 +27,23 @@ use lanyard_server::{Server, ServerConfig};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
-const SYNC_INTERVAL: Duration = Duration::from_millis(200);
-const WAIT: Duration = Duration::from_secs(30);
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
+pub const WAIT: Duration = Duration::from_secs(30);
 
-fn trust_domain() -> TrustDomain {
+pub fn trust_domain() -> TrustDomain {
     TrustDomain::new("example.org").unwrap()
 }
 
 /// A server on a temporary directory whose port stays the same across restarts.
-struct Env {
+pub struct Env {
     server: Option<Server>,
     config: ServerConfig,
     addr: SocketAddr,
-    dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 impl Env {
-    async fn start() -> Self {
+    pub async fn start() -> Self {
         Self::start_with(|_, _| {}).await
     }
 
@@ -81,7 +81,7 @@ impl Env {
         self.server = Some(server);
     }
 
-    async fn admin(&self) -> Channel {
+    pub async fn admin(&self) -> Channel {
         let path = self.config.socket_path.clone();
         Endpoint::try_from("http://[::]:50051")
             .unwrap()
@@ -97,7 +97,7 @@ impl Env {
             .unwrap()
     }
 
-    async fn join_token(&self) -> String {
+    pub async fn join_token(&self) -> String {
         AgentClient::new(self.admin().await)
             .create_join_token(agent_pb::CreateJoinTokenRequest {
                 ttl: 600,
@@ -118,7 +118,7 @@ impl Env {
     }
 
     /// An agent configuration with a fresh data directory named `name`.
-    fn agent_config(&self, name: &str) -> AgentConfig {
+    pub fn agent_config(&self, name: &str) -> AgentConfig {
         let mut config = AgentConfig::new(
             self.addr.to_string(),
             trust_domain(),
@@ -130,7 +130,7 @@ impl Env {
     }
 
     /// Registers `spiffe://example.org/<path>` under `parent`; returns the entry ID.
-    async fn create_entry(
+    pub async fn create_entry(
         &self,
         parent: &SpiffeId,
         path: &str,
@@ -253,7 +253,7 @@ fn entry_message(parent: &SpiffeId, path: &str) -> types::Entry {
     }
 }
 
-fn join_token_agent(token: &str) -> SpiffeId {
+pub fn join_token_agent(token: &str) -> SpiffeId {
     trust_domain().join_token_agent_id(token).unwrap()
 }
 

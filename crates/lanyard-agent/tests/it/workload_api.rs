@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use lanyard_agent::attestor::{AttestError, PeerCredentials, UnixAttestor, WorkloadAttestor as _};
 use lanyard_agent::cache::{CachedEntry, Identity, JwtMintError, JwtMinter, Snapshot};
 use lanyard_agent::config::UnixAttestorConfig;
+use lanyard_agent::usage::UsageTracker;
 use lanyard_agent::workload::{self, ServeError, WorkloadApi};
 use lanyard_core::jwt::{JwtSigningKey, JwtSvid, JwtSvidParams, mint_jwt_svid};
 use lanyard_core::x509::{CaSubject, SvidParams, X509Ca, verify_svid_chain};
@@ -20,7 +21,8 @@ use lanyard_core::{
 };
 use lanyard_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use lanyard_proto::workload::{
-    JwtsvidRequest, ValidateJwtsvidRequest, WitBundlesRequest, WitsvidRequest, X509svidRequest,
+    JwtsvidRequest, ValidateJwtsvidRequest, WitBundlesRequest, WitsvidRequest, X509BundlesRequest,
+    X509svidRequest,
 };
 use spiffe::{WorkloadApiClient, WorkloadApiError};
 use tokio::sync::{oneshot, watch};
@@ -372,6 +374,89 @@ async fn x509_svid_chain_verifies_against_the_served_bundle() {
         .permissions()
         .mode();
     assert_eq!(dir_mode & 0o777, 0o755, "directory mode {dir_mode:o}");
+
+    agent.stop().await;
+}
+
+/// The entry IDs the tracker holds as unreported, once they are exactly `expected` (a stream
+/// records a response just after sending it, so the client may see it first).
+async fn wait_for_unreported(tracker: &UsageTracker, expected: &[&str]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let unreported: Vec<String> = tracker
+            .unreported()
+            .iter()
+            .map(|s| s.entry_id.as_str().to_owned())
+            .collect();
+        if unreported == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "unreported {unreported:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn served_svids_are_recorded_for_usage_reports() {
+    let pki = Pki::new();
+    let web = pki.entry("web", "/web", &[my_uid_selector()], "");
+    let db = pki.entry("db", "/db", &[my_uid_selector()], "");
+    let other = pki.entry("other", "/other", &["unix:uid:4294967".to_owned()], "");
+    let entries = [Arc::clone(&web), Arc::clone(&db), Arc::clone(&other)];
+    let tracker = Arc::new(UsageTracker::new());
+    // A clock the test moves forward, so that each phase serves at a later second.
+    let offset = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let clock: workload::Clock = {
+        let offset = Arc::clone(&offset);
+        Arc::new(move || {
+            now() + Duration::from_secs(offset.load(std::sync::atomic::Ordering::SeqCst))
+        })
+    };
+    let advance = || offset.fetch_add(10, std::sync::atomic::Ordering::SeqCst);
+    let agent = Agent::start_with(&pki, pki.snapshot(&entries), |api| {
+        api.with_usage(Arc::clone(&tracker)).with_clock(clock)
+    })
+    .await;
+    let mut raw = agent.raw_client().await;
+
+    // Bundles carry no SVID.
+    let mut bundles = within(raw.fetch_x509_bundles(with_header(X509BundlesRequest {})))
+        .await
+        .unwrap()
+        .into_inner();
+    within(bundles.message()).await.unwrap().unwrap();
+    drop(bundles);
+    assert!(tracker.unreported().is_empty());
+
+    // The first X.509 response counts for every SVID in it, and only those.
+    let mut stream = within(raw.fetch_x509svid(with_header(X509svidRequest {})))
+        .await
+        .unwrap()
+        .into_inner();
+    within(stream.message()).await.unwrap().unwrap();
+    wait_for_unreported(&tracker, &["db", "web"]).await;
+    tracker.acknowledge(&tracker.unreported());
+    assert!(tracker.unreported().is_empty());
+
+    // A pushed response (rotated SVIDs) counts again.
+    advance();
+    agent.publish(pki.snapshot(&entries));
+    within(stream.message()).await.unwrap().unwrap();
+    wait_for_unreported(&tracker, &["db", "web"]).await;
+    tracker.acknowledge(&tracker.unreported());
+    drop(stream);
+
+    // A JWT-SVID counts for the entry it was minted for.
+    advance();
+    let request = with_header(JwtsvidRequest {
+        audience: vec!["api".to_owned()],
+        spiffe_id: "spiffe://example.org/web".to_owned(),
+    });
+    within(raw.fetch_jwtsvid(request)).await.unwrap();
+    wait_for_unreported(&tracker, &["web"]).await;
 
     agent.stop().await;
 }

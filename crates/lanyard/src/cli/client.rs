@@ -89,7 +89,6 @@ impl ServerClient {
         ExceptionServiceClient::new(self.channel.clone())
     }
 
-    #[allow(dead_code)]
     pub(crate) fn usage(&self) -> UsageServiceClient<Channel> {
         UsageServiceClient::new(self.channel.clone())
     }
