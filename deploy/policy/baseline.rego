@@ -56,7 +56,7 @@ violations contains v if {
 		"rule": "expiry-max-90d",
 		"message": sprintf("entry for %s expires in %d days, more than 90", [
 			input.entry.spiffe_id,
-			(input.entry.expires_at - input.now) / day,
+			floor((input.entry.expires_at - input.now) / day),
 		]),
 		"fix": "set --expires-at at most 90 days from now",
 	}
@@ -110,7 +110,7 @@ exception_violations contains v if {
 		"rule": "exception-max-30d",
 		"message": sprintf("exception %s would run %d days, more than 30", [
 			input.exception.id,
-			(input.exception.expires_at - input.now) / day,
+			floor((input.exception.expires_at - input.now) / day),
 		]),
 		"fix": "ask for at most 30 days; extend it again later if it is still needed",
 	}

@@ -68,3 +68,10 @@ test_admin_exception_needs_ticket if {
 	exception_rules(exception) == {"exception-ticket-required"}
 	exception_rules(object.union(exception, {"ticket": "CHG-1"})) == set()
 }
+
+test_messages_count_whole_days_of_a_fractional_span if {
+	some v in lanyard.violations with input as {"now": now, "entry": object.union(good_entry, {"expires_at": (now + (91 * 86400)) + 3600})}
+	v.message == "entry for spiffe://example.org/user/alice expires in 91 days, more than 90"
+	some x in lanyard.exception_violations with input as {"now": now, "exception": {"id": "x3", "rules": ["r"], "ticket": "T", "expires_at": (now + (31 * 86400)) + 7}}
+	x.message == "exception x3 would run 31 days, more than 30"
+}

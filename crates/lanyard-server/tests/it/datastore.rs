@@ -2030,7 +2030,13 @@ async fn usage_merges_issuances_and_reports(store: Store) {
         .unwrap();
 
     let usage = store.list_usage(&[]).await.unwrap();
-    type Row<'a> = (&'a str, &'a str, Option<SystemTime>, Option<SystemTime>, u64);
+    type Row<'a> = (
+        &'a str,
+        &'a str,
+        Option<SystemTime>,
+        Option<SystemTime>,
+        u64,
+    );
     let rows: Vec<Row<'_>> = usage
         .iter()
         .map(|u| {
