@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod go_spiffe;
+mod grants;
 mod identities;
 mod java_spiffe;
 mod mtls;
