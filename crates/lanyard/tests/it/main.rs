@@ -67,9 +67,31 @@ const SERVER_COMMANDS: &[&[&str]] = &[
         "--audience",
         "api",
     ],
+    &["exception", "list"],
+    &["exception", "show", "some-id"],
+    &["exception", "revoke", "some-id", "--reason", "done"],
+    &["grant", "list"],
+    &["grant", "revoke", "some-id"],
+    &["report", "stale"],
+    &["report", "expiring"],
+    &["report", "exceptions"],
+    &["report", "ownerless"],
+    &["report", "usage", "some-id"],
+    &["report", "holders"],
 ];
 
-const GROUPS: &[&str] = &["entry", "agent", "token", "bundle", "x509", "jwt", "server"];
+const GROUPS: &[&str] = &[
+    "entry",
+    "agent",
+    "token",
+    "bundle",
+    "x509",
+    "jwt",
+    "server",
+    "exception",
+    "grant",
+    "report",
+];
 
 fn lanyard(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lanyard"))
