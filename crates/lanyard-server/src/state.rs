@@ -195,6 +195,16 @@ impl ServerState {
         if decision.passes() {
             Ok(decision.exceptions_used())
         } else {
+            self.audit(
+                &caller.describe(),
+                "entry refused by policy",
+                serde_json::json!({
+                    "operation": operation,
+                    "entry_id": entry.id.as_str(),
+                    "spiffe_id": entry.spiffe_id.to_string(),
+                    "rules": decision.violations.iter().map(|v| v.rule.as_str()).collect::<Vec<_>>(),
+                }),
+            );
             Err(ApiError::InvalidArgument(format!(
                 "entry violates policy: {}",
                 describe_violations(&decision.violations)
@@ -332,7 +342,7 @@ impl ServerState {
             .unwrap_or_else(|e| e.into_inner())
             .get(&entry.id)
             .cloned();
-        if let Some(cached) = cached {
+        if let Some(cached) = &cached {
             let fresh = now < cached.valid_until;
             if cached.revision == entry.revision_number
                 && cached.generation == generation
@@ -343,8 +353,8 @@ impl ServerState {
             }
         }
         let input = self.entry_input(entry, Operation::Issue, None, now);
-        let (passes, exceptions_used) = match policy.current().evaluate_entry(&input) {
-            Ok(decision) if decision.passes() => (true, decision.exceptions_used()),
+        let (passes, exceptions_used, rules) = match policy.current().evaluate_entry(&input) {
+            Ok(decision) if decision.passes() => (true, decision.exceptions_used(), Vec::new()),
             Ok(decision) => {
                 tracing::warn!(
                     entry_id = %entry.id,
@@ -352,13 +362,39 @@ impl ServerState {
                     "the entry fails the policy and authorizes nothing: {}",
                     describe_violations(&decision.violations)
                 );
-                (false, Vec::new())
+                let rules = decision.violations.into_iter().map(|v| v.rule).collect();
+                (false, Vec::new(), rules)
             }
             Err(error) => {
                 tracing::error!(entry_id = %entry.id, "the policy failed to evaluate, so the entry authorizes nothing: {error}");
-                (false, Vec::new())
+                (false, Vec::new(), vec!["(evaluation failed)".to_owned()])
             }
         };
+        // The audit log records each change of an entry's standing, not every re-decision.
+        let previously = cached
+            .as_ref()
+            .map(|c| (c.passes, c.exceptions_used.clone()));
+        if previously.as_ref().map(|(p, e)| (*p, e.as_ref()))
+            != Some((passes, exceptions_used.as_slice()))
+            && (previously.is_some() || !passes || !exceptions_used.is_empty())
+        {
+            self.audit(
+                "policy",
+                if passes {
+                    "entry authorizes at issuance"
+                } else {
+                    "entry stopped authorizing at issuance"
+                },
+                serde_json::json!({
+                    "entry_id": entry.id.as_str(),
+                    "spiffe_id": entry.spiffe_id.to_string(),
+                    "revision_number": entry.revision_number,
+                    "policy_generation": generation,
+                    "exception_ids": exceptions_used,
+                    "rules": rules,
+                }),
+            );
+        }
         // An exception's expiry is a deadline for the decision too.
         let valid_until = input
             .exceptions

@@ -364,6 +364,24 @@ async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_th
         .unwrap()
         .into_inner();
     assert_eq!(all.exceptions.len(), 1);
+
+    // Refusals are policy decisions too: each is in the audit log with its rules.
+    let log = std::fs::read_to_string(server.config.audit_log_path()).unwrap();
+    let refusals: Vec<serde_json::Value> = lanyard_core::audit::events(&log)
+        .filter(|(_, _, event)| event["action"] == "entry refused by policy")
+        .map(|(_, _, event)| event["details"].clone())
+        .collect();
+    assert!(
+        refusals
+            .iter()
+            .any(|d| d["spiffe_id"] == "spiffe://example.org/web"
+                && d["rules"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r == "owner-required")),
+        "{refusals:?}"
+    );
 }
 
 /// This process's uid, as the kernel reports it for a file it creates.
@@ -457,6 +475,24 @@ async fn revoking_an_exception_ends_what_it_allowed_at_once() {
     assert!(
         !state.is_admin_id(&id("/ops/admin")),
         "an admin entry without its exception grants nothing"
+    );
+
+    // The audit log holds the exception's life and each change of the entry's standing.
+    let log = std::fs::read_to_string(server.config.audit_log_path()).unwrap();
+    lanyard_core::audit::verify(&log).unwrap();
+    let actions: Vec<String> = lanyard_core::audit::events(&log)
+        .map(|(_, _, event)| event["action"].as_str().unwrap().to_owned())
+        .filter(|action| !action.starts_with("agent") && !action.starts_with("join"))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "exception created",
+            "entry created",
+            "entry authorizes at issuance",
+            "exception revoked",
+            "entry stopped authorizing at issuance",
+        ]
     );
 }
 

@@ -200,34 +200,26 @@ impl ExceptionStatus {
     }
 }
 
-fn non_empty(flag: &str, value: &str) -> anyhow::Result<String> {
-    let trimmed = value.trim();
-    if trimmed.is_empty() {
-        bail!("{flag} must not be empty");
-    }
-    Ok(trimmed.to_owned())
-}
-
 impl CreateArgs {
     /// The exception to send, checked as far as the CLI can.
     fn to_exception(&self, now: SystemTime) -> anyhow::Result<PolicyException> {
         let rules = self
             .rules
             .iter()
-            .map(|rule| non_empty("--rule", rule))
+            .map(|rule| parse::non_empty("--rule", rule))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let entry_ids = self
             .entry_ids
             .iter()
-            .map(|id| non_empty("--entry-id", id))
+            .map(|id| parse::non_empty("--entry-id", id))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let spiffe_id_pattern = match &self.spiffe_id {
             Some(pattern) => check_pattern(pattern)?,
             None => String::new(),
         };
         Ok(PolicyException {
-            owner: non_empty("--owner", &self.owner)?,
-            reason: non_empty("--reason", &self.reason)?,
+            owner: parse::non_empty("--owner", &self.owner)?,
+            reason: parse::non_empty("--reason", &self.reason)?,
             ticket: self.ticket.clone().unwrap_or_default(),
             rules,
             entry_ids,
@@ -312,7 +304,7 @@ async fn show(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 
 async fn extend(args: &ExtendArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let expires_at = args.expiry.unix_seconds(SystemTime::now())?;
-    let reason = non_empty("--reason", &args.reason)?;
+    let reason = parse::non_empty("--reason", &args.reason)?;
     let client = args.socket.connect().await?;
     let extended = client
         .exception()
@@ -328,7 +320,7 @@ async fn extend(args: &ExtendArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 }
 
 async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let reason = non_empty("--reason", &args.reason)?;
+    let reason = parse::non_empty("--reason", &args.reason)?;
     let client = args.socket.connect().await?;
     let revoked = client
         .exception()

@@ -126,14 +126,6 @@ fn current_user() -> String {
     }
 }
 
-fn non_empty(flag: &str, value: &str) -> anyhow::Result<String> {
-    let trimmed = value.trim();
-    if trimmed.is_empty() {
-        bail!("{flag} must not be empty");
-    }
-    Ok(trimmed.to_owned())
-}
-
 impl CreateArgs {
     /// The grant's entry and metadata, ending `duration` after `now`.
     fn to_grant(&self, now: SystemTime) -> anyhow::Result<GovernedEntry> {
@@ -158,13 +150,13 @@ impl CreateArgs {
             entry.jwt_svid_ttl = parse::ttl_seconds(ttl).context("--jwt-svid-ttl is invalid")?;
         }
         let owner = match &self.owner {
-            Some(owner) => non_empty("--owner", owner)?,
+            Some(owner) => parse::non_empty("--owner", owner)?,
             None => current_user(),
         };
         let metadata = EntryMetadata {
             entry_id: String::new(),
             owner,
-            reason: non_empty("--reason", &self.reason)?,
+            reason: parse::non_empty("--reason", &self.reason)?,
             ticket: self.ticket.clone().unwrap_or_default(),
             source: GRANT_SOURCE.to_owned(),
         };

@@ -43,6 +43,15 @@ impl MatchMode {
     }
 }
 
+/// The value of `flag`, trimmed; an empty or blank value is refused.
+pub(crate) fn non_empty(flag: &str, value: &str) -> anyhow::Result<String> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        anyhow::bail!("{flag} must not be empty");
+    }
+    Ok(trimmed.to_owned())
+}
+
 /// Parses a SPIFFE ID (`spiffe://example.org/workload`) into its protobuf form.
 pub(crate) fn spiffe_id(value: &str) -> anyhow::Result<types::Spiffeid> {
     let id: SpiffeId = value
