@@ -677,3 +677,48 @@ async fn no_svid_outlives_its_entry() {
         .unwrap();
     assert!(jwt.expires_at <= unix(ends));
 }
+
+#[tokio::test]
+async fn the_ledger_forgets_issuances_past_its_retention() {
+    let server = TestServer::start_with(|config| {
+        config.ledger_retention = Duration::from_secs(DAY);
+    })
+    .await;
+    let agent = server.attest_new_agent().await;
+    let web = create_governed(
+        &server,
+        entry(&server, "/web", &agent.id, 30),
+        metadata("web", "shop"),
+    )
+    .await
+    .entry
+    .unwrap()
+    .entry
+    .unwrap()
+    .id;
+    assert_eq!(mint(&server, &agent, &web).await.status.unwrap().code, 0);
+    assert_eq!(wait_for_issuances(&server, &web, 1).await.len(), 1);
+
+    // A day and a second later, the server's periodic pass (every 5 s) prunes it.
+    server.clock.advance(Duration::from_secs(DAY + 1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = UsageServiceClient::new(server.admin().await)
+            .list_issuances(gov::ListIssuancesRequest {
+                entry_id: web.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .issuances;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still in the ledger: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
