@@ -9,8 +9,8 @@ use lanyard_e2e::{Cluster, current_uid, spiffe_id, uid_selector, workspace_root}
 /// The harness agent's `sync_interval`.
 const SYNC_INTERVAL: Duration = Duration::from_millis(500);
 
-/// What a fetch through the `lanyard` CLI may add on top (process start, connection).
-const FETCH_SLACK: Duration = Duration::from_millis(700);
+/// What a sync may take on top of its interval (the RPCs, minting, a loaded machine).
+const SYNC_SLACK: Duration = Duration::from_millis(500);
 
 fn governed_cluster() -> Cluster {
     let policy = workspace_root().join("deploy/policy/baseline.rego");
@@ -49,18 +49,23 @@ fn grant(cluster: &Cluster, path: &str, duration: &str) -> (String, SystemTime) 
     )
 }
 
-/// Polls the Workload API until `id` is no longer served; returns when that was seen.
-fn wait_until_not_served(cluster: &Cluster, id: &str, timeout: Duration) -> SystemTime {
+/// Polls the Workload API until `id` is no longer served. Returns when the last fetch that
+/// still got it began: the agent was serving it at least until then, however slow the fetch
+/// itself was, so the bound is a lower bound on how long it stayed served.
+fn last_served(cluster: &Cluster, id: &str, timeout: Duration) -> Option<SystemTime> {
     let deadline = Instant::now() + timeout;
+    let mut last = None;
     loop {
+        let began = SystemTime::now();
         let served = cluster
             .agent
             .fetch_x509()
             .map(|svids| svids.iter().any(|svid| svid.spiffe_id == id))
             .unwrap_or(false);
         if !served {
-            return SystemTime::now();
+            return last;
         }
+        last = Some(began);
         assert!(
             Instant::now() < deadline,
             "{id} still served after {timeout:?}\n{}",
@@ -68,6 +73,12 @@ fn wait_until_not_served(cluster: &Cluster, id: &str, timeout: Duration) -> Syst
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// How long after `since` the SVID was still seen served (zero if not after it).
+fn served_for(last: Option<SystemTime>, since: SystemTime) -> Duration {
+    last.and_then(|last| last.duration_since(since).ok())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -83,10 +94,12 @@ fn a_grants_svids_stop_at_its_end_and_within_a_sync_interval_of_its_revocation()
         not_after <= ends,
         "the SVID outlives the grant: {not_after:?} > {ends:?}"
     );
-    let gone = wait_until_not_served(&cluster, &short_id, Duration::from_secs(30));
-    let late = gone.duration_since(ends).unwrap_or_default();
+    let late = served_for(
+        last_served(&cluster, &short_id, Duration::from_secs(30)),
+        ends,
+    );
     assert!(
-        late <= SYNC_INTERVAL + FETCH_SLACK,
+        late <= SYNC_INTERVAL + SYNC_SLACK,
         "served {late:?} past the grant's end (sync interval {SYNC_INTERVAL:?})"
     );
 
@@ -99,10 +112,12 @@ fn a_grants_svids_stop_at_its_end_and_within_a_sync_interval_of_its_revocation()
         .cli(["grant", "revoke", &entry, "--reason", "done"]);
     assert!(revoked.success(), "{revoked}");
     let revoked_at = SystemTime::now();
-    let gone = wait_until_not_served(&cluster, &long_id, Duration::from_secs(30));
-    let delay = gone.duration_since(revoked_at).unwrap_or_default();
+    let delay = served_for(
+        last_served(&cluster, &long_id, Duration::from_secs(30)),
+        revoked_at,
+    );
     assert!(
-        delay <= SYNC_INTERVAL + FETCH_SLACK,
+        delay <= SYNC_INTERVAL + SYNC_SLACK,
         "served {delay:?} after the revocation (sync interval {SYNC_INTERVAL:?})"
     );
     println!("last served {late:?} after the grant's end; {delay:?} after its revocation");
