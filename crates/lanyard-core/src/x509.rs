@@ -1027,6 +1027,12 @@ pub fn serial_decimal(der: &[u8]) -> Result<String, X509Error> {
     serial_to_decimal(parse_certificate(der)?.raw_serial())
 }
 
+/// The ID of the CA certificate `der` as an authority, as [`X509Ca::authority_id`] gives it:
+/// its subject key identifier in lowercase hex, or its SHA-1 fingerprint when it has none.
+pub fn authority_id_of(der: &[u8]) -> Result<String, X509Error> {
+    Ok(subject_key_id_hex(der)?.unwrap_or_else(|| fingerprint_sha1_hex(der)))
+}
+
 /// Lowercase hex SHA-1 of the certificate's DER: SPIRE's x509pop fingerprint (the last
 /// segment of an x509pop agent ID).
 pub fn fingerprint_sha1_hex(der: &[u8]) -> String {

@@ -20,7 +20,11 @@ use lanyard_core::{TrustBundle, TrustDomain};
 use serde::{Deserialize, Serialize};
 
 use crate::datastore::{Datastore, DatastoreError};
+
+mod authority;
+
 use crate::keymanager::{KeyManager, KeyManagerError};
+pub use authority::{AuthorityError, AuthorityInfo, AuthorityKind, AuthorityStates};
 
 /// The journal's key in the datastore. One server per datastore for now; HA servers will key
 /// their journals by server instance.

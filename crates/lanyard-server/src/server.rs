@@ -21,6 +21,7 @@ use crate::api::bundle::BundleService;
 use crate::api::entry::EntryService;
 use crate::api::exception::ExceptionService;
 use crate::api::governed::GovernedEntryService;
+use crate::api::localauthority::LocalAuthorityService;
 use crate::api::metadata::EntryMetadataService;
 use crate::api::svid::SvidService;
 use crate::api::usage::UsageService;
@@ -252,6 +253,7 @@ fn routes(state: &Arc<ServerState>, x509pop_anchors: Option<Vec<Vec<u8>>>) -> Ro
         .add_service(GovernedEntryService::new(Arc::clone(state)).into_server())
         .add_service(ExceptionService::new(Arc::clone(state)).into_server())
         .add_service(UsageService::new(Arc::clone(state)).into_server())
+        .add_service(LocalAuthorityService::new(Arc::clone(state)).into_server())
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<Vec<u8>>, ServerError> {

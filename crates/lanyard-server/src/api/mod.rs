@@ -11,6 +11,7 @@ pub mod entry;
 pub mod errors;
 pub mod exception;
 pub mod governed;
+pub mod localauthority;
 pub mod metadata;
 pub mod svid;
 pub mod usage;

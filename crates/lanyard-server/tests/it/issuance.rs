@@ -17,7 +17,7 @@ use tonic::Code;
 
 use crate::support::{AttestedAgentIdentity, TestServer, trust_domain};
 
-async fn create_entry(
+pub(crate) async fn create_entry(
     server: &TestServer,
     spiffe_path: &str,
     parent: &lanyard_core::SpiffeId,

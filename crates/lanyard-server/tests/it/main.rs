@@ -9,5 +9,6 @@ mod datastore;
 mod entry_api;
 mod governance;
 mod issuance;
+mod local_authority;
 mod support;
 mod svid_bundle_api;
