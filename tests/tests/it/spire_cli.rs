@@ -62,7 +62,51 @@ fn spire_server_cli_administers_the_lanyard_server() {
 
     entries(&server, &agent, &agent_id);
     bundle(&server);
+    local_authority(&server);
     agents(&server, &agent_id);
+}
+
+/// The authority ID in one `AuthorityState` of SPIRE's JSON output.
+fn authority_id(state: &serde_json::Value) -> String {
+    state["authority_id"]
+        .as_str()
+        .or_else(|| state["authorityId"].as_str())
+        .unwrap_or_else(|| panic!("no authority ID in {state}"))
+        .to_owned()
+}
+
+/// `localauthority x509 show/prepare/activate/taint/revoke`: a forced rotation of the Lanyard
+/// server's CA, driven by SPIRE's CLI, checked in the bundle the Lanyard CLI shows.
+fn local_authority(server: &Server) {
+    let show = || spire_json(server, &["localauthority", "x509", "show"], &[]);
+    let first = authority_id(&show()["active"]);
+    let pretty = spire_ok(server, &["localauthority", "x509", "show"], &[]);
+    assert!(pretty.contains(&first), "{pretty}");
+    let prepared = spire_json(server, &["localauthority", "x509", "prepare"], &[]);
+    let prepared = authority_id(&prepared["prepared_authority"]);
+    assert_ne!(prepared, first);
+    let activated = spire_ok(
+        server,
+        &["localauthority", "x509", "activate"],
+        &["-authorityID", &prepared],
+    );
+    assert!(activated.contains(&prepared), "{activated}");
+    let state = show();
+    assert_eq!(authority_id(&state["active"]), prepared, "{state}");
+    assert_eq!(authority_id(&state["old"]), first, "{state}");
+    for step in ["taint", "revoke"] {
+        spire_ok(
+            server,
+            &["localauthority", "x509", step],
+            &["-authorityID", &first],
+        );
+    }
+    let in_bundle: Vec<String> = server
+        .bundle_der()
+        .iter()
+        .map(|der| lanyard_core::x509::authority_id_of(der).unwrap())
+        .collect();
+    assert_eq!(in_bundle, vec![prepared], "the bundle after the rotation");
 }
 
 /// `entry create/show/count/update/delete`.
