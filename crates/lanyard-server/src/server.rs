@@ -359,6 +359,7 @@ async fn rotate(
     loop {
         let stop = tokio::select! {
             _ = interval.tick() => false,
+            () = state.rotation_requested() => false,
             _ = stopped.wait_for(|s| *s) => true,
         };
         if stop {

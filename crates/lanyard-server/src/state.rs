@@ -46,6 +46,7 @@ pub struct ServerState {
     exceptions: RwLock<Arc<Vec<Exception>>>,
     exceptions_generation: AtomicU64,
     ledger: Option<Ledger>,
+    rotation_requested: tokio::sync::Notify,
 }
 
 /// How long a policy decision about an entry is reused while neither the entry nor the
@@ -113,7 +114,20 @@ impl ServerState {
             exceptions: RwLock::new(Arc::new(exceptions)),
             exceptions_generation: AtomicU64::new(0),
             ledger: None,
+            rotation_requested: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Asks the server's periodic pass (CA schedule, its own SVID, pruning) to run now rather
+    /// than at its next tick: after a forced CA rotation, the server's own SVID must move to
+    /// the new authority before the old one can be revoked.
+    pub fn request_rotation(&self) {
+        self.rotation_requested.notify_one();
+    }
+
+    /// Completes when [`ServerState::request_rotation`] was called (once per call).
+    pub async fn rotation_requested(&self) {
+        self.rotation_requested.notified().await;
     }
 
     /// Records every issuance in `ledger` from now on.

@@ -75,6 +75,8 @@ impl LocalAuthorityService {
             AuthorityError::FailedPrecondition(message) => ApiError::FailedPrecondition(message),
             AuthorityError::Ca(error) => ApiError::from(error),
         })?;
+        // The server's own SVID follows an activated authority at once, not at the next tick.
+        self.state.request_rotation();
         self.state.audit(
             &caller.describe(),
             action,

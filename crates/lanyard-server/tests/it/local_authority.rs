@@ -200,6 +200,17 @@ async fn the_x509_authority_is_prepared_activated_tainted_and_revoked_like_spire
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "gone from the bundle");
 
+    // The server's own SVID moved to the new authority when it was activated, so clients
+    // trusting only the bundle as it is now still reach the server.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while server.try_tls(None).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server still presents an SVID from the revoked authority"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // The rotation survives a restart of the server on the same data.
     let mut server = server;
     server.restart().await;

@@ -119,13 +119,21 @@ impl TestServer {
 
     /// A TLS channel that verifies the server SVID against the bundle and presents `identity`.
     pub async fn tls(&self, identity: Option<(&[Vec<u8>], &KeyPair)>) -> Channel {
+        self.try_tls(identity).await.unwrap()
+    }
+
+    /// Like [`TestServer::tls`], handing back a failed handshake.
+    pub async fn try_tls(
+        &self,
+        identity: Option<(&[Vec<u8>], &KeyPair)>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let authorities = self.authorities();
         let verifier = SpiffeServerVerifier::new(
             trust_domain().server_id(),
             Arc::new(move || authorities.clone()),
         );
         let config = client_config(Arc::new(verifier), identity).unwrap();
-        tls_channel(self.addr(), config).await
+        try_tls_channel(self.addr(), config).await
     }
 
     /// A TLS channel that only checks the server's ID (SPIRE's insecure bootstrap).
@@ -187,6 +195,14 @@ pub async fn uds_channel(path: &Path) -> Channel {
 }
 
 pub async fn tls_channel(addr: SocketAddr, config: rustls::ClientConfig) -> Channel {
+    try_tls_channel(addr, config).await.unwrap()
+}
+
+/// Like [`tls_channel`], handing back a failed connection or handshake.
+pub async fn try_tls_channel(
+    addr: SocketAddr,
+    config: rustls::ClientConfig,
+) -> Result<Channel, tonic::transport::Error> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     Endpoint::try_from(format!("http://{addr}"))
         .unwrap()
@@ -200,7 +216,6 @@ pub async fn tls_channel(addr: SocketAddr, config: rustls::ClientConfig) -> Chan
             }
         }))
         .await
-        .unwrap()
 }
 
 /// Runs the join-token attestation exchange as SPIRE's agent does.
