@@ -248,6 +248,14 @@ fn print_banner(
         "  lanyard entry create --spiffe-id spiffe://{trust_domain}/demo --parent-id {agent_id} \\\n      --selector unix:uid:$(id -u) --owner $USER --reason demo --expires-at $(($(date +%s) + 7*86400))"
     )?;
     writeln!(out)?;
+    writeln!(
+        out,
+        "Governance (README, \"Governance\"): exceptions, grants and who used what:"
+    )?;
+    writeln!(out)?;
+    writeln!(out, "  lanyard exception list --all")?;
+    writeln!(out, "  lanyard report usage {user_id}")?;
+    writeln!(out)?;
     writeln!(out, "Press Ctrl-C to stop.")?;
     Ok(())
 }

@@ -190,6 +190,16 @@ fn dev_serves_the_current_user_and_cleans_up_on_ctrl_c() {
     let baseline = std::fs::read_to_string(&policy).unwrap();
     assert!(baseline.contains("owner-required"), "{baseline}");
 
+    // The banner's governance commands work as printed.
+    let exceptions = dev.run(&["exception", "list", "--all"]);
+    assert!(exceptions.status.success(), "{exceptions:?}");
+    let usage = dev.run(&["report", "usage", &id]);
+    assert!(usage.status.success(), "{usage:?}");
+    assert!(
+        String::from_utf8_lossy(&usage.stdout).contains(&id),
+        "{usage:?}"
+    );
+
     // Ctrl-C stops both and removes the temporary data directory.
     let status = Command::new("kill")
         .args(["-INT", &dev.child.id().to_string()])
