@@ -247,8 +247,23 @@ impl SpireServer {
 // ---------------------------------------------------------------------------------------------
 // spire-agent
 
-/// A `spire-agent run` attesting with a join token to a server at some address (SPIRE's or
-/// Lanyard's), its data directory and Workload API socket in its own directory. Killed on drop.
+/// How a [`SpireAgent`] attests its node.
+#[derive(Debug, Clone, Copy)]
+pub enum SpireAttestation<'a> {
+    /// SPIRE's `join_token` node attestor with this token.
+    JoinToken(&'a str),
+    /// SPIRE's `x509pop` node attestor with this certificate (PEM, leaf first) and key (PEM).
+    X509Pop {
+        /// The certificate file.
+        certificate: &'a Path,
+        /// The private key file.
+        private_key: &'a Path,
+    },
+}
+
+/// A `spire-agent run` attesting with a join token or x509pop to a server at some address
+/// (SPIRE's or Lanyard's), its data directory and Workload API socket in its own directory.
+/// Killed on drop.
 #[derive(Debug)]
 pub struct SpireAgent {
     dir: PathBuf,
@@ -262,6 +277,21 @@ impl SpireAgent {
     /// its Workload API socket exists; attestation may still be under way (see
     /// [`SpireAgent::wait_for_x509`]).
     pub fn start(dir: &Path, server_address: &str, bundle_pem: &str, join_token: &str) -> Self {
+        Self::start_with(
+            dir,
+            server_address,
+            bundle_pem,
+            SpireAttestation::JoinToken(join_token),
+        )
+    }
+
+    /// Like [`SpireAgent::start`], attesting as `attestation` says.
+    pub fn start_with(
+        dir: &Path,
+        server_address: &str,
+        bundle_pem: &str,
+        attestation: SpireAttestation<'_>,
+    ) -> Self {
         let spire = spire();
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
@@ -283,12 +313,10 @@ impl SpireAgent {
              \x20   socket_path = {socket}\n\
              \x20   trust_bundle_path = {bundle}\n\
              \x20   trust_domain = {td}\n\
-             \x20   join_token = {token}\n\
+             {join_token}\
              }}\n\
              plugins {{\n\
-             \x20   NodeAttestor \"join_token\" {{\n\
-             \x20       plugin_data {{}}\n\
-             \x20   }}\n\
+             {node_attestor}\
              \x20   KeyManager \"disk\" {{\n\
              \x20       plugin_data {{\n\
              \x20           directory = {data}\n\
@@ -303,7 +331,26 @@ impl SpireAgent {
             socket = hcl_path(&socket),
             bundle = hcl_path(&bundle_path),
             td = hcl_string(TRUST_DOMAIN),
-            token = hcl_string(join_token),
+            join_token = match attestation {
+                SpireAttestation::JoinToken(token) => {
+                    format!("    join_token = {}\n", hcl_string(token))
+                }
+                SpireAttestation::X509Pop { .. } => String::new(),
+            },
+            node_attestor = match attestation {
+                SpireAttestation::JoinToken(_) => {
+                    "    NodeAttestor \"join_token\" {\n        plugin_data {}\n    }\n".to_owned()
+                }
+                SpireAttestation::X509Pop {
+                    certificate,
+                    private_key,
+                } => format!(
+                    "    NodeAttestor \"x509pop\" {{\n        plugin_data {{\n            \
+                     certificate_path = {}\n            private_key_path = {}\n        }}\n    }}\n",
+                    hcl_path(certificate),
+                    hcl_path(private_key),
+                ),
+            },
         );
         write_file(&config_path, &config);
         let mut process = ChildProcess::new("spire-agent", dir.join("agent.log"));

@@ -5,12 +5,15 @@
 //! authorities and JWT-SVIDs that its JWT keys validate. Entries created and deleted while it
 //! runs reach it through the incremental sync.
 
-use std::time::SystemTime;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use lanyard_core::jwt::validate_jwt_svid_with_bundle;
 use lanyard_core::x509::verify_svid_chain;
-use lanyard_e2e::spire::{SPIRE_TIMEOUT, SpireAgent, spire_or_skip};
-use lanyard_e2e::{Server, TestDir, current_uid, poll, spiffe_id, trust_domain, uid_selector};
+use lanyard_e2e::spire::{SPIRE_TIMEOUT, SpireAgent, SpireAttestation, spire_or_skip};
+use lanyard_e2e::{
+    Server, TestDir, current_uid, poll, spiffe_id, toml_string, trust_domain, uid_selector,
+};
 
 const AUDIENCE: &str = "e2e-spire-agent";
 
@@ -136,4 +139,91 @@ fn agent_serial(server: &Server, agent_id: &str) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no serial in {shown}"))
         .to_owned()
+}
+
+/// A node CA the Lanyard server trusts for x509pop, and a node certificate and key it issued,
+/// as PEM files in `dir`: (CA, certificate, key, the certificate's DER).
+fn x509pop_node(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf, Vec<u8>) {
+    use lanyard_core::keys::{KeyPair, KeyType, pem_encode};
+    use lanyard_core::x509::{CaSubject, SvidParams, X509Ca};
+    let now = SystemTime::now();
+    let ca = X509Ca::self_signed(
+        &lanyard_core::TrustDomain::new("nodes.example").unwrap(),
+        KeyPair::generate(KeyType::EcP256).unwrap(),
+        &CaSubject::default(),
+        now,
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let key = KeyPair::generate(KeyType::EcP256).unwrap();
+    let node = ca
+        .mint_svid(
+            &SvidParams::new(
+                "spiffe://nodes.example/node-1".parse().unwrap(),
+                key.public_key_der(),
+                Duration::from_secs(3600),
+            ),
+            now,
+        )
+        .unwrap();
+    let paths = (
+        dir.join("node-ca.pem"),
+        dir.join("node.pem"),
+        dir.join("node.key"),
+    );
+    std::fs::write(&paths.0, pem_encode("CERTIFICATE", ca.cert_der())).unwrap();
+    std::fs::write(&paths.1, pem_encode("CERTIFICATE", node.leaf_der())).unwrap();
+    std::fs::write(&paths.2, key.secret_pkcs8_pem()).unwrap();
+    (paths.0, paths.1, paths.2, node.leaf_der().to_vec())
+}
+
+#[test]
+fn spire_agent_attests_with_x509pop_to_the_lanyard_server() {
+    if spire_or_skip("spire_agent_attests_with_x509pop_to_the_lanyard_server").is_none() {
+        return;
+    }
+    let dir = TestDir::new();
+    let (ca, certificate, private_key, leaf) = x509pop_node(&dir.subdir("pki"));
+    let server = Server::start_with(
+        &dir.join("server"),
+        &format!(
+            "[node_attestor.x509pop]\nca_bundle_path = {}",
+            toml_string(ca.to_str().unwrap())
+        ),
+    );
+    // SPIRE names an x509pop agent by the SHA-1 fingerprint of its certificate.
+    let agent_id = spiffe_id(&format!(
+        "/spire/agent/x509pop/{}",
+        lanyard_core::x509::fingerprint_sha1_hex(&leaf)
+    ));
+    let workload_id = spiffe_id("/e2e/spire-agent/x509pop-workload");
+    server.create_entry(
+        &workload_id,
+        &agent_id,
+        &[&uid_selector(current_uid())],
+        &[],
+    );
+
+    let mut agent = SpireAgent::start_with(
+        &dir.join("spire-agent"),
+        &server.address(),
+        &server.bundle_pem(),
+        SpireAttestation::X509Pop {
+            certificate: &certificate,
+            private_key: &private_key,
+        },
+    );
+    let svid = agent.wait_for_x509(&workload_id);
+    verify_svid_chain(
+        &svid.chain,
+        &trust_domain(),
+        &server.bundle_der(),
+        SystemTime::now(),
+    )
+    .unwrap_or_else(|e| panic!("the SVID does not verify: {e}\n{}", agent.log_tail()));
+    assert!(
+        server.agent_ids().contains(&agent_id),
+        "{agent_id} is not among the Lanyard server's agents: {:?}",
+        server.agent_ids()
+    );
 }
