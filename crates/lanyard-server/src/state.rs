@@ -384,14 +384,15 @@ impl ServerState {
                 (false, Vec::new(), vec!["(evaluation failed)".to_owned()])
             }
         };
-        // The audit log records each change of an entry's standing, not every re-decision.
-        let previously = cached
-            .as_ref()
-            .map(|c| (c.passes, c.exceptions_used.clone()));
-        if previously.as_ref().map(|(p, e)| (*p, e.as_ref()))
-            != Some((passes, exceptions_used.as_slice()))
-            && (previously.is_some() || !passes || !exceptions_used.is_empty())
-        {
+        // The audit log records each change of an entry's standing, not every re-decision; a
+        // first decision is news only if it is not a plain pass.
+        let changed = match &cached {
+            Some(cached) => {
+                cached.passes != passes || *cached.exceptions_used != *exceptions_used.as_slice()
+            }
+            None => !passes || !exceptions_used.is_empty(),
+        };
+        if changed {
             self.audit(
                 "policy",
                 if passes {

@@ -94,7 +94,7 @@ impl EntryService {
         EntryServer::new(self)
     }
 
-    fn trust_domain(&self) -> &TrustDomain {
+    pub(crate) fn trust_domain(&self) -> &TrustDomain {
         self.state.trust_domain()
     }
 

@@ -21,7 +21,6 @@ use lanyard_proto::lanyard::api::v1::{
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, Authorizer, Caller};
-use crate::datastore::DatastoreError;
 use crate::state::{ServerState, caller_input};
 
 const CREATE_EXCEPTION: &str = "/lanyard.api.v1.ExceptionService/CreateException";
@@ -113,6 +112,32 @@ impl ExceptionService {
             .get_exception(id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("exception {id:?} not found")))
+    }
+
+    /// The exception `id`, which must still be in force (`FailedPrecondition` naming it with
+    /// `refusal` otherwise).
+    async fn load_active(&self, id: &str, refusal: &str) -> Result<Exception, ApiError> {
+        let exception = self.load(id).await?;
+        if !exception.is_active(self.state.now()) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "exception {:?} {refusal}",
+                exception.id
+            )));
+        }
+        Ok(exception)
+    }
+
+    /// Stores a changed exception, then applies and audits the change.
+    async fn store_change(
+        &self,
+        caller: &Caller,
+        action: &str,
+        exception: Exception,
+        why: &str,
+    ) -> Result<Exception, ApiError> {
+        let stored = self.state.store.update_exception(exception).await?;
+        self.changed(caller, action, &stored, why).await;
+        Ok(stored)
     }
 
     fn parse_new(&self, proto: &PolicyException, caller: &Caller) -> Result<Exception, ApiError> {
@@ -222,15 +247,9 @@ impl ExceptionRpc for ExceptionService {
         let caller = self.auth.admin(&request, EXTEND_EXCEPTION)?;
         let request = request.into_inner();
         let why = required_text("reason", &request.reason, MAX_REASON_LEN)?;
-        let mut exception = self.load(&request.id).await?;
-        let now = self.state.now();
-        if !exception.is_active(now) {
-            return Err(ApiError::FailedPrecondition(format!(
-                "exception {:?} is no longer active; create a new one",
-                exception.id
-            ))
-            .into_status());
-        }
+        let mut exception = self
+            .load_active(&request.id, "is no longer active; create a new one")
+            .await?;
         let expires_at = from_unix(request.expires_at)?;
         if expires_at <= exception.expires_at {
             return Err(
@@ -240,13 +259,8 @@ impl ExceptionRpc for ExceptionService {
         exception.expires_at = expires_at;
         self.judge(&exception, "extend", &caller)?;
         let stored = self
-            .state
-            .store
-            .update_exception(exception)
-            .await
-            .map_err(ApiError::from)?;
-        self.changed(&caller, "exception extended", &stored, &why)
-            .await;
+            .store_change(&caller, "exception extended", exception, &why)
+            .await?;
         Ok(Response::new(exception_to_proto(&stored)))
     }
 
@@ -257,25 +271,13 @@ impl ExceptionRpc for ExceptionService {
         let caller = self.auth.admin(&request, REVOKE_EXCEPTION)?;
         let request = request.into_inner();
         let why = required_text("reason", &request.reason, MAX_REASON_LEN)?;
-        let mut exception = self.load(&request.id).await?;
-        let now = self.state.now();
-        if !exception.is_active(now) {
-            return Err(ApiError::FailedPrecondition(format!(
-                "exception {:?} is already revoked or expired",
-                exception.id
-            ))
-            .into_status());
-        }
-        exception.revoked_at = Some(now);
-        let stored = match self.state.store.update_exception(exception).await {
-            Ok(stored) => stored,
-            Err(DatastoreError::NotFound(what)) => {
-                return Err(ApiError::NotFound(what).into_status());
-            }
-            Err(error) => return Err(ApiError::from(error).into_status()),
-        };
-        self.changed(&caller, "exception revoked", &stored, &why)
-            .await;
+        let mut exception = self
+            .load_active(&request.id, "is already revoked or expired")
+            .await?;
+        exception.revoked_at = Some(self.state.now());
+        let stored = self
+            .store_change(&caller, "exception revoked", exception, &why)
+            .await?;
         Ok(Response::new(exception_to_proto(&stored)))
     }
 }

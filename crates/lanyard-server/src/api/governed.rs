@@ -72,7 +72,8 @@ impl GovernedEntryService {
             Err(error) => return failed(error, None),
         };
         apply_metadata(&mut entry, item.metadata.as_ref());
-        if let Err(error) = entry.validate(&entry.spiffe_id.trust_domain()) {
+        // The metadata too must be well-formed (lengths, no control characters).
+        if let Err(error) = entry.validate(self.entries.trust_domain()) {
             return failed(ApiError::InvalidArgument(error.to_string()), None);
         }
         match self

@@ -181,12 +181,11 @@ impl CaManager {
                 kind.name()
             )));
         }
-        let der = self.x509_der_of(kind, authority_id);
-        let key_id = authority_id.to_owned();
+        let target = self.bundle_key(kind, authority_id);
         self.edit_bundle(move |bundle| {
-            match der {
-                Some(der) => bundle.taint_x509_authority(&der),
-                None => bundle.taint_jwt_authority(&key_id),
+            match &target {
+                BundleKey::X509(der) => bundle.taint_x509_authority(der),
+                BundleKey::Jwt(key_id) => bundle.taint_jwt_authority(key_id),
             };
             Ok(())
         })
@@ -210,12 +209,11 @@ impl CaManager {
                 kind.name()
             )));
         }
-        let der = self.x509_der_of(kind, authority_id);
-        let key_id = authority_id.to_owned();
+        let target = self.bundle_key(kind, authority_id);
         self.edit_bundle(move |bundle| {
-            match der {
-                Some(der) => bundle.remove_x509_authority(&der),
-                None => bundle.remove_jwt_authority(&key_id),
+            match &target {
+                BundleKey::X509(der) => bundle.remove_x509_authority(der),
+                BundleKey::Jwt(key_id) => bundle.remove_jwt_authority(key_id),
             };
             Ok(())
         })
@@ -318,17 +316,32 @@ impl CaManager {
         }
     }
 
-    /// The DER of the bundle's X.509 authority `authority_id`, for `kind` X.509.
-    fn x509_der_of(&self, kind: AuthorityKind, authority_id: &str) -> Option<Vec<u8>> {
-        if kind != AuthorityKind::X509 {
-            return None;
+    /// How the bundle keys the authority `authority_id` of `kind`: X.509 authorities by their
+    /// certificate (an ID not in the bundle matches nothing), JWT ones by key ID.
+    fn bundle_key(&self, kind: AuthorityKind, authority_id: &str) -> BundleKey {
+        match kind {
+            AuthorityKind::X509 => BundleKey::X509(
+                self.bundle()
+                    .and_then(|bundle| {
+                        bundle
+                            .x509_authorities()
+                            .iter()
+                            .find(|a| {
+                                x509::authority_id_of(a.der()).is_ok_and(|id| id == authority_id)
+                            })
+                            .map(|a| a.der().to_vec())
+                    })
+                    .unwrap_or_default(),
+            ),
+            AuthorityKind::Jwt => BundleKey::Jwt(authority_id.to_owned()),
         }
-        self.bundle()?
-            .x509_authorities()
-            .iter()
-            .find(|a| x509::authority_id_of(a.der()).is_ok_and(|id| id == authority_id))
-            .map(|a| a.der().to_vec())
     }
+}
+
+/// An authority as the bundle stores it.
+enum BundleKey {
+    X509(Vec<u8>),
+    Jwt(String),
 }
 
 fn require_id(authority_id: &str) -> Result<(), AuthorityError> {

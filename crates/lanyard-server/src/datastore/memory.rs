@@ -621,7 +621,7 @@ impl Datastore for MemoryStore {
         };
         let size = page.size as usize;
         let rest: Vec<Issuance> = matching.into_iter().skip(offset).collect();
-        let next = (rest.len() > size).then(|| (offset + size).to_string());
+        let next = (rest.len() > size).then(|| offset.saturating_add(size).to_string());
         Ok((rest.into_iter().take(size).collect(), next))
     }
 

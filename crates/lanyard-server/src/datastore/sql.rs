@@ -1580,7 +1580,7 @@ impl Datastore for SqlStore {
         let next = match &page {
             Some(page) if issuances.len() > page.size as usize => {
                 issuances.truncate(page.size as usize);
-                Some((offset + i64::from(page.size)).to_string())
+                Some(offset.saturating_add(i64::from(page.size)).to_string())
             }
             _ => None,
         };

@@ -181,9 +181,9 @@ fn relative(expires_at: i64, now: i64) -> String {
         humantime::format_duration(Duration::from_secs(seconds.unsigned_abs())).to_string()
     };
     if expires_at > now {
-        format!("in {}", distance(expires_at - now))
+        format!("in {}", distance(expires_at.saturating_sub(now)))
     } else {
-        format!("{} ago", distance(now - expires_at))
+        format!("{} ago", distance(now.saturating_sub(expires_at)))
     }
 }
 

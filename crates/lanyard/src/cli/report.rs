@@ -320,7 +320,7 @@ async fn expiring(args: &ExpiringArgs, now: i64, out: &mut dyn Write) -> anyhow:
                     "spiffe_id": spiffe_id,
                     "owner": owner,
                     "expires_at": expires_at,
-                    "expires_in": expires_at - now,
+                    "expires_in": expires_at.saturating_sub(now),
                 }),
                 Expiring::Exception {
                     id,
@@ -335,7 +335,7 @@ async fn expiring(args: &ExpiringArgs, now: i64, out: &mut dyn Write) -> anyhow:
                     "entry_ids": entry_ids,
                     "owner": owner,
                     "expires_at": expires_at,
-                    "expires_in": expires_at - now,
+                    "expires_in": expires_at.saturating_sub(now),
                 }),
             })
             .collect();
@@ -367,7 +367,7 @@ async fn expiring(args: &ExpiringArgs, now: i64, out: &mut dyn Write) -> anyhow:
             subject,
             or_dash(owner),
             format_unix_time(item.expires_at()),
-            humanise_seconds(item.expires_at() - now),
+            humanise_seconds(item.expires_at().saturating_sub(now)),
         ]);
     }
     table.write(
