@@ -50,7 +50,10 @@ pub enum EntryError {
     #[error("spiffe_id {0} must have a path; a trust domain ID cannot be issued to a workload")]
     RootSpiffeId(SpiffeId),
     /// The SPIFFE ID is reserved for the server or an agent.
-    #[error("spiffe_id {0} is reserved for SPIRE server or agent identities")]
+    #[error(
+        "spiffe_id {0} is reserved: IDs under /spire/ belong to the server and its agents and \
+         are never issued to workloads"
+    )]
     ReservedSpiffeId(SpiffeId),
     /// The parent ID is not in the server's trust domain.
     #[error("parent_id {id} is not in trust domain {trust_domain}")]
@@ -269,7 +272,7 @@ impl RegistrationEntry {
         if self.spiffe_id.is_trust_domain_id() {
             return Err(EntryError::RootSpiffeId(self.spiffe_id.clone()));
         }
-        if self.spiffe_id.is_server_id() {
+        if self.spiffe_id.is_reserved() {
             return Err(EntryError::ReservedSpiffeId(self.spiffe_id.clone()));
         }
         if !self.parent_id.is_member_of(trust_domain) {

@@ -229,6 +229,14 @@ impl SpiffeId {
         self.path() == "/spire/server"
     }
 
+    /// Whether this ID is reserved for the infrastructure: SPIRE's `/spire` namespace, which
+    /// holds the server's ID and every agent's. No registration entry may carry one, and no
+    /// workload is ever issued one.
+    pub fn is_reserved(&self) -> bool {
+        let path = self.path();
+        path == "/spire" || path.starts_with("/spire/")
+    }
+
     /// Whether this ID follows SPIRE's agent ID convention (`/spire/agent/…`).
     pub fn is_agent_id(&self) -> bool {
         self.path().starts_with("/spire/agent/")
@@ -422,6 +430,16 @@ mod tests {
         );
         assert!(agent.is_agent_id());
         assert!(!agent.is_server_id());
+        assert!(agent.is_reserved() && td.server_id().is_reserved());
+        for id in ["spiffe://example.org/spire", "spiffe://example.org/spire/x"] {
+            assert!(id.parse::<SpiffeId>().unwrap().is_reserved(), "{id}");
+        }
+        for id in [
+            "spiffe://example.org/spirex",
+            "spiffe://example.org/web/spire/server",
+        ] {
+            assert!(!id.parse::<SpiffeId>().unwrap().is_reserved(), "{id}");
+        }
         assert_eq!(
             td.x509pop_agent_id("0a1b").unwrap().as_str(),
             "spiffe://example.org/spire/agent/x509pop/0a1b"

@@ -52,6 +52,31 @@ pub enum CaError {
     /// An operation needs an authority in a state it is not in.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The datastore holds no CA journal, but signing keys from an earlier run exist: the
+    /// datastore was lost or replaced, and starting would mint a new CA over them.
+    #[error(
+        "the datastore records no CA, but key files of an existing trust domain are present \
+         ({}); starting would create a new CA and cut off every agent. Restore the datastore \
+         from a backup, or start a new trust domain on purpose with --new-trust-domain (the \
+         old key files are kept, renamed)",
+        .0.join(", ")
+    )]
+    KeysWithoutJournal(Vec<String>),
+    /// The key of the active authority that the journal records is missing or does not match
+    /// its certificate.
+    #[error(
+        "the active {kind} authority's private key {location} is {problem}; the server will \
+         not replace its CA silently. Restore the key file from a backup (or restore the \
+         datastore that matches the keys)"
+    )]
+    ActiveKeyUnusable {
+        /// "X.509" or "JWT".
+        kind: &'static str,
+        /// Where the key should be.
+        location: String,
+        /// "missing" or what is wrong with it.
+        problem: String,
+    },
 }
 
 /// What the CA manager needs from the server configuration.
@@ -67,6 +92,9 @@ pub struct CaConfig {
     pub jwt_key_type: KeyType,
     /// Subject of CA certificates.
     pub subject: CaSubject,
+    /// Start a new trust domain even though key files of an earlier one exist without a
+    /// journal to account for them (they are renamed, never overwritten).
+    pub new_trust_domain: bool,
 }
 
 /// One of the two slots an authority lives in.
@@ -194,6 +222,10 @@ pub struct CaManager {
     keys: Arc<dyn KeyManager>,
     store: Arc<dyn Datastore>,
     state: RwLock<CaState>,
+    /// Key IDs whose stored key this manager knows: restored from the journal or generated in
+    /// this run. Any other key found in a slot about to be filled is set aside, never
+    /// overwritten.
+    known_keys: std::sync::Mutex<std::collections::HashSet<&'static str>>,
     /// Serializes rotation and bundle edits so that read-modify-write cycles do not interleave.
     write_lock: tokio::sync::Mutex<()>,
 }
@@ -212,6 +244,7 @@ impl CaManager {
             keys,
             store,
             state: RwLock::new(CaState::default()),
+            known_keys: std::sync::Mutex::default(),
             write_lock: tokio::sync::Mutex::new(()),
         };
         let _guard = manager.write_lock.lock().await;
@@ -363,10 +396,75 @@ impl CaManager {
         Ok(saved)
     }
 
+    /// Generates the key for a slot. A key already stored there that this manager does not
+    /// know (not restored from the journal, not generated in this run) is renamed first, so
+    /// that no key the server did not account for is ever overwritten.
+    fn fresh_key(&self, id: &'static str, key_type: KeyType) -> Result<KeyPair, CaError> {
+        let known = self.known().contains(id);
+        if !known && let Some(aside) = self.keys.set_aside(id, "replaced")? {
+            tracing::warn!(key = id, kept_as = %aside, "a key file the CA journal does not account for was in the way; kept it under a new name");
+        }
+        let key = self.keys.generate(id, key_type)?;
+        self.known().insert(id);
+        Ok(key)
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<&'static str>> {
+        self.known_keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that the key of every authority in a slot is still stored and is the one in
+    /// use; a key that vanished (or was replaced) while the server runs is written back from
+    /// memory, and said loudly. Returns the keys that had to be restored.
+    pub fn check_key_files(&self) -> Result<Vec<String>, CaError> {
+        let (x509s, jwts) = {
+            let s = self.read();
+            let x509s: Vec<Arc<X509Slot>> = [&s.x509_current, &s.x509_next]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            let jwts: Vec<Arc<JwtKey>> = [&s.jwt_current, &s.jwt_next]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            (x509s, jwts)
+        };
+        let in_use = x509s
+            .iter()
+            .map(|slot| (slot.slot.x509_key_id(), slot.ca.key()))
+            .chain(jwts.iter().map(|k| (k.slot.jwt_key_id(), &k.key)));
+        let mut restored = Vec::new();
+        for (id, key) in in_use {
+            let stored = match self.keys.load(id) {
+                Ok(stored) => stored,
+                Err(error) => {
+                    tracing::error!(key = id, %error, "a signing key in use is unreadable on disk");
+                    None
+                }
+            };
+            if stored.is_some_and(|stored| stored.public_key_der() == key.public_key_der()) {
+                continue;
+            }
+            let location = self.keys.locate(id);
+            tracing::error!(
+                key = id,
+                file = %location,
+                "a signing key in use vanished or was replaced while the server runs; \
+                 writing it back from memory (a restart without it would refuse to start)"
+            );
+            if let Some(aside) = self.keys.set_aside(id, "replaced")? {
+                tracing::warn!(key = id, kept_as = %aside, "kept the file that was in the way under a new name");
+            }
+            self.keys.store(id, key)?;
+            restored.push(location);
+        }
+        Ok(restored)
+    }
+
     fn prepare_x509(&self, slot: Slot, now: SystemTime) -> Result<Arc<X509Slot>, CaError> {
-        let key = self
-            .keys
-            .generate(slot.x509_key_id(), self.config.x509_key_type)?;
+        let key = self.fresh_key(slot.x509_key_id(), self.config.x509_key_type)?;
         let ca = X509Ca::self_signed(
             &self.config.trust_domain,
             key,
@@ -383,9 +481,7 @@ impl CaManager {
     }
 
     fn prepare_jwt(&self, slot: Slot, now: SystemTime) -> Result<Arc<JwtKey>, CaError> {
-        let key = self
-            .keys
-            .generate(slot.jwt_key_id(), self.config.jwt_key_type)?;
+        let key = self.fresh_key(slot.jwt_key_id(), self.config.jwt_key_type)?;
         // Whole seconds, so that the journal round-trips exactly.
         let not_before = UNIX_EPOCH + Duration::from_secs(unix_secs(now));
         Ok(Arc::new(JwtKey {
@@ -397,32 +493,49 @@ impl CaManager {
         }))
     }
 
+    /// Reads the journal back. The active authority's key must be there and match: the server
+    /// refuses to start rather than replace its CA. A prepared authority whose key is gone is
+    /// dropped (it signed nothing yet). With no journal at all, key files of the slots mean
+    /// the datastore was lost: refused unless a new trust domain was asked for.
     async fn restore(&self, now: SystemTime) -> Result<(), CaError> {
         let Some(bytes) = self.store.get_ca_journal(JOURNAL_KEY).await? else {
-            return Ok(());
+            return self.check_no_orphan_keys();
         };
         let journal: Journal =
             serde_json::from_slice(&bytes).map_err(|e| CaError::Journal(e.to_string()))?;
         let mut state = CaState::default();
         for record in journal.x509 {
-            let Some(key) = self.keys.load(record.slot.x509_key_id())? else {
-                tracing::warn!(slot = ?record.slot, "X.509 CA key is missing; dropping the authority");
-                continue;
-            };
+            let id = record.slot.x509_key_id();
             let der = base64::engine::general_purpose::STANDARD
                 .decode(&record.certificate)
                 .map_err(|e| CaError::Journal(e.to_string()))?;
-            let ca = match X509Ca::new(der, key, Vec::new()) {
-                Ok(ca) => ca,
+            let (not_before, not_after) = x509::validity_of(&der)?;
+            // The file holds this authority's key (or what replaced it): ours to reuse.
+            self.known().insert(id);
+            if not_after <= now {
+                continue;
+            }
+            let unusable = |problem: String| {
+                self.unusable_key("X.509", id, record.status, record.slot, problem)
+            };
+            let key = match self.keys.load(id) {
+                Ok(Some(key)) => key,
+                Ok(None) => {
+                    unusable("missing".to_owned())?;
+                    continue;
+                }
                 Err(error) => {
-                    tracing::warn!(slot = ?record.slot, %error, "CA certificate does not match its key; dropping the authority");
+                    unusable(format!("unreadable: {error}"))?;
                     continue;
                 }
             };
-            if ca.not_after() <= now {
-                continue;
-            }
-            let (not_before, _) = x509::validity_of(ca.cert_der())?;
+            let ca = match X509Ca::new(der, key, Vec::new()) {
+                Ok(ca) => ca,
+                Err(error) => {
+                    unusable(format!("not the key of its certificate: {error}"))?;
+                    continue;
+                }
+            };
             let slot = Arc::new(X509Slot {
                 slot: record.slot,
                 ca: Arc::new(ca),
@@ -433,15 +546,36 @@ impl CaManager {
                 Status::Prepared => state.x509_next = Some(slot),
             }
         }
+        let bundle = self.store.get_bundle(&self.config.trust_domain).await?;
         for record in journal.jwt {
+            let id = record.slot.jwt_key_id();
+            self.known().insert(id);
             let not_after = UNIX_EPOCH + Duration::from_secs(record.not_after);
             if not_after <= now {
                 continue;
             }
-            let Some(key) = self.keys.load(record.slot.jwt_key_id())? else {
-                tracing::warn!(slot = ?record.slot, "JWT key is missing; dropping the authority");
-                continue;
+            let unusable =
+                |problem: String| self.unusable_key("JWT", id, record.status, record.slot, problem);
+            let key = match self.keys.load(id) {
+                Ok(Some(key)) => key,
+                Ok(None) => {
+                    unusable("missing".to_owned())?;
+                    continue;
+                }
+                Err(error) => {
+                    unusable(format!("unreadable: {error}"))?;
+                    continue;
+                }
             };
+            // The bundle holds the public key published under this `kid`.
+            let published = bundle
+                .as_ref()
+                .and_then(|b| b.jwt_authority(&record.key_id))
+                .map(|a| a.public_key_der().to_vec());
+            if published.is_some_and(|p| p != key.public_key_der()) {
+                unusable("not the key published in the bundle under its key ID".to_owned())?;
+                continue;
+            }
             let jwt = Arc::new(JwtKey {
                 slot: record.slot,
                 key_id: record.key_id,
@@ -454,12 +588,63 @@ impl CaManager {
                 Status::Prepared => state.jwt_next = Some(jwt),
             }
         }
-        state.bundle = self
-            .store
-            .get_bundle(&self.config.trust_domain)
-            .await?
-            .map(Arc::new);
+        state.bundle = bundle.map(Arc::new);
         *self.write() = state;
+        Ok(())
+    }
+
+    /// An authority's key cannot be used: fatal for the active one, a warning for a prepared
+    /// one (which has signed nothing and is simply prepared again).
+    fn unusable_key(
+        &self,
+        kind: &'static str,
+        id: &str,
+        status: Status,
+        slot: Slot,
+        problem: String,
+    ) -> Result<(), CaError> {
+        let location = self.keys.locate(id);
+        match status {
+            Status::Active => Err(CaError::ActiveKeyUnusable {
+                kind,
+                location,
+                problem,
+            }),
+            Status::Prepared => {
+                tracing::warn!(?slot, key = %location, "the prepared {kind} authority's key is {problem}; dropping that authority, the active one stays");
+                Ok(())
+            }
+        }
+    }
+
+    /// With no journal, slot key files can only be left from a trust domain whose datastore
+    /// is gone. Refused, or with `new_trust_domain` renamed out of the way.
+    fn check_no_orphan_keys(&self) -> Result<(), CaError> {
+        let slot_ids = [
+            Slot::A.x509_key_id(),
+            Slot::B.x509_key_id(),
+            Slot::A.jwt_key_id(),
+            Slot::B.jwt_key_id(),
+        ];
+        let orphans: Vec<String> = self
+            .keys
+            .list()?
+            .into_iter()
+            .filter(|id| slot_ids.contains(&id.as_str()))
+            .collect();
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        if !self.config.new_trust_domain {
+            return Err(CaError::KeysWithoutJournal(
+                orphans.iter().map(|id| self.keys.locate(id)).collect(),
+            ));
+        }
+        for id in &orphans {
+            if let Some(aside) = self.keys.set_aside(id, "previous-trust-domain")? {
+                tracing::warn!(key = %id, kept_as = %aside, "starting a new trust domain as asked; the earlier key is kept under a new name");
+            }
+        }
         Ok(())
     }
 
@@ -592,6 +777,7 @@ mod tests {
             x509_key_type: KeyType::EcP256,
             jwt_key_type: KeyType::EcP256,
             subject: CaSubject::default(),
+            new_trust_domain: false,
         }
     }
 
@@ -717,30 +903,186 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn lost_keys_mean_new_authorities_not_a_crash() {
+    async fn a_lost_active_key_refuses_to_start_instead_of_minting_a_new_ca() {
         let store: Arc<dyn Datastore> = Arc::new(MemoryStore::new());
+        let keys = Arc::new(MemoryKeyManager::new());
         let t0 = start();
-        let ca = CaManager::load(
-            config(),
-            Arc::new(MemoryKeyManager::new()),
-            Arc::clone(&store),
-            t0,
-        )
-        .await
-        .unwrap();
-        let old = ca.x509_ca().unwrap();
+        let ca = CaManager::load(config(), keys.clone(), Arc::clone(&store), t0)
+            .await
+            .unwrap();
+        let old = ca.x509_ca().unwrap().cert_der().to_vec();
         drop(ca);
-        let again = CaManager::load(
+        keys.delete("x509-ca-a").unwrap();
+        let error = CaManager::load(config(), keys.clone(), Arc::clone(&store), t0 + HOUR)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, CaError::ActiveKeyUnusable { kind: "X.509", .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("x509-ca-a"), "{error}");
+        assert!(error.to_string().contains("missing"), "{error}");
+        // Nothing was replaced: the bundle still holds only the old authority.
+        let bundle = store
+            .get_bundle(&config().trust_domain)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(bundle.x509_authorities().len(), 1);
+        assert_eq!(bundle.x509_authorities()[0].der(), old);
+
+        // The JWT key too, and a key that is not the certificate's.
+        let keys = Arc::new(MemoryKeyManager::new());
+        let store: Arc<dyn Datastore> = Arc::new(MemoryStore::new());
+        drop(
+            CaManager::load(config(), keys.clone(), Arc::clone(&store), t0)
+                .await
+                .unwrap(),
+        );
+        keys.delete("jwt-a").unwrap();
+        let error = CaManager::load(config(), keys.clone(), Arc::clone(&store), t0)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, CaError::ActiveKeyUnusable { kind: "JWT", .. }),
+            "{error}"
+        );
+        keys.generate("jwt-a", KeyType::EcP256).unwrap();
+        let error = CaManager::load(config(), keys.clone(), Arc::clone(&store), t0)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("not the key published"),
+            "{error}"
+        );
+        keys.generate("x509-ca-a", KeyType::EcP256).unwrap();
+        let error = CaManager::load(config(), keys, Arc::clone(&store), t0)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("not the key of its certificate"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_prepared_key_drops_only_that_authority() {
+        let store: Arc<dyn Datastore> = Arc::new(MemoryStore::new());
+        let keys = Arc::new(MemoryKeyManager::new());
+        let t0 = start();
+        let ca = CaManager::load(config(), keys.clone(), Arc::clone(&store), t0)
+            .await
+            .unwrap();
+        ca.rotate(t0 + 13 * HOUR).await.unwrap();
+        let (active, prepared) = ca.x509_slots();
+        assert!(prepared.is_some());
+        drop(ca);
+        keys.delete("x509-ca-b").unwrap();
+        let again = CaManager::load(config(), keys, Arc::clone(&store), t0 + 13 * HOUR)
+            .await
+            .unwrap();
+        let (active2, _) = again.x509_slots();
+        assert_eq!(
+            active2.unwrap().ca.cert_der(),
+            active.unwrap().ca.cert_der(),
+            "the active authority keeps signing"
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_without_a_journal_are_refused_and_kept_for_a_new_trust_domain() {
+        let keys = Arc::new(MemoryKeyManager::new());
+        let t0 = start();
+        let first = CaManager::load(config(), keys.clone(), Arc::new(MemoryStore::new()), t0)
+            .await
+            .unwrap();
+        let old_key = first.x509_ca().unwrap().key().public_key_der();
+        drop(first);
+
+        // The datastore is gone: a fresh one has no journal.
+        let error = CaManager::load(
             config(),
-            Arc::new(MemoryKeyManager::new()),
-            Arc::clone(&store),
+            keys.clone(),
+            Arc::new(MemoryStore::new()),
             t0 + HOUR,
         )
         .await
-        .unwrap();
-        let new = again.x509_ca().unwrap();
-        assert_ne!(new.cert_der(), old.cert_der());
-        // Both are published: SVIDs from the old one are still live.
-        assert_eq!(again.bundle().unwrap().x509_authorities().len(), 2);
+        .unwrap_err();
+        assert!(matches!(error, CaError::KeysWithoutJournal(_)), "{error}");
+        assert!(error.to_string().contains("x509-ca-a"), "{error}");
+        assert!(error.to_string().contains("--new-trust-domain"), "{error}");
+        assert_eq!(
+            keys.load("x509-ca-a").unwrap().unwrap().public_key_der(),
+            old_key,
+            "the refused start touched no key"
+        );
+
+        // Asked for on purpose: a new CA, and the old key kept under another name.
+        let mut new_config = config();
+        new_config.new_trust_domain = true;
+        let second = CaManager::load(new_config, keys.clone(), Arc::new(MemoryStore::new()), t0)
+            .await
+            .unwrap();
+        assert_ne!(second.x509_ca().unwrap().key().public_key_der(), old_key);
+        let kept = format!("{keys:?}");
+        assert!(kept.contains("x509-ca-a.previous-trust-domain.1"), "{kept}");
+        assert_eq!(
+            keys.list().unwrap(),
+            ["jwt-a", "x509-ca-a"],
+            "set-aside keys are not slot keys"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_the_journal_does_not_know_is_set_aside_not_overwritten() {
+        let keys = Arc::new(MemoryKeyManager::new());
+        let store: Arc<dyn Datastore> = Arc::new(MemoryStore::new());
+        let t0 = start();
+        let ca = CaManager::load(config(), keys.clone(), Arc::clone(&store), t0)
+            .await
+            .unwrap();
+        drop(ca);
+        // A key appears in slot B that no journal entry accounts for.
+        let planted = keys.generate("x509-ca-b", KeyType::EcP256).unwrap();
+        let ca = CaManager::load(config(), keys.clone(), Arc::clone(&store), t0)
+            .await
+            .unwrap();
+        ca.rotate(t0 + 13 * HOUR).await.unwrap();
+        let (_, prepared) = ca.x509_slots();
+        assert_ne!(
+            prepared.unwrap().ca.key().public_key_der(),
+            planted.public_key_der()
+        );
+        let kept = format!("{keys:?}");
+        assert!(kept.contains("x509-ca-b.replaced.1"), "{kept}");
+        // A slot this run filled itself is reused without ceremony.
+        ca.rotate(t0 + 21 * HOUR).await.unwrap();
+        let report = ca.rotate(t0 + 26 * HOUR).await.unwrap();
+        assert!(report.x509_prepared, "{report:?}");
+        assert_eq!(ca.x509_slots().1.unwrap().slot, Slot::A);
+        let kept = format!("{keys:?}");
+        assert!(!kept.contains("x509-ca-a.replaced"), "{kept}");
+    }
+
+    #[tokio::test]
+    async fn a_key_that_vanishes_while_running_is_written_back() {
+        let keys = Arc::new(MemoryKeyManager::new());
+        let store: Arc<dyn Datastore> = Arc::new(MemoryStore::new());
+        let t0 = start();
+        let ca = CaManager::load(config(), keys.clone(), Arc::clone(&store), t0)
+            .await
+            .unwrap();
+        assert!(ca.check_key_files().unwrap().is_empty());
+        keys.delete("x509-ca-a").unwrap();
+        keys.delete("jwt-a").unwrap();
+        let restored = ca.check_key_files().unwrap();
+        assert_eq!(restored.len(), 2, "{restored:?}");
+        assert_eq!(
+            keys.load("x509-ca-a").unwrap().unwrap().public_key_der(),
+            ca.x509_ca().unwrap().key().public_key_der()
+        );
+        drop(ca);
+        // And so a restart finds it.
+        CaManager::load(config(), keys, store, t0).await.unwrap();
     }
 }

@@ -114,6 +114,11 @@ pub struct ServerConfig {
     /// How long the usage ledger keeps each issuance record.
     #[serde(default = "default_ledger_retention", with = "duration")]
     pub ledger_retention: Duration,
+    /// Start a new trust domain although the data directory holds state of an earlier one
+    /// whose datastore is gone (`lanyard server run --new-trust-domain`); never read from the
+    /// file, so that it cannot stay switched on by accident.
+    #[serde(skip)]
+    pub new_trust_domain: bool,
 }
 
 /// `[policy]`: the Rego policy every entry must pass at issuance.
@@ -283,6 +288,7 @@ impl ServerConfig {
             audit_log_path: None,
             policy: None,
             ledger_retention: DEFAULT_LEDGER_RETENTION,
+            new_trust_domain: false,
         }
     }
 

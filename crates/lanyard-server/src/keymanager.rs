@@ -33,6 +33,17 @@ pub enum KeyManagerError {
         /// Why decoding failed.
         source: KeyError,
     },
+    /// A key file can be read by users other than its owner.
+    #[error(
+        "key file {path} is readable by others (mode {mode:04o}); treat the key as exposed, or \
+         run `chmod 600 {path}` if only trusted users could have read it"
+    )]
+    Exposed {
+        /// The file involved.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// Key generation failed.
     #[error("generating key {id:?}: {source}")]
     Generate {
@@ -53,6 +64,17 @@ pub trait KeyManager: Send + Sync + fmt::Debug {
 
     /// Removes the key named `id`; absent keys are not an error.
     fn delete(&self, id: &str) -> Result<(), KeyManagerError>;
+
+    /// The IDs of every stored key, sorted.
+    fn list(&self) -> Result<Vec<String>, KeyManagerError>;
+
+    /// Moves the key named `id` out of the way under a new name that says why (`tag`) and
+    /// when, without deleting it, and returns where it went; `None` if there was no such key.
+    fn set_aside(&self, id: &str, tag: &str) -> Result<Option<String>, KeyManagerError>;
+
+    /// Where the key named `id` lives, for messages: a file path, or a note that it is held
+    /// in memory.
+    fn locate(&self, id: &str) -> String;
 
     /// Generates a new key of `key_type`, stores it under `id` and returns it.
     fn generate(&self, id: &str, key_type: KeyType) -> Result<KeyPair, KeyManagerError> {
@@ -106,6 +128,7 @@ impl KeyManager for DiskKeyManager {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(KeyManagerError::Io { path, source }),
         };
+        check_private_mode(&path)?;
         KeyPair::from_pkcs8_der(&der)
             .map(Some)
             .map_err(|source| KeyManagerError::Corrupt {
@@ -128,6 +151,77 @@ impl KeyManager for DiskKeyManager {
             Err(source) => Err(KeyManagerError::Io { path, source }),
         }
     }
+
+    fn list(&self) -> Result<Vec<String>, KeyManagerError> {
+        let io = |source| KeyManagerError::Io {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io)? {
+            let name = entry.map_err(io)?.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".key")) else {
+                continue;
+            };
+            if check_id(id).is_ok() {
+                ids.push(id.to_owned());
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn set_aside(&self, id: &str, tag: &str) -> Result<Option<String>, KeyManagerError> {
+        check_id(id)?;
+        check_id(tag)?;
+        let path = self.path(id);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // A name that ends in neither `.key` nor a key ID, so that `list` never sees it again.
+        let mut aside = self.dir.join(format!("{id}.key.{tag}-{stamp}"));
+        let mut n = 1;
+        while aside.exists() {
+            aside = self.dir.join(format!("{id}.key.{tag}-{stamp}-{n}"));
+            n += 1;
+        }
+        match fs::rename(&path, &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(KeyManagerError::Io { path, source }),
+        }
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| KeyManagerError::Io {
+                path: self.dir.clone(),
+                source,
+            })?;
+        Ok(Some(aside.display().to_string()))
+    }
+
+    fn locate(&self, id: &str) -> String {
+        self.path(id).display().to_string()
+    }
+}
+
+/// Refuses a key file that users other than its owner can read or write.
+fn check_private_mode(path: &Path) -> Result<(), KeyManagerError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let metadata = fs::metadata(path).map_err(|source| KeyManagerError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mode = metadata.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KeyManagerError::Exposed {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Keys held only in this process; they are gone when it exits.
@@ -185,6 +279,40 @@ impl KeyManager for MemoryKeyManager {
         keys.remove(id);
         Ok(())
     }
+
+    fn list(&self) -> Result<Vec<String>, KeyManagerError> {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ids: Vec<String> = keys
+            .keys()
+            .filter(|id| check_id(id).is_ok())
+            .cloned()
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn set_aside(&self, id: &str, tag: &str) -> Result<Option<String>, KeyManagerError> {
+        check_id(id)?;
+        check_id(tag)?;
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(der) = keys.remove(id) else {
+            return Ok(None);
+        };
+        let mut n = 0;
+        let aside = loop {
+            n += 1;
+            let name = format!("{id}.{tag}.{n}");
+            if !keys.contains_key(&name) {
+                break name;
+            }
+        };
+        keys.insert(aside.clone(), der);
+        Ok(Some(aside))
+    }
+
+    fn locate(&self, id: &str) -> String {
+        format!("in-memory key {id:?}")
+    }
 }
 
 /// Creates `dir` (and parents) and restricts it to its owner.
@@ -216,12 +344,15 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), KeyManagerErr
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    // A temporary file left by a crashed run of a process with the same ID goes first; the
+    // new one is created exclusively (never through a planted link) with its final mode.
+    let _ = fs::remove_file(&tmp);
     let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
+        options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
     }
     let result = (|| {
         let mut file = options.open(&tmp)?;
@@ -293,10 +424,49 @@ mod tests {
     fn a_corrupt_key_file_is_reported_not_used() {
         let dir = tempfile::tempdir().unwrap();
         let km = DiskKeyManager::open(dir.path()).unwrap();
-        fs::write(dir.path().join("bad.key"), b"garbage").unwrap();
+        write_private_file(&dir.path().join("bad.key"), b"garbage").unwrap();
         let err = km.load("bad").unwrap_err();
         assert!(matches!(err, KeyManagerError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("bad"));
+    }
+
+    #[test]
+    fn disk_keys_are_listed_set_aside_and_refused_when_exposed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let km = DiskKeyManager::open(dir.path()).unwrap();
+        let key = km.generate("x509-ca-a", KeyType::EcP256).unwrap();
+        km.generate("jwt-a", KeyType::EcP256).unwrap();
+        assert_eq!(km.list().unwrap(), ["jwt-a", "x509-ca-a"]);
+        let aside = km.set_aside("x509-ca-a", "replaced").unwrap().unwrap();
+        assert!(aside.contains("x509-ca-a.key.replaced-"), "{aside}");
+        assert_eq!(km.list().unwrap(), ["jwt-a"]);
+        let moved = KeyPair::from_pkcs8_der(&fs::read(&aside).unwrap()).unwrap();
+        assert_eq!(moved.public_key_der(), key.public_key_der());
+        assert!(km.set_aside("x509-ca-a", "replaced").unwrap().is_none());
+
+        let path = dir.path().join("jwt-a.key");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        let err = km.load("jwt-a").unwrap_err();
+        assert!(
+            matches!(err, KeyManagerError::Exposed { mode: 0o640, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_planted_link_at_the_temporary_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let target = dir.path().join("k.key");
+        let tmp = dir
+            .path()
+            .join(format!(".k.key.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        write_private_file(&target, b"secret").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(&target).unwrap(), b"secret");
     }
 
     #[test]

@@ -70,6 +70,24 @@ pub enum ServerError {
     /// The audit log could not be opened, or does not verify.
     #[error("{0}")]
     Audit(#[from] crate::audit::AuditError),
+    /// The datastore is missing or empty while the data directory holds the rest of an
+    /// existing trust domain.
+    #[error(
+        "the datastore {datastore} is {problem}, but {} of an existing trust domain {} still \
+         there; starting would create a new CA and cut off every agent. Restore the datastore \
+         from a backup, or start a new trust domain on purpose with --new-trust-domain (the \
+         old key files are kept, renamed)",
+        .prior.join(", "),
+        if .prior.len() == 1 { "is" } else { "are" }
+    )]
+    DatastoreLost {
+        /// The datastore file.
+        datastore: PathBuf,
+        /// "missing" or "empty".
+        problem: &'static str,
+        /// What remains of the trust domain.
+        prior: Vec<String>,
+    },
     /// The x509pop CA bundle could not be read.
     #[error("reading x509pop ca_bundle_path {path}: {reason}")]
     X509PopBundle {
@@ -95,6 +113,9 @@ impl Server {
     /// free port; see [`Server::tcp_addr`].
     pub async fn start(config: ServerConfig, clock: Clock) -> Result<Self, ServerError> {
         keymanager::create_private_dir(&config.data_dir)?;
+        if !config.new_trust_domain {
+            check_datastore_not_lost(&config)?;
+        }
         let store: Arc<dyn Datastore> = match config.datastore.kind {
             DatastoreKind::Sqlite => Arc::new(SqlStore::open(&config.datastore_path()).await?),
             DatastoreKind::Memory => Arc::new(MemoryStore::new()),
@@ -113,6 +134,7 @@ impl Server {
                 organization: config.ca_subject.organization.clone(),
                 common_name: config.ca_subject.common_name.clone(),
             },
+            new_trust_domain: config.new_trust_domain,
         };
         let now = clock();
         let ca = Arc::new(CaManager::load(ca_config, keys, Arc::clone(&store), now).await?);
@@ -256,6 +278,49 @@ fn routes(state: &Arc<ServerState>, x509pop_anchors: Option<Vec<Vec<u8>>>) -> Ro
         .add_service(LocalAuthorityService::new(Arc::clone(state)).into_server())
 }
 
+/// Refuses to start on a missing or empty SQLite datastore when the data directory still
+/// holds key files or an audit log: that is a trust domain whose datastore was lost, and
+/// opening would create an empty one and, with it, a new CA.
+fn check_datastore_not_lost(config: &ServerConfig) -> Result<(), ServerError> {
+    if config.datastore.kind != DatastoreKind::Sqlite {
+        return Ok(());
+    }
+    let datastore = config.datastore_path();
+    let problem = match std::fs::metadata(&datastore) {
+        Ok(metadata) if metadata.len() > 0 => return Ok(()),
+        Ok(_) => "empty",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing",
+        // Unreadable for another reason: opening it will say why.
+        Err(_) => return Ok(()),
+    };
+    let mut prior = Vec::new();
+    if config.key_manager.kind == KeyManagerKind::Disk {
+        let keys = config.key_directory();
+        if let Ok(dir) = std::fs::read_dir(&keys) {
+            let mut files: Vec<String> = dir
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.ends_with(".key"))
+                .map(|name| keys.join(name).display().to_string())
+                .collect();
+            files.sort();
+            prior.extend(files);
+        }
+    }
+    let audit = config.audit_log_path();
+    if std::fs::metadata(&audit).is_ok_and(|m| m.len() > 0) {
+        prior.push(audit.display().to_string());
+    }
+    if prior.is_empty() {
+        return Ok(());
+    }
+    Err(ServerError::DatastoreLost {
+        datastore,
+        problem,
+        prior,
+    })
+}
+
 fn read_certificates(path: &Path) -> Result<Vec<Vec<u8>>, ServerError> {
     let error = |reason: String| ServerError::X509PopBundle {
         path: path.to_owned(),
@@ -370,6 +435,9 @@ async fn rotate(
             Ok(report) if report.changed() => tracing::info!(?report, "CA rotated"),
             Ok(_) => {}
             Err(error) => tracing::error!(%error, "CA rotation failed"),
+        }
+        if let Err(error) = state.ca.check_key_files() {
+            tracing::error!(%error, "checking the CA's key files failed");
         }
         if let Err(error) = svid.rotate_if_needed(&state.ca, now) {
             tracing::error!(%error, "server SVID rotation failed");

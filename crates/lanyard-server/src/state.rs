@@ -47,6 +47,8 @@ pub struct ServerState {
     exceptions_generation: AtomicU64,
     ledger: Option<Ledger>,
     rotation_requested: tokio::sync::Notify,
+    /// Entries already reported as never issuable, so that each is logged once.
+    refused_entries: Mutex<std::collections::HashSet<EntryId>>,
 }
 
 /// How long a policy decision about an entry is reused while neither the entry nor the
@@ -115,6 +117,7 @@ impl ServerState {
             exceptions_generation: AtomicU64::new(0),
             ledger: None,
             rotation_requested: tokio::sync::Notify::new(),
+            refused_entries: Mutex::default(),
         })
     }
 
@@ -325,9 +328,14 @@ impl ServerState {
 
     /// Entries the agent may obtain SVIDs for now: those the index authorizes that also pass
     /// the policy, if there is one.
+    ///
+    /// An entry for a reserved ID (the server's, an agent's) or another trust domain's is
+    /// never issued, whatever the datastore holds: the write path refuses such entries, and
+    /// this check stands behind it for stores written by other means.
     pub fn authorized_entries(&self, agent_id: &SpiffeId) -> Vec<Arc<RegistrationEntry>> {
         let now = self.now();
-        let entries = self.index().authorized_entries(agent_id, now);
+        let mut entries = self.index().authorized_entries(agent_id, now);
+        entries.retain(|entry| self.issuable(entry));
         match &self.policy {
             None => entries,
             Some(policy) => entries
@@ -335,6 +343,31 @@ impl ServerState {
                 .filter(|entry| self.passes_policy(policy, entry, now))
                 .collect(),
         }
+    }
+
+    /// Whether an SVID may ever be issued for `entry`'s SPIFFE ID; says so loudly, once per
+    /// entry, when the datastore holds one that may not.
+    fn issuable(&self, entry: &RegistrationEntry) -> bool {
+        let trust_domain = self.trust_domain();
+        let ok = !entry.spiffe_id.is_reserved()
+            && entry.spiffe_id.is_member_of(trust_domain)
+            && !entry.spiffe_id.is_trust_domain_id();
+        if !ok {
+            let first = self
+                .refused_entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(entry.id.clone());
+            if first {
+                tracing::error!(
+                    entry_id = %entry.id,
+                    spiffe_id = %entry.spiffe_id,
+                    "the datastore holds an entry for an ID that is never issued (reserved or \
+                     outside the trust domain); it authorizes nothing. Delete it"
+                );
+            }
+        }
+        ok
     }
 
     /// Whether `entry` passes the policy at `now`, reusing a recent decision about the same

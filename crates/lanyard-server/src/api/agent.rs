@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lanyard_core::policy::Operation;
 use lanyard_core::x509::{self, SvidParams, X509Svid};
 use lanyard_core::x509pop::{self, ServerAttestation};
 use lanyard_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId};
@@ -20,6 +21,7 @@ use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ApiError, Authorizer, Caller, permission_denied};
+use crate::api::entry::EntryService;
 use crate::datastore::{
     AgentFilter, AttestedAgent, DatastoreError, Issuance, IssuanceKind, MatchMode, PageRequest,
     SelectorFilter,
@@ -616,7 +618,7 @@ impl Agent for AgentService {
         let token_agent_id = trust_domain
             .join_token_agent_id(&token)
             .map_err(|e| Status::invalid_argument(format!("invalid token: {e}")))?;
-        let agent_id = match req.agent_id.as_ref() {
+        let alias_id = match req.agent_id.as_ref() {
             Some(id) if !id.trust_domain.is_empty() || !id.path.is_empty() => {
                 let id = self.agent_id_from(Some(id))?;
                 if id.is_trust_domain_id() {
@@ -624,35 +626,60 @@ impl Agent for AgentService {
                         "invalid agent ID: the path cannot be empty",
                     ));
                 }
+                // SPIRE's rule: the alias must be a workload ID, never the server's own or
+                // an agent's (an agent holding the server's SVID could impersonate it).
+                if id.is_reserved() {
+                    return Err(Status::invalid_argument(format!(
+                        "invalid agent ID: {id} is reserved; the ID given to a join token must \
+                         be a workload ID, not under /spire/"
+                    )));
+                }
                 Some(id)
             }
             _ => None,
         };
         let now = self.state.now();
         let expires_at = now + Duration::from_secs(u64::try_from(req.ttl).unwrap_or(0));
+        // SPIRE's convenience: an entry giving the token's agent the chosen ID as an alias. It
+        // is an entry like any other, so it takes the one write path (structure, policy,
+        // store, index, audit); it is judged before the token exists, so that a refused alias
+        // leaves no token behind.
+        let alias = match alias_id {
+            Some(alias_id) => {
+                let selector = Selector::new("spiffe_id", token_agent_id.as_str())
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let entry = RegistrationEntry::new(
+                    EntryId::generate(),
+                    alias_id,
+                    token_agent_id,
+                    [selector].into_iter().collect(),
+                    now,
+                );
+                entry
+                    .validate(&trust_domain)
+                    .map_err(|e| Status::invalid_argument(format!("invalid agent ID: {e}")))?;
+                self.state
+                    .check_entry_write(&entry, Operation::Create, &caller)
+                    .map_err(ApiError::into_status)?;
+                Some(entry)
+            }
+            None => None,
+        };
         self.state
             .store
             .create_join_token(&token, expires_at)
             .await
             .map_err(ApiError::from)?;
-        if let Some(agent_id) = agent_id {
-            // SPIRE's convenience: an entry giving the token's agent the chosen ID as an alias.
-            let selector = Selector::new("spiffe_id", token_agent_id.as_str())
-                .map_err(|e| Status::internal(e.to_string()))?;
-            let entry = RegistrationEntry::new(
-                EntryId::generate(),
-                agent_id,
-                token_agent_id,
-                [selector].into_iter().collect(),
-                now,
-            );
-            let entry = self
-                .state
-                .store
-                .create_entry(entry)
+        if let Some(entry) = alias {
+            let entries = EntryService::new(Arc::clone(&self.state));
+            if let Err((error, _)) = entries
+                .create_checked(&caller, entry, &method("CreateJoinToken"))
                 .await
-                .map_err(ApiError::from)?;
-            self.state.entry_written(&entry);
+            {
+                // The caller never learns the token; make sure nobody else can use it.
+                let _ = self.state.store.take_join_token(&token).await;
+                return Err(error.into_status());
+            }
         }
         self.state.audit(
             &caller.describe(),

@@ -436,7 +436,7 @@ fn check_workload_id(state: &ServerState, id: &SpiffeId) -> Result<(), String> {
             trust_domain.name()
         ));
     }
-    if id.path().starts_with("/spire/") {
+    if id.is_reserved() {
         return Err(format!(
             "{id} is not a workload in trust domain {}; path is in the reserved namespace",
             trust_domain.name()
@@ -512,6 +512,7 @@ mod tests {
             x509_key_type: KeyType::EcP256,
             jwt_key_type: KeyType::EcP256,
             subject: CaSubject::default(),
+            new_trust_domain: false,
         };
         let ca = CaManager::load(
             ca_config,

@@ -73,6 +73,7 @@ impl Harness {
             x509_key_type: KeyType::EcP256,
             jwt_key_type: KeyType::EcP256,
             subject: CaSubject::default(),
+            new_trust_domain: false,
         };
         let ca = CaManager::load(
             ca_config,

@@ -8,6 +8,7 @@ mod audit_log;
 mod datastore;
 mod entry_api;
 mod governance;
+mod integrity;
 mod issuance;
 mod local_authority;
 mod support;

@@ -22,6 +22,11 @@ pub(crate) struct RunArgs {
     /// The TOML configuration file.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub(crate) config: PathBuf,
+    /// Start a new trust domain even though the data directory holds key files or an audit
+    /// log of an earlier one whose datastore is missing. The old key files are renamed, not
+    /// deleted. Without this flag the server refuses to start in that state.
+    #[arg(long)]
+    pub(crate) new_trust_domain: bool,
 }
 
 impl ServerCommand {
@@ -41,8 +46,9 @@ impl ServerCommand {
 }
 
 async fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let config = lanyard_server::ServerConfig::load(&args.config)
+    let mut config = lanyard_server::ServerConfig::load(&args.config)
         .with_context(|| format!("config {}", args.config.display()))?;
+    config.new_trust_domain = args.new_trust_domain;
     let format = match config.log_format {
         lanyard_server::config::LogFormat::Text => "text",
         lanyard_server::config::LogFormat::Json => "json",
