@@ -1,5 +1,6 @@
 //! Running the whole agent: the manager (attestation, sync, minting, rotation) plus the
-//! Workload API on its socket, until shutdown or a fatal manager error (e.g. banned).
+//! Workload API on its socket, until shutdown or a fatal manager error (e.g. banned). The
+//! socket is removed when the agent stops.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -110,7 +111,7 @@ impl Agent {
         self.manager.failed().await
     }
 
-    /// Stops serving and stops the manager.
+    /// Stops serving, removes the socket and stops the manager.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.stopper.stop();
@@ -119,8 +120,22 @@ impl Agent {
             Err(error) => tracing::warn!(%error, "Workload API server task failed"),
             Ok(Ok(())) => {}
         }
+        remove_socket(&self.socket_path);
         self.manager.shutdown().await;
         tracing::info!("agent stopped");
+    }
+}
+
+/// Removes the Workload API socket, if a socket is still what is there.
+fn remove_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_socket() => {
+            if let Err(error) = std::fs::remove_file(path) {
+                tracing::warn!(%error, socket = %path.display(), "could not remove the socket");
+            }
+        }
+        _ => {}
     }
 }
 

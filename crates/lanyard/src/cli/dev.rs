@@ -75,6 +75,7 @@ fn user_name(uid: u32) -> String {
 }
 
 pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let signals = logging::Signals::register()?;
     logging::init(&args.log_level, "text")?;
     let trust_domain = TrustDomain::new(&args.trust_domain)
         .map_err(|e| anyhow!("--trust-domain {:?}: {e}", args.trust_domain))?;
@@ -179,12 +180,11 @@ pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()
     out.flush()?;
 
     let outcome = tokio::select! {
-        () = logging::shutdown_signal() => Ok(()),
+        () = signals.handle(logging::HANGUP_RELOADS_POLICY) => Ok(()),
         error = agent.failed() => Err(anyhow!("agent stopped: {error}")),
     };
     agent.shutdown().await;
     server.shutdown().await;
-    let _ = std::fs::remove_file(&agent_config.socket_path);
     if args.data_dir.is_none() {
         writeln!(out, "Removed {}", data_dir.display())?;
     }

@@ -11,7 +11,7 @@ use crate::cli::logging;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ServerCommand {
-    /// Run the server until Ctrl-C or SIGTERM.
+    /// Run the server until Ctrl-C or SIGTERM (SIGHUP reloads the policy, if any).
     Run(RunArgs),
     /// Check that the server answers on its admin socket and reports itself serving.
     Healthcheck(HealthcheckArgs),
@@ -41,6 +41,7 @@ impl ServerCommand {
 }
 
 async fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let signals = logging::Signals::register()?;
     let config = lanyard_server::ServerConfig::load(&args.config)
         .with_context(|| format!("config {}", args.config.display()))?;
     let format = match config.log_format {
@@ -48,6 +49,10 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
         lanyard_server::config::LogFormat::Json => "json",
     };
     logging::init(&config.log_level, format)?;
-    lanyard_server::run(config, logging::shutdown_signal()).await?;
+    let reloads = match config.policy {
+        Some(_) => logging::HANGUP_RELOADS_POLICY,
+        None => logging::HANGUP_RELOADS_NOTHING,
+    };
+    lanyard_server::run(config, signals.handle(reloads)).await?;
     Ok(())
 }
