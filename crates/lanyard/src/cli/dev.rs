@@ -76,7 +76,8 @@ fn user_name(uid: u32) -> String {
 
 pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let signals = logging::Signals::register()?;
-    logging::init(&args.log_level, "text")?;
+    // The level comes from a flag: nothing to re-read.
+    let _log_level = logging::init(&args.log_level, "text")?;
     let trust_domain = TrustDomain::new(&args.trust_domain)
         .map_err(|e| anyhow!("--trust-domain {:?}: {e}", args.trust_domain))?;
 
@@ -180,7 +181,7 @@ pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()
     out.flush()?;
 
     let outcome = tokio::select! {
-        () = signals.handle(logging::HANGUP_RELOADS_POLICY) => Ok(()),
+        () = signals.handle(|| tracing::info!("SIGHUP received: reloading the policy")) => Ok(()),
         error = agent.failed() => Err(anyhow!("agent stopped: {error}")),
     };
     agent.shutdown().await;

@@ -1,37 +1,96 @@
 //! Log output for the long-running commands (`server run`, `agent run`, `dev`): text or JSON
 //! lines on stderr through `tracing`, with the level from the config unless `RUST_LOG` says
-//! otherwise; and their signals.
+//! otherwise, changeable while running; and their signals.
 
+use std::fmt::Display;
 use std::future::Future;
+use std::path::Path;
+use std::sync::Mutex;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
-/// Installs the global subscriber. `format` is `text` or `json`.
-pub(crate) fn init(level: &str, format: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .with_context(|| format!("invalid log level {level:?}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = if format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-    result.map_err(|e| anyhow::anyhow!("installing the logger: {e}"))
+/// The installed logger's level: set from the config, and again when the config is re-read,
+/// unless `RUST_LOG` chose the filter (then it stays).
+#[derive(Debug)]
+pub(crate) struct LogLevel {
+    handle: reload::Handle<EnvFilter, Registry>,
+    from_env: bool,
+    current: Mutex<String>,
 }
 
-/// What a SIGHUP does to a process whose policy file is reloaded on SIGHUP (by the server's
-/// policy holder, which listens for it too).
-pub(crate) const HANGUP_RELOADS_POLICY: &str = "reloading the policy";
-/// What a SIGHUP does to a process with nothing to reload.
-pub(crate) const HANGUP_RELOADS_NOTHING: &str = "nothing to reload";
+impl LogLevel {
+    /// Applies `level` (a level or `EnvFilter` directives) if it differs from the one in
+    /// force and `RUST_LOG` is not set.
+    pub(crate) fn set(&self, level: &str) -> anyhow::Result<()> {
+        if self.from_env {
+            tracing::debug!("RUST_LOG is set; log_level from the config is not used");
+            return Ok(());
+        }
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if *current == level {
+            return Ok(());
+        }
+        let filter =
+            EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?;
+        // Said before the change, so that a quieter level does not swallow it.
+        tracing::info!(from = %*current, to = level, "changing the log level");
+        self.handle
+            .reload(filter)
+            .context("changing the log level")?;
+        level.clone_into(&mut current);
+        Ok(())
+    }
+
+    /// Re-reads the level from the config file at `path` with `read_level`, and applies it;
+    /// a config that no longer reads keeps the level in force, with a warning.
+    pub(crate) fn reload_from<E: Display>(
+        &self,
+        path: &Path,
+        read_level: impl FnOnce(&Path) -> Result<String, E>,
+    ) {
+        let applied = read_level(path)
+            .map_err(|error| anyhow::anyhow!("{error}"))
+            .and_then(|level| self.set(&level));
+        if let Err(error) = applied {
+            tracing::warn!(
+                config = %path.display(),
+                "keeping the log level: {error:#}"
+            );
+        }
+    }
+}
+
+/// Installs the global subscriber. `format` is `text` or `json`.
+pub(crate) fn init(level: &str, format: &str) -> anyhow::Result<LogLevel> {
+    let (filter, from_env) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, true),
+        Err(_) => (
+            EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?,
+            false,
+        ),
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let subscriber = tracing_subscriber::registry().with(filter);
+    let result = if format == "json" {
+        subscriber.with(output.json()).try_init()
+    } else {
+        subscriber.with(output).try_init()
+    };
+    result.map_err(|e| anyhow::anyhow!("installing the logger: {e}"))?;
+    Ok(LogLevel {
+        handle,
+        from_env,
+        current: Mutex::new(level.to_owned()),
+    })
+}
 
 /// The signals of the long-running commands, handled from the moment this is built: SIGINT
-/// and SIGTERM shut down cleanly (sockets removed) and SIGHUP is logged and survived. Build
+/// and SIGTERM shut down cleanly (sockets removed) and SIGHUP reloads what can be reloaded,
+/// never fatal. Build
 /// it first thing, before a socket exists: an unhandled SIGHUP or SIGTERM would end the
 /// process on the spot, leaving its sockets behind.
 #[derive(Debug)]
@@ -53,9 +112,12 @@ impl Signals {
         })
     }
 
-    /// Logs every SIGHUP from now on with what it `reloads`, and returns what resolves at
-    /// the first SIGINT or SIGTERM.
-    pub(crate) fn handle(self, reloads: &'static str) -> impl Future<Output = ()> + Send {
+    /// Calls `on_hangup` at every SIGHUP from now on, and returns what resolves at the first
+    /// SIGINT or SIGTERM.
+    pub(crate) fn handle(
+        self,
+        mut on_hangup: impl FnMut() + Send + 'static,
+    ) -> impl Future<Output = ()> + Send {
         let Self {
             mut interrupt,
             mut terminate,
@@ -63,7 +125,7 @@ impl Signals {
         } = self;
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
-                tracing::info!("SIGHUP received: {reloads}");
+                on_hangup();
             }
         });
         async move {

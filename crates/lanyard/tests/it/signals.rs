@@ -1,5 +1,6 @@
 //! Signals to `lanyard server run` and `lanyard agent run` as child processes: SIGHUP is
-//! logged and survived, SIGTERM shuts down with exit status 0 and removes the sockets.
+//! survived and re-reads the log level, SIGTERM shuts down with exit status 0 and removes the
+//! sockets.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -128,7 +129,7 @@ fn agent_healthy(socket: &str) -> bool {
 }
 
 #[test]
-fn sighup_is_survived_and_sigterm_stops_cleanly_removing_the_sockets() {
+fn sighup_reloads_the_log_level_and_sigterm_stops_cleanly_removing_the_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let admin_socket = dir.path().join("server").join("api.sock");
     let admin = admin_socket.to_str().unwrap().to_owned();
@@ -187,17 +188,29 @@ fn sighup_is_survived_and_sigterm_stops_cleanly_removing_the_sockets() {
         agent_healthy(&workload)
     });
 
-    // SIGHUP, twice: logged, survived, and both still answer.
-    for round in 1..=2 {
-        server.signal("HUP");
-        agent.signal("HUP");
-        server.wait_for_log("SIGHUP received: nothing to reload", round);
-        agent.wait_for_log("SIGHUP received: nothing to reload", round);
-        server.assert_running();
-        agent.assert_running();
-        assert!(server_healthy(&admin), "the server stopped answering");
-        assert!(agent_healthy(&workload), "the agent stopped answering");
-    }
+    // SIGHUP: logged, survived, and both still answer.
+    const HANGUP: &str = "SIGHUP received: re-reading log_level from the config";
+    server.signal("HUP");
+    agent.signal("HUP");
+    server.wait_for_log(HANGUP, 1);
+    agent.wait_for_log(HANGUP, 1);
+    assert!(server_healthy(&admin), "the server stopped answering");
+    assert!(agent_healthy(&workload), "the agent stopped answering");
+    assert!(!agent.log().contains("\"level\":\"DEBUG\""));
+
+    // The agent takes a new log_level; the server keeps its level when its config no longer
+    // reads, and keeps running.
+    let config = std::fs::read_to_string(&agent_config).unwrap();
+    std::fs::write(&agent_config, format!("{config}log_level = \"debug\"\n")).unwrap();
+    std::fs::write(&server_config, "trust_domain = \"not a config\"\n").unwrap();
+    server.signal("HUP");
+    agent.signal("HUP");
+    server.wait_for_log("keeping the log level", 1);
+    agent.wait_for_log("changing the log level", 1);
+    server.assert_running();
+    assert!(server_healthy(&admin), "the server stopped answering");
+    assert!(agent_healthy(&workload), "the agent stopped answering");
+    agent.wait_for_log("\"level\":\"DEBUG\"", 1);
 
     // SIGTERM: exit status 0, sockets gone.
     agent.signal("TERM");
