@@ -1,5 +1,6 @@
 //! Running the whole agent: the manager (attestation, sync, minting, rotation) plus the
-//! Workload API on its socket, until shutdown or a fatal manager error (e.g. banned).
+//! Workload API on its socket, until shutdown or a fatal manager error (e.g. banned). The
+//! socket is removed when the agent stops.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::attestor::UnixAttestor;
 use crate::config::AgentConfig;
 use crate::manager::{Manager, ManagerError, ManagerHandle, system_clock};
-use crate::workload::{ServeError, StreamStopper, WorkloadApi, bind_socket};
+use crate::workload::{ServeError, StreamStopper, WorkloadApi, bind_socket, server_builder};
 
 /// Why the agent could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -37,14 +38,26 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Attests (or restores) the agent and starts serving the Workload API.
+    /// Attests (or restores) the agent and starts serving the Workload API. Raises the
+    /// process's soft limit on open files to its hard limit first, as Go programs (SPIRE's
+    /// agent among them) do: every workload connection is a descriptor.
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
+        match crate::limits::raise_open_files_limit() {
+            Ok(limit) if limit.before != limit.after => tracing::info!(
+                before = ?limit.before,
+                after = ?limit.after,
+                "raised the open files limit (RLIMIT_NOFILE) to its hard limit"
+            ),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "could not raise the open files limit"),
+        }
         let manager = Manager::start(config.clone(), system_clock())
             .await
             .map_err(|e| AgentError::Manager(Arc::new(e)))?;
         let attestor = Arc::new(UnixAttestor::new(&config.workload_attestor.unix));
         let api = WorkloadApi::new(manager.snapshots(), manager.jwt_minter(), attestor)
-            .with_usage(manager.usage());
+            .with_usage(manager.usage())
+            .with_limits(config.workload_api.clone());
         let stopper = api.stream_stopper();
         let listener = bind_socket(&config.socket_path)?;
         let (stop, mut stopped) = watch::channel(false);
@@ -54,16 +67,16 @@ impl Agent {
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        let router = tonic::transport::Server::builder()
+        let limits = config.workload_api.clone();
+        let router = server_builder(&limits)
             .add_service(api.into_service())
             .add_service(health_service);
-        let server = tokio::spawn(crate::workload::serve_router(
-            listener,
-            router,
-            async move {
+        let server = tokio::spawn(async move {
+            crate::workload::serve_router(listener, router, &limits, async move {
                 let _ = stopped.wait_for(|s| *s).await;
-            },
-        ));
+            })
+            .await
+        });
         tracing::info!(
             agent_id = %manager.agent_id(),
             socket = %config.socket_path.display(),
@@ -98,7 +111,7 @@ impl Agent {
         self.manager.failed().await
     }
 
-    /// Stops serving and stops the manager.
+    /// Stops serving, removes the socket and stops the manager.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.stopper.stop();
@@ -107,8 +120,22 @@ impl Agent {
             Err(error) => tracing::warn!(%error, "Workload API server task failed"),
             Ok(Ok(())) => {}
         }
+        remove_socket(&self.socket_path);
         self.manager.shutdown().await;
         tracing::info!("agent stopped");
+    }
+}
+
+/// Removes the Workload API socket, if a socket is still what is there.
+fn remove_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_socket() => {
+            if let Err(error) = std::fs::remove_file(path) {
+                tracing::warn!(%error, socket = %path.display(), "could not remove the socket");
+            }
+        }
+        _ => {}
     }
 }
 

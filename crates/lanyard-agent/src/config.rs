@@ -15,6 +15,16 @@ pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_X509_SVID_CACHE_SIZE: usize = 1000;
 /// Default bound on cached JWT-SVIDs.
 pub const DEFAULT_JWT_SVID_CACHE_SIZE: usize = 1000;
+/// Default cap on open Workload API connections per caller uid.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 128;
+/// Default cap on concurrent HTTP/2 streams (calls) per Workload API connection.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// Default time a workload has to take a pushed message before its connection is closed.
+pub const DEFAULT_STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default sustained rate of Workload API calls per caller uid.
+pub const DEFAULT_REQUESTS_PER_SECOND_PER_UID: u32 = 500;
+/// Default burst of Workload API calls per caller uid above the sustained rate.
+pub const DEFAULT_REQUEST_BURST_PER_UID: u32 = 1000;
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +81,9 @@ pub struct AgentConfig {
     /// How to identify workloads.
     #[serde(default)]
     pub workload_attestor: WorkloadAttestorConfig,
+    /// What one caller may take of the Workload API.
+    #[serde(default)]
+    pub workload_api: WorkloadApiConfig,
     /// How often to sync entries and bundles.
     #[serde(default = "default_sync_interval", with = "duration")]
     pub sync_interval: Duration,
@@ -108,6 +121,80 @@ pub struct X509PopConfig {
     pub certificate_path: PathBuf,
     /// PEM PKCS#8 private key.
     pub private_key_path: PathBuf,
+}
+
+/// Limits on the Workload API, so that one local process (or all the processes of one uid)
+/// cannot exhaust the agent's descriptors, memory or CPU and starve the other workloads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadApiConfig {
+    /// Connections one uid may hold open at once; more are closed as they are accepted.
+    #[serde(default = "default_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// Concurrent calls (HTTP/2 streams) per connection; clients queue the rest.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
+    /// How long a streamed message may wait for the workload to read it before the
+    /// connection is closed (and its memory freed). A workload reading its stream never
+    /// waits more than a moment.
+    #[serde(default = "default_stream_send_timeout", with = "duration")]
+    pub stream_send_timeout: Duration,
+    /// Sustained Workload API calls per second per uid (0: no limit); calls over the limit
+    /// fail with `ResourceExhausted`.
+    #[serde(default = "default_requests_per_second_per_uid")]
+    pub requests_per_second_per_uid: u32,
+    /// Calls per uid allowed at once above the sustained rate.
+    #[serde(default = "default_request_burst_per_uid")]
+    pub request_burst_per_uid: u32,
+}
+
+impl Default for WorkloadApiConfig {
+    fn default() -> Self {
+        Self {
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            stream_send_timeout: DEFAULT_STREAM_SEND_TIMEOUT,
+            requests_per_second_per_uid: DEFAULT_REQUESTS_PER_SECOND_PER_UID,
+            request_burst_per_uid: DEFAULT_REQUEST_BURST_PER_UID,
+        }
+    }
+}
+
+impl WorkloadApiConfig {
+    /// Checks that every limit lets a workload through.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.max_connections_per_uid == 0 {
+            return invalid(
+                "workload_api.max_connections_per_uid",
+                "must be greater than zero",
+            );
+        }
+        if self.max_streams_per_connection == 0 {
+            return invalid(
+                "workload_api.max_streams_per_connection",
+                "must be greater than zero",
+            );
+        }
+        if self.stream_send_timeout.is_zero() {
+            return invalid(
+                "workload_api.stream_send_timeout",
+                "must be greater than zero",
+            );
+        }
+        if self.requests_per_second_per_uid > 0 && self.request_burst_per_uid == 0 {
+            return invalid(
+                "workload_api.request_burst_per_uid",
+                "must be at least 1 while requests_per_second_per_uid is set",
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Workload attestor configuration.
@@ -160,6 +247,7 @@ impl AgentConfig {
             join_token: None,
             node_attestor: NodeAttestorConfig::default(),
             workload_attestor: WorkloadAttestorConfig::default(),
+            workload_api: WorkloadApiConfig::default(),
             sync_interval: DEFAULT_SYNC_INTERVAL,
             x509_svid_cache_size: DEFAULT_X509_SVID_CACHE_SIZE,
             jwt_svid_cache_size: DEFAULT_JWT_SVID_CACHE_SIZE,
@@ -201,6 +289,7 @@ impl AgentConfig {
                 reason: "RSA keys cannot be generated by this build; use ec-p256 or ec-p384".into(),
             });
         }
+        self.workload_api.check()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid {
                 key: "log_format",
@@ -222,6 +311,21 @@ fn default_x509_cache() -> usize {
 }
 fn default_jwt_cache() -> usize {
     DEFAULT_JWT_SVID_CACHE_SIZE
+}
+fn default_max_connections_per_uid() -> usize {
+    DEFAULT_MAX_CONNECTIONS_PER_UID
+}
+fn default_max_streams_per_connection() -> u32 {
+    DEFAULT_MAX_STREAMS_PER_CONNECTION
+}
+fn default_stream_send_timeout() -> Duration {
+    DEFAULT_STREAM_SEND_TIMEOUT
+}
+fn default_requests_per_second_per_uid() -> u32 {
+    DEFAULT_REQUESTS_PER_SECOND_PER_UID
+}
+fn default_request_burst_per_uid() -> u32 {
+    DEFAULT_REQUEST_BURST_PER_UID
 }
 fn default_log_level() -> String {
     "info".to_owned()
@@ -282,6 +386,54 @@ mod tests {
         let c = AgentConfig::parse(include_str!("../../../deploy/agent.toml")).unwrap();
         assert_eq!(c.server_address, "127.0.0.1:8081");
         assert!(!c.insecure_bootstrap);
+        // The example states the defaults.
+        let limits = &c.workload_api;
+        let defaults = WorkloadApiConfig::default();
+        assert_eq!(
+            limits.max_connections_per_uid,
+            defaults.max_connections_per_uid
+        );
+        assert_eq!(
+            limits.max_streams_per_connection,
+            defaults.max_streams_per_connection
+        );
+        assert_eq!(limits.stream_send_timeout, defaults.stream_send_timeout);
+        assert_eq!(
+            limits.requests_per_second_per_uid,
+            defaults.requests_per_second_per_uid
+        );
+        assert_eq!(limits.request_burst_per_uid, defaults.request_burst_per_uid);
+    }
+
+    #[test]
+    fn workload_api_limits_are_checked() {
+        let base = "server_address = \"a:1\"\ntrust_domain = \"td\"\ndata_dir = \"/d\"\n";
+        let c = AgentConfig::parse(&format!(
+            "{base}[workload_api]\nmax_connections_per_uid = 4\nstream_send_timeout = \"2s\"\nrequests_per_second_per_uid = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(c.workload_api.max_connections_per_uid, 4);
+        assert_eq!(c.workload_api.stream_send_timeout, Duration::from_secs(2));
+        assert_eq!(c.workload_api.requests_per_second_per_uid, 0);
+        assert_eq!(
+            c.workload_api.max_streams_per_connection,
+            DEFAULT_MAX_STREAMS_PER_CONNECTION
+        );
+        for (line, key) in [
+            ("max_connections_per_uid = 0", "max_connections_per_uid"),
+            (
+                "max_streams_per_connection = 0",
+                "max_streams_per_connection",
+            ),
+            ("stream_send_timeout = \"0s\"", "stream_send_timeout"),
+            ("request_burst_per_uid = 0", "request_burst_per_uid"),
+            ("max_connection_per_uid = 3", "max_connection_per_uid"),
+        ] {
+            let err = AgentConfig::parse(&format!("{base}[workload_api]\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
     }
 
     #[test]

@@ -7,6 +7,13 @@
 //! again whenever what this caller would get changes. Status codes and messages are SPIRE's
 //! where clients depend on them (`no identity issued`, `security header missing from
 //! request`, `audience must be specified`).
+//!
+//! One caller cannot take the agent down for the others: connections are counted per uid as
+//! they are accepted and refused beyond `max_connections_per_uid`, each connection carries at
+//! most `max_streams_per_connection` calls, calls are rate-limited per uid
+//! (`ResourceExhausted`), a pushed message the workload does not read within
+//! `stream_send_timeout` closes its connection (freeing everything it held), and accept
+//! errors such as running out of descriptors are retried with backoff, never spun on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -14,9 +21,9 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use lanyard_core::id::IdError;
 use lanyard_core::jwt::{JwtError, validate_jwt_svid};
@@ -34,14 +41,17 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::{Connected, Router};
 use tonic::{Request, Response, Status};
 
 use crate::attestor::{AttestError, PeerCredentials, WorkloadAttestor};
 use crate::cache::{CachedEntry, JwtMintError, JwtMinter, Snapshot};
+use crate::config::WorkloadApiConfig;
+use crate::limits::{
+    ConnectionLimiter, ConnectionSlot, OFFENDER_LOG_INTERVAL, OffenderLog, RateLimiter,
+};
 use crate::usage::UsageTracker;
 
 /// The gRPC metadata key every Workload API request must carry with the value `true`.
@@ -55,6 +65,14 @@ pub const DEFAULT_INITIAL_WAIT: Duration = Duration::from_secs(10);
 const SOCKET_MODE: u32 = 0o777;
 /// Mode of directories created for the socket: anyone may enter, only the agent may write.
 const SOCKET_DIR_MODE: u32 = 0o755;
+
+/// The first pause after a failed `accept` (e.g. out of descriptors); it doubles per failure.
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+/// The longest pause between failed `accept`s.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// How long open connections have to finish once shutdown begins before they are closed: a
+/// workload that does not read would otherwise keep the agent from stopping.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Claims of a foreign trust domain's JWT-SVID that `ValidateJWTSVID` returns; the others
 /// are dropped, as SPIRE does without `allowed_foreign_jwt_claims`.
@@ -112,6 +130,14 @@ pub enum WorkloadError {
     /// The RPC is not served.
     #[error("{0} is not supported by this agent")]
     Unimplemented(&'static str),
+    /// The caller's uid made more calls than `requests_per_second_per_uid` allows.
+    #[error("rate limit exceeded: uid {uid} may make {per_second} Workload API calls per second")]
+    RateLimited {
+        /// The caller's uid.
+        uid: u32,
+        /// The sustained rate allowed.
+        per_second: u32,
+    },
 }
 
 impl WorkloadError {
@@ -138,6 +164,7 @@ impl WorkloadError {
                 Status::unavailable(message)
             }
             Self::Unimplemented(_) => Status::unimplemented(message),
+            Self::RateLimited { .. } => Status::resource_exhausted(message),
         }
     }
 }
@@ -158,6 +185,65 @@ pub struct WorkloadApi {
     initial_wait: Duration,
     stop: Arc<watch::Sender<bool>>,
     usage: Option<Arc<UsageTracker>>,
+    limits: Arc<ApiLimits>,
+}
+
+/// The limits a [`WorkloadApi`] applies to each call, shared by its clones.
+#[derive(Debug)]
+struct ApiLimits {
+    config: WorkloadApiConfig,
+    rate: RateLimiter,
+    /// Connections closed because a stream was not read, per uid.
+    stalls: Mutex<OffenderLog<u32>>,
+}
+
+impl ApiLimits {
+    fn new(config: WorkloadApiConfig) -> Self {
+        Self {
+            rate: RateLimiter::new(
+                config.requests_per_second_per_uid,
+                config.request_burst_per_uid,
+            ),
+            config,
+            stalls: Mutex::new(OffenderLog::new(OFFENDER_LOG_INTERVAL)),
+        }
+    }
+
+    fn check_rate(&self, uid: u32) -> Result<(), WorkloadError> {
+        self.rate.check(uid, Instant::now()).map_err(|limited| {
+            if let Some(refused) = limited.to_log {
+                tracing::warn!(
+                    uid,
+                    refused,
+                    per_second = limited.per_second,
+                    "Workload API calls refused: over requests_per_second_per_uid"
+                );
+            }
+            WorkloadError::RateLimited {
+                uid,
+                per_second: limited.per_second,
+            }
+        })
+    }
+
+    /// Closes the connection of a stream whose workload did not read within the timeout.
+    fn stalled(&self, caller: &Caller) {
+        caller.connection.close();
+        let to_log = self
+            .stalls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .offence(caller.peer.uid, Instant::now());
+        if let Some(closed) = to_log {
+            tracing::warn!(
+                uid = caller.peer.uid,
+                pid = ?caller.peer.pid,
+                closed,
+                timeout = ?self.config.stream_send_timeout,
+                "closed Workload API connections whose workload did not read its stream"
+            );
+        }
+    }
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -198,7 +284,20 @@ impl WorkloadApi {
             initial_wait: DEFAULT_INITIAL_WAIT,
             stop: Arc::new(watch::channel(false).0),
             usage: None,
+            limits: Arc::new(ApiLimits::new(WorkloadApiConfig::default())),
         }
+    }
+
+    /// The same handler applying `limits` (streams and rates; the connection limits apply
+    /// where it is served, see [`serve_router`]).
+    pub fn with_limits(mut self, limits: WorkloadApiConfig) -> Self {
+        self.limits = Arc::new(ApiLimits::new(limits));
+        self
+    }
+
+    /// The limits this handler was given.
+    pub fn limits(&self) -> &WorkloadApiConfig {
+        &self.limits.config
     }
 
     /// The same handler reading time from `clock`.
@@ -236,15 +335,20 @@ impl WorkloadApi {
         )
     }
 
-    async fn attest<T>(&self, request: &Request<T>) -> Result<SelectorSet, WorkloadError> {
-        let peer = caller(request)?;
+    /// Identifies the caller, charges the call to its uid's rate, and attests it.
+    async fn attest<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(SelectorSet, Caller), WorkloadError> {
+        let caller = caller(request)?;
+        self.limits.check_rate(caller.peer.uid)?;
         let selectors = self
             .attestor
-            .attest(&peer)
+            .attest(&caller.peer)
             .await
             .map_err(WorkloadError::Attestation)?;
-        tracing::debug!(pid = ?peer.pid, uid = peer.uid, ?selectors, "workload attested");
-        Ok(selectors)
+        tracing::debug!(pid = ?caller.peer.pid, uid = caller.peer.uid, ?selectors, "workload attested");
+        Ok((selectors, caller))
     }
 
     /// The latest snapshot once the agent has synced at least once.
@@ -265,7 +369,11 @@ impl WorkloadApi {
 
     /// Runs `step` on the current snapshot and again on every new one (and at the times it
     /// asks for), sending each message that differs from the last one sent.
-    fn watch<T, F>(&self, mut step: F) -> ReceiverStream<Result<T, Status>>
+    ///
+    /// A message the workload does not take within `stream_send_timeout` closes the
+    /// caller's connection: HTTP/2 would otherwise hold the stream, and what was queued on
+    /// it, for as long as the workload stays connected.
+    fn watch<T, F>(&self, caller: Caller, mut step: F) -> ReceiverStream<Result<T, Status>>
     where
         T: Clone + PartialEq + Send + 'static,
         F: FnMut(&Snapshot, SystemTime) -> Step<T> + Send + 'static,
@@ -276,6 +384,8 @@ impl WorkloadApi {
         let clock = Arc::clone(&self.clock);
         let usage = self.usage.clone();
         let give_up_at = tokio::time::Instant::now() + self.initial_wait;
+        let limits = Arc::clone(&self.limits);
+        let timeout = limits.config.stream_send_timeout;
         tokio::spawn(async move {
             let mut last_sent: Option<T> = None;
             loop {
@@ -288,8 +398,13 @@ impl WorkloadApi {
                         served,
                     } => {
                         if last_sent.as_ref() != Some(&message) {
-                            if !deliver(&tx, Ok(message.clone()), &mut stop).await {
-                                return;
+                            match deliver(&tx, Ok(message.clone()), &mut stop, timeout).await {
+                                Delivery::Sent => {}
+                                Delivery::Gone => return,
+                                Delivery::Stalled => {
+                                    limits.stalled(&caller);
+                                    return;
+                                }
                             }
                             if let Some(usage) = &usage {
                                 usage.record(&served, clock());
@@ -300,7 +415,11 @@ impl WorkloadApi {
                     }
                     Step::Wait { reason, recheck_at } => (recheck_at, Some(reason)),
                     Step::Fail(error) => {
-                        deliver(&tx, Err(error.into_status()), &mut stop).await;
+                        let delivery =
+                            deliver(&tx, Err(error.into_status()), &mut stop, timeout).await;
+                        if let Delivery::Stalled = delivery {
+                            limits.stalled(&caller);
+                        }
                         return;
                     }
                 };
@@ -323,7 +442,10 @@ impl WorkloadApi {
                     () = tx.closed() => return,
                 };
                 if let Some(error) = outcome {
-                    deliver(&tx, Err(error.into_status()), &mut stop).await;
+                    let delivery = deliver(&tx, Err(error.into_status()), &mut stop, timeout).await;
+                    if let Delivery::Stalled = delivery {
+                        limits.stalled(&caller);
+                    }
                     return;
                 }
             }
@@ -370,17 +492,33 @@ async fn give_up_after(reason: Option<&'static str>, at: tokio::time::Instant) -
     }
 }
 
-/// Sends `item` unless the streams are stopped first: a workload that does not read must
-/// not keep the server from shutting down. Returns whether it was sent.
+/// What became of a message for a stream.
+enum Delivery {
+    /// Handed to the stream.
+    Sent,
+    /// The stream is gone, or streams are stopping.
+    Gone,
+    /// The workload did not take it within the timeout.
+    Stalled,
+}
+
+/// Sends `item` unless the streams are stopped first or the workload does not take it
+/// within `timeout`: a workload that does not read must neither keep the server from
+/// shutting down nor hold what was queued for it.
 async fn deliver<T>(
     tx: &mpsc::Sender<Result<T, Status>>,
     item: Result<T, Status>,
     stop: &mut watch::Receiver<bool>,
-) -> bool {
+    timeout: Duration,
+) -> Delivery {
     tokio::select! {
         biased;
-        sent = tx.send(item) => sent.is_ok(),
-        () = stopped(stop) => false,
+        sent = tokio::time::timeout(timeout, tx.send(item)) => match sent {
+            Ok(Ok(())) => Delivery::Sent,
+            Ok(Err(_)) => Delivery::Gone,
+            Err(_) => Delivery::Stalled,
+        },
+        () = stopped(stop) => Delivery::Gone,
     }
 }
 
@@ -503,7 +641,14 @@ pub fn check_security_header(request: Request<()>) -> Result<Request<()>, Status
     }
 }
 
-fn caller<T>(request: &Request<T>) -> Result<PeerCredentials, WorkloadError> {
+/// Who is calling, from the kernel, and the connection the call came on.
+#[derive(Debug, Clone)]
+struct Caller {
+    peer: PeerCredentials,
+    connection: ConnectionHandle,
+}
+
+fn caller<T>(request: &Request<T>) -> Result<Caller, WorkloadError> {
     let info = request
         .extensions()
         .get::<WorkloadConnectInfo>()
@@ -514,9 +659,14 @@ fn caller<T>(request: &Request<T>) -> Result<PeerCredentials, WorkloadError> {
                     .to_owned(),
             )
         })?;
-    info.peer()
+    let peer = info
+        .peer()
         .copied()
-        .map_err(|reason| WorkloadError::CallerUnknown(reason.to_owned()))
+        .map_err(|reason| WorkloadError::CallerUnknown(reason.to_owned()))?;
+    Ok(Caller {
+        peer,
+        connection: info.connection.clone(),
+    })
 }
 
 type Streamed<T> = ReceiverStream<Result<T, Status>>;
@@ -533,8 +683,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = self.attest(&request).await?;
-        Ok(Response::new(self.watch(move |snapshot, now| {
+        let (selectors, caller) = self.attest(&request).await?;
+        Ok(Response::new(self.watch(caller, move |snapshot, now| {
             x509_svid_step(snapshot, &selectors, now)
         })))
     }
@@ -543,8 +693,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let selectors = self.attest(&request).await?;
-        Ok(Response::new(self.watch(move |snapshot, _| {
+        let (selectors, caller) = self.attest(&request).await?;
+        Ok(Response::new(self.watch(caller, move |snapshot, _| {
             map_step(
                 bundles_step(
                     snapshot,
@@ -571,7 +721,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             "" => None,
             id => Some(id.parse().map_err(WorkloadError::InvalidSpiffeId)?),
         };
-        let selectors = self.attest(&request).await?;
+        let (selectors, _) = self.attest(&request).await?;
         let snapshot = self.synced_snapshot().await?;
 
         let mut seen = BTreeSet::new();
@@ -609,8 +759,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let selectors = self.attest(&request).await?;
-        Ok(Response::new(self.watch(move |snapshot, _| {
+        let (selectors, caller) = self.attest(&request).await?;
+        Ok(Response::new(self.watch(caller, move |snapshot, _| {
             map_step(
                 bundles_step(snapshot, &selectors, |bundle| {
                     bundle.jwt_only_jwks_json().into_bytes()
@@ -633,7 +783,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         // Like SPIRE, validation needs no identity of the caller's own, but it is attested:
         // the federated bundles it may use are those of its entries.
-        let selectors = self.attest(&request).await?;
+        let (selectors, _) = self.attest(&request).await?;
         let snapshot = self.synced_snapshot().await?;
         let entries = snapshot.entries_for(&selectors);
         let federated = snapshot.federated_for(entries.iter().map(AsRef::as_ref));
@@ -704,10 +854,12 @@ fn json_to_value(value: Value) -> prost_types::Value {
 }
 
 /// Connection info of a Workload API connection, in every request's extensions: the peer's
-/// kernel credentials with its process start time, read when the connection was accepted.
+/// kernel credentials with its process start time, read when the connection was accepted,
+/// and a handle that closes the connection.
 #[derive(Debug, Clone)]
 pub struct WorkloadConnectInfo {
     peer: Result<PeerCredentials, Arc<str>>,
+    connection: ConnectionHandle,
 }
 
 impl WorkloadConnectInfo {
@@ -717,31 +869,113 @@ impl WorkloadConnectInfo {
     }
 }
 
-/// An accepted Workload API connection that remembers who connected.
-#[derive(Debug)]
+/// Closes one connection from the agent's side.
+#[derive(Debug, Clone)]
+struct ConnectionHandle {
+    close: Arc<watch::Sender<bool>>,
+}
+
+impl ConnectionHandle {
+    fn close(&self) {
+        self.close.send_replace(true);
+    }
+}
+
+/// Completes when the connection is to be closed: by its handle, or by the server after the
+/// shutdown grace.
+type CloseSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// An accepted Workload API connection that remembers who connected, holds its caller's
+/// place under `max_connections_per_uid` until it is dropped, and fails its reads and writes
+/// once it is to be closed (so that HTTP/2 drops it, and every stream on it, at once).
 struct WorkloadConnection {
     stream: UnixStream,
     info: WorkloadConnectInfo,
+    _slot: ConnectionSlot,
+    close_signal: CloseSignal,
+    closed: bool,
+}
+
+impl std::fmt::Debug for WorkloadConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadConnection")
+            .field("info", &self.info)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WorkloadConnection {
-    fn accept(stream: UnixStream) -> Self {
-        let peer = match stream.peer_cred() {
-            Ok(cred) => PeerCredentials::from_ucred(&cred)
-                .with_current_start_time()
-                .map_err(|e| format!("could not identify the calling process: {e}")),
-            Err(e) => Err(format!("could not read the caller's credentials: {e}")),
+    /// Admits `stream` under its caller's connection limit, or closes it (by dropping it).
+    fn admit(
+        stream: UnixStream,
+        limiter: &Arc<ConnectionLimiter>,
+        server_closing: &watch::Receiver<bool>,
+    ) -> Option<Self> {
+        let cred = match stream.peer_cred() {
+            Ok(cred) => cred,
+            Err(error) => {
+                tracing::debug!(%error, "closed a workload connection without credentials");
+                return None;
+            }
         };
+        let slot = match limiter.admit(cred.uid(), Instant::now()) {
+            Ok(slot) => slot,
+            Err(refused) => {
+                if let Some(count) = refused.to_log {
+                    tracing::warn!(
+                        uid = refused.uid,
+                        pid = ?cred.pid(),
+                        limit = refused.limit,
+                        refused = count,
+                        "Workload API connections refused: uid at max_connections_per_uid"
+                    );
+                }
+                return None;
+            }
+        };
+        let peer = PeerCredentials::from_ucred(&cred)
+            .with_current_start_time()
+            .map_err(|e| format!("could not identify the calling process: {e}"));
         if let Err(error) = &peer {
             tracing::debug!(%error, "workload connection without usable credentials");
         }
-        Self {
+        let (close, mut closing) = watch::channel(false);
+        let mut server_closing = server_closing.clone();
+        let close_signal = Box::pin(async move {
+            tokio::select! {
+                _ = closing.wait_for(|close| *close) => {}
+                _ = server_closing.wait_for(|close| *close) => {}
+            }
+        });
+        Some(Self {
             stream,
             info: WorkloadConnectInfo {
                 peer: peer.map_err(Arc::from),
+                connection: ConnectionHandle {
+                    close: Arc::new(close),
+                },
             },
-        }
+            _slot: slot,
+            close_signal,
+            closed: false,
+        })
     }
+
+    /// Whether the connection is to be closed; otherwise wakes `cx` when it is.
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.closed && self.close_signal.as_mut().poll(cx).is_ready() {
+            self.closed = true;
+        }
+        self.closed
+    }
+}
+
+fn closed_by_agent() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection closed by the agent",
+    )
 }
 
 impl Connected for WorkloadConnection {
@@ -758,7 +992,11 @@ impl AsyncRead for WorkloadConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        if this.poll_closed(cx) {
+            return Poll::Ready(Err(closed_by_agent()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
@@ -768,7 +1006,11 @@ impl AsyncWrite for WorkloadConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.poll_closed(cx) {
+            return Poll::Ready(Err(closed_by_agent()));
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -784,7 +1026,11 @@ impl AsyncWrite for WorkloadConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if this.poll_closed(cx) {
+            return Poll::Ready(Err(closed_by_agent()));
+        }
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -861,23 +1107,94 @@ fn create_public_dirs(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// A tonic server builder with the per-connection limits of `limits`: add the Workload API
+/// (and any other service for the same socket) to it and pass the router to
+/// [`serve_router`].
+pub fn server_builder(limits: &WorkloadApiConfig) -> tonic::transport::Server {
+    tonic::transport::Server::builder().max_concurrent_streams(limits.max_streams_per_connection)
+}
+
 /// Serves `router` on `listener` until `shutdown` completes, recording each connection's
-/// caller ([`WorkloadConnectInfo`]) as it is accepted. Call [`StreamStopper::stop`] before
-/// or as `shutdown` completes, or open streams keep the server from stopping.
+/// caller ([`WorkloadConnectInfo`]) as it is accepted and refusing connections beyond
+/// `limits.max_connections_per_uid`. Call [`StreamStopper::stop`] before or as `shutdown`
+/// completes; connections still open 5 seconds later are closed.
 pub async fn serve_router<F>(
     listener: UnixListener,
     router: Router,
+    limits: &WorkloadApiConfig,
     shutdown: F,
 ) -> Result<(), ServeError>
 where
     F: Future<Output = ()>,
 {
-    let incoming =
-        UnixListenerStream::new(listener).map(|accepted| accepted.map(WorkloadConnection::accept));
-    router
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(ServeError::Transport)
+    let limiter = ConnectionLimiter::new(limits.max_connections_per_uid);
+    let (close_all, server_closing) = watch::channel(false);
+    let (connections, incoming) = mpsc::channel(1);
+    tokio::spawn(accept(listener, limiter, server_closing, connections));
+    let (shutdown_started, mut shutting_down) = watch::channel(false);
+    let serving = router.serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
+        shutdown.await;
+        shutdown_started.send_replace(true);
+    });
+    let grace = async move {
+        let _ = shutting_down.wait_for(|started| *started).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::debug!("closing the Workload API connections still open");
+        close_all.send_replace(true);
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        served = serving => served.map_err(ServeError::Transport),
+        () = grace => Ok(()),
+    }
+}
+
+/// Accepts connections into `connections` until its receiver is gone, closing those over
+/// their caller's limit, and pausing (5 ms doubling to 1 s) after each failed accept: with
+/// no descriptor left, the pending connection stays queued and retrying at once would spin.
+async fn accept(
+    listener: UnixListener,
+    limiter: Arc<ConnectionLimiter>,
+    server_closing: watch::Receiver<bool>,
+    connections: mpsc::Sender<io::Result<WorkloadConnection>>,
+) {
+    let mut backoff = None;
+    let mut errors = OffenderLog::new(OFFENDER_LOG_INTERVAL);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = connections.closed() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                backoff = None;
+                if let Some(connection) =
+                    WorkloadConnection::admit(stream, &limiter, &server_closing)
+                    && connections.send(Ok(connection)).await.is_err()
+                {
+                    return;
+                }
+            }
+            Err(error) => {
+                let pause = next_accept_backoff(backoff);
+                backoff = Some(pause);
+                if let Some(failures) = errors.offence((), Instant::now()) {
+                    tracing::warn!(%error, failures, retry_in = ?pause, "accepting Workload API connections failed");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = connections.closed() => return,
+                }
+            }
+        }
+    }
+}
+
+/// The pause after a failed accept that follows one of `previous`.
+fn next_accept_backoff(previous: Option<Duration>) -> Duration {
+    previous.map_or(MIN_ACCEPT_BACKOFF, |pause| {
+        pause.saturating_mul(2).min(MAX_ACCEPT_BACKOFF)
+    })
 }
 
 /// Serves the Workload API alone on `socket_path` (see [`bind_socket`]) until `shutdown`
@@ -888,9 +1205,10 @@ where
 {
     let listener = bind_socket(socket_path)?;
     let stopper = api.stream_stopper();
-    let router = tonic::transport::Server::builder().add_service(api.into_service());
+    let limits = api.limits().clone();
+    let router = server_builder(&limits).add_service(api.into_service());
     tracing::info!(socket = %socket_path.display(), "serving the Workload API");
-    serve_router(listener, router, async move {
+    serve_router(listener, router, &limits, async move {
         shutdown.await;
         stopper.stop();
     })
@@ -1077,6 +1395,19 @@ mod tests {
     }
 
     #[test]
+    fn failed_accepts_back_off_up_to_a_second() {
+        let pauses: Vec<Duration> = std::iter::successors(Some(next_accept_backoff(None)), |p| {
+            Some(next_accept_backoff(Some(*p)))
+        })
+        .take(12)
+        .collect();
+        assert_eq!(pauses[0], Duration::from_millis(5));
+        assert_eq!(pauses[1], Duration::from_millis(10));
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(pauses[11], MAX_ACCEPT_BACKOFF);
+    }
+
+    #[test]
     fn errors_map_to_spire_statuses() {
         let cases = [
             (
@@ -1103,6 +1434,14 @@ mod tests {
                 WorkloadError::Unimplemented("FetchWITSVID"),
                 tonic::Code::Unimplemented,
                 "FetchWITSVID is not supported by this agent",
+            ),
+            (
+                WorkloadError::RateLimited {
+                    uid: 1000,
+                    per_second: 5,
+                },
+                tonic::Code::ResourceExhausted,
+                "rate limit exceeded: uid 1000 may make 5 Workload API calls per second",
             ),
         ];
         for (error, code, message) in cases {

@@ -98,6 +98,11 @@ async fn agent_child(args: AgentChildArgs) -> anyhow::Result<()> {
     config.socket_path = args.socket;
     config.join_token = Some(args.join_token);
     config.sync_interval = Duration::from_millis(args.sync_interval_ms);
+    // Every simulated workload is this benchmark's uid: the per-uid limits that protect
+    // workloads from each other would measure themselves instead of the agent (SPIRE, which
+    // the benchmarks compare against, has none).
+    config.workload_api.max_connections_per_uid = usize::MAX;
+    config.workload_api.requests_per_second_per_uid = 0;
     let parent = parent_pid();
     // Exit with the benchmark even if it is killed before it can stop us.
     let orphaned = async move {

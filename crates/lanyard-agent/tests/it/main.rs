@@ -6,3 +6,4 @@
 mod manager;
 mod usage;
 mod workload_api;
+mod workload_limits;

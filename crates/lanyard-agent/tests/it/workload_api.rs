@@ -34,7 +34,7 @@ const TD: &str = "example.org";
 const FEDERATED_TD: &str = "federated.example";
 const JWT_KEY_ID: &str = "jwt-key-1";
 /// A bound on every wait for the server; tests fail instead of hanging.
-const WAIT: Duration = Duration::from_secs(20);
+pub const WAIT: Duration = Duration::from_secs(20);
 
 fn now() -> SystemTime {
     SystemTime::now()
@@ -49,7 +49,7 @@ fn current_gid() -> u32 {
 }
 
 /// A trust domain's CA and JWT key, and a federated trust domain's CA.
-struct Pki {
+pub struct Pki {
     trust_domain: TrustDomain,
     ca: X509Ca,
     jwt_key: Arc<KeyPair>,
@@ -59,7 +59,7 @@ struct Pki {
 }
 
 impl Pki {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let trust_domain = TrustDomain::new(TD).unwrap();
         // Backdated so that the tests can also mint SVIDs that have already expired.
         let issued = now() - Duration::from_secs(3 * 3600);
@@ -105,7 +105,13 @@ impl Pki {
     }
 
     /// An entry for `path` matching `selectors`, federating with the federated domain.
-    fn entry(&self, id: &str, path: &str, selectors: &[String], hint: &str) -> Arc<CachedEntry> {
+    pub fn entry(
+        &self,
+        id: &str,
+        path: &str,
+        selectors: &[String],
+        hint: &str,
+    ) -> Arc<CachedEntry> {
         Arc::new(CachedEntry {
             id: EntryId::new(id).unwrap(),
             spiffe_id: self.spiffe_id(path),
@@ -133,7 +139,7 @@ impl Pki {
     }
 
     /// A synced snapshot with `entries`, each with a fresh one-hour SVID.
-    fn snapshot(&self, entries: &[Arc<CachedEntry>]) -> Snapshot {
+    pub fn snapshot(&self, entries: &[Arc<CachedEntry>]) -> Snapshot {
         let mut snapshot = self.empty_snapshot();
         for entry in entries {
             snapshot.entries.push(Arc::clone(entry));
@@ -199,14 +205,14 @@ impl JwtMinter for FakeMinter {
 }
 
 /// The selector every entry for this test process uses.
-fn my_uid_selector() -> String {
+pub fn my_uid_selector() -> String {
     format!("unix:uid:{}", current_uid())
 }
 
 /// A running Workload API on a temporary socket.
-struct Agent {
+pub struct Agent {
     _dir: tempfile::TempDir,
-    socket: PathBuf,
+    pub socket: PathBuf,
     snapshots: watch::Sender<Arc<Snapshot>>,
     shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), ServeError>>,
@@ -217,7 +223,7 @@ impl Agent {
         Self::start_with(pki, snapshot, |api| api).await
     }
 
-    async fn start_with(
+    pub async fn start_with(
         pki: &Pki,
         snapshot: Snapshot,
         configure: impl FnOnce(WorkloadApi) -> WorkloadApi,
@@ -251,7 +257,7 @@ impl Agent {
         }
     }
 
-    fn publish(&self, snapshot: Snapshot) {
+    pub fn publish(&self, snapshot: Snapshot) {
         self.snapshots.send_replace(Arc::new(snapshot));
     }
 
@@ -265,12 +271,12 @@ impl Agent {
             .unwrap()
     }
 
-    async fn raw_client(&self) -> SpiffeWorkloadApiClient<Channel> {
+    pub async fn raw_client(&self) -> SpiffeWorkloadApiClient<Channel> {
         SpiffeWorkloadApiClient::new(raw_channel(&self.socket).await)
     }
 
     /// Shuts the server down and checks that it stops, even with streams still open.
-    async fn stop(mut self) {
+    pub async fn stop(mut self) {
         self.shutdown.take().unwrap().send(()).unwrap();
         tokio::time::timeout(WAIT, &mut self.server)
             .await
@@ -292,7 +298,7 @@ async fn wait_for_socket(socket: &Path) {
     }
 }
 
-async fn raw_channel(socket: &Path) -> Channel {
+pub async fn raw_channel(socket: &Path) -> Channel {
     Endpoint::from_shared(format!("unix://{}", socket.display()))
         .unwrap()
         .connect()
@@ -300,7 +306,7 @@ async fn raw_channel(socket: &Path) -> Channel {
         .unwrap()
 }
 
-fn with_header<T>(message: T) -> tonic::Request<T> {
+pub fn with_header<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
         .metadata_mut()
@@ -308,7 +314,7 @@ fn with_header<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-async fn within<F: std::future::Future>(future: F) -> F::Output {
+pub async fn within<F: std::future::Future>(future: F) -> F::Output {
     tokio::time::timeout(WAIT, future)
         .await
         .expect("timed out waiting for the Workload API")
@@ -753,10 +759,14 @@ async fn the_security_header_is_required_only_by_the_workload_api() {
         .add_service(api.into_service())
         .add_service(health_service);
     let (shutdown, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(workload::serve_router(listener, router, async move {
-        let _ = stopped.await;
-        stopper.stop();
-    }));
+    let limits = lanyard_agent::config::WorkloadApiConfig::default();
+    let server = tokio::spawn(async move {
+        workload::serve_router(listener, router, &limits, async move {
+            let _ = stopped.await;
+            stopper.stop();
+        })
+        .await
+    });
 
     let channel = raw_channel(&socket).await;
     let mut raw = SpiffeWorkloadApiClient::new(channel.clone());

@@ -18,7 +18,7 @@ use crate::cli::parse::{self, MatchMode};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AgentCommand {
-    /// Run the node agent until Ctrl-C or SIGTERM.
+    /// Run the node agent until Ctrl-C or SIGTERM (SIGHUP re-reads log_level).
     Run(crate::cli::server::RunArgs),
     /// Check that the agent answers on its Workload API socket and reports itself serving.
     Healthcheck(crate::cli::workload::WorkloadSocketArgs),
@@ -63,11 +63,20 @@ impl AgentCommand {
 }
 
 async fn run_agent(args: &crate::cli::server::RunArgs) -> anyhow::Result<()> {
+    use crate::cli::logging;
     use anyhow::Context as _;
+    let signals = logging::Signals::register()?;
     let config = lanyard_agent::AgentConfig::load(&args.config)
         .with_context(|| format!("config {}", args.config.display()))?;
-    crate::cli::logging::init(&config.log_level, &config.log_format)?;
-    lanyard_agent::run(config, crate::cli::logging::shutdown_signal()).await?;
+    let log_level = logging::init(&config.log_level, &config.log_format)?;
+    let config_path = args.config.clone();
+    let shutdown = signals.handle(move || {
+        tracing::info!("SIGHUP received: re-reading log_level from the config");
+        log_level.reload_from(&config_path, |path| {
+            lanyard_agent::AgentConfig::load(path).map(|config| config.log_level)
+        });
+    });
+    lanyard_agent::run(config, shutdown).await?;
     Ok(())
 }
 

@@ -75,7 +75,9 @@ fn user_name(uid: u32) -> String {
 }
 
 pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    logging::init(&args.log_level, "text")?;
+    let signals = logging::Signals::register()?;
+    // The level comes from a flag: nothing to re-read.
+    let _log_level = logging::init(&args.log_level, "text")?;
     let trust_domain = TrustDomain::new(&args.trust_domain)
         .map_err(|e| anyhow!("--trust-domain {:?}: {e}", args.trust_domain))?;
 
@@ -179,12 +181,11 @@ pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()
     out.flush()?;
 
     let outcome = tokio::select! {
-        () = logging::shutdown_signal() => Ok(()),
+        () = signals.handle(|| tracing::info!("SIGHUP received: reloading the policy")) => Ok(()),
         error = agent.failed() => Err(anyhow!("agent stopped: {error}")),
     };
     agent.shutdown().await;
     server.shutdown().await;
-    let _ = std::fs::remove_file(&agent_config.socket_path);
     if args.data_dir.is_none() {
         writeln!(out, "Removed {}", data_dir.display())?;
     }

@@ -11,7 +11,7 @@ use crate::cli::logging;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ServerCommand {
-    /// Run the server until Ctrl-C or SIGTERM.
+    /// Run the server until Ctrl-C or SIGTERM (SIGHUP re-reads log_level and reloads the policy).
     Run(RunArgs),
     /// Check that the server answers on its admin socket and reports itself serving.
     Healthcheck(HealthcheckArgs),
@@ -46,6 +46,7 @@ impl ServerCommand {
 }
 
 async fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let signals = logging::Signals::register()?;
     let mut config = lanyard_server::ServerConfig::load(&args.config)
         .with_context(|| format!("config {}", args.config.display()))?;
     config.new_trust_domain = args.new_trust_domain;
@@ -53,7 +54,19 @@ async fn run(args: &RunArgs) -> anyhow::Result<()> {
         lanyard_server::config::LogFormat::Text => "text",
         lanyard_server::config::LogFormat::Json => "json",
     };
-    logging::init(&config.log_level, format)?;
-    lanyard_server::run(config, logging::shutdown_signal()).await?;
+    let log_level = logging::init(&config.log_level, format)?;
+    // The policy holder listens for SIGHUP itself.
+    let reloads = match config.policy {
+        Some(_) => "re-reading log_level from the config, reloading the policy",
+        None => "re-reading log_level from the config",
+    };
+    let config_path = args.config.clone();
+    let shutdown = signals.handle(move || {
+        tracing::info!("SIGHUP received: {reloads}");
+        log_level.reload_from(&config_path, |path| {
+            lanyard_server::ServerConfig::load(path).map(|config| config.log_level)
+        });
+    });
+    lanyard_server::run(config, shutdown).await?;
     Ok(())
 }

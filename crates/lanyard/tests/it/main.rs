@@ -12,6 +12,7 @@ mod fake_server;
 mod governance;
 mod real_server;
 mod report;
+mod signals;
 
 use std::path::Path;
 use std::process::{Command, Output};
