@@ -23,6 +23,13 @@ pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
 /// How long the usage ledger keeps issuance records by default.
 pub const DEFAULT_LEDGER_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// Default number of TLS connections that may be open without a client certificate.
+pub const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS: usize = 512;
+/// Default time a client has to finish the TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a TLS connection may carry no bytes either way before it is closed.
+pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -114,6 +121,60 @@ pub struct ServerConfig {
     /// How long the usage ledger keeps each issuance record.
     #[serde(default = "default_ledger_retention", with = "duration")]
     pub ledger_retention: Duration,
+    /// Limits on the TLS server API's connections.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: limits on the TLS server API's connections.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// TLS connections open at once without a client certificate, handshakes included;
+    /// connections beyond it are closed at once.
+    pub max_unauthenticated_connections: usize,
+    /// Time a client has to finish the TLS handshake.
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Time a TLS connection may carry no bytes either way before it is closed.
+    #[serde(with = "duration")]
+    pub connection_idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_unauthenticated_connections: DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            connection_idle_timeout: DEFAULT_CONNECTION_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.max_unauthenticated_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_unauthenticated_connections",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        for (key, timeout) in [
+            ("limits.handshake_timeout", self.handshake_timeout),
+            (
+                "limits.connection_idle_timeout",
+                self.connection_idle_timeout,
+            ),
+        ] {
+            if timeout.is_zero() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be greater than zero".into(),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[policy]`: the Rego policy every entry must pass at issuance.
@@ -283,6 +344,7 @@ impl ServerConfig {
             audit_log_path: None,
             policy: None,
             ledger_retention: DEFAULT_LEDGER_RETENTION,
+            limits: LimitsConfig::default(),
         }
     }
 
@@ -305,6 +367,7 @@ impl ServerConfig {
         if let Some(ttl) = self.agent_ttl {
             positive("agent_ttl", ttl)?;
         }
+        self.limits.check()?;
         if !matches!(
             self.log_level.as_str(),
             "error" | "warn" | "info" | "debug" | "trace"
@@ -502,6 +565,11 @@ mod tests {
         let c = ServerConfig::parse(include_str!("../../../deploy/server.toml")).unwrap();
         assert_eq!(c.trust_domain.name(), "example.org");
         assert!(c.node_attestor.join_token_enabled());
+        assert_eq!(
+            c.limits,
+            LimitsConfig::default(),
+            "the example shows the defaults"
+        );
     }
 
     #[test]
@@ -531,6 +599,38 @@ mod tests {
         assert_eq!(c.default_jwt_svid_ttl, DEFAULT_JWT_SVID_TTL);
         assert_eq!(c.ca_key_type, KeyType::EcP256);
         assert_eq!(c.key_directory(), Path::new("/d/keys"));
+    }
+
+    #[test]
+    fn limits_take_defaults_and_refuse_zero() {
+        let c = ServerConfig::parse("trust_domain = \"td\"\ndata_dir = \"/d\"").unwrap();
+        assert_eq!(c.limits, LimitsConfig::default());
+        let c = ServerConfig::parse(
+            "trust_domain = \"td\"\ndata_dir = \"/d\"\n[limits]\nhandshake_timeout = \"3s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(
+            c.limits.connection_idle_timeout,
+            DEFAULT_CONNECTION_IDLE_TIMEOUT
+        );
+        for (text, key) in [
+            (
+                "[limits]\nmax_unauthenticated_connections = 0",
+                "limits.max_unauthenticated_connections",
+            ),
+            (
+                "[limits]\nconnection_idle_timeout = \"0s\"",
+                "limits.connection_idle_timeout",
+            ),
+            ("[limits]\nidle_timeout = \"1s\"", "idle_timeout"),
+        ] {
+            let err =
+                ServerConfig::parse(&format!("trust_domain = \"td\"\ndata_dir = \"/d\"\n{text}"))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod datastore;
 pub mod keymanager;
 pub mod ledger;
+pub mod listener;
 pub mod policy;
 pub mod server;
 pub mod state;

@@ -9,6 +9,7 @@ mod datastore;
 mod entry_api;
 mod governance;
 mod issuance;
+mod limits;
 mod local_authority;
 mod support;
 mod svid_bundle_api;
