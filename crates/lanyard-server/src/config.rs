@@ -23,9 +23,15 @@ pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
 /// How long the usage ledger keeps issuance records by default.
 pub const DEFAULT_LEDGER_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// Default `AttestAgent` calls per second from one source address (SPIRE's `AttestLimitPerIP`).
+pub const DEFAULT_ATTESTATIONS_PER_IP_PER_SECOND: f64 = 1.0;
+/// Default SVIDs signed per second for one source address (SPIRE's `SignLimitPerIP`).
+pub const DEFAULT_SIGNINGS_PER_IP_PER_SECOND: f64 = 500.0;
+/// Default SVIDs signed per second for one agent: one full `BatchNewX509SVID` a second.
+pub const DEFAULT_SIGNINGS_PER_AGENT_PER_SECOND: f64 = 500.0;
 /// Default number of TLS connections that may be open without a client certificate.
 pub const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS: usize = 512;
-/// Default time a client has to finish the TLS handshake.
+/// Default time a client has to send its PROXY header (if any) and finish the TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a TLS connection may carry no bytes either way before it is closed.
 pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -121,19 +127,32 @@ pub struct ServerConfig {
     /// How long the usage ledger keeps each issuance record.
     #[serde(default = "default_ledger_retention", with = "duration")]
     pub ledger_retention: Duration,
-    /// Limits on the TLS server API's connections.
+    /// Whether every connection to `bind_address` starts with a PROXY protocol v2 header (a
+    /// load balancer in front), whose source address then counts as the client's.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Rate limits on the server API and limits on its TLS connections.
     #[serde(default)]
     pub limits: LimitsConfig,
 }
 
-/// `[limits]`: limits on the TLS server API's connections.
+/// `[limits]`: rate limits on the TLS server API and limits on its connections. A rate of 0
+/// turns that limit off; each rate allows a burst of one second's worth (at least one call).
+/// Calls over the admin socket are never rate limited.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
+    /// `AttestAgent` calls per second from one source address.
+    pub attestations_per_ip_per_second: f64,
+    /// SVIDs signed per second (each CSR of `BatchNewX509SVID`, each `NewJWTSVID`) for one
+    /// source address.
+    pub signings_per_ip_per_second: f64,
+    /// SVIDs signed per second for one agent.
+    pub signings_per_agent_per_second: f64,
     /// TLS connections open at once without a client certificate, handshakes included;
     /// connections beyond it are closed at once.
     pub max_unauthenticated_connections: usize,
-    /// Time a client has to finish the TLS handshake.
+    /// Time a client has to send its PROXY header (if any) and finish the TLS handshake.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
     /// Time a TLS connection may carry no bytes either way before it is closed.
@@ -144,6 +163,9 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
+            attestations_per_ip_per_second: DEFAULT_ATTESTATIONS_PER_IP_PER_SECOND,
+            signings_per_ip_per_second: DEFAULT_SIGNINGS_PER_IP_PER_SECOND,
+            signings_per_agent_per_second: DEFAULT_SIGNINGS_PER_AGENT_PER_SECOND,
             max_unauthenticated_connections: DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             connection_idle_timeout: DEFAULT_CONNECTION_IDLE_TIMEOUT,
@@ -152,7 +174,39 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
+    /// No rate limits, for benchmarks that measure the server rather than its limits; the
+    /// connection limits keep their defaults.
+    pub fn without_rate_limits() -> Self {
+        Self {
+            attestations_per_ip_per_second: 0.0,
+            signings_per_ip_per_second: 0.0,
+            signings_per_agent_per_second: 0.0,
+            ..Self::default()
+        }
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
+        for (key, rate) in [
+            (
+                "limits.attestations_per_ip_per_second",
+                self.attestations_per_ip_per_second,
+            ),
+            (
+                "limits.signings_per_ip_per_second",
+                self.signings_per_ip_per_second,
+            ),
+            (
+                "limits.signings_per_agent_per_second",
+                self.signings_per_agent_per_second,
+            ),
+        ] {
+            if !rate.is_finite() || rate < 0.0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{rate} is not a rate (0 turns the limit off)"),
+                });
+            }
+        }
         if self.max_unauthenticated_connections == 0 {
             return Err(ConfigError::Invalid {
                 key: "limits.max_unauthenticated_connections",
@@ -344,6 +398,7 @@ impl ServerConfig {
             audit_log_path: None,
             policy: None,
             ledger_retention: DEFAULT_LEDGER_RETENTION,
+            proxy_protocol: false,
             limits: LimitsConfig::default(),
         }
     }
@@ -610,6 +665,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.limits.handshake_timeout, Duration::from_secs(3));
+        assert!(!c.proxy_protocol);
+        let c = ServerConfig::parse(
+            "trust_domain = \"td\"\ndata_dir = \"/d\"\nproxy_protocol = true\n[limits]\nattestations_per_ip_per_second = 0.5\nsignings_per_ip_per_second = 0\n",
+        )
+        .unwrap();
+        assert!(c.proxy_protocol);
+        assert_eq!(c.limits.attestations_per_ip_per_second, 0.5);
+        assert_eq!(c.limits.signings_per_ip_per_second, 0.0);
         assert_eq!(
             c.limits.connection_idle_timeout,
             DEFAULT_CONNECTION_IDLE_TIMEOUT
@@ -624,6 +687,10 @@ mod tests {
                 "limits.connection_idle_timeout",
             ),
             ("[limits]\nidle_timeout = \"1s\"", "idle_timeout"),
+            (
+                "[limits]\nsignings_per_agent_per_second = -1",
+                "limits.signings_per_agent_per_second",
+            ),
         ] {
             let err =
                 ServerConfig::parse(&format!("trust_domain = \"td\"\ndata_dir = \"/d\"\n{text}"))

@@ -12,6 +12,8 @@ pub mod keymanager;
 pub mod ledger;
 pub mod listener;
 pub mod policy;
+pub mod proxy_protocol;
+pub mod ratelimit;
 pub mod server;
 pub mod state;
 pub mod tls;

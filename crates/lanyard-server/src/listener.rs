@@ -1,7 +1,12 @@
 //! The server API's TCP listener: accepting connections, the TLS handshake, and the limits
 //! that keep anonymous peers from using up the process's file descriptors.
 //!
-//! A peer has `handshake_timeout` to finish the TLS handshake. Until it has presented a client
+//! With `proxy_protocol = true`, every connection must open with a PROXY protocol v2 header
+//! ([`crate::proxy_protocol`]), read byte-exactly before the TLS handshake; its source address
+//! is the client address the API (and its rate limits) see. A connection without a valid
+//! header is closed.
+//!
+//! A peer has `handshake_timeout` to send its PROXY header and finish the TLS handshake. Until it has presented a client
 //! certificate it holds one of `max_unauthenticated_connections` slots, handshake included;
 //! a connection that finds no free slot is closed at once. A connection that carries no bytes
 //! either way for `connection_idle_timeout` is closed: the server API has no long quiet
@@ -25,7 +30,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, Router, TcpConnectInfo, TlsConnectInfo};
 
-use crate::config::LimitsConfig;
+use crate::config::ServerConfig;
+use crate::proxy_protocol::{self, ProxiedAddress};
 
 /// The first pause after a failed `accept`; each further failure doubles it.
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(50);
@@ -43,14 +49,17 @@ pub struct ListenerLimits {
     pub idle_timeout: Duration,
     /// Connections without a client certificate, handshakes included, at once.
     pub max_unauthenticated: usize,
+    /// Whether connections open with a PROXY protocol v2 header.
+    pub proxy_protocol: bool,
 }
 
-impl From<&LimitsConfig> for ListenerLimits {
-    fn from(limits: &LimitsConfig) -> Self {
+impl From<&ServerConfig> for ListenerLimits {
+    fn from(config: &ServerConfig) -> Self {
         Self {
-            handshake_timeout: limits.handshake_timeout,
-            idle_timeout: limits.connection_idle_timeout,
-            max_unauthenticated: limits.max_unauthenticated_connections,
+            handshake_timeout: config.limits.handshake_timeout,
+            idle_timeout: config.limits.connection_idle_timeout,
+            max_unauthenticated: config.limits.max_unauthenticated_connections,
+            proxy_protocol: config.proxy_protocol,
         }
     }
 }
@@ -154,8 +163,10 @@ async fn accept_loop(
         let limits = limits.clone();
         // Handshakes run on their own task so a slow client never blocks the others.
         tokio::spawn(async move {
-            let handshake =
-                tokio::time::timeout(limits.handshake_timeout, handshake(&acceptor, tcp, peer));
+            let handshake = tokio::time::timeout(
+                limits.handshake_timeout,
+                handshake(&acceptor, tcp, peer, limits.proxy_protocol),
+            );
             match handshake.await {
                 Ok(Ok(stream)) => {
                     // A verified client certificate: the peer is no longer anonymous.
@@ -175,10 +186,33 @@ async fn accept_loop(
 
 async fn handshake(
     acceptor: &tokio_rustls::TlsAcceptor,
-    tcp: TcpStream,
-    peer: SocketAddr,
+    mut tcp: TcpStream,
+    mut peer: SocketAddr,
+    proxy_protocol: bool,
 ) -> io::Result<TlsStream<PeerTcp>> {
+    if proxy_protocol
+        && let ProxiedAddress::Proxied { source, .. } = read_proxy_header(&mut tcp).await?
+    {
+        peer = source;
+    }
     acceptor.accept(PeerTcp { tcp, peer }).await
+}
+
+/// Reads exactly one PROXY v2 header from `tcp`, leaving the bytes after it (the TLS
+/// handshake) unread.
+async fn read_proxy_header(tcp: &mut TcpStream) -> io::Result<ProxiedAddress> {
+    use tokio::io::AsyncReadExt as _;
+
+    let invalid =
+        |e: proxy_protocol::ProxyHeaderError| io::Error::new(io::ErrorKind::InvalidData, e);
+    let mut header = vec![0u8; proxy_protocol::FIXED_LEN];
+    tcp.read_exact(&mut header).await?;
+    let total = proxy_protocol::header_len(&header).map_err(invalid)?;
+    header.resize(total, 0);
+    if let Some(rest) = header.get_mut(proxy_protocol::FIXED_LEN..) {
+        tcp.read_exact(rest).await?;
+    }
+    proxy_protocol::parse(&header).map_err(invalid)
 }
 
 /// A TCP stream and the client address the API sees for it.

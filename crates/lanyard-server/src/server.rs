@@ -156,7 +156,7 @@ impl Server {
             Arc::clone(&ca),
         )?);
         let tcp_router = routes(&state, x509pop_anchors.clone());
-        let limits = crate::listener::ListenerLimits::from(&state.config.limits);
+        let limits = crate::listener::ListenerLimits::from(&state.config);
         tasks.spawn(crate::listener::serve_tls(
             tcp,
             tls,
@@ -250,10 +250,17 @@ fn routes(state: &Arc<ServerState>, x509pop_anchors: Option<Vec<Vec<u8>>>) -> Ro
     use lanyard_proto::spire::api::server::bundle::v1::bundle_server::BundleServer;
     use lanyard_proto::spire::api::server::svid::v1::svid_server::SvidServer;
 
+    let rate_limits = Arc::new(crate::ratelimit::RateLimits::new(&state.config.limits));
     tonic::transport::Server::builder()
-        .add_service(AgentService::new(Arc::clone(state), x509pop_anchors).into_server())
+        .add_service(
+            AgentService::new(Arc::clone(state), x509pop_anchors)
+                .with_rate_limits(Arc::clone(&rate_limits))
+                .into_server(),
+        )
         .add_service(EntryService::new(Arc::clone(state)).into_server())
-        .add_service(SvidServer::new(SvidService::new(Arc::clone(state))))
+        .add_service(SvidServer::new(
+            SvidService::new(Arc::clone(state)).with_rate_limits(rate_limits),
+        ))
         .add_service(BundleServer::new(BundleService::new(Arc::clone(state))))
         .add_service(EntryMetadataService::new(Arc::clone(state)).into_server())
         .add_service(GovernedEntryService::new(Arc::clone(state)).into_server())

@@ -11,5 +11,6 @@ mod governance;
 mod issuance;
 mod limits;
 mod local_authority;
+mod rate_limits;
 mod support;
 mod svid_bundle_api;
