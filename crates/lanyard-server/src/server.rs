@@ -192,6 +192,7 @@ impl Server {
         tasks.spawn(crate::ledger::run(
             ledger_queue,
             Arc::clone(&state.store),
+            state.clock(),
             stopped.clone(),
         ));
         tasks.spawn(rotate(Arc::clone(&state), server_svid, stopped));

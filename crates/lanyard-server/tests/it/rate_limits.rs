@@ -1,12 +1,16 @@
 //! The server API's rate limits: attestation per source address, signing per agent, and the
-//! client address a load balancer passes in a PROXY protocol v2 header.
+//! client address a load balancer passes in a PROXY protocol v2 header; and the usage ledger
+//! under repeated identical requests.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lanyard_core::keys::{KeyPair, KeyType};
 use lanyard_core::tls::{InsecureBootstrapVerifier, client_config};
 use lanyard_core::x509;
+use lanyard_proto::lanyard::api::v1 as gov;
+use lanyard_proto::lanyard::api::v1::usage_service_client::UsageServiceClient;
 use lanyard_proto::spire::api::server::svid::v1 as svid_pb;
 use lanyard_proto::spire::api::server::svid::v1::svid_client::SvidClient;
 use lanyard_server::proxy_protocol;
@@ -152,4 +156,54 @@ async fn behind_a_load_balancer_the_proxied_address_is_rate_limited() {
 
     // A connection without the header is not served.
     assert!(server.try_tls(None).await.is_err());
+}
+
+async fn ledger_rows(server: &TestServer, entry_id: &str) -> Vec<gov::Issuance> {
+    UsageServiceClient::new(server.admin().await)
+        .list_issuances(gov::ListIssuancesRequest {
+            entry_id: entry_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .issuances
+}
+
+/// Polls the ledger until `entry_id` has `n` rows (or 10 s pass); returns what it has.
+async fn wait_for_rows(server: &TestServer, entry_id: &str, n: usize) -> Vec<gov::Issuance> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = ledger_rows(server, entry_id).await;
+        if rows.len() >= n || tokio::time::Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn repeated_identical_requests_do_not_grow_the_ledger() {
+    const REPEATS: usize = 20;
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let entry = create_entry(&server, "/repeated", &agent.id, 0).await;
+    let marker = create_entry(&server, "/marker", &agent.id, 0).await;
+    for _ in 0..REPEATS {
+        batch_new_x509_svid(&server, &agent, &entry).await.unwrap();
+    }
+    // The ledger writes in order: once the marker's row is in, every repeat has been seen.
+    batch_new_x509_svid(&server, &agent, &marker).await.unwrap();
+    assert_eq!(wait_for_rows(&server, &marker, 1).await.len(), 1);
+    let rows = ledger_rows(&server, &entry).await;
+    assert_eq!(rows.len(), 1, "the first issuance only, so far: {rows:?}");
+
+    // When the window closes, the newest repeat is written too: first and last, not twenty.
+    server.clock.advance(Duration::from_secs(61));
+    let rows = wait_for_rows(&server, &entry, 2).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_ne!(
+        rows[0].serial, rows[1].serial,
+        "two different SVIDs: {rows:?}"
+    );
 }
