@@ -91,6 +91,8 @@ impl LanyardServer {
         let mut config = ServerConfig::new(trust_domain(), dir.join("data"));
         config.bind_address = SocketAddr::from(([127, 0, 0, 1], 0));
         config.socket_path = dir.join("admin").join("api.sock");
+        // The benchmarks measure the server, not its rate limits (SPIRE runs with its own off).
+        config.limits = lanyard_server::config::LimitsConfig::without_rate_limits();
         config
     }
 

@@ -23,6 +23,19 @@ pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
 /// How long the usage ledger keeps issuance records by default.
 pub const DEFAULT_LEDGER_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// Default `AttestAgent` calls per second from one source address (SPIRE's `AttestLimitPerIP`).
+pub const DEFAULT_ATTESTATIONS_PER_IP_PER_SECOND: f64 = 1.0;
+/// Default SVIDs signed per second for one source address (SPIRE's `SignLimitPerIP`).
+pub const DEFAULT_SIGNINGS_PER_IP_PER_SECOND: f64 = 500.0;
+/// Default SVIDs signed per second for one agent: one full `BatchNewX509SVID` a second.
+pub const DEFAULT_SIGNINGS_PER_AGENT_PER_SECOND: f64 = 500.0;
+/// Default number of TLS connections that may be open without a client certificate.
+pub const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS: usize = 512;
+/// Default time a client has to send its PROXY header (if any) and finish the TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a TLS connection may carry no bytes either way before it is closed.
+pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -119,6 +132,108 @@ pub struct ServerConfig {
     /// file, so that it cannot stay switched on by accident.
     #[serde(skip)]
     pub new_trust_domain: bool,
+    /// Whether every connection to `bind_address` starts with a PROXY protocol v2 header (a
+    /// load balancer in front), whose source address then counts as the client's.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Rate limits on the server API and limits on its TLS connections.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: rate limits on the TLS server API and limits on its connections. A rate of 0
+/// turns that limit off; each rate allows a burst of one second's worth (at least one call).
+/// Calls over the admin socket are never rate limited.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// `AttestAgent` calls per second from one source address.
+    pub attestations_per_ip_per_second: f64,
+    /// SVIDs signed per second (each CSR of `BatchNewX509SVID`, each `NewJWTSVID`) for one
+    /// source address.
+    pub signings_per_ip_per_second: f64,
+    /// SVIDs signed per second for one agent.
+    pub signings_per_agent_per_second: f64,
+    /// TLS connections open at once without a client certificate, handshakes included;
+    /// connections beyond it are closed at once.
+    pub max_unauthenticated_connections: usize,
+    /// Time a client has to send its PROXY header (if any) and finish the TLS handshake.
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Time a TLS connection may carry no bytes either way before it is closed.
+    #[serde(with = "duration")]
+    pub connection_idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            attestations_per_ip_per_second: DEFAULT_ATTESTATIONS_PER_IP_PER_SECOND,
+            signings_per_ip_per_second: DEFAULT_SIGNINGS_PER_IP_PER_SECOND,
+            signings_per_agent_per_second: DEFAULT_SIGNINGS_PER_AGENT_PER_SECOND,
+            max_unauthenticated_connections: DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            connection_idle_timeout: DEFAULT_CONNECTION_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// No rate limits, for benchmarks that measure the server rather than its limits; the
+    /// connection limits keep their defaults.
+    pub fn without_rate_limits() -> Self {
+        Self {
+            attestations_per_ip_per_second: 0.0,
+            signings_per_ip_per_second: 0.0,
+            signings_per_agent_per_second: 0.0,
+            ..Self::default()
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        for (key, rate) in [
+            (
+                "limits.attestations_per_ip_per_second",
+                self.attestations_per_ip_per_second,
+            ),
+            (
+                "limits.signings_per_ip_per_second",
+                self.signings_per_ip_per_second,
+            ),
+            (
+                "limits.signings_per_agent_per_second",
+                self.signings_per_agent_per_second,
+            ),
+        ] {
+            if !rate.is_finite() || rate < 0.0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{rate} is not a rate (0 turns the limit off)"),
+                });
+            }
+        }
+        if self.max_unauthenticated_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_unauthenticated_connections",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        for (key, timeout) in [
+            ("limits.handshake_timeout", self.handshake_timeout),
+            (
+                "limits.connection_idle_timeout",
+                self.connection_idle_timeout,
+            ),
+        ] {
+            if timeout.is_zero() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be greater than zero".into(),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[policy]`: the Rego policy every entry must pass at issuance.
@@ -289,6 +404,8 @@ impl ServerConfig {
             policy: None,
             ledger_retention: DEFAULT_LEDGER_RETENTION,
             new_trust_domain: false,
+            proxy_protocol: false,
+            limits: LimitsConfig::default(),
         }
     }
 
@@ -311,6 +428,7 @@ impl ServerConfig {
         if let Some(ttl) = self.agent_ttl {
             positive("agent_ttl", ttl)?;
         }
+        self.limits.check()?;
         if !matches!(
             self.log_level.as_str(),
             "error" | "warn" | "info" | "debug" | "trace"
@@ -508,6 +626,11 @@ mod tests {
         let c = ServerConfig::parse(include_str!("../../../deploy/server.toml")).unwrap();
         assert_eq!(c.trust_domain.name(), "example.org");
         assert!(c.node_attestor.join_token_enabled());
+        assert_eq!(
+            c.limits,
+            LimitsConfig::default(),
+            "the example shows the defaults"
+        );
     }
 
     #[test]
@@ -537,6 +660,50 @@ mod tests {
         assert_eq!(c.default_jwt_svid_ttl, DEFAULT_JWT_SVID_TTL);
         assert_eq!(c.ca_key_type, KeyType::EcP256);
         assert_eq!(c.key_directory(), Path::new("/d/keys"));
+    }
+
+    #[test]
+    fn limits_take_defaults_and_refuse_zero() {
+        let c = ServerConfig::parse("trust_domain = \"td\"\ndata_dir = \"/d\"").unwrap();
+        assert_eq!(c.limits, LimitsConfig::default());
+        let c = ServerConfig::parse(
+            "trust_domain = \"td\"\ndata_dir = \"/d\"\n[limits]\nhandshake_timeout = \"3s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(3));
+        assert!(!c.proxy_protocol);
+        let c = ServerConfig::parse(
+            "trust_domain = \"td\"\ndata_dir = \"/d\"\nproxy_protocol = true\n[limits]\nattestations_per_ip_per_second = 0.5\nsignings_per_ip_per_second = 0\n",
+        )
+        .unwrap();
+        assert!(c.proxy_protocol);
+        assert_eq!(c.limits.attestations_per_ip_per_second, 0.5);
+        assert_eq!(c.limits.signings_per_ip_per_second, 0.0);
+        assert_eq!(
+            c.limits.connection_idle_timeout,
+            DEFAULT_CONNECTION_IDLE_TIMEOUT
+        );
+        for (text, key) in [
+            (
+                "[limits]\nmax_unauthenticated_connections = 0",
+                "limits.max_unauthenticated_connections",
+            ),
+            (
+                "[limits]\nconnection_idle_timeout = \"0s\"",
+                "limits.connection_idle_timeout",
+            ),
+            ("[limits]\nidle_timeout = \"1s\"", "idle_timeout"),
+            (
+                "[limits]\nsignings_per_agent_per_second = -1",
+                "limits.signings_per_agent_per_second",
+            ),
+        ] {
+            let err =
+                ServerConfig::parse(&format!("trust_domain = \"td\"\ndata_dir = \"/d\"\n{text}"))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Starting and stopping a server: opening the datastore and keys, loading the CA, serving
-//! the API on TCP (TLS) and the admin Unix socket, and running the rotation loop.
+//! the API on TCP (TLS, see [`crate::listener`]) and the admin Unix socket, and running the
+//! rotation loop.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,9 +12,9 @@ use lanyard_core::x509::CaSubject;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::Router;
 
 use crate::api::agent::AgentService;
@@ -34,8 +35,6 @@ use crate::tls::{ServerSvid, TlsError};
 
 /// How often the CA and server SVID rotation is checked.
 const ROTATION_INTERVAL: Duration = Duration::from_secs(5);
-/// The longest a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the policy file is checked for changes (SIGHUP reloads at once).
 const POLICY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -179,7 +178,14 @@ impl Server {
             Arc::clone(&ca),
         )?);
         let tcp_router = routes(&state, x509pop_anchors.clone());
-        tasks.spawn(serve_tls(tcp, tls, tcp_router, stopped.clone()));
+        let limits = crate::listener::ListenerLimits::from(&state.config);
+        tasks.spawn(crate::listener::serve_tls(
+            tcp,
+            tls,
+            tcp_router,
+            limits,
+            stopped.clone(),
+        ));
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -208,6 +214,7 @@ impl Server {
         tasks.spawn(crate::ledger::run(
             ledger_queue,
             Arc::clone(&state.store),
+            state.clock(),
             stopped.clone(),
         ));
         tasks.spawn(rotate(Arc::clone(&state), server_svid, stopped));
@@ -266,10 +273,17 @@ fn routes(state: &Arc<ServerState>, x509pop_anchors: Option<Vec<Vec<u8>>>) -> Ro
     use lanyard_proto::spire::api::server::bundle::v1::bundle_server::BundleServer;
     use lanyard_proto::spire::api::server::svid::v1::svid_server::SvidServer;
 
+    let rate_limits = Arc::new(crate::ratelimit::RateLimits::new(&state.config.limits));
     tonic::transport::Server::builder()
-        .add_service(AgentService::new(Arc::clone(state), x509pop_anchors).into_server())
+        .add_service(
+            AgentService::new(Arc::clone(state), x509pop_anchors)
+                .with_rate_limits(Arc::clone(&rate_limits))
+                .into_server(),
+        )
         .add_service(EntryService::new(Arc::clone(state)).into_server())
-        .add_service(SvidServer::new(SvidService::new(Arc::clone(state))))
+        .add_service(SvidServer::new(
+            SvidService::new(Arc::clone(state)).with_rate_limits(rate_limits),
+        ))
         .add_service(BundleServer::new(BundleService::new(Arc::clone(state))))
         .add_service(EntryMetadataService::new(Arc::clone(state)).into_server())
         .add_service(GovernedEntryService::new(Arc::clone(state)).into_server())
@@ -359,59 +373,6 @@ fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
             .map_err(bind_error)?;
     }
     Ok(listener)
-}
-
-async fn serve_tls(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    router: Router,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let (tx, rx) = mpsc::channel(64);
-    let mut accept_stopped = stopped.clone();
-    let accept_loop = tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = accept_stopped.wait_for(|s| *s) => break,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            // gRPC writes a response as several small frames; with Nagle's algorithm the
-            // later ones wait for the client's delayed ACK, adding ~40 ms to every unary call.
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%peer, %error, "cannot disable Nagle's algorithm");
-            }
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            // Handshakes run on their own task so a slow client never blocks the others.
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok::<_, std::io::Error>(stream)).await;
-                    }
-                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    let result = router
-        .serve_with_incoming_shutdown(ReceiverStream::new(rx), async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        })
-        .await;
-    accept_loop.abort();
-    if let Err(error) = result {
-        tracing::error!(%error, "TLS server failed");
-    }
 }
 
 async fn rotate(

@@ -280,6 +280,11 @@ impl ServerState {
         (self.clock)()
     }
 
+    /// The clock [`ServerState::now`] reads.
+    pub fn clock(&self) -> Clock {
+        Arc::clone(&self.clock)
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.config.trust_domain

@@ -26,6 +26,7 @@ use crate::datastore::{
     AgentFilter, AttestedAgent, DatastoreError, Issuance, IssuanceKind, MatchMode, PageRequest,
     SelectorFilter,
 };
+use crate::ratelimit::RateLimits;
 use crate::state::ServerState;
 
 const SERVICE: &str = "/spire.api.server.agent.v1.Agent/";
@@ -44,6 +45,7 @@ pub struct AgentService {
     state: Arc<ServerState>,
     auth: Authorizer,
     x509pop_anchors: Option<Arc<Vec<Vec<u8>>>>,
+    rate_limits: Arc<RateLimits>,
 }
 
 impl AgentService {
@@ -53,7 +55,14 @@ impl AgentService {
             auth: Authorizer::new(Arc::clone(&state)),
             state,
             x509pop_anchors: x509pop_anchors.map(Arc::new),
+            rate_limits: Arc::new(RateLimits::unlimited()),
         }
+    }
+
+    /// Applies `rate_limits` to attestation.
+    pub fn with_rate_limits(mut self, rate_limits: Arc<RateLimits>) -> Self {
+        self.rate_limits = rate_limits;
+        self
     }
 
     /// The tonic server for this service.
@@ -545,6 +554,10 @@ impl Agent for AgentService {
         &self,
         request: Request<Streaming<pb::AttestAgentRequest>>,
     ) -> Result<Response<Self::AttestAgentStream>, Status> {
+        // Refused before anything else, and logged per address per interval, not per call.
+        self.rate_limits
+            .attestation(request.remote_addr().map(|addr| addr.ip()))
+            .await?;
         let requests = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let service = self.clone();

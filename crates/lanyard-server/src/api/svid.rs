@@ -4,7 +4,9 @@
 //! Agents send a CSR per entry; only its key is used (after its signature is checked). The
 //! SPIFFE ID, DNS names and lifetime come from the entry, and every lifetime is capped at the
 //! signing authority's expiry. Every issuance is logged under the `issuance` target with its
-//! serial (or `jti`), entry, SPIFFE ID, caller and expiry.
+//! serial (or `jti`), entry, SPIFFE ID, caller and expiry: at INFO for admins' mints, at DEBUG
+//! for agents' SVIDs, which the usage ledger records and which come at up to hundreds a second
+//! per agent. Agents' signing calls are rate limited ([`crate::ratelimit`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use tonic::{Request, Response, Status};
 use super::errors::ok_status;
 use super::{ApiError, Authorizer};
 use crate::datastore::{Issuance, IssuanceKind};
+use crate::ratelimit::RateLimits;
 use crate::state::ServerState;
 
 /// The most CSRs one `BatchNewX509SVID` call may carry: SPIRE's per-call signing burst. The
@@ -42,18 +45,41 @@ const BATCH_NEW_X509_SVID: &str = "/spire.api.server.svid.v1.SVID/BatchNewX509SV
 const NEW_JWT_SVID: &str = "/spire.api.server.svid.v1.SVID/NewJWTSVID";
 const NEW_DOWNSTREAM_X509_CA: &str = "/spire.api.server.svid.v1.SVID/NewDownstreamX509CA";
 
+/// Logs an issuance under the `issuance` target: DEBUG when `$by_agent` (an agent's SVID for
+/// an entry; admins' mints have no entry), INFO otherwise.
+macro_rules! issuance_event {
+    ($by_agent:expr, $($field:tt)+) => {
+        if $by_agent {
+            tracing::debug!(target: "issuance", $($field)+)
+        } else {
+            tracing::info!(target: "issuance", $($field)+)
+        }
+    };
+}
+
 /// The SVID service.
 #[derive(Debug, Clone)]
 pub struct SvidService {
     state: Arc<ServerState>,
     auth: Authorizer,
+    rate_limits: Arc<RateLimits>,
 }
 
 impl SvidService {
     /// A service issuing from `state`'s CA.
     pub fn new(state: Arc<ServerState>) -> Self {
         let auth = Authorizer::new(Arc::clone(&state));
-        Self { state, auth }
+        Self {
+            state,
+            auth,
+            rate_limits: Arc::new(RateLimits::unlimited()),
+        }
+    }
+
+    /// Applies `rate_limits` to the agents' signing calls.
+    pub fn with_rate_limits(mut self, rate_limits: Arc<RateLimits>) -> Self {
+        self.rate_limits = rate_limits;
+        self
     }
 }
 
@@ -105,7 +131,11 @@ impl Svid for SvidService {
         &self,
         request: Request<BatchNewX509svidRequest>,
     ) -> Result<Response<BatchNewX509svidResponse>, Status> {
+        let source = request.remote_addr().map(|addr| addr.ip());
+        let count = request.get_ref().params.len();
+        self.rate_limits.signing_from(source, count).await?;
         let agent = self.auth.agent(&request, BATCH_NEW_X509_SVID).await?;
+        self.rate_limits.signing_for(agent.id(), count).await?;
         let results = batch_new_x509_svid(&self.state, agent.id(), &request.get_ref().params)?;
         Ok(Response::new(BatchNewX509svidResponse { results }))
     }
@@ -114,7 +144,11 @@ impl Svid for SvidService {
         &self,
         request: Request<NewJwtsvidRequest>,
     ) -> Result<Response<NewJwtsvidResponse>, Status> {
+        self.rate_limits
+            .signing_from(request.remote_addr().map(|addr| addr.ip()), 1)
+            .await?;
         let agent = self.auth.agent(&request, NEW_JWT_SVID).await?;
+        self.rate_limits.signing_for(agent.id(), 1).await?;
         let request = request.get_ref();
         let svid = new_jwt_svid(
             &self.state,
@@ -349,8 +383,8 @@ fn sign_jwt_svid(
         JwtError::NoAudience => invalid("audience cannot be empty"),
         other => ApiError::Internal(format!("failed to sign JWT-SVID: {other}")),
     })?;
-    tracing::info!(
-        target: "issuance",
+    issuance_event!(
+        !entry_id.is_empty(),
         kind = "jwt-svid",
         jti = %svid.jti,
         key_id = %svid.key_id,
@@ -466,8 +500,8 @@ fn invalid(message: impl Into<String>) -> ApiError {
 }
 
 fn log_x509_issuance(svid: &X509Svid, entry_id: &str, caller: &str) {
-    tracing::info!(
-        target: "issuance",
+    issuance_event!(
+        !entry_id.is_empty(),
         kind = "x509-svid",
         serial = svid.serial(),
         entry_id,

@@ -10,6 +10,8 @@ mod entry_api;
 mod governance;
 mod integrity;
 mod issuance;
+mod limits;
 mod local_authority;
+mod rate_limits;
 mod support;
 mod svid_bundle_api;

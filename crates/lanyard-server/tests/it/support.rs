@@ -57,6 +57,9 @@ pub fn config_in(dir: &Path) -> ServerConfig {
     let mut config = ServerConfig::new(trust_domain(), dir.join("data"));
     config.bind_address = "127.0.0.1:0".parse().unwrap();
     config.socket_path = dir.join("admin").join("api.sock");
+    // Tests attest and sign in quick succession from one address; those about the rate limits
+    // set them.
+    config.limits = lanyard_server::config::LimitsConfig::without_rate_limits();
     config
 }
 
