@@ -402,6 +402,18 @@ impl Policy {
         Ok(policy)
     }
 
+    /// Bounds the time one evaluation may take: a policy that runs longer fails to evaluate
+    /// (and so fails closed) instead of stalling issuance. The limit is enforced by the Rego
+    /// engine, which reads the host's monotonic clock while it runs.
+    pub fn with_time_limit(mut self, limit: std::time::Duration) -> Self {
+        self.engine
+            .set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+                limit,
+                check_interval: std::num::NonZeroU32::MIN,
+            });
+        self
+    }
+
     /// The module names, in load order.
     pub fn module_names(&self) -> Vec<&str> {
         self.modules.iter().map(|m| m.name.as_str()).collect()

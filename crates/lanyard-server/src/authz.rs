@@ -65,7 +65,12 @@ impl AuthorizationIndex {
         self.agents.len()
     }
 
-    /// The entry with this ID, if indexed.
+    /// Up to `n` indexed entries, in no particular order: what a candidate policy is tried on.
+    pub fn sample_entries(&self, n: usize) -> Vec<Arc<RegistrationEntry>> {
+        self.entries.values().take(n).cloned().collect()
+    }
+
+    /// The entry with `id`, if indexed.
     pub fn entry(&self, id: &EntryId) -> Option<&Arc<RegistrationEntry>> {
         self.entries.get(id)
     }

@@ -242,6 +242,23 @@ impl LimitsConfig {
 pub struct PolicyConfig {
     /// The policy file (package `lanyard`); reloaded on SIGHUP and when it changes.
     pub path: PathBuf,
+    /// The longest one evaluation may take; a slower one fails (closed).
+    #[serde(default = "default_policy_evaluation_timeout", with = "duration")]
+    pub evaluation_timeout: Duration,
+}
+
+impl PolicyConfig {
+    /// The policy in `path`, with the default evaluation timeout.
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            evaluation_timeout: default_policy_evaluation_timeout(),
+        }
+    }
+}
+
+fn default_policy_evaluation_timeout() -> Duration {
+    crate::policy::DEFAULT_EVALUATION_TIMEOUT
 }
 
 /// Subject fields of CA certificates (SPIRE's `ca_subject`).
@@ -630,6 +647,11 @@ mod tests {
             c.limits,
             LimitsConfig::default(),
             "the example shows the defaults"
+        );
+        assert_eq!(
+            c.audit_log_path(),
+            c.data_dir.join("audit.log"),
+            "the example keeps the audit log under data_dir"
         );
     }
 

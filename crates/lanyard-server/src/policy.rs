@@ -11,7 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use lanyard_core::policy::{Policy, PolicyError};
+use lanyard_core::policy::{EntryInput, Policy, PolicyError};
+
+/// The longest one evaluation may run by default (`[policy] evaluation_timeout`).
+pub const DEFAULT_EVALUATION_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// What a candidate policy is tried on before it replaces the one in force: current entries.
+pub type Sampler = Box<dyn Fn() -> Vec<EntryInput> + Send + Sync>;
 
 /// Why a policy file could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -27,33 +33,88 @@ pub enum LoadError {
     /// It does not compile.
     #[error(transparent)]
     Compile(#[from] PolicyError),
+    /// It compiles but fails to evaluate on a current entry.
+    #[error("policy {path} fails to evaluate entry {entry}: {error}")]
+    Evaluate {
+        /// The file.
+        path: PathBuf,
+        /// The entry it was tried on (SPIFFE ID).
+        entry: String,
+        /// Why evaluation failed.
+        error: PolicyError,
+    },
 }
 
 /// Size and modification time: what the watcher compares.
 type Stamp = Option<(u64, SystemTime)>;
 
 /// The policy in force and the file it came from.
-#[derive(Debug)]
 pub struct PolicyHolder {
     path: PathBuf,
     current: RwLock<Arc<Policy>>,
     stamp: Mutex<Stamp>,
     generation: AtomicU64,
     failed_reloads: AtomicU64,
+    time_limit: Duration,
+    sampler: std::sync::OnceLock<Sampler>,
+}
+
+impl std::fmt::Debug for PolicyHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyHolder")
+            .field("path", &self.path)
+            .field("generation", &self.generation())
+            .field("time_limit", &self.time_limit)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PolicyHolder {
     /// Loads `path`, or fails (the server does not start with a broken policy).
     pub fn load(path: &Path) -> Result<Self, LoadError> {
+        Self::load_with_time_limit(path, DEFAULT_EVALUATION_TIMEOUT)
+    }
+
+    /// Like [`PolicyHolder::load`], each evaluation bounded by `time_limit`.
+    pub fn load_with_time_limit(path: &Path, time_limit: Duration) -> Result<Self, LoadError> {
         let stamp = stamp_of(path);
-        let policy = compile_file(path)?;
+        let policy = compile_file(path)?.with_time_limit(time_limit);
         Ok(Self {
             path: path.to_owned(),
             current: RwLock::new(Arc::new(policy)),
             stamp: Mutex::new(stamp),
             generation: AtomicU64::new(1),
             failed_reloads: AtomicU64::new(0),
+            time_limit,
+            sampler: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets what a candidate policy is tried on at each reload (the server's current
+    /// entries). Only the first call counts.
+    pub fn set_sampler(&self, sampler: Sampler) {
+        let _ = self.sampler.set(sampler);
+    }
+
+    /// Compiles the file and tries the candidate on the sample entries: one that fails to
+    /// evaluate on any of them would stop their issuance, so it is refused.
+    fn candidate(&self) -> Result<Policy, LoadError> {
+        let policy = compile_file(&self.path)?.with_time_limit(self.time_limit);
+        let samples = self
+            .sampler
+            .get()
+            .map(|sample| sample())
+            .unwrap_or_default();
+        for input in &samples {
+            if let Err(error) = policy.evaluate_entry(input) {
+                return Err(LoadError::Evaluate {
+                    path: self.path.clone(),
+                    entry: input.entry.spiffe_id.clone(),
+                    error,
+                });
+            }
+        }
+        Ok(policy)
     }
 
     /// The policy in force.
@@ -82,7 +143,7 @@ impl PolicyHolder {
     pub fn reload(&self) -> Result<(), LoadError> {
         let stamp = stamp_of(&self.path);
         *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
-        match compile_file(&self.path) {
+        match self.candidate() {
             Ok(policy) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
                 let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;

@@ -36,6 +36,9 @@ use crate::tls::{ServerSvid, TlsError};
 /// How often the CA and server SVID rotation is checked.
 const ROTATION_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How many current entries a reloaded policy must evaluate before it is put in force.
+const POLICY_PROBE_ENTRIES: usize = 256;
+
 /// How often the policy file is checked for changes (SIGHUP reloads at once).
 const POLICY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -144,7 +147,10 @@ impl Server {
         let server_svid = Arc::new(ServerSvid::new(&ca, config.default_x509_svid_ttl, now)?);
         let audit = crate::audit::AuditLog::open(&config.audit_log_path())?;
         let policy = match &config.policy {
-            Some(policy) => Some(Arc::new(crate::policy::PolicyHolder::load(&policy.path)?)),
+            Some(policy) => Some(Arc::new(crate::policy::PolicyHolder::load_with_time_limit(
+                &policy.path,
+                policy.evaluation_timeout,
+            )?)),
             None => None,
         };
         let (ledger, ledger_queue) = crate::ledger::Ledger::new();
@@ -156,6 +162,14 @@ impl Server {
             state = state.with_policy(Arc::clone(policy));
         }
         let state = Arc::new(state);
+        if let Some(policy) = &policy {
+            let weak = Arc::downgrade(&state);
+            policy.set_sampler(Box::new(move || {
+                weak.upgrade()
+                    .map(|state| state.policy_samples(POLICY_PROBE_ENTRIES))
+                    .unwrap_or_default()
+            }));
+        }
 
         let tcp = TcpListener::bind(state.config.bind_address)
             .await

@@ -192,6 +192,17 @@ impl ServerState {
         }
     }
 
+    /// Up to `n` current entries as the policy sees them at issuance: what a candidate policy
+    /// must evaluate before it replaces the one in force.
+    pub fn policy_samples(&self, n: usize) -> Vec<EntryInput> {
+        let now = self.now();
+        let entries = self.index().sample_entries(n);
+        entries
+            .iter()
+            .map(|entry| self.entry_input(entry, Operation::Issue, None, now))
+            .collect()
+    }
+
     /// Judges an entry about to be written by `caller`. Without a policy every entry passes.
     /// Returns the IDs of the exceptions it passes under; a refusal is `InvalidArgument`
     /// naming each broken rule and its fix.

@@ -5,5 +5,6 @@
 
 mod manager;
 mod usage;
+mod vendored_h2;
 mod workload_api;
 mod workload_limits;

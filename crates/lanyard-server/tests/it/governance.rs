@@ -30,7 +30,7 @@ fn baseline() -> std::path::PathBuf {
 
 async fn governed_server() -> TestServer {
     TestServer::start_with(|config| {
-        config.policy = Some(lanyard_server::config::PolicyConfig { path: baseline() });
+        config.policy = Some(lanyard_server::config::PolicyConfig::new(baseline()));
     })
     .await
 }

@@ -199,7 +199,7 @@ async fn a_join_token_alias_refused_by_the_policy_leaves_no_token() {
     let baseline =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/policy/baseline.rego");
     let server = TestServer::start_with(|c| {
-        c.policy = Some(lanyard_server::config::PolicyConfig { path: baseline });
+        c.policy = Some(lanyard_server::config::PolicyConfig::new(baseline));
     })
     .await;
     let id = lanyard_core::SpiffeId::from_path(&trust_domain(), "/web").unwrap();

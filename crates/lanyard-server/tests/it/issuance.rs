@@ -253,7 +253,7 @@ async fn an_entry_that_fails_the_policy_authorizes_nothing_until_it_passes() {
     std::fs::write(&policy_path, "package lanyard\n").unwrap();
     let path = policy_path.clone();
     let server = TestServer::start_with(move |config| {
-        config.policy = Some(lanyard_server::config::PolicyConfig { path });
+        config.policy = Some(lanyard_server::config::PolicyConfig::new(path));
     })
     .await;
     let agent = server.attest_new_agent().await;
@@ -297,4 +297,89 @@ async fn an_entry_that_fails_the_policy_authorizes_nothing_until_it_passes() {
     .unwrap();
     server.server().state().policy().unwrap().reload().unwrap();
     assert!(sync_ids(&server, &agent).await.is_empty());
+}
+
+/// Compiles, and evaluates on the compile-time probe (an empty SPIFFE ID), but fails on any
+/// real entry: `to_number` of a path segment that is not a number.
+const FAILS_ON_REAL_ENTRIES: &str = r#"package lanyard
+import rego.v1
+violations contains {"rule": "odd", "message": "odd"} if {
+  segment := split(input.entry.spiffe_id, "/")[3]
+  to_number(segment) > 1
+}
+"#;
+
+/// Takes far longer than the evaluation limit on a real entry.
+const SLOW_ON_REAL_ENTRIES: &str = r#"package lanyard
+import rego.v1
+violations contains {"rule": "slow", "message": "slow"} if {
+  input.entry.spiffe_id != ""
+  count([x | some x in numbers.range(1, 3000000); x < 0]) > 0
+}
+"#;
+
+#[tokio::test]
+async fn a_reloaded_policy_that_fails_on_current_entries_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.rego");
+    std::fs::write(&policy_path, "package lanyard\n").unwrap();
+    let path = policy_path.clone();
+    let server = TestServer::start_with(move |config| {
+        config.policy = Some(lanyard_server::config::PolicyConfig::new(path));
+    })
+    .await;
+    let agent = server.attest_new_agent().await;
+    let entry = create_entry(&server, "/web", &agent.id, 0).await;
+    let holder = server.server().state().policy().unwrap();
+    let generation = holder.generation();
+
+    std::fs::write(&policy_path, FAILS_ON_REAL_ENTRIES).unwrap();
+    let error = holder.reload().unwrap_err();
+    assert!(
+        matches!(error, lanyard_server::policy::LoadError::Evaluate { .. }),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("spiffe://example.org/web"),
+        "{error}"
+    );
+    assert_eq!(holder.generation(), generation, "the old policy stays");
+    assert_eq!(holder.failed_reloads(), 1);
+    // Issuance goes on under the policy in force.
+    assert_eq!(sync_ids(&server, &agent).await, vec![entry.clone()]);
+    assert_eq!(mint(&server, &agent, &entry).await.status.unwrap().code, 0);
+}
+
+#[tokio::test]
+async fn a_policy_slower_than_its_limit_fails_closed_without_stalling() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.rego");
+    std::fs::write(&policy_path, "package lanyard\n").unwrap();
+    let path = policy_path.clone();
+    let server = TestServer::start_with(move |config| {
+        let mut policy = lanyard_server::config::PolicyConfig::new(path);
+        policy.evaluation_timeout = Duration::from_millis(50);
+        config.policy = Some(policy);
+    })
+    .await;
+    let agent = server.attest_new_agent().await;
+    create_entry(&server, "/web", &agent.id, 0).await;
+    let state = server.server().state();
+    let input = state.policy_samples(1).remove(0);
+
+    std::fs::write(&policy_path, SLOW_ON_REAL_ENTRIES).unwrap();
+    // Without the limit the candidate evaluates (slowly) and is put in force.
+    let error = state.policy().unwrap().reload().unwrap_err();
+    assert!(
+        error.to_string().contains("spiffe://example.org/web"),
+        "{error}"
+    );
+
+    // The same policy loaded directly fails to evaluate rather than running on.
+    let slow = lanyard_server::policy::PolicyHolder::load_with_time_limit(
+        &policy_path,
+        Duration::from_millis(50),
+    )
+    .unwrap();
+    assert!(slow.current().evaluate_entry(&input).is_err());
 }

@@ -105,7 +105,7 @@ pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()
     let policy_path = data_dir.join("policy.rego");
     std::fs::write(&policy_path, BASELINE_POLICY)
         .with_context(|| format!("writing {}", policy_path.display()))?;
-    server_config.policy = Some(lanyard_server::config::PolicyConfig { path: policy_path });
+    server_config.policy = Some(lanyard_server::config::PolicyConfig::new(policy_path));
     let server =
         lanyard_server::Server::start(server_config, lanyard_server::state::system_clock())
             .await
