@@ -32,6 +32,8 @@ use crate::state::ServerState;
 const SERVICE: &str = "/spire.api.server.agent.v1.Agent/";
 /// The longest attestation exchange allowed, so a silent client cannot hold a stream open.
 const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest CSR accepted, in bytes: an EC or RSA-4096 key's CSR is well under 2 KiB.
+const MAX_CSR_BYTES: usize = 8 * 1024;
 /// The default and largest page of `ListAgents`.
 const MAX_PAGE_SIZE: u32 = 1000;
 
@@ -129,6 +131,15 @@ impl AgentService {
         if data.payload.is_empty() {
             return Err(Status::invalid_argument("missing attestation data payload"));
         }
+        // The whole request is checked before anything is redeemed: a join token is used up
+        // only by an attestation that can succeed.
+        if csr.len() > MAX_CSR_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "CSR is {} bytes; at most {MAX_CSR_BYTES} are accepted",
+                csr.len()
+            )));
+        }
+        x509::parse_csr(&csr).map_err(|e| Status::invalid_argument(format!("invalid CSR: {e}")))?;
 
         let trust_domain = self.state.trust_domain().clone();
         let now = self.state.now();
@@ -136,6 +147,9 @@ impl AgentService {
             "join_token" if self.state.config.node_attestor.join_token_enabled() => {
                 let token = String::from_utf8(data.payload)
                     .map_err(|_| Status::invalid_argument("join token is not UTF-8"))?;
+                let agent_id = trust_domain.join_token_agent_id(&token).map_err(|e| {
+                    Status::invalid_argument(format!("join token cannot form an agent ID: {e}"))
+                })?;
                 let record = match self.state.store.take_join_token(&token).await {
                     Ok(record) => record,
                     Err(DatastoreError::NotFound(_)) => {
@@ -150,9 +164,6 @@ impl AgentService {
                         "failed to attest: join token expired",
                     ));
                 }
-                let agent_id = trust_domain.join_token_agent_id(&token).map_err(|e| {
-                    Status::invalid_argument(format!("join token cannot form an agent ID: {e}"))
-                })?;
                 (agent_id, SelectorSet::new(), false)
             }
             "x509pop" if self.x509pop_anchors.is_some() => {

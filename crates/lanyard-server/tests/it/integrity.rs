@@ -265,3 +265,46 @@ async fn an_entry_for_the_servers_id_in_the_datastore_is_never_issued() {
     assert_ne!(result.status.as_ref().unwrap().code, 0, "{result:?}");
     assert!(result.svid.is_none());
 }
+
+/// Sends attestation parameters with `csr` and returns the first answer.
+async fn attest_with_csr(server: &TestServer, token: &str, csr: Vec<u8>) -> tonic::Status {
+    use agent_pb::attest_agent_request::{Params, Step};
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(agent_pb::AttestAgentRequest {
+        step: Some(Step::Params(Params {
+            data: Some(lanyard_proto::spire::api::types::AttestationData {
+                r#type: "join_token".into(),
+                payload: token.as_bytes().to_vec(),
+            }),
+            params: Some(agent_pb::AgentX509svidParams { csr }),
+        })),
+    })
+    .await
+    .unwrap();
+    let result = async {
+        AgentClient::new(server.bootstrap_tls().await)
+            .attest_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner()
+            .message()
+            .await
+    }
+    .await;
+    result.expect_err("the attestation must be refused")
+}
+
+#[tokio::test]
+async fn a_join_token_survives_an_attestation_with_a_bad_csr() {
+    let server = TestServer::start().await;
+    let token = server.join_token(600).await;
+    for csr in [b"not a CSR".to_vec(), vec![0x30; 64 * 1024]] {
+        let status = attest_with_csr(&server, &token, csr).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("CSR"), "{status:?}");
+    }
+    // The token was not used up.
+    let agent = attest_join_token(server.bootstrap_tls().await, &token)
+        .await
+        .unwrap();
+    assert!(agent.id.as_str().ends_with(&token));
+}
