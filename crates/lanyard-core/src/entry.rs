@@ -17,6 +17,10 @@ pub const MAX_HINT_LEN: usize = 1024;
 pub const MAX_SVID_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 /// The longest DNS name accepted.
 pub const MAX_DNS_NAME_LEN: usize = 253;
+/// The most selectors one entry may have.
+pub const MAX_SELECTORS_PER_ENTRY: usize = 128;
+/// The most DNS names one entry may have.
+pub const MAX_DNS_NAMES_PER_ENTRY: usize = 128;
 /// The longest `owner` or `ticket` accepted, in bytes.
 pub const MAX_OWNER_LEN: usize = 256;
 /// The longest `reason` accepted, in bytes.
@@ -79,6 +83,19 @@ pub enum EntryError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// Too many selectors or DNS names.
+    #[error("an entry may have at most {max} {what}; this one has {got}")]
+    TooMany {
+        /// "selectors" or "DNS names".
+        what: &'static str,
+        /// The limit.
+        max: usize,
+        /// How many it has.
+        got: usize,
+    },
+    /// The entry names itself as its parent.
+    #[error("spiffe_id and parent_id are both {0}: an entry cannot be its own parent")]
+    OwnParent(SpiffeId),
     /// The hint is longer than [`MAX_HINT_LEN`].
     #[error("hint is longer than {MAX_HINT_LEN} bytes")]
     HintTooLong,
@@ -263,6 +280,23 @@ impl RegistrationEntry {
         if self.selectors.is_empty() {
             return Err(EntryError::NoSelectors);
         }
+        if self.selectors.len() > MAX_SELECTORS_PER_ENTRY {
+            return Err(EntryError::TooMany {
+                what: "selectors",
+                max: MAX_SELECTORS_PER_ENTRY,
+                got: self.selectors.len(),
+            });
+        }
+        if self.dns_names.len() > MAX_DNS_NAMES_PER_ENTRY {
+            return Err(EntryError::TooMany {
+                what: "DNS names",
+                max: MAX_DNS_NAMES_PER_ENTRY,
+                got: self.dns_names.len(),
+            });
+        }
+        if self.spiffe_id == self.parent_id {
+            return Err(EntryError::OwnParent(self.spiffe_id.clone()));
+        }
         if !self.spiffe_id.is_member_of(trust_domain) {
             return Err(EntryError::ForeignSpiffeId {
                 id: self.spiffe_id.clone(),
@@ -363,6 +397,9 @@ pub fn validate_dns_name(name: &str) -> Result<(), EntryError> {
     if rest.is_empty() {
         return Err(bad("a wildcard needs a domain after it"));
     }
+    if rest.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err(bad("an IP address, not a DNS name"));
+    }
     for label in rest.split('.') {
         if label.is_empty() {
             return Err(bad("empty label"));
@@ -406,6 +443,50 @@ mod tests {
                 .collect(),
             SystemTime::UNIX_EPOCH,
         )
+    }
+
+    #[test]
+    fn limits_own_parents_and_ip_literals_are_refused() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut e = entry();
+        e.parent_id = e.spiffe_id.clone();
+        assert!(matches!(e.validate(&td), Err(EntryError::OwnParent(_))));
+
+        let mut e = entry();
+        e.selectors = (0..=MAX_SELECTORS_PER_ENTRY)
+            .map(|i| format!("unix:uid:{i}").parse::<Selector>().unwrap())
+            .collect();
+        assert!(matches!(
+            e.validate(&td),
+            Err(EntryError::TooMany {
+                what: "selectors",
+                ..
+            })
+        ));
+        e.selectors = e
+            .selectors
+            .iter()
+            .take(MAX_SELECTORS_PER_ENTRY)
+            .cloned()
+            .collect();
+        e.validate(&td).unwrap();
+
+        let mut e = entry();
+        e.dns_names = (0..=MAX_DNS_NAMES_PER_ENTRY)
+            .map(|i| format!("h{i}.example.org"))
+            .collect();
+        assert!(matches!(
+            e.validate(&td),
+            Err(EntryError::TooMany {
+                what: "DNS names",
+                ..
+            })
+        ));
+
+        for ip in ["10.0.0.1", "*.10.0.0.1", "::1", "192.168.1.1"] {
+            assert!(validate_dns_name(ip).is_err(), "{ip}");
+        }
+        validate_dns_name("10.0.0.1.example.org").unwrap();
     }
 
     #[test]

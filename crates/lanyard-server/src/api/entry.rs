@@ -123,6 +123,16 @@ impl EntryService {
         entry: RegistrationEntry,
         method: &str,
     ) -> Result<(RegistrationEntry, Vec<String>), (ApiError, Option<RegistrationEntry>)> {
+        if entry.is_expired(self.state.now()) {
+            return Err((
+                ApiError::InvalidArgument(
+                    "expires_at is already past: an entry expired at creation would authorize \
+                     nothing"
+                        .to_owned(),
+                ),
+                None,
+            ));
+        }
         let exception_ids = self
             .state
             .check_entry_write(&entry, Operation::Create, caller)
@@ -391,6 +401,7 @@ impl Entry for EntryService {
     ) -> Result<Response<BatchCreateEntryResponse>, Status> {
         let caller = self.auth.admin(&request, BATCH_CREATE_ENTRY)?;
         let request = request.into_inner();
+        super::check_batch(request.entries.len())?;
         let mut results = Vec::with_capacity(request.entries.len());
         for entry in &request.entries {
             results.push(
@@ -407,6 +418,7 @@ impl Entry for EntryService {
     ) -> Result<Response<BatchUpdateEntryResponse>, Status> {
         let caller = self.auth.admin(&request, BATCH_UPDATE_ENTRY)?;
         let request = request.into_inner();
+        super::check_batch(request.entries.len())?;
         let mut results = Vec::with_capacity(request.entries.len());
         for entry in &request.entries {
             results.push(
@@ -428,6 +440,7 @@ impl Entry for EntryService {
     ) -> Result<Response<BatchDeleteEntryResponse>, Status> {
         let caller = self.auth.admin(&request, BATCH_DELETE_ENTRY)?;
         let request = request.into_inner();
+        super::check_batch(request.ids.len())?;
         let mut results = Vec::with_capacity(request.ids.len());
         for id in &request.ids {
             results.push(self.delete_one(&caller, id).await);

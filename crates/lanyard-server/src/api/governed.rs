@@ -24,11 +24,10 @@ use super::metadata::metadata_of;
 use super::{ApiError, Authorizer, Caller};
 use crate::state::ServerState;
 
+use super::check_batch;
+
 const CREATE_GOVERNED_ENTRIES: &str = "/lanyard.api.v1.GovernedEntryService/CreateGovernedEntries";
 const UPDATE_GOVERNED_ENTRIES: &str = "/lanyard.api.v1.GovernedEntryService/UpdateGovernedEntries";
-
-/// Items per call, at most (SPIRE's CLI sends entries in batches of 50).
-const MAX_BATCH: usize = 500;
 
 /// The governed entry service.
 #[derive(Debug, Clone)]
@@ -160,15 +159,6 @@ impl GovernedEntryRpc for GovernedEntryService {
         }
         Ok(Response::new(UpdateGovernedEntriesResponse { results }))
     }
-}
-
-fn check_batch(len: usize) -> Result<(), Status> {
-    if len > MAX_BATCH {
-        return Err(Status::resource_exhausted(format!(
-            "{len} entries in one call; the limit is {MAX_BATCH}"
-        )));
-    }
-    Ok(())
 }
 
 /// Sets the entry's four governance fields from `metadata` (an empty string clears one).

@@ -29,6 +29,20 @@ use crate::state::ServerState;
 
 pub use errors::{ApiError, permission_denied};
 
+/// Entries per batch call, at most, on SPIRE's entry API and ours (SPIRE's CLI sends entries
+/// in batches of 50).
+pub const MAX_ENTRIES_PER_BATCH: usize = 500;
+
+/// Refuses a batch of more than [`MAX_ENTRIES_PER_BATCH`] items, before any is applied.
+pub(crate) fn check_batch(len: usize) -> Result<(), Status> {
+    if len > MAX_ENTRIES_PER_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "{len} entries in one call; the limit is {MAX_ENTRIES_PER_BATCH}"
+        )));
+    }
+    Ok(())
+}
+
 /// Who is calling, as far as the transport can tell.
 #[derive(Debug, Clone)]
 pub enum Caller {

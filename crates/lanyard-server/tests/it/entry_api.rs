@@ -465,6 +465,20 @@ async fn each_invalid_item_gets_its_own_invalid_argument_naming_the_field() {
     bad_federation.federates_with = vec!["spiffe://UPPER".to_owned()];
     let mut server_id = workload("/spire/server");
     server_id.spiffe_id = Some(sid("/spire/server"));
+    let mut own_parent = workload("/x");
+    own_parent.parent_id = own_parent.spiffe_id.clone();
+    let mut ip_dns = workload("/x");
+    ip_dns.dns_names = vec!["10.1.2.3".to_owned()];
+    let mut too_many_selectors = workload("/x");
+    too_many_selectors.selectors = (0..=lanyard_core::entry::MAX_SELECTORS_PER_ENTRY)
+        .map(|i| selector("unix", &format!("uid:{i}")))
+        .collect();
+    let mut too_many_dns_names = workload("/x");
+    too_many_dns_names.dns_names = (0..=lanyard_core::entry::MAX_DNS_NAMES_PER_ENTRY)
+        .map(|i| format!("h{i}.example.org"))
+        .collect();
+    let mut long_hint = workload("/x");
+    long_hint.hint = "h".repeat(lanyard_core::entry::MAX_HINT_LEN + 1);
 
     let cases: Vec<(types::Entry, &str)> = vec![
         (foreign_spiffe_id, "spiffe_id"),
@@ -479,6 +493,11 @@ async fn each_invalid_item_gets_its_own_invalid_argument_naming_the_field() {
         (bad_dns, "dns name"),
         (bad_federation, "federates_with"),
         (server_id, "spiffe_id"),
+        (own_parent, "parent_id"),
+        (ip_dns, "dns name"),
+        (too_many_selectors, "selectors"),
+        (too_many_dns_names, "DNS names"),
+        (long_hint, "hint"),
     ];
     let mut request = vec![valid.clone()];
     request.extend(cases.iter().map(|(entry, _)| entry.clone()));
@@ -512,6 +531,49 @@ async fn each_invalid_item_gets_its_own_invalid_argument_naming_the_field() {
         .count(count_entries_request::Filter::default())
         .await;
     assert_eq!(count, 1);
+}
+
+#[tokio::test]
+async fn an_entry_already_expired_is_refused_and_a_batch_over_the_limit_applies_nothing() {
+    let harness = Harness::memory().await;
+    let mut expired = workload("/expired");
+    expired.expires_at = unix_now() - 1;
+    let results = harness.create(vec![expired]).await;
+    assert_eq!(code(&results[0].status), Code::InvalidArgument);
+    assert!(
+        message(&results[0].status).contains("expires_at"),
+        "{:?}",
+        results[0].status
+    );
+
+    let max = lanyard_server::api::MAX_ENTRIES_PER_BATCH;
+    let batch: Vec<_> = (0..=max).map(|i| workload(&format!("/w{i}"))).collect();
+    let status = harness
+        .entries()
+        .batch_create_entry(BatchCreateEntryRequest {
+            entries: batch.clone(),
+            output_mask: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains(&max.to_string()), "{status:?}");
+    let status = harness
+        .entries()
+        .batch_delete_entry(BatchDeleteEntryRequest {
+            ids: (0..=max).map(|i| format!("id{i}")).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let count = harness
+        .count(count_entries_request::Filter::default())
+        .await;
+    assert_eq!(count, 0, "nothing of a refused batch is applied");
+
+    // Exactly the limit is accepted.
+    let results = harness.create(batch[..max].to_vec()).await;
+    assert!(results.iter().all(|r| code(&r.status) == Code::Ok));
 }
 
 #[tokio::test]
@@ -1263,14 +1325,21 @@ async fn agent_with_entries(
             ..Default::default()
         })
         .collect();
-    entries.push(types::Entry {
-        id: "expired".to_owned(),
-        spiffe_id: Some(sid("/expired")),
-        parent_id: Some(agent_id.clone()),
-        selectors: vec![selector("unix", "uid:9")],
-        expires_at: unix_now() - 3600,
-        ..Default::default()
-    });
+    // Expired entries cannot be created through the API; one that expired since is written
+    // to the store directly.
+    let mut expired = lanyard_core::RegistrationEntry::new(
+        lanyard_core::EntryId::new("expired").unwrap(),
+        lanyard_core::SpiffeId::from_path(&td(), "/expired").unwrap(),
+        agent.id.clone(),
+        ["unix:uid:9".parse::<lanyard_core::Selector>().unwrap()]
+            .into_iter()
+            .collect(),
+        std::time::SystemTime::now(),
+    );
+    expired.expires_at = Some(std::time::SystemTime::now() - std::time::Duration::from_secs(3600));
+    let state = server.server().state();
+    let expired = state.store.create_entry(expired).await.unwrap();
+    state.entry_written(&expired);
     entries.push(types::Entry {
         id: "elsewhere".to_owned(),
         spiffe_id: Some(sid("/elsewhere")),
