@@ -1,6 +1,14 @@
 //! The tamper-evident audit log on disk: hash-chained JSON lines
 //! ([`lanyard_core::audit`]), appended and fsynced one event at a time, owner-only (0600).
 //!
+//! Every change the datastore commits is covered: an API handler appends its record after the
+//! commit and before it answers, and [`recover`] appends a record, rebuilt from the
+//! datastore's change log, for each change committed since the last checkpoint when the
+//! process died (or an append failed) in between. The checkpoint — the revision up to which
+//! every change is known to be recorded — lives in the datastore (meta key
+//! [`COVERED_REVISION_KEY`]) and advances only while no audited write is in flight, so a
+//! recovered record may repeat one written just before a crash but a change is never missed.
+//!
 //! Opening an existing log verifies its whole chain first. A final line torn by a crash
 //! (no newline) was never acknowledged and is cut off. A log that does not verify is not
 //! appended to: opening fails with the line that breaks the chain, so tampering is reported
@@ -16,6 +24,14 @@ use std::time::SystemTime;
 use lanyard_core::audit::{Chain, ChainError, Head};
 use serde::Serialize;
 
+use crate::datastore::{Datastore, DatastoreError};
+
+/// The datastore meta key holding the revision up to which every change has an audit record.
+pub const COVERED_REVISION_KEY: &str = "audit.covered_revision";
+
+/// The caller named in records rebuilt from the change log.
+pub const RECOVERED_CALLER: &str = "server (from the datastore's change log)";
+
 /// Why the audit log cannot be opened or written.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -27,6 +43,9 @@ pub enum AuditError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The datastore could not be read or written while recovering records.
+    #[error("recovering audit records from the datastore: {0}")]
+    Datastore(#[from] DatastoreError),
     /// The existing log does not verify.
     #[error("audit log {path} has been tampered with ({source}); move it aside to start a new one")]
     Tampered {
@@ -114,6 +133,82 @@ impl AuditLog {
     }
 }
 
+/// The revision up to which `store`'s changes are known to have audit records, if recorded.
+pub async fn covered_revision(store: &dyn Datastore) -> Result<Option<i64>, AuditError> {
+    let Some(bytes) = store.get_meta(COVERED_REVISION_KEY).await? else {
+        return Ok(None);
+    };
+    std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            AuditError::Datastore(DatastoreError::Backend(format!(
+                "meta key {COVERED_REVISION_KEY} holds {bytes:?}, not a revision"
+            )))
+        })
+}
+
+/// Records that every change up to `revision` has an audit record.
+pub async fn set_covered_revision(store: &dyn Datastore, revision: i64) -> Result<(), AuditError> {
+    store
+        .set_meta(COVERED_REVISION_KEY, revision.to_string().as_bytes())
+        .await?;
+    Ok(())
+}
+
+/// Appends to `log` one record per change `store` committed after the last checkpoint, then
+/// moves the checkpoint past them; returns how many it appended. A store never checkpointed
+/// starts its coverage at its current revision (with one record saying so if it already
+/// holds changes).
+pub async fn recover(
+    log: &AuditLog,
+    store: &dyn Datastore,
+    now: SystemTime,
+) -> Result<usize, AuditError> {
+    let Some(covered) = covered_revision(store).await? else {
+        let current = store.current_revision().await?;
+        if current > 0 {
+            log.record(
+                now,
+                &serde_json::json!({
+                    "action": "audit coverage starts",
+                    "caller": RECOVERED_CALLER,
+                    "details": {"revision": current},
+                }),
+            )?;
+        }
+        set_covered_revision(store, current).await?;
+        return Ok(0);
+    };
+    let changes = store.changes_since(covered).await?;
+    for change in &changes {
+        log.record(
+            now,
+            &serde_json::json!({
+                "action": "change recovered",
+                "caller": RECOVERED_CALLER,
+                "details": {
+                    "revision": change.revision,
+                    "change": change.kind.as_str(),
+                    "subject": change.subject.kind_str(),
+                    "id": change.subject.key(),
+                },
+            }),
+        )?;
+    }
+    if let Some(last) = changes.last() {
+        tracing::warn!(
+            records = changes.len(),
+            from = covered + 1,
+            to = last.revision,
+            "appended audit records rebuilt from the change log for changes committed without one"
+        );
+        set_covered_revision(store, last.revision).await?;
+    }
+    Ok(changes.len())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt as _;
@@ -149,6 +244,80 @@ mod tests {
             lanyard_core::audit::verify(&text).expect("verifies").lines,
             3
         );
+    }
+
+    #[tokio::test]
+    async fn recovery_records_each_change_past_the_checkpoint_once() {
+        use crate::datastore::MemoryStore;
+        use lanyard_core::{EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain};
+
+        let td = TrustDomain::new("example.org").expect("td");
+        let entry = |path: &str| {
+            RegistrationEntry::new(
+                EntryId::generate(),
+                SpiffeId::from_path(&td, path).expect("id"),
+                SpiffeId::from_path(&td, "/agent").expect("id"),
+                [Selector::new("unix", "uid:1").expect("selector")]
+                    .into_iter()
+                    .collect(),
+                SystemTime::now(),
+            )
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = AuditLog::open(&dir.path().join("audit.log")).expect("opens");
+        let store = MemoryStore::new();
+        store.create_entry(entry("/before")).await.expect("stores");
+
+        // A store never checkpointed starts its coverage where it is, saying so.
+        assert_eq!(
+            recover(&log, &store, SystemTime::now())
+                .await
+                .expect("recovers"),
+            0
+        );
+        assert_eq!(covered_revision(&store).await.expect("reads"), Some(1));
+        assert_eq!(log.head().lines, 1);
+
+        let a = store.create_entry(entry("/a")).await.expect("stores");
+        store.delete_entry(&a.id).await.expect("deletes");
+        assert_eq!(
+            recover(&log, &store, SystemTime::now())
+                .await
+                .expect("recovers"),
+            2
+        );
+        assert_eq!(covered_revision(&store).await.expect("reads"), Some(3));
+        assert_eq!(
+            recover(&log, &store, SystemTime::now())
+                .await
+                .expect("recovers"),
+            0
+        );
+
+        let text = std::fs::read_to_string(log.path()).expect("reads");
+        let actions: Vec<_> = lanyard_core::audit::events(&text)
+            .map(|(_, _, event)| {
+                format!(
+                    "{} {}",
+                    event["action"].as_str().expect("action"),
+                    event["details"]["change"].as_str().unwrap_or("-")
+                )
+            })
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                "audit coverage starts -",
+                "change recovered created",
+                "change recovered deleted"
+            ]
+        );
+
+        store
+            .set_meta(COVERED_REVISION_KEY, b"not a number")
+            .await
+            .expect("stores");
+        assert!(recover(&log, &store, SystemTime::now()).await.is_err());
     }
 
     #[test]

@@ -122,6 +122,10 @@ impl Server {
             DatastoreKind::Sqlite => Arc::new(SqlStore::open(&config.datastore_path()).await?),
             DatastoreKind::Memory => Arc::new(MemoryStore::new()),
         };
+        // Before anything else writes: changes committed without an audit record when the
+        // last run died are recorded now, from the change log.
+        let audit = crate::audit::AuditLog::open(&config.audit_log_path())?;
+        crate::audit::recover(&audit, &*store, clock()).await?;
         let keys: Arc<dyn KeyManager> = match config.key_manager.kind {
             KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(config.key_directory())?),
             KeyManagerKind::Memory => Arc::new(MemoryKeyManager::new()),
@@ -145,7 +149,6 @@ impl Server {
             None => None,
         };
         let server_svid = Arc::new(ServerSvid::new(&ca, config.default_x509_svid_ttl, now)?);
-        let audit = crate::audit::AuditLog::open(&config.audit_log_path())?;
         let policy = match &config.policy {
             Some(policy) => Some(Arc::new(crate::policy::PolicyHolder::load_with_time_limit(
                 &policy.path,
@@ -231,6 +234,7 @@ impl Server {
             state.clock(),
             stopped.clone(),
         ));
+        tasks.spawn(checkpoint_audit(Arc::clone(&state), stopped.clone()));
         tasks.spawn(rotate(Arc::clone(&state), server_svid, stopped));
 
         tracing::info!(
@@ -269,6 +273,28 @@ impl Server {
         while self.tasks.join_next().await.is_some() {}
         let _ = std::fs::remove_file(&self.socket_path);
         tracing::info!("server stopped");
+    }
+}
+
+/// How often the audit checkpoint moves (see [`crate::audit`]): after a crash, at most this
+/// much of the changes already recorded are recorded again, rebuilt from the change log.
+const AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Moves the audit checkpoint every [`AUDIT_CHECKPOINT_INTERVAL`], and once more at shutdown.
+async fn checkpoint_audit(state: Arc<ServerState>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(AUDIT_CHECKPOINT_INTERVAL) => state.checkpoint_audit().await,
+            () = async { let _ = stopped.wait_for(|s| *s).await; } => break,
+        }
+    }
+    // The listeners stop with the same signal; give in-flight writes their moment.
+    for _ in 0..20 {
+        state.checkpoint_audit().await;
+        if !state.audit_pending() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -2,7 +2,7 @@
 //! and the clock.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -41,6 +41,10 @@ pub struct ServerState {
     index: RwLock<AuthorizationIndex>,
     clock: Clock,
     audit: Option<AuditLog>,
+    /// Audited writes between their commit and their audit record; see [`AuditedWrite`].
+    audits_in_flight: Arc<AtomicUsize>,
+    /// An audit append failed since the last recovery: the checkpoint must not move.
+    audit_gap: AtomicBool,
     policy: Option<Arc<PolicyHolder>>,
     decisions: Mutex<HashMap<EntryId, CachedDecision>>,
     exceptions: RwLock<Arc<Vec<Exception>>>,
@@ -49,6 +53,18 @@ pub struct ServerState {
     rotation_requested: tokio::sync::Notify,
     /// Entries already reported as never issuable, so that each is logged once.
     refused_entries: Mutex<std::collections::HashSet<EntryId>>,
+}
+
+/// A datastore write whose audit record is not yet appended; see
+/// [`ServerState::audited_write`].
+#[derive(Debug)]
+#[must_use = "the guard must live until the audit record is written"]
+pub struct AuditedWrite(Arc<AtomicUsize>);
+
+impl Drop for AuditedWrite {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// How long a policy decision about an entry is reused while neither the entry nor the
@@ -111,6 +127,8 @@ impl ServerState {
             index: RwLock::new(index),
             clock,
             audit: None,
+            audits_in_flight: Arc::default(),
+            audit_gap: AtomicBool::new(false),
             policy: None,
             decisions: Mutex::new(HashMap::new()),
             exceptions: RwLock::new(Arc::new(exceptions)),
@@ -282,8 +300,62 @@ impl ServerState {
         let Some(log) = &self.audit else { return };
         let event = serde_json::json!({"action": action, "caller": caller, "details": details});
         if let Err(error) = log.record(self.now(), &event) {
-            tracing::error!(action, "the audit log could not record a change: {error}");
+            self.audit_gap.store(true, Ordering::SeqCst);
+            tracing::error!(
+                action,
+                "the audit log could not record a change; it is rebuilt from the change log once \
+                 the log can be written: {error}"
+            );
         }
+    }
+
+    /// Marks a datastore write whose audit record follows: hold the guard from before the
+    /// write until after [`ServerState::audit`], so that the audit checkpoint never moves past
+    /// a committed change whose record is not yet written.
+    pub fn audited_write(&self) -> AuditedWrite {
+        self.audits_in_flight.fetch_add(1, Ordering::SeqCst);
+        AuditedWrite(Arc::clone(&self.audits_in_flight))
+    }
+
+    /// Moves the audit checkpoint to the datastore's current revision when no audited write is
+    /// in flight, or, after a failed append, rebuilds the missing records from the change log
+    /// first ([`crate::audit::recover`]). Without an audit log, does nothing.
+    pub async fn checkpoint_audit(&self) {
+        let Some(log) = &self.audit else { return };
+        let result = if self.audit_gap.load(Ordering::SeqCst) {
+            self.audit_gap.store(false, Ordering::SeqCst);
+            let result = crate::audit::recover(log, &*self.store, self.now()).await;
+            if result.is_err() {
+                self.audit_gap.store(true, Ordering::SeqCst);
+            }
+            result.map(drop)
+        } else {
+            self.advance_audit_checkpoint().await
+        };
+        if let Err(error) = result {
+            tracing::warn!("the audit checkpoint did not move: {error}");
+        }
+    }
+
+    /// Whether an audited write is in flight or an append failed: the checkpoint cannot
+    /// cover the current revision yet.
+    pub fn audit_pending(&self) -> bool {
+        self.audits_in_flight.load(Ordering::SeqCst) != 0 || self.audit_gap.load(Ordering::SeqCst)
+    }
+
+    async fn advance_audit_checkpoint(&self) -> Result<(), crate::audit::AuditError> {
+        let revision = self.store.current_revision().await?;
+        // Every change up to `revision` was committed before it was read; one whose guard is
+        // gone has its record. One still in flight, or a failed append, holds the checkpoint.
+        if self.audits_in_flight.load(Ordering::SeqCst) != 0
+            || self.audit_gap.load(Ordering::SeqCst)
+        {
+            return Ok(());
+        }
+        if crate::audit::covered_revision(&*self.store).await? >= Some(revision) {
+            return Ok(());
+        }
+        crate::audit::set_covered_revision(&*self.store, revision).await
     }
 
     /// The current time.

@@ -217,6 +217,7 @@ impl AgentService {
         }
 
         let svid = self.sign_agent_svid(&agent_id, &csr)?;
+        let _audited = self.state.audited_write();
         let record = match existing {
             Some(mut agent) => {
                 agent.attestation_type = data.r#type.clone();
@@ -534,6 +535,7 @@ impl Agent for AgentService {
     ) -> Result<Response<()>, Status> {
         let caller = self.auth.admin(&request, &method("DeleteAgent"))?;
         let id = self.agent_id_from(request.get_ref().id.as_ref())?;
+        let _audited = self.state.audited_write();
         match self.state.store.delete_agent(&id).await {
             Ok(_) => {}
             Err(DatastoreError::NotFound(_)) => return Err(Status::not_found("agent not found")),
@@ -550,6 +552,7 @@ impl Agent for AgentService {
     ) -> Result<Response<()>, Status> {
         let caller = self.auth.admin(&request, &method("BanAgent"))?;
         let id = self.agent_id_from(request.get_ref().id.as_ref())?;
+        let _audited = self.state.audited_write();
         match self.state.store.ban_agent(&id).await {
             Ok(_) => {}
             Err(DatastoreError::NotFound(_)) => return Err(Status::not_found("agent not found")),
@@ -607,6 +610,7 @@ impl Agent for AgentService {
         let mut agent = caller.agent.clone();
         agent.new_serial = svid.serial().to_owned();
         agent.new_not_after = Some(svid.not_after());
+        let _audited = self.state.audited_write();
         self.state
             .store
             .update_agent(agent)

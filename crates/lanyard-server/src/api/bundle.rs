@@ -311,6 +311,7 @@ impl Bundle for BundleService {
         request: Request<AppendBundleRequest>,
     ) -> Result<Response<types::Bundle>, Status> {
         let caller = self.auth.admin(&request, APPEND_BUNDLE)?;
+        let _audited = self.state.audited_write();
         let request = request.into_inner();
         if request.x509_authorities.is_empty() && request.jwt_authorities.is_empty() {
             return Err(invalid("no authorities to append").into());
@@ -350,6 +351,7 @@ impl Bundle for BundleService {
         request: Request<PublishJwtAuthorityRequest>,
     ) -> Result<Response<PublishJwtAuthorityResponse>, Status> {
         let caller = self.auth.downstream(&request, PUBLISH_JWT_AUTHORITY)?;
+        let _audited = self.state.audited_write();
         let authority = request
             .get_ref()
             .jwt_authority
@@ -436,6 +438,7 @@ impl Bundle for BundleService {
         request: Request<BatchCreateFederatedBundleRequest>,
     ) -> Result<Response<BatchCreateFederatedBundleResponse>, Status> {
         let caller = self.auth.admin(&request, BATCH_CREATE_FEDERATED_BUNDLE)?;
+        let _audited = self.state.audited_write();
         let request = request.into_inner();
         let mut results = Vec::with_capacity(request.bundle.len());
         for bundle in &request.bundle {
@@ -456,6 +459,7 @@ impl Bundle for BundleService {
         request: Request<BatchUpdateFederatedBundleRequest>,
     ) -> Result<Response<BatchUpdateFederatedBundleResponse>, Status> {
         let caller = self.auth.admin(&request, BATCH_UPDATE_FEDERATED_BUNDLE)?;
+        let _audited = self.state.audited_write();
         let request = request.into_inner();
         let input_mask = request.input_mask.unwrap_or_else(bundle_mask_all);
         let mut results = Vec::with_capacity(request.bundle.len());
@@ -477,6 +481,7 @@ impl Bundle for BundleService {
         request: Request<BatchSetFederatedBundleRequest>,
     ) -> Result<Response<BatchSetFederatedBundleResponse>, Status> {
         let caller = self.auth.admin(&request, BATCH_SET_FEDERATED_BUNDLE)?;
+        let _audited = self.state.audited_write();
         let request = request.into_inner();
         let mut results = Vec::with_capacity(request.bundle.len());
         for bundle in &request.bundle {
@@ -495,6 +500,7 @@ impl Bundle for BundleService {
         request: Request<BatchDeleteFederatedBundleRequest>,
     ) -> Result<Response<BatchDeleteFederatedBundleResponse>, Status> {
         let caller = self.auth.admin(&request, BATCH_DELETE_FEDERATED_BUNDLE)?;
+        let _audited = self.state.audited_write();
         let request = request.into_inner();
         let mode = match Mode::try_from(request.mode) {
             Ok(Mode::Restrict) => BundleDeleteMode::Restrict,

@@ -137,6 +137,7 @@ impl EntryService {
             .state
             .check_entry_write(&entry, Operation::Create, caller)
             .map_err(|error| (error, None))?;
+        let _audited = self.state.audited_write();
         match self.state.store.create_entry(entry.clone()).await {
             Ok(created) => {
                 self.state.entry_written(&created);
@@ -251,6 +252,7 @@ impl EntryService {
             let exception_ids =
                 self.state
                     .check_entry_write(&updated, Operation::Update, caller)?;
+            let _audited = self.state.audited_write();
             match self
                 .state
                 .store
@@ -303,6 +305,7 @@ impl EntryService {
                 return result(ApiError::InvalidArgument(error.to_string()).to_proto_status());
             }
         };
+        let _audited = self.state.audited_write();
         match self.state.store.delete_entry(&entry_id).await {
             Ok(deleted) => {
                 self.state.entry_deleted(&deleted.id);

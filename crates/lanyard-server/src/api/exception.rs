@@ -135,6 +135,7 @@ impl ExceptionService {
         exception: Exception,
         why: &str,
     ) -> Result<Exception, ApiError> {
+        let _audited = self.state.audited_write();
         let stored = self.state.store.update_exception(exception).await?;
         self.changed(caller, action, &stored, why).await;
         Ok(stored)
@@ -199,6 +200,7 @@ impl ExceptionRpc for ExceptionService {
             .ok_or_else(|| Status::invalid_argument("missing exception"))?;
         let exception = self.parse_new(&proto, &caller)?;
         self.judge(&exception, "create", &caller)?;
+        let _audited = self.state.audited_write();
         let stored = self
             .state
             .store

@@ -70,6 +70,7 @@ impl LocalAuthorityService {
         kind: AuthorityKind,
         operation: impl std::future::Future<Output = Result<AuthorityInfo, AuthorityError>>,
     ) -> Result<pb::AuthorityState, Status> {
+        let _audited = self.state.audited_write();
         let info = operation.await.map_err(|error| match error {
             AuthorityError::InvalidArgument(message) => ApiError::InvalidArgument(message),
             AuthorityError::FailedPrecondition(message) => ApiError::FailedPrecondition(message),

@@ -59,6 +59,7 @@ impl EntryMetadataService {
         caller: &Caller,
         metadata: &EntryMetadata,
     ) -> set_entry_metadata_response::Result {
+        let _audited = self.state.audited_write();
         match self.set_metadata(caller, metadata).await {
             Ok((entry, changed)) => {
                 if changed {

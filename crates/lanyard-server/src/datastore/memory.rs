@@ -555,6 +555,10 @@ impl Datastore for MemoryStore {
         state
             .exceptions
             .insert(exception.id.clone(), exception.clone());
+        state.record(
+            ChangeKind::Created,
+            ChangeSubject::Exception(exception.id.clone()),
+        );
         Ok(exception)
     }
 
@@ -570,6 +574,10 @@ impl Datastore for MemoryStore {
             .get_mut(&exception.id)
             .ok_or_else(|| not_found("exception", &exception.id))?;
         *stored = exception.clone();
+        state.record(
+            ChangeKind::Updated,
+            ChangeSubject::Exception(exception.id.clone()),
+        );
         Ok(exception)
     }
 

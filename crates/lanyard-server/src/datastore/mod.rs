@@ -6,7 +6,7 @@
 //! `data_dir`), and [`MemoryStore`] for tests. Both store times in whole unix seconds, so a value
 //! read back is the value written truncated to the second, whichever store holds it.
 //!
-//! Every write that changes an entry, an agent or a bundle bumps one global revision counter and
+//! Every write that changes an entry, an agent, a bundle or a policy exception bumps one global revision counter and
 //! records a [`Change`]; readers follow the log with [`Datastore::changes_since`] to update an
 //! in-memory index per change instead of rebuilding it.
 //!
@@ -422,6 +422,8 @@ pub enum ChangeSubject {
     Agent(SpiffeId),
     /// A trust bundle.
     Bundle(TrustDomain),
+    /// A policy exception, by ID.
+    Exception(String),
 }
 
 impl ChangeSubject {
@@ -430,6 +432,7 @@ impl ChangeSubject {
             Self::Entry(_) => "entry",
             Self::Agent(_) => "agent",
             Self::Bundle(_) => "bundle",
+            Self::Exception(_) => "exception",
         }
     }
 
@@ -438,6 +441,7 @@ impl ChangeSubject {
             Self::Entry(id) => id.as_str(),
             Self::Agent(id) => id.as_str(),
             Self::Bundle(td) => td.name(),
+            Self::Exception(id) => id,
         }
     }
 
@@ -454,6 +458,7 @@ impl ChangeSubject {
             "bundle" => TrustDomain::new(key)
                 .map(Self::Bundle)
                 .map_err(|e| corrupt(&e)),
+            "exception" if !key.is_empty() => Ok(Self::Exception(key.to_owned())),
             other => Err(DatastoreError::Backend(format!(
                 "unknown change subject {other:?} in the change log"
             ))),

@@ -1445,6 +1445,12 @@ impl Datastore for SqlStore {
                 exception.id
             )));
         }
+        record_change(
+            tx.conn(),
+            ChangeKind::Created,
+            &ChangeSubject::Exception(exception.id.clone()),
+        )
+        .await?;
         tx.commit().await?;
         Ok(exception)
     }
@@ -1469,6 +1475,12 @@ impl Datastore for SqlStore {
         if write_exception(tx.conn(), &exception, false).await? == 0 {
             return Err(not_found("exception", &exception.id));
         }
+        record_change(
+            tx.conn(),
+            ChangeKind::Updated,
+            &ChangeSubject::Exception(exception.id.clone()),
+        )
+        .await?;
         tx.commit().await?;
         Ok(exception)
     }

@@ -1860,6 +1860,33 @@ async fn exceptions_round_trip(store: Store) {
         .collect();
     assert_eq!(ids, ["x0", "x1"]);
     assert_eq!(store.list_exceptions().await.unwrap()[0], bare);
+    // Each committed exception write is in the change log, so the audit log can be completed
+    // from it after a crash.
+    let exception_changes: Vec<(ChangeKind, ChangeSubject)> = store
+        .changes_since(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| matches!(c.subject, ChangeSubject::Exception(_)))
+        .map(|c| (c.kind, c.subject))
+        .collect();
+    assert_eq!(
+        exception_changes,
+        [
+            (
+                ChangeKind::Created,
+                ChangeSubject::Exception("x1".to_owned())
+            ),
+            (
+                ChangeKind::Created,
+                ChangeSubject::Exception("x0".to_owned())
+            ),
+            (
+                ChangeKind::Updated,
+                ChangeSubject::Exception("x1".to_owned())
+            ),
+        ]
+    );
     assert!(matches!(
         store.update_exception(sample_exception("missing")).await,
         Err(DatastoreError::NotFound(_))

@@ -308,3 +308,74 @@ async fn a_join_token_survives_an_attestation_with_a_bad_csr() {
         .unwrap();
     assert!(agent.id.as_str().ends_with(&token));
 }
+
+/// The audit log's records, parsed.
+fn audit_records(server: &TestServer) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(server.config.audit_log_path())
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn recovered_ids(server: &TestServer) -> Vec<String> {
+    audit_records(server)
+        .iter()
+        .filter(|r| r["event"]["action"] == "change recovered")
+        .map(|r| r["event"]["details"]["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_change_committed_without_its_audit_record_is_recorded_at_restart() {
+    let mut server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let audited = crate::issuance::create_entry(&server, "/audited", &agent.id, 0).await;
+
+    // The periodic checkpoint runs; then the process dies between a commit and its audit
+    // append: the write's guard is never released and its record never written.
+    let state = std::sync::Arc::clone(server.server().state());
+    state.checkpoint_audit().await;
+    std::mem::forget(state.audited_write());
+    let entry = RegistrationEntry::new(
+        EntryId::generate(),
+        lanyard_core::SpiffeId::from_path(&trust_domain(), "/unrecorded").unwrap(),
+        agent.id.clone(),
+        [Selector::new("unix", "uid:7").unwrap()]
+            .into_iter()
+            .collect(),
+        std::time::SystemTime::now(),
+    );
+    let unrecorded = state.store.create_entry(entry).await.unwrap();
+    drop(state);
+    let before = audit_records(&server);
+    assert!(
+        !before
+            .iter()
+            .any(|r| r.to_string().contains(unrecorded.id.as_str())),
+        "the change has no record yet"
+    );
+
+    server.restart().await;
+    assert_eq!(
+        recovered_ids(&server),
+        vec![unrecorded.id.as_str().to_owned()]
+    );
+    let records = audit_records(&server);
+    let recovered = records
+        .iter()
+        .find(|r| r["event"]["action"] == "change recovered")
+        .unwrap();
+    assert_eq!(recovered["event"]["details"]["subject"], "entry");
+    assert_eq!(recovered["event"]["details"]["change"], "created");
+    assert!(
+        !recovered_ids(&server).contains(&audited),
+        "a change recorded in time is not recorded again"
+    );
+
+    // The chain still verifies, and a clean restart records nothing twice.
+    server.restart().await;
+    assert_eq!(recovered_ids(&server).len(), 1);
+    lanyard_core::audit::verify(&std::fs::read_to_string(server.config.audit_log_path()).unwrap())
+        .unwrap();
+}

@@ -306,6 +306,26 @@ fn acknowledged_entries_survive_sigkill_and_restart() {
             "acknowledged entry {id} was lost"
         );
     }
+    // Every entry the datastore holds has an audit record: written before its acknowledgement,
+    // or rebuilt from the change log at restart if the kill fell between commit and append.
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let audit = std::fs::read_to_string(dir.path().join("data").join("audit.log")).unwrap();
+    lanyard_core::audit::verify(&audit).unwrap();
+    let audited: std::collections::HashSet<String> = lanyard_core::audit::events(&audit)
+        .filter_map(|(_, _, event)| {
+            let details = &event["details"];
+            details["entry_id"]
+                .as_str()
+                .or(details["id"].as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    let entries = shown["entries"].as_array().unwrap();
+    assert!(entries.len() >= acknowledged.len());
+    for entry in entries {
+        let id = entry["id"].as_str().unwrap();
+        assert!(audited.contains(id), "entry {id} has no audit record");
+    }
     let _ = server.kill();
     let _ = server.wait();
 }
