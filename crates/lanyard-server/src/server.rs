@@ -235,6 +235,11 @@ impl Server {
             stopped.clone(),
         ));
         tasks.spawn(checkpoint_audit(Arc::clone(&state), stopped.clone()));
+        tasks.spawn(probe_datastore(
+            Arc::clone(&state),
+            health_reporter,
+            stopped.clone(),
+        ));
         tasks.spawn(rotate(Arc::clone(&state), server_svid, stopped));
 
         tracing::info!(
@@ -295,6 +300,54 @@ async fn checkpoint_audit(state: Arc<ServerState>, mut stopped: watch::Receiver<
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How often the health service checks that the datastore takes a write.
+const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The datastore meta key the health probe writes.
+const HEALTH_PROBE_KEY: &str = "health.write_probe";
+
+/// Writes to the datastore every [`HEALTH_PROBE_INTERVAL`] and reports the server `NOT_SERVING`
+/// on the health service (`lanyard server healthcheck`) while that fails — a full disk, a
+/// read-only file — and `SERVING` again once it succeeds.
+async fn probe_datastore(
+    state: Arc<ServerState>,
+    health: tonic_health::server::HealthReporter,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut healthy = true;
+    loop {
+        let now = state
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let result = state
+            .store
+            .set_meta(HEALTH_PROBE_KEY, now.as_secs().to_string().as_bytes())
+            .await;
+        match (result, healthy) {
+            (Ok(()), false) => {
+                tracing::info!("the datastore takes writes again");
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+                healthy = true;
+            }
+            (Err(error), true) => {
+                tracing::error!(%error, "the datastore cannot write; reporting NOT_SERVING");
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+                healthy = false;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            () = tokio::time::sleep(HEALTH_PROBE_INTERVAL) => {}
+            () = async { let _ = stopped.wait_for(|s| *s).await; } => break,
+        }
     }
 }
 

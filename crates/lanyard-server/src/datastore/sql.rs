@@ -100,6 +100,7 @@ impl SqlStore {
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            .after_release(|conn, _| Box::pin(reusable(conn)))
             .connect_with(options)
             .await
             .map_err(|e| DatastoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
@@ -162,6 +163,23 @@ impl SqlStore {
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok(WriteTx { tx, _guard: guard })
     }
+}
+
+/// Whether a connection handed back to the pool can be used again. After an I/O error such as
+/// a full disk, SQLite may roll the whole transaction back on its own; sqlx's rollback of it
+/// then fails and the connection stays counted as inside a transaction, so that every later
+/// `BEGIN` on it fails ("non-zero transaction depth"). Such a connection is closed, and the pool
+/// opens a fresh one.
+async fn reusable(conn: &mut SqliteConnection) -> std::result::Result<bool, sqlx::Error> {
+    use sqlx::Connection as _;
+
+    // The ping queues behind a pending rollback, so the depth read after it is settled.
+    conn.ping().await?;
+    if conn.is_in_transaction() {
+        tracing::warn!("closing a datastore connection left inside a failed transaction");
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 #[cfg(unix)]

@@ -2106,3 +2106,45 @@ async fn usage_merges_issuances_and_reports(store: Store) {
     assert_eq!(only.len(), 1);
     assert_eq!(only[0].entry_id, "e2");
 }
+
+/// A write that SQLite rolled back on its own (as it does after an I/O error such as a full
+/// disk) leaves no broken connection behind: every later write succeeds.
+#[tokio::test]
+async fn a_connection_left_in_a_failed_transaction_is_not_reused() {
+    use sqlx::{ConnectOptions as _, Executor as _};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("datastore.sqlite3");
+    let store = SqlStore::open(&path).await.unwrap();
+    let mut raw = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
+    // RAISE(ROLLBACK) ends the whole transaction from inside SQLite, like an I/O error does.
+    raw.execute(
+        "CREATE TRIGGER fail_write BEFORE INSERT ON meta WHEN NEW.key = 'fail' \
+         BEGIN SELECT RAISE(ROLLBACK, 'disk full (simulated)'); END",
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let error = store.set_meta("fail", b"x").await.unwrap_err();
+        assert!(error.to_string().contains("disk full"), "{error}");
+    }
+    for i in 0..20 {
+        store
+            .set_meta(&format!("k{i}"), b"v")
+            .await
+            .unwrap_or_else(|e| panic!("write {i} after the failure: {e}"));
+        store
+            .create_entry(entry(
+                &format!("e{i}"),
+                &format!("/w{i}"),
+                "/agent",
+                &["k:v"],
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("entry {i} after the failure: {e}"));
+    }
+}

@@ -379,3 +379,53 @@ async fn a_change_committed_without_its_audit_record_is_recorded_at_restart() {
     lanyard_core::audit::verify(&std::fs::read_to_string(server.config.audit_log_path()).unwrap())
         .unwrap();
 }
+
+async fn health(server: &TestServer) -> i32 {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    HealthClient::new(server.admin().await)
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+/// Waits (up to 20 s, four probe intervals) for the health service to report `status`.
+async fn wait_for_health(server: &TestServer, status: tonic_health::ServingStatus) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while health(server).await != status as i32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the health service never reported {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_reports_a_datastore_that_cannot_write() {
+    use sqlx::{ConnectOptions as _, Executor as _};
+
+    let server = TestServer::start().await;
+    wait_for_health(&server, tonic_health::ServingStatus::Serving).await;
+    let mut raw = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(server.config.datastore_path())
+        .connect()
+        .await
+        .unwrap();
+    // Every write to the meta table fails, as on a full disk.
+    for sql in [
+        "CREATE TRIGGER full_insert BEFORE INSERT ON meta \
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full (simulated)'); END",
+        "CREATE TRIGGER full_update BEFORE UPDATE ON meta \
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full (simulated)'); END",
+    ] {
+        raw.execute(sql).await.unwrap();
+    }
+    wait_for_health(&server, tonic_health::ServingStatus::NotServing).await;
+    for sql in ["DROP TRIGGER full_insert", "DROP TRIGGER full_update"] {
+        raw.execute(sql).await.unwrap();
+    }
+    wait_for_health(&server, tonic_health::ServingStatus::Serving).await;
+}
