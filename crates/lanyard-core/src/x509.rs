@@ -45,6 +45,9 @@ pub const SERIAL_LEN: usize = 16;
 /// The longest serial number, in bytes, that [`serial_decimal`] converts. RFC 5280 allows 20;
 /// the slack accepts sloppy issuers without letting a hostile one make the conversion slow.
 pub const MAX_SERIAL_LEN: usize = 64;
+/// The largest CSR accepted, in bytes (as SPIRE, a few KiB): an EC or RSA-4096 key's CSR with
+/// a SPIFFE ID and a few DNS names is well under 2 KiB.
+pub const MAX_CSR_LEN: usize = 8 * 1024;
 
 /// The smallest RSA modulus accepted in a CSR or a leaf public key, in bits.
 pub const MIN_RSA_BITS: usize = 2048;
@@ -56,6 +59,16 @@ pub enum X509Error {
     /// The bytes are not valid DER for the named structure.
     #[error("malformed {0}")]
     Malformed(&'static str),
+    /// The named structure is larger than accepted.
+    #[error("{what} is {len} bytes; at most {max} are accepted")]
+    TooLarge {
+        /// What it is.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Valid DER for the named structure is followed by extra bytes.
     #[error("trailing bytes after {0}")]
     TrailingData(&'static str),
@@ -712,6 +725,13 @@ impl VerifiedCsr {
 /// other key types and bad signatures are errors.
 pub fn parse_csr(der: &[u8]) -> Result<VerifiedCsr, X509Error> {
     const WHAT: &str = "certificate signing request";
+    if der.len() > MAX_CSR_LEN {
+        return Err(X509Error::TooLarge {
+            what: WHAT,
+            len: der.len(),
+            max: MAX_CSR_LEN,
+        });
+    }
     let (rest, csr) =
         X509CertificationRequest::from_der(der).map_err(|_| X509Error::Malformed(WHAT))?;
     if !rest.is_empty() {

@@ -32,8 +32,6 @@ use crate::state::ServerState;
 const SERVICE: &str = "/spire.api.server.agent.v1.Agent/";
 /// The longest attestation exchange allowed, so a silent client cannot hold a stream open.
 const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(30);
-/// The largest CSR accepted, in bytes: an EC or RSA-4096 key's CSR is well under 2 KiB.
-const MAX_CSR_BYTES: usize = 8 * 1024;
 /// The default and largest page of `ListAgents`.
 const MAX_PAGE_SIZE: u32 = 1000;
 
@@ -133,12 +131,6 @@ impl AgentService {
         }
         // The whole request is checked before anything is redeemed: a join token is used up
         // only by an attestation that can succeed.
-        if csr.len() > MAX_CSR_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "CSR is {} bytes; at most {MAX_CSR_BYTES} are accepted",
-                csr.len()
-            )));
-        }
         x509::parse_csr(&csr).map_err(|e| Status::invalid_argument(format!("invalid CSR: {e}")))?;
 
         let trust_domain = self.state.trust_domain().clone();

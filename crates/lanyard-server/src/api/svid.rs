@@ -720,6 +720,7 @@ mod tests {
             param("mine", Vec::new()),
             param("nonexistent", csr_for("/mine")),
             param("mine", csr_for("/mine")),
+            param("mine", vec![0x30; x509::MAX_CSR_LEN + 1]),
         ];
         let results = batch_new_x509_svid(&state, &agent(), &params).unwrap();
         let codes: Vec<Code> = results.iter().map(|r| code(r.status.as_ref())).collect();
@@ -734,7 +735,14 @@ mod tests {
                 Code::InvalidArgument,
                 Code::NotFound,
                 Code::Ok,
+                Code::InvalidArgument,
             ]
+        );
+        let too_large = results[8].status.as_ref().unwrap();
+        assert!(
+            too_large.message.contains("at most 8192"),
+            "{}",
+            too_large.message
         );
         let status = results[0].status.as_ref().unwrap();
         assert_eq!(status.message, "entry not found or not authorized");
