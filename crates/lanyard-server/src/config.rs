@@ -31,6 +31,8 @@ pub const DEFAULT_SIGNINGS_PER_IP_PER_SECOND: f64 = 500.0;
 pub const DEFAULT_SIGNINGS_PER_AGENT_PER_SECOND: f64 = 500.0;
 /// Default number of TLS connections that may be open without a client certificate.
 pub const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS: usize = 512;
+/// Default `[limits] max_unauthenticated_connections_per_ip`.
+pub const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP: usize = 64;
 /// Default time a client has to send its PROXY header (if any) and finish the TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a TLS connection may carry no bytes either way before it is closed.
@@ -157,6 +159,9 @@ pub struct LimitsConfig {
     /// TLS connections open at once without a client certificate, handshakes included;
     /// connections beyond it are closed at once.
     pub max_unauthenticated_connections: usize,
+    /// The same, from one client address (the PROXY header's, when there is one); 0 for no
+    /// limit per address.
+    pub max_unauthenticated_connections_per_ip: usize,
     /// Time a client has to send its PROXY header (if any) and finish the TLS handshake.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
@@ -172,6 +177,7 @@ impl Default for LimitsConfig {
             signings_per_ip_per_second: DEFAULT_SIGNINGS_PER_IP_PER_SECOND,
             signings_per_agent_per_second: DEFAULT_SIGNINGS_PER_AGENT_PER_SECOND,
             max_unauthenticated_connections: DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS,
+            max_unauthenticated_connections_per_ip: DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             connection_idle_timeout: DEFAULT_CONNECTION_IDLE_TIMEOUT,
         }
@@ -179,13 +185,15 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
-    /// No rate limits, for benchmarks that measure the server rather than its limits; the
-    /// connection limits keep their defaults.
+    /// No rate limits and no limit per address, for benchmarks that measure the server rather
+    /// than its limits (every client is on one address); the other connection limits keep
+    /// their defaults.
     pub fn without_rate_limits() -> Self {
         Self {
             attestations_per_ip_per_second: 0.0,
             signings_per_ip_per_second: 0.0,
             signings_per_agent_per_second: 0.0,
+            max_unauthenticated_connections_per_ip: 0,
             ..Self::default()
         }
     }

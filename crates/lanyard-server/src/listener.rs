@@ -8,15 +8,19 @@
 //!
 //! A peer has `handshake_timeout` to send its PROXY header and finish the TLS handshake. Until it has presented a client
 //! certificate it holds one of `max_unauthenticated_connections` slots, handshake included;
-//! a connection that finds no free slot is closed at once. A connection that carries no bytes
+//! a connection that finds no free slot is closed at once. One client address holds at most
+//! `max_unauthenticated_connections_per_ip` of them (the PROXY header's address when there is
+//! one), so that one host cannot take every slot from agents that are bootstrapping. A
+//! connection that carries no bytes
 //! either way for `connection_idle_timeout` is closed: the server API has no long quiet
 //! streams (attestation has its own 30 s limit), and gRPC clients reconnect on their next call.
 //! `accept` errors (out of descriptors) back off exponentially up to a second, logged once a
 //! second, and the server raises its soft `RLIMIT_NOFILE` to the hard limit at start.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -49,6 +53,8 @@ pub struct ListenerLimits {
     pub idle_timeout: Duration,
     /// Connections without a client certificate, handshakes included, at once.
     pub max_unauthenticated: usize,
+    /// The same, from one client address; 0 for no limit per address.
+    pub max_unauthenticated_per_ip: usize,
     /// Whether connections open with a PROXY protocol v2 header.
     pub proxy_protocol: bool,
 }
@@ -59,6 +65,7 @@ impl From<&ServerConfig> for ListenerLimits {
             handshake_timeout: config.limits.handshake_timeout,
             idle_timeout: config.limits.connection_idle_timeout,
             max_unauthenticated: config.limits.max_unauthenticated_connections,
+            max_unauthenticated_per_ip: config.limits.max_unauthenticated_connections_per_ip,
             proxy_protocol: config.proxy_protocol,
         }
     }
@@ -100,6 +107,7 @@ async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let unauthenticated = Arc::new(Semaphore::new(limits.max_unauthenticated));
+    let per_ip = PerIpSlots::new(limits.max_unauthenticated_per_ip);
     let mut backoff = Backoff::new(ACCEPT_BACKOFF_START, ACCEPT_BACKOFF_MAX);
     let mut accept_errors = Throttle::new(LOG_INTERVAL);
     let mut over_cap = Throttle::new(LOG_INTERVAL);
@@ -161,20 +169,21 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let connections = connections.clone();
         let limits = limits.clone();
+        let per_ip = per_ip.clone();
         // Handshakes run on their own task so a slow client never blocks the others.
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(
                 limits.handshake_timeout,
-                handshake(&acceptor, tcp, peer, limits.proxy_protocol),
+                handshake(&acceptor, tcp, peer, limits.proxy_protocol, &per_ip),
             );
             match handshake.await {
-                Ok(Ok(stream)) => {
+                Ok(Ok((stream, slot))) => {
                     // A verified client certificate: the peer is no longer anonymous.
-                    let permit = match stream.get_ref().1.peer_certificates() {
+                    let anonymous = match stream.get_ref().1.peer_certificates() {
                         Some(certs) if !certs.is_empty() => None,
-                        _ => Some(permit),
+                        _ => Some((permit, slot)),
                     };
-                    let connection = ServerConnection::new(stream, permit, limits.idle_timeout);
+                    let connection = ServerConnection::new(stream, anonymous, limits.idle_timeout);
                     let _ = connections.send(Ok(connection)).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
@@ -189,13 +198,87 @@ async fn handshake(
     mut tcp: TcpStream,
     mut peer: SocketAddr,
     proxy_protocol: bool,
-) -> io::Result<TlsStream<PeerTcp>> {
+    per_ip: &PerIpSlots,
+) -> io::Result<(TlsStream<PeerTcp>, Option<PerIpSlot>)> {
     if proxy_protocol
         && let ProxiedAddress::Proxied { source, .. } = read_proxy_header(&mut tcp).await?
     {
         peer = source;
     }
-    acceptor.accept(PeerTcp { tcp, peer }).await
+    let slot = per_ip.acquire(peer.ip())?;
+    let stream = acceptor.accept(PeerTcp { tcp, peer }).await?;
+    Ok((stream, slot))
+}
+
+/// Counts the anonymous connections of each client address, up to a limit per address.
+#[derive(Debug, Clone)]
+struct PerIpSlots {
+    max: usize,
+    held: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    over_cap: Arc<std::sync::Mutex<Throttle>>,
+}
+
+/// One anonymous connection of an address, counted until dropped.
+#[derive(Debug)]
+struct PerIpSlot {
+    ip: IpAddr,
+    held: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PerIpSlots {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            held: Arc::default(),
+            over_cap: Arc::new(std::sync::Mutex::new(Throttle::new(LOG_INTERVAL))),
+        }
+    }
+
+    /// A slot for `ip`, `None` when there is no limit per address, or an error (which closes
+    /// the connection) when `ip` holds them all.
+    fn acquire(&self, ip: IpAddr) -> io::Result<Option<PerIpSlot>> {
+        if self.max == 0 {
+            return Ok(None);
+        }
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(ip).or_insert(0);
+        if *count >= self.max {
+            let throttle = self
+                .over_cap
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .hit(Instant::now());
+            if let Some(refused) = throttle {
+                tracing::warn!(
+                    %ip,
+                    refused,
+                    limit = self.max,
+                    "closing connections at once: too many from one address without a client certificate (limits.max_unauthenticated_connections_per_ip)"
+                );
+            }
+            return Err(io::Error::other(format!(
+                "{ip} holds {} connections without a client certificate",
+                self.max
+            )));
+        }
+        *count += 1;
+        Ok(Some(PerIpSlot {
+            ip,
+            held: Arc::clone(&self.held),
+        }))
+    }
+}
+
+impl Drop for PerIpSlot {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Reads exactly one PROXY v2 header from `tcp`, leaving the bytes after it (the TLS
@@ -270,13 +353,13 @@ pub struct ServerConnection {
     idle_timeout: Duration,
     last_activity: Instant,
     idle: Pin<Box<Sleep>>,
-    _unauthenticated: Option<OwnedSemaphorePermit>,
+    _unauthenticated: Option<(OwnedSemaphorePermit, Option<PerIpSlot>)>,
 }
 
 impl ServerConnection {
     fn new(
         stream: TlsStream<PeerTcp>,
-        unauthenticated: Option<OwnedSemaphorePermit>,
+        unauthenticated: Option<(OwnedSemaphorePermit, Option<PerIpSlot>)>,
         idle_timeout: Duration,
     ) -> Self {
         let now = Instant::now();

@@ -114,6 +114,33 @@ async fn connections_beyond_the_unauthenticated_cap_are_closed_at_once() {
     attest_when_a_slot_is_free(&server).await;
 }
 
+#[tokio::test]
+async fn one_address_cannot_take_every_anonymous_slot() {
+    const PER_IP: usize = 3;
+    const FLOOD: usize = 8;
+    let server = TestServer::start_with(|config| {
+        config.limits.max_unauthenticated_connections_per_ip = PER_IP;
+        config.limits.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut flood = Vec::new();
+    for _ in 0..FLOOD {
+        flood.push(TcpStream::connect(server.addr()).await.unwrap());
+    }
+    let (closed, flood) = count_closed(flood).await;
+    assert_eq!(closed, FLOOD - PER_IP, "beyond its share, an address is closed at once");
+
+    // Another address still gets a slot while the first holds its share.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let other = socket.connect(server.addr()).await.unwrap();
+    let (closed, _other) = count_closed(vec![other]).await;
+    assert_eq!(closed, 0, "another address is not refused");
+
+    drop(flood);
+    attest_when_a_slot_is_free(&server).await;
+}
+
 /// How many of `streams` the server closes within [`PATIENCE`], watching all at once; the
 /// streams come back, so those still open stay open.
 async fn count_closed(streams: Vec<TcpStream>) -> (usize, Vec<TcpStream>) {
