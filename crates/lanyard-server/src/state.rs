@@ -215,10 +215,39 @@ impl ServerState {
     pub fn policy_samples(&self, n: usize) -> Vec<EntryInput> {
         let now = self.now();
         let entries = self.index().sample_entries(n);
-        entries
+        let mut samples: Vec<EntryInput> = entries
             .iter()
             .map(|entry| self.entry_input(entry, Operation::Issue, None, now))
-            .collect()
+            .collect();
+        // A synthetic entry, written by a local admin and issued, so that a server without
+        // entries still tries both questions a write and an issuance ask.
+        if let Some(probe) = self.synthetic_entry(now) {
+            let admin = CallerInput {
+                id: None,
+                local: true,
+            };
+            samples.push(self.entry_input(&probe, Operation::Create, Some(admin), now));
+            samples.push(self.entry_input(&probe, Operation::Issue, None, now));
+        }
+        samples
+    }
+
+    /// A plain workload entry under an agent of this trust domain, expiring in a day.
+    fn synthetic_entry(&self, now: SystemTime) -> Option<RegistrationEntry> {
+        let td = self.trust_domain();
+        let mut entry = RegistrationEntry::new(
+            EntryId::new("policy-probe").ok()?,
+            SpiffeId::from_path(td, "/policy-probe").ok()?,
+            SpiffeId::from_path(td, "/spire/agent/policy-probe").ok()?,
+            ["unix:uid:1000".parse::<lanyard_core::Selector>().ok()?]
+                .into_iter()
+                .collect(),
+            now,
+        );
+        entry.expires_at = Some(now + Duration::from_secs(24 * 3600));
+        entry.owner = Some("policy-probe".to_owned());
+        entry.reason = Some("checks that a policy evaluates before it is put in force".to_owned());
+        Some(entry)
     }
 
     /// Judges an entry about to be written by `caller`. Without a policy every entry passes.

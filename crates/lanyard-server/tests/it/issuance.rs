@@ -351,6 +351,41 @@ async fn a_reloaded_policy_that_fails_on_current_entries_is_refused() {
 }
 
 #[tokio::test]
+async fn a_reloaded_policy_that_fails_on_a_synthetic_entry_is_refused_on_an_empty_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.rego");
+    std::fs::write(&policy_path, "package lanyard\n").unwrap();
+    let path = policy_path.clone();
+    let server = TestServer::start_with(move |config| {
+        config.policy = Some(lanyard_server::config::PolicyConfig::new(path));
+    })
+    .await;
+    let holder = server.server().state().policy().unwrap();
+    // Fails on every entry; and one that fails only when a local admin writes.
+    let fails_on_writes = r#"package lanyard
+import rego.v1
+violations contains {"rule": "w", "message": "w"} if {
+  input.caller.local
+  to_number("not a number") > 1
+}
+"#;
+    for candidate in [FAILS_ON_REAL_ENTRIES, fails_on_writes] {
+        std::fs::write(&policy_path, candidate).unwrap();
+        let error = holder.reload().unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("spiffe://example.org/policy-probe"),
+            "{error}"
+        );
+    }
+    assert_eq!(holder.generation(), 1, "the policy loaded at start stays");
+    // Entries can still be written under it.
+    let agent = server.attest_new_agent().await;
+    create_entry(&server, "/web", &agent.id, 0).await;
+}
+
+#[tokio::test]
 async fn a_policy_slower_than_its_limit_fails_closed_without_stalling() {
     let dir = tempfile::tempdir().unwrap();
     let policy_path = dir.path().join("policy.rego");

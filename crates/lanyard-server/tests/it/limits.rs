@@ -128,7 +128,11 @@ async fn one_address_cannot_take_every_anonymous_slot() {
         flood.push(TcpStream::connect(server.addr()).await.unwrap());
     }
     let (closed, flood) = count_closed(flood).await;
-    assert_eq!(closed, FLOOD - PER_IP, "beyond its share, an address is closed at once");
+    assert_eq!(
+        closed,
+        FLOOD - PER_IP,
+        "beyond its share, an address is closed at once"
+    );
 
     // Another address still gets a slot while the first holds its share.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
