@@ -72,7 +72,10 @@ fn intermediate_ca(parent: &X509Ca) -> X509Ca {
 
 /// An SVID chain (leaf first, up to but without the root).
 fn svid(ca: &X509Ca, spiffe_id: &str, dns_names: &[&str]) -> Vec<Vec<u8>> {
-    let key = key(KeyType::EcP256);
+    svid_for_key(ca, &key(KeyType::EcP256), spiffe_id, dns_names)
+}
+
+fn svid_for_key(ca: &X509Ca, key: &KeyPair, spiffe_id: &str, dns_names: &[&str]) -> Vec<Vec<u8>> {
     let mut params = SvidParams::new(id(spiffe_id), key.public_key_der(), DECADES);
     params.dns_names = dns_names.iter().map(|s| (*s).to_owned()).collect();
     ca.mint_svid(&params, fuzz_now() - A_MONTH)
@@ -344,7 +347,20 @@ fn generate() -> Generated {
         "spiffe://example.org/host/node-2",
         &[],
     ));
+    let rsa_key = {
+        use rsa::pkcs8::EncodePrivateKey as _;
+        let private = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("RSA key");
+        let der = private.to_pkcs8_der().expect("PKCS#8");
+        KeyPair::from_pkcs8_der(der.as_bytes()).expect("RSA key pair")
+    };
+    let payload_rsa = lanyard_core::x509pop::build_attestation_payload(&svid_for_key(
+        &x509pop_ca,
+        &rsa_key,
+        "spiffe://example.org/host/node-rsa",
+        &[],
+    ));
     let line = |payload: &[u8], rest: &str| concat(&[payload, b"\n", rest.as_bytes()]);
+    out.add("x509pop", "rsa-leaf", line(&payload_rsa, &rsa_response));
     out.add(
         "x509pop",
         "ecdsa-response",
@@ -567,15 +583,17 @@ fn seed_tokens_and_payloads_verify_against_the_fixtures() {
     let es256 = std::fs::read_to_string(corpus.join("jwt/es256")).expect("seed");
     lanyard_core::jwt::validate_jwt_svid_with_bundle(&es256, FUZZ_AUDIENCE, &bundle, fuzz_now())
         .expect("the seed token validates at fuzz_now()");
-    let seed = std::fs::read(corpus.join("x509pop/ecdsa-response")).expect("seed");
-    let payload = seed.split(|b| *b == b'\n').next().expect("a payload line");
-    lanyard_core::x509pop::ServerAttestation::begin(
-        payload,
-        &[lanyard_fuzz::X509POP_CA_DER.to_vec()],
-        &td(),
-        fuzz_now(),
-    )
-    .expect("the seed payload chains to the fixture CA at fuzz_now()");
+    for name in ["ecdsa-response", "intermediate", "rsa-leaf"] {
+        let seed = std::fs::read(corpus.join("x509pop").join(name)).expect("seed");
+        let payload = seed.split(|b| *b == b'\n').next().expect("a payload line");
+        lanyard_core::x509pop::ServerAttestation::begin(
+            payload,
+            &[lanyard_fuzz::X509POP_CA_DER.to_vec()],
+            &td(),
+            fuzz_now(),
+        )
+        .unwrap_or_else(|e| panic!("x509pop/{name} does not chain to the fixture CA: {e}"));
+    }
     let chain = std::fs::read(corpus.join("x509_chain/leaf-intermediate-root")).expect("seed");
     let certs = lanyard_fuzz::split_der(&chain);
     let (root, rest) = certs.split_last().expect("certificates");
