@@ -7,7 +7,7 @@
 //! without it (SPIRE) answers UNIMPLEMENTED, and the command falls back to SPIRE's
 //! BatchCreateEntry/BatchUpdateEntry followed by SetEntryMetadata.
 
-mod data;
+pub(crate) mod data;
 
 use std::collections::HashMap;
 use std::io::{Read as _, Write};

@@ -5,9 +5,9 @@
 mod agent;
 mod bundle;
 mod client;
-mod declare;
+pub(crate) mod declare;
 mod dev;
-mod entry;
+pub(crate) mod entry;
 mod exception;
 mod grant;
 mod health;

@@ -1,0 +1,73 @@
+//! `lanyard`: the one Lanyard binary. Today it administers a running server over its admin
+//! Unix socket (entries, agents, join tokens, bundles, one-off SVIDs, health); `server run`,
+//! `agent run` and `dev` join it as further subcommands.
+//!
+//! Every failure ends as one line on stderr, `error: <command>: <what went wrong>`, and exit
+//! status 1; usage errors included, so scripts need to handle only one shape.
+//!
+//! The command lives in this library so that the fuzz targets (`fuzz/`) can reach the parsers
+//! of operator-supplied files through [`fuzzing`]; `src/main.rs` only calls [`main`].
+
+mod cli;
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+/// Runs the command line: parses the arguments, runs the command, reports any failure.
+pub fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return cli::report_usage_error(&err),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            cli::report_error("lanyard", &anyhow::Error::new(err));
+            return ExitCode::FAILURE;
+        }
+    };
+    let command_name = cli.command.name();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = runtime.block_on(cli.command.run(&mut out));
+    let flushed = out.flush();
+    match result.and_then(|()| flushed.map_err(anyhow::Error::from)) {
+        Ok(()) => ExitCode::SUCCESS,
+        // A reader that stopped reading (`lanyard entry show | head`) is not a failure.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            cli::report_error(&command_name, &err);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<std::io::Error>()
+        .is_some_and(|err| err.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// The parsers of the files an operator hands the command, for the fuzz targets in `fuzz/`.
+/// Not an API: each returns the number of entries parsed or the one-line error the command
+/// would print.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parses a `entry create --data`/`entry update --data` batch file.
+    pub fn parse_entry_data(json: &[u8]) -> Result<usize, String> {
+        crate::cli::entry::data::parse_entries(json)
+            .map(|specs| specs.len())
+            .map_err(|err| format!("{err:#}"))
+    }
+
+    /// Parses a declared entries file of `plan` and `apply`.
+    pub fn parse_declared_entries(text: &str) -> Result<usize, String> {
+        crate::cli::declare::parse_file(text)
+            .map(|file| file.entries.len())
+            .map_err(|err| format!("{err:#}"))
+    }
+}
