@@ -9,6 +9,7 @@ mod declare;
 mod dev;
 mod entry;
 mod exception;
+mod files;
 mod grant;
 mod health;
 mod logging;
