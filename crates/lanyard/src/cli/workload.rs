@@ -17,6 +17,7 @@ use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::files::{PUBLIC_FILE_MODE, SECRET_FILE_MODE, replace_file};
+use crate::cli::parse;
 
 /// The agent's Workload API socket unless `--socket` or `SPIFFE_ENDPOINT_SOCKET` says otherwise.
 pub(crate) const DEFAULT_AGENT_SOCKET: &str = "/tmp/lanyard/agent/public/api.sock";
@@ -280,7 +281,7 @@ impl WatchArgs {
             for svid in &response.svids {
                 let expires = first_certificate(&svid.x509_svid)
                     .and_then(|der| lanyard_core::x509::validity_of(&der).ok())
-                    .map(|(_, not_after)| humantime::format_rfc3339_seconds(not_after).to_string())
+                    .map(|(_, not_after)| parse::format_system_time(not_after))
                     .unwrap_or_else(|| "?".to_owned());
                 writeln!(out, "received {} expires {}", svid.spiffe_id, expires)?;
             }
@@ -393,11 +394,7 @@ fn print_x509(
                 if !svid.hint.is_empty() {
                     writeln!(out, "Hint:\t\t{}", svid.hint)?;
                 }
-                writeln!(
-                    out,
-                    "Expires at:\t{}",
-                    humantime::format_rfc3339_seconds(not_after)
-                )?;
+                writeln!(out, "Expires at:\t{}", parse::format_system_time(not_after))?;
                 writeln!(
                     out,
                     "Chain length:\t{}",

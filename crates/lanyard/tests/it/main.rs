@@ -8,6 +8,7 @@
 mod declare;
 mod dev;
 mod exceptions;
+mod expiry;
 mod fake_server;
 mod governance;
 mod real_server;
