@@ -20,6 +20,7 @@ use lanyard_proto::lanyard::api::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use super::paging::{page_of, requested_page};
 use super::{ApiError, Authorizer, Caller};
 use crate::state::{ServerState, caller_input};
 
@@ -227,19 +228,24 @@ impl ExceptionRpc for ExceptionService {
         request: Request<ListExceptionsRequest>,
     ) -> Result<Response<ListExceptionsResponse>, Status> {
         self.auth.admin(&request, LIST_EXCEPTIONS)?;
-        let include_inactive = request.into_inner().include_inactive;
+        let request = request.into_inner();
+        let page = requested_page(request.page_size, &request.page_token);
         let now = self.state.now();
-        let exceptions = self
+        let mut exceptions: Vec<Exception> = self
             .state
             .store
             .list_exceptions()
             .await
             .map_err(ApiError::from)?
-            .iter()
-            .filter(|exception| include_inactive || exception.is_active(now))
-            .map(exception_to_proto)
+            .into_iter()
+            .filter(|exception| request.include_inactive || exception.is_active(now))
             .collect();
-        Ok(Response::new(ListExceptionsResponse { exceptions }))
+        exceptions.sort_by(|a, b| a.id.cmp(&b.id));
+        let (exceptions, next) = page_of(exceptions, |e| e.id.as_str(), page.as_ref());
+        Ok(Response::new(ListExceptionsResponse {
+            exceptions: exceptions.iter().map(exception_to_proto).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn extend_exception(

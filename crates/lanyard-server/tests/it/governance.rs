@@ -297,6 +297,7 @@ async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_th
         .await
         .list_exceptions(gov::ListExceptionsRequest {
             include_inactive: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -350,6 +351,7 @@ async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_th
         .await
         .list_exceptions(gov::ListExceptionsRequest {
             include_inactive: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -359,6 +361,7 @@ async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_th
         .await
         .list_exceptions(gov::ListExceptionsRequest {
             include_inactive: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -607,6 +610,7 @@ async fn the_ledger_records_issuances_and_what_agents_report_serving() {
     let usage = UsageServiceClient::new(server.admin().await)
         .list_usage(gov::ListUsageRequest {
             entry_ids: vec![web.clone(), theirs.clone()],
+            ..Default::default()
         })
         .await
         .unwrap()

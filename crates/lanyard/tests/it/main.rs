@@ -11,6 +11,7 @@ mod exceptions;
 mod expiry;
 mod fake_server;
 mod governance;
+mod paging;
 mod real_server;
 mod report;
 mod signals;
