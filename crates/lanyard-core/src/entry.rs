@@ -25,6 +25,12 @@ pub const MAX_DNS_NAMES_PER_ENTRY: usize = 128;
 pub const MAX_OWNER_LEN: usize = 256;
 /// The longest `reason` accepted, in bytes.
 pub const MAX_REASON_LEN: usize = 1024;
+/// The latest expiry accepted, in Unix seconds: 9999-12-31T23:59:59Z. Certificates hold times
+/// with four-digit years (RFC 5280 GeneralizedTime) and an SVID ends no later than its entry,
+/// so a later expiry could never be honoured, and tools that print it as a date fail on it.
+pub const MAX_EXPIRES_AT_UNIX: u64 = 253_402_300_799;
+/// [`MAX_EXPIRES_AT_UNIX`] as people read it.
+pub const MAX_EXPIRES_AT_TEXT: &str = "9999-12-31T23:59:59Z";
 
 /// Why an entry or entry ID is invalid. Each message names the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,6 +108,14 @@ pub enum EntryError {
     /// `store_svid` is set but the selectors have different types.
     #[error("selector types must all be the same when store_svid is set")]
     MixedStoreSvidSelectors,
+    /// An expiry is later than [`MAX_EXPIRES_AT_UNIX`].
+    #[error(
+        "expires_at {got} is after {MAX_EXPIRES_AT_TEXT} ({MAX_EXPIRES_AT_UNIX}), the last time a certificate can hold"
+    )]
+    ExpiryOutOfRange {
+        /// The rejected value, in Unix seconds.
+        got: u64,
+    },
     /// A free-text governance field is too long or holds control characters.
     #[error("{field} is invalid: {why}")]
     BadText {
@@ -315,6 +329,9 @@ impl RegistrationEntry {
                 trust_domain: trust_domain.clone(),
             });
         }
+        if let Some(expires_at) = self.expires_at {
+            validate_expiry(expires_at)?;
+        }
         check_ttl("x509_svid_ttl", self.x509_svid_ttl)?;
         check_ttl("jwt_svid_ttl", self.jwt_svid_ttl)?;
         for name in &self.dns_names {
@@ -349,6 +366,19 @@ impl RegistrationEntry {
         self.spiffe_id == other.spiffe_id
             && self.parent_id == other.parent_id
             && self.selectors == other.selectors
+    }
+}
+
+/// Checks that an expiry (of an entry, an exception, a grant) is no later than
+/// [`MAX_EXPIRES_AT_UNIX`]. Times before the epoch pass: they are merely in the past.
+pub fn validate_expiry(expires_at: SystemTime) -> Result<(), EntryError> {
+    match expires_at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since_epoch) if since_epoch.as_secs() > MAX_EXPIRES_AT_UNIX => {
+            Err(EntryError::ExpiryOutOfRange {
+                got: since_epoch.as_secs(),
+            })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -645,5 +675,32 @@ mod tests {
         assert!(e.is_similar(&other));
         other.selectors.insert("unix:gid:1".parse().unwrap());
         assert!(!e.is_similar(&other));
+    }
+
+    #[test]
+    fn expiries_end_at_the_last_second_a_certificate_can_hold() {
+        let td = td();
+        let at = |seconds: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds);
+        let mut e = entry();
+        // 9999-12-31T23:59:59Z
+        e.expires_at = Some(at(253_402_300_799));
+        assert_eq!(e.validate(&td), Ok(()));
+        // 10000-01-01T00:00:00Z
+        e.expires_at = Some(at(253_402_300_800));
+        assert_eq!(
+            e.validate(&td),
+            Err(EntryError::ExpiryOutOfRange {
+                got: 253_402_300_800
+            })
+        );
+        let message = e.validate(&td).unwrap_err().to_string();
+        assert!(message.contains("9999-12-31T23:59:59Z"), "{message}");
+        e.expires_at = Some(at(i64::MAX as u64));
+        assert!(matches!(
+            e.validate(&td),
+            Err(EntryError::ExpiryOutOfRange { .. })
+        ));
+        e.expires_at = Some(at(1));
+        assert_eq!(e.validate(&td), Ok(()));
     }
 }

@@ -32,6 +32,7 @@ async fn usage_of(env: &Env, entry_ids: &[&str]) -> Vec<EntryUsage> {
     UsageServiceClient::new(env.admin().await)
         .list_usage(ListUsageRequest {
             entry_ids: entry_ids.iter().map(|id| (*id).to_owned()).collect(),
+            ..Default::default()
         })
         .await
         .unwrap()

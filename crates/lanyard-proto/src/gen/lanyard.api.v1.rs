@@ -849,11 +849,18 @@ impl ::prost::Name for GetExceptionRequest {
         "type.googleapis.com/lanyard.api.v1.GetExceptionRequest".into()
     }
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListExceptionsRequest {
     /// Also list expired and revoked exceptions.
     #[prost(bool, tag = "1")]
     pub include_inactive: bool,
+    /// At most this many exceptions (the server caps it); 0 lists them all in
+    /// one message, as servers before paging did.
+    #[prost(int32, tag = "2")]
+    pub page_size: i32,
+    /// `next_page_token` of the previous page; empty for the first page.
+    #[prost(string, tag = "3")]
+    pub page_token: ::prost::alloc::string::String,
 }
 impl ::prost::Name for ListExceptionsRequest {
     const NAME: &'static str = "ListExceptionsRequest";
@@ -869,6 +876,9 @@ impl ::prost::Name for ListExceptionsRequest {
 pub struct ListExceptionsResponse {
     #[prost(message, repeated, tag = "1")]
     pub exceptions: ::prost::alloc::vec::Vec<PolicyException>,
+    /// Empty after the last page.
+    #[prost(string, tag = "2")]
+    pub next_page_token: ::prost::alloc::string::String,
 }
 impl ::prost::Name for ListExceptionsResponse {
     const NAME: &'static str = "ListExceptionsResponse";
@@ -1036,6 +1046,14 @@ pub struct ListUsageRequest {
     /// Only these entries; all when empty.
     #[prost(string, repeated, tag = "1")]
     pub entry_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The usage of at most this many entries (the server caps it), in entry ID
+    /// order; 0 lists it all in one message. A paged listing of all entries
+    /// covers the entries that exist, not the ledger of deleted ones.
+    #[prost(int32, tag = "2")]
+    pub page_size: i32,
+    /// `next_page_token` of the previous page; empty for the first page.
+    #[prost(string, tag = "3")]
+    pub page_token: ::prost::alloc::string::String,
 }
 impl ::prost::Name for ListUsageRequest {
     const NAME: &'static str = "ListUsageRequest";
@@ -1051,6 +1069,9 @@ impl ::prost::Name for ListUsageRequest {
 pub struct ListUsageResponse {
     #[prost(message, repeated, tag = "1")]
     pub usage: ::prost::alloc::vec::Vec<EntryUsage>,
+    /// Empty after the last page.
+    #[prost(string, tag = "2")]
+    pub next_page_token: ::prost::alloc::string::String,
 }
 impl ::prost::Name for ListUsageResponse {
     const NAME: &'static str = "ListUsageResponse";

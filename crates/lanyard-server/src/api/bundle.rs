@@ -31,9 +31,10 @@ use lanyard_proto::spire::api::types;
 use tonic::{Request, Response, Status};
 
 use super::errors::ok_status;
+use super::paging::requested_page;
 use super::{ApiError, Authorizer};
 use crate::ca::CaError;
-use crate::datastore::{BundleDeleteMode, ChangeSubject, DatastoreError, PageRequest};
+use crate::datastore::{BundleDeleteMode, ChangeSubject, DatastoreError};
 use crate::state::ServerState;
 
 const COUNT_BUNDLES: &str = "/spire.api.server.bundle.v1.Bundle/CountBundles";
@@ -383,13 +384,7 @@ impl Bundle for BundleService {
         self.auth.admin(&request, LIST_FEDERATED_BUNDLES)?;
         let request = request.into_inner();
         // A page size of zero (the SPIRE CLI sends none) lists everything, as in SPIRE.
-        let page = u32::try_from(request.page_size)
-            .ok()
-            .filter(|size| *size > 0)
-            .map(|size| PageRequest {
-                token: Some(request.page_token.clone()).filter(|token| !token.is_empty()),
-                size,
-            });
+        let page = requested_page(request.page_size, &request.page_token);
         let (bundles, next) = self
             .state
             .store

@@ -38,9 +38,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::errors::ok_status;
+use super::paging::requested_page;
 use super::{ApiError, Authorizer, Caller};
 use crate::datastore::{
-    DatastoreError, EntryFilter, FederatesWithFilter, MatchMode, PageRequest, SelectorFilter,
+    DatastoreError, EntryFilter, FederatesWithFilter, MatchMode, SelectorFilter,
 };
 use crate::state::ServerState;
 
@@ -354,13 +355,7 @@ impl Entry for EntryService {
         let request = request.into_inner();
         let filter = entry_filter(self.trust_domain(), request.filter.as_ref())?;
         // As in SPIRE, a page size of 0 (or less) lists everything and ignores the token.
-        let page = u32::try_from(request.page_size)
-            .ok()
-            .filter(|size| *size > 0)
-            .map(|size| PageRequest {
-                token: Some(request.page_token.clone()).filter(|token| !token.is_empty()),
-                size,
-            });
+        let page = requested_page(request.page_size, &request.page_token);
         let (entries, next) = self
             .state
             .store

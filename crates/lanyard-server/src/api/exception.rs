@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lanyard_core::entry::{MAX_OWNER_LEN, MAX_REASON_LEN};
+use lanyard_core::entry::{MAX_OWNER_LEN, MAX_REASON_LEN, validate_expiry};
 use lanyard_core::policy::{Exception, ExceptionInput, describe_violations, unix_seconds};
 use lanyard_core::{EntryId, SpiffeId};
 use lanyard_proto::lanyard::api::v1::exception_service_server::{
@@ -20,6 +20,7 @@ use lanyard_proto::lanyard::api::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use super::paging::{page_of, requested_page};
 use super::{ApiError, Authorizer, Caller};
 use crate::state::{ServerState, caller_input};
 
@@ -227,19 +228,24 @@ impl ExceptionRpc for ExceptionService {
         request: Request<ListExceptionsRequest>,
     ) -> Result<Response<ListExceptionsResponse>, Status> {
         self.auth.admin(&request, LIST_EXCEPTIONS)?;
-        let include_inactive = request.into_inner().include_inactive;
+        let request = request.into_inner();
+        let page = requested_page(request.page_size, &request.page_token);
         let now = self.state.now();
-        let exceptions = self
+        let mut exceptions: Vec<Exception> = self
             .state
             .store
             .list_exceptions()
             .await
             .map_err(ApiError::from)?
-            .iter()
-            .filter(|exception| include_inactive || exception.is_active(now))
-            .map(exception_to_proto)
+            .into_iter()
+            .filter(|exception| request.include_inactive || exception.is_active(now))
             .collect();
-        Ok(Response::new(ListExceptionsResponse { exceptions }))
+        exceptions.sort_by(|a, b| a.id.cmp(&b.id));
+        let (exceptions, next) = page_of(exceptions, |e| e.id.as_str(), page.as_ref());
+        Ok(Response::new(ListExceptionsResponse {
+            exceptions: exceptions.iter().map(exception_to_proto).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn extend_exception(
@@ -316,12 +322,15 @@ fn check_pattern(pattern: &str, trust_domain: &lanyard_core::TrustDomain) -> Res
     Ok(())
 }
 
+/// An exception's `expires_at`: a positive Unix time no later than entries may expire.
 fn from_unix(seconds: i64) -> Result<SystemTime, ApiError> {
-    u64::try_from(seconds)
+    let expires_at = u64::try_from(seconds)
         .ok()
         .filter(|s| *s > 0)
-        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
-        .ok_or_else(|| invalid_arg("expires_at must be a positive Unix time"))
+        .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+        .ok_or_else(|| invalid_arg("expires_at must be a positive Unix time"))?;
+    validate_expiry(expires_at).map_err(|e| invalid_arg(e.to_string()))?;
+    Ok(expires_at)
 }
 
 fn required_text(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
@@ -345,4 +354,22 @@ fn invalid_arg(message: impl Into<String>) -> ApiError {
 
 fn invalid<T>(message: impl Into<String>) -> Result<T, ApiError> {
     Err(invalid_arg(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expiry_a_certificate_cannot_hold_is_refused() {
+        // 9999-12-31T23:59:59Z is the last; 10000-01-01T00:00:00Z and beyond are refused.
+        assert!(from_unix(253_402_300_799).is_ok());
+        for seconds in [253_402_300_800, i64::MAX] {
+            let err = from_unix(seconds).expect_err("beyond year 9999");
+            assert!(err.to_string().contains("9999-12-31T23:59:59Z"), "{err}");
+        }
+        for seconds in [0, -1, i64::MIN] {
+            assert!(from_unix(seconds).is_err(), "{seconds}");
+        }
+    }
 }

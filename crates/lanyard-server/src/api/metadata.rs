@@ -21,6 +21,7 @@ use lanyard_proto::lanyard::api::v1::{
 use tonic::{Request, Response, Status};
 
 use super::errors::ok_status;
+use super::paging::MAX_PAGE_SIZE;
 use super::{ApiError, Authorizer, Caller};
 use crate::datastore::{DatastoreError, EntryFilter, PageRequest};
 use crate::state::ServerState;
@@ -184,7 +185,8 @@ impl EntryMetadataRpc for EntryMetadataService {
         let size = u32::try_from(request.page_size)
             .ok()
             .filter(|size| *size > 0)
-            .unwrap_or(DEFAULT_LIST_PAGE_SIZE);
+            .unwrap_or(DEFAULT_LIST_PAGE_SIZE)
+            .min(MAX_PAGE_SIZE);
         let mut token = Some(request.page_token).filter(|token| !token.is_empty());
         // Entries without metadata are skipped, so a page of entries may yield nothing; read
         // on until something is found or the entries run out, never past one page's worth.

@@ -13,6 +13,7 @@ pub mod exception;
 pub mod governed;
 pub mod localauthority;
 pub mod metadata;
+pub mod paging;
 pub mod svid;
 pub mod usage;
 

@@ -18,8 +18,9 @@ use lanyard_proto::lanyard::api::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use super::paging::{page_of, requested_page};
 use super::{ApiError, Authorizer};
-use crate::datastore::{EntryUsage, Issuance, IssuanceFilter, PageRequest};
+use crate::datastore::{EntryFilter, EntryUsage, Issuance, IssuanceFilter, PageRequest};
 use crate::state::ServerState;
 
 const REPORT_USAGE: &str = "/lanyard.api.v1.UsageService/ReportUsage";
@@ -102,22 +103,51 @@ impl UsageRpc for UsageService {
         request: Request<ListUsageRequest>,
     ) -> Result<Response<ListUsageResponse>, Status> {
         self.auth.admin(&request, LIST_USAGE)?;
-        let entry_ids = request.into_inner().entry_ids;
+        let request = request.into_inner();
+        let mut entry_ids = request.entry_ids;
         for id in &entry_ids {
             EntryId::new(id).map_err(|e| {
                 ApiError::InvalidArgument(format!("entry ID {id:?}: {e}")).into_status()
             })?;
         }
-        let usage = self
-            .state
-            .store
-            .list_usage(&entry_ids)
-            .await
-            .map_err(ApiError::from)?
-            .iter()
-            .map(usage_to_proto)
-            .collect();
-        Ok(Response::new(ListUsageResponse { usage }))
+        // A page is the usage of a page of entries: those asked for, or those that exist.
+        let page = requested_page(request.page_size, &request.page_token);
+        let paged = page.is_some();
+        let (entry_ids, next) = match page {
+            None => (entry_ids, None),
+            Some(page) if entry_ids.is_empty() => {
+                let (entries, next) = self
+                    .state
+                    .store
+                    .list_entries(&EntryFilter::default(), Some(page))
+                    .await
+                    .map_err(ApiError::from)?;
+                let ids = entries.iter().map(|e| e.id.as_str().to_owned()).collect();
+                (ids, next)
+            }
+            Some(page) => {
+                entry_ids.sort();
+                entry_ids.dedup();
+                page_of(entry_ids, String::as_str, Some(&page))
+            }
+        };
+        // No IDs means every entry to the datastore, but an empty page means none.
+        let usage = if paged && entry_ids.is_empty() {
+            Vec::new()
+        } else {
+            self.state
+                .store
+                .list_usage(&entry_ids)
+                .await
+                .map_err(ApiError::from)?
+                .iter()
+                .map(usage_to_proto)
+                .collect()
+        };
+        Ok(Response::new(ListUsageResponse {
+            usage,
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn list_issuances(

@@ -297,6 +297,7 @@ async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_th
         .await
         .list_exceptions(gov::ListExceptionsRequest {
             include_inactive: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -350,6 +351,7 @@ async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_th
         .await
         .list_exceptions(gov::ListExceptionsRequest {
             include_inactive: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -359,6 +361,7 @@ async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_th
         .await
         .list_exceptions(gov::ListExceptionsRequest {
             include_inactive: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -607,6 +610,7 @@ async fn the_ledger_records_issuances_and_what_agents_report_serving() {
     let usage = UsageServiceClient::new(server.admin().await)
         .list_usage(gov::ListUsageRequest {
             entry_ids: vec![web.clone(), theirs.clone()],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -721,4 +725,114 @@ async fn the_ledger_forgets_issuances_past_its_retention() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// 10000-01-01T00:00:00Z: the first second a certificate's validity cannot hold.
+const PAST_YEAR_9999: i64 = 253_402_300_800;
+
+/// An expiry after 9999-12-31T23:59:59Z is refused with InvalidArgument on every write path:
+/// SPIRE's entry API and Lanyard's governed entries, on create and on update, and exceptions.
+#[tokio::test]
+async fn expiries_a_certificate_cannot_hold_are_refused_on_every_write_path() {
+    let server = TestServer::start().await;
+    let parent = trust_domain().server_id();
+    let far = |path: &str, expires_at: i64| types::Entry {
+        expires_at,
+        ..entry(&server, path, &parent, 1)
+    };
+    let refused = |(code, message): (i32, String)| {
+        assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+        assert!(message.contains("9999-12-31T23:59:59Z"), "{message}");
+    };
+
+    for expires_at in [PAST_YEAR_9999, i64::MAX] {
+        let response = EntryClient::new(server.admin().await)
+            .batch_create_entry(entry_pb::BatchCreateEntryRequest {
+                entries: vec![far("/spire-api", expires_at)],
+                output_mask: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        refused(status(response.results[0].status.as_ref()));
+        let result = create_governed(
+            &server,
+            far("/governed", expires_at),
+            metadata("team", "test"),
+        )
+        .await;
+        refused(status(result.status.as_ref()));
+    }
+
+    // The last second a certificate can hold is accepted on both, and can be updated past it
+    // on neither.
+    let response = EntryClient::new(server.admin().await)
+        .batch_create_entry(entry_pb::BatchCreateEntryRequest {
+            entries: vec![far("/spire-api", PAST_YEAR_9999 - 1)],
+            output_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (code, message) = status(response.results[0].status.as_ref());
+    assert_eq!(code, Code::Ok as i32, "{message}");
+    let mut stored = response.results[0].entry.clone().expect("the stored entry");
+    assert_eq!(stored.expires_at, PAST_YEAR_9999 - 1);
+    stored.expires_at = PAST_YEAR_9999;
+    let response = EntryClient::new(server.admin().await)
+        .batch_update_entry(entry_pb::BatchUpdateEntryRequest {
+            entries: vec![stored.clone()],
+            input_mask: None,
+            output_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    refused(status(response.results[0].status.as_ref()));
+
+    let result = create_governed(
+        &server,
+        far("/governed", PAST_YEAR_9999 - 1),
+        metadata("team", "test"),
+    )
+    .await;
+    let (code, message) = status(result.status.as_ref());
+    assert_eq!(code, Code::Ok as i32, "{message}");
+    let mut governed = result.entry.expect("the stored entry");
+    if let Some(entry) = governed.entry.as_mut() {
+        entry.expires_at = i64::MAX;
+    }
+    let response = GovernedEntryServiceClient::new(server.admin().await)
+        .update_governed_entries(gov::UpdateGovernedEntriesRequest {
+            entries: vec![governed],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    refused(status(response.results[0].status.as_ref()));
+
+    // Nothing refused was stored.
+    let listed = EntryClient::new(server.admin().await)
+        .list_entries(entry_pb::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed.iter().all(|e| e.expires_at == PAST_YEAR_9999 - 1),
+        "{listed:?}"
+    );
+
+    // An exception cannot outlive what it waives for either.
+    let mut too_late = exception(&["some-rule"], "spiffe://example.org/*", "T-1", 1, &server);
+    too_late.expires_at = PAST_YEAR_9999;
+    let error = create_exception(&server, too_late)
+        .await
+        .expect_err("past year 9999");
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(
+        error.message().contains("9999-12-31T23:59:59Z"),
+        "{error:?}"
+    );
 }

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use lanyard_proto::spire::api::server::agent::v1::{
     BanAgentRequest, CountAgentsRequest, DeleteAgentRequest, GetAgentRequest, ListAgentsRequest,
@@ -12,7 +12,7 @@ use lanyard_proto::spire::api::server::agent::v1::{
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::cli::client::{SocketArgs, rpc_error};
+use crate::cli::client::{Page, SocketArgs, list_all, rpc_error};
 use crate::cli::output::{OutputArgs, agent_json, count_noun, write_agent_pretty, write_json};
 use crate::cli::parse::{self, MatchMode};
 
@@ -176,30 +176,28 @@ impl AgentIdArgs {
 async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let filter = args.filter.to_filter()?;
     let client = args.socket.connect().await?;
-    let mut agents = Vec::new();
-    let mut page_token = String::new();
-    loop {
+    let agents = list_all(|page_size, page_token| {
         let request = ListAgentsRequest {
             filter: Some(filter.clone()),
             output_mask: None,
-            page_size: 0,
-            page_token: page_token.clone(),
+            page_size,
+            page_token,
         };
-        let response = client
-            .agent()
-            .list_agents(request)
-            .await
-            .map_err(|status| rpc_error("ListAgents failed", &status))?
-            .into_inner();
-        agents.extend(response.agents);
-        if response.next_page_token.is_empty() {
-            break;
+        let client = &client;
+        async move {
+            let response = client
+                .agent()
+                .list_agents(request)
+                .await
+                .map_err(|status| rpc_error("ListAgents failed", &status))?
+                .into_inner();
+            Ok(Page {
+                items: response.agents,
+                next_page_token: response.next_page_token,
+            })
         }
-        if response.next_page_token == page_token {
-            bail!("the server returned the same page token twice");
-        }
-        page_token = response.next_page_token;
-    }
+    })
+    .await?;
     write_agents(out, &agents, args.output.is_json())
 }
 

@@ -15,7 +15,7 @@ use lanyard_proto::spire::api::server::bundle::v1::{
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::cli::client::{SocketArgs, item_code, rpc_error};
+use crate::cli::client::{Page, SocketArgs, item_code, list_all, rpc_error};
 use crate::cli::output::{OutputArgs, bundle_json, status_json, status_text, write_json};
 use crate::cli::parse;
 
@@ -217,30 +217,27 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             vec![bundle]
         }
         None => {
-            let mut bundles = Vec::new();
-            let mut page_token = String::new();
-            loop {
+            list_all(|page_size, page_token| {
                 let request = ListFederatedBundlesRequest {
                     output_mask: None,
-                    page_size: 0,
-                    page_token: page_token.clone(),
+                    page_size,
+                    page_token,
                 };
-                let response = client
-                    .bundle()
-                    .list_federated_bundles(request)
-                    .await
-                    .map_err(|status| rpc_error("ListFederatedBundles failed", &status))?
-                    .into_inner();
-                bundles.extend(response.bundles);
-                if response.next_page_token.is_empty() {
-                    break;
+                let client = &client;
+                async move {
+                    let response = client
+                        .bundle()
+                        .list_federated_bundles(request)
+                        .await
+                        .map_err(|status| rpc_error("ListFederatedBundles failed", &status))?
+                        .into_inner();
+                    Ok(Page {
+                        items: response.bundles,
+                        next_page_token: response.next_page_token,
+                    })
                 }
-                if response.next_page_token == page_token {
-                    bail!("the server returned the same page token twice");
-                }
-                page_token = response.next_page_token;
-            }
-            bundles
+            })
+            .await?
         }
     };
     if args.output.is_json() {

@@ -1,10 +1,15 @@
-//! The connection to the server's admin API over its Unix socket, and the wording of the
-//! errors that calls on it can end with.
+//! The connection to the server's admin API over its Unix socket, the paging of its list
+//! calls, and the wording of the errors that calls on it can end with.
+//!
+//! Every list call goes through [`list_all`] with a page size of [`PAGE_SIZE`]: SPIRE's and
+//! Lanyard's servers answer a page size of 0 with everything in one message, which fails past
+//! gRPC's 4 MB message limit (about 27,000 entries).
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{Context as _, anyhow, bail};
 use clap::Args;
 use lanyard_proto::lanyard::api::v1::entry_metadata_service_client::EntryMetadataServiceClient;
 use lanyard_proto::lanyard::api::v1::exception_service_client::ExceptionServiceClient;
@@ -23,6 +28,41 @@ pub(crate) const DEFAULT_SERVER_SOCKET: &str = "/tmp/lanyard/server/private/api.
 
 /// How long one call may take before the command gives up on a stuck server.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Items the CLI asks for per page of a list call: SPIRE's CLI pages entries by 500 too, and
+/// 500 of the largest entries the server accepts stay well under gRPC's 4 MB message limit.
+pub(crate) const PAGE_SIZE: i32 = 500;
+
+/// One page of a list call: its items, and the token of the next page (empty after the last).
+#[derive(Debug)]
+pub(crate) struct Page<T> {
+    pub(crate) items: Vec<T>,
+    pub(crate) next_page_token: String,
+}
+
+/// Every item of a paged list call. `fetch_page(page_size, page_token)` makes one call; it is
+/// called with [`PAGE_SIZE`] and an empty token, then with each page's `next_page_token` until
+/// one is empty. A server that hands back the token it was given would loop forever, so that
+/// ends the listing with an error.
+pub(crate) async fn list_all<T, F, Fut>(mut fetch_page: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(i32, String) -> Fut,
+    Fut: Future<Output = anyhow::Result<Page<T>>>,
+{
+    let mut items = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = fetch_page(PAGE_SIZE, page_token.clone()).await?;
+        items.extend(page.items);
+        if page.next_page_token.is_empty() {
+            return Ok(items);
+        }
+        if page.next_page_token == page_token {
+            bail!("the server returned the same page token twice");
+        }
+        page_token = page.next_page_token;
+    }
+}
 
 /// The `--socket` option shared by every command that talks to the server.
 #[derive(Debug, Clone, Args)]
@@ -162,6 +202,64 @@ mod tests {
         assert_eq!(
             describe_status(tonic::Code::Unavailable, ""),
             "The service is currently unavailable (Unavailable)"
+        );
+    }
+
+    /// A fake list of `n_items` numbered items served `page_size` at a time, recording the
+    /// requests it was sent.
+    async fn serve_page(
+        n_items: u32,
+        page_size: i32,
+        page_token: String,
+        requests: &std::sync::Mutex<Vec<(i32, String)>>,
+    ) -> anyhow::Result<Page<u32>> {
+        requests
+            .lock()
+            .expect("not poisoned")
+            .push((page_size, page_token.clone()));
+        let start: u32 = if page_token.is_empty() {
+            0
+        } else {
+            page_token.parse()?
+        };
+        let end = n_items.min(start + u32::try_from(page_size)?);
+        Ok(Page {
+            items: (start..end).collect(),
+            next_page_token: if end < n_items {
+                end.to_string()
+            } else {
+                String::new()
+            },
+        })
+    }
+
+    #[tokio::test]
+    async fn listing_follows_page_tokens_to_the_end_with_a_bounded_page_size() {
+        let requests = std::sync::Mutex::new(Vec::new());
+        let n_items = 3 * PAGE_SIZE as u32 + 7;
+        let items = list_all(|size, token| serve_page(n_items, size, token, &requests))
+            .await
+            .expect("listed");
+        assert_eq!(items, (0..n_items).collect::<Vec<_>>());
+        let requests = requests.into_inner().expect("not poisoned");
+        assert_eq!(requests.len(), 4);
+        assert!(requests.iter().all(|(size, _)| *size == PAGE_SIZE));
+        assert_eq!(requests[0].1, "");
+    }
+
+    #[tokio::test]
+    async fn a_repeated_page_token_ends_the_listing_with_an_error() {
+        let err = list_all(|_, _| async {
+            Ok(Page {
+                items: vec![1],
+                next_page_token: "same".to_owned(),
+            })
+        })
+        .await
+        .expect_err("a loop is refused");
+        assert_eq!(
+            err.to_string(),
+            "the server returned the same page token twice"
         );
     }
 

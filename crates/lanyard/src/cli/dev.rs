@@ -9,6 +9,7 @@ use anyhow::{Context as _, anyhow};
 use clap::Args;
 use lanyard_core::{EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain};
 
+use crate::cli::files::{PUBLIC_FILE_MODE, replace_file};
 use crate::cli::logging;
 
 /// How long the dev user's entry lives: well inside the baseline policy's 90 days.
@@ -103,8 +104,7 @@ pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()
     server_config.socket_path = data_dir.join("server-admin").join("api.sock");
     // The shipped baseline policy, applied at issuance: the entry registered below passes it.
     let policy_path = data_dir.join("policy.rego");
-    std::fs::write(&policy_path, BASELINE_POLICY)
-        .with_context(|| format!("writing {}", policy_path.display()))?;
+    replace_file(&policy_path, BASELINE_POLICY.as_bytes(), PUBLIC_FILE_MODE)?;
     server_config.policy = Some(lanyard_server::config::PolicyConfig::new(policy_path));
     let server =
         lanyard_server::Server::start(server_config, lanyard_server::state::system_clock())
@@ -148,8 +148,11 @@ pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()
     }
 
     let bundle_path = data_dir.join("bundle.pem");
-    std::fs::write(&bundle_path, state.bundle().x509_authorities_pem())
-        .with_context(|| format!("writing {}", bundle_path.display()))?;
+    replace_file(
+        &bundle_path,
+        state.bundle().x509_authorities_pem().as_bytes(),
+        PUBLIC_FILE_MODE,
+    )?;
     let mut agent_config = lanyard_agent::AgentConfig::new(
         server.tcp_addr().to_string(),
         trust_domain.clone(),

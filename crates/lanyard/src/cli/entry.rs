@@ -28,7 +28,8 @@ use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
 use crate::cli::client::{
-    ServerClient, SocketArgs, describe_status, is_unimplemented, item_code, rpc_error,
+    Page, ServerClient, SocketArgs, describe_status, is_unimplemented, item_code, list_all,
+    rpc_error,
 };
 use crate::cli::output::{
     OutputArgs, count_noun, entry_json, status_json, status_text, write_entry_pretty, write_field,
@@ -1029,34 +1030,37 @@ fn write_source_pretty(
     Ok(())
 }
 
-/// Every entry's stored metadata, keyed by entry ID, following page tokens to the end. A
-/// server without the metadata service (SPIRE) has none.
+/// Every entry's stored metadata, keyed by entry ID, page by page. A server without the
+/// metadata service (SPIRE) has none.
 pub(crate) async fn list_all_metadata(
     client: &ServerClient,
 ) -> anyhow::Result<HashMap<String, EntryMetadata>> {
-    let mut found = HashMap::new();
-    let mut page_token = String::new();
-    loop {
+    let metadata = list_all(|page_size, page_token| async move {
         let request = ListEntryMetadataRequest {
-            page_size: 0,
-            page_token: page_token.clone(),
+            page_size,
+            page_token,
         };
-        let response = match client.entry_metadata().list_entry_metadata(request).await {
-            Ok(response) => response.into_inner(),
-            Err(status) if is_unimplemented(&status) => return Ok(HashMap::new()),
-            Err(status) => return Err(rpc_error("ListEntryMetadata failed", &status)),
-        };
-        for metadata in response.metadata {
-            found.insert(metadata.entry_id.clone(), metadata);
+        match client.entry_metadata().list_entry_metadata(request).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                Ok(Page {
+                    items: response.metadata,
+                    next_page_token: response.next_page_token,
+                })
+            }
+            // Only the first call can meet a server without the service: nothing to list.
+            Err(status) if is_unimplemented(&status) => Ok(Page {
+                items: Vec::new(),
+                next_page_token: String::new(),
+            }),
+            Err(status) => Err(rpc_error("ListEntryMetadata failed", &status)),
         }
-        if response.next_page_token.is_empty() {
-            return Ok(found);
-        }
-        if response.next_page_token == page_token {
-            bail!("the server returned the same page token twice");
-        }
-        page_token = response.next_page_token;
-    }
+    })
+    .await?;
+    Ok(metadata
+        .into_iter()
+        .map(|metadata| (metadata.entry_id.clone(), metadata))
+        .collect())
 }
 
 /// The stored metadata of the given entries, keyed by entry ID. A server without the
@@ -1132,35 +1136,32 @@ impl EntryFilterArgs {
     }
 }
 
-/// Every entry matching `filter`, following page tokens to the end.
+/// Every entry matching `filter`, page by page.
 pub(crate) async fn list_all_entries(
     client: &ServerClient,
     filter: list_entries_request::Filter,
 ) -> anyhow::Result<Vec<types::Entry>> {
-    let mut entries = Vec::new();
-    let mut page_token = String::new();
-    loop {
+    list_all(|page_size, page_token| {
         let request = ListEntriesRequest {
             filter: Some(filter.clone()),
             output_mask: None,
-            page_size: 0,
-            page_token: page_token.clone(),
+            page_size,
+            page_token,
         };
-        let response = client
-            .entry()
-            .list_entries(request)
-            .await
-            .map_err(|status| rpc_error("ListEntries failed", &status))?
-            .into_inner();
-        entries.extend(response.entries);
-        if response.next_page_token.is_empty() {
-            return Ok(entries);
+        async move {
+            let response = client
+                .entry()
+                .list_entries(request)
+                .await
+                .map_err(|status| rpc_error("ListEntries failed", &status))?
+                .into_inner();
+            Ok(Page {
+                items: response.entries,
+                next_page_token: response.next_page_token,
+            })
         }
-        if response.next_page_token == page_token {
-            bail!("the server returned the same page token twice");
-        }
-        page_token = response.next_page_token;
-    }
+    })
+    .await
 }
 
 async fn show(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {

@@ -14,7 +14,7 @@ use lanyard_proto::lanyard::api::v1::{
 };
 use serde_json::{Value, json};
 
-use crate::cli::client::{ServerClient, SocketArgs, is_unimplemented, rpc_error};
+use crate::cli::client::{Page, ServerClient, SocketArgs, is_unimplemented, list_all, rpc_error};
 use crate::cli::output::{OutputArgs, count_noun, write_field, write_json};
 use crate::cli::parse::{self, format_unix_time};
 
@@ -266,13 +266,23 @@ pub(crate) async fn list_exceptions(
     client: &ServerClient,
     include_inactive: bool,
 ) -> anyhow::Result<Vec<PolicyException>> {
-    Ok(client
-        .exception()
-        .list_exceptions(ListExceptionsRequest { include_inactive })
-        .await
-        .map_err(|status| call_error("ListExceptions failed", &status))?
-        .into_inner()
-        .exceptions)
+    list_all(|page_size, page_token| async move {
+        let response = client
+            .exception()
+            .list_exceptions(ListExceptionsRequest {
+                include_inactive,
+                page_size,
+                page_token,
+            })
+            .await
+            .map_err(|status| call_error("ListExceptions failed", &status))?
+            .into_inner();
+        Ok(Page {
+            items: response.exceptions,
+            next_page_token: response.next_page_token,
+        })
+    })
+    .await
 }
 
 async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {

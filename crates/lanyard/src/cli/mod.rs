@@ -9,6 +9,7 @@ pub(crate) mod declare;
 mod dev;
 pub(crate) mod entry;
 mod exception;
+mod files;
 mod grant;
 mod health;
 mod logging;

@@ -43,8 +43,12 @@ impl OutputArgs {
 
 /// Writes a JSON document, indented, with a final newline.
 pub(crate) fn write_json(out: &mut dyn Write, value: &Value) -> anyhow::Result<()> {
-    serde_json::to_writer_pretty(&mut *out, value)?;
-    writeln!(out)?;
+    // Standard output is line-buffered: unbuffered, a listing of 100,000 entries would take
+    // a write(2) per line of pretty JSON.
+    let mut buffered = std::io::BufWriter::new(out);
+    serde_json::to_writer_pretty(&mut buffered, value)?;
+    writeln!(buffered)?;
+    buffered.flush()?;
     Ok(())
 }
 

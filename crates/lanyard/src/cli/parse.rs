@@ -2,7 +2,9 @@
 //! protobuf types the server API takes. Values are parsed here rather than by clap so that a
 //! bad value is reported in the same one-line shape as every other error.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lanyard_core::entry::{MAX_EXPIRES_AT_TEXT, MAX_EXPIRES_AT_UNIX};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::ValueEnum;
@@ -144,7 +146,8 @@ pub(crate) fn spire_filter_time(value: &str) -> anyhow::Result<String> {
         u64::try_from(unix_time(value)?).map_err(|_| anyhow!("time {value:?} is before 1970"))?;
     let time = UNIX_EPOCH
         .checked_add(Duration::from_secs(seconds))
-        .ok_or_else(|| anyhow!("time {value:?} is out of range"))?;
+        .filter(|_| seconds <= MAX_EXPIRES_AT_UNIX)
+        .ok_or_else(|| anyhow!("time {value:?} is after {MAX_EXPIRES_AT_TEXT}"))?;
     // `2023-11-14T22:13:20Z` → `2023-11-14 22:13:20 +0000 +00`.
     let rfc3339 = humantime::format_rfc3339_seconds(time).to_string();
     let (date, clock) = rfc3339
@@ -154,17 +157,35 @@ pub(crate) fn spire_filter_time(value: &str) -> anyhow::Result<String> {
     Ok(format!("{date} {clock} +0000 +00"))
 }
 
-/// Formats Unix seconds as RFC 3339 UTC, or `never` for 0 (the API's "not set").
+/// Formats Unix seconds as RFC 3339 UTC, or `never` for 0 (the API's "not set"). A time
+/// RFC 3339 cannot write (before 1970 here, or past year 9999) is shown as Unix seconds: the
+/// server may hold any i64, and printing one must never fail.
 pub(crate) fn format_unix_time(seconds: i64) -> String {
     if seconds == 0 {
         return "never".to_owned();
     }
     match u64::try_from(seconds) {
-        Ok(positive) => match UNIX_EPOCH.checked_add(Duration::from_secs(positive)) {
-            Some(time) => humantime::format_rfc3339_seconds(time).to_string(),
-            None => format!("{seconds} (Unix seconds)"),
-        },
-        Err(_) => format!("{seconds} (Unix seconds)"),
+        Ok(positive) if positive <= MAX_EXPIRES_AT_UNIX => {
+            match UNIX_EPOCH.checked_add(Duration::from_secs(positive)) {
+                Some(time) => humantime::format_rfc3339_seconds(time).to_string(),
+                None => format!("{seconds} (Unix seconds)"),
+            }
+        }
+        _ => format!("{seconds} (Unix seconds)"),
+    }
+}
+
+/// Formats a point in time (a certificate's validity, say) as RFC 3339 UTC, or as Unix seconds
+/// when RFC 3339 cannot write it (see [`format_unix_time`]). The epoch itself is
+/// `1970-01-01T00:00:00Z`, not `never`.
+pub(crate) fn format_system_time(time: SystemTime) -> String {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(since) if since.as_secs() == 0 => "1970-01-01T00:00:00Z".to_owned(),
+        Ok(since) => format_unix_time(i64::try_from(since.as_secs()).unwrap_or(i64::MAX)),
+        Err(before) => {
+            let seconds = i64::try_from(before.duration().as_secs()).map_or(i64::MIN, |s| -s);
+            format_unix_time(seconds)
+        }
     }
 }
 
@@ -235,6 +256,62 @@ mod tests {
         assert!(unix_time("tomorrow").is_err());
         assert_eq!(format_unix_time(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(format_unix_time(0), "never");
+    }
+
+    #[test]
+    fn every_time_the_server_can_hold_formats_without_panicking() {
+        // The last second RFC 3339 (and X.509) can write, and everything around it.
+        assert_eq!(format_unix_time(253_402_300_799), "9999-12-31T23:59:59Z");
+        assert_eq!(
+            format_unix_time(253_402_300_800),
+            "253402300800 (Unix seconds)"
+        );
+        assert_eq!(
+            format_unix_time(i64::MAX),
+            "9223372036854775807 (Unix seconds)"
+        );
+        assert_eq!(format_unix_time(1), "1970-01-01T00:00:01Z");
+        assert_eq!(format_unix_time(-1), "-1 (Unix seconds)");
+        assert_eq!(
+            format_unix_time(i64::MIN),
+            "-9223372036854775808 (Unix seconds)"
+        );
+        assert_eq!(format_unix_time(0), "never");
+
+        let at = |seconds: u64| UNIX_EPOCH + Duration::from_secs(seconds);
+        assert_eq!(format_system_time(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            format_system_time(at(1_700_000_000)),
+            "2023-11-14T22:13:20Z"
+        );
+        assert_eq!(
+            format_system_time(at(253_402_300_800)),
+            "253402300800 (Unix seconds)"
+        );
+        assert_eq!(
+            format_system_time(at(u64::try_from(i64::MAX).expect("fits"))),
+            "9223372036854775807 (Unix seconds)"
+        );
+        assert_eq!(
+            format_system_time(UNIX_EPOCH - Duration::from_secs(86_400)),
+            "-86400 (Unix seconds)"
+        );
+    }
+
+    #[test]
+    fn expiry_filters_past_year_9999_are_refused() {
+        for value in ["253402300800", "9223372036854775807"] {
+            let err = spire_filter_time(value).expect_err("past year 9999");
+            assert!(
+                format!("{err:#}").contains("9999-12-31T23:59:59Z"),
+                "{err:#}"
+            );
+        }
+        assert!(spire_filter_time("99999999999999999999").is_err());
+        assert_eq!(
+            spire_filter_time("253402300799").expect("the last second"),
+            "9999-12-31 23:59:59 +0000 +00"
+        );
     }
 
     #[test]

@@ -25,7 +25,9 @@ use lanyard_proto::spire::api::server::entry::v1::{GetEntryRequest, list_entries
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::cli::client::{ServerClient, SocketArgs, describe_status, is_unimplemented};
+use crate::cli::client::{
+    Page, ServerClient, SocketArgs, describe_status, is_unimplemented, list_all,
+};
 use crate::cli::entry::{fetch_metadata, list_all_entries};
 use crate::cli::output::{OutputArgs, write_json};
 use crate::cli::parse::{self, format_unix_time, spiffe_id_text};
@@ -812,29 +814,52 @@ async fn entries_with_metadata(
     Ok((entries, metadata))
 }
 
+/// The usage of `entry_ids` (of every entry when empty), page by page.
 async fn list_usage(
     client: &ServerClient,
     entry_ids: Vec<String>,
 ) -> anyhow::Result<Vec<EntryUsage>> {
-    Ok(client
-        .usage()
-        .list_usage(ListUsageRequest { entry_ids })
-        .await
-        .map_err(|status| governance_error("ListUsage failed", &status))?
-        .into_inner()
-        .usage)
+    list_all(|page_size, page_token| {
+        let request = ListUsageRequest {
+            entry_ids: entry_ids.clone(),
+            page_size,
+            page_token,
+        };
+        async move {
+            let response = client
+                .usage()
+                .list_usage(request)
+                .await
+                .map_err(|status| governance_error("ListUsage failed", &status))?
+                .into_inner();
+            Ok(Page {
+                items: response.usage,
+                next_page_token: response.next_page_token,
+            })
+        }
+    })
+    .await
 }
 
+/// Every exception, active or not, page by page.
 async fn list_exceptions(client: &ServerClient) -> anyhow::Result<Vec<PolicyException>> {
-    Ok(client
-        .exception()
-        .list_exceptions(ListExceptionsRequest {
-            include_inactive: true,
+    list_all(|page_size, page_token| async move {
+        let response = client
+            .exception()
+            .list_exceptions(ListExceptionsRequest {
+                include_inactive: true,
+                page_size,
+                page_token,
+            })
+            .await
+            .map_err(|status| governance_error("ListExceptions failed", &status))?
+            .into_inner();
+        Ok(Page {
+            items: response.exceptions,
+            next_page_token: response.next_page_token,
         })
-        .await
-        .map_err(|status| governance_error("ListExceptions failed", &status))?
-        .into_inner()
-        .exceptions)
+    })
+    .await
 }
 
 /// One page of issuances, newest first, and the next page's token.
@@ -851,23 +876,26 @@ async fn list_issuances_page(
     Ok((response.issuances, response.next_page_token))
 }
 
-/// Every issuance matching `request`, following page tokens to the end.
+/// Every issuance matching `request`, page by page.
 async fn list_all_issuances(
     client: &ServerClient,
-    mut request: ListIssuancesRequest,
+    request: ListIssuancesRequest,
 ) -> anyhow::Result<Vec<Issuance>> {
-    let mut issuances = Vec::new();
-    loop {
-        let (page, next_page_token) = list_issuances_page(client, request.clone()).await?;
-        issuances.extend(page);
-        if next_page_token.is_empty() {
-            return Ok(issuances);
+    list_all(|page_size, page_token| {
+        let request = ListIssuancesRequest {
+            page_size,
+            page_token,
+            ..request.clone()
+        };
+        async move {
+            let (items, next_page_token) = list_issuances_page(client, request).await?;
+            Ok(Page {
+                items,
+                next_page_token,
+            })
         }
-        if next_page_token == request.page_token {
-            bail!("the server returned the same page token twice");
-        }
-        request.page_token = next_page_token;
-    }
+    })
+    .await
 }
 
 // ----- formatting -----

@@ -3,8 +3,7 @@
 //! never leaves this process except into the printed or written output.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
@@ -15,12 +14,8 @@ use lanyard_proto::spire::api::server::bundle::v1::GetBundleRequest;
 use lanyard_proto::spire::api::server::svid::v1::{MintJwtsvidRequest, MintX509svidRequest};
 
 use crate::cli::client::{SocketArgs, rpc_error};
+use crate::cli::files::{PUBLIC_FILE_MODE, SECRET_FILE_MODE, replace_file};
 use crate::cli::parse;
-
-/// File mode of written certificates and bundles.
-const PUBLIC_FILE_MODE: u32 = 0o644;
-/// File mode of written private keys and tokens.
-const SECRET_FILE_MODE: u32 = 0o600;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum X509Command {
@@ -206,9 +201,9 @@ async fn mint_x509(args: &X509MintArgs, out: &mut dyn Write) -> anyhow::Result<(
             let svid_path = dir.join("svid.pem");
             let key_path = dir.join("key.pem");
             let bundle_path = dir.join("bundle.pem");
-            write_file(&svid_path, svid_pem.as_bytes(), PUBLIC_FILE_MODE)?;
-            write_file(&key_path, key_pem.as_bytes(), SECRET_FILE_MODE)?;
-            write_file(&bundle_path, bundle_pem.as_bytes(), PUBLIC_FILE_MODE)?;
+            replace_file(&svid_path, svid_pem.as_bytes(), PUBLIC_FILE_MODE)?;
+            replace_file(&key_path, key_pem.as_bytes(), SECRET_FILE_MODE)?;
+            replace_file(&bundle_path, bundle_pem.as_bytes(), PUBLIC_FILE_MODE)?;
             writeln!(out, "X509-SVID written to {}", svid_path.display())?;
             writeln!(out, "Private key written to {}", key_path.display())?;
             writeln!(out, "Root CAs written to {}", bundle_path.display())?;
@@ -282,7 +277,7 @@ async fn mint_jwt(args: &JwtMintArgs, out: &mut dyn Write) -> anyhow::Result<()>
     }
     match &args.write {
         Some(path) => {
-            write_file(
+            replace_file(
                 path,
                 format!("{}\n", svid.token).as_bytes(),
                 SECRET_FILE_MODE,
@@ -291,23 +286,6 @@ async fn mint_jwt(args: &JwtMintArgs, out: &mut dyn Write) -> anyhow::Result<()>
         }
         None => writeln!(out, "{}", svid.token)?,
     }
-    Ok(())
-}
-
-/// Writes `contents` to `path` with permissions `mode`, also when the file already existed
-/// with wider ones.
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
-    file.write_all(contents)
-        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -423,17 +401,5 @@ mod tests {
             Cli::try_parse_from(["lanyard", "jwt", "mint", "--spiffe-id", "spiffe://a/b"]).is_err(),
             "--audience is required"
         );
-    }
-
-    #[test]
-    fn secrets_are_written_owner_only() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("key.pem");
-        std::fs::write(&path, "old").expect("pre-existing file");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        write_file(&path, b"secret", SECRET_FILE_MODE).expect("written");
-        let metadata = std::fs::metadata(&path).expect("metadata");
-        assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
-        assert_eq!(std::fs::read(&path).expect("read"), b"secret");
     }
 }

@@ -16,6 +16,9 @@ use lanyard_proto::workload::{
 use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::cli::files::{PUBLIC_FILE_MODE, SECRET_FILE_MODE, replace_file};
+use crate::cli::parse;
+
 /// The agent's Workload API socket unless `--socket` or `SPIFFE_ENDPOINT_SOCKET` says otherwise.
 pub(crate) const DEFAULT_AGENT_SOCKET: &str = "/tmp/lanyard/agent/public/api.sock";
 
@@ -278,7 +281,7 @@ impl WatchArgs {
             for svid in &response.svids {
                 let expires = first_certificate(&svid.x509_svid)
                     .and_then(|der| lanyard_core::x509::validity_of(&der).ok())
-                    .map(|(_, not_after)| humantime::format_rfc3339_seconds(not_after).to_string())
+                    .map(|(_, not_after)| parse::format_system_time(not_after))
                     .unwrap_or_else(|| "?".to_owned());
                 writeln!(out, "received {} expires {}", svid.spiffe_id, expires)?;
             }
@@ -391,11 +394,7 @@ fn print_x509(
                 if !svid.hint.is_empty() {
                     writeln!(out, "Hint:\t\t{}", svid.hint)?;
                 }
-                writeln!(
-                    out,
-                    "Expires at:\t{}",
-                    humantime::format_rfc3339_seconds(not_after)
-                )?;
+                writeln!(out, "Expires at:\t{}", parse::format_system_time(not_after))?;
                 writeln!(
                     out,
                     "Chain length:\t{}",
@@ -433,45 +432,26 @@ fn print_x509(
 }
 
 /// Writes `svid.N.pem` (chain), `svid.N.key` (PKCS#8, mode 0600) and `bundle.N.pem`, like
-/// SPIRE's `api fetch x509 -write`.
+/// SPIRE's `api fetch x509 -write`, each replacing whatever was at its name (see
+/// [`replace_file`]).
 fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (i, svid) in response.svids.iter().enumerate() {
-        write_file(
+        replace_file(
             &dir.join(format!("svid.{i}.pem")),
-            &pem_certificates(&svid.x509_svid)?,
-            0o644,
+            pem_certificates(&svid.x509_svid)?.as_bytes(),
+            PUBLIC_FILE_MODE,
         )?;
-        write_file(
+        replace_file(
             &dir.join(format!("svid.{i}.key")),
-            &pem_encode("PRIVATE KEY", &svid.x509_svid_key),
-            0o600,
+            pem_encode("PRIVATE KEY", &svid.x509_svid_key).as_bytes(),
+            SECRET_FILE_MODE,
         )?;
-        write_file(
+        replace_file(
             &dir.join(format!("bundle.{i}.pem")),
-            &pem_certificates(&svid.bundle)?,
-            0o644,
+            pem_certificates(&svid.bundle)?.as_bytes(),
+            PUBLIC_FILE_MODE,
         )?;
-    }
-    Ok(())
-}
-
-fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(contents.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("setting the mode of {}", path.display()))?;
     }
     Ok(())
 }

@@ -344,3 +344,51 @@ fn the_governance_walkthrough_works_with_dev() {
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// `fetch x509 --write` into a directory where someone planted symlinks at the names it
+/// writes: the links are replaced, their targets stay as they were, and the key is 0600.
+#[test]
+fn fetch_x509_write_replaces_planted_symlinks_and_leaves_their_targets_alone() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let dev = Dev::start();
+    let out_dir = dev.dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let victim = dev.dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for name in ["svid.0.pem", "svid.0.key", "bundle.0.pem"] {
+        std::os::unix::fs::symlink(&victim, out_dir.join(name)).unwrap();
+    }
+
+    let out_arg = out_dir.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut written = dev.run(&["fetch", "x509", "--write", out_arg]);
+    while !written.status.success() {
+        assert!(Instant::now() < deadline, "no SVID: {written:?}");
+        std::thread::sleep(Duration::from_millis(200));
+        written = dev.run(&["fetch", "x509", "--write", out_arg]);
+    }
+
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let victim_mode = std::fs::metadata(&victim).unwrap().permissions().mode();
+    assert_eq!(victim_mode & 0o777, 0o644);
+    for (name, mode, header) in [
+        ("svid.0.pem", 0o644, "BEGIN CERTIFICATE"),
+        ("svid.0.key", 0o600, "BEGIN PRIVATE KEY"),
+        ("bundle.0.pem", 0o644, "BEGIN CERTIFICATE"),
+    ] {
+        let path = out_dir.join(name);
+        let metadata = std::fs::symlink_metadata(&path).unwrap();
+        assert!(metadata.file_type().is_file(), "{name} is still a link");
+        assert_eq!(metadata.permissions().mode() & 0o777, mode, "{name}");
+        let contents = std::fs::read_to_string(&path).unwrap();
+        assert!(contents.contains(header), "{name}: {contents}");
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["bundle.0.pem", "svid.0.key", "svid.0.pem"]);
+}

@@ -8,8 +8,10 @@
 mod declare;
 mod dev;
 mod exceptions;
+mod expiry;
 mod fake_server;
 mod governance;
+mod paging;
 mod real_server;
 mod report;
 mod signals;
