@@ -235,6 +235,7 @@ impl Server {
             stopped.clone(),
         ));
         tasks.spawn(checkpoint_audit(Arc::clone(&state), stopped.clone()));
+        tasks.spawn(follow_changes(Arc::clone(&state), stopped.clone()));
         tasks.spawn(probe_datastore(
             Arc::clone(&state),
             health_reporter,
@@ -300,6 +301,35 @@ async fn checkpoint_audit(state: Arc<ServerState>, mut stopped: watch::Receiver<
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How often the authorization index catches up with the change log by itself, for writes
+/// that did not go through this server (another server sharing the datastore). This server's
+/// own writes are applied before they are acknowledged.
+const CHANGE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Applies the datastore's change log to the authorization index every
+/// [`CHANGE_POLL_INTERVAL`].
+async fn follow_changes(state: Arc<ServerState>, mut stopped: watch::Receiver<bool>) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(CHANGE_POLL_INTERVAL) => {}
+            () = async { let _ = stopped.wait_for(|s| *s).await; } => break,
+        }
+        match state.catch_up().await {
+            Ok(()) if failing => {
+                tracing::info!("the authorization index follows the change log again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(error) if !failing => {
+                tracing::warn!(%error, "the authorization index cannot read the change log; retrying every second");
+                failing = true;
+            }
+            Err(_) => {}
+        }
     }
 }
 

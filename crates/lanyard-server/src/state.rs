@@ -39,6 +39,9 @@ pub struct ServerState {
     /// The CA manager.
     pub ca: Arc<CaManager>,
     index: RwLock<AuthorizationIndex>,
+    /// The change-log revision the index reflects; held while a catch-up applies changes, so
+    /// that they are applied one catch-up at a time, in revision order.
+    index_revision: tokio::sync::Mutex<i64>,
     clock: Clock,
     audit: Option<AuditLog>,
     /// Audited writes between their commit and their audit record; see [`AuditedWrite`].
@@ -101,6 +104,9 @@ impl ServerState {
         ca: Arc<CaManager>,
         clock: Clock,
     ) -> Result<Self, crate::datastore::DatastoreError> {
+        // Read first: a change committed while the index is loaded is applied again by the
+        // first catch-up, which is harmless (each change re-reads its record).
+        let revision = store.current_revision().await?;
         let entries = store.list_all_entries().await?;
         let mut agents = Vec::new();
         let mut token = None;
@@ -125,6 +131,7 @@ impl ServerState {
             store,
             ca,
             index: RwLock::new(index),
+            index_revision: tokio::sync::Mutex::new(revision),
             clock,
             audit: None,
             audits_in_flight: Arc::default(),
@@ -418,29 +425,77 @@ impl ServerState {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a committed entry write in the index.
-    pub fn entry_written(&self, entry: &RegistrationEntry) {
+    /// Brings the authorization index (and the exceptions) up to date with the datastore's
+    /// change log: every change past the revision the index reflects, in revision order, each
+    /// applied by re-reading its record, so the index ends as the datastore is whatever order
+    /// writers committed in, and whichever server made them. Writers call it after their
+    /// commit, so a change is in the index before it is acknowledged; a periodic pass picks up
+    /// the writes of other servers sharing the datastore. On a datastore error nothing past
+    /// the last applied change is recorded as done, so the next catch-up tries again.
+    pub async fn catch_up(&self) -> Result<(), crate::datastore::DatastoreError> {
+        use crate::datastore::ChangeSubject;
+
+        let mut applied = self.index_revision.lock().await;
+        let changes = self.store.changes_since(*applied).await?;
+        let Some(last) = changes.last().map(|change| change.revision) else {
+            return Ok(());
+        };
+        // The record as it is now stands for every change to it; each subject is read once.
+        let mut seen = std::collections::HashSet::new();
+        let mut exceptions_changed = false;
+        for change in changes.iter().rev() {
+            if !seen.insert(&change.subject) {
+                continue;
+            }
+            match &change.subject {
+                ChangeSubject::Entry(id) => match self.store.get_entry(id).await? {
+                    Some(entry) => self.index_mut().upsert_entry(entry),
+                    None => self.entry_gone(id),
+                },
+                ChangeSubject::Agent(id) => match self.store.get_agent(id).await? {
+                    Some(agent) => self
+                        .index_mut()
+                        .set_agent_selectors(id.clone(), agent.selectors),
+                    None => self.index_mut().remove_agent(id),
+                },
+                ChangeSubject::Exception(_) => exceptions_changed = true,
+                ChangeSubject::Bundle(_) => {}
+            }
+        }
+        if exceptions_changed {
+            self.reload_exceptions().await?;
+        }
+        *applied = last;
+        Ok(())
+    }
+
+    /// [`ServerState::catch_up`] for a writer that has committed: a failure is logged, not
+    /// returned (the change is committed; the next catch-up applies it).
+    pub async fn written(&self) {
+        if let Err(error) = self.catch_up().await {
+            tracing::warn!(%error, "the authorization index could not catch up with the change log; retrying on the next pass");
+        }
+    }
+
+    /// Puts `entry` in the authorization index without the datastore, for tests that need a
+    /// state the datastore refuses to hold. Nothing but tests calls it: the index is fed from
+    /// the change log.
+    #[doc(hidden)]
+    pub fn plant_in_index_for_tests(&self, entry: &RegistrationEntry) {
         self.index_mut().upsert_entry(entry.clone());
     }
 
-    /// Records a committed entry deletion in the index.
-    pub fn entry_deleted(&self, id: &EntryId) {
+    /// The change-log revision the authorization index reflects.
+    pub async fn index_revision(&self) -> i64 {
+        *self.index_revision.lock().await
+    }
+
+    fn entry_gone(&self, id: &EntryId) {
         self.index_mut().remove_entry(id);
         self.decisions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-    }
-
-    /// Records an agent's node selectors after attestation.
-    pub fn agent_attested(&self, agent_id: &SpiffeId, selectors: lanyard_core::SelectorSet) {
-        self.index_mut()
-            .set_agent_selectors(agent_id.clone(), selectors);
-    }
-
-    /// Records an agent's eviction.
-    pub fn agent_evicted(&self, agent_id: &SpiffeId) {
-        self.index_mut().remove_agent(agent_id);
     }
 
     /// Entries the agent may obtain SVIDs for now: those the index authorizes that also pass

@@ -234,7 +234,7 @@ impl AgentService {
             }
         };
         record.map_err(|e| ApiError::from(e).into_status())?;
-        self.state.agent_attested(&agent_id, selectors);
+        self.state.written().await;
         self.state.audit(
             agent_id.as_ref(),
             "agent attested",
@@ -533,7 +533,7 @@ impl Agent for AgentService {
             Err(DatastoreError::NotFound(_)) => return Err(Status::not_found("agent not found")),
             Err(e) => return Err(ApiError::from(e).into()),
         }
-        self.state.agent_evicted(&id);
+        self.state.written().await;
         self.audit(&caller, "agent evicted", &id);
         Ok(Response::new(()))
     }

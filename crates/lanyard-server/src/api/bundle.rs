@@ -34,7 +34,7 @@ use super::errors::ok_status;
 use super::paging::requested_page;
 use super::{ApiError, Authorizer};
 use crate::ca::CaError;
-use crate::datastore::{BundleDeleteMode, ChangeSubject, DatastoreError};
+use crate::datastore::{BundleDeleteMode, DatastoreError};
 use crate::state::ServerState;
 
 const COUNT_BUNDLES: &str = "/spire.api.server.bundle.v1.Bundle/CountBundles";
@@ -204,37 +204,18 @@ impl BundleService {
                 "removing the bundle for the server trust domain is not allowed",
             ));
         }
-        let store = &self.state.store;
-        let revision_before = store.current_revision().await?;
-        store
+        self.state
+            .store
             .delete_bundle(&trust_domain, mode)
             .await
             .map_err(|e| match e {
                 DatastoreError::NotFound(_) => ApiError::NotFound("no such bundle".to_owned()),
                 other => ApiError::from(other),
             })?;
-        if mode != BundleDeleteMode::Restrict {
-            self.refresh_changed_entries(revision_before).await?;
-        }
+        // The entries it deleted or dissociated reach the index through the change log.
+        self.state.written().await;
         tracing::info!(trust_domain = %trust_domain, ?mode, "federated bundle deleted");
         Ok(trust_domain.name().to_owned())
-    }
-
-    /// Brings the authorization index up to date with the entries that a bundle deletion
-    /// deleted or dissociated (every entry change after `revision`; re-reading is idempotent,
-    /// so changes made concurrently by others are harmless).
-    async fn refresh_changed_entries(&self, revision: i64) -> Result<(), ApiError> {
-        let store = &self.state.store;
-        for change in store.changes_since(revision).await? {
-            let ChangeSubject::Entry(id) = change.subject else {
-                continue;
-            };
-            match store.get_entry(&id).await? {
-                Some(entry) => self.state.entry_written(&entry),
-                None => self.state.entry_deleted(&id),
-            }
-        }
-        Ok(())
     }
 
     /// Adds authorities to the own bundle through the CA manager. A key ID already naming a

@@ -141,7 +141,7 @@ impl EntryService {
         let _audited = self.state.audited_write();
         match self.state.store.create_entry(entry.clone()).await {
             Ok(created) => {
-                self.state.entry_written(&created);
+                self.state.written().await;
                 self.state.audit(
                     &caller.describe(),
                     "entry created",
@@ -261,7 +261,7 @@ impl EntryService {
                 .await
             {
                 Ok(stored) => {
-                    self.state.entry_written(&stored);
+                    self.state.written().await;
                     self.state.audit(
                         &caller.describe(),
                         "entry updated",
@@ -309,7 +309,7 @@ impl EntryService {
         let _audited = self.state.audited_write();
         match self.state.store.delete_entry(&entry_id).await {
             Ok(deleted) => {
-                self.state.entry_deleted(&deleted.id);
+                self.state.written().await;
                 self.state.audit(
                     &caller.describe(),
                     "entry deleted",

@@ -126,7 +126,7 @@ impl EntryMetadataService {
                 .await
             {
                 Ok(stored) => {
-                    self.state.entry_written(&stored);
+                    self.state.written().await;
                     return Ok((stored, true));
                 }
                 Err(DatastoreError::Conflict(_)) if attempt < SET_ATTEMPTS => continue,

@@ -567,7 +567,7 @@ mod tests {
     }
 
     /// Registers an entry under `parent` in the authorization index.
-    fn register(
+    async fn register(
         state: &ServerState,
         entry_id: &str,
         spiffe: &str,
@@ -580,8 +580,15 @@ mod tests {
             ["unix:uid:1000".parse().unwrap()].into_iter().collect(),
             SystemTime::now(),
         );
-        state.entry_written(&entry);
+        let entry = state.store.create_entry(entry).await.unwrap();
+        state.catch_up().await.unwrap();
         entry
+    }
+
+    /// Stores a changed entry; the index learns of it from the change log.
+    async fn save(state: &ServerState, entry: &RegistrationEntry) {
+        state.store.update_entry(entry.clone(), None).await.unwrap();
+        state.catch_up().await.unwrap();
     }
 
     fn csr_for(spiffe: &str) -> Vec<u8> {
@@ -611,11 +618,11 @@ mod tests {
     #[tokio::test]
     async fn authorized_entry_gets_its_id_dns_names_ttl_and_hint() {
         let state = state().await;
-        let mut entry = register(&state, "web", "/web", &agent());
+        let mut entry = register(&state, "web", "/web", &agent()).await;
         entry.dns_names = vec!["web.example.org".to_owned(), "www.example.org".to_owned()];
         entry.x509_svid_ttl = Some(Duration::from_secs(600));
         entry.hint = "frontend".to_owned();
-        state.entry_written(&entry);
+        save(&state, &entry).await;
 
         // The CSR asks for another ID; the entry's wins, as in SPIRE.
         let results =
@@ -667,10 +674,10 @@ mod tests {
     #[tokio::test]
     async fn ttl_defaults_and_is_capped_at_the_ca() {
         let state = state().await;
-        register(&state, "default-ttl", "/a", &agent());
-        let mut long = register(&state, "long-ttl", "/b", &agent());
+        register(&state, "default-ttl", "/a", &agent()).await;
+        let mut long = register(&state, "long-ttl", "/b", &agent()).await;
         long.x509_svid_ttl = Some(1000 * HOUR);
-        state.entry_written(&long);
+        save(&state, &long).await;
 
         let results = batch_new_x509_svid(
             &state,
@@ -700,12 +707,12 @@ mod tests {
     #[tokio::test]
     async fn per_item_failures_keep_request_order() {
         let state = state().await;
-        register(&state, "mine", "/mine", &agent());
+        register(&state, "mine", "/mine", &agent()).await;
         let other_agent = id("/spire/agent/join_token/other");
-        register(&state, "theirs", "/theirs", &other_agent);
-        let mut expired = register(&state, "expired", "/expired", &agent());
+        register(&state, "theirs", "/theirs", &other_agent).await;
+        let mut expired = register(&state, "expired", "/expired", &agent()).await;
         expired.expires_at = Some(SystemTime::now() - HOUR);
-        state.entry_written(&expired);
+        save(&state, &expired).await;
 
         let mut bad_signature = csr_for("/mine");
         let last = bad_signature.len() - 1;
@@ -757,8 +764,8 @@ mod tests {
     #[tokio::test]
     async fn nested_entries_are_authorized() {
         let state = state().await;
-        register(&state, "parent", "/node-group", &agent());
-        register(&state, "child", "/node-group/web", &id("/node-group"));
+        register(&state, "parent", "/node-group", &agent()).await;
+        register(&state, "child", "/node-group/web", &id("/node-group")).await;
         let results =
             batch_new_x509_svid(&state, &agent(), &[param("child", csr_for("/x"))]).unwrap();
         assert_eq!(code(results[0].status.as_ref()), Code::Ok);
@@ -767,7 +774,7 @@ mod tests {
     #[tokio::test]
     async fn batch_size_limits() {
         let state = state().await;
-        register(&state, "mine", "/mine", &agent());
+        register(&state, "mine", "/mine", &agent()).await;
         let error = batch_new_x509_svid(&state, &agent(), &[]).unwrap_err();
         assert_eq!(error.code(), Code::InvalidArgument);
 
@@ -786,10 +793,10 @@ mod tests {
     async fn jwt_svid_for_an_authorized_entry() {
         let mut state = state().await;
         state.config.jwt_issuer = Some("https://oidc.example.org".to_owned());
-        let mut entry = register(&state, "web", "/web", &agent());
+        let mut entry = register(&state, "web", "/web", &agent()).await;
         entry.jwt_svid_ttl = Some(Duration::from_secs(120));
         entry.hint = "frontend".to_owned();
-        state.entry_written(&entry);
+        save(&state, &entry).await;
 
         let audience = vec!["db".to_owned(), "cache".to_owned()];
         let svid = new_jwt_svid(&state, &agent(), "web", &audience).unwrap();
@@ -814,16 +821,17 @@ mod tests {
     #[tokio::test]
     async fn jwt_svid_refusals() {
         let state = state().await;
-        register(&state, "web", "/web", &agent());
+        register(&state, "web", "/web", &agent()).await;
         register(
             &state,
             "theirs",
             "/theirs",
             &id("/spire/agent/join_token/other"),
-        );
-        let mut expired = register(&state, "expired", "/expired", &agent());
+        )
+        .await;
+        let mut expired = register(&state, "expired", "/expired", &agent()).await;
         expired.expires_at = Some(SystemTime::now() - HOUR);
-        state.entry_written(&expired);
+        save(&state, &expired).await;
         let audience = vec!["db".to_owned()];
 
         for entry_id in ["theirs", "expired", "nonexistent", ""] {

@@ -270,8 +270,8 @@ async fn a_restarted_server_keeps_its_ca_and_agents() {
         std::time::SystemTime::now(),
     );
     let state = server.server().state().clone();
-    let entry = state.store.create_entry(entry).await.unwrap();
-    state.entry_written(&entry);
+    state.store.create_entry(entry).await.unwrap();
+    state.catch_up().await.unwrap();
     drop(state);
     server.restart().await;
     assert_eq!(server.authorities(), authorities);

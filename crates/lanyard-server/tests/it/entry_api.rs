@@ -1338,8 +1338,8 @@ async fn agent_with_entries(
     );
     expired.expires_at = Some(std::time::SystemTime::now() - std::time::Duration::from_secs(3600));
     let state = server.server().state();
-    let expired = state.store.create_entry(expired).await.unwrap();
-    state.entry_written(&expired);
+    state.store.create_entry(expired).await.unwrap();
+    state.catch_up().await.unwrap();
     entries.push(types::Entry {
         id: "elsewhere".to_owned(),
         spiffe_id: Some(sid("/elsewhere")),

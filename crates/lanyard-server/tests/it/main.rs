@@ -5,6 +5,7 @@
 
 mod agent_api;
 mod audit_log;
+mod change_feed;
 mod datastore;
 mod entry_api;
 mod governance;

@@ -803,7 +803,7 @@ async fn federated_bundle_delete_modes() {
         );
         entry.federates_with = [TrustDomain::new(name).unwrap()].into_iter().collect();
         let stored = harness.state.store.create_entry(entry).await.unwrap();
-        harness.state.entry_written(&stored);
+        harness.state.catch_up().await.unwrap();
         entry_ids.push(stored.id);
     }
 

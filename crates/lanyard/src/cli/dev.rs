@@ -139,12 +139,12 @@ pub(crate) async fn run(args: DevArgs, out: &mut dyn Write) -> anyhow::Result<()
         entry.owner = Some(user.clone());
         entry.reason = Some("lanyard dev".to_owned());
         entry.expires_at = Some(now + DEV_ENTRY_LIFETIME);
-        let entry = state
+        state
             .store
             .create_entry(entry)
             .await
             .context("registering the current user")?;
-        state.entry_written(&entry);
+        state.catch_up().await.context("indexing the entry")?;
     }
 
     let bundle_path = data_dir.join("bundle.pem");

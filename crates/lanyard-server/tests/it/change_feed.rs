@@ -1,0 +1,108 @@
+//! The authorization index follows the datastore's change log: every write, this server's or
+//! another's sharing the datastore, reaches it in revision order, whatever order writers
+//! finish in.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use lanyard_core::{EntryId, RegistrationEntry, Selector, SpiffeId};
+use lanyard_server::datastore::{Datastore, SqlStore};
+
+use crate::issuance::{create_entry, sync_ids};
+use crate::support::{TestServer, trust_domain};
+
+fn entry(path: &str, parent: &SpiffeId) -> RegistrationEntry {
+    RegistrationEntry::new(
+        EntryId::generate(),
+        SpiffeId::from_path(&trust_domain(), path).unwrap(),
+        parent.clone(),
+        [Selector::new("unix", "uid:1000").unwrap()]
+            .into_iter()
+            .collect(),
+        SystemTime::now(),
+    )
+}
+
+/// Another server's handle on the same SQLite datastore.
+async fn other_server_store(server: &TestServer) -> SqlStore {
+    SqlStore::open(&server.config.datastore_path())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn writes_by_another_server_reach_the_index_within_the_poll_interval() {
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let other = other_server_store(&server).await;
+
+    let created = other
+        .create_entry(entry("/elsewhere", &agent.id))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sync_ids(&server, &agent).await != vec![created.id.as_str().to_owned()] {
+        assert!(
+            Instant::now() < deadline,
+            "the other server's entry never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    other.delete_entry(&created.id).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sync_ids(&server, &agent).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the other server's deletion never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        server.server().state().index_revision().await,
+        server
+            .server()
+            .state()
+            .store
+            .current_revision()
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn an_update_that_loses_the_race_to_a_delete_leaves_nothing_in_the_index() {
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let id = create_entry(&server, "/raced", &agent.id, 0).await;
+    let id = EntryId::new(&id).unwrap();
+    let state = server.server().state();
+    let mut updated = state.store.get_entry(&id).await.unwrap().unwrap();
+    updated.hint = "updated".to_owned();
+
+    // An update commits, then another server deletes the entry before this one has applied
+    // the update to its index: applied late, the update must not bring the entry back.
+    state.store.update_entry(updated, None).await.unwrap();
+    let other = other_server_store(&server).await;
+    other.delete_entry(&id).await.unwrap();
+    state.catch_up().await.unwrap();
+    assert!(sync_ids(&server, &agent).await.is_empty());
+    assert_eq!(state.index().entry_count(), 0);
+
+    // Catching up again changes nothing: each change is applied once, in order.
+    let revision = state.index_revision().await;
+    state.catch_up().await.unwrap();
+    assert_eq!(state.index_revision().await, revision);
+}
+
+#[tokio::test]
+async fn an_acknowledged_write_is_in_the_index_before_the_answer() {
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    for i in 0..20 {
+        let id = create_entry(&server, &format!("/w{i}"), &agent.id, 0).await;
+        assert!(
+            sync_ids(&server, &agent).await.contains(&id),
+            "entry {i} is served as soon as its creation is answered"
+        );
+    }
+}
