@@ -7,13 +7,12 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lanyard_core::policy::{
-    CallerInput, Decision, EntryInput, EntryView, Exception, Operation, covering_exceptions,
+    CallerInput, EntryInput, EntryView, Exception, Operation, covering_exceptions,
     describe_violations, unix_seconds,
 };
 
 use lanyard_core::{EntryId, RegistrationEntry, SpiffeId, TrustBundle, TrustDomain};
 
-use crate::api::{ApiError, Caller};
 use crate::audit::AuditLog;
 use crate::authz::AuthorizationIndex;
 use crate::ca::CaManager;
@@ -191,7 +190,7 @@ impl ServerState {
 
     /// The policy's input for `entry`: the entry with the server's default TTLs and the
     /// active exceptions that cover it.
-    fn entry_input(
+    pub(crate) fn entry_input(
         &self,
         entry: &RegistrationEntry,
         operation: Operation,
@@ -255,43 +254,6 @@ impl ServerState {
         entry.owner = Some("policy-probe".to_owned());
         entry.reason = Some("checks that a policy evaluates before it is put in force".to_owned());
         Some(entry)
-    }
-
-    /// Judges an entry about to be written by `caller`. Without a policy every entry passes.
-    /// Returns the IDs of the exceptions it passes under; a refusal is `InvalidArgument`
-    /// naming each broken rule and its fix.
-    pub fn check_entry_write(
-        &self,
-        entry: &RegistrationEntry,
-        operation: Operation,
-        caller: &Caller,
-    ) -> Result<Vec<String>, ApiError> {
-        let Some(policy) = &self.policy else {
-            return Ok(Vec::new());
-        };
-        let input = self.entry_input(entry, operation, Some(caller_input(caller)), self.now());
-        let decision: Decision = policy
-            .current()
-            .evaluate_entry(&input)
-            .map_err(|e| ApiError::Internal(format!("the policy failed to evaluate: {e}")))?;
-        if decision.passes() {
-            Ok(decision.exceptions_used())
-        } else {
-            self.audit(
-                &caller.describe(),
-                "entry refused by policy",
-                serde_json::json!({
-                    "operation": operation,
-                    "entry_id": entry.id.as_str(),
-                    "spiffe_id": entry.spiffe_id.to_string(),
-                    "rules": decision.violations.iter().map(|v| v.rule.as_str()).collect::<Vec<_>>(),
-                }),
-            );
-            Err(ApiError::InvalidArgument(format!(
-                "entry violates policy: {}",
-                describe_violations(&decision.violations)
-            )))
-        }
     }
 
     /// The exceptions `entry` passed the policy under at its last issuance decision.
@@ -665,20 +627,5 @@ impl ServerState {
                 .iter()
                 .any(|entry| self.passes_policy(policy, entry, now)),
         }
-    }
-}
-
-/// What the policy sees of `caller`.
-pub fn caller_input(caller: &Caller) -> CallerInput {
-    match caller {
-        Caller::Local { .. } => CallerInput {
-            id: None,
-            local: true,
-        },
-        Caller::Svid(svid) => CallerInput {
-            id: Some(svid.id.to_string()),
-            local: false,
-        },
-        Caller::Anonymous => CallerInput::default(),
     }
 }

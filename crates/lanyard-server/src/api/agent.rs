@@ -21,13 +21,13 @@ use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ApiError, Authorizer, Caller, permission_denied};
-use crate::api::entry::EntryService;
 use crate::datastore::{
     AgentFilter, AttestedAgent, DatastoreError, Issuance, IssuanceKind, MatchMode, PageRequest,
     SelectorFilter,
 };
 use crate::ratelimit::RateLimits;
 use crate::state::ServerState;
+use crate::writes::EntryWriter;
 
 const SERVICE: &str = "/spire.api.server.agent.v1.Agent/";
 /// The longest attestation exchange allowed, so a silent client cannot hold a stream open.
@@ -46,6 +46,7 @@ pub struct AgentService {
     auth: Authorizer,
     x509pop_anchors: Option<Arc<Vec<Vec<u8>>>>,
     rate_limits: Arc<RateLimits>,
+    writer: EntryWriter,
 }
 
 impl AgentService {
@@ -53,6 +54,7 @@ impl AgentService {
     pub fn new(state: Arc<ServerState>, x509pop_anchors: Option<Vec<Vec<u8>>>) -> Self {
         Self {
             auth: Authorizer::new(Arc::clone(&state)),
+            writer: EntryWriter::new(Arc::clone(&state)),
             state,
             x509pop_anchors: x509pop_anchors.map(Arc::new),
             rate_limits: Arc::new(RateLimits::unlimited()),
@@ -678,9 +680,9 @@ impl Agent for AgentService {
                 entry
                     .validate(&trust_domain)
                     .map_err(|e| Status::invalid_argument(format!("invalid agent ID: {e}")))?;
-                self.state
-                    .check_entry_write(&entry, Operation::Create, &caller)
-                    .map_err(ApiError::into_status)?;
+                self.writer
+                    .judge(&entry, Operation::Create, &caller)
+                    .map_err(|e| ApiError::from(e).into_status())?;
                 Some(entry)
             }
             None => None,
@@ -690,16 +692,15 @@ impl Agent for AgentService {
             .create_join_token(&token, expires_at)
             .await
             .map_err(ApiError::from)?;
-        if let Some(entry) = alias {
-            let entries = EntryService::new(Arc::clone(&self.state));
-            if let Err((error, _)) = entries
-                .create_checked(&caller, entry, &method("CreateJoinToken"))
+        if let Some(entry) = alias
+            && let Err(error) = self
+                .writer
+                .create(&caller, entry, &method("CreateJoinToken"))
                 .await
-            {
-                // The caller never learns the token; make sure nobody else can use it.
-                let _ = self.state.store.take_join_token(&token).await;
-                return Err(error.into_status());
-            }
+        {
+            // The caller never learns the token; make sure nobody else can use it.
+            let _ = self.state.store.take_join_token(&token).await;
+            return Err(ApiError::from(error).into_status());
         }
         self.state.audit(
             &caller.describe(),

@@ -7,6 +7,13 @@ use tonic::{Code, Status};
 
 use crate::ca::CaError;
 use crate::datastore::DatastoreError;
+use crate::ratelimit::RateLimited;
+use crate::writes::WriteError;
+
+/// SPIRE's answer to an entry ID that names no entry.
+pub const ENTRY_NOT_FOUND: &str = "entry not found";
+/// SPIRE's answer to an entry whose SPIFFE ID, parent and selectors another entry has.
+pub const SIMILAR_ENTRY_EXISTS: &str = "similar entry already exists";
 
 /// An error from a service handler, before it becomes a [`Status`].
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +46,32 @@ pub enum ApiError {
     /// Anything else that is the server's fault.
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<RateLimited> for ApiError {
+    fn from(error: RateLimited) -> Self {
+        Self::ResourceExhausted(error.0)
+    }
+}
+
+impl From<RateLimited> for Status {
+    fn from(error: RateLimited) -> Self {
+        ApiError::from(error).into_status()
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Invalid(message) => Self::InvalidArgument(message),
+            refused @ WriteError::Refused { .. } => Self::InvalidArgument(refused.to_string()),
+            failed @ WriteError::PolicyFailed(_) => Self::Internal(failed.to_string()),
+            WriteError::Duplicate { .. } => Self::AlreadyExists(SIMILAR_ENTRY_EXISTS.to_owned()),
+            taken @ WriteError::IdTaken(_) => Self::AlreadyExists(taken.to_string()),
+            WriteError::NotFound => Self::NotFound(ENTRY_NOT_FOUND.to_owned()),
+            WriteError::Datastore(error) => Self::Datastore(error),
+        }
+    }
 }
 
 impl ApiError {

@@ -22,7 +22,8 @@ use tonic::{Request, Response, Status};
 
 use super::paging::{page_of, requested_page};
 use super::{ApiError, Authorizer, Caller};
-use crate::state::{ServerState, caller_input};
+use crate::caller::caller_input;
+use crate::state::ServerState;
 
 const CREATE_EXCEPTION: &str = "/lanyard.api.v1.ExceptionService/CreateException";
 const GET_EXCEPTION: &str = "/lanyard.api.v1.ExceptionService/GetException";
