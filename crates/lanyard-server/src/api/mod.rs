@@ -43,6 +43,15 @@ pub(crate) fn check_batch(len: usize) -> Result<(), Status> {
     Ok(())
 }
 
+/// The caller may not call `method`; `reason` tells an agent what to do about it.
+fn not_authorized(method: &str, reason: Option<Reason>) -> Status {
+    ApiError::NotAuthorized {
+        method: method.to_owned(),
+        reason,
+    }
+    .into_status()
+}
+
 /// Authorization checks shared by the services.
 #[derive(Debug, Clone)]
 pub struct Authorizer {
@@ -61,7 +70,7 @@ impl Authorizer {
         match &caller {
             Caller::Local { .. } => Ok(caller),
             Caller::Svid(svid) if self.state.is_admin_id(&svid.id) => Ok(caller),
-            _ => Err(permission_denied(method, None)),
+            _ => Err(not_authorized(method, None)),
         }
     }
 
@@ -75,7 +84,7 @@ impl Authorizer {
             {
                 Ok(caller)
             }
-            _ => Err(permission_denied(method, None)),
+            _ => Err(not_authorized(method, None)),
         }
     }
 
@@ -89,11 +98,11 @@ impl Authorizer {
         method: &str,
     ) -> Result<AgentCaller, Status> {
         let Caller::Svid(svid) = Caller::of(request) else {
-            return Err(permission_denied(method, None));
+            return Err(not_authorized(method, None));
         };
         let now = self.state.now();
         if svid.not_after <= now {
-            return Err(permission_denied(method, Some(Reason::AgentExpired)));
+            return Err(not_authorized(method, Some(Reason::AgentExpired)));
         }
         let Some(mut agent) = self
             .state
@@ -102,10 +111,10 @@ impl Authorizer {
             .await
             .map_err(|e| ApiError::from(e).into_status())?
         else {
-            return Err(permission_denied(method, Some(Reason::AgentNotAttested)));
+            return Err(not_authorized(method, Some(Reason::AgentNotAttested)));
         };
         if agent.is_banned() {
-            return Err(permission_denied(method, Some(Reason::AgentBanned)));
+            return Err(not_authorized(method, Some(Reason::AgentBanned)));
         }
         if agent.serial == svid.serial {
             return Ok(AgentCaller { svid, agent });
@@ -121,7 +130,7 @@ impl Authorizer {
                 .map_err(|e| ApiError::from(e).into_status())?;
             return Ok(AgentCaller { svid, agent });
         }
-        Err(permission_denied(method, Some(Reason::AgentNotActive)))
+        Err(not_authorized(method, Some(Reason::AgentNotActive)))
     }
 
     /// Either an agent or an admin (SPIRE allows both on `GetFederatedBundle`).
