@@ -9,6 +9,7 @@ pub mod ca;
 pub mod caller;
 pub mod config;
 pub mod datastore;
+pub mod judge;
 pub mod keymanager;
 pub mod ledger;
 pub mod listener;

@@ -100,7 +100,7 @@ impl EntryWriter {
             ));
         }
         let exception_ids = self.judge(&entry, Operation::Create, caller)?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let created = match self.state.store.create_entry(entry.clone()).await {
             Ok(created) => created,
             Err(error) => {
@@ -117,7 +117,7 @@ impl EntryWriter {
             }
         };
         self.state.written().await;
-        self.state.audit(
+        self.state.audit.record(
             &caller.describe(),
             "entry created",
             serde_json::json!({
@@ -188,7 +188,7 @@ impl EntryWriter {
             self.check_structure(&updated)
                 .map_err(|e| WriteError::Invalid(format!("failed to convert entry: {e}")))?;
             let exception_ids = self.judge(&updated, Operation::Update, caller)?;
-            let _audited = self.state.audited_write();
+            let _audited = self.state.audit.guard();
             let stored = match self
                 .state
                 .store
@@ -204,7 +204,7 @@ impl EntryWriter {
                 Err(error) => return Err(error.into()),
             };
             self.state.written().await;
-            self.state.audit(
+            self.state.audit.record(
                 &caller.describe(),
                 "entry updated",
                 serde_json::json!({
@@ -236,14 +236,14 @@ impl EntryWriter {
         id: &EntryId,
         method: &str,
     ) -> Result<Written, WriteError> {
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let deleted = match self.state.store.delete_entry(id).await {
             Ok(deleted) => deleted,
             Err(DatastoreError::NotFound(_)) => return Err(WriteError::NotFound),
             Err(error) => return Err(error.into()),
         };
         self.state.written().await;
-        self.state.audit(
+        self.state.audit.record(
             &caller.describe(),
             "entry deleted",
             serde_json::json!({
@@ -268,12 +268,13 @@ impl EntryWriter {
         operation: Operation,
         caller: &Caller,
     ) -> Result<Vec<String>, WriteError> {
-        let Some(policy) = self.state.policy() else {
+        let Some(policy) = self.state.judge.policy() else {
             return Ok(Vec::new());
         };
         let now = self.state.now();
         let input = self
             .state
+            .judge
             .entry_input(entry, operation, Some(caller_input(caller)), now);
         let decision: Decision = policy
             .current()
@@ -282,7 +283,7 @@ impl EntryWriter {
         if decision.passes() {
             return Ok(decision.exceptions_used());
         }
-        self.state.audit(
+        self.state.audit.record(
             &caller.describe(),
             "entry refused by policy",
             serde_json::json!({

@@ -212,7 +212,7 @@ impl AgentService {
         }
 
         let svid = self.sign_agent_svid(&agent_id, &csr)?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let record = match existing {
             Some(mut agent) => {
                 agent.attestation_type = data.r#type.clone();
@@ -238,7 +238,7 @@ impl AgentService {
         };
         record.map_err(|e| ApiError::from(e).into_status())?;
         self.state.written().await;
-        self.state.audit(
+        self.state.audit.record(
             agent_id.as_ref(),
             "agent attested",
             serde_json::json!({
@@ -271,7 +271,7 @@ impl AgentService {
     }
 
     fn audit(&self, caller: &Caller, action: &str, agent_id: &SpiffeId) {
-        self.state.audit(
+        self.state.audit.record(
             &caller.describe(),
             action,
             serde_json::json!({"agent_id": agent_id.to_string()}),
@@ -532,7 +532,7 @@ impl Agent for AgentService {
     ) -> Result<Response<()>, Status> {
         let caller = self.auth.admin(&request, &method("DeleteAgent"))?;
         let id = self.agent_id_from(request.get_ref().id.as_ref())?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         match self.state.store.delete_agent(&id).await {
             Ok(_) => {}
             Err(DatastoreError::NotFound(_)) => {
@@ -551,7 +551,7 @@ impl Agent for AgentService {
     ) -> Result<Response<()>, Status> {
         let caller = self.auth.admin(&request, &method("BanAgent"))?;
         let id = self.agent_id_from(request.get_ref().id.as_ref())?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         match self.state.store.ban_agent(&id).await {
             Ok(_) => {}
             Err(DatastoreError::NotFound(_)) => {
@@ -613,13 +613,13 @@ impl Agent for AgentService {
         let mut agent = caller.agent.clone();
         agent.new_serial = svid.serial().to_owned();
         agent.new_not_after = Some(svid.not_after());
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         self.state
             .store
             .update_agent(agent)
             .await
             .map_err(ApiError::from)?;
-        self.state.audit(
+        self.state.audit.record(
             caller.id().as_ref(),
             "agent SVID renewed",
             serde_json::json!({"agent_id": caller.id().to_string(), "serial": svid.serial()}),
@@ -713,7 +713,7 @@ impl Agent for AgentService {
             let _ = self.state.store.take_join_token(&token).await;
             return Err(ApiError::from(error).into_status());
         }
-        self.state.audit(
+        self.state.audit.record(
             &caller.describe(),
             "join token created",
             serde_json::json!({"expires_at": unix_secs(expires_at)}),

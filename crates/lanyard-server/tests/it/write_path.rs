@@ -176,7 +176,8 @@ async fn metadata_and_join_token_aliases_are_written_like_any_entry() {
         server
             .server()
             .state()
-            .index()
+            .index
+            .read()
             .entry(&alias_id.unwrap())
             .is_some()
     );
