@@ -18,7 +18,8 @@ use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use lanyard_core::audit::{Chain, ChainError, Head};
@@ -207,6 +208,118 @@ pub async fn recover(
         set_covered_revision(store, last.revision).await?;
     }
     Ok(changes.len())
+}
+
+/// A datastore write whose audit record is not yet appended; see [`AuditTrail::guard`].
+#[derive(Debug)]
+#[must_use = "the guard must live until the audit record is written"]
+pub struct AuditedWrite(Arc<AtomicUsize>);
+
+impl Drop for AuditedWrite {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The server's record of changes: the audit log (if it keeps one), the writes in flight
+/// between their commit and their record, and the checkpoint that follows them.
+pub struct AuditTrail {
+    log: Option<AuditLog>,
+    clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
+    /// Audited writes between their commit and their audit record.
+    in_flight: Arc<AtomicUsize>,
+    /// An append failed since the last recovery: the checkpoint must not move.
+    gap: AtomicBool,
+}
+
+impl std::fmt::Debug for AuditTrail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditTrail")
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditTrail {
+    /// A trail that records in `log` (without one, events are only traced), stamped by
+    /// `clock`.
+    pub fn new(log: Option<AuditLog>, clock: Arc<dyn Fn() -> SystemTime + Send + Sync>) -> Self {
+        Self {
+            log,
+            clock,
+            in_flight: Arc::default(),
+            gap: AtomicBool::new(false),
+        }
+    }
+
+    /// The audit log, if the server keeps one.
+    pub fn log(&self) -> Option<&AuditLog> {
+        self.log.as_ref()
+    }
+
+    /// Records a change: one `audit` trace line, and one line in the audit log, fsynced,
+    /// with `caller`, `action` and `details` (a JSON object). The change it describes is
+    /// already committed, so a failure to record it is logged as an error, not returned; the
+    /// next checkpoint rebuilds the missing record from the change log.
+    pub fn record(&self, caller: &str, action: &str, details: serde_json::Value) {
+        tracing::info!(target: "audit", caller, details = %details, "{action}");
+        let Some(log) = &self.log else { return };
+        let event = serde_json::json!({"action": action, "caller": caller, "details": details});
+        if let Err(error) = log.record((self.clock)(), &event) {
+            self.gap.store(true, Ordering::SeqCst);
+            tracing::error!(
+                action,
+                "the audit log could not record a change; it is rebuilt from the change log once \
+                 the log can be written: {error}"
+            );
+        }
+    }
+
+    /// Marks a datastore write whose audit record follows: hold the guard from before the
+    /// write until after [`AuditTrail::record`], so that the checkpoint never moves past a
+    /// committed change whose record is not yet written.
+    pub fn guard(&self) -> AuditedWrite {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        AuditedWrite(Arc::clone(&self.in_flight))
+    }
+
+    /// Whether an audited write is in flight or an append failed: the checkpoint cannot
+    /// cover the current revision yet.
+    pub fn pending(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) != 0 || self.gap.load(Ordering::SeqCst)
+    }
+
+    /// Moves the checkpoint to `store`'s current revision when no audited write is in
+    /// flight, or, after a failed append, rebuilds the missing records from the change log
+    /// first ([`recover`]). Without an audit log, does nothing.
+    pub async fn checkpoint(&self, store: &dyn Datastore) {
+        let Some(log) = &self.log else { return };
+        let result = if self.gap.swap(false, Ordering::SeqCst) {
+            let result = recover(log, store, (self.clock)()).await;
+            if result.is_err() {
+                self.gap.store(true, Ordering::SeqCst);
+            }
+            result.map(drop)
+        } else {
+            self.advance(store).await
+        };
+        if let Err(error) = result {
+            tracing::warn!("the audit checkpoint did not move: {error}");
+        }
+    }
+
+    async fn advance(&self, store: &dyn Datastore) -> Result<(), AuditError> {
+        let revision = store.current_revision().await?;
+        // Every change up to `revision` was committed before it was read; one whose guard is
+        // gone has its record. One still in flight, or a failed append, holds the checkpoint.
+        if self.pending() {
+            return Ok(());
+        }
+        if covered_revision(store).await? >= Some(revision) {
+            return Ok(());
+        }
+        set_covered_revision(store, revision).await
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The in-memory authorization index: which registration entries each agent may obtain SVIDs
-//! for. It is updated per change (an entry written, an agent attested) and never rebuilt per
-//! request.
+//! for. [`IndexFeed`] holds it and keeps it current from the datastore's change log alone; it
+//! is never rebuilt per request.
 //!
 //! SPIRE's rule: an agent is authorized for entries whose parent is the agent's ID, or the
 //! SPIFFE ID of a node alias entry (parent = the server ID) whose selectors are all among the
@@ -208,6 +208,97 @@ impl AuthorizationIndex {
         self.authorized_entries(agent_id, now)
             .into_iter()
             .find(|e| &e.id == entry_id)
+    }
+}
+
+/// The authorization index and the change-log revision it reflects. The index changes only
+/// by [`IndexFeed::catch_up`], which applies the datastore's change log in revision order.
+#[derive(Debug)]
+pub struct IndexFeed {
+    index: std::sync::RwLock<AuthorizationIndex>,
+    /// The revision applied last; held while a catch-up applies changes, so that they are
+    /// applied one catch-up at a time, in revision order.
+    applied: tokio::sync::Mutex<i64>,
+}
+
+impl IndexFeed {
+    /// `index`, loaded from the datastore at change-log `revision` or later (read the
+    /// revision before loading: a change applied twice is harmless, each re-reads its record).
+    pub fn new(index: AuthorizationIndex, revision: i64) -> Self {
+        Self {
+            index: std::sync::RwLock::new(index),
+            applied: tokio::sync::Mutex::new(revision),
+        }
+    }
+
+    /// Read access to the index.
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, AuthorizationIndex> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, AuthorizationIndex> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The change-log revision the index reflects.
+    pub async fn revision(&self) -> i64 {
+        *self.applied.lock().await
+    }
+
+    /// Puts `entry` in the index without the datastore, for tests that need a state the
+    /// datastore refuses to hold. Nothing but tests calls it.
+    #[doc(hidden)]
+    pub fn plant_for_tests(&self, entry: &RegistrationEntry) {
+        self.write().upsert_entry(entry.clone());
+    }
+
+    /// Brings the index (and `judge`'s exceptions) up to date with `store`'s change log:
+    /// every change past the revision the index reflects, in revision order, each applied by
+    /// re-reading its record, so the index ends as the datastore is whatever order writers
+    /// committed in, and whichever server made them. On a datastore error nothing past the
+    /// last applied change is recorded as done, so the next catch-up tries again.
+    pub async fn catch_up(
+        &self,
+        store: &dyn crate::datastore::Datastore,
+        judge: &crate::judge::IssuanceJudge,
+    ) -> Result<(), crate::datastore::DatastoreError> {
+        use crate::datastore::ChangeSubject;
+
+        let mut applied = self.applied.lock().await;
+        let changes = store.changes_since(*applied).await?;
+        let Some(last) = changes.last().map(|change| change.revision) else {
+            return Ok(());
+        };
+        // The record as it is now stands for every change to it; each subject is read once.
+        let mut seen = HashSet::new();
+        let mut exceptions_changed = false;
+        for change in changes.iter().rev() {
+            if !seen.insert(&change.subject) {
+                continue;
+            }
+            match &change.subject {
+                ChangeSubject::Entry(id) => match store.get_entry(id).await? {
+                    Some(entry) => self.write().upsert_entry(entry),
+                    None => {
+                        self.write().remove_entry(id);
+                        judge.forget(id);
+                    }
+                },
+                ChangeSubject::Agent(id) => match store.get_agent(id).await? {
+                    Some(agent) => self
+                        .write()
+                        .set_agent_selectors(id.clone(), agent.selectors),
+                    None => self.write().remove_agent(id),
+                },
+                ChangeSubject::Exception(_) => exceptions_changed = true,
+                ChangeSubject::Bundle(_) => {}
+            }
+        }
+        if exceptions_changed {
+            judge.reload_exceptions(store).await?;
+        }
+        *applied = last;
+        Ok(())
     }
 }
 

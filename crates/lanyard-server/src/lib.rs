@@ -6,8 +6,10 @@ pub mod api;
 pub mod audit;
 pub mod authz;
 pub mod ca;
+pub mod caller;
 pub mod config;
 pub mod datastore;
+pub mod judge;
 pub mod keymanager;
 pub mod ledger;
 pub mod listener;
@@ -17,6 +19,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod writes;
 
 pub use config::ServerConfig;
 pub use server::{Server, ServerError, run};

@@ -18,7 +18,6 @@ use std::time::Duration;
 use lanyard_core::SpiffeId;
 use tokio::time::Instant;
 
-use crate::api::ApiError;
 use crate::config::LimitsConfig;
 
 /// Keys each limit tracks at most; reaching it drops refilled buckets, then arbitrary ones.
@@ -214,7 +213,7 @@ impl RateLimits {
     }
 
     /// One `AttestAgent` call from `source` (absent over the admin socket).
-    pub async fn attestation(&self, source: Option<IpAddr>) -> Result<(), ApiError> {
+    pub async fn attestation(&self, source: Option<IpAddr>) -> Result<(), RateLimited> {
         let (Some(limiter), Some(ip)) = (&self.attestations_per_ip, source) else {
             return Ok(());
         };
@@ -222,7 +221,11 @@ impl RateLimits {
     }
 
     /// `count` signings from `source` before the caller is authenticated.
-    pub async fn signing_from(&self, source: Option<IpAddr>, count: usize) -> Result<(), ApiError> {
+    pub async fn signing_from(
+        &self,
+        source: Option<IpAddr>,
+        count: usize,
+    ) -> Result<(), RateLimited> {
         let (Some(limiter), Some(ip)) = (&self.signings_per_ip, source) else {
             return Ok(());
         };
@@ -230,13 +233,19 @@ impl RateLimits {
     }
 
     /// `count` signings for the authenticated agent `agent`.
-    pub async fn signing_for(&self, agent: &SpiffeId, count: usize) -> Result<(), ApiError> {
+    pub async fn signing_for(&self, agent: &SpiffeId, count: usize) -> Result<(), RateLimited> {
         let Some(limiter) = &self.signings_per_agent else {
             return Ok(());
         };
         enforce(limiter, agent, cost(count), "signing", "agent").await
     }
 }
+
+/// A call refused by rate limiting; the message says which limit (the API answers it with
+/// `ResourceExhausted`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RateLimited(pub String);
 
 fn cost(count: usize) -> u32 {
     u32::try_from(count.max(1)).unwrap_or(u32::MAX)
@@ -248,7 +257,7 @@ async fn enforce<K: Eq + Hash + Clone + std::fmt::Display>(
     cost: u32,
     what: &str,
     keyed_by: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), RateLimited> {
     match limiter.check_or_wait(key, cost, Instant::now(), MAX_WAIT) {
         Decision::Allowed => Ok(()),
         Decision::Wait(wait) => {
@@ -267,7 +276,7 @@ async fn enforce<K: Eq + Hash + Clone + std::fmt::Display>(
                 );
             }
             let burst = limiter.rate.burst();
-            Err(ApiError::ResourceExhausted(if over_burst {
+            Err(RateLimited(if over_burst {
                 format!(
                     "rejecting request due to {what} rate limiting: rate ({cost}) exceeds burst size ({burst})"
                 )
@@ -411,6 +420,6 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         limits.attestation(Some(ip)).await.unwrap();
         let error = limits.attestation(Some(ip)).await.unwrap_err();
-        assert!(matches!(error, ApiError::ResourceExhausted(_)), "{error:?}");
+        assert!(error.0.contains("rate limiting"), "{error:?}");
     }
 }

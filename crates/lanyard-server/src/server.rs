@@ -297,7 +297,7 @@ async fn checkpoint_audit(state: Arc<ServerState>, mut stopped: watch::Receiver<
     // The listeners stop with the same signal; give in-flight writes their moment.
     for _ in 0..20 {
         state.checkpoint_audit().await;
-        if !state.audit_pending() {
+        if !state.audit.pending() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

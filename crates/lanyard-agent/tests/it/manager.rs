@@ -924,7 +924,8 @@ async fn federated_bundles_are_fetched_for_the_trust_domains_entries_name() {
         .as_ref()
         .unwrap()
         .state()
-        .plant_in_index_for_tests(&entry);
+        .index
+        .plant_for_tests(&entry);
     let id = entry.id.to_string();
     let mut config = env.agent_config("agent");
     config.join_token = Some(token);

@@ -20,14 +20,17 @@ use lanyard_proto::spire::api::types::permission_denied_details::Reason;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ApiError, Authorizer, Caller, permission_denied};
-use crate::api::entry::EntryService;
+use super::errors::{
+    AGENT_BANNED, AGENT_IS_SERVER, AGENT_NOT_FOUND, JOIN_TOKEN_EXPIRED, JOIN_TOKEN_UNKNOWN,
+};
+use super::{ApiError, Authorizer, Caller, not_authorized};
 use crate::datastore::{
     AgentFilter, AttestedAgent, DatastoreError, Issuance, IssuanceKind, MatchMode, PageRequest,
     SelectorFilter,
 };
 use crate::ratelimit::RateLimits;
 use crate::state::ServerState;
+use crate::writes::EntryWriter;
 
 const SERVICE: &str = "/spire.api.server.agent.v1.Agent/";
 /// The longest attestation exchange allowed, so a silent client cannot hold a stream open.
@@ -46,6 +49,7 @@ pub struct AgentService {
     auth: Authorizer,
     x509pop_anchors: Option<Arc<Vec<Vec<u8>>>>,
     rate_limits: Arc<RateLimits>,
+    writer: EntryWriter,
 }
 
 impl AgentService {
@@ -53,6 +57,7 @@ impl AgentService {
     pub fn new(state: Arc<ServerState>, x509pop_anchors: Option<Vec<Vec<u8>>>) -> Self {
         Self {
             auth: Authorizer::new(Arc::clone(&state)),
+            writer: EntryWriter::new(Arc::clone(&state)),
             state,
             x509pop_anchors: x509pop_anchors.map(Arc::new),
             rate_limits: Arc::new(RateLimits::unlimited()),
@@ -107,54 +112,55 @@ impl AgentService {
         &self,
         mut requests: Streaming<pb::AttestAgentRequest>,
         challenges: tokio::sync::mpsc::Sender<Result<pb::AttestAgentResponse, Status>>,
-    ) -> Result<pb::AttestAgentResponse, Status> {
+    ) -> Result<pb::AttestAgentResponse, ApiError> {
         let first = requests
             .message()
             .await?
-            .ok_or_else(|| Status::invalid_argument("missing attestation parameters"))?;
+            .ok_or_else(|| ApiError::InvalidArgument("missing attestation parameters".into()))?;
         let Some(pb::attest_agent_request::Step::Params(params)) = first.step else {
-            return Err(Status::invalid_argument("missing params"));
+            return Err(ApiError::InvalidArgument("missing params".into()));
         };
         let data = params
             .data
-            .ok_or_else(|| Status::invalid_argument("missing attestation data"))?;
+            .ok_or_else(|| ApiError::InvalidArgument("missing attestation data".into()))?;
         let csr = params
             .params
             .map(|p| p.csr)
             .filter(|csr| !csr.is_empty())
-            .ok_or_else(|| Status::invalid_argument("missing CSR"))?;
+            .ok_or_else(|| ApiError::InvalidArgument("missing CSR".into()))?;
         if data.r#type.is_empty() {
-            return Err(Status::invalid_argument("missing attestation data type"));
+            return Err(ApiError::InvalidArgument(
+                "missing attestation data type".into(),
+            ));
         }
         if data.payload.is_empty() {
-            return Err(Status::invalid_argument("missing attestation data payload"));
+            return Err(ApiError::InvalidArgument(
+                "missing attestation data payload".into(),
+            ));
         }
         // The whole request is checked before anything is redeemed: a join token is used up
         // only by an attestation that can succeed.
-        x509::parse_csr(&csr).map_err(|e| Status::invalid_argument(format!("invalid CSR: {e}")))?;
+        x509::parse_csr(&csr)
+            .map_err(|e| ApiError::InvalidArgument(format!("invalid CSR: {e}")))?;
 
         let trust_domain = self.state.trust_domain().clone();
         let now = self.state.now();
         let (agent_id, selectors, can_reattest) = match data.r#type.as_str() {
             "join_token" if self.state.config.node_attestor.join_token_enabled() => {
                 let token = String::from_utf8(data.payload)
-                    .map_err(|_| Status::invalid_argument("join token is not UTF-8"))?;
+                    .map_err(|_| ApiError::InvalidArgument("join token is not UTF-8".into()))?;
                 let agent_id = trust_domain.join_token_agent_id(&token).map_err(|e| {
-                    Status::invalid_argument(format!("join token cannot form an agent ID: {e}"))
+                    ApiError::InvalidArgument(format!("join token cannot form an agent ID: {e}"))
                 })?;
                 let record = match self.state.store.take_join_token(&token).await {
                     Ok(record) => record,
                     Err(DatastoreError::NotFound(_)) => {
-                        return Err(Status::permission_denied(
-                            "failed to attest: join token does not exist or has already been used",
-                        ));
+                        return Err(ApiError::AttestationFailed(JOIN_TOKEN_UNKNOWN.into()));
                     }
-                    Err(e) => return Err(ApiError::from(e).into_status()),
+                    Err(e) => return Err(e.into()),
                 };
                 if record.expires_at <= now {
-                    return Err(Status::permission_denied(
-                        "failed to attest: join token expired",
-                    ));
+                    return Err(ApiError::AttestationFailed(JOIN_TOKEN_EXPIRED.into()));
                 }
                 (agent_id, SelectorSet::new(), false)
             }
@@ -165,36 +171,35 @@ impl AgentService {
                     .map_or(&[][..], Vec::as_slice);
                 let (attestation, challenge) =
                     ServerAttestation::begin(&data.payload, anchors, &trust_domain, now)
-                        .map_err(x509pop_status)?;
+                        .map_err(x509pop_error)?;
                 challenges
                     .send(Ok(pb::AttestAgentResponse {
                         step: Some(pb::attest_agent_response::Step::Challenge(challenge)),
                     }))
                     .await
-                    .map_err(|_| Status::cancelled("agent went away"))?;
-                let answer = requests
-                    .message()
-                    .await?
-                    .ok_or_else(|| Status::invalid_argument("missing challenge response"))?;
+                    .map_err(|_| ApiError::Cancelled("agent went away".into()))?;
+                let answer = requests.message().await?.ok_or_else(|| {
+                    ApiError::InvalidArgument("missing challenge response".into())
+                })?;
                 let Some(pb::attest_agent_request::Step::ChallengeResponse(response)) = answer.step
                 else {
-                    return Err(Status::invalid_argument("expected a challenge response"));
+                    return Err(ApiError::InvalidArgument(
+                        "expected a challenge response".into(),
+                    ));
                 };
-                let result = attestation.finish(&response).map_err(x509pop_status)?;
+                let result = attestation.finish(&response).map_err(x509pop_error)?;
                 let selectors: SelectorSet = result.selectors().iter().cloned().collect();
                 (result.agent_id().clone(), selectors, x509pop::CAN_REATTEST)
             }
             other => {
-                return Err(Status::invalid_argument(format!(
+                return Err(ApiError::InvalidArgument(format!(
                     "could not find node attestor type {other:?}"
                 )));
             }
         };
 
         if agent_id.is_server_id() {
-            return Err(Status::permission_denied(
-                "failed to attest: agent ID may not be the server ID",
-            ));
+            return Err(ApiError::AttestationFailed(AGENT_IS_SERVER.into()));
         }
         let existing = self
             .state
@@ -203,13 +208,11 @@ impl AgentService {
             .await
             .map_err(|e| ApiError::from(e).into_status())?;
         if existing.as_ref().is_some_and(AttestedAgent::is_banned) {
-            return Err(Status::permission_denied(
-                "failed to attest: agent is banned",
-            ));
+            return Err(ApiError::AttestationFailed(AGENT_BANNED.into()));
         }
 
         let svid = self.sign_agent_svid(&agent_id, &csr)?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let record = match existing {
             Some(mut agent) => {
                 agent.attestation_type = data.r#type.clone();
@@ -235,7 +238,7 @@ impl AgentService {
         };
         record.map_err(|e| ApiError::from(e).into_status())?;
         self.state.written().await;
-        self.state.audit(
+        self.state.audit.record(
             agent_id.as_ref(),
             "agent attested",
             serde_json::json!({
@@ -254,12 +257,12 @@ impl AgentService {
         })
     }
 
-    fn agent_id_from(&self, id: Option<&types::Spiffeid>) -> Result<SpiffeId, Status> {
-        let id = id.ok_or_else(|| Status::invalid_argument("invalid agent ID: missing"))?;
+    fn agent_id_from(&self, id: Option<&types::Spiffeid>) -> Result<SpiffeId, ApiError> {
+        let id = id.ok_or_else(|| ApiError::InvalidArgument("invalid agent ID: missing".into()))?;
         let id = spiffe_id_from_proto(id)
-            .map_err(|e| Status::invalid_argument(format!("invalid agent ID: {e}")))?;
+            .map_err(|e| ApiError::InvalidArgument(format!("invalid agent ID: {e}")))?;
         if !id.is_member_of(self.state.trust_domain()) {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::InvalidArgument(format!(
                 "invalid agent ID: {id} is not in trust domain {}",
                 self.state.trust_domain()
             )));
@@ -268,7 +271,7 @@ impl AgentService {
     }
 
     fn audit(&self, caller: &Caller, action: &str, agent_id: &SpiffeId) {
-        self.state.audit(
+        self.state.audit.record(
             &caller.describe(),
             action,
             serde_json::json!({"agent_id": agent_id.to_string()}),
@@ -276,11 +279,11 @@ impl AgentService {
     }
 }
 
-fn x509pop_status(e: x509pop::X509PopError) -> Status {
+fn x509pop_error(e: x509pop::X509PopError) -> ApiError {
     if e.is_verification_failure() {
-        Status::permission_denied(format!("failed to attest: {e}"))
+        ApiError::AttestationFailed(e.to_string())
     } else {
-        Status::invalid_argument(format!("failed to attest: {e}"))
+        ApiError::InvalidArgument(format!("failed to attest: {e}"))
     }
 }
 
@@ -330,7 +333,7 @@ pub fn agent_to_proto(agent: &AttestedAgent, mask: Option<&types::AgentMask>) ->
 /// `by_expires_before` of ListAgents and CountAgents. SPIRE's CLI sends it in Go's layout
 /// `2006-01-02 15:04:05 -0700 -07` (what `spire-server agent list -expiresBefore` takes);
 /// Unix seconds and RFC 3339 are accepted too.
-fn parse_time_filter(value: &str) -> Result<Option<SystemTime>, Status> {
+fn parse_time_filter(value: &str) -> Result<Option<SystemTime>, ApiError> {
     if value.is_empty() {
         return Ok(None);
     }
@@ -342,7 +345,7 @@ fn parse_time_filter(value: &str) -> Result<Option<SystemTime>, Status> {
     }
     humantime::parse_rfc3339_weak(value)
         .map(Some)
-        .map_err(|e| Status::invalid_argument(format!("invalid by_expires_before {value:?}: {e}")))
+        .map_err(|e| ApiError::InvalidArgument(format!("invalid by_expires_before {value:?}: {e}")))
 }
 
 /// A time in Go's `2006-01-02 15:04:05 -0700 -07` layout: date, time of day, a `±hhmm`
@@ -401,11 +404,12 @@ fn agent_filter(
         None => None,
         Some(m) => {
             let selectors = selectors_from_proto("by_selector_match", &m.selectors)
-                .map_err(|e| Status::invalid_argument(format!("invalid selector filter: {e}")))?;
+                .map_err(|e| ApiError::InvalidArgument(format!("invalid selector filter: {e}")))?;
             if selectors.is_empty() {
-                return Err(Status::invalid_argument(
-                    "invalid selector filter: empty selector set",
-                ));
+                return Err(ApiError::InvalidArgument(
+                    "invalid selector filter: empty selector set".into(),
+                )
+                .into());
             }
             let mode = match types::selector_match::MatchBehavior::try_from(m.r#match) {
                 Ok(types::selector_match::MatchBehavior::MatchExact) => MatchMode::Exact,
@@ -413,9 +417,10 @@ fn agent_filter(
                 Ok(types::selector_match::MatchBehavior::MatchSuperset) => MatchMode::Superset,
                 Ok(types::selector_match::MatchBehavior::MatchAny) => MatchMode::Any,
                 Err(_) => {
-                    return Err(Status::invalid_argument(
-                        "invalid selector filter: unknown match behavior",
-                    ));
+                    return Err(ApiError::InvalidArgument(
+                        "invalid selector filter: unknown match behavior".into(),
+                    )
+                    .into());
                 }
             };
             Some(SelectorFilter { selectors, mode })
@@ -477,7 +482,7 @@ impl Agent for AgentService {
             None => AgentFilter::default(),
         };
         if req.page_size < 0 {
-            return Err(Status::invalid_argument("page_size cannot be negative"));
+            return Err(ApiError::InvalidArgument("page_size cannot be negative".into()).into());
         }
         let size = u32::try_from(req.page_size)
             .unwrap_or(0)
@@ -514,7 +519,7 @@ impl Agent for AgentService {
             .get_agent(&id)
             .await
             .map_err(ApiError::from)?
-            .ok_or_else(|| Status::not_found("agent not found"))?;
+            .ok_or_else(|| ApiError::NotFound(AGENT_NOT_FOUND.into()))?;
         Ok(Response::new(agent_to_proto(
             &agent,
             req.output_mask.as_ref(),
@@ -527,10 +532,12 @@ impl Agent for AgentService {
     ) -> Result<Response<()>, Status> {
         let caller = self.auth.admin(&request, &method("DeleteAgent"))?;
         let id = self.agent_id_from(request.get_ref().id.as_ref())?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         match self.state.store.delete_agent(&id).await {
             Ok(_) => {}
-            Err(DatastoreError::NotFound(_)) => return Err(Status::not_found("agent not found")),
+            Err(DatastoreError::NotFound(_)) => {
+                return Err(ApiError::NotFound(AGENT_NOT_FOUND.into()).into());
+            }
             Err(e) => return Err(ApiError::from(e).into()),
         }
         self.state.written().await;
@@ -544,10 +551,12 @@ impl Agent for AgentService {
     ) -> Result<Response<()>, Status> {
         let caller = self.auth.admin(&request, &method("BanAgent"))?;
         let id = self.agent_id_from(request.get_ref().id.as_ref())?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         match self.state.store.ban_agent(&id).await {
             Ok(_) => {}
-            Err(DatastoreError::NotFound(_)) => return Err(Status::not_found("agent not found")),
+            Err(DatastoreError::NotFound(_)) => {
+                return Err(ApiError::NotFound(AGENT_NOT_FOUND.into()).into());
+            }
             Err(e) => return Err(ApiError::from(e).into()),
         }
         self.audit(&caller, "agent banned", &id);
@@ -571,11 +580,13 @@ impl Agent for AgentService {
             let outcome =
                 tokio::time::timeout(ATTESTATION_TIMEOUT, service.attest(requests, tx.clone()))
                     .await
-                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("attestation timed out")));
-            if let Err(status) = &outcome {
-                tracing::info!(code = ?status.code(), message = %status.message(), "attestation refused");
+                    .unwrap_or_else(|_| {
+                        Err(ApiError::DeadlineExceeded("attestation timed out".into()))
+                    });
+            if let Err(error) = &outcome {
+                tracing::info!(code = ?error.code(), message = %error, "attestation refused");
             }
-            let _ = tx.send(outcome).await;
+            let _ = tx.send(outcome.map_err(ApiError::into_status)).await;
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(stream.map(|item| item))))
@@ -587,7 +598,7 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         let caller = self.auth.agent(&request, &method("RenewAgent")).await?;
         if caller.agent.can_reattest {
-            return Err(permission_denied(
+            return Err(not_authorized(
                 &method("RenewAgent"),
                 Some(Reason::AgentMustReattest),
             ));
@@ -597,18 +608,18 @@ impl Agent for AgentService {
             .params
             .map(|p| p.csr)
             .filter(|csr| !csr.is_empty())
-            .ok_or_else(|| Status::invalid_argument("missing CSR"))?;
+            .ok_or_else(|| ApiError::InvalidArgument("missing CSR".into()))?;
         let svid = self.sign_agent_svid(caller.id(), &csr)?;
         let mut agent = caller.agent.clone();
         agent.new_serial = svid.serial().to_owned();
         agent.new_not_after = Some(svid.not_after());
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         self.state
             .store
             .update_agent(agent)
             .await
             .map_err(ApiError::from)?;
-        self.state.audit(
+        self.state.audit.record(
             caller.id().as_ref(),
             "agent SVID renewed",
             serde_json::json!({"agent_id": caller.id().to_string(), "serial": svid.serial()}),
@@ -625,9 +636,9 @@ impl Agent for AgentService {
         let caller = self.auth.admin(&request, &method("CreateJoinToken"))?;
         let req = request.into_inner();
         if req.ttl < 1 {
-            return Err(Status::invalid_argument(
-                "ttl is required, you must provide one",
-            ));
+            return Err(
+                ApiError::InvalidArgument("ttl is required, you must provide one".into()).into(),
+            );
         }
         let token = if req.token.is_empty() {
             EntryId::generate().as_str().to_owned()
@@ -637,22 +648,24 @@ impl Agent for AgentService {
         let trust_domain = self.state.trust_domain().clone();
         let token_agent_id = trust_domain
             .join_token_agent_id(&token)
-            .map_err(|e| Status::invalid_argument(format!("invalid token: {e}")))?;
+            .map_err(|e| ApiError::InvalidArgument(format!("invalid token: {e}")))?;
         let alias_id = match req.agent_id.as_ref() {
             Some(id) if !id.trust_domain.is_empty() || !id.path.is_empty() => {
                 let id = self.agent_id_from(Some(id))?;
                 if id.is_trust_domain_id() {
-                    return Err(Status::invalid_argument(
-                        "invalid agent ID: the path cannot be empty",
-                    ));
+                    return Err(ApiError::InvalidArgument(
+                        "invalid agent ID: the path cannot be empty".into(),
+                    )
+                    .into());
                 }
                 // SPIRE's rule: the alias must be a workload ID, never the server's own or
                 // an agent's (an agent holding the server's SVID could impersonate it).
                 if id.is_reserved() {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(ApiError::InvalidArgument(format!(
                         "invalid agent ID: {id} is reserved; the ID given to a join token must \
                          be a workload ID, not under /spire/"
-                    )));
+                    ))
+                    .into());
                 }
                 Some(id)
             }
@@ -667,7 +680,7 @@ impl Agent for AgentService {
         let alias = match alias_id {
             Some(alias_id) => {
                 let selector = Selector::new("spiffe_id", token_agent_id.as_str())
-                    .map_err(|e| Status::internal(e.to_string()))?;
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
                 let entry = RegistrationEntry::new(
                     EntryId::generate(),
                     alias_id,
@@ -677,10 +690,10 @@ impl Agent for AgentService {
                 );
                 entry
                     .validate(&trust_domain)
-                    .map_err(|e| Status::invalid_argument(format!("invalid agent ID: {e}")))?;
-                self.state
-                    .check_entry_write(&entry, Operation::Create, &caller)
-                    .map_err(ApiError::into_status)?;
+                    .map_err(|e| ApiError::InvalidArgument(format!("invalid agent ID: {e}")))?;
+                self.writer
+                    .judge(&entry, Operation::Create, &caller)
+                    .map_err(|e| ApiError::from(e).into_status())?;
                 Some(entry)
             }
             None => None,
@@ -690,18 +703,17 @@ impl Agent for AgentService {
             .create_join_token(&token, expires_at)
             .await
             .map_err(ApiError::from)?;
-        if let Some(entry) = alias {
-            let entries = EntryService::new(Arc::clone(&self.state));
-            if let Err((error, _)) = entries
-                .create_checked(&caller, entry, &method("CreateJoinToken"))
+        if let Some(entry) = alias
+            && let Err(error) = self
+                .writer
+                .create(&caller, entry, &method("CreateJoinToken"))
                 .await
-            {
-                // The caller never learns the token; make sure nobody else can use it.
-                let _ = self.state.store.take_join_token(&token).await;
-                return Err(error.into_status());
-            }
+        {
+            // The caller never learns the token; make sure nobody else can use it.
+            let _ = self.state.store.take_join_token(&token).await;
+            return Err(ApiError::from(error).into_status());
         }
-        self.state.audit(
+        self.state.audit.record(
             &caller.describe(),
             "join token created",
             serde_json::json!({"expires_at": unix_secs(expires_at)}),
@@ -717,6 +729,6 @@ impl Agent for AgentService {
         _request: Request<pb::PostStatusRequest>,
     ) -> Result<Response<pb::PostStatusResponse>, Status> {
         // SPIRE v1.13 answers Unimplemented and its agent never calls this.
-        Err(Status::unimplemented("PostStatus is not implemented"))
+        Err(ApiError::Unimplemented("PostStatus is not implemented".into()).into())
     }
 }

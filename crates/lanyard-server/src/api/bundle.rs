@@ -61,7 +61,7 @@ pub struct BundleService {
 impl BundleService {
     /// One audit record for a bundle change, naming the caller and the method.
     fn audit(&self, caller: &super::Caller, method: &str) {
-        self.state.audit(
+        self.state.audit.record(
             &caller.describe(),
             "bundle changed",
             serde_json::json!({"method": method}),
@@ -293,7 +293,7 @@ impl Bundle for BundleService {
         request: Request<AppendBundleRequest>,
     ) -> Result<Response<types::Bundle>, Status> {
         let caller = self.auth.admin(&request, APPEND_BUNDLE)?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let request = request.into_inner();
         if request.x509_authorities.is_empty() && request.jwt_authorities.is_empty() {
             return Err(invalid("no authorities to append").into());
@@ -333,7 +333,7 @@ impl Bundle for BundleService {
         request: Request<PublishJwtAuthorityRequest>,
     ) -> Result<Response<PublishJwtAuthorityResponse>, Status> {
         let caller = self.auth.downstream(&request, PUBLISH_JWT_AUTHORITY)?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let authority = request
             .get_ref()
             .jwt_authority
@@ -414,7 +414,7 @@ impl Bundle for BundleService {
         request: Request<BatchCreateFederatedBundleRequest>,
     ) -> Result<Response<BatchCreateFederatedBundleResponse>, Status> {
         let caller = self.auth.admin(&request, BATCH_CREATE_FEDERATED_BUNDLE)?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let request = request.into_inner();
         let mut results = Vec::with_capacity(request.bundle.len());
         for bundle in &request.bundle {
@@ -435,7 +435,7 @@ impl Bundle for BundleService {
         request: Request<BatchUpdateFederatedBundleRequest>,
     ) -> Result<Response<BatchUpdateFederatedBundleResponse>, Status> {
         let caller = self.auth.admin(&request, BATCH_UPDATE_FEDERATED_BUNDLE)?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let request = request.into_inner();
         let input_mask = request.input_mask.unwrap_or_else(bundle_mask_all);
         let mut results = Vec::with_capacity(request.bundle.len());
@@ -457,7 +457,7 @@ impl Bundle for BundleService {
         request: Request<BatchSetFederatedBundleRequest>,
     ) -> Result<Response<BatchSetFederatedBundleResponse>, Status> {
         let caller = self.auth.admin(&request, BATCH_SET_FEDERATED_BUNDLE)?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let request = request.into_inner();
         let mut results = Vec::with_capacity(request.bundle.len());
         for bundle in &request.bundle {
@@ -476,7 +476,7 @@ impl Bundle for BundleService {
         request: Request<BatchDeleteFederatedBundleRequest>,
     ) -> Result<Response<BatchDeleteFederatedBundleResponse>, Status> {
         let caller = self.auth.admin(&request, BATCH_DELETE_FEDERATED_BUNDLE)?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let request = request.into_inner();
         let mode = match Mode::try_from(request.mode) {
             Ok(Mode::Restrict) => BundleDeleteMode::Restrict,

@@ -2,8 +2,9 @@
 //! admins, and the authorized-entry sync that agents run every few seconds.
 //!
 //! Batch RPCs answer every item, in request order, with a `status`; SPIRE's CLI and agent read
-//! it without a nil check. Every committed write is applied to the authorization index right
-//! after it commits, so the next agent sync sees it.
+//! it without a nil check. Every write goes through [`EntryWriter`], the one write path,
+//! which has the authorization index catch up with it before it answers, so the next agent
+//! sync sees it.
 //!
 //! `SyncAuthorizedEntries` follows SPIRE v1.13's protocol: when the agent is authorized for at
 //! most a page of entries they go out in one message and the RPC ends; otherwise the server
@@ -15,7 +16,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use lanyard_core::policy::{Operation, unix_seconds};
 use lanyard_core::{EntryId, RegistrationEntry, SpiffeId, TrustDomain};
 use lanyard_proto::convert::{
     entry_from_proto, entry_id_from_proto, entry_mask_all, entry_to_proto, entry_update_from_proto,
@@ -37,13 +37,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::errors::ok_status;
+use super::errors::{ENTRY_NOT_FOUND, ok_status};
 use super::paging::requested_page;
 use super::{ApiError, Authorizer, Caller};
-use crate::datastore::{
-    DatastoreError, EntryFilter, FederatesWithFilter, MatchMode, SelectorFilter,
-};
+use crate::datastore::{EntryFilter, FederatesWithFilter, MatchMode, SelectorFilter};
 use crate::state::ServerState;
+use crate::writes::{EntryWriter, WriteError};
 
 const COUNT_ENTRIES: &str = "/spire.api.server.entry.v1.Entry/CountEntries";
 const LIST_ENTRIES: &str = "/spire.api.server.entry.v1.Entry/ListEntries";
@@ -58,9 +57,6 @@ const SYNC_AUTHORIZED_ENTRIES: &str = "/spire.api.server.entry.v1.Entry/SyncAuth
 /// takes the length of the first revision page as the page size for its ID requests.
 pub const DEFAULT_SYNC_PAGE_SIZE: usize = 500;
 
-/// How many times an update is retried when the entry changes between read and write.
-const UPDATE_ATTEMPTS: usize = 3;
-
 /// Messages buffered between the sync task and the transport.
 const SYNC_CHANNEL_CAPACITY: usize = 4;
 
@@ -69,6 +65,7 @@ const SYNC_CHANNEL_CAPACITY: usize = 4;
 pub struct EntryService {
     state: Arc<ServerState>,
     auth: Authorizer,
+    writer: EntryWriter,
     sync_page_size: usize,
 }
 
@@ -77,6 +74,7 @@ impl EntryService {
     pub fn new(state: Arc<ServerState>) -> Self {
         let auth = Authorizer::new(Arc::clone(&state));
         Self {
+            writer: EntryWriter::new(Arc::clone(&state)),
             state,
             auth,
             sync_page_size: DEFAULT_SYNC_PAGE_SIZE,
@@ -115,69 +113,6 @@ impl EntryService {
         Ok(entry)
     }
 
-    /// Stores a new entry that the policy lets `caller` create, applies it to the index and
-    /// audits it. Returns the stored entry and the exceptions it passed under; on a
-    /// duplicate, the error comes with the similar entry already stored.
-    pub(crate) async fn create_checked(
-        &self,
-        caller: &Caller,
-        entry: RegistrationEntry,
-        method: &str,
-    ) -> Result<(RegistrationEntry, Vec<String>), (ApiError, Option<RegistrationEntry>)> {
-        if entry.is_expired(self.state.now()) {
-            return Err((
-                ApiError::InvalidArgument(
-                    "expires_at is already past: an entry expired at creation would authorize \
-                     nothing"
-                        .to_owned(),
-                ),
-                None,
-            ));
-        }
-        let exception_ids = self
-            .state
-            .check_entry_write(&entry, Operation::Create, caller)
-            .map_err(|error| (error, None))?;
-        let _audited = self.state.audited_write();
-        match self.state.store.create_entry(entry.clone()).await {
-            Ok(created) => {
-                self.state.written().await;
-                self.state.audit(
-                    &caller.describe(),
-                    "entry created",
-                    serde_json::json!({
-                        "method": method,
-                        "entry_id": created.id.as_str(),
-                        "spiffe_id": created.spiffe_id.to_string(),
-                        "parent_id": created.parent_id.to_string(),
-                        "owner": created.owner,
-                        "source": created.source,
-                        "expires_at": created.expires_at.map(unix_seconds),
-                        "exception_ids": exception_ids,
-                    }),
-                );
-                Ok((created, exception_ids))
-            }
-            Err(error) => Err(match error.existing_entry() {
-                // SPIRE answers a duplicate with the entry that is already registered.
-                Some(existing) if existing.is_similar(&entry) => (
-                    ApiError::AlreadyExists("similar entry already exists".to_owned()),
-                    Some(existing.clone()),
-                ),
-                // The client chose an ID that a different entry has: nothing to hand back
-                // that the client asked for.
-                Some(_) => (
-                    ApiError::AlreadyExists(format!(
-                        "an entry with id {:?} already exists",
-                        entry.id.as_str()
-                    )),
-                    None,
-                ),
-                None => (ApiError::from(error), None),
-            }),
-        }
-    }
-
     async fn create_one(
         &self,
         caller: &Caller,
@@ -188,15 +123,21 @@ impl EntryService {
             Ok(entry) => entry,
             Err(error) => return create_failed(&error),
         };
-        match self.create_checked(caller, entry, BATCH_CREATE_ENTRY).await {
-            Ok((created, _)) => batch_create_entry_response::Result {
+        match self.writer.create(caller, entry, BATCH_CREATE_ENTRY).await {
+            Ok(written) => batch_create_entry_response::Result {
                 status: Some(ok_status()),
-                entry: Some(entry_to_proto(&created, output_mask)),
+                entry: Some(entry_to_proto(&written.entry, output_mask)),
             },
-            Err((error, existing)) => batch_create_entry_response::Result {
-                status: Some(error.to_proto_status()),
-                entry: existing.map(|existing| entry_to_proto(&existing, output_mask)),
-            },
+            Err(error) => {
+                let existing = match &error {
+                    WriteError::Duplicate { existing } => existing.as_deref().cloned(),
+                    _ => None,
+                };
+                batch_create_entry_response::Result {
+                    status: Some(ApiError::from(error).to_proto_status()),
+                    entry: existing.map(|existing| entry_to_proto(&existing, output_mask)),
+                }
+            }
         }
     }
 
@@ -208,85 +149,25 @@ impl EntryService {
         output_mask: Option<&types::EntryMask>,
     ) -> batch_update_entry_response::Result {
         let result = match parse_entry_id(&proto.id) {
-            Ok(id) => {
-                self.update_checked(caller, &id, BATCH_UPDATE_ENTRY, |current| {
+            Ok(id) => self
+                .writer
+                .update(caller, &id, BATCH_UPDATE_ENTRY, |current| {
                     entry_update_from_proto(current, proto, input_mask)
-                        .map_err(|e| convert_failed(&e))
+                        .map_err(|e| WriteError::Invalid(format!("failed to convert entry: {e}")))
                 })
                 .await
-            }
+                .map_err(ApiError::from),
             Err(error) => Err(error),
         };
         match result {
-            Ok((updated, _)) => batch_update_entry_response::Result {
+            Ok(written) => batch_update_entry_response::Result {
                 status: Some(ok_status()),
-                entry: Some(entry_to_proto(&updated, output_mask)),
+                entry: Some(entry_to_proto(&written.entry, output_mask)),
             },
             Err(error) => batch_update_entry_response::Result {
                 status: Some(error.to_proto_status()),
                 entry: None,
             },
-        }
-    }
-
-    /// Reads the entry, applies `change`, checks the result (structure, then the policy for
-    /// `caller`) and writes it back, retrying if another writer got in between; applies it
-    /// to the index and audits it. Returns the stored entry and the exceptions it passed
-    /// under.
-    pub(crate) async fn update_checked(
-        &self,
-        caller: &Caller,
-        id: &EntryId,
-        method: &str,
-        change: impl Fn(&RegistrationEntry) -> Result<RegistrationEntry, ApiError>,
-    ) -> Result<(RegistrationEntry, Vec<String>), ApiError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let Some(current) = self.state.store.get_entry(id).await? else {
-                return Err(entry_not_found());
-            };
-            let updated = change(&current)?;
-            updated
-                .validate(self.trust_domain())
-                .map_err(|e| convert_failed(&e))?;
-            let exception_ids =
-                self.state
-                    .check_entry_write(&updated, Operation::Update, caller)?;
-            let _audited = self.state.audited_write();
-            match self
-                .state
-                .store
-                .update_entry(updated, Some(current.revision_number))
-                .await
-            {
-                Ok(stored) => {
-                    self.state.written().await;
-                    self.state.audit(
-                        &caller.describe(),
-                        "entry updated",
-                        serde_json::json!({
-                            "method": method,
-                            "entry_id": stored.id.as_str(),
-                            "spiffe_id": stored.spiffe_id.to_string(),
-                            "revision_number": stored.revision_number,
-                            "owner": stored.owner,
-                            "source": stored.source,
-                            "expires_at": stored.expires_at.map(unix_seconds),
-                            "exception_ids": exception_ids,
-                        }),
-                    );
-                    return Ok((stored, exception_ids));
-                }
-                Err(DatastoreError::Conflict(_)) if attempt < UPDATE_ATTEMPTS => continue,
-                Err(DatastoreError::NotFound(_)) => return Err(entry_not_found()),
-                Err(DatastoreError::AlreadyExists { .. }) => {
-                    return Err(ApiError::AlreadyExists(
-                        "similar entry already exists".to_owned(),
-                    ));
-                }
-                Err(error) => return Err(error.into()),
-            }
         }
     }
 
@@ -306,22 +187,12 @@ impl EntryService {
                 return result(ApiError::InvalidArgument(error.to_string()).to_proto_status());
             }
         };
-        let _audited = self.state.audited_write();
-        match self.state.store.delete_entry(&entry_id).await {
-            Ok(deleted) => {
-                self.state.written().await;
-                self.state.audit(
-                    &caller.describe(),
-                    "entry deleted",
-                    serde_json::json!({
-                        "method": BATCH_DELETE_ENTRY,
-                        "entry_id": deleted.id.as_str(),
-                        "spiffe_id": deleted.spiffe_id.to_string(),
-                    }),
-                );
-                result(ok_status())
-            }
-            Err(DatastoreError::NotFound(_)) => result(entry_not_found().to_proto_status()),
+        match self
+            .writer
+            .delete(caller, &entry_id, BATCH_DELETE_ENTRY)
+            .await
+        {
+            Ok(_) => result(ok_status()),
             Err(error) => result(ApiError::from(error).to_proto_status()),
         }
     }
@@ -785,7 +656,7 @@ pub(crate) fn parse_entry_id(id: &str) -> Result<EntryId, ApiError> {
 }
 
 fn entry_not_found() -> ApiError {
-    ApiError::NotFound("entry not found".to_owned())
+    ApiError::NotFound(ENTRY_NOT_FOUND.to_owned())
 }
 
 fn create_failed(error: &ApiError) -> batch_create_entry_response::Result {

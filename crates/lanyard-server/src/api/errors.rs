@@ -7,6 +7,24 @@ use tonic::{Code, Status};
 
 use crate::ca::CaError;
 use crate::datastore::DatastoreError;
+use crate::ratelimit::RateLimited;
+use crate::writes::WriteError;
+
+/// SPIRE's answer to an agent ID that names no attested agent.
+pub const AGENT_NOT_FOUND: &str = "agent not found";
+/// SPIRE's attestation refusal for a join token never issued or already redeemed.
+pub const JOIN_TOKEN_UNKNOWN: &str = "join token does not exist or has already been used";
+/// SPIRE's attestation refusal for a join token past its expiry.
+pub const JOIN_TOKEN_EXPIRED: &str = "join token expired";
+/// SPIRE's attestation refusal for a banned agent.
+pub const AGENT_BANNED: &str = "agent is banned";
+/// Attestation refused because the attested ID would be the server's own.
+pub const AGENT_IS_SERVER: &str = "agent ID may not be the server ID";
+
+/// SPIRE's answer to an entry ID that names no entry.
+pub const ENTRY_NOT_FOUND: &str = "entry not found";
+/// SPIRE's answer to an entry whose SPIFFE ID, parent and selectors another entry has.
+pub const SIMILAR_ENTRY_EXISTS: &str = "similar entry already exists";
 
 /// An error from a service handler, before it becomes a [`Status`].
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +54,59 @@ pub enum ApiError {
     /// A CA failure.
     #[error(transparent)]
     Ca(#[from] CaError),
+    /// An agent's attestation evidence was checked and refused (PermissionDenied).
+    #[error("failed to attest: {0}")]
+    AttestationFailed(String),
+    /// The caller is not authorized for `method` (PermissionDenied, with SPIRE's
+    /// `PermissionDeniedDetails` when there is a `reason`).
+    #[error("authorization denied for method {method}")]
+    NotAuthorized {
+        /// The full gRPC method name.
+        method: String,
+        /// Why, in SPIRE's terms, when the agent should act on it.
+        reason: Option<Reason>,
+    },
+    /// The call took longer than the server allows.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The peer went away mid-call.
+    #[error("{0}")]
+    Cancelled(String),
+    /// The method exists but is not served.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// The peer's request stream failed; its status is passed on as it is.
+    #[error("{}", .0.message())]
+    Stream(Status),
     /// Anything else that is the server's fault.
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<RateLimited> for ApiError {
+    fn from(error: RateLimited) -> Self {
+        Self::ResourceExhausted(error.0)
+    }
+}
+
+impl From<RateLimited> for Status {
+    fn from(error: RateLimited) -> Self {
+        ApiError::from(error).into_status()
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Invalid(message) => Self::InvalidArgument(message),
+            refused @ WriteError::Refused { .. } => Self::InvalidArgument(refused.to_string()),
+            failed @ WriteError::PolicyFailed(_) => Self::Internal(failed.to_string()),
+            WriteError::Duplicate { .. } => Self::AlreadyExists(SIMILAR_ENTRY_EXISTS.to_owned()),
+            taken @ WriteError::IdTaken(_) => Self::AlreadyExists(taken.to_string()),
+            WriteError::NotFound => Self::NotFound(ENTRY_NOT_FOUND.to_owned()),
+            WriteError::Datastore(error) => Self::Datastore(error),
+        }
+    }
 }
 
 impl ApiError {
@@ -51,6 +119,11 @@ impl ApiError {
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::AttestationFailed(_) | Self::NotAuthorized { .. } => Code::PermissionDenied,
+            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::Cancelled(_) => Code::Cancelled,
+            Self::Unimplemented(_) => Code::Unimplemented,
+            Self::Stream(status) => status.code(),
             Self::Datastore(e) => match e {
                 DatastoreError::NotFound(_) => Code::NotFound,
                 DatastoreError::AlreadyExists { .. } => Code::AlreadyExists,
@@ -66,6 +139,11 @@ impl ApiError {
 
     /// The status to return to the caller. Internal details are logged, not sent.
     pub fn into_status(self) -> Status {
+        match self {
+            Self::NotAuthorized { method, reason } => return permission_denied(&method, reason),
+            Self::Stream(status) => return status,
+            _ => {}
+        }
         let code = self.code();
         if code == Code::Internal {
             tracing::error!(error = %self, "internal error");
@@ -87,6 +165,12 @@ impl ApiError {
             code: self.code() as i32,
             message: status,
         }
+    }
+}
+
+impl From<Status> for ApiError {
+    fn from(status: Status) -> Self {
+        Self::Stream(status)
     }
 }
 
@@ -168,6 +252,47 @@ mod tests {
         );
         assert_eq!(denial_reason(&status), Some(Reason::AgentBanned));
         assert_eq!(denial_reason(&permission_denied("/m", None)), None);
+    }
+
+    #[test]
+    fn domain_errors_become_spires_statuses() {
+        let status = ApiError::NotAuthorized {
+            method: "/spire.api.server.agent.v1.Agent/RenewAgent".into(),
+            reason: Some(Reason::AgentMustReattest),
+        }
+        .into_status();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(
+            status.message(),
+            "authorization denied for method /spire.api.server.agent.v1.Agent/RenewAgent"
+        );
+        assert_eq!(denial_reason(&status), Some(Reason::AgentMustReattest));
+
+        let status = ApiError::AttestationFailed(JOIN_TOKEN_UNKNOWN.into()).into_status();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(
+            status.message(),
+            "failed to attest: join token does not exist or has already been used"
+        );
+
+        let status = ApiError::from(WriteError::Refused { violations: vec![] }).into_status();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with("entry violates policy"));
+        let status = ApiError::from(WriteError::NotFound).into_status();
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::NotFound, ENTRY_NOT_FOUND)
+        );
+        let status = ApiError::from(WriteError::PolicyFailed("boom".into())).into_status();
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("boom"));
+
+        // A failed request stream keeps its own status.
+        let status = ApiError::from(Status::cancelled("peer left")).into_status();
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::Cancelled, "peer left")
+        );
     }
 
     #[test]

@@ -22,7 +22,8 @@ use tonic::{Request, Response, Status};
 
 use super::paging::{page_of, requested_page};
 use super::{ApiError, Authorizer, Caller};
-use crate::state::{ServerState, caller_input};
+use crate::caller::caller_input;
+use crate::state::ServerState;
 
 const CREATE_EXCEPTION: &str = "/lanyard.api.v1.ExceptionService/CreateException";
 const GET_EXCEPTION: &str = "/lanyard.api.v1.ExceptionService/GetException";
@@ -59,7 +60,7 @@ impl ExceptionService {
         operation: &str,
         caller: &Caller,
     ) -> Result<(), ApiError> {
-        let Some(policy) = self.state.policy() else {
+        let Some(policy) = self.state.judge.policy() else {
             return Ok(());
         };
         let input = ExceptionInput {
@@ -87,7 +88,7 @@ impl ExceptionService {
         if let Err(error) = self.state.reload_exceptions().await {
             tracing::error!(%error, "reloading exceptions failed; the change applies at the next reload");
         }
-        self.state.audit(
+        self.state.audit.record(
             &caller.describe(),
             action,
             serde_json::json!({
@@ -136,7 +137,7 @@ impl ExceptionService {
         exception: Exception,
         why: &str,
     ) -> Result<Exception, ApiError> {
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let stored = self.state.store.update_exception(exception).await?;
         self.changed(caller, action, &stored, why).await;
         Ok(stored)
@@ -201,7 +202,7 @@ impl ExceptionRpc for ExceptionService {
             .ok_or_else(|| Status::invalid_argument("missing exception"))?;
         let exception = self.parse_new(&proto, &caller)?;
         self.judge(&exception, "create", &caller)?;
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let stored = self
             .state
             .store

@@ -1,8 +1,8 @@
 //! Lanyard's `lanyard.api.v1.GovernedEntryService`: registration entries created and updated
 //! together with their governance metadata (owner, reason, ticket, source), so that the
 //! policy judges each entry exactly as it will be stored. The checks, the write, the index
-//! update and the audit record are the Entry service's own ([`EntryService::create_checked`],
-//! [`EntryService::update_checked`]); only the metadata is added here.
+//! update and the audit record are the one write path's ([`EntryWriter`]); only the metadata is
+//! added here.
 
 use std::sync::Arc;
 
@@ -23,6 +23,7 @@ use super::errors::ok_status;
 use super::metadata::metadata_of;
 use super::{ApiError, Authorizer, Caller};
 use crate::state::ServerState;
+use crate::writes::{EntryWriter, WriteError};
 
 use super::check_batch;
 
@@ -33,6 +34,7 @@ const UPDATE_GOVERNED_ENTRIES: &str = "/lanyard.api.v1.GovernedEntryService/Upda
 #[derive(Debug, Clone)]
 pub struct GovernedEntryService {
     entries: EntryService,
+    writer: EntryWriter,
     auth: Authorizer,
 }
 
@@ -41,6 +43,7 @@ impl GovernedEntryService {
     pub fn new(state: Arc<ServerState>) -> Self {
         let auth = Authorizer::new(Arc::clone(&state));
         Self {
+            writer: EntryWriter::new(Arc::clone(&state)),
             entries: EntryService::new(state),
             auth,
         }
@@ -76,16 +79,22 @@ impl GovernedEntryService {
             return failed(ApiError::InvalidArgument(error.to_string()), None);
         }
         match self
-            .entries
-            .create_checked(caller, entry, CREATE_GOVERNED_ENTRIES)
+            .writer
+            .create(caller, entry, CREATE_GOVERNED_ENTRIES)
             .await
         {
-            Ok((created, exception_ids)) => create_governed_entries_response::Result {
+            Ok(written) => create_governed_entries_response::Result {
                 status: Some(ok_status()),
-                entry: Some(governed(&created)),
-                exception_ids,
+                entry: Some(governed(&written.entry)),
+                exception_ids: written.exception_ids,
             },
-            Err((error, existing)) => failed(error, existing),
+            Err(error) => {
+                let existing = match &error {
+                    WriteError::Duplicate { existing } => existing.as_deref().cloned(),
+                    _ => None,
+                };
+                failed(error.into(), existing)
+            }
         }
     }
 
@@ -100,26 +109,25 @@ impl GovernedEntryService {
                 Err(error) => Err(error),
                 Ok(id) => {
                     let mask = entry_mask_all();
-                    self.entries
-                        .update_checked(caller, &id, UPDATE_GOVERNED_ENTRIES, |current| {
+                    self.writer
+                        .update(caller, &id, UPDATE_GOVERNED_ENTRIES, |current| {
                             let mut updated = entry_update_from_proto(current, proto, Some(&mask))
                                 .map_err(|e| {
-                                    ApiError::InvalidArgument(format!(
-                                        "failed to convert entry: {e}"
-                                    ))
+                                    WriteError::Invalid(format!("failed to convert entry: {e}"))
                                 })?;
                             apply_metadata(&mut updated, item.metadata.as_ref());
                             Ok(updated)
                         })
                         .await
+                        .map_err(ApiError::from)
                 }
             },
         };
         match result {
-            Ok((updated, exception_ids)) => update_governed_entries_response::Result {
+            Ok(written) => update_governed_entries_response::Result {
                 status: Some(ok_status()),
-                entry: Some(governed(&updated)),
-                exception_ids,
+                entry: Some(governed(&written.entry)),
+                exception_ids: written.exception_ids,
             },
             Err(error) => update_governed_entries_response::Result {
                 status: Some(error.to_proto_status()),

@@ -70,7 +70,7 @@ impl LocalAuthorityService {
         kind: AuthorityKind,
         operation: impl std::future::Future<Output = Result<AuthorityInfo, AuthorityError>>,
     ) -> Result<pb::AuthorityState, Status> {
-        let _audited = self.state.audited_write();
+        let _audited = self.state.audit.guard();
         let info = operation.await.map_err(|error| match error {
             AuthorityError::InvalidArgument(message) => ApiError::InvalidArgument(message),
             AuthorityError::FailedPrecondition(message) => ApiError::FailedPrecondition(message),
@@ -78,7 +78,7 @@ impl LocalAuthorityService {
         })?;
         // The server's own SVID follows an activated authority at once, not at the next tick.
         self.state.request_rotation();
-        self.state.audit(
+        self.state.audit.record(
             &caller.describe(),
             action,
             serde_json::json!({

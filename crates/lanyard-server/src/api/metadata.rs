@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use lanyard_core::RegistrationEntry;
-use lanyard_core::policy::Operation;
 use lanyard_proto::convert::entry_id_from_proto;
 use lanyard_proto::lanyard::api::v1::entry_metadata_service_server::{
     EntryMetadataService as EntryMetadataRpc, EntryMetadataServiceServer,
@@ -23,8 +22,9 @@ use tonic::{Request, Response, Status};
 use super::errors::ok_status;
 use super::paging::MAX_PAGE_SIZE;
 use super::{ApiError, Authorizer, Caller};
-use crate::datastore::{DatastoreError, EntryFilter, PageRequest};
+use crate::datastore::{EntryFilter, PageRequest};
 use crate::state::ServerState;
+use crate::writes::EntryWriter;
 
 const SET_ENTRY_METADATA: &str = "/lanyard.api.v1.EntryMetadataService/SetEntryMetadata";
 const GET_ENTRY_METADATA: &str = "/lanyard.api.v1.EntryMetadataService/GetEntryMetadata";
@@ -33,21 +33,23 @@ const LIST_ENTRY_METADATA: &str = "/lanyard.api.v1.EntryMetadataService/ListEntr
 /// Items per `ListEntryMetadata` page when the client does not choose.
 pub const DEFAULT_LIST_PAGE_SIZE: u32 = 500;
 
-/// How many times a set is retried when the entry changes between read and write.
-const SET_ATTEMPTS: usize = 3;
-
 /// The entry metadata service.
 #[derive(Debug, Clone)]
 pub struct EntryMetadataService {
     state: Arc<ServerState>,
     auth: Authorizer,
+    writer: EntryWriter,
 }
 
 impl EntryMetadataService {
     /// A service over `state`'s datastore.
     pub fn new(state: Arc<ServerState>) -> Self {
         let auth = Authorizer::new(Arc::clone(&state));
-        Self { state, auth }
+        Self {
+            writer: EntryWriter::new(Arc::clone(&state)),
+            state,
+            auth,
+        }
     }
 
     /// The tonic service.
@@ -60,28 +62,11 @@ impl EntryMetadataService {
         caller: &Caller,
         metadata: &EntryMetadata,
     ) -> set_entry_metadata_response::Result {
-        let _audited = self.state.audited_write();
         match self.set_metadata(caller, metadata).await {
-            Ok((entry, changed)) => {
-                if changed {
-                    self.state.audit(
-                        &caller.describe(),
-                        "entry metadata set",
-                        serde_json::json!({
-                            "method": SET_ENTRY_METADATA,
-                            "entry_id": entry.id.as_str(),
-                            "spiffe_id": entry.spiffe_id.to_string(),
-                            "owner": entry.owner,
-                            "reason": entry.reason,
-                            "ticket": entry.ticket,
-                        }),
-                    );
-                }
-                set_entry_metadata_response::Result {
-                    status: Some(ok_status()),
-                    metadata: Some(metadata_of(&entry)),
-                }
-            }
+            Ok(entry) => set_entry_metadata_response::Result {
+                status: Some(ok_status()),
+                metadata: Some(metadata_of(&entry)),
+            },
             Err(error) => set_entry_metadata_response::Result {
                 status: Some(error.to_proto_status()),
                 metadata: None,
@@ -89,51 +74,29 @@ impl EntryMetadataService {
         }
     }
 
-    /// Replaces the entry's three fields (an empty string clears one). Returns the stored
-    /// entry and whether anything changed.
+    /// Replaces the entry's three fields (an empty string clears one) through the one write
+    /// path (structure, policy, commit, index, audit). Returns the stored entry.
     async fn set_metadata(
         &self,
         caller: &Caller,
         metadata: &EntryMetadata,
-    ) -> Result<(RegistrationEntry, bool), ApiError> {
+    ) -> Result<RegistrationEntry, ApiError> {
         if metadata.entry_id.is_empty() {
             return Err(ApiError::InvalidArgument("missing entry_id".to_owned()));
         }
         let id = entry_id_from_proto(&metadata.entry_id)
             .map_err(|e| ApiError::InvalidArgument(format!("invalid entry_id: {e}")))?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let Some(current) = self.state.store.get_entry(&id).await? else {
-                return Err(entry_not_found());
-            };
-            let mut updated = current.clone();
-            updated.owner = non_empty(&metadata.owner);
-            updated.reason = non_empty(&metadata.reason);
-            updated.ticket = non_empty(&metadata.ticket);
-            if updated == current {
-                return Ok((current, false));
-            }
-            updated
-                .validate(self.state.trust_domain())
-                .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-            self.state
-                .check_entry_write(&updated, Operation::Update, caller)?;
-            match self
-                .state
-                .store
-                .update_entry(updated, Some(current.revision_number))
-                .await
-            {
-                Ok(stored) => {
-                    self.state.written().await;
-                    return Ok((stored, true));
-                }
-                Err(DatastoreError::Conflict(_)) if attempt < SET_ATTEMPTS => continue,
-                Err(DatastoreError::NotFound(_)) => return Err(entry_not_found()),
-                Err(error) => return Err(error.into()),
-            }
-        }
+        let written = self
+            .writer
+            .update_if_changed(caller, &id, SET_ENTRY_METADATA, |current| {
+                let mut updated = current.clone();
+                updated.owner = non_empty(&metadata.owner);
+                updated.reason = non_empty(&metadata.reason);
+                updated.ticket = non_empty(&metadata.ticket);
+                Ok(updated)
+            })
+            .await?;
+        Ok(written.entry)
     }
 }
 
@@ -241,8 +204,4 @@ pub(crate) fn metadata_of(entry: &RegistrationEntry) -> EntryMetadata {
         ticket: entry.ticket.clone().unwrap_or_default(),
         source: entry.source.clone().unwrap_or_default(),
     }
-}
-
-fn entry_not_found() -> ApiError {
-    ApiError::NotFound("entry not found".to_owned())
 }

@@ -18,16 +18,15 @@ pub mod svid;
 pub mod usage;
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use lanyard_core::SpiffeId;
 use lanyard_proto::spire::api::types::permission_denied_details::Reason;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 use tonic::{Request, Status};
 
 use crate::datastore::AttestedAgent;
 use crate::state::ServerState;
 
+pub use crate::caller::{Caller, PeerSvid};
 pub use errors::{ApiError, permission_denied};
 
 /// Entries per batch call, at most, on SPIRE's entry API and ours (SPIRE's CLI sends entries
@@ -44,69 +43,13 @@ pub(crate) fn check_batch(len: usize) -> Result<(), Status> {
     Ok(())
 }
 
-/// Who is calling, as far as the transport can tell.
-#[derive(Debug, Clone)]
-pub enum Caller {
-    /// A process on this host, over the admin Unix socket.
-    Local {
-        /// The caller's uid, from the kernel.
-        uid: Option<u32>,
-    },
-    /// A TLS client that presented an X.509-SVID the TLS layer verified against the bundle.
-    Svid(PeerSvid),
-    /// A TLS client without a certificate.
-    Anonymous,
-}
-
-/// The verified SVID a TLS peer presented.
-#[derive(Debug, Clone)]
-pub struct PeerSvid {
-    /// Its SPIFFE ID.
-    pub id: SpiffeId,
-    /// Its serial number in decimal, as SPIRE compares agent serials.
-    pub serial: String,
-    /// Its expiry.
-    pub not_after: SystemTime,
-}
-
-impl Caller {
-    /// Identifies the caller of `request`.
-    pub fn of<T>(request: &Request<T>) -> Caller {
-        if let Some(info) = request.extensions().get::<UdsConnectInfo>() {
-            return Caller::Local {
-                uid: info.peer_cred.map(|c| c.uid()),
-            };
-        }
-        let certs = request
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|info| info.peer_certs());
-        let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
-            return Caller::Anonymous;
-        };
-        // The TLS verifier already checked the chain; read what it verified.
-        let id = lanyard_core::x509::spiffe_id_of(leaf);
-        let serial = lanyard_core::x509::serial_decimal(leaf);
-        let validity = lanyard_core::x509::validity_of(leaf);
-        match (id, serial, validity) {
-            (Ok(id), Ok(serial), Ok((_, not_after))) => Caller::Svid(PeerSvid {
-                id,
-                serial,
-                not_after,
-            }),
-            _ => Caller::Anonymous,
-        }
+/// The caller may not call `method`; `reason` tells an agent what to do about it.
+fn not_authorized(method: &str, reason: Option<Reason>) -> Status {
+    ApiError::NotAuthorized {
+        method: method.to_owned(),
+        reason,
     }
-
-    /// A short description for audit logs.
-    pub fn describe(&self) -> String {
-        match self {
-            Caller::Local { uid: Some(uid) } => format!("local uid {uid}"),
-            Caller::Local { uid: None } => "local".to_owned(),
-            Caller::Svid(svid) => svid.id.to_string(),
-            Caller::Anonymous => "anonymous".to_owned(),
-        }
-    }
+    .into_status()
 }
 
 /// Authorization checks shared by the services.
@@ -127,7 +70,7 @@ impl Authorizer {
         match &caller {
             Caller::Local { .. } => Ok(caller),
             Caller::Svid(svid) if self.state.is_admin_id(&svid.id) => Ok(caller),
-            _ => Err(permission_denied(method, None)),
+            _ => Err(not_authorized(method, None)),
         }
     }
 
@@ -141,7 +84,7 @@ impl Authorizer {
             {
                 Ok(caller)
             }
-            _ => Err(permission_denied(method, None)),
+            _ => Err(not_authorized(method, None)),
         }
     }
 
@@ -155,11 +98,11 @@ impl Authorizer {
         method: &str,
     ) -> Result<AgentCaller, Status> {
         let Caller::Svid(svid) = Caller::of(request) else {
-            return Err(permission_denied(method, None));
+            return Err(not_authorized(method, None));
         };
         let now = self.state.now();
         if svid.not_after <= now {
-            return Err(permission_denied(method, Some(Reason::AgentExpired)));
+            return Err(not_authorized(method, Some(Reason::AgentExpired)));
         }
         let Some(mut agent) = self
             .state
@@ -168,10 +111,10 @@ impl Authorizer {
             .await
             .map_err(|e| ApiError::from(e).into_status())?
         else {
-            return Err(permission_denied(method, Some(Reason::AgentNotAttested)));
+            return Err(not_authorized(method, Some(Reason::AgentNotAttested)));
         };
         if agent.is_banned() {
-            return Err(permission_denied(method, Some(Reason::AgentBanned)));
+            return Err(not_authorized(method, Some(Reason::AgentBanned)));
         }
         if agent.serial == svid.serial {
             return Ok(AgentCaller { svid, agent });
@@ -187,7 +130,7 @@ impl Authorizer {
                 .map_err(|e| ApiError::from(e).into_status())?;
             return Ok(AgentCaller { svid, agent });
         }
-        Err(permission_denied(method, Some(Reason::AgentNotActive)))
+        Err(not_authorized(method, Some(Reason::AgentNotActive)))
     }
 
     /// Either an agent or an admin (SPIRE allows both on `GetFederatedBundle`).

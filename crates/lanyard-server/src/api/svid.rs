@@ -261,7 +261,7 @@ fn new_x509_svid(
         authority_id: ca.authority_id(),
         issued_at: now,
         not_after: svid.not_after(),
-        exception_ids: state.exceptions_used(entry),
+        exception_ids: state.judge.exceptions_used(entry),
     });
     Ok(x509_svid_to_proto(&svid, &entry.hint))
 }
@@ -305,7 +305,7 @@ pub fn new_jwt_svid(
         authority_id: svid.key_id.clone(),
         issued_at: now,
         not_after: svid.expires_at,
-        exception_ids: state.exceptions_used(&entry),
+        exception_ids: state.judge.exceptions_used(&entry),
     });
     Ok(jwt_svid_to_proto(&svid, &entry.hint))
 }

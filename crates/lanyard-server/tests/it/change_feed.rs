@@ -58,7 +58,7 @@ async fn writes_by_another_server_reach_the_index_within_the_poll_interval() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        server.server().state().index_revision().await,
+        server.server().state().index.revision().await,
         server
             .server()
             .state()
@@ -86,12 +86,12 @@ async fn an_update_that_loses_the_race_to_a_delete_leaves_nothing_in_the_index()
     other.delete_entry(&id).await.unwrap();
     state.catch_up().await.unwrap();
     assert!(sync_ids(&server, &agent).await.is_empty());
-    assert_eq!(state.index().entry_count(), 0);
+    assert_eq!(state.index.read().entry_count(), 0);
 
     // Catching up again changes nothing: each change is applied once, in order.
-    let revision = state.index_revision().await;
+    let revision = state.index.revision().await;
     state.catch_up().await.unwrap();
-    assert_eq!(state.index_revision().await, revision);
+    assert_eq!(state.index.revision().await, revision);
 }
 
 #[tokio::test]

@@ -378,7 +378,8 @@ async fn crud(harness: &Harness) {
     assert!(
         harness
             .state
-            .index()
+            .index
+            .read()
             .entry(&created.id.parse().unwrap())
             .is_none(),
         "the authorization index follows deletions"
@@ -416,7 +417,8 @@ async fn a_client_chosen_id_is_kept() {
     assert!(
         harness
             .state
-            .index()
+            .index
+            .read()
             .entry(&"my-entry.1".parse().unwrap())
             .is_some(),
         "the authorization index follows creations"

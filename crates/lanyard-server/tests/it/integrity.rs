@@ -254,7 +254,8 @@ async fn an_entry_for_the_servers_id_in_the_datastore_is_never_issued() {
     let state = server.server().state();
     assert!(
         state
-            .index()
+            .index
+            .read()
             .authorized_entries(&agent.id, state.now())
             .len()
             == 1,
@@ -336,7 +337,7 @@ async fn a_change_committed_without_its_audit_record_is_recorded_at_restart() {
     // append: the write's guard is never released and its record never written.
     let state = std::sync::Arc::clone(server.server().state());
     state.checkpoint_audit().await;
-    std::mem::forget(state.audited_write());
+    std::mem::forget(state.audit.guard());
     let entry = RegistrationEntry::new(
         EntryId::generate(),
         lanyard_core::SpiffeId::from_path(&trust_domain(), "/unrecorded").unwrap(),

@@ -260,7 +260,14 @@ async fn an_entry_that_fails_the_policy_authorizes_nothing_until_it_passes() {
     // Registered while the policy allowed it; then the policy wants an owner.
     let entry = create_entry(&server, "/ownerless", &agent.id, 0).await;
     std::fs::write(&policy_path, OWNER_REQUIRED).unwrap();
-    server.server().state().policy().unwrap().reload().unwrap();
+    server
+        .server()
+        .state()
+        .judge
+        .policy()
+        .unwrap()
+        .reload()
+        .unwrap();
 
     // No owner: not synced, not minted.
     assert!(sync_ids(&server, &agent).await.is_empty());
@@ -295,7 +302,14 @@ async fn an_entry_that_fails_the_policy_authorizes_nothing_until_it_passes() {
         "package lanyard\nimport rego.v1\nviolations contains {\"rule\": \"closed\", \"message\": \"closed\"} if { true }\n",
     )
     .unwrap();
-    server.server().state().policy().unwrap().reload().unwrap();
+    server
+        .server()
+        .state()
+        .judge
+        .policy()
+        .unwrap()
+        .reload()
+        .unwrap();
     assert!(sync_ids(&server, &agent).await.is_empty());
 }
 
@@ -330,7 +344,7 @@ async fn a_reloaded_policy_that_fails_on_current_entries_is_refused() {
     .await;
     let agent = server.attest_new_agent().await;
     let entry = create_entry(&server, "/web", &agent.id, 0).await;
-    let holder = server.server().state().policy().unwrap();
+    let holder = server.server().state().judge.policy().unwrap();
     let generation = holder.generation();
 
     std::fs::write(&policy_path, FAILS_ON_REAL_ENTRIES).unwrap();
@@ -360,7 +374,7 @@ async fn a_reloaded_policy_that_fails_on_a_synthetic_entry_is_refused_on_an_empt
         config.policy = Some(lanyard_server::config::PolicyConfig::new(path));
     })
     .await;
-    let holder = server.server().state().policy().unwrap();
+    let holder = server.server().state().judge.policy().unwrap();
     // Fails on every entry; and one that fails only when a local admin writes.
     let fails_on_writes = r#"package lanyard
 import rego.v1
@@ -404,7 +418,7 @@ async fn a_policy_slower_than_its_limit_fails_closed_without_stalling() {
 
     std::fs::write(&policy_path, SLOW_ON_REAL_ENTRIES).unwrap();
     // Without the limit the candidate evaluates (slowly) and is put in force.
-    let error = state.policy().unwrap().reload().unwrap_err();
+    let error = state.judge.policy().unwrap().reload().unwrap_err();
     assert!(
         error.to_string().contains("spiffe://example.org/web"),
         "{error}"

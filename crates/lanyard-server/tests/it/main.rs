@@ -16,3 +16,4 @@ mod local_authority;
 mod rate_limits;
 mod support;
 mod svid_bundle_api;
+mod write_path;

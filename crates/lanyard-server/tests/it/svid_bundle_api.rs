@@ -864,7 +864,7 @@ async fn federated_bundle_delete_modes() {
             .unwrap()
             .is_none()
     );
-    assert!(harness.state.index().entry(&entry_ids[0]).is_none());
+    assert!(harness.state.index.read().entry(&entry_ids[0]).is_none());
 
     // DISSOCIATE keeps the entry but drops the trust domain from it.
     let results = client
@@ -886,7 +886,13 @@ async fn federated_bundle_delete_modes() {
         .unwrap()
         .unwrap();
     assert!(entry.federates_with.is_empty());
-    let indexed = harness.state.index().entry(&entry_ids[1]).cloned().unwrap();
+    let indexed = harness
+        .state
+        .index
+        .read()
+        .entry(&entry_ids[1])
+        .cloned()
+        .unwrap();
     assert!(indexed.federates_with.is_empty());
     assert_eq!(indexed.revision_number, entry.revision_number);
 

@@ -1,0 +1,90 @@
+//! Who is calling, as the transport tells it: the admin socket's peer credentials or the TLS
+//! client's verified SVID. Every service and the write path take a [`Caller`]; nothing here
+//! depends on the services.
+
+use std::time::SystemTime;
+
+use lanyard_core::SpiffeId;
+use lanyard_core::policy::CallerInput;
+use tonic::Request;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
+
+/// Who is calling, as far as the transport can tell.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A process on this host, over the admin Unix socket.
+    Local {
+        /// The caller's uid, from the kernel.
+        uid: Option<u32>,
+    },
+    /// A TLS client that presented an X.509-SVID the TLS layer verified against the bundle.
+    Svid(PeerSvid),
+    /// A TLS client without a certificate.
+    Anonymous,
+}
+
+/// The verified SVID a TLS peer presented.
+#[derive(Debug, Clone)]
+pub struct PeerSvid {
+    /// Its SPIFFE ID.
+    pub id: SpiffeId,
+    /// Its serial number in decimal, as SPIRE compares agent serials.
+    pub serial: String,
+    /// Its expiry.
+    pub not_after: SystemTime,
+}
+
+impl Caller {
+    /// Identifies the caller of `request`.
+    pub fn of<T>(request: &Request<T>) -> Caller {
+        if let Some(info) = request.extensions().get::<UdsConnectInfo>() {
+            return Caller::Local {
+                uid: info.peer_cred.map(|c| c.uid()),
+            };
+        }
+        let certs = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs());
+        let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
+            return Caller::Anonymous;
+        };
+        // The TLS verifier already checked the chain; read what it verified.
+        let id = lanyard_core::x509::spiffe_id_of(leaf);
+        let serial = lanyard_core::x509::serial_decimal(leaf);
+        let validity = lanyard_core::x509::validity_of(leaf);
+        match (id, serial, validity) {
+            (Ok(id), Ok(serial), Ok((_, not_after))) => Caller::Svid(PeerSvid {
+                id,
+                serial,
+                not_after,
+            }),
+            _ => Caller::Anonymous,
+        }
+    }
+
+    /// A short description for audit logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Caller::Local { uid: Some(uid) } => format!("local uid {uid}"),
+            Caller::Local { uid: None } => "local".to_owned(),
+            Caller::Svid(svid) => svid.id.to_string(),
+            Caller::Anonymous => "anonymous".to_owned(),
+        }
+    }
+}
+
+/// What the policy sees of `caller`.
+pub fn caller_input(caller: &Caller) -> CallerInput {
+    match caller {
+        Caller::Local { .. } => CallerInput {
+            id: None,
+            local: true,
+        },
+        Caller::Svid(svid) => CallerInput {
+            id: Some(svid.id.to_string()),
+            local: false,
+        },
+        Caller::Anonymous => CallerInput::default(),
+    }
+}
