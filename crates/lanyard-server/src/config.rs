@@ -315,6 +315,37 @@ pub struct DatastoreConfig {
     /// SQLite file; defaults to `<data_dir>/datastore.sqlite3`.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// PostgreSQL: the database URL, `postgres://user:password@host:port/database` (required
+    /// with `kind = "postgres"`, refused otherwise). Never logged.
+    #[serde(default)]
+    pub connection_string: Option<ConnectionString>,
+    /// PostgreSQL: connections in the pool (default 8).
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+}
+
+/// A database URL, which may hold a password: its `Debug` form shows neither the password nor
+/// anything else of it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct ConnectionString(String);
+
+impl ConnectionString {
+    /// A connection string.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL itself, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ConnectionString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionString(redacted)")
+    }
 }
 
 /// Datastore backends.
@@ -326,6 +357,8 @@ pub enum DatastoreKind {
     Sqlite,
     /// In memory; everything is lost on exit. For tests and demos.
     Memory,
+    /// PostgreSQL at `connection_string`, which several servers may share.
+    Postgres,
 }
 
 /// Key manager selection.
@@ -454,6 +487,27 @@ impl ServerConfig {
             positive("agent_ttl", ttl)?;
         }
         self.limits.check()?;
+        match (self.datastore.kind, &self.datastore.connection_string) {
+            (DatastoreKind::Postgres, None) => {
+                return Err(ConfigError::Invalid {
+                    key: "datastore.connection_string",
+                    reason: "is required with kind = \"postgres\"".into(),
+                });
+            }
+            (DatastoreKind::Sqlite | DatastoreKind::Memory, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "datastore.connection_string",
+                    reason: "is for kind = \"postgres\" only".into(),
+                });
+            }
+            _ => {}
+        }
+        if self.datastore.max_connections == Some(0) {
+            return Err(ConfigError::Invalid {
+                key: "datastore.max_connections",
+                reason: "must be greater than zero".into(),
+            });
+        }
         if !matches!(
             self.log_level.as_str(),
             "error" | "warn" | "info" | "debug" | "trace"
@@ -732,6 +786,44 @@ mod tests {
                 ServerConfig::parse(&format!("trust_domain = \"td\"\ndata_dir = \"/d\"\n{text}"))
                     .unwrap_err()
                     .to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn postgres_needs_a_connection_string_that_is_never_shown() {
+        let base = "trust_domain = \"td\"\ndata_dir = \"/d\"\n[datastore]\n";
+        let config = ServerConfig::parse(&format!(
+            "{base}kind = \"postgres\"\nconnection_string = \"postgres://u:hunter2@db/lanyard\"\n\
+             max_connections = 16"
+        ))
+        .unwrap();
+        assert_eq!(config.datastore.kind, DatastoreKind::Postgres);
+        assert_eq!(config.datastore.max_connections, Some(16));
+        assert_eq!(
+            config
+                .datastore
+                .connection_string
+                .as_ref()
+                .unwrap()
+                .expose(),
+            "postgres://u:hunter2@db/lanyard"
+        );
+        assert!(!format!("{config:?}").contains("hunter2"));
+        for (text, key) in [
+            ("kind = \"postgres\"", "datastore.connection_string"),
+            (
+                "kind = \"sqlite\"\nconnection_string = \"postgres://db/x\"",
+                "datastore.connection_string",
+            ),
+            (
+                "kind = \"postgres\"\nconnection_string = \"postgres://db/x\"\nmax_connections = 0",
+                "datastore.max_connections",
+            ),
+        ] {
+            let err = ServerConfig::parse(&format!("{base}{text}"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(key), "{text:?}: {err}");
         }
     }

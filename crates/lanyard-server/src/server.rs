@@ -121,6 +121,24 @@ impl Server {
         let store: Arc<dyn Datastore> = match config.datastore.kind {
             DatastoreKind::Sqlite => Arc::new(SqlStore::open(&config.datastore_path()).await?),
             DatastoreKind::Memory => Arc::new(MemoryStore::new()),
+            DatastoreKind::Postgres => {
+                // `ServerConfig::check` requires it; a config built in code may lack it.
+                let url = config.datastore.connection_string.as_ref().ok_or_else(|| {
+                    DatastoreError::Backend(
+                        "kind = \"postgres\" needs datastore.connection_string".into(),
+                    )
+                })?;
+                Arc::new(
+                    crate::datastore::PgStore::connect(
+                        url.expose(),
+                        config
+                            .datastore
+                            .max_connections
+                            .unwrap_or(crate::datastore::postgres::DEFAULT_MAX_CONNECTIONS),
+                    )
+                    .await?,
+                )
+            }
         };
         // Before anything else writes: changes committed without an audit record when the
         // last run died are recorded now, from the change log.

@@ -1,9 +1,10 @@
 //! The server's persistent state behind one [`Datastore`] trait: registration entries, attested
 //! agents, join tokens, trust bundles, the CA journal and a change log.
 //!
-//! Two implementations pass the same conformance suite (`tests/it/datastore.rs`):
+//! Three implementations pass the same conformance suite (`tests/it/datastore.rs`):
 //! [`SqlStore`], SQLite through sqlx with versioned migrations (the default, embedded under
-//! `data_dir`), and [`MemoryStore`] for tests. Both store times in whole unix seconds, so a value
+//! `data_dir`), [`PgStore`], PostgreSQL for several servers sharing one datastore, and
+//! [`MemoryStore`] for tests. All store times in whole unix seconds, so a value
 //! read back is the value written truncated to the second, whichever store holds it.
 //!
 //! Every write that changes an entry, an agent, a bundle or a policy exception bumps one global revision counter and
@@ -23,10 +24,12 @@ use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomai
 mod convert;
 pub mod governance;
 pub mod memory;
+pub mod postgres;
 pub mod sql;
 
 pub use governance::{EntryUsage, Issuance, IssuanceFilter, IssuanceKind};
 pub use memory::MemoryStore;
+pub use postgres::PgStore;
 pub use sql::SqlStore;
 
 /// The result type of every datastore operation.

@@ -52,6 +52,19 @@ macro_rules! conformance {
                 }
             )*
         }
+
+        mod pg_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let url = crate::pg::fresh_database().await;
+                    let store = lanyard_server::datastore::PgStore::connect(&url, 4)
+                        .await
+                        .unwrap();
+                    super::$name(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
     };
 }
 

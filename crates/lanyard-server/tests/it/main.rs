@@ -13,6 +13,8 @@ mod integrity;
 mod issuance;
 mod limits;
 mod local_authority;
+mod pg;
+mod postgres;
 mod rate_limits;
 mod support;
 mod svid_bundle_api;

@@ -1,0 +1,167 @@
+//! [`PgStore`]: the datastore in PostgreSQL through sqlx, for several servers sharing one
+//! database. Its schema is `crates/lanyard-server/migrations/postgres/` (the same tables as
+//! SQLite's, in PostgreSQL's types), embedded at compile time and applied at connect under
+//! sqlx's advisory lock, so servers starting together migrate once. Its queries and row codecs
+//! are SQLite's (`sql_body.rs`), with `?` placeholders rewritten to `$n`.
+//!
+//! Every write transaction first locks the one row of `store_state` (`SELECT … FOR UPDATE`):
+//! writes from every server are serialized, so two servers redeeming one join token at the
+//! same moment see it once, two servers writing the CA journal never interleave, and change-log
+//! revisions are committed in the order they are numbered, which is what lets every server
+//! follow the change log by revision. Reads that span several statements run in one
+//! `REPEATABLE READ` transaction, so they see one snapshot.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, SystemTime};
+
+use lanyard_core::bundle::TrustBundle;
+use lanyard_core::policy::Exception;
+use lanyard_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId, TrustDomain};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, QueryBuilder, Row, Transaction};
+
+use super::convert::{
+    BundleRecord, JwtAuthorityRecord, X509AuthorityRecord, checked_bundle, duration_seconds,
+    from_unix_seconds, normalize_agent, normalize_entry, normalize_exception, seconds_duration,
+    unix_seconds, whole_second,
+};
+use super::governance::usage_record;
+use super::{
+    AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSubject, Datastore,
+    DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
+    JoinTokenRecord, MatchMode, Page, PageRequest, Result, SelectorFilter, bundle_in_use,
+    merge_bundles, missing_federated_bundle, not_found, revision_conflict,
+};
+
+/// The schema migrations, embedded at compile time from `migrations/postgres/`.
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Connections in the pool when the configuration does not say.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
+
+/// How long a connection may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Db = Postgres;
+type Conn = PgConnection;
+type DbRow = PgRow;
+type Store = PgStore;
+
+/// The shared queries with their `?` placeholders rewritten to PostgreSQL's `$1`, `$2`, …
+/// (outside quoted text), each rewritten once and kept for the life of the process.
+fn q(sql: &'static str) -> &'static str {
+    static REWRITTEN: LazyLock<Mutex<HashMap<&'static str, &'static str>>> =
+        LazyLock::new(Mutex::default);
+    let mut rewritten = REWRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+    rewritten
+        .entry(sql)
+        .or_insert_with(|| Box::leak(numbered_placeholders(sql).into_boxed_str()))
+}
+
+fn numbered_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    let mut quoted = false;
+    for c in sql.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                out.push(c);
+            }
+            '?' if !quoted => {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The PostgreSQL datastore. Cheap to clone; clones share the connection pool.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user:password@host:port/database`, with
+    /// libpq's query parameters such as `sslmode`) with at most
+    /// `max_connections` connections, and brings its schema up to date. A database written
+    /// by a newer Lanyard, with migrations this build does not know, is refused.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(DatastoreError::Backend(
+                "invalid PostgreSQL connection string: it must start with postgres:// or \
+                 postgresql://"
+                    .to_owned(),
+            ));
+        }
+        let options = PgConnectOptions::from_str(url).map_err(|e| {
+            DatastoreError::Backend(format!("invalid PostgreSQL connection string: {e}"))
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| DatastoreError::Backend(format!("cannot connect to PostgreSQL: {e}")))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| DatastoreError::Backend(format!("schema migration failed: {e}")))?;
+        Ok(Self {
+            pool,
+            write_lock: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    /// The newest schema version this build knows (the last migration's number).
+    pub fn schema_version() -> i64 {
+        MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+    }
+
+    /// Closes every connection. Further calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A write transaction holding the datastore-wide write lock (the `store_state` row).
+    async fn write(&self) -> Result<WriteTx<'_>> {
+        let guard = self.write_lock.lock().await;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT revision FROM store_state WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok(WriteTx { tx, _guard: guard })
+    }
+
+    /// A read transaction: its statements see one snapshot.
+    async fn read_tx(&self) -> Result<Transaction<'static, Db>> {
+        Ok(self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?)
+    }
+}
+
+include!("sql_body.rs");
+
+#[cfg(test)]
+mod tests {
+    use super::numbered_placeholders;
+
+    #[test]
+    fn placeholders_are_numbered_outside_quoted_text() {
+        assert_eq!(
+            numbered_placeholders("SELECT a FROM t WHERE b = ? AND c <> '[?]' AND d IN (?, ?)"),
+            "SELECT a FROM t WHERE b = $1 AND c <> '[?]' AND d IN ($2, $3)"
+        );
+        assert_eq!(numbered_placeholders("SELECT 1"), "SELECT 1");
+    }
+}

@@ -1,0 +1,155 @@
+//! The server on PostgreSQL: a real cluster (see `pg.rs`), the server's whole life on it, and
+//! what two servers sharing one database must get right. The datastore's own behaviour on
+//! PostgreSQL is the conformance suite's (`datastore.rs`, module `pg_store`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use lanyard_core::{EntryId, RegistrationEntry, Selector, SpiffeId};
+use lanyard_server::config::{ConnectionString, DatastoreKind};
+use lanyard_server::datastore::{Datastore, DatastoreError, PgStore};
+
+use crate::issuance::{create_entry, sync_ids};
+use crate::pg::fresh_database;
+use crate::support::{TestServer, trust_domain};
+
+async fn server_on(url: &str) -> TestServer {
+    let url = url.to_owned();
+    TestServer::start_with(move |config| {
+        config.datastore.kind = DatastoreKind::Postgres;
+        config.datastore.connection_string = Some(ConnectionString::new(url));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_server_on_postgres_keeps_its_entries_agents_and_ca_across_restarts() {
+    let url = fresh_database().await;
+    let mut server = server_on(&url).await;
+    let agent = server.attest_new_agent().await;
+    let id = create_entry(&server, "/pg/web", &agent.id, 0).await;
+    assert_eq!(sync_ids(&server, &agent).await, vec![id.clone()]);
+    let authorities = server.authorities();
+
+    server.restart().await;
+    assert_eq!(server.authorities(), authorities, "the CA is the same");
+    assert_eq!(sync_ids(&server, &agent).await, vec![id]);
+    // Nothing was written to a SQLite file on the side.
+    assert!(!server.config.datastore_path().exists());
+}
+
+#[tokio::test]
+async fn two_servers_redeem_a_join_token_exactly_once() {
+    let url = fresh_database().await;
+    let a = Arc::new(PgStore::connect(&url, 4).await.unwrap());
+    let b = Arc::new(PgStore::connect(&url, 4).await.unwrap());
+    for round in 0..5 {
+        let token = format!("token-{round}");
+        a.create_join_token(&token, SystemTime::now() + Duration::from_secs(600))
+            .await
+            .unwrap();
+        let mut takes = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            let store = if i % 2 == 0 {
+                Arc::clone(&a)
+            } else {
+                Arc::clone(&b)
+            };
+            let token = token.clone();
+            takes.spawn(async move { store.take_join_token(&token).await });
+        }
+        let mut redeemed = 0;
+        while let Some(result) = takes.join_next().await {
+            match result.unwrap() {
+                Ok(_) => redeemed += 1,
+                Err(DatastoreError::NotFound(_)) => {}
+                Err(other) => panic!("unexpected error: {other}"),
+            }
+        }
+        assert_eq!(
+            redeemed, 1,
+            "round {round}: one agent, whichever server it asked"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_write_through_another_server_reaches_this_servers_workloads() {
+    let url = fresh_database().await;
+    let server = server_on(&url).await;
+    let agent = server.attest_new_agent().await;
+    let other = PgStore::connect(&url, 2).await.unwrap();
+    let entry = RegistrationEntry::new(
+        EntryId::generate(),
+        SpiffeId::from_path(&trust_domain(), "/written/elsewhere").unwrap(),
+        agent.id.clone(),
+        [Selector::new("unix", "uid:1000").unwrap()]
+            .into_iter()
+            .collect(),
+        SystemTime::now(),
+    );
+    let created = other.create_entry(entry).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sync_ids(&server, &agent).await != vec![created.id.as_str().to_owned()] {
+        assert!(
+            Instant::now() < deadline,
+            "the other server's entry never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_or_malformed_database_is_a_clear_error() {
+    let error = PgStore::connect("mysql://nope", 2).await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("invalid PostgreSQL connection string"),
+        "{error}"
+    );
+    // A port nobody listens on: refused at once, and the password is not in the message.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://lanyard:s3cret@127.0.0.1:{port}/lanyard?connect_timeout=2");
+    let error = PgStore::connect(&url, 2).await.unwrap_err().to_string();
+    assert!(error.contains("cannot connect to PostgreSQL"), "{error}");
+    assert!(!error.contains("s3cret"), "{error}");
+}
+
+#[tokio::test]
+async fn servers_connecting_together_migrate_once_and_a_newer_schema_is_refused() {
+    let url = fresh_database().await;
+    let connects: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PgStore::connect(&url, 2).await })
+        })
+        .collect();
+    for connect in connects {
+        connect.await.unwrap().unwrap();
+    }
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let expected: Vec<i64> = (1..=PgStore::schema_version()).collect();
+    assert_eq!(versions, expected, "each migration applied exactly once");
+
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (999999, 'from the future', true, '\\x00', 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let error = PgStore::connect(&url, 2).await.unwrap_err().to_string();
+    assert!(error.contains("migration"), "{error}");
+}
