@@ -26,6 +26,7 @@ pub mod governance;
 pub mod memory;
 pub mod postgres;
 pub mod sql;
+pub mod transfer;
 
 pub use governance::{EntryUsage, Issuance, IssuanceFilter, IssuanceKind};
 pub use memory::MemoryStore;

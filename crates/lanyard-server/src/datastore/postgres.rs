@@ -141,6 +141,11 @@ impl PgStore {
         Ok(WriteTx { tx, _guard: guard })
     }
 
+    /// The connection pool, for moving the whole datastore (`transfer`).
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// A read transaction: its statements see one snapshot.
     async fn read_tx(&self) -> Result<Transaction<'static, Db>> {
         Ok(self

@@ -141,6 +141,11 @@ impl SqlStore {
         Ok(WriteTx { tx, _guard: guard })
     }
 
+    /// The connection pool, for moving the whole datastore (`transfer`).
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// A read transaction: its statements see one snapshot.
     async fn read_tx(&self) -> Result<Transaction<'static, Db>> {
         Ok(self.pool.begin().await?)
