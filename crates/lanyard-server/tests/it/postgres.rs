@@ -14,10 +14,15 @@ use crate::pg::fresh_database;
 use crate::support::{TestServer, trust_domain};
 
 async fn server_on(url: &str) -> TestServer {
+    server_polling(url, Duration::from_secs(1)).await
+}
+
+async fn server_polling(url: &str, poll_interval: Duration) -> TestServer {
     let url = url.to_owned();
     TestServer::start_with(move |config| {
         config.datastore.kind = DatastoreKind::Postgres;
         config.datastore.connection_string = Some(ConnectionString::new(url));
+        config.datastore.poll_interval = poll_interval;
     })
     .await
 }
@@ -74,9 +79,10 @@ async fn two_servers_redeem_a_join_token_exactly_once() {
 }
 
 #[tokio::test]
-async fn a_write_through_another_server_reaches_this_servers_workloads() {
+async fn a_write_through_another_server_is_announced_not_polled_for() {
+    // The poll never fires during the test: only PostgreSQL's announcement can deliver it.
     let url = fresh_database().await;
-    let server = server_on(&url).await;
+    let server = server_polling(&url, Duration::from_secs(3600)).await;
     let agent = server.attest_new_agent().await;
     let other = PgStore::connect(&url, 2).await.unwrap();
     let entry = RegistrationEntry::new(
