@@ -306,7 +306,7 @@ pub enum LogFormat {
 }
 
 /// Datastore selection.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatastoreConfig {
     /// The backend.
@@ -322,6 +322,27 @@ pub struct DatastoreConfig {
     /// PostgreSQL: connections in the pool (default 8).
     #[serde(default)]
     pub max_connections: Option<u32>,
+    /// How often the server reads the change log for writes made by other servers sharing
+    /// the datastore (default 1 s). On PostgreSQL they are announced and applied within
+    /// milliseconds; the poll is the safety net.
+    #[serde(default = "default_poll_interval", with = "duration")]
+    pub poll_interval: Duration,
+}
+
+impl Default for DatastoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: DatastoreKind::default(),
+            path: None,
+            connection_string: None,
+            max_connections: None,
+            poll_interval: default_poll_interval(),
+        }
+    }
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// A database URL, which may hold a password: its `Debug` form shows neither the password nor
@@ -502,6 +523,7 @@ impl ServerConfig {
             }
             _ => {}
         }
+        positive("datastore.poll_interval", self.datastore.poll_interval)?;
         if self.datastore.max_connections == Some(0) {
             return Err(ConfigError::Invalid {
                 key: "datastore.max_connections",

@@ -323,17 +323,30 @@ async fn checkpoint_audit(state: Arc<ServerState>, mut stopped: watch::Receiver<
 }
 
 /// How often the authorization index catches up with the change log by itself, for writes
-/// that did not go through this server (another server sharing the datastore). This server's
-/// own writes are applied before they are acknowledged.
-const CHANGE_POLL_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Applies the datastore's change log to the authorization index every
-/// [`CHANGE_POLL_INTERVAL`].
+/// Applies the datastore's change log to the authorization index whenever the datastore
+/// announces a change (PostgreSQL: another server committed one) and every
+/// `[datastore] poll_interval` in any case, for writes that did not go through this server.
+/// This server's own writes are applied before they are acknowledged.
 async fn follow_changes(state: Arc<ServerState>, mut stopped: watch::Receiver<bool>) {
+    let interval = state.config.datastore.poll_interval;
+    let signal = match state.store.change_signal().await {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::warn!(%error, "the datastore cannot announce changes; polling its change log only");
+            None
+        }
+    };
+    let announced = || async {
+        match &signal {
+            Some(signal) => signal.changed().await,
+            None => std::future::pending().await,
+        }
+    };
     let mut failing = false;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(CHANGE_POLL_INTERVAL) => {}
+            () = tokio::time::sleep(interval) => {}
+            () = announced() => {}
             () = async { let _ = stopped.wait_for(|s| *s).await; } => break,
         }
         match state.catch_up().await {

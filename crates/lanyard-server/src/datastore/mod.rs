@@ -26,6 +26,7 @@ pub mod governance;
 pub mod memory;
 pub mod postgres;
 pub mod sql;
+pub mod transfer;
 
 pub use governance::{EntryUsage, Issuance, IssuanceFilter, IssuanceKind};
 pub use memory::MemoryStore;
@@ -469,6 +470,35 @@ impl ChangeSubject {
     }
 }
 
+/// Raised when the datastore announces a change ([`Datastore::change_signal`]). Dropping it
+/// stops the listening behind it.
+#[derive(Debug)]
+pub struct ChangeSignal {
+    notify: std::sync::Arc<tokio::sync::Notify>,
+    listener: tokio::task::AbortHandle,
+}
+
+impl ChangeSignal {
+    /// A signal raised through `notify` by the task behind `listener`.
+    pub fn new(
+        notify: std::sync::Arc<tokio::sync::Notify>,
+        listener: tokio::task::AbortHandle,
+    ) -> Self {
+        Self { notify, listener }
+    }
+
+    /// Completes at the next announcement (or at once if one came since the last call).
+    pub async fn changed(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for ChangeSignal {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
 /// One entry of the change log.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Change {
@@ -537,6 +567,14 @@ pub trait Datastore: Send + Sync + fmt::Debug {
 
     /// The changes with a revision strictly greater than `revision`, oldest first.
     async fn changes_since(&self, revision: i64) -> Result<Vec<Change>>;
+
+    /// A signal raised soon after another process commits a change, so that a follower need
+    /// not wait for its next poll of [`Datastore::changes_since`]; `None` where the backend
+    /// cannot announce changes (the follower polls). A signal may be raised with nothing new
+    /// to read, and announcements can be lost: it shortens the wait, the poll stays.
+    async fn change_signal(&self) -> Result<Option<ChangeSignal>> {
+        Ok(None)
+    }
 
     /// Forgets changes with a revision strictly less than `before`, returning how many.
     /// The revision counter is not affected.

@@ -30,8 +30,8 @@ use super::convert::{
 };
 use super::governance::usage_record;
 use super::{
-    AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSubject, Datastore,
-    DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
+    AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSignal, ChangeSubject,
+    Datastore, DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
     JoinTokenRecord, MatchMode, Page, PageRequest, Result, SelectorFilter, bundle_in_use,
     merge_bundles, missing_federated_bundle, not_found, revision_conflict,
 };
@@ -49,6 +49,65 @@ type Db = Postgres;
 type Conn = PgConnection;
 type DbRow = PgRow;
 type Store = PgStore;
+
+/// The channel on which every change is announced, with its revision as the payload.
+const CHANGES_CHANNEL: &str = "lanyard_changes";
+
+/// Announces a change on [`CHANGES_CHANNEL`]; PostgreSQL delivers it to every listener when
+/// the transaction commits, and never if it rolls back.
+async fn announce_change(conn: &mut Conn, revision: i64) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANGES_CHANNEL)
+        .bind(revision.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Listens on [`CHANGES_CHANNEL`] and raises `signal` for each announcement, and once more
+/// whenever the listening connection was lost and re-established (announcements made
+/// meanwhile are gone; the follower reads the change log anyway). Ends when the pool closes.
+async fn listen_for_changes(pool: PgPool, signal: Arc<tokio::sync::Notify>) {
+    let mut failing = false;
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(sqlx::Error::PoolClosed) => return,
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "cannot listen for other servers' changes; following the change log by polling until it can");
+                    failing = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(error) = listener.listen(CHANGES_CHANNEL).await {
+            tracing::warn!(%error, "cannot listen for other servers' changes; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if failing {
+            tracing::info!("listening for other servers' changes again");
+            failing = false;
+        }
+        // Anything announced before the listener was up is read now.
+        signal.notify_one();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => signal.notify_one(),
+                // The connection was lost and is back: what was announced meanwhile is lost.
+                Ok(None) => signal.notify_one(),
+                Err(sqlx::Error::PoolClosed) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "lost the connection that listens for other servers' changes; reconnecting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
 
 /// The shared queries with their `?` placeholders rewritten to PostgreSQL's `$1`, `$2`, …
 /// (outside quoted text), each rewritten once and kept for the life of the process.
@@ -139,6 +198,19 @@ impl PgStore {
             .fetch_one(&mut *tx)
             .await?;
         Ok(WriteTx { tx, _guard: guard })
+    }
+
+    /// The connection pool, for moving the whole datastore (`transfer`).
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A signal raised by a task that listens for announced changes; the task ends with the
+    /// signal or the pool.
+    fn change_listener(&self) -> Option<ChangeSignal> {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(listen_for_changes(self.pool.clone(), Arc::clone(&notify)));
+        Some(ChangeSignal::new(notify, task.abort_handle()))
     }
 
     /// A read transaction: its statements see one snapshot.

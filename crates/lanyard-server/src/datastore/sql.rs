@@ -35,8 +35,8 @@ use super::convert::{
 };
 use super::governance::usage_record;
 use super::{
-    AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSubject, Datastore,
-    DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
+    AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSignal, ChangeSubject,
+    Datastore, DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
     JoinTokenRecord, MatchMode, Page, PageRequest, Result, SelectorFilter, bundle_in_use,
     merge_bundles, missing_federated_bundle, not_found, revision_conflict,
 };
@@ -52,6 +52,11 @@ type Store = SqlStore;
 /// SQLite takes the shared queries' `?` placeholders as they are.
 fn q(sql: &'static str) -> &'static str {
     sql
+}
+
+/// SQLite cannot tell other processes of a change: they poll the change log.
+async fn announce_change(_conn: &mut Conn, _revision: i64) -> Result<()> {
+    Ok(())
 }
 
 /// How long a connection waits for another process's write lock before failing.
@@ -139,6 +144,16 @@ impl SqlStore {
         let guard = self.write_lock.lock().await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok(WriteTx { tx, _guard: guard })
+    }
+
+    /// The connection pool, for moving the whole datastore (`transfer`).
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// SQLite announces nothing: followers poll.
+    fn change_listener(&self) -> Option<ChangeSignal> {
+        None
     }
 
     /// A read transaction: its statements see one snapshot.

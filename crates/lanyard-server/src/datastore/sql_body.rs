@@ -2,8 +2,9 @@
 // compiled into each (`include!`d by `sql.rs` and `postgres.rs`). The including module
 // defines `Db` (the sqlx database), `Conn` and `DbRow` (its connection and row), `Store` (the
 // store type, with `write()` for a serialized write transaction and `read_tx()` for a
-// multi-statement read), and `q()`, which turns a query written with `?` placeholders into
-// the backend's own.
+// multi-statement read), `q()`, which turns a query written with `?` placeholders into
+// the backend's own, and `announce_change()`, which tells other servers of a change as its
+// transaction commits (where the backend can).
 
 /// A write transaction and the in-process write lock, released in that order.
 struct WriteTx<'a> {
@@ -167,6 +168,7 @@ async fn record_change(
         .bind(subject.key())
         .execute(&mut *conn)
         .await?;
+    announce_change(conn, revision).await?;
     Ok(revision)
 }
 
@@ -859,7 +861,11 @@ impl Datastore for Store {
         )
     }
 
-    async fn changes_since(&self, revision: i64) -> Result<Vec<Change>> {
+    async fn change_signal(&self) -> Result<Option<ChangeSignal>> {
+        Ok(self.change_listener())
+    }
+
+    async fn changes_since(&self, revision: i64) -> Result<Vec<Change>>{
         let rows = sqlx::query(
             q("SELECT revision, kind, subject_type, subject FROM changes \
              WHERE revision > ? ORDER BY revision"),

@@ -19,7 +19,7 @@ struct Cluster {
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 
 /// The URL of a new, empty database on this process's cluster.
-pub async fn fresh_database() -> String {
+pub(crate) async fn fresh_database() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let cluster = match CLUSTER.get_or_init(start) {
         Ok(cluster) => cluster,

@@ -14,10 +14,15 @@ use crate::pg::fresh_database;
 use crate::support::{TestServer, trust_domain};
 
 async fn server_on(url: &str) -> TestServer {
+    server_polling(url, Duration::from_secs(1)).await
+}
+
+async fn server_polling(url: &str, poll_interval: Duration) -> TestServer {
     let url = url.to_owned();
     TestServer::start_with(move |config| {
         config.datastore.kind = DatastoreKind::Postgres;
         config.datastore.connection_string = Some(ConnectionString::new(url));
+        config.datastore.poll_interval = poll_interval;
     })
     .await
 }
@@ -74,9 +79,10 @@ async fn two_servers_redeem_a_join_token_exactly_once() {
 }
 
 #[tokio::test]
-async fn a_write_through_another_server_reaches_this_servers_workloads() {
+async fn a_write_through_another_server_is_announced_not_polled_for() {
+    // The poll never fires during the test: only PostgreSQL's announcement can deliver it.
     let url = fresh_database().await;
-    let server = server_on(&url).await;
+    let server = server_polling(&url, Duration::from_secs(3600)).await;
     let agent = server.attest_new_agent().await;
     let other = PgStore::connect(&url, 2).await.unwrap();
     let entry = RegistrationEntry::new(
@@ -152,4 +158,87 @@ async fn servers_connecting_together_migrate_once_and_a_newer_schema_is_refused(
     .unwrap();
     let error = PgStore::connect(&url, 2).await.unwrap_err().to_string();
     assert!(error.contains("migration"), "{error}");
+}
+
+#[tokio::test]
+async fn a_sqlite_datastore_moves_to_postgres_with_everything_in_it() {
+    use lanyard_server::datastore::transfer::{
+        inventory_postgres, inventory_sqlite, migrate_sqlite_to_postgres,
+    };
+
+    // A server on SQLite with an agent, entries, a pending join token and its CA.
+    let mut server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    for i in 0..3 {
+        create_entry(&server, &format!("/moved/{i}"), &agent.id, 0).await;
+    }
+    server.join_token(600).await;
+    let authorities = server.authorities();
+    let mut served = sync_ids(&server, &agent).await;
+    served.sort();
+    assert_eq!(served.len(), 3);
+    if let Some(running) = server.server.take() {
+        running.shutdown().await;
+    }
+    let sqlite = server.config.datastore_path();
+    let source = inventory_sqlite(&sqlite).await.unwrap();
+    let rows = |inventory: &lanyard_server::datastore::transfer::Inventory, table: &str| {
+        inventory
+            .tables
+            .iter()
+            .find(|(name, _)| *name == table)
+            .map(|(_, rows)| *rows)
+            .unwrap()
+    };
+    assert_eq!(rows(&source, "registered_entries"), 3);
+    assert_eq!(rows(&source, "attested_agents"), 1);
+    assert!(rows(&source, "join_tokens") >= 1);
+    assert!(rows(&source, "ca_journals") >= 1);
+
+    let url = fresh_database().await;
+    let copied = migrate_sqlite_to_postgres(&sqlite, &url, false)
+        .await
+        .unwrap();
+    assert_eq!(copied.tables, source.tables);
+    assert_eq!(copied.revision, source.revision);
+    assert_eq!(inventory_postgres(&url).await.unwrap(), copied);
+
+    // A second copy into the now full database is refused, and changes nothing; with
+    // `replace` it starts over and ends the same.
+    let error = migrate_sqlite_to_postgres(&sqlite, &url, false)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("not empty"), "{error}");
+    assert_eq!(inventory_postgres(&url).await.unwrap(), copied);
+    let replaced = migrate_sqlite_to_postgres(&sqlite, &url, true)
+        .await
+        .unwrap();
+    assert_eq!(replaced, copied);
+
+    // The same keys over the moved datastore: the same CA, the same agent, the same entries.
+    server.config.datastore.kind = DatastoreKind::Postgres;
+    server.config.datastore.connection_string = Some(ConnectionString::new(url));
+    server.server = Some(
+        lanyard_server::server::Server::start(server.config.clone(), server.clock.clock())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(server.authorities(), authorities);
+    let mut after = sync_ids(&server, &agent).await;
+    after.sort();
+    assert_eq!(after, served);
+}
+
+#[tokio::test]
+async fn migrating_from_nothing_is_refused_without_creating_it() {
+    use lanyard_server::datastore::transfer::migrate_sqlite_to_postgres;
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.sqlite3");
+    let url = fresh_database().await;
+    let error = migrate_sqlite_to_postgres(&missing, &url, false)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("cannot read"), "{error}");
+    assert!(!missing.exists());
 }

@@ -5,6 +5,7 @@
 mod agent;
 mod bundle;
 mod client;
+mod datastore;
 pub(crate) mod declare;
 mod dev;
 pub(crate) mod entry;
@@ -60,6 +61,9 @@ pub(crate) enum Command {
     /// Operate the server.
     #[command(subcommand)]
     Server(server::ServerCommand),
+    /// Check a datastore, or move it from SQLite to PostgreSQL (offline).
+    #[command(subcommand)]
+    Datastore(datastore::DatastoreCommand),
     /// Fetch this process's SVIDs and bundles from the agent's Workload API.
     #[command(subcommand)]
     Fetch(workload::FetchCommand),
@@ -103,6 +107,7 @@ impl Command {
             Self::X509(command) => ("x509", command.name()),
             Self::Jwt(command) => ("jwt", command.name()),
             Self::Server(command) => ("server", command.name()),
+            Self::Datastore(command) => ("datastore", command.name()),
             Self::Fetch(command) => ("fetch", command.name()),
             Self::Validate(command) => ("validate", command.name()),
             Self::Policy(command) => ("policy", command.name()),
@@ -130,6 +135,7 @@ impl Command {
             Self::X509(command) => command.run(out).await,
             Self::Jwt(command) => command.run(out).await,
             Self::Server(command) => command.run(out).await,
+            Self::Datastore(command) => command.run(out).await,
             Self::Fetch(command) => command.run(out).await,
             Self::Validate(command) => command.run(out).await,
             Self::Watch(args) => args.run(out).await,

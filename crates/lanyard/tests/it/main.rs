@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod datastore;
 mod declare;
 mod dev;
 mod exceptions;
@@ -12,6 +13,8 @@ mod expiry;
 mod fake_server;
 mod governance;
 mod paging;
+#[path = "../../../lanyard-server/tests/it/pg.rs"]
+mod pg;
 mod real_server;
 mod report;
 mod signals;
@@ -91,6 +94,7 @@ const GROUPS: &[&str] = &[
     "x509",
     "jwt",
     "server",
+    "datastore",
     "exception",
     "grant",
     "report",
