@@ -27,8 +27,19 @@ use serde::Serialize;
 
 use crate::datastore::{Datastore, DatastoreError};
 
-/// The datastore meta key holding the revision up to which every change has an audit record.
+/// The datastore meta key holding the revision up to which every change has an audit record,
+/// for the server instance `local` (the default); other instances add `.<instance>`, since each
+/// server sharing a datastore keeps its own audit log and checkpoint.
 pub const COVERED_REVISION_KEY: &str = "audit.covered_revision";
+
+/// The checkpoint's meta key for server `instance`.
+pub fn covered_revision_key(instance: &str) -> String {
+    if instance == crate::config::DEFAULT_INSTANCE {
+        COVERED_REVISION_KEY.to_owned()
+    } else {
+        format!("{COVERED_REVISION_KEY}.{instance}")
+    }
+}
 
 /// The caller named in records rebuilt from the change log.
 pub const RECOVERED_CALLER: &str = "server (from the datastore's change log)";
@@ -134,9 +145,14 @@ impl AuditLog {
     }
 }
 
-/// The revision up to which `store`'s changes are known to have audit records, if recorded.
-pub async fn covered_revision(store: &dyn Datastore) -> Result<Option<i64>, AuditError> {
-    let Some(bytes) = store.get_meta(COVERED_REVISION_KEY).await? else {
+/// The revision up to which `store`'s changes are known to have audit records in server
+/// `instance`'s log, if recorded.
+pub async fn covered_revision(
+    store: &dyn Datastore,
+    instance: &str,
+) -> Result<Option<i64>, AuditError> {
+    let key = covered_revision_key(instance);
+    let Some(bytes) = store.get_meta(&key).await? else {
         return Ok(None);
     };
     std::str::from_utf8(&bytes)
@@ -145,15 +161,22 @@ pub async fn covered_revision(store: &dyn Datastore) -> Result<Option<i64>, Audi
         .map(Some)
         .ok_or_else(|| {
             AuditError::Datastore(DatastoreError::Backend(format!(
-                "meta key {COVERED_REVISION_KEY} holds {bytes:?}, not a revision"
+                "meta key {key} holds {bytes:?}, not a revision"
             )))
         })
 }
 
-/// Records that every change up to `revision` has an audit record.
-pub async fn set_covered_revision(store: &dyn Datastore, revision: i64) -> Result<(), AuditError> {
+/// Records that every change up to `revision` has an audit record in server `instance`'s log.
+pub async fn set_covered_revision(
+    store: &dyn Datastore,
+    instance: &str,
+    revision: i64,
+) -> Result<(), AuditError> {
     store
-        .set_meta(COVERED_REVISION_KEY, revision.to_string().as_bytes())
+        .set_meta(
+            &covered_revision_key(instance),
+            revision.to_string().as_bytes(),
+        )
         .await?;
     Ok(())
 }
@@ -165,9 +188,10 @@ pub async fn set_covered_revision(store: &dyn Datastore, revision: i64) -> Resul
 pub async fn recover(
     log: &AuditLog,
     store: &dyn Datastore,
+    instance: &str,
     now: SystemTime,
 ) -> Result<usize, AuditError> {
-    let Some(covered) = covered_revision(store).await? else {
+    let Some(covered) = covered_revision(store, instance).await? else {
         let current = store.current_revision().await?;
         if current > 0 {
             log.record(
@@ -179,7 +203,7 @@ pub async fn recover(
                 }),
             )?;
         }
-        set_covered_revision(store, current).await?;
+        set_covered_revision(store, instance, current).await?;
         return Ok(0);
     };
     let changes = store.changes_since(covered).await?;
@@ -205,7 +229,7 @@ pub async fn recover(
             to = last.revision,
             "appended audit records rebuilt from the change log for changes committed without one"
         );
-        set_covered_revision(store, last.revision).await?;
+        set_covered_revision(store, instance, last.revision).await?;
     }
     Ok(changes.len())
 }
@@ -225,6 +249,8 @@ impl Drop for AuditedWrite {
 /// between their commit and their record, and the checkpoint that follows them.
 pub struct AuditTrail {
     log: Option<AuditLog>,
+    /// The server instance whose checkpoint this trail moves.
+    instance: String,
     clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
     /// Audited writes between their commit and their audit record.
     in_flight: Arc<AtomicUsize>,
@@ -242,10 +268,15 @@ impl std::fmt::Debug for AuditTrail {
 
 impl AuditTrail {
     /// A trail that records in `log` (without one, events are only traced), stamped by
-    /// `clock`.
-    pub fn new(log: Option<AuditLog>, clock: Arc<dyn Fn() -> SystemTime + Send + Sync>) -> Self {
+    /// `clock`, moving server `instance`'s checkpoint.
+    pub fn new(
+        log: Option<AuditLog>,
+        instance: &str,
+        clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
+    ) -> Self {
         Self {
             log,
+            instance: instance.to_owned(),
             clock,
             in_flight: Arc::default(),
             gap: AtomicBool::new(false),
@@ -295,7 +326,7 @@ impl AuditTrail {
     pub async fn checkpoint(&self, store: &dyn Datastore) {
         let Some(log) = &self.log else { return };
         let result = if self.gap.swap(false, Ordering::SeqCst) {
-            let result = recover(log, store, (self.clock)()).await;
+            let result = recover(log, store, &self.instance, (self.clock)()).await;
             if result.is_err() {
                 self.gap.store(true, Ordering::SeqCst);
             }
@@ -315,10 +346,10 @@ impl AuditTrail {
         if self.pending() {
             return Ok(());
         }
-        if covered_revision(store).await? >= Some(revision) {
+        if covered_revision(store, &self.instance).await? >= Some(revision) {
             return Ok(());
         }
-        set_covered_revision(store, revision).await
+        set_covered_revision(store, &self.instance, revision).await
     }
 }
 
@@ -383,25 +414,31 @@ mod tests {
 
         // A store never checkpointed starts its coverage where it is, saying so.
         assert_eq!(
-            recover(&log, &store, SystemTime::now())
+            recover(&log, &store, "local", SystemTime::now())
                 .await
                 .expect("recovers"),
             0
         );
-        assert_eq!(covered_revision(&store).await.expect("reads"), Some(1));
+        assert_eq!(
+            covered_revision(&store, "local").await.expect("reads"),
+            Some(1)
+        );
         assert_eq!(log.head().lines, 1);
 
         let a = store.create_entry(entry("/a")).await.expect("stores");
         store.delete_entry(&a.id).await.expect("deletes");
         assert_eq!(
-            recover(&log, &store, SystemTime::now())
+            recover(&log, &store, "local", SystemTime::now())
                 .await
                 .expect("recovers"),
             2
         );
-        assert_eq!(covered_revision(&store).await.expect("reads"), Some(3));
         assert_eq!(
-            recover(&log, &store, SystemTime::now())
+            covered_revision(&store, "local").await.expect("reads"),
+            Some(3)
+        );
+        assert_eq!(
+            recover(&log, &store, "local", SystemTime::now())
                 .await
                 .expect("recovers"),
             0
@@ -430,7 +467,11 @@ mod tests {
             .set_meta(COVERED_REVISION_KEY, b"not a number")
             .await
             .expect("stores");
-        assert!(recover(&log, &store, SystemTime::now()).await.is_err());
+        assert!(
+            recover(&log, &store, "local", SystemTime::now())
+                .await
+                .is_err()
+        );
     }
 
     #[test]

@@ -256,19 +256,21 @@ impl IndexFeed {
     /// every change past the revision the index reflects, in revision order, each applied by
     /// re-reading its record, so the index ends as the datastore is whatever order writers
     /// committed in, and whichever server made them. On a datastore error nothing past the
-    /// last applied change is recorded as done, so the next catch-up tries again.
+    /// last applied change is recorded as done, so the next catch-up tries again. Returns the
+    /// trust domains whose bundles changed.
     pub async fn catch_up(
         &self,
         store: &dyn crate::datastore::Datastore,
         judge: &crate::judge::IssuanceJudge,
-    ) -> Result<(), crate::datastore::DatastoreError> {
+    ) -> Result<Vec<lanyard_core::TrustDomain>, crate::datastore::DatastoreError> {
         use crate::datastore::ChangeSubject;
 
         let mut applied = self.applied.lock().await;
         let changes = store.changes_since(*applied).await?;
         let Some(last) = changes.last().map(|change| change.revision) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
+        let mut bundles = Vec::new();
         // The record as it is now stands for every change to it; each subject is read once.
         let mut seen = HashSet::new();
         let mut exceptions_changed = false;
@@ -291,14 +293,14 @@ impl IndexFeed {
                     None => self.write().remove_agent(id),
                 },
                 ChangeSubject::Exception(_) => exceptions_changed = true,
-                ChangeSubject::Bundle(_) => {}
+                ChangeSubject::Bundle(trust_domain) => bundles.push(trust_domain.clone()),
             }
         }
         if exceptions_changed {
             judge.reload_exceptions(store).await?;
         }
         *applied = last;
-        Ok(())
+        Ok(bundles)
     }
 }
 

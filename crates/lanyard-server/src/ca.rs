@@ -26,10 +26,6 @@ mod authority;
 use crate::keymanager::{KeyManager, KeyManagerError};
 pub use authority::{AuthorityError, AuthorityInfo, AuthorityKind, AuthorityStates};
 
-/// The journal's key in the datastore. One server per datastore for now; HA servers will key
-/// their journals by server instance.
-const JOURNAL_KEY: &str = "local";
-
 /// Errors from the CA manager.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -95,6 +91,10 @@ pub struct CaConfig {
     /// Start a new trust domain even though key files of an earlier one exist without a
     /// journal to account for them (they are renamed, never overwritten).
     pub new_trust_domain: bool,
+    /// This server's instance name: the key of its journal in the datastore. Servers sharing
+    /// a datastore each keep their own journal and keys, and publish their authorities in the
+    /// one bundle.
+    pub instance: String,
 }
 
 /// One of the two slots an authority lives in.
@@ -498,7 +498,7 @@ impl CaManager {
     /// dropped (it signed nothing yet). With no journal at all, key files of the slots mean
     /// the datastore was lost: refused unless a new trust domain was asked for.
     async fn restore(&self, now: SystemTime) -> Result<(), CaError> {
-        let Some(bytes) = self.store.get_ca_journal(JOURNAL_KEY).await? else {
+        let Some(bytes) = self.store.get_ca_journal(&self.config.instance).await? else {
             return self.check_no_orphan_keys();
         };
         let journal: Journal =
@@ -682,11 +682,18 @@ impl CaManager {
             journal
         };
         let bytes = serde_json::to_vec(&journal).map_err(|e| CaError::Journal(e.to_string()))?;
-        self.store.set_ca_journal(JOURNAL_KEY, &bytes).await?;
+        self.store
+            .set_ca_journal(&self.config.instance, &bytes)
+            .await?;
         Ok(())
     }
 
-    /// Makes sure every slot's authority is in the bundle and expired ones are not.
+    /// Makes sure every slot's authority is in the bundle and expired ones are not, and takes
+    /// the stored bundle (with the authorities of every server sharing the datastore) as the
+    /// one this server serves. Its own authorities are added by an atomic merge
+    /// ([`Datastore::append_bundle`]), so servers publishing at once never drop each other's;
+    /// run on every rotation tick, it also puts back an authority that a racing removal of
+    /// expired ones took out.
     async fn publish_bundle(&self, now: SystemTime) -> Result<(), CaError> {
         let (x509s, jwts) = {
             let s = self.read();
@@ -702,34 +709,40 @@ impl CaManager {
                 .collect::<Result<_, _>>()?;
             (x509s, jwts)
         };
-        let mut bundle = self
-            .store
-            .get_bundle(&self.config.trust_domain)
-            .await?
-            .unwrap_or_else(|| TrustBundle::new(self.config.trust_domain.clone()));
-        let before = bundle.clone();
+        let mut own = TrustBundle::new(self.config.trust_domain.clone());
         for der in x509s {
-            bundle.add_x509_authority(X509Authority::new(der)?);
+            own.add_x509_authority(X509Authority::new(der)?);
         }
         for authority in jwts {
-            bundle.add_jwt_authority(authority)?;
+            own.add_jwt_authority(authority)?;
         }
+        let mut bundle = self.store.append_bundle(own).await?;
         let expired: Vec<Vec<u8>> = bundle
             .x509_authorities()
             .iter()
             .filter(|a| x509::validity_of(a.der()).is_ok_and(|(_, not_after)| not_after <= now))
             .map(|a| a.der().to_vec())
             .collect();
-        for der in expired {
-            bundle.remove_x509_authority(&der);
+        let before = bundle.clone();
+        for der in &expired {
+            bundle.remove_x509_authority(der);
         }
         bundle.remove_expired_jwt_authorities(now);
-        let bundle = if bundle == before && self.read().bundle.is_some() {
-            bundle
-        } else {
-            self.store.set_bundle(bundle).await?
-        };
+        if bundle != before {
+            bundle = self.store.set_bundle(bundle).await?;
+        }
         self.write().bundle = Some(Arc::new(bundle));
+        Ok(())
+    }
+
+    /// Takes the stored bundle as the one this server serves: after another server sharing
+    /// the datastore changed it (the change feed calls this).
+    pub async fn refresh_bundle(&self) -> Result<(), CaError> {
+        // Not while a rotation publishes: what it stores is newer than what was read here.
+        let _guard = self.write_lock.lock().await;
+        if let Some(bundle) = self.store.get_bundle(&self.config.trust_domain).await? {
+            self.write().bundle = Some(Arc::new(bundle));
+        }
         Ok(())
     }
 
@@ -778,6 +791,7 @@ mod tests {
             jwt_key_type: KeyType::EcP256,
             subject: CaSubject::default(),
             new_trust_domain: false,
+            instance: "local".to_owned(),
         }
     }
 

@@ -69,6 +69,11 @@ pub enum ConfigError {
 pub struct ServerConfig {
     /// The trust domain this server is the authority for.
     pub trust_domain: TrustDomain,
+    /// This server's name among the servers sharing one datastore (default `local`): it keys
+    /// the server's CA journal and audit checkpoint in the datastore, so each server keeps its
+    /// own CA keys. Letters, digits, `.`, `_` and `-`, at most 64.
+    #[serde(default = "default_instance")]
+    pub instance: String,
     /// TCP address for the TLS server API (agents and remote admins).
     #[serde(default = "default_bind_address")]
     pub bind_address: SocketAddr,
@@ -341,6 +346,13 @@ impl Default for DatastoreConfig {
     }
 }
 
+/// The instance name of a server that does not set one.
+pub const DEFAULT_INSTANCE: &str = "local";
+
+fn default_instance() -> String {
+    DEFAULT_INSTANCE.to_owned()
+}
+
 fn default_poll_interval() -> Duration {
     Duration::from_secs(1)
 }
@@ -462,6 +474,7 @@ impl ServerConfig {
     pub fn new(trust_domain: TrustDomain, data_dir: PathBuf) -> Self {
         Self {
             trust_domain,
+            instance: default_instance(),
             bind_address: default_bind_address(),
             socket_path: default_socket_path(),
             data_dir,
@@ -524,6 +537,21 @@ impl ServerConfig {
             _ => {}
         }
         positive("datastore.poll_interval", self.datastore.poll_interval)?;
+        let instance_ok = !self.instance.is_empty()
+            && self.instance.len() <= 64
+            && self
+                .instance
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !instance_ok {
+            return Err(ConfigError::Invalid {
+                key: "instance",
+                reason: format!(
+                    "{:?} must be 1 to 64 letters, digits, '.', '_' or '-'",
+                    self.instance
+                ),
+            });
+        }
         if self.datastore.max_connections == Some(0) {
             return Err(ConfigError::Invalid {
                 key: "datastore.max_connections",
@@ -799,6 +827,8 @@ mod tests {
                 "limits.connection_idle_timeout",
             ),
             ("[limits]\nidle_timeout = \"1s\"", "idle_timeout"),
+            ("instance = \"a b\"", "instance"),
+            ("instance = \"\"", "instance"),
             (
                 "[limits]\nsignings_per_agent_per_second = -1",
                 "limits.signings_per_agent_per_second",

@@ -143,7 +143,7 @@ impl Server {
         // Before anything else writes: changes committed without an audit record when the
         // last run died are recorded now, from the change log.
         let audit = crate::audit::AuditLog::open(&config.audit_log_path())?;
-        crate::audit::recover(&audit, &*store, clock()).await?;
+        crate::audit::recover(&audit, &*store, &config.instance, clock()).await?;
         let keys: Arc<dyn KeyManager> = match config.key_manager.kind {
             KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(config.key_directory())?),
             KeyManagerKind::Memory => Arc::new(MemoryKeyManager::new()),
@@ -159,6 +159,7 @@ impl Server {
                 common_name: config.ca_subject.common_name.clone(),
             },
             new_trust_domain: config.new_trust_domain,
+            instance: config.instance.clone(),
         };
         let now = clock();
         let ca = Arc::new(CaManager::load(ca_config, keys, Arc::clone(&store), now).await?);

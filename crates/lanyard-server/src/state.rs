@@ -83,7 +83,7 @@ impl ServerState {
         }
         let index = AuthorizationIndex::build(config.trust_domain.server_id(), entries, agents);
         let exceptions = store.list_exceptions().await?;
-        let audit = Arc::new(AuditTrail::new(None, Arc::clone(&clock)));
+        let audit = Arc::new(AuditTrail::new(None, &config.instance, Arc::clone(&clock)));
         Ok(Self {
             judge: IssuanceJudge::new(&config, exceptions, Arc::clone(&audit)),
             index: IndexFeed::new(index, revision),
@@ -99,7 +99,11 @@ impl ServerState {
 
     /// Records audit events in `log` from now on (without one, they are only traced).
     pub fn with_audit_log(mut self, log: AuditLog) -> Self {
-        self.audit = Arc::new(AuditTrail::new(Some(log), Arc::clone(&self.clock)));
+        self.audit = Arc::new(AuditTrail::new(
+            Some(log),
+            &self.config.instance,
+            Arc::clone(&self.clock),
+        ));
         let exceptions = self.judge.exceptions().to_vec();
         let policy = self.judge.policy().cloned();
         self.judge = IssuanceJudge::new(&self.config, exceptions, Arc::clone(&self.audit));
@@ -167,8 +171,16 @@ impl ServerState {
     /// change log ([`IndexFeed::catch_up`]). Writers call it after their commit, so a change
     /// is in the index before it is acknowledged; a periodic pass picks up the writes of
     /// other servers sharing the datastore.
+    /// When the trust domain's own bundle changed (another server published its authorities),
+    /// the CA takes the stored one, so that TLS and agents see every server's authorities.
     pub async fn catch_up(&self) -> Result<(), DatastoreError> {
-        self.index.catch_up(&*self.store, &self.judge).await
+        let bundles = self.index.catch_up(&*self.store, &self.judge).await?;
+        if bundles.contains(self.trust_domain())
+            && let Err(error) = self.ca.refresh_bundle().await
+        {
+            tracing::warn!(%error, "could not re-read the trust domain's bundle; the rotation pass will");
+        }
+        Ok(())
     }
 
     /// [`ServerState::catch_up`] for a writer that has committed: a failure is logged, not

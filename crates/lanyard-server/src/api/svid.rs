@@ -547,6 +547,7 @@ mod tests {
             jwt_key_type: KeyType::EcP256,
             subject: CaSubject::default(),
             new_trust_domain: false,
+            instance: "local".to_owned(),
         };
         let ca = CaManager::load(
             ca_config,

@@ -242,3 +242,77 @@ async fn migrating_from_nothing_is_refused_without_creating_it() {
     assert!(error.to_string().contains("cannot read"), "{error}");
     assert!(!missing.exists());
 }
+
+async fn server_named(url: &str, instance: &str) -> Result<TestServer, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::support::config_in(dir.path());
+    config.datastore.kind = DatastoreKind::Postgres;
+    config.datastore.connection_string = Some(ConnectionString::new(url));
+    config.instance = instance.to_owned();
+    let clock = crate::support::TestClock::new();
+    let server = lanyard_server::server::Server::start(config.clone(), clock.clock())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(TestServer {
+        server: Some(server),
+        _dir: dir,
+        clock,
+        config,
+    })
+}
+
+fn sorted(mut items: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    items.sort();
+    items
+}
+
+#[tokio::test]
+async fn two_servers_with_their_own_keys_serve_one_trust_domain() {
+    let url = fresh_database().await;
+    let a = server_named(&url, "a").await.unwrap();
+    let b = server_named(&url, "b").await.unwrap();
+
+    // Each publishes its own authority in the shared bundle and serves the other's too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (of_a, of_b) = (sorted(a.authorities()), sorted(b.authorities()));
+        if of_a.len() == 2 && of_a == of_b {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the servers never agreed on a bundle with both authorities: {} and {}",
+            of_a.len(),
+            of_b.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An agent attested through A (its SVID signed by A's CA) is served by B, with an entry
+    // written through B; and by A, which hears of the entry from B.
+    let agent = a.attest_new_agent().await;
+    let id = create_entry(&b, "/via/b", &agent.id, 0).await;
+    assert_eq!(sync_ids(&b, &agent).await, vec![id.clone()]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sync_ids(&a, &agent).await != vec![id.clone()] {
+        assert!(Instant::now() < deadline, "A never served B's entry");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // An SVID minted by B verifies against the bundle A serves.
+    let minted = crate::issuance::mint(&b, &agent, &id).await;
+    let chain = &minted.svid.as_ref().expect("minted").cert_chain;
+    let roots = a.authorities();
+    let root_refs: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
+    lanyard_core::x509::verify_svid_chain(chain, &trust_domain(), &root_refs, SystemTime::now())
+        .expect("B's SVID verifies against A's bundle");
+}
+
+#[tokio::test]
+async fn a_second_server_under_the_same_instance_name_is_refused() {
+    let url = fresh_database().await;
+    let _a = server_named(&url, "same").await.unwrap();
+    // Another data directory, so other keys: the journal names keys it does not have.
+    let error = server_named(&url, "same").await.err().expect("refused");
+    assert!(error.contains("key"), "{error}");
+}

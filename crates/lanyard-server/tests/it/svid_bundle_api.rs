@@ -60,6 +60,7 @@ impl Harness {
             jwt_key_type: KeyType::EcP256,
             subject: CaSubject::default(),
             new_trust_domain: false,
+            instance: "local".to_owned(),
         };
         let ca = CaManager::load(
             ca_config,
