@@ -51,12 +51,93 @@ pub enum ConfigError {
     },
 }
 
+/// The server addresses an agent may use, `host:port` each, in the order it tries them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddresses(Vec<String>);
+
+impl ServerAddresses {
+    /// Several addresses, tried in this order.
+    pub fn new(addresses: Vec<String>) -> Self {
+        Self(addresses)
+    }
+
+    /// The addresses, in order.
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |reason: String| {
+            Err(ConfigError::Invalid {
+                key: "server_address",
+                reason,
+            })
+        };
+        if self.0.is_empty() {
+            return invalid("names no server".into());
+        }
+        for address in &self.0 {
+            let port_ok = address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                return invalid(format!("{address:?} is not host:port"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl From<String> for ServerAddresses {
+    fn from(address: String) -> Self {
+        Self(vec![address])
+    }
+}
+
+impl From<&str> for ServerAddresses {
+    fn from(address: &str) -> Self {
+        Self(vec![address.to_owned()])
+    }
+}
+
+impl From<Vec<String>> for ServerAddresses {
+    fn from(addresses: Vec<String>) -> Self {
+        Self(addresses)
+    }
+}
+
+impl std::fmt::Display for ServerAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerAddresses {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match OneOrMany::deserialize(deserializer) {
+            Ok(OneOrMany::One(address)) => Ok(Self(vec![address])),
+            Ok(OneOrMany::Many(addresses)) => Ok(Self(addresses)),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected \"host:port\" or a list of them",
+            )),
+        }
+    }
+}
+
 /// The agent's configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// The server's TCP address, `host:port`.
-    pub server_address: String,
+    /// The server's TCP address, `host:port`, or several (a list), tried in order: the agent
+    /// stays with the one it reached and moves on when a connection fails. A host name that
+    /// resolves to several addresses is tried address by address.
+    pub server_address: ServerAddresses,
     /// The trust domain.
     pub trust_domain: TrustDomain,
     /// PEM file with the trust domain's CA certificates, used to authenticate the server
@@ -236,9 +317,13 @@ impl AgentConfig {
     }
 
     /// A configuration with defaults for everything but the essentials.
-    pub fn new(server_address: String, trust_domain: TrustDomain, data_dir: PathBuf) -> Self {
+    pub fn new(
+        server_address: impl Into<ServerAddresses>,
+        trust_domain: TrustDomain,
+        data_dir: PathBuf,
+    ) -> Self {
         Self {
-            server_address,
+            server_address: server_address.into(),
             trust_domain,
             trust_bundle_path: None,
             insecure_bootstrap: false,
@@ -259,6 +344,7 @@ impl AgentConfig {
 
     /// Checks values that parse but make no sense together.
     pub fn check(&self) -> Result<(), ConfigError> {
+        self.server_address.check()?;
         if self.trust_bundle_path.is_some() && self.insecure_bootstrap {
             return Err(ConfigError::Invalid {
                 key: "insecure_bootstrap",
@@ -384,7 +470,7 @@ mod tests {
     #[test]
     fn the_shipped_example_parses() {
         let c = AgentConfig::parse(include_str!("../../../deploy/agent.toml")).unwrap();
-        assert_eq!(c.server_address, "127.0.0.1:8081");
+        assert_eq!(c.server_address.as_slice(), ["127.0.0.1:8081"]);
         assert!(!c.insecure_bootstrap);
         // The example states the defaults.
         let limits = &c.workload_api;
@@ -453,5 +539,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sync_interval"), "{err}");
+    }
+
+    #[test]
+    fn server_address_is_one_address_or_a_list() {
+        let rest = "trust_domain = \"td\"\ndata_dir = \"/d\"\n";
+        let c = AgentConfig::parse(&format!(
+            "server_address = [\"a.example:8081\", \"[::1]:8081\", \"10.0.0.2:8081\"]\n{rest}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.server_address.as_slice(),
+            ["a.example:8081", "[::1]:8081", "10.0.0.2:8081"]
+        );
+        for (value, says) in [
+            ("[]", "names no server"),
+            ("[\"a:1\", \"b\"]", "\"b\" is not host:port"),
+            ("\":8081\"", "is not host:port"),
+            ("8081", "host:port"),
+        ] {
+            let err = AgentConfig::parse(&format!("server_address = {value}\n{rest}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("server_address") && err.contains(says),
+                "{value}: {err}"
+            );
+        }
     }
 }

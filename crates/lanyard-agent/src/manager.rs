@@ -132,7 +132,7 @@ impl Manager {
     /// once.
     pub async fn start(config: AgentConfig, clock: Clock) -> Result<ManagerHandle, ManagerError> {
         let client = Arc::new(
-            ServerClient::new(&config.server_address, &config.trust_domain)
+            ServerClient::new(config.server_address.as_slice(), &config.trust_domain)
                 .map_err(|e| ManagerError::ServerAddress(e.to_string()))?,
         );
         let data_dir = config.data_dir.clone();

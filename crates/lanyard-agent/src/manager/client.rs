@@ -37,8 +37,12 @@ use tonic::{Code, Status};
 /// The deadline of one RPC, streams included (SPIRE's agent uses 30 s).
 pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long establishing a TCP and TLS connection may take.
+/// How long establishing a TCP and TLS connection may take, all addresses tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long one address may take to accept TCP and finish the TLS handshake before the next
+/// is tried.
+const ADDRESS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why talking to the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -164,11 +168,22 @@ pub(crate) enum ServerTrust {
     InsecureBootstrap,
 }
 
-/// Connections to the server, shared by the manager and the JWT minter.
-pub(crate) struct ServerClient {
+/// One configured server address and the name sent as SNI to it.
+#[derive(Debug, Clone)]
+struct Target {
     address: String,
-    endpoint: Endpoint,
     server_name: ServerName<'static>,
+}
+
+/// Connections to the server, shared by the manager and the JWT minter. With several server
+/// addresses, a connection is made to the one that answered last, or else to the next that
+/// answers, in the configured order: a server that dies costs one failed call, after which
+/// the cached channel is dropped and the next dial moves on.
+pub(crate) struct ServerClient {
+    targets: Arc<Vec<Target>>,
+    /// The index of the target the last connection reached.
+    preferred: Arc<std::sync::atomic::AtomicUsize>,
+    endpoint: Endpoint,
     server_id: SpiffeId,
     /// The trust domain's X.509 authorities, read on every handshake.
     authorities: Arc<RwLock<Vec<Vec<u8>>>>,
@@ -179,33 +194,53 @@ pub(crate) struct ServerClient {
 impl fmt::Debug for ServerClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerClient")
-            .field("address", &self.address)
+            .field("targets", &self.targets)
             .field("server_id", &self.server_id)
             .finish_non_exhaustive()
     }
 }
 
 impl ServerClient {
-    /// A client for the server at `address` (`host:port`) of `trust_domain`.
-    pub(crate) fn new(address: &str, trust_domain: &TrustDomain) -> Result<Self, ClientError> {
-        let address_error = |reason: String| ClientError::Address {
-            address: address.to_owned(),
-            reason,
-        };
-        let host = host_of(address).ok_or_else(|| address_error("expected host:port".into()))?;
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| address_error(e.to_string()))?
+    /// A client for the servers at `addresses` (`host:port` each) of `trust_domain`.
+    pub(crate) fn new(
+        addresses: &[String],
+        trust_domain: &TrustDomain,
+    ) -> Result<Self, ClientError> {
+        let mut targets = Vec::with_capacity(addresses.len());
+        for address in addresses {
+            let address_error = |reason: String| ClientError::Address {
+                address: address.to_owned(),
+                reason,
+            };
+            let host =
+                host_of(address).ok_or_else(|| address_error("expected host:port".into()))?;
+            // Like grpc-go, send the host as SNI (rustls sends none for IP addresses). The
+            // server ignores it, so a host that is not a valid DNS name falls back to a fixed
+            // name.
+            let server_name = ServerName::try_from(host.to_owned())
+                .or_else(|_| ServerName::try_from("lanyard-server"))
+                .map_err(|e| address_error(e.to_string()))?;
+            targets.push(Target {
+                address: address.to_owned(),
+                server_name,
+            });
+        }
+        let first = targets.first().ok_or_else(|| ClientError::Address {
+            address: String::new(),
+            reason: "no server address".into(),
+        })?;
+        // The endpoint's URI is only a label: the connector below picks the address.
+        let endpoint = Endpoint::from_shared(format!("http://{}", first.address))
+            .map_err(|e| ClientError::Address {
+                address: first.address.clone(),
+                reason: e.to_string(),
+            })?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(RPC_TIMEOUT);
-        // Like grpc-go, send the host as SNI (rustls sends none for IP addresses). The server
-        // ignores it, so a host that is not a valid DNS name just falls back to a fixed name.
-        let server_name = ServerName::try_from(host.to_owned())
-            .or_else(|_| ServerName::try_from("lanyard-server"))
-            .map_err(|e| address_error(e.to_string()))?;
         Ok(Self {
-            address: address.to_owned(),
+            targets: Arc::new(targets),
+            preferred: Arc::default(),
             endpoint,
-            server_name,
             server_id: trust_domain.server_id(),
             authorities: Arc::new(RwLock::new(Vec::new())),
             credentials: RwLock::new(None),
@@ -288,21 +323,59 @@ impl ServerClient {
 
     fn dial(&self, config: rustls::ClientConfig) -> Channel {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let address = self.address.clone();
-        let server_name = self.server_name.clone();
+        let targets = Arc::clone(&self.targets);
+        let preferred = Arc::clone(&self.preferred);
         self.endpoint
             .connect_with_connector_lazy(tower::service_fn(move |_| {
                 let connector = connector.clone();
-                let address = address.clone();
-                let server_name = server_name.clone();
-                async move {
-                    let tcp = tokio::net::TcpStream::connect(address.as_str()).await?;
-                    tcp.set_nodelay(true)?;
-                    let tls = connector.connect(server_name, tcp).await?;
-                    Ok::<_, io::Error>(TokioIo::new(tls))
-                }
+                let targets = Arc::clone(&targets);
+                let preferred = Arc::clone(&preferred);
+                async move { connect_any(&connector, &targets, &preferred).await }
             }))
     }
+}
+
+/// Connects to the preferred target, or else to each next one in turn, and makes the one that
+/// answered the preferred one. The error is the last target's.
+async fn connect_any(
+    connector: &tokio_rustls::TlsConnector,
+    targets: &[Target],
+    preferred: &std::sync::atomic::AtomicUsize,
+) -> Result<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, io::Error> {
+    use std::sync::atomic::Ordering;
+
+    let start = preferred.load(Ordering::Relaxed);
+    let mut last_error = io::Error::other("no server address");
+    for step in 0..targets.len() {
+        let index = (start + step) % targets.len();
+        let target = &targets[index];
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(target.address.as_str()).await?;
+            tcp.set_nodelay(true)?;
+            connector.connect(target.server_name.clone(), tcp).await
+        };
+        match tokio::time::timeout(ADDRESS_TIMEOUT, attempt).await {
+            Ok(Ok(tls)) => {
+                if index != start {
+                    tracing::info!(server = %target.address, "connected to another server");
+                }
+                preferred.store(index, Ordering::Relaxed);
+                return Ok(TokioIo::new(tls));
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(server = %target.address, %error, "cannot connect");
+                last_error = io::Error::new(error.kind(), format!("{}: {error}", target.address));
+            }
+            Err(_) => {
+                tracing::debug!(server = %target.address, "connecting timed out");
+                last_error = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{}: connecting timed out", target.address),
+                );
+            }
+        }
+    }
+    Err(last_error)
 }
 
 /// The host part of `host:port` or `[v6]:port`.

@@ -4,6 +4,8 @@
 #![allow(unreachable_pub)]
 
 mod manager;
+#[path = "../../../lanyard-server/tests/it/pg.rs"]
+mod pg;
 mod usage;
 mod vendored_h2;
 mod workload_api;

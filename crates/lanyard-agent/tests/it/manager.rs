@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use lanyard_agent::AgentConfig;
 use lanyard_agent::cache::{CachedEntry, JwtMintError, Snapshot};
-use lanyard_agent::config::{NodeAttestorConfig, X509PopConfig};
+use lanyard_agent::config::{NodeAttestorConfig, ServerAddresses, X509PopConfig};
 use lanyard_agent::manager::{Manager, ManagerError, ManagerHandle, state_file, system_clock};
 use lanyard_core::keys::{KeyPair, KeyType, pem_encode};
 use lanyard_core::x509::{self, CaSubject, SvidParams, X509Ca};
@@ -518,6 +518,63 @@ async fn the_agent_keeps_serving_while_the_server_is_down() {
     let later = env.create_entry(&agent_id, "later", |_| {}).await;
     let snapshot = wait_for(&handle, "sync to resume", |s| has_identity(s, &later)).await;
     assert_eq!(serial(&snapshot, &id), before);
+    handle.shutdown().await;
+}
+
+/// Two servers of the trust domain sharing one PostgreSQL, each with its own keys: the agent
+/// is given both addresses, attests through the first, and when that one dies goes on with the
+/// second without attesting again.
+#[tokio::test]
+async fn the_agent_fails_over_to_another_server_of_the_trust_domain() {
+    let url = crate::pg::fresh_database().await;
+    let shared = |instance: &'static str| {
+        let url = url.clone();
+        move |config: &mut ServerConfig, _: &Path| {
+            config.datastore.kind = lanyard_server::config::DatastoreKind::Postgres;
+            config.datastore.connection_string =
+                Some(lanyard_server::config::ConnectionString::new(url));
+            config.instance = instance.to_owned();
+        }
+    };
+    let mut a = Env::start_with(shared("a")).await;
+    let b = Env::start_with(shared("b")).await;
+    // The agent's bootstrap bundle (from A) must hold B's authority too.
+    tokio::time::timeout(WAIT, async {
+        while a
+            .server
+            .as_ref()
+            .unwrap()
+            .state()
+            .bundle()
+            .x509_authorities()
+            .len()
+            < 2
+        {
+            tokio::time::sleep(SYNC_INTERVAL).await;
+        }
+    })
+    .await
+    .expect("A serves B's authority");
+
+    let token = a.join_token().await;
+    let agent_id = join_token_agent(&token);
+    let first = a.create_entry(&agent_id, "first", |_| {}).await;
+    let mut config = a.agent_config("agent");
+    config.server_address = ServerAddresses::new(vec![a.addr.to_string(), b.addr.to_string()]);
+    config.join_token = Some(token);
+    let handle = Manager::start(config, system_clock()).await.unwrap();
+    wait_for(&handle, "the SVID", |s| has_identity(s, &first)).await;
+
+    a.stop_server().await;
+    let later = b.create_entry(&agent_id, "through-b", |_| {}).await;
+    let snapshot = wait_for(&handle, "sync through B", |s| has_identity(s, &later)).await;
+    assert!(
+        has_identity(&snapshot, &first),
+        "still serving the first entry"
+    );
+    assert!(handle.failure().is_none());
+    // One agent, attested once: it kept its identity.
+    assert_eq!(b.count_agents().await, 1);
     handle.shutdown().await;
 }
 
