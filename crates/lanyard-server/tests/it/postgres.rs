@@ -372,3 +372,47 @@ async fn a_rotation_on_one_server_does_not_invalidate_the_others() {
     lanyard_core::x509::verify_svid_chain(chain, &trust_domain(), &root_refs, SystemTime::now())
         .expect("A's new authority is in B's bundle");
 }
+
+#[tokio::test]
+async fn admin_listings_read_the_replica_and_authorization_never_does() {
+    use lanyard_proto::spire::api::server::entry::v1::CountEntriesRequest;
+    use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
+
+    // A stand-in for a replica that has not caught up: another database with the schema and
+    // nothing in it. What the server reads from it shows which reads go there.
+    let primary = fresh_database().await;
+    let replica = fresh_database().await;
+    PgStore::connect(&replica, 2).await.unwrap();
+    let (primary_url, replica_url) = (primary.clone(), replica.clone());
+    let server = TestServer::start_with(move |config| {
+        config.datastore.kind = DatastoreKind::Postgres;
+        config.datastore.connection_string = Some(ConnectionString::new(primary_url));
+        config.datastore.read_connection_string = Some(ConnectionString::new(replica_url));
+    })
+    .await;
+    let agent = server.attest_new_agent().await;
+    let id = create_entry(&server, "/replicated", &agent.id, 0).await;
+
+    // Sync and issuance decide on the primary: the entry is served at once.
+    assert_eq!(sync_ids(&server, &agent).await, vec![id.clone()]);
+    crate::issuance::mint(&server, &agent, &id)
+        .await
+        .svid
+        .expect("minted from the primary's entry");
+    // The admin count reads the replica, which has not seen it.
+    let count = EntryClient::new(server.admin().await)
+        .count_entries(CountEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(count, 0);
+    let on_primary = PgStore::connect(&primary, 2).await.unwrap();
+    assert_eq!(
+        on_primary
+            .count_entries(&lanyard_server::datastore::EntryFilter::default())
+            .await
+            .unwrap(),
+        1
+    );
+}
