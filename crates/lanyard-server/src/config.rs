@@ -324,6 +324,10 @@ pub struct DatastoreConfig {
     /// with `kind = "postgres"`, refused otherwise). Never logged.
     #[serde(default)]
     pub connection_string: Option<ConnectionString>,
+    /// PostgreSQL: a read-only replica for admin listings and counts, which may lag (optional;
+    /// never logged). Authorization, sync and writes always use `connection_string`.
+    #[serde(default)]
+    pub read_connection_string: Option<ConnectionString>,
     /// PostgreSQL: connections in the pool (default 8).
     #[serde(default)]
     pub max_connections: Option<u32>,
@@ -340,6 +344,7 @@ impl Default for DatastoreConfig {
             kind: DatastoreKind::default(),
             path: None,
             connection_string: None,
+            read_connection_string: None,
             max_connections: None,
             poll_interval: default_poll_interval(),
         }
@@ -535,6 +540,14 @@ impl ServerConfig {
                 });
             }
             _ => {}
+        }
+        if self.datastore.kind != DatastoreKind::Postgres
+            && self.datastore.read_connection_string.is_some()
+        {
+            return Err(ConfigError::Invalid {
+                key: "datastore.read_connection_string",
+                reason: "is for kind = \"postgres\" only".into(),
+            });
         }
         positive("datastore.poll_interval", self.datastore.poll_interval)?;
         let instance_ok = !self.instance.is_empty()
@@ -862,6 +875,12 @@ mod tests {
             "postgres://u:hunter2@db/lanyard"
         );
         assert!(!format!("{config:?}").contains("hunter2"));
+        let err = ServerConfig::parse(&format!(
+            "{base}kind = \"sqlite\"\nread_connection_string = \"postgres://replica/x\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("datastore.read_connection_string"), "{err}");
         for (text, key) in [
             ("kind = \"postgres\"", "datastore.connection_string"),
             (

@@ -128,16 +128,18 @@ impl Server {
                         "kind = \"postgres\" needs datastore.connection_string".into(),
                     )
                 })?;
-                Arc::new(
-                    crate::datastore::PgStore::connect(
-                        url.expose(),
-                        config
-                            .datastore
-                            .max_connections
-                            .unwrap_or(crate::datastore::postgres::DEFAULT_MAX_CONNECTIONS),
-                    )
-                    .await?,
-                )
+                let max_connections = config
+                    .datastore
+                    .max_connections
+                    .unwrap_or(crate::datastore::postgres::DEFAULT_MAX_CONNECTIONS);
+                let mut store =
+                    crate::datastore::PgStore::connect(url.expose(), max_connections).await?;
+                if let Some(replica) = &config.datastore.read_connection_string {
+                    store = store
+                        .with_replica(replica.expose(), max_connections)
+                        .await?;
+                }
+                Arc::new(store)
             }
         };
         // Before anything else writes: changes committed without an audit record when the

@@ -141,10 +141,22 @@ fn numbered_placeholders(sql: &str) -> String {
     out
 }
 
+fn check_scheme(url: &str) -> Result<()> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(());
+    }
+    Err(DatastoreError::Backend(
+        "invalid PostgreSQL connection string: it must start with postgres:// or postgresql://"
+            .to_owned(),
+    ))
+}
+
 /// The PostgreSQL datastore. Cheap to clone; clones share the connection pool.
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// A read-only replica for admin listings and counts, if one is configured.
+    replica: Option<PgPool>,
     write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -154,13 +166,7 @@ impl PgStore {
     /// `max_connections` connections, and brings its schema up to date. A database written
     /// by a newer Lanyard, with migrations this build does not know, is refused.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(DatastoreError::Backend(
-                "invalid PostgreSQL connection string: it must start with postgres:// or \
-                 postgresql://"
-                    .to_owned(),
-            ));
-        }
+        check_scheme(url)?;
         let options = PgConnectOptions::from_str(url).map_err(|e| {
             DatastoreError::Backend(format!("invalid PostgreSQL connection string: {e}"))
         })?;
@@ -176,8 +182,35 @@ impl PgStore {
             .map_err(|e| DatastoreError::Backend(format!("schema migration failed: {e}")))?;
         Ok(Self {
             pool,
+            replica: None,
             write_lock: Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// Sends admin listings and counts (`ListEntries`, `CountEntries`, `CountAgents`,
+    /// `CountBundles`, `ListIssuances`) to the read-only replica at `url`, which may lag the
+    /// primary. Everything the server decides with (authorization, sync, attestation, the
+    /// change feed) and every write stays on the primary.
+    pub async fn with_replica(mut self, url: &str, max_connections: u32) -> Result<Self> {
+        check_scheme(url)?;
+        let options = PgConnectOptions::from_str(url).map_err(|e| {
+            DatastoreError::Backend(format!("invalid PostgreSQL replica connection string: {e}"))
+        })?;
+        let replica = PgPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                DatastoreError::Backend(format!("cannot connect to the PostgreSQL replica: {e}"))
+            })?;
+        self.replica = Some(replica);
+        Ok(self)
+    }
+
+    /// Where admin listings read: the replica if there is one.
+    fn reader(&self) -> &PgPool {
+        self.replica.as_ref().unwrap_or(&self.pool)
     }
 
     /// The newest schema version this build knows (the last migration's number).

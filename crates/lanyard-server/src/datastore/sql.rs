@@ -151,6 +151,11 @@ impl SqlStore {
         &self.pool
     }
 
+    /// Where admin listings read: the one database.
+    fn reader(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// SQLite announces nothing: followers poll.
     fn change_listener(&self) -> Option<ChangeSignal> {
         None

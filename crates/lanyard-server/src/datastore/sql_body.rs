@@ -811,7 +811,7 @@ impl Datastore for Store {
         ));
         push_entry_filter(&mut qb, filter)?;
         push_page(&mut qb, "e.entry_id", page.as_ref())?;
-        let rows = qb.build().fetch_all(&self.pool).await?;
+        let rows = qb.build().fetch_all(self.reader()).await?;
         let entries = rows
             .iter()
             .map(entry_from_row)
@@ -825,7 +825,7 @@ impl Datastore for Store {
         let mut qb =
             QueryBuilder::<Db>::new("SELECT COUNT(*) FROM registered_entries e WHERE 1 = 1");
         push_entry_filter(&mut qb, filter)?;
-        count(qb.build_query_scalar::<i64>().fetch_one(&self.pool).await?)
+        count(qb.build_query_scalar::<i64>().fetch_one(self.reader()).await?)
     }
 
     async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>> {
@@ -1009,7 +1009,7 @@ impl Datastore for Store {
         let mut qb =
             QueryBuilder::<Db>::new("SELECT COUNT(*) FROM attested_agents a WHERE 1 = 1");
         push_agent_filter(&mut qb, filter)?;
-        count(qb.build_query_scalar::<i64>().fetch_one(&self.pool).await?)
+        count(qb.build_query_scalar::<i64>().fetch_one(self.reader()).await?)
     }
 
     async fn create_join_token(
@@ -1234,7 +1234,7 @@ impl Datastore for Store {
     async fn count_bundles(&self) -> Result<u64> {
         count(
             sqlx::query_scalar(q("SELECT COUNT(*) FROM bundles"))
-                .fetch_one(&self.pool)
+                .fetch_one(self.reader())
                 .await?,
         )
     }
@@ -1430,7 +1430,7 @@ impl Datastore for Store {
                 .push(" OFFSET ")
                 .push_bind(offset);
         }
-        let rows = builder.build().fetch_all(&self.pool).await?;
+        let rows = builder.build().fetch_all(self.reader()).await?;
         let mut issuances = rows
             .iter()
             .map(issuance_from_row)

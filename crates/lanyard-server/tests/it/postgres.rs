@@ -316,3 +316,103 @@ async fn a_second_server_under_the_same_instance_name_is_refused() {
     let error = server_named(&url, "same").await.err().expect("refused");
     assert!(error.contains("key"), "{error}");
 }
+
+#[tokio::test]
+async fn a_rotation_on_one_server_does_not_invalidate_the_others() {
+    use lanyard_server::ca::AuthorityKind;
+
+    let url = fresh_database().await;
+    let a = server_named(&url, "a").await.unwrap();
+    let b = server_named(&url, "b").await.unwrap();
+    let agree_on = |count: usize| {
+        let (a, b) = (&a, &b);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (of_a, of_b) = (sorted(a.authorities()), sorted(b.authorities()));
+                if of_a.len() == count && of_a == of_b {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no agreement on {count} authorities: {} and {}",
+                    of_a.len(),
+                    of_b.len()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    agree_on(2).await;
+    let agent = a.attest_new_agent().await;
+    let id = create_entry(&a, "/rotated", &agent.id, 0).await;
+
+    // A prepares and activates a new authority: B serves it too, and A's old one stays.
+    let ca = &a.server().state().ca;
+    let prepared = ca
+        .prepare_authority(AuthorityKind::X509, SystemTime::now())
+        .await
+        .unwrap();
+    ca.activate_authority(
+        AuthorityKind::X509,
+        &prepared.authority_id,
+        SystemTime::now(),
+    )
+    .await
+    .unwrap();
+    agree_on(3).await;
+
+    // The agent's SVID from A's old authority still works with B, and an SVID from A's new
+    // authority verifies against B's bundle.
+    assert_eq!(sync_ids(&b, &agent).await, vec![id.clone()]);
+    let minted = crate::issuance::mint(&a, &agent, &id).await;
+    let chain = &minted.svid.as_ref().expect("minted").cert_chain;
+    let roots = b.authorities();
+    let root_refs: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
+    lanyard_core::x509::verify_svid_chain(chain, &trust_domain(), &root_refs, SystemTime::now())
+        .expect("A's new authority is in B's bundle");
+}
+
+#[tokio::test]
+async fn admin_listings_read_the_replica_and_authorization_never_does() {
+    use lanyard_proto::spire::api::server::entry::v1::CountEntriesRequest;
+    use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
+
+    // A stand-in for a replica that has not caught up: another database with the schema and
+    // nothing in it. What the server reads from it shows which reads go there.
+    let primary = fresh_database().await;
+    let replica = fresh_database().await;
+    PgStore::connect(&replica, 2).await.unwrap();
+    let (primary_url, replica_url) = (primary.clone(), replica.clone());
+    let server = TestServer::start_with(move |config| {
+        config.datastore.kind = DatastoreKind::Postgres;
+        config.datastore.connection_string = Some(ConnectionString::new(primary_url));
+        config.datastore.read_connection_string = Some(ConnectionString::new(replica_url));
+    })
+    .await;
+    let agent = server.attest_new_agent().await;
+    let id = create_entry(&server, "/replicated", &agent.id, 0).await;
+
+    // Sync and issuance decide on the primary: the entry is served at once.
+    assert_eq!(sync_ids(&server, &agent).await, vec![id.clone()]);
+    crate::issuance::mint(&server, &agent, &id)
+        .await
+        .svid
+        .expect("minted from the primary's entry");
+    // The admin count reads the replica, which has not seen it.
+    let count = EntryClient::new(server.admin().await)
+        .count_entries(CountEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(count, 0);
+    let on_primary = PgStore::connect(&primary, 2).await.unwrap();
+    assert_eq!(
+        on_primary
+            .count_entries(&lanyard_server::datastore::EntryFilter::default())
+            .await
+            .unwrap(),
+        1
+    );
+}
