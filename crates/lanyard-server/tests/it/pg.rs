@@ -3,7 +3,10 @@
 //! process (`initdb` in a temporary directory), started on a free loopback port as an
 //! unprivileged user (`nobody` when the tests run as root: PostgreSQL refuses to run as root),
 //! and killed with the test process (`setpriv --pdeathsig KILL`). Each test gets its own
-//! database from [`fresh_database`].
+//! database from [`fresh_database`]; a test that stops and restarts PostgreSQL takes a
+//! [`Dedicated`] cluster of its own.
+// Three test crates include this file; each uses part of it.
+#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -12,41 +15,216 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-struct Cluster {
+/// A cluster: its binaries, files, port and user, and the process serving it.
+pub(crate) struct Dedicated {
     port: u16,
+    bin: PathBuf,
+    dir: PathBuf,
+    user: Option<(u32, u32)>,
+    /// Whether commits are flushed before they are acknowledged, as in production; off for
+    /// the shared cluster, which is never crashed.
+    durable: bool,
+    pid: std::sync::Mutex<Option<u32>>,
 }
 
-static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+static SHARED: OnceLock<Result<Dedicated, String>> = OnceLock::new();
+static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
+static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(0);
 
-/// The URL of a new, empty database on this process's cluster.
+/// The URL of a new, empty database on this process's shared cluster.
 pub(crate) async fn fresh_database() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let cluster = match CLUSTER.get_or_init(start) {
+    let cluster = match SHARED.get_or_init(|| Dedicated::start_with(false)) {
         Ok(cluster) => cluster,
         Err(error) => panic!("no PostgreSQL for the tests: {error}"),
     };
-    let name = format!(
-        "lanyard_{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
-    // Listening is not yet accepting: the cluster may still be starting up.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut conn = loop {
-        match <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await {
-            Ok(conn) => break conn,
-            Err(error) if Instant::now() > deadline => {
-                panic!("cannot connect to the test cluster: {error}")
+    cluster.fresh_database().await
+}
+
+impl Dedicated {
+    /// A new cluster of its own, started, durable as in production (a crash loses no
+    /// acknowledged commit).
+    pub(crate) fn start() -> Result<Self, String> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<Self, String> {
+        let bin = binaries()?;
+        let user = if running_as_root() {
+            Some(nobody()?)
+        } else {
+            None
+        };
+        // Clusters outlive nothing but their process: one directory per process ID (and
+        // cluster), and those of processes that are gone are removed first.
+        let parent = std::env::temp_dir().join("lanyard-test-postgres");
+        std::fs::create_dir_all(&parent).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&parent, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        for stale in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+            let name = stale.file_name().to_string_lossy().into_owned();
+            let pid = name.split('-').next().unwrap_or_default().to_owned();
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(stale.path());
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
-    };
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("creates a test database");
-    format!("postgres://postgres@127.0.0.1:{}/{name}", cluster.port)
+        let dir = parent.join(format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let data = dir.join("data");
+        let sockets = dir.join("sockets");
+        std::fs::create_dir_all(&sockets).map_err(|e| e.to_string())?;
+        if let Some((uid, gid)) = user {
+            for path in [&dir, &sockets] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+            }
+        }
+        let output = as_cluster_user(&bin.join("initdb"), user)
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .output()
+            .map_err(|e| format!("cannot run initdb: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let cluster = Self {
+            port,
+            bin,
+            dir,
+            user,
+            durable,
+            pid: std::sync::Mutex::new(None),
+        };
+        cluster.serve()?;
+        Ok(cluster)
+    }
+
+    /// Starts `postgres` on the cluster's port and waits until it listens.
+    fn serve(&self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("postgres.log"))
+            .map_err(|e| format!("{}: {e}", self.dir.join("postgres.log").display()))?;
+        let mut command = as_cluster_user(&self.bin.join("postgres"), self.user);
+        command
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-k")
+            .arg(self.dir.join("sockets"))
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "max_connections=300"]);
+        if !self.durable {
+            // A throwaway cluster that is never crashed: flushing buys nothing.
+            command.args(["-c", "fsync=off", "-c", "synchronous_commit=off"]);
+        }
+        command
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+        // The process is started from a thread that lives as long as it does, so that the
+        // parent death signal fires when the test process ends, not when some worker thread
+        // does.
+        let (started, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || match command.spawn() {
+            Ok(mut child) => {
+                let _ = started.send(Ok(child.id()));
+                let _ = child.wait();
+            }
+            Err(e) => {
+                let _ = started.send(Err(format!("cannot start postgres: {e}")));
+            }
+        });
+        let pid = ready.recv().map_err(|e| e.to_string())??;
+        *self.pid.lock().unwrap() = Some(pid);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                let log =
+                    std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
+                return Err(format!("postgres did not listen within 30 s: {log}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Kills the server at once, as a crash would (`SIGKILL`), and waits until its port is
+    /// closed.
+    pub(crate) fn kill(&self) {
+        if let Some(pid) = self.pid.lock().unwrap().take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "postgres did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Children of the killed postmaster end on their own; give them a moment to release
+        // the shared memory before the next start.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    /// Starts the killed server again on the same port and data (crash recovery included).
+    pub(crate) fn start_again(&self) {
+        self.serve().expect("postgres starts again");
+    }
+
+    /// The URL of a new, empty database on this cluster.
+    pub(crate) async fn fresh_database(&self) -> String {
+        let name = format!(
+            "lanyard_{}_{}",
+            std::process::id(),
+            NEXT_DATABASE.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", self.port);
+        // Listening is not yet accepting: the cluster may still be starting up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut conn = loop {
+            match <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await {
+                Ok(conn) => break conn,
+                Err(error) if Instant::now() > deadline => {
+                    panic!("cannot connect to the test cluster: {error}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("creates a test database");
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for Dedicated {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.lock().unwrap().take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
 }
 
 /// The directory holding `initdb` and `postgres`, installing Debian's package if needed.
@@ -127,96 +305,4 @@ fn as_cluster_user(program: &Path, user: Option<(u32, u32)>) -> Command {
     }
     command.args(["--pdeathsig", "KILL"]).arg(program);
     command
-}
-
-fn start() -> Result<Cluster, String> {
-    let bin = binaries()?;
-    let user = if running_as_root() {
-        Some(nobody()?)
-    } else {
-        None
-    };
-    // Clusters outlive nothing but their process: one directory per process ID, and those of
-    // processes that are gone are removed first.
-    let parent = std::env::temp_dir().join("lanyard-test-postgres");
-    std::fs::create_dir_all(&parent).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(&parent, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .map_err(|e| e.to_string())?;
-    for stale in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
-        let name = stale.file_name();
-        let alive = Path::new("/proc").join(&name).exists();
-        if !alive {
-            let _ = std::fs::remove_dir_all(stale.path());
-        }
-    }
-    let dir = parent.join(std::process::id().to_string());
-    let _ = std::fs::remove_dir_all(&dir);
-    let data = dir.join("data");
-    let sockets = dir.join("sockets");
-    std::fs::create_dir_all(&sockets).map_err(|e| e.to_string())?;
-    if let Some((uid, gid)) = user {
-        for path in [&dir, &sockets] {
-            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
-        }
-    }
-    let output = as_cluster_user(&bin.join("initdb"), user)
-        .args(["-D"])
-        .arg(&data)
-        .args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-        ])
-        .output()
-        .map_err(|e| format!("cannot run initdb: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "initdb failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    let log = std::fs::File::create(dir.join("postgres.log")).map_err(|e| e.to_string())?;
-    let mut command = as_cluster_user(&bin.join("postgres"), user);
-    command
-        .arg("-D")
-        .arg(&data)
-        .arg("-k")
-        .arg(&sockets)
-        .args(["-p", &port.to_string()])
-        .args(["-c", "listen_addresses=127.0.0.1"])
-        .args(["-c", "max_connections=300"])
-        // A throwaway cluster: durability is the store's own tests' business, not the server's.
-        .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log);
-    // The process is started from a thread that lives as long as it does, so that the parent
-    // death signal fires when the test process ends, not when some worker thread does.
-    let (started, ready) = std::sync::mpsc::channel();
-    std::thread::spawn(move || match command.spawn() {
-        Ok(mut child) => {
-            let _ = started.send(Ok(()));
-            let _ = child.wait();
-        }
-        Err(e) => {
-            let _ = started.send(Err(format!("cannot start postgres: {e}")));
-        }
-    });
-    ready.recv().map_err(|e| e.to_string())??;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
-            return Err(format!("postgres did not listen within 30 s: {log}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(Cluster { port })
 }

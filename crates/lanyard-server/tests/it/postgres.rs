@@ -416,3 +416,87 @@ async fn admin_listings_read_the_replica_and_authorization_never_does() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_server_rides_out_a_postgres_crash_and_restart() {
+    use lanyard_proto::spire::api::server::entry::v1 as entry_pb;
+    use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
+    use lanyard_proto::spire::api::types;
+
+    let cluster = crate::pg::Dedicated::start().unwrap();
+    let url = cluster.fresh_database().await;
+    // Only announcements bring other servers' writes in quickly: they must work again too.
+    let server = server_polling(&url, Duration::from_secs(3600)).await;
+    let agent = server.attest_new_agent().await;
+    let before = create_entry(&server, "/before", &agent.id, 0).await;
+
+    let try_create = |path: &'static str| {
+        let server = &server;
+        let parent = agent.id.clone();
+        async move {
+            let id = SpiffeId::from_path(&trust_domain(), path).unwrap();
+            let response = EntryClient::new(server.admin().await)
+                .batch_create_entry(entry_pb::BatchCreateEntryRequest {
+                    entries: vec![types::Entry {
+                        spiffe_id: Some(lanyard_proto::convert::spiffe_id_to_proto(&id)),
+                        parent_id: Some(lanyard_proto::convert::spiffe_id_to_proto(&parent)),
+                        selectors: vec![types::Selector {
+                            r#type: "unix".into(),
+                            value: "uid:1000".into(),
+                        }],
+                        ..Default::default()
+                    }],
+                    output_mask: None,
+                })
+                .await
+                .expect("the server answers, whatever the datastore does")
+                .into_inner();
+            let result = response.results.into_iter().next().unwrap();
+            (result.status.unwrap().code == 0).then(|| result.entry.unwrap().id)
+        }
+    };
+
+    cluster.kill();
+    // While PostgreSQL is down, a write fails with an answer: no hang, no crash.
+    assert_eq!(try_create("/during").await, None);
+
+    cluster.start_again();
+    // The server reconnects by itself: writes succeed again...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        if let Some(id) = try_create("/after").await {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "writes never worked again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // ...and hears other servers' announcements again.
+    let other = PgStore::connect(&url, 2).await.unwrap();
+    let elsewhere = other
+        .create_entry(RegistrationEntry::new(
+            EntryId::generate(),
+            SpiffeId::from_path(&trust_domain(), "/elsewhere").unwrap(),
+            agent.id.clone(),
+            [Selector::new("unix", "uid:1000").unwrap()]
+                .into_iter()
+                .collect(),
+            SystemTime::now(),
+        ))
+        .await
+        .unwrap();
+    let mut expected = vec![before, after, elsewhere.id.as_str().to_owned()];
+    expected.sort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut served = sync_ids(&server, &agent).await;
+        served.sort();
+        if served == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the restart, served {served:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
