@@ -683,6 +683,19 @@ impl Server {
     /// starts nothing: then [`Server::start_again`], or [`Server::launch`] for a server
     /// expected to fail.
     pub fn configure(dir: &Path, extra_toml: &str) -> Self {
+        Self::configure_on(dir, extra_toml, "kind = \"sqlite\"\n")
+    }
+
+    /// Like [`Server::start_with`], with `datastore_toml` as the `[datastore]` table (e.g. a
+    /// PostgreSQL database shared with other servers).
+    pub fn start_on(dir: &Path, extra_toml: &str, datastore_toml: &str) -> Self {
+        let mut server = Self::configure_on(dir, extra_toml, datastore_toml);
+        server.start_again();
+        server
+    }
+
+    /// Like [`Server::configure`], with `datastore_toml` as the `[datastore]` table.
+    pub fn configure_on(dir: &Path, extra_toml: &str, datastore_toml: &str) -> Self {
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let port = free_port();
         let admin_socket = dir.join("admin").join("api.sock");
@@ -695,8 +708,7 @@ impl Server {
              log_level    = {log_level}\n\
              {extra_toml}\n\
              [datastore]\n\
-             kind = \"sqlite\"\n\
-             \n\
+             {datastore_toml}\n\
              [key_manager]\n\
              kind = \"disk\"\n",
             td = toml_string(TRUST_DOMAIN),

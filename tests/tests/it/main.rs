@@ -7,9 +7,12 @@
 
 mod go_spiffe;
 mod grants;
+mod ha;
 mod identities;
 mod java_spiffe;
 mod mtls;
+#[path = "../../../crates/lanyard-server/tests/it/pg.rs"]
+mod pg;
 mod py_spiffe;
 mod resilience;
 mod rotation;
