@@ -42,36 +42,59 @@ const POLICY_PROBE_ENTRIES: usize = 256;
 /// How often the policy file is checked for changes (SIGHUP reloads at once).
 const POLICY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Why the server could not start or stopped with an error.
+macro_rules! server_error_from {
+    ($($variant:ident($error:ty)),* $(,)?) => {
+        $(
+            impl From<$error> for ServerError {
+                fn from(error: $error) -> Self {
+                    Self::$variant(error)
+                }
+            }
+        )*
+    };
+}
+
+server_error_from!(
+    Setup(KeyManagerError),
+    Datastore(DatastoreError),
+    Ca(CaError),
+    Tls(TlsError),
+    Policy(crate::policy::LoadError),
+    Audit(crate::audit::AuditError),
+);
+
+/// Why the server could not start or stopped with an error. Each message already includes
+/// its cause's, so the variants carry their causes without exposing them as `source()`: a
+/// printed chain (`{:#}`) says each thing once.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
     /// The data directory or a socket directory could not be prepared.
     #[error("{0}")]
-    Setup(#[from] KeyManagerError),
+    Setup(KeyManagerError),
     /// The datastore could not be opened.
     #[error("datastore: {0}")]
-    Datastore(#[from] DatastoreError),
+    Datastore(DatastoreError),
     /// The CA could not be loaded or created.
     #[error("CA: {0}")]
-    Ca(#[from] CaError),
+    Ca(CaError),
     /// TLS state could not be built.
     #[error("TLS: {0}")]
-    Tls(#[from] TlsError),
+    Tls(TlsError),
     /// A listener could not be bound.
-    #[error("binding {what}: {source}")]
+    #[error("binding {what}: {error}")]
     Bind {
         /// The address or socket path.
         what: String,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The policy could not be loaded.
     #[error("{0}")]
-    Policy(#[from] crate::policy::LoadError),
+    Policy(crate::policy::LoadError),
     /// The audit log could not be opened, or does not verify.
     #[error("{0}")]
-    Audit(#[from] crate::audit::AuditError),
+    Audit(crate::audit::AuditError),
     /// The datastore is missing or empty while the data directory holds the rest of an
     /// existing trust domain.
     #[error(
@@ -197,13 +220,13 @@ impl Server {
 
         let tcp = TcpListener::bind(state.config.bind_address)
             .await
-            .map_err(|source| ServerError::Bind {
+            .map_err(|error| ServerError::Bind {
                 what: state.config.bind_address.to_string(),
-                source,
+                error,
             })?;
-        let tcp_addr = tcp.local_addr().map_err(|source| ServerError::Bind {
+        let tcp_addr = tcp.local_addr().map_err(|error| ServerError::Bind {
             what: state.config.bind_address.to_string(),
-            source,
+            error,
         })?;
         let socket_path = state.config.socket_path.clone();
         let uds = bind_admin_socket(&socket_path)?;
@@ -510,9 +533,9 @@ fn read_certificates(path: &Path) -> Result<Vec<Vec<u8>>, ServerError> {
 
 /// Binds the admin socket in a directory only the owner can enter, replacing a stale socket.
 fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
-    let bind_error = |source| ServerError::Bind {
+    let bind_error = |error| ServerError::Bind {
         what: path.display().to_string(),
-        source,
+        error,
     };
     if let Some(dir) = path.parent() {
         keymanager::create_private_dir(dir)?;
@@ -575,5 +598,29 @@ async fn rotate(
                 Err(error) => tracing::warn!(%error, "pruning the usage ledger failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn a_printed_chain_says_each_cause_once() {
+        let errors = [
+            ServerError::from(DatastoreError::Backend(
+                "cannot connect to PostgreSQL".into(),
+            )),
+            ServerError::Bind {
+                what: "127.0.0.1:8081".into(),
+                error: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            },
+        ];
+        for error in errors {
+            let text = error.to_string();
+            assert!(std::error::Error::source(&error).is_none(), "{text}");
+        }
+        let text = ServerError::from(DatastoreError::Backend("no route".into())).to_string();
+        assert_eq!(text.matches("no route").count(), 1, "{text}");
     }
 }
