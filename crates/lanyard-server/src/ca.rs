@@ -716,7 +716,13 @@ impl CaManager {
         for authority in jwts {
             own.add_jwt_authority(authority)?;
         }
-        let mut bundle = self.store.append_bundle(own).await?;
+        // Most ticks change nothing: read first, and take the datastore's write lock only
+        // when an own authority is missing.
+        let stored = self.store.get_bundle(&self.config.trust_domain).await?;
+        let mut bundle = match stored {
+            Some(stored) if crate::datastore::merge_bundles(&stored, &own)?.is_none() => stored,
+            _ => self.store.append_bundle(own).await?,
+        };
         let expired: Vec<Vec<u8>> = bundle
             .x509_authorities()
             .iter()

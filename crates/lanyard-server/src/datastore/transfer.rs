@@ -13,7 +13,7 @@ use std::path::Path;
 
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Column as _, Connection as _, Row as _, TypeInfo as _, ValueRef as _};
+use sqlx::{Column as _, Connection as _, Row as _, ValueRef as _};
 
 use super::{DatastoreError, PgStore, Result, SqlStore};
 
@@ -238,11 +238,11 @@ fn read_sqlite_row(row: &SqliteRow, targets: &[(String, String)]) -> Result<Vec<
         let value = if raw.is_null() {
             Value::Null
         } else {
-            match (kind.as_str(), raw.type_info().name()) {
-                ("bigint", _) => Value::Int(row.try_get(name.as_str())?),
-                ("text", _) => Value::Text(row.try_get(name.as_str())?),
-                ("bytea", _) => Value::Bytes(row.try_get(name.as_str())?),
-                (other, _) => {
+            match kind.as_str() {
+                "bigint" => Value::Int(row.try_get(name.as_str())?),
+                "text" => Value::Text(row.try_get(name.as_str())?),
+                "bytea" => Value::Bytes(row.try_get(name.as_str())?),
+                other => {
                     return Err(DatastoreError::Backend(format!(
                         "column {name} has an unexpected PostgreSQL type {other}"
                     )));
