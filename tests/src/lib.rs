@@ -903,8 +903,8 @@ impl Server {
     }
 }
 
-/// `spiffe://<trust_domain><path>` from SPIRE's JSON `{trust_domain, path}`.
-fn spiffe_id_of(id: &Value) -> String {
+/// A SPIFFE ID from its JSON form in the CLI's output (`trust_domain` and `path`).
+pub fn spiffe_id_of(id: &Value) -> String {
     format!(
         "spiffe://{}{}",
         id["trust_domain"].as_str().unwrap_or_default(),

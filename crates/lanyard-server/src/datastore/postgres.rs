@@ -66,7 +66,8 @@ async fn announce_change(conn: &mut Conn, revision: i64) -> Result<()> {
 
 /// Listens on [`CHANGES_CHANNEL`] and raises `signal` for each announcement, and once more
 /// whenever the listening connection was lost and re-established (announcements made
-/// meanwhile are gone; the follower reads the change log anyway). Ends when the pool closes.
+/// meanwhile are gone; the follower reads the change log anyway). Losing the connection and
+/// getting it back are both logged, once each. Ends when the pool closes.
 async fn listen_for_changes(pool: PgPool, signal: Arc<tokio::sync::Notify>) {
     let mut failing = false;
     loop {
@@ -83,28 +84,35 @@ async fn listen_for_changes(pool: PgPool, signal: Arc<tokio::sync::Notify>) {
             }
         };
         if let Err(error) = listener.listen(CHANGES_CHANNEL).await {
-            tracing::warn!(%error, "cannot listen for other servers' changes; retrying");
+            if !failing {
+                tracing::warn!(%error, "cannot listen for other servers' changes; retrying");
+                failing = true;
+            }
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
         if failing {
+            // Not reset: the loop below only ends by losing this connection, which sets it.
             tracing::info!("listening for other servers' changes again");
-            failing = false;
         }
         // Anything announced before the listener was up is read now.
         signal.notify_one();
         loop {
-            match listener.try_recv().await {
-                Ok(Some(_)) => signal.notify_one(),
-                // The connection was lost and is back: what was announced meanwhile is lost.
-                Ok(None) => signal.notify_one(),
-                Err(sqlx::Error::PoolClosed) => return,
-                Err(error) => {
-                    tracing::warn!(%error, "lost the connection that listens for other servers' changes; reconnecting");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    break;
+            let lost = match listener.try_recv().await {
+                Ok(Some(_)) => {
+                    signal.notify_one();
+                    continue;
                 }
-            }
+                Err(sqlx::Error::PoolClosed) => return,
+                Ok(None) => "the database closed it".to_owned(),
+                Err(error) => error.to_string(),
+            };
+            tracing::warn!(error = %lost, "lost the connection that listens for other servers' changes; reconnecting");
+            failing = true;
+            // What was announced meanwhile is gone: the follower reads the change log.
+            signal.notify_one();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            break;
         }
     }
 }
