@@ -35,6 +35,7 @@
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -330,6 +331,25 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .expect("binding an ephemeral port on 127.0.0.1")
         .port()
+}
+
+/// A TCP port that was free a moment ago on every one of `hosts` (loopback addresses such as
+/// 127.0.0.2 and 127.0.0.3): for servers that one host name reaches on one port.
+pub fn free_port_on(hosts: &[IpAddr]) -> u16 {
+    let (first, others) = hosts.split_first().expect("at least one host");
+    for _ in 0..100 {
+        let port = std::net::TcpListener::bind((*first, 0))
+            .and_then(|listener| listener.local_addr())
+            .unwrap_or_else(|e| panic!("binding an ephemeral port on {first}: {e}"))
+            .port();
+        if others
+            .iter()
+            .all(|host| std::net::TcpListener::bind((*host, port)).is_ok())
+        {
+            return port;
+        }
+    }
+    panic!("no port free on all of {hosts:?}")
 }
 
 /// The `unix:uid:<uid>` selector.
@@ -652,6 +672,79 @@ impl Drop for ChildProcess {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Private host names
+
+/// The shell that runs a command with [`PrivateHosts`]: bind-mount `$HOSTS` over `/etc/hosts`
+/// in the new mount namespace, then become the command (same pid, so that signals reach it).
+const PRIVATE_HOSTS_SCRIPT: &str = "mount --bind \"$HOSTS\" /etc/hosts && exec \"$@\"";
+
+/// A hosts file that children see as their `/etc/hosts`: each runs in a mount namespace of
+/// its own (`unshare -m`, private propagation) with the file bind-mounted over `/etc/hosts`, so
+/// that a test can give one name several addresses without touching the machine's file. Needs
+/// root (`CAP_SYS_ADMIN`) and `unshare` from util-linux; [`PrivateHosts::check`] says whether
+/// this machine allows it.
+#[derive(Debug)]
+pub struct PrivateHosts {
+    path: PathBuf,
+}
+
+impl PrivateHosts {
+    /// Writes `path` with `localhost` and one line per `(address, name)`.
+    pub fn write(path: &Path, names: &[(IpAddr, &str)]) -> Self {
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost\n");
+        for (address, name) in names {
+            text.push_str(&format!("{address} {name}\n"));
+        }
+        fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    /// `Ok` if a child run through [`PrivateHosts::wrap`] sees this file as `/etc/hosts`;
+    /// otherwise why not (not root, `unshare` missing or refused).
+    pub fn check(&self) -> Result<(), String> {
+        if !running_as_root() {
+            return Err(format!(
+                "a private /etc/hosts needs root (uid {})",
+                current_uid()
+            ));
+        }
+        let mut cat = Command::new("cat");
+        cat.arg("/etc/hosts");
+        let output = CliOutput::run(&mut self.wrap(cat));
+        let expected = fs::read_to_string(&self.path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", self.path.display()));
+        if output.success() && output.stdout == expected {
+            Ok(())
+        } else {
+            Err(format!("a private /etc/hosts is refused here: {output}"))
+        }
+    }
+
+    /// `command` run as `unshare -m -- sh -c '<bind-mount, exec>' sh <program> <args…>`, with
+    /// its environment and working directory.
+    pub fn wrap(&self, command: Command) -> Command {
+        let mut wrapped = Command::new("unshare");
+        wrapped
+            .args(["-m", "--", "sh", "-c", PRIVATE_HOSTS_SCRIPT, "sh"])
+            .arg(command.get_program())
+            .args(command.get_args());
+        for (name, value) in command.get_envs() {
+            match value {
+                Some(value) => wrapped.env(name, value),
+                None => wrapped.env_remove(name),
+            };
+        }
+        if let Some(dir) = command.get_current_dir() {
+            wrapped.current_dir(dir);
+        }
+        wrapped.env("HOSTS", &self.path);
+        wrapped
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Server
 
 /// A `lanyard server run` on `127.0.0.1:<free port>` with its admin socket, SQLite datastore
@@ -659,6 +752,7 @@ impl Drop for ChildProcess {
 #[derive(Debug)]
 pub struct Server {
     dir: PathBuf,
+    host: IpAddr,
     port: u16,
     config_path: PathBuf,
     admin_socket: PathBuf,
@@ -720,6 +814,7 @@ impl Server {
             .unwrap_or_else(|e| panic!("writing {}: {e}", config_path.display()));
         Self {
             dir: dir.to_owned(),
+            host: IpAddr::from([127, 0, 0, 1]),
             port,
             process: ChildProcess::new(format!("server :{port}"), dir.join("server.log")),
             config_path,
@@ -781,9 +876,28 @@ impl Server {
         self.port
     }
 
-    /// `127.0.0.1:<port>`.
+    /// `<host>:<port>` (`127.0.0.1:<port>` unless [`Server::rebind`] said otherwise).
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        SocketAddr::new(self.host, self.port).to_string()
+    }
+
+    /// Makes the (configured or stopped) server listen on `address` from its next start:
+    /// rewrites `bind_address` in its config. For servers on other loopback addresses
+    /// (127.0.0.2, …) or a server taking over another's address.
+    pub fn rebind(&mut self, address: SocketAddr) {
+        assert!(
+            !self.process.is_running(),
+            "stop the server before moving it to {address}"
+        );
+        let text = fs::read_to_string(&self.config_path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", self.config_path.display()));
+        let old = format!("bind_address = \"{}\"", self.address());
+        assert!(text.contains(&old), "no `{old}` in {text}");
+        let new = format!("bind_address = \"{address}\"");
+        fs::write(&self.config_path, text.replace(&old, &new))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", self.config_path.display()));
+        self.host = address.ip();
+        self.port = address.port();
     }
 
     /// The admin API socket.
@@ -1087,6 +1201,16 @@ impl Agent {
             .args(["agent", "run", "--config"])
             .arg(&self.config_path);
         self.process.start(command);
+    }
+
+    /// Like [`Agent::start_again`], with `hosts` as the agent's `/etc/hosts`.
+    pub fn start_again_with_hosts(&mut self, hosts: &PrivateHosts) {
+        let mut command = lanyard();
+        command
+            .args(["agent", "run", "--config"])
+            .arg(&self.config_path);
+        self.process.start(hosts.wrap(command));
+        self.wait_until_serving();
     }
 
     /// Waits until the Workload API socket accepts connections and answers a request (with

@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use crate::toolchain::{Spire, spire};
 use crate::{
-    ChildProcess, CliOutput, FetchedSvid, TIMEOUT, TRUST_DOMAIN, free_port, lanyard,
+    ChildProcess, CliOutput, FetchedSvid, PrivateHosts, TIMEOUT, TRUST_DOMAIN, free_port, lanyard,
     pem_certificates, poll,
 };
 
@@ -292,6 +292,18 @@ impl SpireAgent {
         bundle_pem: &str,
         attestation: SpireAttestation<'_>,
     ) -> Self {
+        Self::start_in(dir, server_address, bundle_pem, attestation, None)
+    }
+
+    /// Like [`SpireAgent::start_with`], with `hosts` (if given) as the agent's `/etc/hosts`,
+    /// for a `server_address` whose host name only that file knows.
+    pub fn start_in(
+        dir: &Path,
+        server_address: &str,
+        bundle_pem: &str,
+        attestation: SpireAttestation<'_>,
+        hosts: Option<&PrivateHosts>,
+    ) -> Self {
         let spire = spire();
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
@@ -356,7 +368,10 @@ impl SpireAgent {
         let mut process = ChildProcess::new("spire-agent", dir.join("agent.log"));
         let mut command = Command::new(&spire.agent);
         command.arg("run").arg("-config").arg(&config_path);
-        process.start(command);
+        process.start(match hosts {
+            Some(hosts) => hosts.wrap(command),
+            None => command,
+        });
         let mut agent = Self {
             dir: dir.to_owned(),
             socket,
@@ -408,6 +423,44 @@ impl SpireAgent {
             chain: pem_certificates(&read("svid.0.pem")),
             bundle: pem_certificates(&read("bundle.0.pem")),
         })
+    }
+
+    /// `spire-agent api fetch x509 -write <dir>`: every SVID, in the order served, each with
+    /// its chain and bundle; or the failed command.
+    pub fn fetch_x509_all(&self) -> Result<Vec<FetchedSvid>, CliOutput> {
+        let out = self.dir.join("fetched-all");
+        let _ = fs::remove_dir_all(&out);
+        fs::create_dir_all(&out).unwrap_or_else(|e| panic!("creating {}: {e}", out.display()));
+        let output = CliOutput::run(
+            Command::new(&spire().agent)
+                .args(["api", "fetch", "x509", "-socketPath"])
+                .arg(&self.socket)
+                .arg("-write")
+                .arg(&out),
+        );
+        if !output.success() {
+            return Err(output);
+        }
+        // The CLI prints a `SPIFFE ID:` line per SVID and writes `svid.<i>.pem` and
+        // `bundle.<i>.pem` in the same order.
+        let ids = output.stdout.lines().filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            (name.trim() == "SPIFFE ID").then(|| value.trim().to_owned())
+        });
+        let read = |name: String| {
+            let path = out.join(&name);
+            fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("reading {}: {e}\n{output}", path.display()))
+        };
+        Ok(ids
+            .enumerate()
+            .map(|(i, spiffe_id)| FetchedSvid {
+                spiffe_id,
+                hint: String::new(),
+                chain: pem_certificates(&read(format!("svid.{i}.pem"))),
+                bundle: pem_certificates(&read(format!("bundle.{i}.pem"))),
+            })
+            .collect())
     }
 
     /// Polls [`SpireAgent::fetch_x509`] until it returns an SVID for `spiffe_id`; panics with

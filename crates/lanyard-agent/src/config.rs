@@ -135,8 +135,9 @@ impl<'de> Deserialize<'de> for ServerAddresses {
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// The server's TCP address, `host:port`, or several (a list), tried in order: the agent
-    /// stays with the one it reached and moves on when a connection fails. A host name that
-    /// resolves to several addresses is tried address by address.
+    /// stays with the one it reached and moves on when a connection fails. A host name is
+    /// resolved at every connection, and each address it resolves to is tried in turn with
+    /// its own 3 s, the one that answered last first.
     pub server_address: ServerAddresses,
     /// The trust domain.
     pub trust_domain: TrustDomain,

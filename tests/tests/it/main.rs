@@ -8,6 +8,7 @@
 mod go_spiffe;
 mod grants;
 mod ha;
+mod ha_dns;
 mod identities;
 mod java_spiffe;
 mod mtls;

@@ -133,7 +133,7 @@ fn spire_agent_attests_to_the_lanyard_server_and_serves_its_workloads() {
 }
 
 /// The agent's current SVID serial, as `lanyard agent show` reports it.
-fn agent_serial(server: &Server, agent_id: &str) -> String {
+pub(crate) fn agent_serial(server: &Server, agent_id: &str) -> String {
     let shown = server.cli_json(&["agent", "show", "--spiffe-id", agent_id]);
     shown["x509svid_serial_number"]
         .as_str()

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -41,7 +42,7 @@ pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long one address may take to accept TCP and finish the TLS handshake before the next
-/// is tried.
+/// is tried; also how long resolving one host name may take.
 const ADDRESS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why talking to the server failed.
@@ -175,14 +176,22 @@ struct Target {
     server_name: ServerName<'static>,
 }
 
+/// The server that answered last: which configured target, and which of the addresses its
+/// name resolved to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct LastAnswered {
+    target: usize,
+    address: Option<SocketAddr>,
+}
+
 /// Connections to the server, shared by the manager and the JWT minter. With several server
-/// addresses, a connection is made to the one that answered last, or else to the next that
-/// answers, in the configured order: a server that dies costs one failed call, after which
-/// the cached channel is dropped and the next dial moves on.
+/// addresses, or a host name that resolves to several, a connection is made to the one that
+/// answered last, or else to the next that answers, in the configured (then resolved) order:
+/// a server that dies costs one failed call, after which the cached channel is dropped and the
+/// next dial moves on.
 pub(crate) struct ServerClient {
     targets: Arc<Vec<Target>>,
-    /// The index of the target the last connection reached.
-    preferred: Arc<std::sync::atomic::AtomicUsize>,
+    preferred: Arc<Mutex<LastAnswered>>,
     endpoint: Endpoint,
     server_id: SpiffeId,
     /// The trust domain's X.509 authorities, read on every handshake.
@@ -335,42 +344,99 @@ impl ServerClient {
     }
 }
 
-/// Connects to the preferred target, or else to each next one in turn, and makes the one that
-/// answered the preferred one. The error is the last target's.
+/// Connects to the server that answered last, or else to each next address in turn, and
+/// makes the one that answered the preferred one. Every target's host name is resolved at each
+/// dial, and each address it resolves to is tried with its own [`ADDRESS_TIMEOUT`], so that a
+/// name for several servers reaches a live one past a dead one, even one that accepts TCP and
+/// then never answers. The error is the last address's.
 async fn connect_any(
     connector: &tokio_rustls::TlsConnector,
     targets: &[Target],
-    preferred: &std::sync::atomic::AtomicUsize,
+    preferred: &Mutex<LastAnswered>,
 ) -> Result<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, io::Error> {
-    use std::sync::atomic::Ordering;
-
-    let start = preferred.load(Ordering::Relaxed);
+    let last = *preferred.lock().unwrap_or_else(|e| e.into_inner());
     let mut last_error = io::Error::other("no server address");
     for step in 0..targets.len() {
-        let index = (start + step) % targets.len();
+        let index = (last.target + step) % targets.len();
         let target = &targets[index];
-        let attempt = async {
-            let tcp = tokio::net::TcpStream::connect(target.address.as_str()).await?;
+        let resolved =
+            tokio::time::timeout(ADDRESS_TIMEOUT, tokio::net::lookup_host(&target.address)).await;
+        let addresses = match resolved {
+            Ok(Ok(addresses)) => answered_first(addresses.collect(), last.address),
+            Ok(Err(error)) => {
+                tracing::debug!(server = %target.address, %error, "cannot resolve");
+                last_error = io::Error::new(error.kind(), format!("{}: {error}", target.address));
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!(server = %target.address, "resolving timed out");
+                last_error = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{}: resolving timed out", target.address),
+                );
+                continue;
+            }
+        };
+        let attempt = |address: SocketAddr| async move {
+            let tcp = tokio::net::TcpStream::connect(address).await?;
             tcp.set_nodelay(true)?;
             connector.connect(target.server_name.clone(), tcp).await
         };
-        match tokio::time::timeout(ADDRESS_TIMEOUT, attempt).await {
-            Ok(Ok(tls)) => {
-                if index != start {
-                    tracing::info!(server = %target.address, "connected to another server");
+        match first_answering(&addresses, ADDRESS_TIMEOUT, attempt).await {
+            Ok((address, tls)) => {
+                if last.address.is_some_and(|before| before != address) {
+                    tracing::info!(
+                        server = %target.address, %address, "connected to another server"
+                    );
                 }
-                preferred.store(index, Ordering::Relaxed);
+                *preferred.lock().unwrap_or_else(|e| e.into_inner()) = LastAnswered {
+                    target: index,
+                    address: Some(address),
+                };
                 return Ok(TokioIo::new(tls));
             }
-            Ok(Err(error)) => {
-                tracing::debug!(server = %target.address, %error, "cannot connect");
+            Err(error) => {
                 last_error = io::Error::new(error.kind(), format!("{}: {error}", target.address));
             }
+        }
+    }
+    Err(last_error)
+}
+
+/// `resolved` with the address that answered last, if among them, moved to the front.
+fn answered_first(mut resolved: Vec<SocketAddr>, last: Option<SocketAddr>) -> Vec<SocketAddr> {
+    if let Some(position) = resolved.iter().position(|address| Some(*address) == last) {
+        let address = resolved.remove(position);
+        resolved.insert(0, address);
+    }
+    resolved
+}
+
+/// Runs `attempt` on each address in turn, each for at most `timeout`, and returns the first
+/// that succeeds with its address. An address that fails or hangs costs its own attempt and
+/// never the next one's time. The error is the last address's.
+async fn first_answering<T, F, Fut>(
+    addresses: &[SocketAddr],
+    timeout: Duration,
+    mut attempt: F,
+) -> Result<(SocketAddr, T), io::Error>
+where
+    F: FnMut(SocketAddr) -> Fut,
+    Fut: Future<Output = io::Result<T>>,
+{
+    let mut last_error = io::Error::new(io::ErrorKind::NotFound, "resolved to no address");
+    for &address in addresses {
+        match tokio::time::timeout(timeout, attempt(address)).await {
+            Ok(Ok(answer)) => return Ok((address, answer)),
+            Ok(Err(error)) => {
+                tracing::debug!(%address, %error, "cannot connect");
+                last_error = io::Error::new(error.kind(), format!("{address}: {error}"));
+            }
             Err(_) => {
-                tracing::debug!(server = %target.address, "connecting timed out");
+                tracing::debug!(%address, "connecting timed out");
                 last_error = io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("{}: connecting timed out", target.address),
+                    format!("{address}: connecting timed out"),
                 );
             }
         }
@@ -731,6 +797,67 @@ mod tests {
         assert_eq!(denial_reason(&other), None);
         let garbage = Status::with_details(Code::PermissionDenied, "x", vec![1, 2, 3].into());
         assert_eq!(denial_reason(&garbage), None);
+    }
+
+    fn local(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn the_address_that_answered_last_is_tried_first() {
+        let resolved = vec![local(1), local(2), local(3)];
+        assert_eq!(
+            answered_first(resolved.clone(), Some(local(3))),
+            [local(3), local(1), local(2)]
+        );
+        assert_eq!(answered_first(resolved.clone(), None), resolved);
+        // A name that no longer resolves to it: the resolver's order.
+        assert_eq!(answered_first(resolved.clone(), Some(local(9))), resolved);
+    }
+
+    #[tokio::test]
+    async fn a_hung_address_costs_its_own_timeout_and_the_next_one_answers() {
+        // The first address accepts and then never answers (a hung server); the second
+        // refuses; the third answers. One timeout for all of them would end at the first.
+        let addresses = [local(1), local(2), local(3)];
+        let mut tried = Vec::new();
+        let answer = first_answering(&addresses, Duration::from_millis(50), |address| {
+            tried.push(address);
+            async move {
+                match address.port() {
+                    1 => std::future::pending().await,
+                    2 => Err(io::Error::from(io::ErrorKind::ConnectionRefused)),
+                    _ => Ok("answered"),
+                }
+            }
+        })
+        .await;
+        assert_eq!(answer.unwrap(), (local(3), "answered"));
+        assert_eq!(tried, addresses);
+    }
+
+    #[tokio::test]
+    async fn when_no_address_answers_the_error_names_the_last() {
+        let addresses = [local(1), local(2)];
+        let error = first_answering(
+            &addresses,
+            Duration::from_millis(50),
+            |address| async move {
+                if address.port() == 1 {
+                    Err(io::Error::from(io::ErrorKind::ConnectionRefused))
+                } else {
+                    std::future::pending::<io::Result<()>>().await
+                }
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(error.to_string().contains("127.0.0.1:2"), "{error}");
+        let none = first_answering(&[], Duration::from_millis(50), |_| async { Ok(()) })
+            .await
+            .unwrap_err();
+        assert_eq!(none.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]
