@@ -16,6 +16,7 @@ mod charts;
 mod cpu;
 mod harness;
 mod plan;
+mod postgres;
 mod report;
 mod spire;
 mod stats;
@@ -203,7 +204,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     if selected("restart") {
         step("restart");
-        bench::restart::run(&mut report, plan.restart_entries).await?;
+        let url = postgres::fresh_database().await?;
+        bench::restart::run(&mut report, plan.restart_entries, Some(&url)).await?;
+        report.notes.push(postgres::CLUSTER_NOTE.to_owned());
     }
 
     if cli.against_spire {
@@ -353,7 +356,7 @@ mod tests {
             .await
             .unwrap();
         server.shutdown().await;
-        bench::restart::run(&mut report, 30).await.unwrap();
+        bench::restart::run(&mut report, 30, None).await.unwrap();
 
         let keys: BTreeSet<&str> = report.figures.iter().map(|f| f.key.as_str()).collect();
         let mut expected = vec![
