@@ -41,7 +41,7 @@ struct Cli {
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// Run only these benchmarks (comma-separated): mint, batch, jwt, index, sync, fanin,
-    /// restart.
+    /// restart, writes.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also run batch, jwt, sync and fanin against SPIRE on this machine.
@@ -206,6 +206,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         step("restart");
         let url = postgres::fresh_database().await?;
         bench::restart::run(&mut report, plan.restart_entries, Some(&url)).await?;
+    }
+    if selected("writes") {
+        step("writes");
+        let url = postgres::fresh_database().await?;
+        bench::writes::run(&mut report, &url, &plan.writes).await?;
+    }
+    if ["restart", "writes"].iter().any(|b| selected(b)) {
         report.notes.push(postgres::CLUSTER_NOTE.to_owned());
     }
 

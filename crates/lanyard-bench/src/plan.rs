@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::bench::index::{Layout, Shape};
-use crate::bench::{batch, fanin, jwt, sync};
+use crate::bench::{batch, fanin, jwt, sync, writes};
 
 /// Every benchmark's scale.
 #[derive(Debug, Clone)]
@@ -19,6 +19,7 @@ pub(crate) struct Plan {
     pub(crate) sync: sync::Scale,
     pub(crate) fanin: fanin::Scale,
     pub(crate) restart_entries: usize,
+    pub(crate) writes: writes::Scale,
 }
 
 impl Plan {
@@ -73,6 +74,10 @@ impl Plan {
                 sync_interval: Duration::from_secs(1),
             },
             restart_entries: 100_000,
+            writes: writes::Scale {
+                clients: 4,
+                writes: 4_000,
+            },
         }
     }
 
@@ -127,6 +132,10 @@ impl Plan {
                 sync_interval: Duration::from_millis(300),
             },
             restart_entries: 5_000,
+            writes: writes::Scale {
+                clients: 4,
+                writes: 200,
+            },
         }
     }
 }

@@ -13,6 +13,7 @@ pub(crate) mod jwt;
 pub(crate) mod mint;
 pub(crate) mod restart;
 pub(crate) mod sync;
+pub(crate) mod writes;
 
 /// Starts the node agent that pairs with `target`, attesting with a join token.
 pub(crate) async fn start_agent(

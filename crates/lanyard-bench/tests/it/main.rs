@@ -1,8 +1,8 @@
 //! The quick benchmark end to end, as the test suite runs it: `lanyard-bench --quick` starts
-//! real servers (on SQLite, and on PostgreSQL for `restart`) and agents, runs every
-//! benchmark, and writes the JSON report, the markdown table and the charts. Checked: every
-//! benchmark reports, every figure is a finite number, and every baseline carries its ratio.
-//! No timing is asserted.
+//! real servers (on SQLite, and on PostgreSQL for `restart` and `writes`) and agents, runs
+//! every benchmark, and writes the JSON report, the markdown table and the charts. Checked:
+//! every benchmark reports, every figure is a finite number, and every baseline carries its
+//! ratio. No timing is asserted.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,11 +11,17 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const BENCHMARKS: [&str; 7] = ["mint", "batch", "jwt", "index", "sync", "fanin", "restart"];
+const BENCHMARKS: [&str; 8] = [
+    "mint", "batch", "jwt", "index", "sync", "fanin", "restart", "writes",
+];
 
 /// Figures the quick run must report beyond one per benchmark: the PostgreSQL side of the
 /// comparisons whose baseline is SQLite or a single server.
-const REQUIRED_FIGURES: [&str; 1] = ["restart.postgres.start_to_serving_ms"];
+const REQUIRED_FIGURES: [&str; 3] = [
+    "restart.postgres.start_to_serving_ms",
+    "writes.sqlite.per_sec",
+    "writes.postgres.per_sec",
+];
 
 #[test]
 fn the_quick_run_reports_every_benchmark_with_baselines_and_ratios() {
