@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::bench::index::{Layout, Shape};
-use crate::bench::{batch, fanin, jwt, sync, writes};
+use crate::bench::{batch, fanin, jwt, propagation, sync, writes};
 
 /// Every benchmark's scale.
 #[derive(Debug, Clone)]
@@ -20,6 +20,7 @@ pub(crate) struct Plan {
     pub(crate) fanin: fanin::Scale,
     pub(crate) restart_entries: usize,
     pub(crate) writes: writes::Scale,
+    pub(crate) propagation: propagation::Scale,
 }
 
 impl Plan {
@@ -77,6 +78,12 @@ impl Plan {
             writes: writes::Scale {
                 clients: 4,
                 writes: 4_000,
+            },
+            propagation: propagation::Scale {
+                trials: 20,
+                authorize_trials: 20,
+                // The agent's default, so that the figure is what a deployment sees.
+                sync_interval: lanyard_agent::config::DEFAULT_SYNC_INTERVAL,
             },
         }
     }
@@ -136,6 +143,11 @@ impl Plan {
                 clients: 4,
                 writes: 200,
             },
+            propagation: propagation::Scale {
+                trials: 3,
+                authorize_trials: 5,
+                sync_interval: Duration::from_millis(300),
+            },
         }
     }
 }
@@ -147,4 +159,5 @@ pub(crate) struct Outcomes {
     pub(crate) jwt: Option<jwt::Outcome>,
     pub(crate) sync: Option<sync::Outcome>,
     pub(crate) fanin: Option<fanin::Outcome>,
+    pub(crate) propagation: Option<propagation::Outcome>,
 }
