@@ -96,6 +96,17 @@ impl LanyardServer {
         config
     }
 
+    /// A server config on `dir` whose datastore is the PostgreSQL database at `url`, as
+    /// server `instance` of the servers sharing it.
+    pub(crate) fn postgres_config_in(dir: &Path, instance: &str, url: &str) -> ServerConfig {
+        let mut config = Self::config_in(dir);
+        config.instance = instance.to_owned();
+        config.datastore.kind = lanyard_server::config::DatastoreKind::Postgres;
+        config.datastore.connection_string =
+            Some(lanyard_server::config::ConnectionString::new(url));
+        config
+    }
+
     /// Starts a server with `config` on its own two-thread runtime.
     pub(crate) async fn start(config: ServerConfig) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -16,6 +16,7 @@ mod charts;
 mod cpu;
 mod harness;
 mod plan;
+mod postgres;
 mod report;
 mod spire;
 mod stats;
@@ -40,10 +41,10 @@ struct Cli {
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// Run only these benchmarks (comma-separated): mint, batch, jwt, index, sync, fanin,
-    /// restart.
+    /// restart, writes, propagation.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Also run batch, jwt, sync and fanin against SPIRE on this machine.
+    /// Also run batch, jwt, sync, fanin and propagation against SPIRE on this machine.
     #[arg(long)]
     against_spire: bool,
     /// Directory with spire-server and spire-agent (default: build them from the Go module
@@ -167,43 +168,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         outcome
     };
 
-    let lanyard = if ["batch", "jwt", "sync", "fanin"]
-        .iter()
-        .any(|b| selected(b))
-    {
+    let mut lanyard = plan::Outcomes::default();
+    if SINGLE_SERVER.iter().any(|b| selected(b)) {
         let dir = scratch_dir("lanyard-bench-server")?;
         let server = LanyardServer::start(LanyardServer::config_in(dir.path())).await?;
         let target = server.target();
-        let mut outcomes = plan::Outcomes::default();
         if selected("batch") {
             step("batch");
-            outcomes.batch =
+            lanyard.batch =
                 Some(bench::batch::run(&mut report, &target, ceiling, &plan.batch).await?);
         }
         if selected("jwt") {
             step("jwt");
             let raw = bench::jwt::raw_rate(report.machine.cores, plan.mint_duration)?;
-            outcomes.jwt = Some(bench::jwt::run(&mut report, &target, raw, &plan.jwt).await?);
+            lanyard.jwt = Some(bench::jwt::run(&mut report, &target, raw, &plan.jwt).await?);
         }
         if selected("sync") {
             step("sync");
-            outcomes.sync =
+            lanyard.sync =
                 Some(bench::sync::run(&mut report, &target, index.lookup_us, &plan.sync).await?);
         }
         if selected("fanin") {
             step("fanin");
-            outcomes.fanin = Some(bench::fanin::run(&mut report, &target, &plan.fanin).await?);
+            lanyard.fanin = Some(bench::fanin::run(&mut report, &target, &plan.fanin).await?);
         }
         server.shutdown().await;
         drop(dir);
-        Some(outcomes)
-    } else {
-        None
-    };
+    }
 
     if selected("restart") {
         step("restart");
-        bench::restart::run(&mut report, plan.restart_entries).await?;
+        let url = postgres::fresh_database().await?;
+        bench::restart::run(&mut report, plan.restart_entries, Some(&url)).await?;
+    }
+    if selected("writes") {
+        step("writes");
+        let url = postgres::fresh_database().await?;
+        bench::writes::run(&mut report, &url, &plan.writes).await?;
+    }
+    if selected("propagation") {
+        step("propagation");
+        lanyard.propagation = Some(lanyard_propagation(&mut report, &plan.propagation).await?);
+    }
+    if ["restart", "writes", "propagation"]
+        .iter()
+        .any(|b| selected(b))
+    {
+        report.notes.push(postgres::CLUSTER_NOTE.to_owned());
     }
 
     if cli.against_spire {
@@ -212,39 +223,88 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Some(bin) => bin,
             None => build_spire()?,
         };
-        let dir = scratch_dir("lanyard-bench-spire")?;
-        let spire = spire::SpireServer::start(&bin, dir.path()).await?;
-        let target = spire.target.clone();
         let mut outcomes = plan::Outcomes::default();
-        if selected("batch") {
-            step("batch (SPIRE)");
-            outcomes.batch =
-                Some(bench::batch::run(&mut report, &target, ceiling, &plan.batch).await?);
+        if SINGLE_SERVER.iter().any(|b| selected(b)) {
+            let dir = scratch_dir("lanyard-bench-spire")?;
+            let spire = spire::SpireServer::start(&bin, dir.path()).await?;
+            let target = spire.target.clone();
+            if selected("batch") {
+                step("batch (SPIRE)");
+                outcomes.batch =
+                    Some(bench::batch::run(&mut report, &target, ceiling, &plan.batch).await?);
+            }
+            if selected("jwt") {
+                step("jwt (SPIRE)");
+                let raw = bench::jwt::raw_rate(report.machine.cores, plan.mint_duration)?;
+                outcomes.jwt = Some(bench::jwt::run(&mut report, &target, raw, &plan.jwt).await?);
+            }
+            if selected("sync") {
+                step("sync (SPIRE)");
+                outcomes.sync = Some(
+                    bench::sync::run(&mut report, &target, index.lookup_us, &plan.sync).await?,
+                );
+            }
+            if selected("fanin") {
+                step("fanin (SPIRE)");
+                outcomes.fanin = Some(bench::fanin::run(&mut report, &target, &plan.fanin).await?);
+            }
+            drop(spire);
         }
-        if selected("jwt") {
-            step("jwt (SPIRE)");
-            let raw = bench::jwt::raw_rate(report.machine.cores, plan.mint_duration)?;
-            outcomes.jwt = Some(bench::jwt::run(&mut report, &target, raw, &plan.jwt).await?);
+        if selected("propagation") {
+            step("propagation (SPIRE)");
+            outcomes.propagation =
+                Some(spire_propagation(&mut report, &bin, &plan.propagation).await?);
         }
-        if selected("sync") {
-            step("sync (SPIRE)");
-            outcomes.sync =
-                Some(bench::sync::run(&mut report, &target, index.lookup_us, &plan.sync).await?);
-        }
-        if selected("fanin") {
-            step("fanin (SPIRE)");
-            outcomes.fanin = Some(bench::fanin::run(&mut report, &target, &plan.fanin).await?);
-        }
-        drop(spire);
-        if let Some(lanyard) = &lanyard {
-            spire::compare(&mut report, lanyard, &outcomes);
-        }
+        spire::compare(&mut report, &lanyard, &outcomes);
     }
 
     step("writing results");
     write_outputs(&report, &cli)?;
     step("done");
     Ok(())
+}
+
+/// The benchmarks that run against one server with its SQLite datastore.
+const SINGLE_SERVER: [&str; 4] = ["batch", "jwt", "sync", "fanin"];
+
+/// `propagation` on two Lanyard servers, instances `a` and `b`, over a fresh PostgreSQL
+/// database.
+async fn lanyard_propagation(
+    report: &mut Report,
+    scale: &bench::propagation::Scale,
+) -> anyhow::Result<bench::propagation::Outcome> {
+    let url = postgres::fresh_database().await?;
+    let dir = scratch_dir("lanyard-bench-pair")?;
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&dir_a)?;
+    std::fs::create_dir_all(&dir_b)?;
+    let config_a = LanyardServer::postgres_config_in(&dir_a, "a", &url);
+    let poll_interval = config_a.datastore.poll_interval;
+    // One after the other: the first brings the schema up to date.
+    let a = LanyardServer::start(config_a).await?;
+    let b = LanyardServer::start(LanyardServer::postgres_config_in(&dir_b, "b", &url)).await?;
+    let outcome =
+        bench::propagation::run(report, &a.target(), &b.target(), Some(poll_interval), scale).await;
+    b.shutdown().await;
+    a.shutdown().await;
+    outcome
+}
+
+/// `propagation` on two `spire-server`s over a fresh PostgreSQL database.
+async fn spire_propagation(
+    report: &mut Report,
+    bin: &std::path::Path,
+    scale: &bench::propagation::Scale,
+) -> anyhow::Result<bench::propagation::Outcome> {
+    let datastore = spire::SpireDatastore::Postgres(postgres::fresh_database().await?);
+    let dir = scratch_dir("lanyard-bench-spire-pair")?;
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&dir_a)?;
+    std::fs::create_dir_all(&dir_b)?;
+    // One after the other: the first creates the schema.
+    let a = spire::SpireServer::start_on(bin, &dir_a, &datastore).await?;
+    let b = spire::SpireServer::start_on(bin, &dir_b, &datastore).await?;
+    bench::propagation::run(report, &a.target, &b.target, None, scale).await
 }
 
 fn write_outputs(report: &Report, cli: &Cli) -> anyhow::Result<()> {
@@ -353,7 +413,7 @@ mod tests {
             .await
             .unwrap();
         server.shutdown().await;
-        bench::restart::run(&mut report, 30).await.unwrap();
+        bench::restart::run(&mut report, 30, None).await.unwrap();
 
         let keys: BTreeSet<&str> = report.figures.iter().map(|f| f.key.as_str()).collect();
         let mut expected = vec![

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::bench::index::{Layout, Shape};
-use crate::bench::{batch, fanin, jwt, sync};
+use crate::bench::{batch, fanin, jwt, propagation, sync, writes};
 
 /// Every benchmark's scale.
 #[derive(Debug, Clone)]
@@ -19,6 +19,8 @@ pub(crate) struct Plan {
     pub(crate) sync: sync::Scale,
     pub(crate) fanin: fanin::Scale,
     pub(crate) restart_entries: usize,
+    pub(crate) writes: writes::Scale,
+    pub(crate) propagation: propagation::Scale,
 }
 
 impl Plan {
@@ -73,6 +75,16 @@ impl Plan {
                 sync_interval: Duration::from_secs(1),
             },
             restart_entries: 100_000,
+            writes: writes::Scale {
+                clients: 4,
+                writes: 4_000,
+            },
+            propagation: propagation::Scale {
+                trials: 20,
+                authorize_trials: 20,
+                // The agent's default, so that the figure is what a deployment sees.
+                sync_interval: lanyard_agent::config::DEFAULT_SYNC_INTERVAL,
+            },
         }
     }
 
@@ -127,6 +139,15 @@ impl Plan {
                 sync_interval: Duration::from_millis(300),
             },
             restart_entries: 5_000,
+            writes: writes::Scale {
+                clients: 4,
+                writes: 200,
+            },
+            propagation: propagation::Scale {
+                trials: 3,
+                authorize_trials: 5,
+                sync_interval: Duration::from_millis(300),
+            },
         }
     }
 }
@@ -138,4 +159,5 @@ pub(crate) struct Outcomes {
     pub(crate) jwt: Option<jwt::Outcome>,
     pub(crate) sync: Option<sync::Outcome>,
     pub(crate) fanin: Option<fanin::Outcome>,
+    pub(crate) propagation: Option<propagation::Outcome>,
 }

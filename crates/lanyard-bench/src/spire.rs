@@ -1,7 +1,8 @@
 //! SPIRE on the same machine, for `--against-spire`: `spire-server` as a child process with
-//! its SQLite datastore on the same tmpfs as Lanyard's, rate limits off (every simulated
-//! agent shares one IP), and `spire-agent` for the Workload API benchmarks. The benchmarks
-//! drive it through the same SPIRE APIs they use against Lanyard.
+//! its SQLite datastore on the same tmpfs as Lanyard's (or, for `propagation`, two of them
+//! over one PostgreSQL database), rate limits off (every simulated agent shares one IP), and
+//! `spire-agent` for the Workload API benchmarks. The benchmarks drive it through the same
+//! SPIRE APIs they use against Lanyard.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,10 +47,36 @@ fn binary(bin: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Where a `spire-server` keeps its data.
+#[derive(Debug, Clone)]
+pub(crate) enum SpireDatastore {
+    /// SQLite in the server's directory.
+    Sqlite,
+    /// The PostgreSQL database at this URL, which several servers may share.
+    Postgres(String),
+}
+
 impl SpireServer {
-    /// Starts `spire-server` from `bin` on `dir`.
+    /// Starts `spire-server` from `bin` on `dir` with SQLite.
     pub(crate) async fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_on(bin, dir, &SpireDatastore::Sqlite).await
+    }
+
+    /// Starts `spire-server` from `bin` on `dir` with `datastore`.
+    pub(crate) async fn start_on(
+        bin: &Path,
+        dir: &Path,
+        datastore: &SpireDatastore,
+    ) -> anyhow::Result<Self> {
         let port = free_port()?;
+        let (database_type, connection_string) = match datastore {
+            SpireDatastore::Sqlite => (
+                "sqlite3",
+                dir.join("datastore.sqlite3").display().to_string(),
+            ),
+            // The benchmark's cluster has no TLS; SPIRE's driver (pgx) would try it first.
+            SpireDatastore::Postgres(url) => ("postgres", format!("{url}?sslmode=disable")),
+        };
         let socket = dir.join("server.sock");
         let config = format!(
             r#"server {{
@@ -69,8 +96,8 @@ impl SpireServer {
 plugins {{
   DataStore "sql" {{
     plugin_data {{
-      database_type = "sqlite3"
-      connection_string = "{db}"
+      database_type = "{database_type}"
+      connection_string = "{connection_string}"
     }}
   }}
   NodeAttestor "join_token" {{
@@ -83,7 +110,6 @@ plugins {{
 "#,
             socket = socket.display(),
             data = dir.join("data").display(),
-            db = dir.join("datastore.sqlite3").display(),
         );
         let config_path = dir.join("server.conf");
         std::fs::write(&config_path, config)?;
@@ -242,6 +268,36 @@ pub(crate) fn compare(report: &mut Report, lanyard: &Outcomes, spire: &Outcomes)
             "ms",
             ("SPIRE", s.propagation_p99_ms, "ms"),
         );
+    }
+    if let (Some(l), Some(s)) = (&lanyard.propagation, &spire.propagation) {
+        for (p, lanyard_ms, spire_ms) in [
+            ("p50", l.authorized_p50_ms, s.authorized_p50_ms),
+            ("p99", l.authorized_p99_ms, s.authorized_p99_ms),
+        ] {
+            bench.versus(
+                &format!("propagation.authorized_at_b_{p}_ms"),
+                &format!(
+                    "two servers over PostgreSQL: entry created through A → authorized at B, {p}"
+                ),
+                lanyard_ms,
+                "ms",
+                ("SPIRE", spire_ms, "ms"),
+            );
+        }
+        for (p, lanyard_ms, spire_ms) in [
+            ("p50", l.svid_p50_ms, s.svid_p50_ms),
+            ("p99", l.svid_p99_ms, s.svid_p99_ms),
+        ] {
+            bench.versus(
+                &format!("propagation.svid_{p}_ms"),
+                &format!(
+                    "two servers over PostgreSQL: entry created through A → SVID at a workload of an agent on B, {p}"
+                ),
+                lanyard_ms,
+                "ms",
+                ("SPIRE", spire_ms, "ms"),
+            );
+        }
     }
     if let (Some(l), Some(s)) = (&lanyard.fanin, &spire.fanin) {
         bench.versus(

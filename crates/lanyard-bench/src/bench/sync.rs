@@ -202,7 +202,14 @@ async fn propagation(
     let dir = scratch_dir("lanyard-bench-agent")?;
     let mut agent = crate::bench::start_agent(target, dir.path(), scale.sync_interval).await?;
     wait_for_socket(&mut agent, Duration::from_secs(30)).await?;
-    let (p50, p99) = measure_propagation(target, &agent, scale).await?;
+    let (p50, p99) = measure_propagation(
+        target,
+        &agent,
+        scale.propagation_trials,
+        scale.sync_interval,
+        Duration::ZERO,
+    )
+    .await?;
     let interval_ms = scale.sync_interval.as_secs_f64() * 1e3;
     let mut bench = report.bench(name);
     bench.versus(
@@ -223,10 +230,18 @@ async fn propagation(
     Ok((p50, p99))
 }
 
-async fn measure_propagation(
+/// Creates `trials` entries one at a time through `target` for a workload streaming from
+/// `agent` (which may be attached to another server of the trust domain), and returns the
+/// p50 and p99 from each create call to the SVID's arrival, in milliseconds. With a non-zero
+/// `spread`, each create first waits [`phase_offset`](crate::bench::phase_offset) of it, so
+/// that the creates fall at every phase of the agent's sync rather than just after the sync
+/// that delivered the last SVID.
+pub(crate) async fn measure_propagation(
     target: &Target,
     agent: &AgentProcess,
-    scale: &Scale,
+    trials: usize,
+    sync_interval: Duration,
+    spread: Duration,
 ) -> anyhow::Result<(f64, f64)> {
     let uid = current_uid();
     let selector = [format!("unix:uid:{uid}")];
@@ -236,14 +251,15 @@ async fn measure_propagation(
         .await?;
     let (arrivals, watcher) = watch_arrivals(&agent.socket).await?;
     let seed = "spiffe://example.org/bench/prop/seed";
-    let timeout = scale.sync_interval * 10 + Duration::from_secs(20);
+    let timeout = sync_interval * 10 + Duration::from_secs(20);
     wait_until("the first SVID", timeout, || {
         let arrivals = arrivals.clone();
         async move { arrivals.first_seen(seed).is_some() }
     })
     .await?;
     let mut samples = Samples::new();
-    for trial in 0..scale.propagation_trials {
+    for trial in 0..trials {
+        tokio::time::sleep(crate::bench::phase_offset(trial, spread)).await;
         let path = format!("/bench/prop/{trial}");
         let id = format!("spiffe://example.org{path}");
         let created = Instant::now();

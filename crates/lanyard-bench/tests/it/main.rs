@@ -1,7 +1,8 @@
 //! The quick benchmark end to end, as the test suite runs it: `lanyard-bench --quick` starts
-//! real servers and agents, runs every benchmark, and writes the JSON report, the markdown
-//! table and the charts. Checked: every benchmark reports, every figure is a finite number,
-//! and every baseline carries its ratio. No timing is asserted.
+//! real servers (on SQLite, and on PostgreSQL for `restart`, `writes` and `propagation`) and
+//! agents, runs every benchmark, and writes the JSON report, the markdown table and the
+//! charts. Checked: every benchmark reports, every figure is a finite number, and every
+//! baseline carries its ratio. No timing is asserted.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +11,28 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const BENCHMARKS: [&str; 7] = ["mint", "batch", "jwt", "index", "sync", "fanin", "restart"];
+const BENCHMARKS: [&str; 9] = [
+    "mint",
+    "batch",
+    "jwt",
+    "index",
+    "sync",
+    "fanin",
+    "restart",
+    "writes",
+    "propagation",
+];
+
+/// Figures the quick run must report beyond one per benchmark: the PostgreSQL side of the
+/// comparisons whose baseline is SQLite or a single server.
+const REQUIRED_FIGURES: [&str; 6] = [
+    "restart.postgres.start_to_serving_ms",
+    "writes.sqlite.per_sec",
+    "writes.postgres.per_sec",
+    "propagation.authorized_at_b_p50_ms",
+    "propagation.svid_p50_ms",
+    "propagation.svid_p99_ms",
+];
 
 #[test]
 fn the_quick_run_reports_every_benchmark_with_baselines_and_ratios() {
@@ -45,6 +67,13 @@ fn the_quick_run_reports_every_benchmark_with_baselines_and_ratios() {
     }
 
     let figures = report["figures"].as_array().unwrap();
+    let keys: BTreeSet<&str> = figures
+        .iter()
+        .map(|figure| figure["key"].as_str().unwrap())
+        .collect();
+    for key in REQUIRED_FIGURES {
+        assert!(keys.contains(key), "{key} missing from {keys:?}");
+    }
     let mut with_baseline = BTreeSet::new();
     for figure in figures {
         let key = figure["key"].as_str().unwrap();
