@@ -193,6 +193,28 @@ pub struct NodeAttestorConfig {
     /// Attest with an x509pop certificate and key.
     #[serde(default)]
     pub x509pop: Option<X509PopConfig>,
+    /// Attest with a Kubernetes projected service account token.
+    #[serde(default)]
+    pub k8s_psat: Option<K8sPsatConfig>,
+}
+
+/// Where SPIRE's agent reads its projected service account token by default.
+pub const DEFAULT_K8S_PSAT_TOKEN_PATH: &str = "/var/run/secrets/tokens/spire-agent";
+
+/// k8s_psat agent settings, in SPIRE's terms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPsatConfig {
+    /// The cluster's name, as the server knows it.
+    pub cluster: String,
+    /// The projected service account token, read anew at every attestation (the kubelet
+    /// rotates it).
+    #[serde(default = "default_k8s_psat_token_path")]
+    pub token_path: PathBuf,
+}
+
+fn default_k8s_psat_token_path() -> PathBuf {
+    PathBuf::from(DEFAULT_K8S_PSAT_TOKEN_PATH)
 }
 
 /// x509pop agent settings.
@@ -352,10 +374,26 @@ impl AgentConfig {
                 reason: "set either trust_bundle_path or insecure_bootstrap, not both".into(),
             });
         }
-        if self.join_token.is_some() && self.node_attestor.x509pop.is_some() {
+        let n_attestors = usize::from(self.join_token.is_some())
+            + usize::from(self.node_attestor.x509pop.is_some())
+            + usize::from(self.node_attestor.k8s_psat.is_some());
+        if n_attestors > 1 {
             return Err(ConfigError::Invalid {
                 key: "join_token",
-                reason: "set either join_token or [node_attestor.x509pop], not both".into(),
+                reason: "set one of join_token, [node_attestor.x509pop] or \
+                         [node_attestor.k8s_psat], not several"
+                    .into(),
+            });
+        }
+        if self
+            .node_attestor
+            .k8s_psat
+            .as_ref()
+            .is_some_and(|psat| psat.cluster.is_empty())
+        {
+            return Err(ConfigError::Invalid {
+                key: "node_attestor.k8s_psat.cluster",
+                reason: "cannot be empty".into(),
             });
         }
         if self.sync_interval.is_zero() {
@@ -446,6 +484,39 @@ mod key_type {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn k8s_psat_in_spire_terms() {
+        let base = "server_address = \"127.0.0.1:8081\"\ntrust_domain = \"example.org\"\n\
+                    data_dir = \"/d\"\ninsecure_bootstrap = true\n";
+        let c = AgentConfig::parse(&format!(
+            "{base}[node_attestor.k8s_psat]\ncluster = \"demo\"\n"
+        ))
+        .expect("parses");
+        let psat = c.node_attestor.k8s_psat.expect("k8s_psat");
+        assert_eq!(psat.cluster, "demo");
+        assert_eq!(psat.token_path, Path::new(DEFAULT_K8S_PSAT_TOKEN_PATH));
+        for (bad, expected) in [
+            (
+                "[node_attestor.k8s_psat]\ncluster = \"\"\n",
+                "cannot be empty",
+            ),
+            (
+                "[node_attestor.k8s_psat]\ntoken_path = \"/t\"\n",
+                "missing field `cluster`",
+            ),
+            (
+                "join_token = \"x\"\n[node_attestor.k8s_psat]\ncluster = \"demo\"\n",
+                "not several",
+            ),
+        ] {
+            let error = AgentConfig::parse(&format!("{base}{bad}"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(error.contains(expected), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn sample_parses() {

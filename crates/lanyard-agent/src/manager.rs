@@ -4,7 +4,7 @@
 //! and a real `spire-server` alike.
 //!
 //! [`Manager::start`] loads the agent SVID from `data_dir` or attests the node (join token or
-//! x509pop), then a background task syncs every `sync_interval` and publishes a complete
+//! x509pop, k8s_psat), then a background task syncs every `sync_interval` and publishes a complete
 //! [`Snapshot`] through a `watch` channel after every change. It renews the agent SVID at
 //! half its life (`RenewAgent`, or re-attestation for re-attestable agents), re-mints
 //! workload SVIDs at half their life or when their entry or the CA changes, and withdraws
@@ -79,9 +79,17 @@ pub enum ManagerError {
         /// What is wrong.
         reason: String,
     },
+    /// The k8s_psat token could not be read.
+    #[error("reading node_attestor.k8s_psat.token_path {path}: {reason}")]
+    K8sPsatToken {
+        /// The configured file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// Neither a join token nor a node attestor is configured.
     #[error(
-        "the agent has no SVID and no way to attest: configure join_token or [node_attestor.x509pop]"
+        "the agent has no SVID and no way to attest: configure join_token, [node_attestor.x509pop] or [node_attestor.k8s_psat]"
     )]
     NoAttestor,
     /// Nothing to authenticate the server with on first contact.

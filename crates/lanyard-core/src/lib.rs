@@ -12,6 +12,7 @@ pub mod bundle;
 pub mod entry;
 pub mod id;
 pub mod jwt;
+pub mod k8s_psat;
 pub mod keys;
 pub mod policy;
 pub mod rotation;

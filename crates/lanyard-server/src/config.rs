@@ -1,6 +1,7 @@
 //! Server configuration, read from TOML. Unknown keys are rejected with their name, so a typo
 //! never silently falls back to a default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -432,6 +433,9 @@ pub struct NodeAttestorConfig {
     /// x509pop: agents prove possession of a certificate's key.
     #[serde(default)]
     pub x509pop: Option<X509PopConfig>,
+    /// k8s_psat: agents in Kubernetes pods present a projected service account token.
+    #[serde(default)]
+    pub k8s_psat: Option<K8sPsatConfig>,
 }
 
 impl NodeAttestorConfig {
@@ -456,6 +460,44 @@ pub struct JoinTokenConfig {
 pub struct X509PopConfig {
     /// PEM file of CA certificates that agent certificates must chain to.
     pub ca_bundle_path: PathBuf,
+}
+
+/// k8s_psat attestor settings, in SPIRE's terms.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPsatConfig {
+    /// The clusters agents may attest from, by the name agents give in their payload (also
+    /// a segment of their agent ID).
+    #[serde(default)]
+    pub clusters: BTreeMap<String, K8sPsatClusterConfig>,
+}
+
+/// The audience `k8s_psat` tokens must carry unless configured otherwise (SPIRE's default).
+pub const DEFAULT_K8S_PSAT_AUDIENCE: &str = "spire-server";
+
+/// One cluster of the k8s_psat attestor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPsatClusterConfig {
+    /// Service accounts allowed to attest, as `namespace:name`.
+    pub service_account_allow_list: Vec<String>,
+    /// Audiences a token must have one of; empty means the API server's own audiences.
+    #[serde(default = "default_k8s_psat_audience")]
+    pub audience: Vec<String>,
+    /// Kubeconfig (JSON) for the cluster's API server; absent means the pod's own service
+    /// account (in-cluster).
+    #[serde(default)]
+    pub kube_config_file: Option<PathBuf>,
+    /// Node label keys whose labels become `agent_node_label` selectors.
+    #[serde(default)]
+    pub allowed_node_label_keys: Vec<String>,
+    /// Pod label keys whose labels become `agent_pod_label` selectors.
+    #[serde(default)]
+    pub allowed_pod_label_keys: Vec<String>,
+}
+
+fn default_k8s_psat_audience() -> Vec<String> {
+    vec![DEFAULT_K8S_PSAT_AUDIENCE.to_owned()]
 }
 
 impl ServerConfig {
@@ -596,6 +638,9 @@ impl ServerConfig {
                 });
             }
         }
+        if let Some(psat) = &self.node_attestor.k8s_psat {
+            check_k8s_psat(psat, &self.trust_domain)?;
+        }
         for id in &self.admin_ids {
             if id.is_trust_domain_id() {
                 return Err(ConfigError::Invalid {
@@ -639,6 +684,49 @@ impl ServerConfig {
             .clone()
             .unwrap_or_else(|| self.data_dir.join("keys"))
     }
+}
+
+/// The cluster names, allow lists and label keys of the k8s_psat attestor.
+fn check_k8s_psat(config: &K8sPsatConfig, trust_domain: &TrustDomain) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        key: "node_attestor.k8s_psat.clusters",
+        reason,
+    };
+    if config.clusters.is_empty() {
+        return Err(invalid(
+            "no cluster configured; add [node_attestor.k8s_psat.clusters.<name>]".into(),
+        ));
+    }
+    for (name, cluster) in &config.clusters {
+        // The name is a segment of every agent ID from this cluster.
+        trust_domain
+            .agent_id(lanyard_core::k8s_psat::ATTESTOR_NAME, &[name])
+            .map_err(|e| {
+                invalid(format!(
+                    "cluster name {name:?} cannot be in an agent ID: {e}"
+                ))
+            })?;
+        if cluster.service_account_allow_list.is_empty() {
+            return Err(invalid(format!(
+                "cluster {name:?} must allow at least one service account in \
+                 service_account_allow_list"
+            )));
+        }
+        for account in &cluster.service_account_allow_list {
+            let valid = account
+                .split_once(':')
+                .is_some_and(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains(':'));
+            if !valid {
+                return Err(invalid(format!(
+                    "cluster {name:?}: service account {account:?} is not \"namespace:name\""
+                )));
+            }
+        }
+        if cluster.audience.iter().any(String::is_empty) {
+            return Err(invalid(format!("cluster {name:?} has an empty audience")));
+        }
+    }
+    Ok(())
 }
 
 fn default_bind_address() -> SocketAddr {
@@ -722,6 +810,59 @@ mod opt_key_type {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn k8s_psat_clusters_in_spire_terms() {
+        let base = "trust_domain = \"example.org\"\ndata_dir = \"/d\"\n";
+        let config = ServerConfig::parse(&format!(
+            "{base}[node_attestor.k8s_psat.clusters.demo]\n\
+             service_account_allow_list = [\"spire:spire-agent\"]\n\
+             kube_config_file = \"/etc/lanyard/kubeconfig\"\n\
+             allowed_node_label_keys = [\"zone\"]\n\
+             [node_attestor.k8s_psat.clusters.prod]\n\
+             service_account_allow_list = [\"spire:spire-agent\", \"infra:agent\"]\n\
+             audience = []\n"
+        ))
+        .expect("parses");
+        let psat = config.node_attestor.k8s_psat.expect("k8s_psat");
+        let demo = &psat.clusters["demo"];
+        assert_eq!(demo.audience, ["spire-server"]);
+        assert_eq!(
+            demo.kube_config_file.as_deref(),
+            Some(Path::new("/etc/lanyard/kubeconfig"))
+        );
+        assert_eq!(demo.allowed_node_label_keys, ["zone"]);
+        assert!(demo.allowed_pod_label_keys.is_empty());
+        let prod = &psat.clusters["prod"];
+        assert!(prod.audience.is_empty());
+        assert!(prod.kube_config_file.is_none());
+
+        for (bad, expected) in [
+            ("[node_attestor.k8s_psat]\n", "no cluster configured"),
+            (
+                "[node_attestor.k8s_psat.clusters.demo]\nservice_account_allow_list = []\n",
+                "at least one service account",
+            ),
+            (
+                "[node_attestor.k8s_psat.clusters.demo]\nservice_account_allow_list = [\"spire-agent\"]\n",
+                "not \"namespace:name\"",
+            ),
+            (
+                "[node_attestor.k8s_psat.clusters.\"a/b\"]\nservice_account_allow_list = [\"a:b\"]\n",
+                "cannot be in an agent ID",
+            ),
+            (
+                "[node_attestor.k8s_psat.clusters.demo]\nservice_account_allow_list = [\"a:b\"]\nuse_pod_uid_for_agent_id = true\n",
+                "unknown field",
+            ),
+        ] {
+            let error = ServerConfig::parse(&format!("{base}{bad}"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(error.contains(expected), "{bad}: {error}");
+        }
+    }
 
     const SAMPLE: &str = r#"
         trust_domain = "example.org"

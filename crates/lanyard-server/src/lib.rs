@@ -10,6 +10,7 @@ pub mod caller;
 pub mod config;
 pub mod datastore;
 pub mod judge;
+pub mod k8s_psat;
 pub mod keymanager;
 pub mod ledger;
 pub mod listener;

@@ -113,6 +113,9 @@ pub enum ServerError {
         /// What remains of the trust domain.
         prior: Vec<String>,
     },
+    /// A k8s_psat cluster's API server access (kubeconfig, in-cluster credentials) is unusable.
+    #[error("{0}")]
+    K8sPsat(String),
     /// The x509pop CA bundle could not be read.
     #[error("reading x509pop ca_bundle_path {path}: {reason}")]
     X509PopBundle {
@@ -192,6 +195,12 @@ impl Server {
             Some(x509pop) => Some(read_certificates(&x509pop.ca_bundle_path)?),
             None => None,
         };
+        let k8s_psat = match &config.node_attestor.k8s_psat {
+            Some(psat) => Some(Arc::new(
+                crate::k8s_psat::K8sPsat::from_config(psat).map_err(ServerError::K8sPsat)?,
+            )),
+            None => None,
+        };
         let server_svid = Arc::new(ServerSvid::new(&ca, config.default_x509_svid_ttl, now)?);
         let policy = match &config.policy {
             Some(policy) => Some(Arc::new(crate::policy::PolicyHolder::load_with_time_limit(
@@ -238,7 +247,7 @@ impl Server {
             Arc::clone(&server_svid),
             Arc::clone(&ca),
         )?);
-        let tcp_router = routes(&state, x509pop_anchors.clone());
+        let tcp_router = routes(&state, x509pop_anchors.clone(), k8s_psat.clone());
         let limits = crate::listener::ListenerLimits::from(&state.config);
         tasks.spawn(crate::listener::serve_tls(
             tcp,
@@ -252,7 +261,7 @@ impl Server {
         health_reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        let uds_router = routes(&state, x509pop_anchors).add_service(health_service);
+        let uds_router = routes(&state, x509pop_anchors, k8s_psat).add_service(health_service);
         let mut uds_stopped = stopped.clone();
         tasks.spawn(async move {
             let incoming = UnixListenerStream::new(uds);
@@ -449,7 +458,11 @@ pub async fn run(
     Ok(())
 }
 
-fn routes(state: &Arc<ServerState>, x509pop_anchors: Option<Vec<Vec<u8>>>) -> Router {
+fn routes(
+    state: &Arc<ServerState>,
+    x509pop_anchors: Option<Vec<Vec<u8>>>,
+    k8s_psat: Option<Arc<crate::k8s_psat::K8sPsat>>,
+) -> Router {
     use lanyard_proto::spire::api::server::bundle::v1::bundle_server::BundleServer;
     use lanyard_proto::spire::api::server::svid::v1::svid_server::SvidServer;
 
@@ -457,6 +470,7 @@ fn routes(state: &Arc<ServerState>, x509pop_anchors: Option<Vec<Vec<u8>>>) -> Ro
     tonic::transport::Server::builder()
         .add_service(
             AgentService::new(Arc::clone(state), x509pop_anchors)
+                .with_k8s_psat(k8s_psat)
                 .with_rate_limits(Arc::clone(&rate_limits))
                 .into_server(),
         )

@@ -1,14 +1,15 @@
 //! Node attestation: how the agent authenticates the server before it has an SVID, proves
-//! the node's identity (join token or x509pop) with `AttestAgent`, fetches the bundle on the
+//! the node's identity (join token, x509pop or k8s_psat) with `AttestAgent`, fetches the bundle on the
 //! same connection and checks the SVID it got.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lanyard_core::keys::{KeyPair, KeyType};
 use lanyard_core::rotation::{self, Jitter};
 use lanyard_core::x509::{self, X509Svid};
-use lanyard_core::{TrustBundle, TrustDomain};
+use lanyard_core::{TrustBundle, TrustDomain, k8s_psat};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 use tokio::time::Instant;
@@ -121,9 +122,21 @@ pub(super) fn bootstrap_trust(
     Err(ManagerError::NoBootstrapTrust)
 }
 
-/// The configured way to attest. x509pop files are read anew each time, so a renewed node
-/// certificate is picked up at the next re-attestation.
+/// The configured way to attest. x509pop files and the k8s_psat token are read anew each
+/// time, so a renewed node certificate or a rotated token is picked up at the next
+/// re-attestation.
 pub(super) fn load_attestor(config: &AgentConfig) -> Result<Attestor, ManagerError> {
+    if let Some(psat) = &config.node_attestor.k8s_psat {
+        let token =
+            read_psat_token(&psat.token_path).map_err(|reason| ManagerError::K8sPsatToken {
+                path: psat.token_path.clone(),
+                reason,
+            })?;
+        return Ok(Attestor::K8sPsat(k8s_psat::Payload {
+            cluster: psat.cluster.clone(),
+            token,
+        }));
+    }
     if let Some(x509pop) = &config.node_attestor.x509pop {
         let cert_error = |reason: String| ManagerError::X509Pop {
             key: "certificate_path",
@@ -157,6 +170,30 @@ pub(super) fn load_attestor(config: &AgentConfig) -> Result<Attestor, ManagerErr
         Some(token) => Ok(Attestor::JoinToken(token.clone())),
         None => Err(ManagerError::NoAttestor),
     }
+}
+
+/// The token file's content, bounded, without surrounding whitespace. The error never holds
+/// the token.
+fn read_psat_token(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    let limit = u64::try_from(k8s_psat::MAX_TOKEN_LEN).unwrap_or(u64::MAX);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() > k8s_psat::MAX_TOKEN_LEN {
+        return Err(format!(
+            "larger than {} bytes; not a service account token",
+            k8s_psat::MAX_TOKEN_LEN
+        ));
+    }
+    let token = String::from_utf8(bytes).map_err(|_| "not UTF-8".to_owned())?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err("the file is empty".into());
+    }
+    Ok(token.to_owned())
 }
 
 /// One attestation: `AttestAgent` on a connection without a client certificate, then
@@ -232,5 +269,27 @@ pub(super) async fn attest_at_start(
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psat_token_is_read_fresh_trimmed_and_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "eyJ.first.sig\n").expect("write");
+        assert_eq!(read_psat_token(&path).as_deref(), Ok("eyJ.first.sig"));
+        // The kubelet rotates the token in place; the next attestation sees the new one.
+        std::fs::write(&path, "eyJ.second.sig").expect("write");
+        assert_eq!(read_psat_token(&path).as_deref(), Ok("eyJ.second.sig"));
+        std::fs::write(&path, " \n").expect("write");
+        assert!(read_psat_token(&path).is_err());
+        std::fs::write(&path, "a".repeat(k8s_psat::MAX_TOKEN_LEN + 1)).expect("write");
+        let error = read_psat_token(&path).err().unwrap_or_default();
+        assert!(error.contains("larger than"), "{error}");
+        assert!(read_psat_token(&dir.path().join("missing")).is_err());
     }
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use lanyard_core::keys::KeyPair;
 use lanyard_core::tls::{InsecureBootstrapVerifier, SpiffeServerVerifier, client_config};
 use lanyard_core::x509::{self, X509Svid};
-use lanyard_core::{SpiffeId, TrustBundle, TrustDomain, x509pop};
+use lanyard_core::{SpiffeId, TrustBundle, TrustDomain, k8s_psat, x509pop};
 use lanyard_proto::convert::bundle_from_proto;
 use lanyard_proto::lanyard::api::v1 as lanyard_pb;
 use lanyard_proto::lanyard::api::v1::usage_service_client::UsageServiceClient;
@@ -466,6 +466,8 @@ pub(crate) enum Attestor {
         chain: Vec<Vec<u8>>,
         key: Box<KeyPair>,
     },
+    /// A Kubernetes projected service account token and the cluster's name.
+    K8sPsat(k8s_psat::Payload),
 }
 
 impl fmt::Debug for Attestor {
@@ -473,6 +475,8 @@ impl fmt::Debug for Attestor {
         // The token is a credential until it is used.
         match self {
             Self::JoinToken(_) => f.write_str("JoinToken"),
+            // The payload's Debug shows the cluster, never the token.
+            Self::K8sPsat(payload) => f.debug_tuple("K8sPsat").field(payload).finish(),
             Self::X509Pop { chain, .. } => f
                 .debug_struct("X509Pop")
                 .field("n_certs", &chain.len())
@@ -510,6 +514,7 @@ pub(crate) async fn attest_agent(
             x509pop::ATTESTOR_NAME,
             x509pop::build_attestation_payload(chain),
         ),
+        Attestor::K8sPsat(payload) => (k8s_psat::ATTESTOR_NAME, payload.to_bytes()),
     };
     let (requests, outbound) = mpsc::channel(2);
     let closed = || ClientError::invalid(ATTEST_AGENT, "the server closed the stream");

@@ -264,7 +264,9 @@ impl Runner {
     }
 
     fn can_reattest(&self) -> bool {
-        self.reattestable && self.config.node_attestor.x509pop.is_some()
+        self.reattestable
+            && (self.config.node_attestor.x509pop.is_some()
+                || self.config.node_attestor.k8s_psat.is_some())
     }
 
     /// Decides how to go on after `error`, or stops: banned, or told to re-attest when the

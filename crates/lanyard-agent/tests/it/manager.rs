@@ -714,6 +714,7 @@ async fn an_x509pop_agent_reattests_to_rotate_and_after_eviction() {
             certificate_path: cert_path,
             private_key_path: key_path,
         }),
+        k8s_psat: None,
     };
     let data_dir = config.data_dir.clone();
     let handle = Manager::start(config.clone(), system_clock())

@@ -1,10 +1,11 @@
-//! `spire.api.server.agent.v1.Agent`: node attestation (join token, x509pop), agent SVID
+//! `spire.api.server.agent.v1.Agent`: node attestation (join token, x509pop, k8s_psat), agent SVID
 //! renewal, and agent administration (list, show, ban, evict, join tokens).
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lanyard_core::k8s_psat;
 use lanyard_core::policy::Operation;
 use lanyard_core::x509::{self, SvidParams, X509Svid};
 use lanyard_core::x509pop::{self, ServerAttestation};
@@ -28,6 +29,7 @@ use crate::datastore::{
     AgentFilter, AttestedAgent, DatastoreError, Issuance, IssuanceKind, MatchMode, PageRequest,
     SelectorFilter,
 };
+use crate::k8s_psat::K8sPsat;
 use crate::ratelimit::RateLimits;
 use crate::state::ServerState;
 use crate::writes::EntryWriter;
@@ -48,6 +50,7 @@ pub struct AgentService {
     state: Arc<ServerState>,
     auth: Authorizer,
     x509pop_anchors: Option<Arc<Vec<Vec<u8>>>>,
+    k8s_psat: Option<Arc<K8sPsat>>,
     rate_limits: Arc<RateLimits>,
     writer: EntryWriter,
 }
@@ -60,8 +63,15 @@ impl AgentService {
             writer: EntryWriter::new(Arc::clone(&state)),
             state,
             x509pop_anchors: x509pop_anchors.map(Arc::new),
+            k8s_psat: None,
             rate_limits: Arc::new(RateLimits::unlimited()),
         }
+    }
+
+    /// Enables k8s_psat attestation with these clusters.
+    pub fn with_k8s_psat(mut self, k8s_psat: Option<Arc<K8sPsat>>) -> Self {
+        self.k8s_psat = k8s_psat;
+        self
     }
 
     /// Applies `rate_limits` to attestation.
@@ -190,6 +200,17 @@ impl AgentService {
                 let result = attestation.finish(&response).map_err(x509pop_error)?;
                 let selectors: SelectorSet = result.selectors().iter().cloned().collect();
                 (result.agent_id().clone(), selectors, x509pop::CAN_REATTEST)
+            }
+            k8s_psat::ATTESTOR_NAME if self.k8s_psat.is_some() => {
+                let Some(psat) = self.k8s_psat.as_deref() else {
+                    return Err(ApiError::Internal("k8s_psat is not configured".into()));
+                };
+                let attested = psat.attest(&data.payload, &trust_domain).await?;
+                (
+                    attested.agent_id,
+                    attested.selectors,
+                    k8s_psat::CAN_REATTEST,
+                )
             }
             other => {
                 return Err(ApiError::InvalidArgument(format!(

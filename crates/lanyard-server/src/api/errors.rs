@@ -7,6 +7,7 @@ use tonic::{Code, Status};
 
 use crate::ca::CaError;
 use crate::datastore::DatastoreError;
+use crate::k8s_psat::K8sPsatError;
 use crate::ratelimit::RateLimited;
 use crate::writes::WriteError;
 
@@ -20,6 +21,11 @@ pub const JOIN_TOKEN_EXPIRED: &str = "join token expired";
 pub const AGENT_BANNED: &str = "agent is banned";
 /// Attestation refused because the attested ID would be the server's own.
 pub const AGENT_IS_SERVER: &str = "agent ID may not be the server ID";
+
+/// The prefix SPIRE puts before a node attestor's messages, e.g. `nodeattestor(k8s_psat): `.
+pub fn node_attestor_prefix(attestor: &str) -> String {
+    format!("nodeattestor({attestor}): ")
+}
 
 /// SPIRE's answer to an entry ID that names no entry.
 pub const ENTRY_NOT_FOUND: &str = "entry not found";
@@ -66,6 +72,10 @@ pub enum ApiError {
         /// Why, in SPIRE's terms, when the agent should act on it.
         reason: Option<Reason>,
     },
+    /// Something the server depends on (such as a cluster's API server) cannot be reached
+    /// now; worth retrying.
+    #[error("{0}")]
+    Unavailable(String),
     /// The call took longer than the server allows.
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -109,6 +119,22 @@ impl From<WriteError> for ApiError {
     }
 }
 
+impl From<K8sPsatError> for ApiError {
+    /// SPIRE's codes and texts, except that a token the API server refuses is
+    /// `PermissionDenied` (SPIRE: `Internal`), so that an agent stops instead of retrying, and
+    /// an unreachable API server is `Unavailable`, so that it retries.
+    fn from(error: K8sPsatError) -> Self {
+        let prefix = node_attestor_prefix(lanyard_core::k8s_psat::ATTESTOR_NAME);
+        match error {
+            K8sPsatError::Payload(e) => Self::InvalidArgument(format!("{prefix}{e}")),
+            e @ K8sPsatError::UnknownCluster(_) => Self::InvalidArgument(format!("{prefix}{e}")),
+            K8sPsatError::Refused(m) => Self::PermissionDenied(format!("{prefix}{m}")),
+            K8sPsatError::Unavailable(m) => Self::Unavailable(format!("{prefix}{m}")),
+            K8sPsatError::Internal(m) => Self::Internal(format!("{prefix}{m}")),
+        }
+    }
+}
+
 impl ApiError {
     /// The gRPC code for this error.
     pub fn code(&self) -> Code {
@@ -121,6 +147,7 @@ impl ApiError {
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::AttestationFailed(_) | Self::NotAuthorized { .. } => Code::PermissionDenied,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::Unavailable(_) => Code::Unavailable,
             Self::Cancelled(_) => Code::Cancelled,
             Self::Unimplemented(_) => Code::Unimplemented,
             Self::Stream(status) => status.code(),
