@@ -259,9 +259,17 @@ pub enum SpireAttestation<'a> {
         /// The private key file.
         private_key: &'a Path,
     },
+    /// SPIRE's `k8s_psat` node attestor: the cluster's name and the projected service
+    /// account token's file.
+    K8sPsat {
+        /// The cluster's name, as the server knows it.
+        cluster: &'a str,
+        /// The token file.
+        token_path: &'a Path,
+    },
 }
 
-/// A `spire-agent run` attesting with a join token or x509pop to a server at some address
+/// A `spire-agent run` attesting with a join token, x509pop or k8s_psat to a server at some address
 /// (SPIRE's or Lanyard's), its data directory and Workload API socket in its own directory.
 /// Killed on drop.
 #[derive(Debug)]
@@ -347,7 +355,9 @@ impl SpireAgent {
                 SpireAttestation::JoinToken(token) => {
                     format!("    join_token = {}\n", hcl_string(token))
                 }
-                SpireAttestation::X509Pop { .. } => String::new(),
+                SpireAttestation::X509Pop { .. } | SpireAttestation::K8sPsat { .. } => {
+                    String::new()
+                }
             },
             node_attestor = match attestation {
                 SpireAttestation::JoinToken(_) => {
@@ -361,6 +371,15 @@ impl SpireAgent {
                      certificate_path = {}\n            private_key_path = {}\n        }}\n    }}\n",
                     hcl_path(certificate),
                     hcl_path(private_key),
+                ),
+                SpireAttestation::K8sPsat {
+                    cluster,
+                    token_path,
+                } => format!(
+                    "    NodeAttestor \"k8s_psat\" {{\n        plugin_data {{\n            \
+                     cluster = {}\n            token_path = {}\n        }}\n    }}\n",
+                    hcl_string(cluster),
+                    hcl_path(token_path),
                 ),
             },
         );
