@@ -11,11 +11,13 @@ use std::time::{Duration, SystemTime};
 
 use lanyard_core::x509::verify_svid_chain;
 use lanyard_e2e::kube::KubeCluster;
-use lanyard_e2e::spire::{SpireAgent, SpireAttestation, spire_or_skip};
+use lanyard_e2e::spire::{SPIRE_TIMEOUT, SpireAgent, SpireAttestation, spire_or_skip};
 use lanyard_e2e::{
-    Agent, Server, TestDir, current_uid, spiffe_id, toml_string, trust_domain, uid_selector,
+    Agent, Server, TestDir, current_uid, poll, spiffe_id, toml_string, trust_domain, uid_selector,
 };
 use serde_json::{Value, json};
+
+use crate::spire_agent::agent_serial;
 
 const CLUSTER: &str = "demo";
 const AGENT_NAMESPACE: &str = "spire";
@@ -36,7 +38,8 @@ struct Testbed {
 }
 
 impl Testbed {
-    fn start(test: &str) -> Option<Self> {
+    /// `extra_toml` goes at the top of the server's config (top-level keys).
+    fn start(test: &str, extra_toml: &str) -> Option<Self> {
         let cluster = KubeCluster::start_or_skip(test)?;
         cluster.create_namespace(AGENT_NAMESPACE);
         cluster.create_service_account(AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT);
@@ -71,7 +74,8 @@ impl Testbed {
         let server = Server::start_with(
             &dir.join("server"),
             &format!(
-                "[node_attestor.k8s_psat.clusters.{CLUSTER}]\n\
+                "{extra_toml}\n\
+                 [node_attestor.k8s_psat.clusters.{CLUSTER}]\n\
                  service_account_allow_list = [\"{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}\"]\n\
                  kube_config_file = {}\n\
                  allowed_node_label_keys = [\"topology.kubernetes.io/zone\"]\n\
@@ -189,6 +193,7 @@ fn agent_selectors(server: &Server, agent_id: &str) -> Vec<String> {
 fn k8s_psat_lanyard_agent_attests_from_its_pod_and_bad_tokens_are_refused_with_their_reason() {
     let Some(mut bed) = Testbed::start(
         "k8s_psat_lanyard_agent_attests_from_its_pod_and_bad_tokens_are_refused_with_their_reason",
+        "",
     ) else {
         return;
     };
@@ -298,8 +303,11 @@ fn k8s_psat_spire_agent_attests_to_the_lanyard_server_and_serves_its_workload() 
     {
         return;
     }
+    // A short agent SVID, so that spire-agent re-attests (k8s_psat is re-attestable) while
+    // the test runs.
     let Some(bed) = Testbed::start(
         "k8s_psat_spire_agent_attests_to_the_lanyard_server_and_serves_its_workload",
+        "agent_ttl = \"20s\"",
     ) else {
         return;
     };
@@ -344,4 +352,23 @@ fn k8s_psat_spire_agent_attests_to_the_lanyard_server_and_serves_its_workload() 
         agent_selectors(&bed.server, &agent_id)
             .contains(&format!("k8s_psat:agent_node_uid:{}", bed.node_uid))
     );
+
+    // At half its SVID's life it attests again with its token (AttestAgent, not RenewAgent):
+    // a new serial under the same ID, and its workload is still served.
+    let first_serial = agent_serial(&bed.server, &agent_id);
+    poll("spire-agent to re-attest", SPIRE_TIMEOUT, || {
+        agent.process().assert_running();
+        if agent
+            .process()
+            .log()
+            .contains("Successfully reattested node")
+        {
+            Ok(())
+        } else {
+            Err(agent.log_tail())
+        }
+    });
+    assert_ne!(agent_serial(&bed.server, &agent_id), first_serial);
+    assert_eq!(bed.server.agent_ids(), std::slice::from_ref(&agent_id));
+    agent.wait_for_x509(&workload_id);
 }
