@@ -19,10 +19,14 @@
 //!   as this process or as another uid ([`RunAs`]) and parse it into [`FetchedSvid`]s.
 //! - [`poll`] retries until a deadline instead of sleeping; [`block_on`] runs async clients
 //!   and [`within`] bounds each of their calls.
-//! - [`toolchain`] builds what the interoperability tests run beside Lanyard: SPIRE from the
-//!   Go module proxy and the go-spiffe and java-spiffe clients under `tests/interop`. The
-//!   first [`lanyard_binary`] call starts SPIRE's build in the background when SPIRE tests
-//!   are selected, so that a first build on a fresh machine overlaps with the other tests.
+//! - [`toolchain`] builds what the interoperability tests run beside Lanyard: SPIRE and
+//!   Kubernetes (`kube-apiserver`, etcd) from the Go module proxy and the go-spiffe and
+//!   java-spiffe clients under `tests/interop`. The first [`lanyard_binary`] call starts the
+//!   SPIRE and Kubernetes builds in the background when tests that need them are selected,
+//!   so that a first build on a fresh machine overlaps with the other tests.
+//! - [`kube::KubeCluster`] is a real Kubernetes API server and its etcd, with a generated
+//!   PKI, kubeconfigs and a small typed HTTPS client: for `k8s_psat` attestation and
+//!   TokenReview.
 //!
 //! Every helper panics with the command and its output when something goes wrong (this is
 //! test code: a panic with context is the most useful failure), and every [`ChildProcess`]
@@ -49,6 +53,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use serde_json::Value;
 
+pub mod kube;
 pub mod spire;
 pub mod toolchain;
 
@@ -94,7 +99,7 @@ static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 /// workspace build fails (another crate's tests do not compile), `cargo build -p lanyard`
 /// is the fallback.
 pub fn lanyard_binary() -> &'static Path {
-    toolchain::prefetch_spire();
+    toolchain::prefetch_builds();
     match BINARY.get_or_init(locate_or_build) {
         Ok(path) => path,
         Err(message) => panic!("{message}"),

@@ -1,6 +1,6 @@
 //! Programs the interoperability tests build from the package registries: SPIRE's server and
-//! agent (Go module proxy), and the client programs under `tests/interop` that use go-spiffe
-//! and java-spiffe.
+//! agent and Kubernetes' API server and etcd (Go module proxy), and the client programs under
+//! `tests/interop` that use go-spiffe and java-spiffe.
 //!
 //! Each build lands in its own directory under `<target>/interop/` with a stamp naming what it
 //! was built from (the inputs' contents and the toolchain version). A later run whose stamp
@@ -10,6 +10,7 @@
 //! local repository.
 
 use std::fs;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Once, OnceLock};
@@ -120,17 +121,14 @@ pub fn go_build(module: &Path, packages: &[&str], out: &Path) {
     );
 }
 
-/// Starts building SPIRE in a background thread, once per process, so that a first build on
-/// a fresh machine overlaps with the tests that run before the SPIRE tests (libtest starts
-/// tests in name order, and `spire_*` come last). Does nothing when the SPIRE tests are
-/// skipped or filtered out, or when Go is missing (those tests then say so themselves).
-pub fn prefetch_spire() {
+/// Starts building SPIRE and Kubernetes in background threads, once per process, so that a
+/// first build on a fresh machine overlaps with the tests that run before the ones that need
+/// them. Each build is started only when tests that need it are selected (see
+/// [`tests_selected`]) and not skipped; nothing starts when Go is missing (those tests then
+/// say so themselves).
+pub fn prefetch_builds() {
     static STARTED: Once = Once::new();
     STARTED.call_once(|| {
-        let skipped = std::env::var_os(crate::spire::SKIP_VAR).is_some_and(|value| value == "1");
-        if skipped || !spire_tests_selected(std::env::args().skip(1)) {
-            return;
-        }
         let has_go = Command::new("go")
             .arg("version")
             .stdin(std::process::Stdio::null())
@@ -138,18 +136,38 @@ pub fn prefetch_spire() {
             .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|status| status.success());
-        if has_go {
+        if !has_go {
+            return;
+        }
+        let skipped = |var: &str| std::env::var_os(var).is_some_and(|value| value == "1");
+        if !skipped(crate::spire::SKIP_VAR)
+            && tests_selected(std::env::args().skip(1), SPIRE_TEST_NAMES)
+        {
             // A failure here is reported again, with its output, by the first SPIRE test.
             let _ = std::thread::Builder::new()
                 .name("spire-prefetch".to_owned())
                 .spawn(|| std::panic::catch_unwind(spire));
         }
+        if !skipped(crate::kube::SKIP_VAR)
+            && tests_selected(std::env::args().skip(1), KUBERNETES_TEST_NAMES)
+        {
+            // Likewise, reported again by the first Kubernetes test.
+            let _ = std::thread::Builder::new()
+                .name("kubernetes-prefetch".to_owned())
+                .spawn(|| std::panic::catch_unwind(kubernetes));
+        }
     });
 }
 
-/// Whether libtest's arguments select any `spire_*` test: no name filter, or a filter that
-/// such a test name could contain.
-fn spire_tests_selected(args: impl Iterator<Item = String>) -> bool {
+/// What the names of the tests that need SPIRE's binaries contain.
+pub const SPIRE_TEST_NAMES: &[&str] = &["spire"];
+
+/// What the names of the tests that need Kubernetes' binaries contain.
+pub const KUBERNETES_TEST_NAMES: &[&str] = &["kube", "k8s"];
+
+/// Whether libtest's arguments select any test whose name contains one of `names`: no name
+/// filter, or a filter that such a test name could contain.
+fn tests_selected(args: impl Iterator<Item = String>, names: &[&str]) -> bool {
     const TAKES_VALUE: [&str; 6] = [
         "--skip",
         "--test-threads",
@@ -168,9 +186,11 @@ fn spire_tests_selected(args: impl Iterator<Item = String>) -> bool {
         }
     }
     filters.is_empty()
-        || filters
-            .iter()
-            .any(|filter| filter.contains("spire") || "spire_".contains(filter.as_str()))
+        || filters.iter().any(|filter| {
+            names
+                .iter()
+                .any(|name| filter.contains(name) || name.contains(filter.as_str()))
+        })
 }
 
 /// SPIRE's own binaries, built from the Go module proxy.
@@ -230,6 +250,107 @@ pub fn go_build_with_cgo(module: &Path, packages: &[&str], out: &Path) {
         output.success(),
         "building {packages:?} in {} with cgo failed (it needs a C compiler, `cc` or $CC): \
          {output}",
+        module.display()
+    );
+}
+
+/// The Kubernetes release whose API server the Kubernetes tests run against.
+pub const KUBERNETES_VERSION: &str = "v1.36.3";
+
+/// The etcd release that stores that API server's objects.
+pub const ETCD_VERSION: &str = "v3.6.8";
+
+/// Where `kube-apiserver` reads its version from; the `-X` flags set it, or `/version` would
+/// report `v0.0.0-master`.
+const KUBERNETES_VERSION_PACKAGE: &str = "k8s.io/component-base/version";
+
+/// Kubernetes' own binaries, built from the Go module proxy.
+#[derive(Debug)]
+pub struct Kubernetes {
+    /// `kube-apiserver`.
+    pub apiserver: PathBuf,
+    /// `etcd`.
+    pub etcd: PathBuf,
+}
+
+/// `kube-apiserver` at [`KUBERNETES_VERSION`] and `etcd` at [`ETCD_VERSION`], built once per
+/// machine from the module in `tests/interop/kube` (whose go.mod pins them as tools, with
+/// every staging module of `k8s.io/kubernetes` replaced by its published version) and reused
+/// while that module, the build flags and the Go version stay the same. The first build
+/// downloads about 100 MB of modules and compiles the API server, which takes about twelve
+/// minutes on two cores; later ones take seconds.
+pub fn kubernetes() -> &'static Kubernetes {
+    static KUBERNETES: OnceLock<Kubernetes> = OnceLock::new();
+    KUBERNETES.get_or_init(|| {
+        let module = interop_source("kube");
+        let (major, minor) = KUBERNETES_VERSION
+            .trim_start_matches('v')
+            .split_once('.')
+            .and_then(|(major, rest)| Some((major, rest.split_once('.')?.0)))
+            .expect("KUBERNETES_VERSION is vMAJOR.MINOR.PATCH");
+        let apiserver_ldflags = format!(
+            "-s -w -X {KUBERNETES_VERSION_PACKAGE}.gitVersion={KUBERNETES_VERSION} \
+             -X {KUBERNETES_VERSION_PACKAGE}.gitMajor={major} \
+             -X {KUBERNETES_VERSION_PACKAGE}.gitMinor={minor}"
+        );
+        let etcd_ldflags = "-s -w";
+        let key = format!(
+            "{}\nkube-apiserver {apiserver_ldflags}\netcd {etcd_ldflags}\n{}",
+            go_version(),
+            key_of_files(&module, &["go.mod", "go.sum"])
+        );
+        let name = format!("kubernetes-{KUBERNETES_VERSION}");
+        let dir = cached_build(&name, &key, |out| {
+            let started = std::time::Instant::now();
+            let _ = writeln!(
+                std::io::stderr(),
+                "lanyard-e2e: building kube-apiserver {KUBERNETES_VERSION} and etcd \
+                 {ETCD_VERSION} from the Go module proxy into {} (the first time on a machine \
+                 takes about twelve minutes on two cores)",
+                out.display()
+            );
+            go_build_program(
+                &module,
+                "k8s.io/kubernetes/cmd/kube-apiserver",
+                &apiserver_ldflags,
+                &out.join("kube-apiserver"),
+            );
+            go_build_program(
+                &module,
+                "go.etcd.io/etcd/server/v3",
+                etcd_ldflags,
+                &out.join("etcd"),
+            );
+            let _ = writeln!(
+                std::io::stderr(),
+                "lanyard-e2e: built kube-apiserver and etcd in {:.0?}",
+                started.elapsed()
+            );
+        });
+        Kubernetes {
+            apiserver: dir.join("kube-apiserver"),
+            etcd: dir.join("etcd"),
+        }
+    })
+}
+
+/// `go build -ldflags=<ldflags> -o <output> <package>` in the module at `module`, cgo off,
+/// with the module's go.sum enforced: one program to a file of the caller's naming (etcd's
+/// main package is `go.etcd.io/etcd/server/v3`, which `go build` would name `server`).
+pub fn go_build_program(module: &Path, package: &str, ldflags: &str, output: &Path) {
+    let output_result = CliOutput::run(
+        Command::new("go")
+            .current_dir(module)
+            .args(["build", "-mod=readonly", "-trimpath"])
+            .arg(format!("-ldflags={ldflags}"))
+            .arg("-o")
+            .arg(output)
+            .arg(package)
+            .env("CGO_ENABLED", "0"),
+    );
+    assert!(
+        output_result.success(),
+        "building {package} in {} failed: {output_result}",
         module.display()
     );
 }
@@ -376,10 +497,17 @@ fn copy_file(from: &Path, to: &Path) {
 
 #[cfg(test)]
 mod tests {
-    use super::spire_tests_selected;
+    use super::{KUBERNETES_TEST_NAMES, SPIRE_TEST_NAMES, tests_selected};
 
     fn selected(args: &[&str]) -> bool {
-        spire_tests_selected(args.iter().map(|arg| (*arg).to_owned()))
+        tests_selected(args.iter().map(|arg| (*arg).to_owned()), SPIRE_TEST_NAMES)
+    }
+
+    fn kubernetes_selected(args: &[&str]) -> bool {
+        tests_selected(
+            args.iter().map(|arg| (*arg).to_owned()),
+            KUBERNETES_TEST_NAMES,
+        )
     }
 
     #[test]
@@ -395,5 +523,15 @@ mod tests {
             "--exact",
             "mtls::the_mtls_example_keeps_handshaking_across_svid_rotations"
         ]));
+    }
+
+    #[test]
+    fn filters_decide_whether_kubernetes_is_prefetched() {
+        assert!(kubernetes_selected(&[]));
+        assert!(kubernetes_selected(&["kube"]));
+        assert!(kubernetes_selected(&["k8s_psat"]));
+        assert!(kubernetes_selected(&["ku"]));
+        assert!(!kubernetes_selected(&["spire_agent"]));
+        assert!(!kubernetes_selected(&["--skip", "kube", "rotation"]));
     }
 }

@@ -11,6 +11,7 @@ mod ha;
 mod ha_dns;
 mod identities;
 mod java_spiffe;
+mod kube;
 mod mtls;
 #[path = "../../../crates/lanyard-server/tests/it/pg.rs"]
 mod pg;
