@@ -897,3 +897,38 @@ impl fmt::Display for KubeResponse {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::kubeconfig;
+
+    #[test]
+    fn kubeconfigs_are_the_shape_kubectl_writes() {
+        let config = kubeconfig(
+            "https://127.0.0.1:6443",
+            "PEM",
+            "token",
+            &[("token", "eyJ.x\"y")],
+        );
+        assert_eq!(
+            config,
+            "apiVersion: v1\n\
+             kind: Config\n\
+             clusters:\n\
+             - name: lanyard-e2e\n  \
+             cluster:\n    \
+             server: \"https://127.0.0.1:6443\"\n    \
+             certificate-authority-data: \"UEVN\"\n\
+             users:\n\
+             - name: token\n  \
+             user:\n    \
+             token: \"eyJ.x\\\"y\"\n\
+             contexts:\n\
+             - name: lanyard-e2e\n  \
+             context:\n    \
+             cluster: lanyard-e2e\n    \
+             user: token\n\
+             current-context: lanyard-e2e\n"
+        );
+    }
+}
