@@ -12,6 +12,7 @@ mod ha_dns;
 mod identities;
 mod java_spiffe;
 mod kube;
+mod kube_manifests;
 mod mtls;
 #[path = "../../../crates/lanyard-server/tests/it/pg.rs"]
 mod pg;
