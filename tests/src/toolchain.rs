@@ -511,6 +511,18 @@ mod tests {
     }
 
     #[test]
+    fn the_build_script_prefetches_under_the_harness_s_own_lock_names() {
+        let prefetched: Vec<&str> = env!("LANYARD_E2E_PREFETCHED").split(',').collect();
+        assert_eq!(
+            prefetched,
+            [
+                format!("spire-{}", super::SPIRE_VERSION),
+                format!("kubernetes-{}", super::KUBERNETES_VERSION)
+            ]
+        );
+    }
+
+    #[test]
     fn filters_decide_whether_spire_is_prefetched() {
         assert!(selected(&[]));
         assert!(selected(&["--test-threads", "2"]));

@@ -13,6 +13,7 @@ mod identities;
 mod java_spiffe;
 mod k8s_psat;
 mod kube;
+mod kube_manifests;
 mod mtls;
 #[path = "../../../crates/lanyard-server/tests/it/pg.rs"]
 mod pg;

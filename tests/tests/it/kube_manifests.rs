@@ -1,0 +1,199 @@
+//! The manifests under `deploy/kubernetes/` against a real API server: every object passes a
+//! server-side dry run with strict field validation (schema checked by Kubernetes itself), the
+//! kustomization names every file, and once applied, the RBAC grants the server and the agent
+//! exactly what they need (checked with SubjectAccessReview).
+
+use std::path::PathBuf;
+
+use lanyard_e2e::kube::KubeCluster;
+use lanyard_e2e::workspace_root;
+use serde_json::{Value, json};
+
+const NAMESPACE: &str = "lanyard";
+
+fn manifests_dir() -> PathBuf {
+    workspace_root().join("deploy/kubernetes")
+}
+
+/// The files the kustomization lists, in its order.
+fn kustomization_resources() -> Vec<String> {
+    let text = std::fs::read_to_string(manifests_dir().join("kustomization.yaml")).unwrap();
+    let mut resources = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line.starts_with("resources:") {
+            inside = true;
+        } else if inside {
+            match line.trim_start().strip_prefix("- ") {
+                Some(file) if line.starts_with("  ") => resources.push(file.trim().to_owned()),
+                _ => inside = false,
+            }
+        }
+    }
+    resources
+}
+
+/// The YAML documents of a manifest file.
+fn documents(file: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(manifests_dir().join(file))
+        .unwrap_or_else(|e| panic!("reading deploy/kubernetes/{file}: {e}"));
+    text.split("\n---\n")
+        .map(str::to_owned)
+        .filter(|doc| doc.lines().any(|line| line.starts_with("kind:")))
+        .collect()
+}
+
+/// What the harness needs to find an object's API path: `apiVersion`, `kind`, and
+/// `metadata.name`/`namespace`, read from the top-level lines of a YAML document of ours.
+fn identity(doc: &str) -> Value {
+    let top = |key: &str| {
+        doc.lines()
+            .find_map(|line| line.strip_prefix(&format!("{key}: ")))
+            .map(|value| value.trim().to_owned())
+            .unwrap_or_else(|| panic!("no top-level {key} in\n{doc}"))
+    };
+    let metadata = |key: &str| {
+        doc.lines()
+            .skip_while(|line| *line != "metadata:")
+            .skip(1)
+            .take_while(|line| line.starts_with("  "))
+            .find_map(|line| line.strip_prefix(&format!("  {key}: ")))
+            .map(|value| value.trim().to_owned())
+    };
+    let mut object = json!({
+        "apiVersion": top("apiVersion"),
+        "kind": top("kind"),
+        "metadata": { "name": metadata("name").unwrap_or_else(|| panic!("no name in\n{doc}")) },
+    });
+    if let Some(namespace) = metadata("namespace") {
+        object["metadata"]["namespace"] = json!(namespace);
+    }
+    object
+}
+
+/// Server-side apply of a YAML document as written (the API server parses it), strictly
+/// validated; a dry run stores nothing.
+fn apply(cluster: &KubeCluster, doc: &str, dry_run: bool) -> Result<(), String> {
+    let object = identity(doc);
+    let path = cluster.object_path(&object);
+    let mut query = "fieldManager=lanyard-e2e&force=true&fieldValidation=Strict".to_owned();
+    if dry_run {
+        query.push_str("&dryRun=All");
+    }
+    let response = cluster.admin().request(
+        "PATCH",
+        &format!("{path}?{query}"),
+        Some("application/apply-patch+yaml"),
+        Some(doc.as_bytes().to_vec()),
+    );
+    if response.is_success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} {}: {response}",
+            object["kind"], object["metadata"]["name"]
+        ))
+    }
+}
+
+/// Whether the API server allows `user` to `verb` `resource` (with `subresource`).
+fn allowed(cluster: &KubeCluster, user: &str, verb: &str, group: &str, resource: &str) -> bool {
+    let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
+    let review = cluster.admin().post(
+        "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+        &json!({
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": user,
+                "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{NAMESPACE}")],
+                "resourceAttributes": {
+                    "verb": verb,
+                    "group": group,
+                    "resource": resource,
+                    "subresource": subresource,
+                },
+            },
+        }),
+    );
+    review["status"]["allowed"] == true
+}
+
+#[test]
+fn kube_manifests_pass_a_strict_dry_run_and_grant_what_the_pods_need() {
+    // Every manifest file is in the kustomization, and every listed file exists.
+    let mut listed = kustomization_resources();
+    let mut present: Vec<String> = std::fs::read_dir(manifests_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect();
+    listed.sort();
+    present.sort();
+    assert_eq!(
+        listed, present,
+        "kustomization.yaml resources vs deploy/kubernetes/*.yaml"
+    );
+
+    let Some(cluster) = KubeCluster::start_or_skip(
+        "kube_manifests_pass_a_strict_dry_run_and_grant_what_the_pods_need",
+    ) else {
+        return;
+    };
+    // The namespace for real (a dry run of objects inside it needs it), then every object as a
+    // dry run: Kubernetes checks the schema and refuses unknown fields.
+    let mut failures = Vec::new();
+    let mut count = 0;
+    for file in kustomization_resources() {
+        for doc in documents(&file) {
+            let real = identity(&doc)["kind"] == "Namespace";
+            count += 1;
+            if let Err(error) = apply(&cluster, &doc, !real) {
+                failures.push(format!("{file}: {error}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "refused by the API server:\n{}",
+        failures.join("\n")
+    );
+    assert!(count >= 12, "only {count} objects in the manifests");
+
+    // The dry run proves nothing about a typo in a subject or a role name: apply the RBAC for
+    // real and ask the API server what each service account may do.
+    for file in ["server-rbac.yaml", "agent-rbac.yaml"] {
+        for doc in documents(file) {
+            apply(&cluster, &doc, false).unwrap();
+        }
+    }
+    let server = format!("system:serviceaccount:{NAMESPACE}:lanyard-server");
+    let agent = format!("system:serviceaccount:{NAMESPACE}:lanyard-agent");
+    for (user, verb, group, resource, expected) in [
+        (
+            &server,
+            "create",
+            "authentication.k8s.io",
+            "tokenreviews",
+            true,
+        ),
+        (&server, "get", "", "pods", true),
+        (&server, "get", "", "nodes", true),
+        (&server, "list", "", "secrets", false),
+        (&agent, "get", "", "nodes/proxy", true),
+        (&agent, "get", "", "pods", true),
+        (
+            &agent,
+            "create",
+            "authentication.k8s.io",
+            "tokenreviews",
+            false,
+        ),
+    ] {
+        assert_eq!(
+            allowed(&cluster, user, verb, group, resource),
+            expected,
+            "{user} {verb} {group}/{resource}"
+        );
+    }
+}
