@@ -539,6 +539,36 @@ mod tests {
         assert_eq!(c.join_token.as_deref(), Some("abc"));
     }
 
+    /// The block under `key: |` in a YAML manifest of ours (its lines indented four spaces).
+    fn embedded(manifest: &str, key: &str) -> String {
+        let mut lines = manifest
+            .lines()
+            .skip_while(|line| line.trim() != format!("{key}: |"));
+        assert!(lines.next().is_some(), "no {key} in the manifest");
+        lines
+            .take_while(|line| line.is_empty() || line.starts_with("    "))
+            .map(|line| line.strip_prefix("    ").unwrap_or(line))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_kubernetes_config_map_parses() {
+        let manifest = include_str!("../../../deploy/kubernetes/agent-config.yaml");
+        let c = AgentConfig::parse(&embedded(manifest, "agent.toml")).unwrap();
+        let psat = c
+            .node_attestor
+            .k8s_psat
+            .as_ref()
+            .expect("k8s_psat configured");
+        assert_eq!(psat.cluster, "demo");
+        // Where deploy/kubernetes/agent.yaml projects the token.
+        assert_eq!(
+            psat.token_path,
+            std::path::Path::new("/var/run/secrets/tokens/lanyard-agent")
+        );
+    }
+
     #[test]
     fn the_shipped_example_parses() {
         let c = AgentConfig::parse(include_str!("../../../deploy/agent.toml")).unwrap();

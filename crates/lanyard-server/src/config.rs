@@ -904,6 +904,35 @@ mod tests {
         );
     }
 
+    /// The block under `key: |` in a YAML manifest of ours (its lines indented four spaces).
+    fn embedded(manifest: &str, key: &str) -> String {
+        let mut lines = manifest
+            .lines()
+            .skip_while(|line| line.trim() != format!("{key}: |"));
+        assert!(lines.next().is_some(), "no {key} in the manifest");
+        lines
+            .take_while(|line| line.is_empty() || line.starts_with("    "))
+            .map(|line| line.strip_prefix("    ").unwrap_or(line))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_kubernetes_config_map_parses() {
+        let manifest = include_str!("../../../deploy/kubernetes/server-config.yaml");
+        let c = ServerConfig::parse(&embedded(manifest, "server.toml")).unwrap();
+        let psat = c
+            .node_attestor
+            .k8s_psat
+            .as_ref()
+            .expect("k8s_psat configured");
+        let demo = &psat.clusters["demo"];
+        // The agents' service account of deploy/kubernetes/agent-rbac.yaml, in-cluster.
+        assert_eq!(demo.service_account_allow_list, ["lanyard:lanyard-agent"]);
+        assert_eq!(demo.audience, [DEFAULT_K8S_PSAT_AUDIENCE]);
+        assert!(demo.kube_config_file.is_none());
+    }
+
     #[test]
     fn the_shipped_example_parses() {
         let c = ServerConfig::parse(include_str!("../../../deploy/server.toml")).unwrap();
