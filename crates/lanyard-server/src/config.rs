@@ -484,7 +484,7 @@ pub struct K8sPsatClusterConfig {
     /// Audiences a token must have one of; empty means the API server's own audiences.
     #[serde(default = "default_k8s_psat_audience")]
     pub audience: Vec<String>,
-    /// Kubeconfig (JSON) for the cluster's API server; absent means the pod's own service
+    /// Kubeconfig (YAML or JSON) for the cluster's API server; absent means the pod's own service
     /// account (in-cluster).
     #[serde(default)]
     pub kube_config_file: Option<PathBuf>,

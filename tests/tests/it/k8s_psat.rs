@@ -69,8 +69,9 @@ impl Testbed {
             cluster.request_token(SERVER_NAMESPACE, SERVER_SERVICE_ACCOUNT, &[], None);
 
         let dir = TestDir::new();
-        let kubeconfig = dir.join("kubeconfig.json");
-        write_json_kubeconfig(&cluster, &kubeconfig, &server_token);
+        // YAML, as kubectl writes it.
+        let kubeconfig = dir.join("kubeconfig");
+        cluster.write_kubeconfig(&kubeconfig, &server_token);
         let server = Server::start_with(
             &dir.join("server"),
             &format!(
@@ -149,24 +150,6 @@ impl Testbed {
         );
         agent.process().log()
     }
-}
-
-/// A kubeconfig in JSON (what Lanyard reads) for the cluster as the holder of `token`.
-fn write_json_kubeconfig(cluster: &KubeCluster, path: &Path, token: &str) {
-    use base64::Engine as _;
-    let kubeconfig = json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "e2e", "cluster": {
-            "server": cluster.url(),
-            "certificate-authority-data":
-                base64::engine::general_purpose::STANDARD.encode(cluster.ca_pem()),
-        }}],
-        "users": [{"name": "lanyard", "user": {"token": token}}],
-        "contexts": [{"name": "lanyard@e2e", "context": {"cluster": "e2e", "user": "lanyard"}}],
-        "current-context": "lanyard@e2e",
-    });
-    std::fs::write(path, kubeconfig.to_string()).expect("writing the kubeconfig");
 }
 
 /// `lanyard agent show` of `agent_id`: its selectors as `type:value`, sorted.

@@ -5,9 +5,8 @@
 //! `certificate-authority` / `certificate-authority-data`, and its user's `token` /
 //! `tokenFile` or `client-certificate(-data)` + `client-key(-data)`. Relative paths are
 //! relative to the kubeconfig's directory, as in kubectl. Exec plugins, auth providers and
-//! `insecure-skip-tls-verify` are refused by name. The file must be JSON (which kubectl reads
-//! as YAML): no YAML parser is in the dependency tree, and `kubectl config view --raw
-//! --flatten -o json` converts any kubeconfig.
+//! `insecure-skip-tls-verify` are refused by name. The file is YAML, as kubectl writes it, or
+//! JSON.
 //!
 //! In-cluster: `KUBERNETES_SERVICE_HOST`/`KUBERNETES_SERVICE_PORT` and the service account's
 //! `token` and `ca.crt`, the token re-read at every call because the kubelet rotates it.
@@ -182,26 +181,16 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// Parses kubeconfig JSON; `base` resolves relative paths, `read` reads the files they name.
+/// Parses a kubeconfig (YAML or JSON); `base` resolves relative paths, `read` reads the files they name.
 pub fn parse_kubeconfig(
     bytes: &[u8],
     base: &Path,
     read: &dyn Fn(&Path) -> Result<Vec<u8>, String>,
 ) -> Result<ApiServerAccess, String> {
-    let starts_like_json = bytes
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|b| *b == b'{');
-    if !starts_like_json {
-        return Err(
-            "not JSON; Lanyard reads kubeconfig files in JSON (valid YAML for kubectl); \
-             convert one with `kubectl config view --raw --flatten -o json`"
-                .into(),
-        );
-    }
-    // serde_json's messages name a position, never the input, so secrets are not echoed.
+    // YAML, as kubectl writes it (JSON is YAML too). The parser's messages name a line and
+    // column, never the input, so secrets are not echoed.
     let config: Kubeconfig =
-        serde_json::from_slice(bytes).map_err(|e| format!("malformed JSON: {e}"))?;
+        serde_norway::from_slice(bytes).map_err(|e| format!("malformed kubeconfig: {e}"))?;
     let context_name = if config.current_context.is_empty() {
         match config.contexts.as_slice() {
             [only] => only.name.clone(),
@@ -430,6 +419,42 @@ mod tests {
         assert!(!format!("{access:?}").contains("sekret"));
     }
 
+    /// What `kubectl config view --raw` prints: YAML.
+    const YAML_KUBECONFIG: &str = "\
+apiVersion: v1
+clusters:
+- cluster:
+    certificate-authority-data: Q0EgUEVN
+    server: https://127.0.0.1:6443
+  name: demo
+contexts:
+- context:
+    cluster: demo
+    user: lanyard
+  name: lanyard@demo
+current-context: lanyard@demo
+kind: Config
+preferences: {}
+users:
+- name: lanyard
+  user:
+    token: sekret-token
+";
+
+    #[test]
+    fn yaml_as_kubectl_writes_it() {
+        let access = parse(YAML_KUBECONFIG).expect("parses");
+        assert_eq!(access.authority(), "127.0.0.1:6443");
+        assert_eq!(access.ca_pem, b"CA PEM");
+        assert_eq!(
+            access.credentials,
+            Credentials::Token("sekret-token".into())
+        );
+        // A broken file's error never quotes it.
+        let broken = parse(&YAML_KUBECONFIG.replace("  user:\n", "  user: [\n")).unwrap_err();
+        assert!(!broken.contains("sekret"), "{broken}");
+    }
+
     #[test]
     fn client_certificate_files_relative_and_absolute() {
         let json = r#"{
@@ -483,8 +508,9 @@ mod tests {
     #[test]
     fn refusals_name_the_problem() {
         let cases = [
-            ("apiVersion: v1\nkind: Config\n", "not JSON"),
-            ("{", "malformed JSON"),
+            ("{", "malformed kubeconfig"),
+            ("clusters: [\n", "malformed kubeconfig"),
+            ("apiVersion: v1\nkind: Config\n", "no current-context"),
             (
                 &TOKEN_KUBECONFIG.replace(
                     "\"current-context\": \"lanyard@demo\"",
