@@ -43,6 +43,14 @@ test_expiry_required_and_capped if {
 	rules(object.union(good_entry, {"expires_at": now + (90 * 86400)})) == set()
 }
 
+test_reconciled_entries_need_no_expiry_but_still_an_owner if {
+	kept := object.union(good_entry, {"expires_at": null, "source": "spire-controller-manager"})
+	rules(kept) == set()
+	rules(object.union(kept, {"owner": null})) == {"owner-required"}
+	rules(object.union(kept, {"expires_at": now + (91 * 86400)})) == {"expiry-max-90d"}
+	rules(object.union(good_entry, {"expires_at": null, "source": "hand"})) == {"expiry-required"}
+}
+
 test_ttl_caps if {
 	rules(object.union(good_entry, {"x509_svid_ttl": 86401})) == {"x509-ttl-max-24h"}
 	rules(object.union(good_entry, {"jwt_svid_ttl": 3601})) == {"jwt-ttl-max-1h"}

@@ -119,9 +119,13 @@ pub struct CallerInput {
     /// The caller's SPIFFE ID, when it presented one.
     #[serde(default)]
     pub id: Option<String>,
-    /// Whether it came through the local admin socket.
+    /// Whether it came through a local admin socket.
     #[serde(default)]
     pub local: bool,
+    /// The name of the named admin socket it came through (`[[admin_socket]]` in the
+    /// server's config), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
 }
 
 /// What the policy sees of an entry (`input.entry`).

@@ -2,12 +2,16 @@
 //! client's verified SVID. Every service and the write path take a [`Caller`]; nothing here
 //! depends on the services.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use lanyard_core::SpiffeId;
 use lanyard_core::policy::CallerInput;
 use tonic::Request;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use crate::admin_socket::AdminConnectInfo;
+use crate::config::AdminSocketConfig;
 
 /// Who is calling, as far as the transport can tell.
 #[derive(Debug, Clone)]
@@ -16,6 +20,9 @@ pub enum Caller {
     Local {
         /// The caller's uid, from the kernel.
         uid: Option<u32>,
+        /// The named admin socket it came through (`[[admin_socket]]`); `None` for the main
+        /// one.
+        socket: Option<Arc<AdminSocketConfig>>,
     },
     /// A TLS client that presented an X.509-SVID the TLS layer verified against the bundle.
     Svid(PeerSvid),
@@ -37,9 +44,10 @@ pub struct PeerSvid {
 impl Caller {
     /// Identifies the caller of `request`.
     pub fn of<T>(request: &Request<T>) -> Caller {
-        if let Some(info) = request.extensions().get::<UdsConnectInfo>() {
+        if let Some(info) = request.extensions().get::<AdminConnectInfo>() {
             return Caller::Local {
-                uid: info.peer_cred.map(|c| c.uid()),
+                uid: info.uid,
+                socket: info.socket.clone(),
             };
         }
         let certs = request
@@ -66,8 +74,16 @@ impl Caller {
     /// A short description for audit logs.
     pub fn describe(&self) -> String {
         match self {
-            Caller::Local { uid: Some(uid) } => format!("local uid {uid}"),
-            Caller::Local { uid: None } => "local".to_owned(),
+            Caller::Local { uid, socket } => {
+                let mut described = match uid {
+                    Some(uid) => format!("local uid {uid}"),
+                    None => "local".to_owned(),
+                };
+                if let Some(socket) = socket {
+                    described.push_str(&format!(" via admin socket {}", socket.name));
+                }
+                described
+            }
             Caller::Svid(svid) => svid.id.to_string(),
             Caller::Anonymous => "anonymous".to_owned(),
         }
@@ -77,13 +93,15 @@ impl Caller {
 /// What the policy sees of `caller`.
 pub fn caller_input(caller: &Caller) -> CallerInput {
     match caller {
-        Caller::Local { .. } => CallerInput {
+        Caller::Local { socket, .. } => CallerInput {
             id: None,
             local: true,
+            socket: socket.as_ref().map(|s| s.name.clone()),
         },
         Caller::Svid(svid) => CallerInput {
             id: Some(svid.id.to_string()),
             local: false,
+            socket: None,
         },
         Caller::Anonymous => CallerInput::default(),
     }

@@ -81,6 +81,11 @@ pub struct ServerConfig {
     /// Unix socket for the local admin API; its directory is made owner-only.
     #[serde(default = "default_socket_path")]
     pub socket_path: PathBuf,
+    /// `[[admin_socket]]`: further admin sockets, each giving its callers a name, for
+    /// programs that speak SPIRE's API (which carries no owner or reason), such as
+    /// spire-controller-manager: what they create is attributed to the socket.
+    #[serde(default, rename = "admin_socket")]
+    pub admin_sockets: Vec<AdminSocketConfig>,
     /// Directory for the datastore and keys; made owner-only.
     pub data_dir: PathBuf,
     /// Lifetime of each X.509 CA and JWT signing authority.
@@ -147,6 +152,37 @@ pub struct ServerConfig {
     /// Rate limits on the server API and limits on its TLS connections.
     #[serde(default)]
     pub limits: LimitsConfig,
+}
+
+/// `[[admin_socket]]`: an admin socket of its own for one program. A caller is an admin
+/// there as on `socket_path` (the kernel's peer credentials; its directory is owner-only),
+/// and is known by the socket's `name`: the audit log names it, the policy sees it as
+/// `input.caller.socket`, and an entry created through it with none of owner, reason and
+/// source gets the socket's. Its `source` is kept for it: no other caller may create an
+/// entry with that source or give it to one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSocketConfig {
+    /// The name its callers are known by: letters, digits, `.`, `_` and `-`, at most 64.
+    pub name: String,
+    /// The socket's path; not `socket_path` nor another admin socket's.
+    pub path: PathBuf,
+    /// The owner given to entries created through it without metadata.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// The reason given to entries created through it without metadata.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The source given to entries created through it without metadata; defaults to `name`.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+impl AdminSocketConfig {
+    /// The source in effect.
+    pub fn source(&self) -> &str {
+        self.source.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// `[limits]`: rate limits on the TLS server API and limits on its connections. A rate of 0
@@ -524,6 +560,7 @@ impl ServerConfig {
             instance: default_instance(),
             bind_address: default_bind_address(),
             socket_path: default_socket_path(),
+            admin_sockets: Vec::new(),
             data_dir,
             ca_ttl: DEFAULT_CA_TTL,
             ca_key_type: KeyType::default(),
@@ -592,13 +629,7 @@ impl ServerConfig {
             });
         }
         positive("datastore.poll_interval", self.datastore.poll_interval)?;
-        let instance_ok = !self.instance.is_empty()
-            && self.instance.len() <= 64
-            && self
-                .instance
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !instance_ok {
+        if !is_name(&self.instance) {
             return Err(ConfigError::Invalid {
                 key: "instance",
                 reason: format!(
@@ -641,6 +672,7 @@ impl ServerConfig {
         if let Some(psat) = &self.node_attestor.k8s_psat {
             check_k8s_psat(psat, &self.trust_domain)?;
         }
+        self.check_admin_sockets()?;
         for id in &self.admin_ids {
             if id.is_trust_domain_id() {
                 return Err(ConfigError::Invalid {
@@ -648,6 +680,58 @@ impl ServerConfig {
                     reason: format!("{id} has no path"),
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Names, paths and sources of the `[[admin_socket]]`s: each well formed and its own.
+    fn check_admin_sockets(&self) -> Result<(), ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "admin_socket",
+            reason,
+        };
+        let mut paths = vec![self.socket_path.clone()];
+        let mut names = Vec::new();
+        let mut sources = Vec::new();
+        for socket in &self.admin_sockets {
+            if !is_name(&socket.name) {
+                return Err(invalid(format!(
+                    "name {:?} must be 1 to 64 letters, digits, '.', '_' or '-'",
+                    socket.name
+                )));
+            }
+            if names.contains(&socket.name) {
+                return Err(invalid(format!("two sockets are named {:?}", socket.name)));
+            }
+            if paths.contains(&socket.path) {
+                return Err(invalid(format!(
+                    "{:?}: {} is already the path of another admin socket",
+                    socket.name,
+                    socket.path.display()
+                )));
+            }
+            for (field, value) in [
+                ("owner", &socket.owner),
+                ("reason", &socket.reason),
+                ("source", &socket.source),
+            ] {
+                if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                    return Err(invalid(format!(
+                        "{:?}: {field} is empty; leave it out instead",
+                        socket.name
+                    )));
+                }
+            }
+            if sources.contains(&socket.source()) {
+                return Err(invalid(format!(
+                    "{:?}: source {:?} is already another socket's",
+                    socket.name,
+                    socket.source()
+                )));
+            }
+            names.push(socket.name.clone());
+            paths.push(socket.path.clone());
+            sources.push(socket.source());
         }
         Ok(())
     }
@@ -732,6 +816,15 @@ fn check_k8s_psat(config: &K8sPsatConfig, trust_domain: &TrustDomain) -> Result<
 fn default_bind_address() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8081))
 }
+/// 1 to 64 letters, digits, `.`, `_` and `-`: a server's instance, an admin socket's name.
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 fn default_socket_path() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET_PATH)
 }
@@ -855,6 +948,57 @@ mod tests {
                 "[node_attestor.k8s_psat.clusters.demo]\nservice_account_allow_list = [\"a:b\"]\nuse_pod_uid_for_agent_id = true\n",
                 "unknown field",
             ),
+        ] {
+            let error = ServerConfig::parse(&format!("{base}{bad}"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(error.contains(expected), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn admin_sockets_have_names_paths_and_sources_of_their_own() {
+        let base = "trust_domain = \"example.org\"\ndata_dir = \"/d\"\nsocket_path = \"/run/a/api.sock\"\n";
+        let config = ServerConfig::parse(&format!(
+            "{base}[[admin_socket]]\n\
+             name = \"spire-controller-manager\"\n\
+             path = \"/run/c/api.sock\"\n\
+             owner = \"platform\"\n\
+             reason = \"kept from the cluster\"\n\
+             [[admin_socket]]\n\
+             name = \"ci\"\n\
+             path = \"/run/ci/api.sock\"\n\
+             source = \"deploy-pipeline\"\n"
+        ))
+        .expect("parses");
+        let [controller, ci] = config.admin_sockets.as_slice() else {
+            panic!("two sockets: {:?}", config.admin_sockets);
+        };
+        assert_eq!(controller.source(), "spire-controller-manager");
+        assert_eq!(controller.owner.as_deref(), Some("platform"));
+        assert_eq!(ci.source(), "deploy-pipeline");
+        assert_eq!(ci.owner, None);
+
+        let socket = |name: &str, path: &str, extra: &str| {
+            format!("[[admin_socket]]\nname = \"{name}\"\npath = \"{path}\"\n{extra}")
+        };
+        for (bad, expected) in [
+            (socket("a b", "/run/x.sock", ""), "must be 1 to 64"),
+            (socket("x", "/run/a/api.sock", ""), "already the path"),
+            (
+                socket("x", "/run/x.sock", "") + &socket("x", "/run/y.sock", ""),
+                "two sockets are named",
+            ),
+            (
+                socket("x", "/run/x.sock", "") + &socket("y", "/run/y.sock", "source = \"x\"\n"),
+                "already another socket's",
+            ),
+            (
+                socket("x", "/run/x.sock", "owner = \" \"\n"),
+                "owner is empty",
+            ),
+            (socket("x", "/run/x.sock", "uid = 3\n"), "unknown field"),
         ] {
             let error = ServerConfig::parse(&format!("{base}{bad}"))
                 .err()

@@ -157,6 +157,7 @@ impl IssuanceJudge {
             let admin = CallerInput {
                 id: None,
                 local: true,
+                socket: None,
             };
             samples.push(self.entry_input(&probe, Operation::Create, Some(admin), now));
             samples.push(self.entry_input(&probe, Operation::Issue, None, now));

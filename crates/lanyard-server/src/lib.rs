@@ -2,6 +2,7 @@
 //! and the SPIRE-compatible server API served over TLS and an owner-only Unix socket.
 #![warn(missing_docs)]
 
+pub mod admin_socket;
 pub mod api;
 pub mod audit;
 pub mod authz;

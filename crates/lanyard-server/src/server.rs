@@ -11,10 +11,9 @@ use std::time::Duration;
 use lanyard_core::x509::CaSubject;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::Router;
 
 use crate::api::agent::AgentService;
@@ -132,6 +131,8 @@ pub struct Server {
     state: Arc<ServerState>,
     tcp_addr: SocketAddr,
     socket_path: PathBuf,
+    /// Every admin socket, the main one first; removed at shutdown.
+    socket_paths: Vec<PathBuf>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -238,7 +239,16 @@ impl Server {
             error,
         })?;
         let socket_path = state.config.socket_path.clone();
-        let uds = bind_admin_socket(&socket_path)?;
+        let mut admin_sockets = vec![(crate::admin_socket::bind(&socket_path)?, None)];
+        for named in &state.config.admin_sockets {
+            admin_sockets.push((
+                crate::admin_socket::bind(&named.path)?,
+                Some(Arc::new(named.clone())),
+            ));
+        }
+        let socket_paths: Vec<PathBuf> = std::iter::once(socket_path.clone())
+            .chain(state.config.admin_sockets.iter().map(|s| s.path.clone()))
+            .collect();
 
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -261,19 +271,23 @@ impl Server {
         health_reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        let uds_router = routes(&state, x509pop_anchors, k8s_psat).add_service(health_service);
-        let mut uds_stopped = stopped.clone();
-        tasks.spawn(async move {
-            let incoming = UnixListenerStream::new(uds);
-            let result = uds_router
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = uds_stopped.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(error) = result {
-                tracing::error!(%error, "admin socket server failed");
-            }
-        });
+        for (listener, named) in admin_sockets {
+            let uds_router = routes(&state, x509pop_anchors.clone(), k8s_psat.clone())
+                .add_service(health_service.clone());
+            let mut uds_stopped = stopped.clone();
+            tasks.spawn(async move {
+                let name = named.as_ref().map(|s| s.name.clone());
+                let incoming = crate::admin_socket::incoming(listener, named);
+                let result = uds_router
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = uds_stopped.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(error) = result {
+                    tracing::error!(%error, socket = ?name, "admin socket server failed");
+                }
+            });
+        }
 
         if let Some(policy) = policy {
             let mut policy_stopped = stopped.clone();
@@ -306,6 +320,7 @@ impl Server {
             state,
             tcp_addr,
             socket_path,
+            socket_paths,
             stop,
             tasks,
         })
@@ -330,7 +345,9 @@ impl Server {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
-        let _ = std::fs::remove_file(&self.socket_path);
+        for path in &self.socket_paths {
+            let _ = std::fs::remove_file(path);
+        }
         tracing::info!("server stopped");
     }
 }
@@ -543,30 +560,6 @@ fn read_certificates(path: &Path) -> Result<Vec<Vec<u8>>, ServerError> {
         return Err(error("no certificates found".into()));
     }
     Ok(certs)
-}
-
-/// Binds the admin socket in a directory only the owner can enter, replacing a stale socket.
-fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
-    let bind_error = |error| ServerError::Bind {
-        what: path.display().to_string(),
-        error,
-    };
-    if let Some(dir) = path.parent() {
-        keymanager::create_private_dir(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_error(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(bind_error)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(bind_error)?;
-    }
-    Ok(listener)
 }
 
 async fn rotate(

@@ -4,6 +4,8 @@
 //! the same order:
 //!
 //! 1. structure: the entry is valid for this trust domain (and, created, not already expired);
+//!    an entry created through a named admin socket without owner, reason or source gets the
+//!    socket's, and a source that a named socket keeps is refused from anyone else;
 //! 2. policy: the policy in force, with the active exceptions that cover the entry, judges the
 //!    write as the caller's (a refusal is audited and names each broken rule);
 //! 3. commit: the datastore writes it (an update only over the revision it was judged on,
@@ -92,6 +94,7 @@ impl EntryWriter {
         entry: RegistrationEntry,
         method: &str,
     ) -> Result<Written, WriteError> {
+        let entry = self.attribute(caller, entry)?;
         self.check_structure(&entry)?;
         if entry.is_expired(self.state.now()) {
             return Err(WriteError::Invalid(
@@ -178,6 +181,9 @@ impl EntryWriter {
                 return Err(WriteError::NotFound);
             };
             let updated = change(&current)?;
+            if updated.source != current.source {
+                self.check_source(caller, &updated)?;
+            }
             if !write_unchanged && updated == current {
                 return Ok(Written {
                     entry: current,
@@ -257,6 +263,59 @@ impl EntryWriter {
             exception_ids: Vec::new(),
             changed: true,
         })
+    }
+
+    /// `entry` as created by `caller`: through a named admin socket and with none of owner,
+    /// reason and source, it gets the socket's (a program speaking SPIRE's API cannot send
+    /// them); and its source must not be one that a named socket keeps for another caller.
+    fn attribute(
+        &self,
+        caller: &Caller,
+        mut entry: RegistrationEntry,
+    ) -> Result<RegistrationEntry, WriteError> {
+        if let Caller::Local {
+            socket: Some(socket),
+            ..
+        } = caller
+            && entry.owner.is_none()
+            && entry.reason.is_none()
+            && entry.source.is_none()
+        {
+            entry.owner.clone_from(&socket.owner);
+            entry.reason.clone_from(&socket.reason);
+            entry.source = Some(socket.source().to_owned());
+        }
+        self.check_source(caller, &entry)?;
+        Ok(entry)
+    }
+
+    /// Refuses to give `entry` a source that a named admin socket other than `caller`'s keeps.
+    fn check_source(&self, caller: &Caller, entry: &RegistrationEntry) -> Result<(), WriteError> {
+        let Some(source) = entry.source.as_deref() else {
+            return Ok(());
+        };
+        let Some(keeper) = self
+            .state
+            .config
+            .admin_sockets
+            .iter()
+            .find(|socket| socket.source() == source)
+        else {
+            return Ok(());
+        };
+        let through_keeper = matches!(
+            caller,
+            Caller::Local { socket: Some(socket), .. } if socket.name == keeper.name
+        );
+        if through_keeper {
+            Ok(())
+        } else {
+            Err(WriteError::Invalid(format!(
+                "source {source:?} is kept for what is created through the admin socket {:?}; \
+                 choose another source",
+                keeper.name
+            )))
+        }
     }
 
     /// Judges an entry about to be written by `caller`, without writing it. Without a policy

@@ -836,3 +836,153 @@ async fn expiries_a_certificate_cannot_hold_are_refused_on_every_write_path() {
         "{error:?}"
     );
 }
+
+/// A server with the baseline policy and a named admin socket for spire-controller-manager.
+async fn server_with_controller_socket() -> (TestServer, std::path::PathBuf) {
+    let mut controller_socket = None;
+    let server = TestServer::start_with(|config| {
+        config.policy = Some(lanyard_server::config::PolicyConfig::new(baseline()));
+        let path = config
+            .socket_path
+            .parent()
+            .and_then(std::path::Path::parent)
+            .unwrap()
+            .join("controller")
+            .join("api.sock");
+        controller_socket = Some(path.clone());
+        config
+            .admin_sockets
+            .push(lanyard_server::config::AdminSocketConfig {
+                name: "spire-controller-manager".into(),
+                path,
+                owner: Some("platform-team".into()),
+                reason: Some("kept from the cluster's ClusterSPIFFEIDs".into()),
+                source: None,
+            });
+    })
+    .await;
+    (server, controller_socket.unwrap())
+}
+
+async fn entry_metadata(server: &TestServer, entry_id: &str) -> gov::EntryMetadata {
+    EntryMetadataServiceClient::new(server.admin().await)
+        .get_entry_metadata(gov::GetEntryMetadataRequest {
+            entry_ids: vec![entry_id.to_owned()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .metadata
+        .remove(0)
+}
+
+#[tokio::test]
+async fn entries_created_through_a_named_admin_socket_carry_its_owner_reason_and_source() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let (server, controller_socket) = server_with_controller_socket().await;
+    let mode = std::fs::metadata(&controller_socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the named socket is owner-only");
+    let parent = trust_domain().server_id();
+    // As spire-controller-manager sends it: SPIRE's Entry API, its own ID prefix, no expiry.
+    let mut pod_entry = entry(&server, "/ns/apps/sa/web", &parent, 0);
+    pod_entry.expires_at = 0;
+    pod_entry.id = "demo.6c0f9f4e-0000-4000-8000-000000000001".into();
+    let create = |channel, entry: types::Entry| async move {
+        EntryClient::new(channel)
+            .batch_create_entry(entry_pb::BatchCreateEntryRequest {
+                entries: vec![entry],
+                output_mask: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+            .remove(0)
+    };
+
+    // Through the main socket the baseline refuses it: no owner, reason or expiry.
+    let refused = create(server.admin().await, pod_entry.clone()).await;
+    let (code, message) = status(refused.status.as_ref());
+    assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+    for rule in ["owner-required", "reason-required", "expiry-required"] {
+        assert!(message.contains(rule), "{rule} in {message}");
+    }
+
+    // Through the controller's socket it is attributed to the socket and passes.
+    let created = create(
+        crate::support::uds_channel(&controller_socket).await,
+        pod_entry.clone(),
+    )
+    .await;
+    assert_eq!(status(created.status.as_ref()).0, 0, "{created:?}");
+    let created_id = created.entry.unwrap().id;
+    assert_eq!(created_id, pod_entry.id, "the controller's own ID is kept");
+    let meta = entry_metadata(&server, &created_id).await;
+    assert_eq!(meta.owner, "platform-team");
+    assert_eq!(meta.reason, "kept from the cluster's ClusterSPIFFEIDs");
+    assert_eq!(meta.source, "spire-controller-manager");
+    let audit = std::fs::read_to_string(server.config.audit_log_path()).unwrap();
+    assert!(
+        audit.contains("via admin socket spire-controller-manager"),
+        "the audit log names the socket:\n{audit}"
+    );
+
+    // No one else may claim the socket's source: not on a new entry ...
+    let mut claimed = metadata("intruder", "dodging the expiry rule");
+    claimed.source = "spire-controller-manager".into();
+    let mut forged = entry(&server, "/forged", &parent, 0);
+    forged.expires_at = 0;
+    let refused = create_governed(&server, forged, claimed.clone()).await;
+    let (code, message) = status(refused.status.as_ref());
+    assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+    assert!(message.contains("kept for"), "{message}");
+
+    // ... nor on an existing one.
+    let hand = create_governed(
+        &server,
+        entry(&server, "/hand", &parent, 30),
+        metadata("web-team", "by hand"),
+    )
+    .await;
+    let mut hand = hand.entry.unwrap();
+    let hand_id = hand.entry.as_ref().unwrap().id.clone();
+    claimed.entry_id = hand_id.clone();
+    hand.metadata = Some(claimed);
+    let updated = GovernedEntryServiceClient::new(server.admin().await)
+        .update_governed_entries(gov::UpdateGovernedEntriesRequest {
+            entries: vec![hand],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .remove(0);
+    let (code, message) = status(updated.status.as_ref());
+    assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+    assert!(message.contains("kept for"), "{message}");
+    assert_eq!(entry_metadata(&server, &hand_id).await.source, "test-suite");
+
+    // An operator may still edit the controller's entry without taking its source.
+    let mut reowned = meta.clone();
+    reowned.owner = "mesh-team".into();
+    let set = EntryMetadataServiceClient::new(server.admin().await)
+        .set_entry_metadata(gov::SetEntryMetadataRequest {
+            metadata: vec![reowned],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .remove(0);
+    let (code, message) = status(set.status.as_ref());
+    assert_eq!(code, 0, "{message}");
+    let meta = entry_metadata(&server, &created_id).await;
+    assert_eq!(
+        (meta.owner.as_str(), meta.source.as_str()),
+        ("mesh-team", "spire-controller-manager")
+    );
+}
