@@ -1,5 +1,6 @@
-//! Starts the slow Go builds of the interoperability tests — SPIRE (minutes) and
-//! kube-apiserver with etcd (about twelve minutes on two cores) — in the background while
+//! Starts the slow Go builds of the interoperability tests — SPIRE (minutes),
+//! kube-apiserver with etcd (about twelve minutes on two cores) and spire-controller-manager
+//! (a minute) — in the background while
 //! Cargo is still compiling, so that on a fresh machine they overlap with the Rust build
 //! instead of with the tests. Each runs as `flock <lock> nice go build …` on the lock of the
 //! harness's cached build (`src/toolchain.rs`, `cached_build`): it only fills Go's build
@@ -16,10 +17,18 @@ use std::process::{Command, Stdio};
 /// The harness's cached-build names; `src/toolchain.rs` checks that they match its versions.
 const SPIRE: &str = "spire-v1.13.3";
 const KUBERNETES: &str = "kubernetes-v1.36.3";
+const CONTROLLER_MANAGER: &str = "spire-controller-manager-v0.6.2";
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    for file in ["spire/go.mod", "spire/go.sum", "kube/go.mod", "kube/go.sum"] {
+    for file in [
+        "spire/go.mod",
+        "spire/go.sum",
+        "kube/go.mod",
+        "kube/go.sum",
+        "controller-manager/go.mod",
+        "controller-manager/go.sum",
+    ] {
         println!("cargo::rerun-if-changed=interop/{file}");
     }
     for var in [
@@ -30,7 +39,7 @@ fn main() {
     ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
-    println!("cargo::rustc-env=LANYARD_E2E_PREFETCHED={SPIRE},{KUBERNETES}");
+    println!("cargo::rustc-env=LANYARD_E2E_PREFETCHED={SPIRE},{KUBERNETES},{CONTROLLER_MANAGER}");
 
     let set = |var: &str| std::env::var_os(var).is_some_and(|value| value == "1");
     if set("LANYARD_E2E_NO_PREFETCH") || !runs("go", &["version"]) || !runs("flock", &["-V"]) {
@@ -73,6 +82,15 @@ fn main() {
                 "go.etcd.io/etcd/server/v3",
             ],
         );
+        prefetch(
+            &interop,
+            CONTROLLER_MANAGER,
+            &manifest.join("interop/controller-manager"),
+            // As `go_build_program` builds it.
+            &["-mod=readonly", "-trimpath"],
+            "0",
+            &["github.com/spiffe/spire-controller-manager/cmd"],
+        );
     }
 }
 
@@ -86,8 +104,8 @@ fn runs(program: &str, args: &[&str]) -> bool {
         .is_ok_and(|status| status.success())
 }
 
-/// Compiles `packages` of the Go module at `module` into Go's build cache (several packages:
-/// nothing is linked or written), in the background, holding the build's lock.
+/// Compiles `packages` of the Go module at `module` into Go's build cache (whatever is linked
+/// goes to /dev/null), in the background, holding the build's lock.
 fn prefetch(
     interop: &Path,
     name: &str,
@@ -110,6 +128,8 @@ fn prefetch(
     let _ = Command::new("flock")
         .arg(interop.join(format!("{name}.lock")))
         .args(["nice", "-n", "10", "go", "build"])
+        // One main package would otherwise be linked into the module's directory.
+        .args(["-o", "/dev/null"])
         .args(flags)
         .args(packages)
         .current_dir(module)

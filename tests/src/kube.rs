@@ -472,6 +472,44 @@ impl KubeCluster {
         )
     }
 
+    /// Server-side apply of one YAML document as written (the API server parses it, with
+    /// strict field validation; `dry_run` stores nothing). Its path comes from
+    /// [`yaml_identity`]. Returns the API server's refusal as an `Err`.
+    pub fn apply_yaml(&self, doc: &str, dry_run: bool) -> Result<(), String> {
+        let object = yaml_identity(doc);
+        let path = self.object_path(&object);
+        let mut query = format!("fieldManager={FIELD_MANAGER}&force=true&fieldValidation=Strict");
+        if dry_run {
+            query.push_str("&dryRun=All");
+        }
+        let response = self.admin.request(
+            "PATCH",
+            &format!("{path}?{query}"),
+            Some("application/apply-patch+yaml"),
+            Some(doc.as_bytes().to_vec()),
+        );
+        if response.is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} {}: {response}",
+                object["kind"], object["metadata"]["name"]
+            ))
+        }
+    }
+
+    /// Applies every document of the YAML file at `path` ([`Self::apply_yaml`], stored);
+    /// panics on the first refusal.
+    pub fn apply_yaml_file(&self, path: &Path) {
+        let text =
+            fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        for doc in yaml_documents(&text) {
+            if let Err(refused) = self.apply_yaml(&doc, false) {
+                panic!("applying {}: {refused}", path.display());
+            }
+        }
+    }
+
     /// The API path of `object`, found through discovery.
     pub fn object_path(&self, object: &Value) -> String {
         let api_version = object["apiVersion"]
@@ -896,6 +934,54 @@ impl fmt::Display for KubeResponse {
             self.body.trim_end()
         )
     }
+}
+
+/// The YAML documents of a manifest file (split on `---` lines), those that name a `kind`.
+pub fn yaml_documents(text: &str) -> Vec<String> {
+    let mut documents = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        if line.trim_end() == "---" {
+            documents.push(std::mem::take(&mut current));
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    documents.push(current);
+    documents
+        .into_iter()
+        .filter(|doc| doc.lines().any(|line| line.starts_with("kind:")))
+        .collect()
+}
+
+/// What the harness needs to find an object's API path: `apiVersion`, `kind`, and
+/// `metadata.name`/`namespace`, read from the top-level lines of a YAML document written in
+/// block style (as ours and controller-gen's are).
+pub fn yaml_identity(doc: &str) -> Value {
+    let top = |key: &str| {
+        doc.lines()
+            .find_map(|line| line.strip_prefix(&format!("{key}: ")))
+            .map(|value| value.trim().to_owned())
+            .unwrap_or_else(|| panic!("no top-level {key} in\n{doc}"))
+    };
+    let metadata = |key: &str| {
+        doc.lines()
+            .skip_while(|line| *line != "metadata:")
+            .skip(1)
+            .take_while(|line| line.starts_with("  "))
+            .find_map(|line| line.strip_prefix(&format!("  {key}: ")))
+            .map(|value| value.trim().to_owned())
+    };
+    let mut object = json!({
+        "apiVersion": top("apiVersion"),
+        "kind": top("kind"),
+        "metadata": { "name": metadata("name").unwrap_or_else(|| panic!("no name in\n{doc}")) },
+    });
+    if let Some(namespace) = metadata("namespace") {
+        object["metadata"]["namespace"] = json!(namespace);
+    }
+    object
 }
 
 #[cfg(test)]

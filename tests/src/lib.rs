@@ -53,6 +53,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use serde_json::Value;
 
+pub mod controller_manager;
 pub mod kube;
 pub mod spire;
 pub mod toolchain;

@@ -155,6 +155,9 @@ pub fn prefetch_builds() {
             let _ = std::thread::Builder::new()
                 .name("kubernetes-prefetch".to_owned())
                 .spawn(|| std::panic::catch_unwind(kubernetes));
+            let _ = std::thread::Builder::new()
+                .name("controller-manager-prefetch".to_owned())
+                .spawn(|| std::panic::catch_unwind(controller_manager));
         }
     });
 }
@@ -330,6 +333,83 @@ pub fn kubernetes() -> &'static Kubernetes {
         Kubernetes {
             apiserver: dir.join("kube-apiserver"),
             etcd: dir.join("etcd"),
+        }
+    })
+}
+
+/// The spire-controller-manager release run against a Lanyard server.
+pub const CONTROLLER_MANAGER_VERSION: &str = "v0.6.2";
+
+/// The cached-build name of spire-controller-manager (also `tests/build.rs`'s).
+pub const CONTROLLER_MANAGER_BUILD: &str = "spire-controller-manager-v0.6.2";
+
+/// SPIRE's controller manager, built from the Go module proxy.
+#[derive(Debug)]
+pub struct ControllerManager {
+    /// The `spire-controller-manager` program.
+    pub binary: PathBuf,
+    /// Its CustomResourceDefinitions (`ClusterSPIFFEID`, `ClusterStaticEntry`,
+    /// `ClusterFederatedTrustDomain`, `ControllerManagerConfig`), copied from its module.
+    pub crds: Vec<PathBuf>,
+}
+
+/// `spire-controller-manager` at [`CONTROLLER_MANAGER_VERSION`] and its CRDs, built once per
+/// machine from the module in `tests/interop/controller-manager` (whose go.mod pins it as a
+/// tool) and reused while that module and the Go version stay the same. The CRDs come from
+/// the same module in Go's module cache (`config/crd/bases`). About a minute on two cores.
+pub fn controller_manager() -> &'static ControllerManager {
+    static CONTROLLER: OnceLock<ControllerManager> = OnceLock::new();
+    CONTROLLER.get_or_init(|| {
+        const PACKAGE: &str = "github.com/spiffe/spire-controller-manager";
+        let module = interop_source("controller-manager");
+        let key = format!(
+            "{}\n{}",
+            go_version(),
+            key_of_files(&module, &["go.mod", "go.sum"])
+        );
+        let dir = cached_build(CONTROLLER_MANAGER_BUILD, &key, |out| {
+            go_build_program(
+                &module,
+                &format!("{PACKAGE}/cmd"),
+                "-s -w",
+                &out.join("spire-controller-manager"),
+            );
+            let listed = CliOutput::run(Command::new("go").current_dir(&module).args([
+                "list",
+                "-mod=readonly",
+                "-m",
+                "-f",
+                "{{.Dir}}",
+                PACKAGE,
+            ]));
+            assert!(listed.success(), "locating {PACKAGE}: {listed}");
+            let crds = Path::new(listed.stdout.trim()).join("config/crd/bases");
+            let into = out.join("crds");
+            fs::create_dir_all(&into)
+                .unwrap_or_else(|e| panic!("creating {}: {e}", into.display()));
+            let entries =
+                fs::read_dir(&crds).unwrap_or_else(|e| panic!("reading {}: {e}", crds.display()));
+            for entry in entries {
+                let path = entry.expect("reading a CRD directory entry").path();
+                if path.extension().is_some_and(|ext| ext == "yaml") {
+                    copy_file(&path, &into.join(path.file_name().expect("a file name")));
+                }
+            }
+        });
+        let crd_dir = dir.join("crds");
+        let mut crds: Vec<PathBuf> = fs::read_dir(&crd_dir)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", crd_dir.display()))
+            .map(|entry| entry.expect("reading a CRD").path())
+            .collect();
+        crds.sort();
+        assert!(
+            crds.len() >= 3,
+            "expected the controller manager's CRDs in {}",
+            crd_dir.display()
+        );
+        ControllerManager {
+            binary: dir.join("spire-controller-manager"),
+            crds,
         }
     })
 }
@@ -517,8 +597,19 @@ mod tests {
             prefetched,
             [
                 format!("spire-{}", super::SPIRE_VERSION),
-                format!("kubernetes-{}", super::KUBERNETES_VERSION)
+                format!("kubernetes-{}", super::KUBERNETES_VERSION),
+                format!(
+                    "spire-controller-manager-{}",
+                    super::CONTROLLER_MANAGER_VERSION
+                ),
             ]
+        );
+        assert_eq!(
+            super::CONTROLLER_MANAGER_BUILD,
+            format!(
+                "spire-controller-manager-{}",
+                super::CONTROLLER_MANAGER_VERSION
+            )
         );
     }
 

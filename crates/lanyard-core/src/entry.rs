@@ -99,9 +99,6 @@ pub enum EntryError {
         /// How many it has.
         got: usize,
     },
-    /// The entry names itself as its parent.
-    #[error("spiffe_id and parent_id are both {0}: an entry cannot be its own parent")]
-    OwnParent(SpiffeId),
     /// The hint is longer than [`MAX_HINT_LEN`].
     #[error("hint is longer than {MAX_HINT_LEN} bytes")]
     HintTooLong,
@@ -308,9 +305,6 @@ impl RegistrationEntry {
                 got: self.dns_names.len(),
             });
         }
-        if self.spiffe_id == self.parent_id {
-            return Err(EntryError::OwnParent(self.spiffe_id.clone()));
-        }
         if !self.spiffe_id.is_member_of(trust_domain) {
             return Err(EntryError::ForeignSpiffeId {
                 id: self.spiffe_id.clone(),
@@ -476,11 +470,12 @@ mod tests {
     }
 
     #[test]
-    fn limits_own_parents_and_ip_literals_are_refused() {
+    fn limits_and_ip_literals_are_refused_but_an_entry_may_be_its_own_parent() {
         let td = TrustDomain::new("example.org").unwrap();
+        // SPIRE accepts it, and spire-controller-manager probes the server with one.
         let mut e = entry();
         e.parent_id = e.spiffe_id.clone();
-        assert!(matches!(e.validate(&td), Err(EntryError::OwnParent(_))));
+        assert!(e.validate(&td).is_ok());
 
         let mut e = entry();
         e.selectors = (0..=MAX_SELECTORS_PER_ENTRY)

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use lanyard_core::SpiffeId;
 use lanyard_core::policy::CallerInput;
 use tonic::Request;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
 use crate::admin_socket::AdminConnectInfo;
 use crate::config::AdminSocketConfig;
@@ -48,6 +48,13 @@ impl Caller {
             return Caller::Local {
                 uid: info.uid,
                 socket: info.socket.clone(),
+            };
+        }
+        // The services served on a plain Unix listener (embedders, tests): a local admin.
+        if let Some(info) = request.extensions().get::<UdsConnectInfo>() {
+            return Caller::Local {
+                uid: info.peer_cred.map(|c| c.uid()),
+                socket: None,
             };
         }
         let certs = request

@@ -1075,6 +1075,33 @@ mod tests {
         assert_eq!(demo.service_account_allow_list, ["lanyard:lanyard-agent"]);
         assert_eq!(demo.audience, [DEFAULT_K8S_PSAT_AUDIENCE]);
         assert!(demo.kube_config_file.is_none());
+        // spire-controller-manager's socket (deploy/kubernetes/controller-manager-config.yaml
+        // names the same path), and the baseline policy from the same ConfigMap.
+        let [controller] = c.admin_sockets.as_slice() else {
+            panic!("one admin socket: {:?}", c.admin_sockets);
+        };
+        assert_eq!(controller.source(), "spire-controller-manager");
+        assert_eq!(
+            controller.path,
+            Path::new("/run/lanyard/controller/api.sock")
+        );
+        assert!(controller.owner.is_some() && controller.reason.is_some());
+        let policy = c.policy.as_ref().expect("a policy");
+        assert_eq!(policy.path, Path::new("/etc/lanyard/policy.rego"));
+        assert_eq!(
+            embedded(manifest, "policy.rego").trim_end(),
+            include_str!("../../../deploy/policy/baseline.rego").trim_end(),
+            "the ConfigMap's policy.rego is deploy/policy/baseline.rego"
+        );
+        let controller_config =
+            include_str!("../../../deploy/kubernetes/controller-manager-config.yaml");
+        assert!(
+            controller_config.contains(&format!(
+                "spireServerSocketPath: {}",
+                controller.path.display()
+            )),
+            "the controller manager writes through its socket"
+        );
     }
 
     #[test]

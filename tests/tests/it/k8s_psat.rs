@@ -19,27 +19,27 @@ use serde_json::{Value, json};
 
 use crate::spire_agent::agent_serial;
 
-const CLUSTER: &str = "demo";
-const AGENT_NAMESPACE: &str = "spire";
-const AGENT_SERVICE_ACCOUNT: &str = "spire-agent";
-const NODE: &str = "node-1";
-const SERVER_NAMESPACE: &str = "lanyard";
-const SERVER_SERVICE_ACCOUNT: &str = "server";
+pub(crate) const CLUSTER: &str = "demo";
+pub(crate) const AGENT_NAMESPACE: &str = "spire";
+pub(crate) const AGENT_SERVICE_ACCOUNT: &str = "spire-agent";
+pub(crate) const NODE: &str = "node-1";
+pub(crate) const SERVER_NAMESPACE: &str = "lanyard";
+pub(crate) const SERVER_SERVICE_ACCOUNT: &str = "server";
 /// The ClusterRole giving the server what k8s_psat reads besides TokenReview.
 const READER_ROLE: &str = "lanyard-k8s-psat-reader";
 
 /// A cluster with the agents' namespace, service account and node, and a Lanyard server
 /// configured for it as cluster [`CLUSTER`].
-struct Testbed {
-    cluster: KubeCluster,
-    server: Server,
-    node_uid: String,
-    dir: TestDir,
+pub(crate) struct Testbed {
+    pub(crate) cluster: KubeCluster,
+    pub(crate) server: Server,
+    pub(crate) node_uid: String,
+    pub(crate) dir: TestDir,
 }
 
 impl Testbed {
     /// `extra_toml` goes at the top of the server's config (top-level keys).
-    fn start(test: &str, extra_toml: &str) -> Option<Self> {
+    pub(crate) fn start(test: &str, extra_toml: &str) -> Option<Self> {
         let cluster = KubeCluster::start_or_skip(test)?;
         cluster.create_namespace(AGENT_NAMESPACE);
         cluster.create_service_account(AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT);
@@ -93,7 +93,7 @@ impl Testbed {
     }
 
     /// The agent ID every agent on [`NODE`] gets.
-    fn agent_id(&self) -> String {
+    pub(crate) fn agent_id(&self) -> String {
         spiffe_id(&format!(
             "/spire/agent/k8s_psat/{CLUSTER}/{}",
             self.node_uid
@@ -102,7 +102,7 @@ impl Testbed {
 
     /// Creates pod `name` on [`NODE`] as `service_account` and writes a token bound to it for
     /// `audiences` into a file; returns the pod and the file.
-    fn pod_with_token(
+    pub(crate) fn pod_with_token(
         &self,
         name: &str,
         service_account: &str,
@@ -124,7 +124,7 @@ impl Testbed {
     }
 
     /// A Lanyard agent's config for k8s_psat with the token at `token_path`.
-    fn agent_toml(token_path: &Path) -> String {
+    pub(crate) fn agent_toml(token_path: &Path) -> String {
         format!(
             "[node_attestor.k8s_psat]\ncluster = {}\ntoken_path = {}\n",
             toml_string(CLUSTER),
@@ -134,7 +134,7 @@ impl Testbed {
 
     /// Runs a Lanyard agent with the token at `token_path`, expects it to give up, and
     /// returns its log.
-    fn refused_agent(&self, name: &str, token_path: &Path) -> String {
+    pub(crate) fn refused_agent(&self, name: &str, token_path: &Path) -> String {
         let mut agent = Agent::configure(
             &self.dir.join(name),
             &self.server,
@@ -153,7 +153,7 @@ impl Testbed {
 }
 
 /// `lanyard agent show` of `agent_id`: its selectors as `type:value`, sorted.
-fn agent_selectors(server: &Server, agent_id: &str) -> Vec<String> {
+pub(crate) fn agent_selectors(server: &Server, agent_id: &str) -> Vec<String> {
     let shown = server.cli_json(&["agent", "show", "--spiffe-id", agent_id]);
     let mut selectors: Vec<String> = shown["selectors"]
         .as_array()

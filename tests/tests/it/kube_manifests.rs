@@ -5,9 +5,9 @@
 
 use std::path::PathBuf;
 
-use lanyard_e2e::kube::KubeCluster;
+use lanyard_e2e::kube::{KubeCluster, yaml_documents, yaml_identity};
 use lanyard_e2e::workspace_root;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const NAMESPACE: &str = "lanyard";
 
@@ -33,67 +33,11 @@ fn kustomization_resources() -> Vec<String> {
     resources
 }
 
-/// The YAML documents of a manifest file.
+/// The YAML documents of a manifest file under `deploy/kubernetes/`.
 fn documents(file: &str) -> Vec<String> {
     let text = std::fs::read_to_string(manifests_dir().join(file))
         .unwrap_or_else(|e| panic!("reading deploy/kubernetes/{file}: {e}"));
-    text.split("\n---\n")
-        .map(str::to_owned)
-        .filter(|doc| doc.lines().any(|line| line.starts_with("kind:")))
-        .collect()
-}
-
-/// What the harness needs to find an object's API path: `apiVersion`, `kind`, and
-/// `metadata.name`/`namespace`, read from the top-level lines of a YAML document of ours.
-fn identity(doc: &str) -> Value {
-    let top = |key: &str| {
-        doc.lines()
-            .find_map(|line| line.strip_prefix(&format!("{key}: ")))
-            .map(|value| value.trim().to_owned())
-            .unwrap_or_else(|| panic!("no top-level {key} in\n{doc}"))
-    };
-    let metadata = |key: &str| {
-        doc.lines()
-            .skip_while(|line| *line != "metadata:")
-            .skip(1)
-            .take_while(|line| line.starts_with("  "))
-            .find_map(|line| line.strip_prefix(&format!("  {key}: ")))
-            .map(|value| value.trim().to_owned())
-    };
-    let mut object = json!({
-        "apiVersion": top("apiVersion"),
-        "kind": top("kind"),
-        "metadata": { "name": metadata("name").unwrap_or_else(|| panic!("no name in\n{doc}")) },
-    });
-    if let Some(namespace) = metadata("namespace") {
-        object["metadata"]["namespace"] = json!(namespace);
-    }
-    object
-}
-
-/// Server-side apply of a YAML document as written (the API server parses it), strictly
-/// validated; a dry run stores nothing.
-fn apply(cluster: &KubeCluster, doc: &str, dry_run: bool) -> Result<(), String> {
-    let object = identity(doc);
-    let path = cluster.object_path(&object);
-    let mut query = "fieldManager=lanyard-e2e&force=true&fieldValidation=Strict".to_owned();
-    if dry_run {
-        query.push_str("&dryRun=All");
-    }
-    let response = cluster.admin().request(
-        "PATCH",
-        &format!("{path}?{query}"),
-        Some("application/apply-patch+yaml"),
-        Some(doc.as_bytes().to_vec()),
-    );
-    if response.is_success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} {}: {response}",
-            object["kind"], object["metadata"]["name"]
-        ))
-    }
+    yaml_documents(&text)
 }
 
 /// Whether the API server allows `user` to `verb` `resource` (with `subresource`).
@@ -146,9 +90,9 @@ fn kube_manifests_pass_a_strict_dry_run_and_grant_what_the_pods_need() {
     let mut count = 0;
     for file in kustomization_resources() {
         for doc in documents(&file) {
-            let real = identity(&doc)["kind"] == "Namespace";
+            let real = yaml_identity(&doc)["kind"] == "Namespace";
             count += 1;
-            if let Err(error) = apply(&cluster, &doc, !real) {
+            if let Err(error) = cluster.apply_yaml(&doc, !real) {
                 failures.push(format!("{file}: {error}"));
             }
         }
@@ -164,7 +108,7 @@ fn kube_manifests_pass_a_strict_dry_run_and_grant_what_the_pods_need() {
     // real and ask the API server what each service account may do.
     for file in ["server-rbac.yaml", "agent-rbac.yaml"] {
         for doc in documents(file) {
-            apply(&cluster, &doc, false).unwrap();
+            cluster.apply_yaml(&doc, false).unwrap();
         }
     }
     let server = format!("system:serviceaccount:{NAMESPACE}:lanyard-server");
@@ -180,6 +124,38 @@ fn kube_manifests_pass_a_strict_dry_run_and_grant_what_the_pods_need() {
         (&server, "get", "", "pods", true),
         (&server, "get", "", "nodes", true),
         (&server, "list", "", "secrets", false),
+        // spire-controller-manager, in the server's pod.
+        (
+            &server,
+            "watch",
+            "spire.spiffe.io",
+            "clusterspiffeids",
+            true,
+        ),
+        (
+            &server,
+            "list",
+            "spire.spiffe.io",
+            "clusterstaticentries",
+            true,
+        ),
+        (
+            &server,
+            "update",
+            "spire.spiffe.io",
+            "clusterspiffeids/status",
+            true,
+        ),
+        (&server, "list", "", "pods", true),
+        (&server, "watch", "", "namespaces", true),
+        (&server, "list", "", "endpoints", true),
+        (
+            &server,
+            "delete",
+            "spire.spiffe.io",
+            "clusterspiffeids",
+            false,
+        ),
         (&agent, "get", "", "nodes/proxy", true),
         (&agent, "get", "", "pods", true),
         (
@@ -196,4 +172,33 @@ fn kube_manifests_pass_a_strict_dry_run_and_grant_what_the_pods_need() {
             "{user} {verb} {group}/{resource}"
         );
     }
+}
+
+#[test]
+fn kube_manifest_examples_pass_a_strict_dry_run_with_the_controller_manager_crds() {
+    let Some(cluster) = KubeCluster::start_or_skip(
+        "kube_manifest_examples_pass_a_strict_dry_run_with_the_controller_manager_crds",
+    ) else {
+        return;
+    };
+    for crd in &lanyard_e2e::toolchain::controller_manager().crds {
+        cluster.apply_yaml_file(crd);
+    }
+    let examples = manifests_dir().join("examples");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in yaml_documents(&text) {
+            count += 1;
+            if let Err(error) = cluster.apply_yaml(&doc, true) {
+                panic!("{}: {error}", path.display());
+            }
+        }
+    }
+    assert!(count >= 1, "no examples in {}", examples.display());
+    // The schema is enforced: a misspelt field is refused, so the pass above means something.
+    let misspelt = "apiVersion: spire.spiffe.io/v1alpha1\nkind: ClusterSPIFFEID\nmetadata:\n  name: bad\nspec:\n  spiffeIdTemplate: x\n";
+    let refused = cluster.apply_yaml(misspelt, true).unwrap_err();
+    assert!(refused.contains("spiffeIdTemplate"), "{refused}");
 }

@@ -11,6 +11,7 @@ mod ha;
 mod ha_dns;
 mod identities;
 mod java_spiffe;
+mod k8s_controller;
 mod k8s_psat;
 mod kube;
 mod kube_manifests;

@@ -120,6 +120,7 @@ pub(crate) fn entry_json(entry: &types::Entry, metadata: Option<&EntryMetadata>)
         object.insert("owner".into(), json!(metadata.owner));
         object.insert("reason".into(), json!(metadata.reason));
         object.insert("ticket".into(), json!(metadata.ticket));
+        object.insert("source".into(), json!(metadata.source));
     }
     Value::Object(object)
 }
@@ -177,6 +178,9 @@ pub(crate) fn write_entry_pretty(
         }
         if !metadata.ticket.is_empty() {
             write_field(out, "Ticket", &metadata.ticket)?;
+        }
+        if !metadata.source.is_empty() {
+            write_field(out, "Source", &metadata.source)?;
         }
     }
     Ok(())
@@ -376,7 +380,8 @@ Ticket           : CHG-42
                 "created_at": 1_690_000_000,
                 "owner": "team-web",
                 "reason": "serves the storefront",
-                "ticket": "CHG-42"
+                "ticket": "CHG-42",
+                "source": ""
             })
         );
         let without = entry_json(&sample_entry(), None);

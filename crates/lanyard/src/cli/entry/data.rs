@@ -132,8 +132,9 @@ fn parse_field(spec: &mut EntrySpec, field: &str, value: &Value) -> anyhow::Resu
         "owner" => spec.metadata.owner = non_empty(string(value)?),
         "reason" => spec.metadata.reason = non_empty(string(value)?),
         "ticket" => spec.metadata.ticket = non_empty(string(value)?),
-        // Set by the server; accepted so that `entry show --output json` can be fed back.
-        "revision_number" | "created_at" => {}
+        // Set by the server, or (source) by whatever writes the entry; accepted so that
+        // `entry show --output json` can be fed back.
+        "revision_number" | "created_at" | "source" => {}
         _ => bail!("unknown member"),
     }
     Ok(())

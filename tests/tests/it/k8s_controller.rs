@@ -1,0 +1,320 @@
+//! SPIRE's own `spire-controller-manager` against a Lanyard server and a real API server, as
+//! `deploy/kubernetes/` runs it: its config from the ConfigMap there, its cluster rights from
+//! the server's RBAC there, writing through the admin socket the server keeps for it, under the
+//! baseline policy. A `ClusterSPIFFEID` makes an entry for each matching pod (parented to its
+//! node's k8s_psat agent, selecting the pod by UID) that carries the socket's owner and reason,
+//! a `ClusterStaticEntry` makes its entry, deleting the pod deletes its entry, and entries
+//! that are not the controller's are left alone.
+
+use std::path::{Path, PathBuf};
+
+use lanyard_e2e::controller_manager::RunningControllerManager;
+use lanyard_e2e::{TestDir, poll, spiffe_id, toml_string, workspace_root};
+use serde_json::{Value, json};
+
+use crate::k8s_psat::{CLUSTER, NODE, SERVER_NAMESPACE, Testbed};
+
+/// The namespace of the workloads the controller registers.
+const WORKLOAD_NAMESPACE: &str = "apps";
+
+/// The ID prefix of the controller's entries (`entryIDPrefix` in the ConfigMap).
+const ENTRY_ID_PREFIX: &str = "demo.";
+
+/// How long the controller may take to reconcile a change: it watches pods and resources,
+/// and reconciles at least every 10 s besides.
+const RECONCILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The owner and reason the server gives what the controller creates.
+const OWNER: &str = "platform-team";
+const REASON: &str = "kept by spire-controller-manager";
+
+/// A file of `deploy/kubernetes/`.
+fn manifest(file: &str) -> PathBuf {
+    workspace_root().join("deploy/kubernetes").join(file)
+}
+
+/// The block under `key: |` of a ConfigMap of ours (its lines indented four spaces).
+fn embedded(path: &Path, key: &str) -> String {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut lines = text
+        .lines()
+        .skip_while(|line| line.trim() != format!("{key}: |"));
+    assert!(lines.next().is_some(), "no {key} in {}", path.display());
+    lines
+        .take_while(|line| line.is_empty() || line.starts_with("    "))
+        .map(|line| line.strip_prefix("    ").unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A controller manager and the server it writes to, in a cluster with the server's testbed.
+struct ControllerBed {
+    bed: Testbed,
+    controller: RunningControllerManager,
+    _sockets: TestDir,
+}
+
+impl ControllerBed {
+    fn start(test: &str) -> Option<Self> {
+        let sockets = TestDir::new();
+        let controller_socket = sockets.join("controller").join("api.sock");
+        let baseline = workspace_root().join("deploy/policy/baseline.rego");
+        let bed = Testbed::start(
+            test,
+            &format!(
+                "[[admin_socket]]\n\
+                 name = \"spire-controller-manager\"\n\
+                 path = {}\n\
+                 owner = {}\n\
+                 reason = {}\n\
+                 [policy]\n\
+                 path = {}\n",
+                toml_string(controller_socket.to_str().expect("UTF-8 path")),
+                toml_string(OWNER),
+                toml_string(REASON),
+                toml_string(baseline.to_str().expect("UTF-8 path")),
+            ),
+        )?;
+
+        // The controller's rights are the server's service account's, from the manifests.
+        let rbac = manifest("server-rbac.yaml");
+        bed.cluster.apply_yaml_file(&rbac);
+        let token = bed
+            .cluster
+            .request_token(SERVER_NAMESPACE, "lanyard-server", &[], None);
+        let kubeconfig = bed.dir.join("controller-kubeconfig");
+        bed.cluster.write_kubeconfig(&kubeconfig, &token);
+
+        // Its configuration is the ConfigMap's, with the socket where this server has it.
+        let config = embedded(
+            &manifest("controller-manager-config.yaml"),
+            "controller-manager.yaml",
+        );
+        let shipped_socket = "/run/lanyard/controller/api.sock";
+        assert!(config.contains(shipped_socket), "{config}");
+        let config = config.replace(
+            shipped_socket,
+            controller_socket.to_str().expect("UTF-8 path"),
+        );
+        assert!(
+            config.contains(&format!("clusterName: {CLUSTER}")),
+            "{config}"
+        );
+        let controller = RunningControllerManager::start(&bed.cluster, &kubeconfig, &config);
+        Some(Self {
+            bed,
+            controller,
+            _sockets: sockets,
+        })
+    }
+
+    /// The entries with `spiffe_id`, as `lanyard entry show --output json` gives them.
+    fn entries(&self, spiffe_id: &str) -> Vec<Value> {
+        let shown = self
+            .bed
+            .server
+            .cli_json(&["entry", "show", "--spiffe-id", spiffe_id]);
+        shown["entries"]
+            .as_array()
+            .or_else(|| shown.as_array())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits for the one entry with `spiffe_id`.
+    fn wait_for_entry(&mut self, spiffe_id: &str) -> Value {
+        poll(
+            &format!("spire-controller-manager to register {spiffe_id}"),
+            RECONCILE_TIMEOUT,
+            || {
+                self.controller.process().assert_running();
+                match self.entries(spiffe_id).as_slice() {
+                    [entry] => Ok(entry.clone()),
+                    other => Err(format!("{other:?}\n{}", self.controller.log_tail())),
+                }
+            },
+        )
+    }
+}
+
+/// A SPIFFE ID as `lanyard ... --output json` gives it (`{"trust_domain", "path"}`), as text.
+fn id_text(id: &Value) -> String {
+    format!(
+        "spiffe://{}{}",
+        id["trust_domain"].as_str().unwrap_or_default(),
+        id["path"].as_str().unwrap_or_default()
+    )
+}
+
+fn selectors_of(entry: &Value) -> Vec<String> {
+    let mut selectors: Vec<String> = entry["selectors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no selectors in {entry}"))
+        .iter()
+        .map(|s| match s {
+            Value::String(s) => s.clone(),
+            other => format!(
+                "{}:{}",
+                other["type"].as_str().unwrap_or_default(),
+                other["value"].as_str().unwrap_or_default()
+            ),
+        })
+        .collect();
+    selectors.sort();
+    selectors
+}
+
+#[test]
+fn k8s_controller_manager_registers_pods_and_static_entries_under_the_baseline() {
+    let Some(mut cb) = ControllerBed::start(
+        "k8s_controller_manager_registers_pods_and_static_entries_under_the_baseline",
+    ) else {
+        return;
+    };
+    let agent_id = cb.bed.agent_id();
+
+    // An entry made by hand, with its own metadata: not the controller's to delete.
+    let hand_id = spiffe_id("/hand/made");
+    let in_thirty_days = (std::time::SystemTime::now()
+        + std::time::Duration::from_secs(30 * 86_400))
+    .duration_since(std::time::UNIX_EPOCH)
+    .expect("after 1970")
+    .as_secs()
+    .to_string();
+    let hand_entry = cb.bed.server.create_entry(
+        &hand_id,
+        &agent_id,
+        &["unix:uid:4242"],
+        &[
+            "--owner",
+            "web-team",
+            "--reason",
+            "made by hand",
+            "--expires-at",
+            &in_thirty_days,
+        ],
+    );
+
+    // A ClusterSPIFFEID and a pod it selects, scheduled on the agent's node.
+    cb.bed.cluster.create_namespace(WORKLOAD_NAMESPACE);
+    cb.bed
+        .cluster
+        .create_service_account(WORKLOAD_NAMESPACE, "web");
+    cb.bed.cluster.apply(&json!({
+        "apiVersion": "spire.spiffe.io/v1alpha1",
+        "kind": "ClusterSPIFFEID",
+        "metadata": {"name": "web"},
+        "spec": {
+            "spiffeIDTemplate":
+                "spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Namespace }}/sa/{{ .PodSpec.ServiceAccountName }}",
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "workloadSelectorTemplates": ["k8s:ns:{{ .PodMeta.Namespace }}"],
+            "ttl": "1h",
+        },
+    }));
+    let pod =
+        cb.bed
+            .cluster
+            .create_pod(WORKLOAD_NAMESPACE, "web-1", "web", NODE, &[("app", "web")]);
+    let pod_uid = pod["metadata"]["uid"].as_str().expect("pod uid").to_owned();
+
+    let web_id = spiffe_id(&format!("/ns/{WORKLOAD_NAMESPACE}/sa/web"));
+    let entry = cb.wait_for_entry(&web_id);
+    let entry_id = entry["id"].as_str().expect("entry id").to_owned();
+    assert!(entry_id.starts_with(ENTRY_ID_PREFIX), "{entry}");
+    assert_eq!(id_text(&entry["parent_id"]), agent_id, "{entry}");
+    assert_eq!(
+        selectors_of(&entry),
+        [
+            format!("k8s:ns:{WORKLOAD_NAMESPACE}"),
+            format!("k8s:pod-uid:{pod_uid}")
+        ],
+        "{entry}"
+    );
+    assert_eq!(entry["x509_svid_ttl"].as_i64(), Some(3600), "{entry}");
+    // Attributed to the controller's socket, so the baseline let it in without an expiry.
+    assert_eq!(entry["owner"].as_str(), Some(OWNER), "{entry}");
+    assert_eq!(entry["reason"].as_str(), Some(REASON), "{entry}");
+    assert_eq!(
+        entry["source"].as_str(),
+        Some("spire-controller-manager"),
+        "{entry}"
+    );
+
+    // Its status counts the entry as set, with no failures.
+    let status = poll("the ClusterSPIFFEID's status", RECONCILE_TIMEOUT, || {
+        let web = cb
+            .bed
+            .cluster
+            .get("/apis/spire.spiffe.io/v1alpha1/clusterspiffeids/web");
+        let stats = &web["status"]["stats"];
+        if stats["entriesToSet"] == 1 {
+            Ok(stats.clone())
+        } else {
+            Err(web.to_string())
+        }
+    });
+    assert_eq!(status["podsSelected"], 1, "{status}");
+    assert!(
+        status["entryFailures"].as_i64().unwrap_or(0) == 0,
+        "{status}"
+    );
+
+    // A ClusterStaticEntry becomes an entry as written.
+    let static_id = spiffe_id("/static/db");
+    cb.bed.cluster.apply(&json!({
+        "apiVersion": "spire.spiffe.io/v1alpha1",
+        "kind": "ClusterStaticEntry",
+        "metadata": {"name": "db"},
+        "spec": {
+            "spiffeID": static_id,
+            "parentID": agent_id,
+            "selectors": ["unix:uid:5432"],
+        },
+    }));
+    let static_entry = cb.wait_for_entry(&static_id);
+    assert!(
+        static_entry["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with(ENTRY_ID_PREFIX)),
+        "{static_entry}"
+    );
+    assert_eq!(selectors_of(&static_entry), ["unix:uid:5432"]);
+
+    // The pod goes: so does its entry, and nothing else.
+    cb.bed.cluster.delete_pod(WORKLOAD_NAMESPACE, "web-1");
+    poll(
+        "spire-controller-manager to delete the pod's entry",
+        RECONCILE_TIMEOUT,
+        || {
+            if cb.entries(&web_id).is_empty() {
+                Ok(())
+            } else {
+                Err(cb.controller.log_tail())
+            }
+        },
+    );
+    assert_eq!(cb.entries(&static_id).len(), 1);
+    let hand = cb.entries(&hand_id);
+    assert_eq!(hand.len(), 1, "the hand-made entry survives");
+    assert_eq!(hand[0]["id"].as_str(), Some(hand_entry.as_str()));
+
+    // Nothing the controller asked of the entry API failed, its probe of the server's
+    // supported fields (an entry that is its own parent) included.
+    let log = cb.controller.process().log();
+    let entry_errors: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("ERROR") && line.contains("entry-reconciler"))
+        .collect();
+    assert!(entry_errors.is_empty(), "{entry_errors:#?}");
+
+    // The audit log names the program behind every change it made.
+    let audit = std::fs::read_to_string(cb.bed.server.dir().join("data/audit.log"))
+        .or_else(|_| std::fs::read_to_string(cb.bed.server.dir().join("audit.log")))
+        .unwrap_or_default();
+    assert!(
+        audit.contains("via admin socket spire-controller-manager"),
+        "the audit log names the controller's socket"
+    );
+}
