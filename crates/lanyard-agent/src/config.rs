@@ -962,6 +962,34 @@ mod tests {
             psat.token_path,
             std::path::Path::new("/var/run/secrets/tokens/lanyard-agent")
         );
+
+        // The k8s workload attestor asks the kubelet at the node name the DaemonSet sets from
+        // the downward API, with the service account token and CA mounted by default.
+        let k8s = c.workload_attestor.k8s.as_ref().expect("k8s attestor on");
+        let daemon_set = include_str!("../../../deploy/kubernetes/agent.yaml");
+        let env_block = format!(
+            "- name: {}\n              valueFrom:\n                fieldRef:\n                  \
+             fieldPath: spec.nodeName\n",
+            k8s.node_name_env
+        );
+        assert!(
+            daemon_set.contains(&env_block),
+            "agent.yaml does not set {} from spec.nodeName",
+            k8s.node_name_env
+        );
+        assert!(!daemon_set.contains("automountServiceAccountToken: false"));
+        assert_eq!(k8s.token_path, Path::new(DEFAULT_KUBELET_TOKEN_PATH));
+        assert_eq!(k8s.kubelet_ca_path, Path::new(DEFAULT_KUBELET_CA_PATH));
+        assert!(!k8s.skip_kubelet_verification);
+        let node = k8s.resolve_node_name(|name| (name == "MY_NODE_NAME").then(|| "node-a".into()));
+        assert_eq!(
+            k8s.kubelet_endpoint(node.as_deref()),
+            KubeletEndpoint::Secure {
+                host: "node-a".into(),
+                port: 10250,
+                verification: KubeletVerification::ChainAndName("node-a".into()),
+            }
+        );
     }
 
     #[test]
