@@ -10,7 +10,8 @@ use lanyard_core::SpiffeId;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::attestor::UnixAttestor;
+use crate::attestor::CombinedAttestor;
+use crate::attestor::k8s::K8sSetupError;
 use crate::config::AgentConfig;
 use crate::manager::{Manager, ManagerError, ManagerHandle, system_clock};
 use crate::workload::{ServeError, StreamStopper, WorkloadApi, bind_socket, server_builder};
@@ -25,6 +26,9 @@ pub enum AgentError {
     /// The Workload API socket could not be served.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// A workload attestor could not be set up.
+    #[error(transparent)]
+    WorkloadAttestor(#[from] K8sSetupError),
 }
 
 /// A running agent.
@@ -51,10 +55,11 @@ impl Agent {
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "could not raise the open files limit"),
         }
+        // Before attesting the node: a workload attestor that cannot work stops the agent.
+        let attestor = Arc::new(CombinedAttestor::new(&config.workload_attestor)?);
         let manager = Manager::start(config.clone(), system_clock())
             .await
             .map_err(|e| AgentError::Manager(Arc::new(e)))?;
-        let attestor = Arc::new(UnixAttestor::new(&config.workload_attestor.unix));
         let api = WorkloadApi::new(manager.snapshots(), manager.jwt_minter(), attestor)
             .with_usage(manager.usage())
             .with_limits(config.workload_api.clone());

@@ -12,6 +12,12 @@
 //! time (`/proc/<pid>/stat` field 22): the time read when the connection was accepted, before
 //! collecting and after collecting must all agree, and the process's effective UID and GID
 //! must still be the ones the kernel reported for the connection.
+//!
+//! [`CombinedAttestor`] is what the agent runs: the Unix attestor always, and each attestor
+//! configured under `[workload_attestor]` ([`k8s::K8sAttestor`]), the caller's selectors being
+//! the union of theirs. A new workload attestor implements [`WorkloadAttestor`], pins the PID
+//! the same way around whatever it looks up, and joins `CombinedAttestor::new` with its
+//! config table.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,7 +28,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use lanyard_core::{Selector, SelectorSet};
 
-use crate::config::UnixAttestorConfig;
+use crate::config::{UnixAttestorConfig, WorkloadAttestorConfig};
+
+pub mod k8s;
+
+use self::k8s::{K8sAttestError, K8sAttestor, K8sSetupError};
 
 /// The selector type the Unix attestor produces.
 pub const UNIX_SELECTOR_TYPE: &str = "unix";
@@ -126,6 +136,9 @@ pub enum AttestError {
     /// The attestation task failed to run to completion.
     #[error("attestation task failed: {0}")]
     Task(String),
+    /// The k8s attestor found the caller in a pod but could not attest it.
+    #[error("kubernetes: {0}")]
+    Kubernetes(#[from] K8sAttestError),
 }
 
 impl AttestError {
@@ -142,12 +155,48 @@ impl AttestError {
     }
 }
 
-/// Finds the selectors of a Workload API caller. Implementations: [`UnixAttestor`]; tests
-/// and later Kubernetes or Docker attestors plug in here.
+/// Finds the selectors of a Workload API caller. Implementations: [`UnixAttestor`],
+/// [`K8sAttestor`], and [`CombinedAttestor`], which runs the configured ones.
 #[tonic::async_trait]
 pub trait WorkloadAttestor: Send + Sync + 'static {
     /// The selectors of the process behind `peer`.
     async fn attest(&self, peer: &PeerCredentials) -> Result<SelectorSet, AttestError>;
+}
+
+/// The agent's workload attestors: Unix always, k8s when `[workload_attestor.k8s]` is set.
+/// A caller's selectors are the union of theirs; if one fails, attestation fails.
+#[derive(Debug, Clone)]
+pub struct CombinedAttestor {
+    unix: UnixAttestor,
+    k8s: Option<K8sAttestor>,
+}
+
+impl CombinedAttestor {
+    /// The attestors `config` asks for, on this host's `/proc`. Fails when the k8s attestor's
+    /// CA or token cannot be read.
+    pub fn new(config: &WorkloadAttestorConfig) -> Result<Self, K8sSetupError> {
+        let k8s = config.k8s.as_ref().map(K8sAttestor::new).transpose()?;
+        Ok(Self::with_parts(UnixAttestor::new(&config.unix), k8s))
+    }
+
+    /// These attestors.
+    pub fn with_parts(unix: UnixAttestor, k8s: Option<K8sAttestor>) -> Self {
+        Self { unix, k8s }
+    }
+}
+
+#[tonic::async_trait]
+impl WorkloadAttestor for CombinedAttestor {
+    async fn attest(&self, peer: &PeerCredentials) -> Result<SelectorSet, AttestError> {
+        // Unix first: it is quick and refuses a reused PID before the kubelet is asked.
+        let mut selectors = self.unix.attest(peer).await?;
+        if let Some(k8s) = &self.k8s {
+            for selector in k8s.attest(peer).await? {
+                selectors.insert(selector);
+            }
+        }
+        Ok(selectors)
+    }
 }
 
 /// SPIRE's `unix` workload attestor, reading Linux's `/proc`.

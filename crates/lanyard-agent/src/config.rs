@@ -308,6 +308,231 @@ pub struct WorkloadAttestorConfig {
     /// The Unix attestor (always on; this table tunes it).
     #[serde(default)]
     pub unix: UnixAttestorConfig,
+    /// SPIRE's `k8s` attestor: pod and container selectors from the kubelet, for callers
+    /// whose cgroups place them in a pod. Off when the table is absent.
+    #[serde(default)]
+    pub k8s: Option<K8sAttestorConfig>,
+}
+
+impl WorkloadAttestorConfig {
+    /// Checks the attestors' settings.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        match &self.k8s {
+            Some(k8s) => k8s.check(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The kubelet's HTTPS port, where SPIRE's agent asks for `/pods` by default.
+pub const DEFAULT_KUBELET_SECURE_PORT: u16 = 10250;
+/// The cluster CA that a pod sees, which SPIRE's agent verifies the kubelet against.
+pub const DEFAULT_KUBELET_CA_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+/// The pod's service account token, which SPIRE's agent presents to the kubelet.
+pub const DEFAULT_KUBELET_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+/// The environment variable holding the node name (set from the downward API).
+pub const DEFAULT_NODE_NAME_ENV: &str = "MY_NODE_NAME";
+/// How many times the pod list is searched for a caller's container before giving up.
+pub const DEFAULT_MAX_POLL_ATTEMPTS: u32 = 60;
+/// The time between two searches, and the least time between two kubelet requests.
+pub const DEFAULT_POLL_RETRY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// k8s workload attestor settings, with SPIRE's names. `kubelet_host` is Lanyard's own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sAttestorConfig {
+    /// The kubelet's HTTPS port (default 10250).
+    #[serde(default)]
+    pub kubelet_secure_port: Option<u16>,
+    /// The kubelet's read-only HTTP port, reached on 127.0.0.1 without credentials; 0 or
+    /// absent: not used. Excludes `kubelet_secure_port`.
+    #[serde(default)]
+    pub kubelet_read_only_port: Option<u16>,
+    /// The host to reach the kubelet's secure port on, and the name its certificate must
+    /// carry. Default as in SPIRE: the node name, or 127.0.0.1 when there is none (and then
+    /// the certificate's chain is verified but not its name).
+    #[serde(default)]
+    pub kubelet_host: Option<String>,
+    /// Accept any certificate from the kubelet. Insecure: whoever answers on the kubelet's
+    /// address gets the token and decides every pod's selectors.
+    #[serde(default)]
+    pub skip_kubelet_verification: bool,
+    /// CA certificates (PEM) to verify the kubelet's certificate with, read at every request.
+    #[serde(default = "default_kubelet_ca_path")]
+    pub kubelet_ca_path: PathBuf,
+    /// The bearer token for the kubelet, read at every request (projected tokens rotate).
+    #[serde(default = "default_kubelet_token_path")]
+    pub token_path: PathBuf,
+    /// The environment variable holding the node name.
+    #[serde(default = "default_node_name_env")]
+    pub node_name_env: String,
+    /// The node name; takes precedence over `node_name_env`.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// How many times the pod list is searched for the caller's container (a container just
+    /// started may not be in it yet) before attestation fails.
+    #[serde(default = "default_max_poll_attempts")]
+    pub max_poll_attempts: u32,
+    /// The time between searches; also how long a pod list is reused, and the least time
+    /// between two requests to the kubelet, however many callers wait.
+    #[serde(default = "default_poll_retry_interval", with = "duration")]
+    pub poll_retry_interval: Duration,
+    /// Leave out the container selectors (`container-name`, `container-image`), and attest
+    /// with the pod's alone even before the caller's container shows in the pod's status.
+    #[serde(default)]
+    pub disable_container_selectors: bool,
+}
+
+impl Default for K8sAttestorConfig {
+    fn default() -> Self {
+        Self {
+            kubelet_secure_port: None,
+            kubelet_read_only_port: None,
+            kubelet_host: None,
+            skip_kubelet_verification: false,
+            kubelet_ca_path: default_kubelet_ca_path(),
+            token_path: default_kubelet_token_path(),
+            node_name_env: default_node_name_env(),
+            node_name: None,
+            max_poll_attempts: DEFAULT_MAX_POLL_ATTEMPTS,
+            poll_retry_interval: DEFAULT_POLL_RETRY_INTERVAL,
+            disable_container_selectors: false,
+        }
+    }
+}
+
+/// Where and how the k8s attestor asks the kubelet for its pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubeletEndpoint {
+    /// HTTPS with the bearer token from `token_path`.
+    Secure {
+        /// The host connected to.
+        host: String,
+        /// The port.
+        port: u16,
+        /// What the certificate is checked against.
+        verification: KubeletVerification,
+    },
+    /// Plain HTTP to 127.0.0.1 without credentials (the read-only port).
+    ReadOnly {
+        /// The port.
+        port: u16,
+    },
+}
+
+/// How the kubelet's certificate is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubeletVerification {
+    /// Chained to `kubelet_ca_path` and valid for this name (DNS name or IP address).
+    ChainAndName(String),
+    /// Chained to `kubelet_ca_path`, whatever names it holds: SPIRE's rule when it reaches
+    /// the kubelet on 127.0.0.1 for want of a node name.
+    ChainOnly,
+    /// Not checked (`skip_kubelet_verification`).
+    Skip,
+}
+
+impl K8sAttestorConfig {
+    /// Checks values that parse but cannot work.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.kubelet_secure_port == Some(0) {
+            return invalid(
+                "workload_attestor.k8s.kubelet_secure_port",
+                "must be greater than zero",
+            );
+        }
+        if self.read_only_port().is_some() {
+            if self.kubelet_secure_port.is_some() {
+                return invalid(
+                    "workload_attestor.k8s.kubelet_read_only_port",
+                    "cannot be used with kubelet_secure_port",
+                );
+            }
+            if self.kubelet_host.is_some() {
+                return invalid(
+                    "workload_attestor.k8s.kubelet_host",
+                    "applies to the secure port; the read-only port is only reached on 127.0.0.1",
+                );
+            }
+        }
+        if let Some(host) = &self.kubelet_host
+            && let Err(reason) = check_host(host)
+        {
+            return invalid("workload_attestor.k8s.kubelet_host", &reason);
+        }
+        if let Some(node_name) = &self.node_name
+            && let Err(reason) = check_host(node_name)
+        {
+            return invalid("workload_attestor.k8s.node_name", &reason);
+        }
+        if self.node_name_env.is_empty() {
+            return invalid("workload_attestor.k8s.node_name_env", "cannot be empty");
+        }
+        if self.max_poll_attempts == 0 {
+            return invalid(
+                "workload_attestor.k8s.max_poll_attempts",
+                "must be greater than zero",
+            );
+        }
+        if self.poll_retry_interval.is_zero() {
+            return invalid(
+                "workload_attestor.k8s.poll_retry_interval",
+                "must be greater than zero",
+            );
+        }
+        Ok(())
+    }
+
+    fn read_only_port(&self) -> Option<u16> {
+        self.kubelet_read_only_port.filter(|port| *port > 0)
+    }
+
+    /// The node name: `node_name`, or else the value of the variable `node_name_env` names,
+    /// looked up with `env` (empty counts as unset).
+    pub fn resolve_node_name(&self, env: impl Fn(&str) -> Option<String>) -> Option<String> {
+        self.node_name
+            .clone()
+            .or_else(|| env(&self.node_name_env))
+            .filter(|name| !name.is_empty())
+    }
+
+    /// Where the kubelet is asked, as SPIRE's agent decides it: the read-only port on
+    /// 127.0.0.1 when set; otherwise HTTPS on the secure port of `kubelet_host`, or of the
+    /// node name, or of 127.0.0.1; the certificate must name the host connected to, except on
+    /// the 127.0.0.1 fallback, where only its chain is verified.
+    pub fn kubelet_endpoint(&self, node_name: Option<&str>) -> KubeletEndpoint {
+        if let Some(port) = self.read_only_port() {
+            return KubeletEndpoint::ReadOnly { port };
+        }
+        let port = self
+            .kubelet_secure_port
+            .unwrap_or(DEFAULT_KUBELET_SECURE_PORT);
+        let named = self.kubelet_host.as_deref().or(node_name);
+        let verification = match (self.skip_kubelet_verification, named) {
+            (true, _) => KubeletVerification::Skip,
+            (false, Some(host)) => KubeletVerification::ChainAndName(host.to_owned()),
+            (false, None) => KubeletVerification::ChainOnly,
+        };
+        KubeletEndpoint::Secure {
+            host: named.unwrap_or("127.0.0.1").to_owned(),
+            port,
+            verification,
+        }
+    }
+}
+
+/// A host the kubelet can be reached on and its certificate checked against: a DNS name or
+/// an IP address.
+pub fn check_host(host: &str) -> Result<(), String> {
+    rustls::pki_types::ServerName::try_from(host)
+        .map(|_| ())
+        .map_err(|_| format!("{host:?} is not a DNS name or an IP address"))
 }
 
 /// Unix workload attestor settings.
@@ -415,6 +640,7 @@ impl AgentConfig {
             });
         }
         self.workload_api.check()?;
+        self.workload_attestor.check()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid {
                 key: "log_format",
@@ -451,6 +677,21 @@ fn default_requests_per_second_per_uid() -> u32 {
 }
 fn default_request_burst_per_uid() -> u32 {
     DEFAULT_REQUEST_BURST_PER_UID
+}
+fn default_kubelet_ca_path() -> PathBuf {
+    PathBuf::from(DEFAULT_KUBELET_CA_PATH)
+}
+fn default_kubelet_token_path() -> PathBuf {
+    PathBuf::from(DEFAULT_KUBELET_TOKEN_PATH)
+}
+fn default_node_name_env() -> String {
+    DEFAULT_NODE_NAME_ENV.to_owned()
+}
+fn default_max_poll_attempts() -> u32 {
+    DEFAULT_MAX_POLL_ATTEMPTS
+}
+fn default_poll_retry_interval() -> Duration {
+    DEFAULT_POLL_RETRY_INTERVAL
 }
 fn default_log_level() -> String {
     "info".to_owned()
@@ -519,6 +760,160 @@ mod tests {
     }
 
     #[test]
+    fn k8s_workload_attestor_in_spire_terms() {
+        let base = "server_address = \"a:1\"\ntrust_domain = \"td\"\ndata_dir = \"/d\"\n";
+        assert!(
+            AgentConfig::parse(base)
+                .unwrap()
+                .workload_attestor
+                .k8s
+                .is_none(),
+            "off unless configured"
+        );
+        let c = AgentConfig::parse(&format!("{base}[workload_attestor.k8s]\n")).unwrap();
+        let k8s = c.workload_attestor.k8s.expect("k8s on");
+        assert_eq!(k8s.kubelet_secure_port, None);
+        assert_eq!(k8s.read_only_port(), None);
+        assert!(!k8s.skip_kubelet_verification);
+        assert_eq!(k8s.kubelet_ca_path, Path::new(DEFAULT_KUBELET_CA_PATH));
+        assert_eq!(k8s.token_path, Path::new(DEFAULT_KUBELET_TOKEN_PATH));
+        assert_eq!(k8s.node_name_env, "MY_NODE_NAME");
+        assert_eq!(k8s.max_poll_attempts, 60);
+        assert_eq!(k8s.poll_retry_interval, Duration::from_millis(500));
+        assert!(!k8s.disable_container_selectors);
+
+        let c = AgentConfig::parse(&format!(
+            "{base}[workload_attestor.k8s]\nkubelet_secure_port = 11250\n\
+             kubelet_host = \"127.0.0.1\"\nkubelet_ca_path = \"/t/ca.pem\"\n\
+             token_path = \"/t/token\"\nnode_name = \"node-a\"\nnode_name_env = \"NODE\"\n\
+             max_poll_attempts = 3\npoll_retry_interval = \"20ms\"\n\
+             disable_container_selectors = true\nskip_kubelet_verification = false\n"
+        ))
+        .unwrap();
+        let k8s = c.workload_attestor.k8s.unwrap();
+        assert_eq!(k8s.kubelet_ca_path, Path::new("/t/ca.pem"));
+        assert_eq!(k8s.token_path, Path::new("/t/token"));
+        assert_eq!(k8s.max_poll_attempts, 3);
+        assert_eq!(k8s.poll_retry_interval, Duration::from_millis(20));
+        assert!(k8s.disable_container_selectors);
+        assert_eq!(
+            k8s.resolve_node_name(|_| Some("from-env".into()))
+                .as_deref(),
+            Some("node-a"),
+            "node_name wins over the environment"
+        );
+        assert_eq!(
+            k8s.kubelet_endpoint(Some("node-a")),
+            KubeletEndpoint::Secure {
+                host: "127.0.0.1".into(),
+                port: 11250,
+                verification: KubeletVerification::ChainAndName("127.0.0.1".into()),
+            }
+        );
+
+        for (lines, key, says) in [
+            (
+                "kubelet_secure_port = 0",
+                "kubelet_secure_port",
+                "greater than zero",
+            ),
+            (
+                "kubelet_secure_port = 10250\nkubelet_read_only_port = 10255",
+                "kubelet_read_only_port",
+                "cannot be used with kubelet_secure_port",
+            ),
+            (
+                "kubelet_read_only_port = 10255\nkubelet_host = \"node-a\"",
+                "kubelet_host",
+                "127.0.0.1",
+            ),
+            ("kubelet_host = \"\"", "kubelet_host", "not a DNS name"),
+            ("kubelet_host = \"a b\"", "kubelet_host", "not a DNS name"),
+            ("node_name = \"no/de\"", "node_name", "not a DNS name"),
+            ("node_name_env = \"\"", "node_name_env", "cannot be empty"),
+            (
+                "max_poll_attempts = 0",
+                "max_poll_attempts",
+                "greater than zero",
+            ),
+            (
+                "poll_retry_interval = \"0s\"",
+                "poll_retry_interval",
+                "greater than zero",
+            ),
+            (
+                "poll_retry_interval = \"soon\"",
+                "poll_retry_interval",
+                "not a duration",
+            ),
+            ("kubelet_secure_port = 70000", "kubelet_secure_port", ""),
+            ("kubelet_port = 10250", "kubelet_port", "unknown field"),
+        ] {
+            let err = AgentConfig::parse(&format!("{base}[workload_attestor.k8s]\n{lines}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(says), "{lines}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_kubelet_is_reached_as_spire_reaches_it() {
+        let config = K8sAttestorConfig::default();
+        // No node name: 127.0.0.1, the chain verified but not the name.
+        assert_eq!(
+            config.kubelet_endpoint(None),
+            KubeletEndpoint::Secure {
+                host: "127.0.0.1".into(),
+                port: 10250,
+                verification: KubeletVerification::ChainOnly,
+            }
+        );
+        // The node name is the host and the name its certificate must hold.
+        let env = |name: &str| (name == "MY_NODE_NAME").then(|| "node-a".to_owned());
+        let node = config.resolve_node_name(env);
+        assert_eq!(node.as_deref(), Some("node-a"));
+        assert_eq!(
+            config.kubelet_endpoint(node.as_deref()),
+            KubeletEndpoint::Secure {
+                host: "node-a".into(),
+                port: 10250,
+                verification: KubeletVerification::ChainAndName("node-a".into()),
+            }
+        );
+        assert_eq!(config.resolve_node_name(|_| Some(String::new())), None);
+        let skip = K8sAttestorConfig {
+            skip_kubelet_verification: true,
+            ..K8sAttestorConfig::default()
+        };
+        assert_eq!(
+            skip.kubelet_endpoint(Some("node-a")),
+            KubeletEndpoint::Secure {
+                host: "node-a".into(),
+                port: 10250,
+                verification: KubeletVerification::Skip,
+            }
+        );
+        let read_only = K8sAttestorConfig {
+            kubelet_read_only_port: Some(10255),
+            ..K8sAttestorConfig::default()
+        };
+        assert_eq!(
+            read_only.kubelet_endpoint(Some("node-a")),
+            KubeletEndpoint::ReadOnly { port: 10255 }
+        );
+        // 0 means the read-only port is not used.
+        let zero = K8sAttestorConfig {
+            kubelet_read_only_port: Some(0),
+            ..K8sAttestorConfig::default()
+        };
+        assert!(matches!(
+            zero.kubelet_endpoint(None),
+            KubeletEndpoint::Secure { port: 10250, .. }
+        ));
+        zero.check().unwrap();
+    }
+
+    #[test]
     fn sample_parses() {
         let c = AgentConfig::parse(
             r#"
@@ -567,6 +962,34 @@ mod tests {
             psat.token_path,
             std::path::Path::new("/var/run/secrets/tokens/lanyard-agent")
         );
+
+        // The k8s workload attestor asks the kubelet at the node name the DaemonSet sets from
+        // the downward API, with the service account token and CA mounted by default.
+        let k8s = c.workload_attestor.k8s.as_ref().expect("k8s attestor on");
+        let daemon_set = include_str!("../../../deploy/kubernetes/agent.yaml");
+        let env_block = format!(
+            "- name: {}\n              valueFrom:\n                fieldRef:\n                  \
+             fieldPath: spec.nodeName\n",
+            k8s.node_name_env
+        );
+        assert!(
+            daemon_set.contains(&env_block),
+            "agent.yaml does not set {} from spec.nodeName",
+            k8s.node_name_env
+        );
+        assert!(!daemon_set.contains("automountServiceAccountToken: false"));
+        assert_eq!(k8s.token_path, Path::new(DEFAULT_KUBELET_TOKEN_PATH));
+        assert_eq!(k8s.kubelet_ca_path, Path::new(DEFAULT_KUBELET_CA_PATH));
+        assert!(!k8s.skip_kubelet_verification);
+        let node = k8s.resolve_node_name(|name| (name == "MY_NODE_NAME").then(|| "node-a".into()));
+        assert_eq!(
+            k8s.kubelet_endpoint(node.as_deref()),
+            KubeletEndpoint::Secure {
+                host: "node-a".into(),
+                port: 10250,
+                verification: KubeletVerification::ChainAndName("node-a".into()),
+            }
+        );
     }
 
     #[test]
@@ -591,6 +1014,48 @@ mod tests {
             defaults.requests_per_second_per_uid
         );
         assert_eq!(limits.request_burst_per_uid, defaults.request_burst_per_uid);
+    }
+
+    #[test]
+    fn the_shipped_k8s_example_states_the_defaults() {
+        let example = include_str!("../../../deploy/agent.toml");
+        let block: String = example
+            .lines()
+            .skip_while(|line| *line != "# [workload_attestor.k8s]")
+            .take_while(|line| line.starts_with('#'))
+            .map(|line| format!("{}\n", line.trim_start_matches('#').trim_start()))
+            .collect();
+        assert!(block.starts_with("[workload_attestor.k8s]\n"), "{block}");
+        let base = "server_address = \"a:1\"\ntrust_domain = \"td\"\ndata_dir = \"/d\"\n";
+        let k8s = AgentConfig::parse(&format!("{base}{block}"))
+            .unwrap()
+            .workload_attestor
+            .k8s
+            .unwrap();
+        let defaults = K8sAttestorConfig::default();
+        assert_eq!(k8s.kubelet_host.as_deref(), Some("node-a"));
+        assert_eq!(k8s.node_name.as_deref(), Some("node-a"));
+        let without_host = K8sAttestorConfig {
+            kubelet_host: None,
+            ..k8s.clone()
+        };
+        assert_eq!(
+            without_host.kubelet_endpoint(None),
+            defaults.kubelet_endpoint(None)
+        );
+        assert_eq!(
+            k8s.skip_kubelet_verification,
+            defaults.skip_kubelet_verification
+        );
+        assert_eq!(k8s.kubelet_ca_path, defaults.kubelet_ca_path);
+        assert_eq!(k8s.token_path, defaults.token_path);
+        assert_eq!(k8s.node_name_env, defaults.node_name_env);
+        assert_eq!(k8s.max_poll_attempts, defaults.max_poll_attempts);
+        assert_eq!(k8s.poll_retry_interval, defaults.poll_retry_interval);
+        assert_eq!(
+            k8s.disable_container_selectors,
+            defaults.disable_container_selectors
+        );
     }
 
     #[test]

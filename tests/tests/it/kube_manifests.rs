@@ -156,7 +156,10 @@ fn kube_manifests_pass_a_strict_dry_run_and_grant_what_the_pods_need() {
             "clusterspiffeids",
             false,
         ),
-        (&agent, "get", "", "nodes/proxy", true),
+        (&agent, "get", "", "nodes/pods", true),
+        // The kubelet's exec and attach: never the agent's.
+        (&agent, "get", "", "nodes/proxy", false),
+        (&agent, "create", "", "nodes/proxy", false),
         (&agent, "get", "", "pods", true),
         (
             &agent,

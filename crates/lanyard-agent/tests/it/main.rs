@@ -3,6 +3,7 @@
 // Test modules are private; `pub` in them means "shared with the other test modules".
 #![allow(unreachable_pub)]
 
+mod k8s_attestor;
 mod manager;
 #[path = "../../../lanyard-server/tests/it/pg.rs"]
 mod pg;
