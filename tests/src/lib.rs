@@ -55,6 +55,7 @@ use serde_json::Value;
 
 pub mod controller_manager;
 pub mod kube;
+pub mod kubelet;
 pub mod spire;
 pub mod toolchain;
 
@@ -1343,7 +1344,8 @@ impl Agent {
     }
 }
 
-pub(crate) fn parse_fetch(output: CliOutput) -> Result<Vec<FetchedSvid>, CliOutput> {
+/// The SVIDs that `lanyard fetch x509 --output json` printed, or the command if it failed.
+pub fn parse_fetch(output: CliOutput) -> Result<Vec<FetchedSvid>, CliOutput> {
     if !output.success() {
         return Err(output);
     }

@@ -7,12 +7,21 @@
 //! that are not the controller's are left alone.
 
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
+use lanyard_core::x509::verify_svid_chain;
 use lanyard_e2e::controller_manager::RunningControllerManager;
-use lanyard_e2e::{TestDir, poll, spiffe_id, toml_string, workspace_root};
+use lanyard_e2e::kubelet::{FakeKubelet, PodCgroup, running_pod};
+use lanyard_e2e::spire::{SPIRE_TIMEOUT, SpireAgent, SpireAttestation, spire_or_skip};
+use lanyard_e2e::{
+    Agent, CliOutput, TestDir, current_uid, parse_fetch, poll, spiffe_id, toml_string,
+    trust_domain, uid_selector, workspace_root,
+};
 use serde_json::{Value, json};
 
-use crate::k8s_psat::{CLUSTER, NODE, SERVER_NAMESPACE, Testbed};
+use crate::k8s_psat::{
+    AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, CLUSTER, NODE, SERVER_NAMESPACE, Testbed,
+};
 
 /// The namespace of the workloads the controller registers.
 const WORKLOAD_NAMESPACE: &str = "apps";
@@ -56,14 +65,16 @@ struct ControllerBed {
 }
 
 impl ControllerBed {
-    fn start(test: &str) -> Option<Self> {
+    /// `extra_toml`: more top-level keys of the server's config.
+    fn start(test: &str, extra_toml: &str) -> Option<Self> {
         let sockets = TestDir::new();
         let controller_socket = sockets.join("controller").join("api.sock");
         let baseline = workspace_root().join("deploy/policy/baseline.rego");
         let bed = Testbed::start(
             test,
             &format!(
-                "[[admin_socket]]\n\
+                "{extra_toml}\n\
+                 [[admin_socket]]\n\
                  name = \"spire-controller-manager\"\n\
                  path = {}\n\
                  owner = {}\n\
@@ -169,6 +180,7 @@ fn selectors_of(entry: &Value) -> Vec<String> {
 fn k8s_controller_manager_registers_pods_and_static_entries_under_the_baseline() {
     let Some(mut cb) = ControllerBed::start(
         "k8s_controller_manager_registers_pods_and_static_entries_under_the_baseline",
+        "",
     ) else {
         return;
     };
@@ -317,4 +329,182 @@ fn k8s_controller_manager_registers_pods_and_static_entries_under_the_baseline()
         audit.contains("via admin socket spire-controller-manager"),
         "the audit log names the controller's socket"
     );
+}
+
+/// The ClusterSPIFFEID `web`: pods labelled `app=web` get `…/ns/<ns>/sa/<sa>`, selected by
+/// pod UID (always) and namespace.
+fn apply_web_cluster_spiffeid(cb: &ControllerBed) {
+    cb.bed.cluster.apply(&json!({
+        "apiVersion": "spire.spiffe.io/v1alpha1",
+        "kind": "ClusterSPIFFEID",
+        "metadata": {"name": "web"},
+        "spec": {
+            "spiffeIDTemplate":
+                "spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Namespace }}/sa/{{ .PodSpec.ServiceAccountName }}",
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "workloadSelectorTemplates": ["k8s:ns:{{ .PodMeta.Namespace }}"],
+            "ttl": "1h",
+        },
+    }));
+}
+
+/// The containerd ID of the web pod's container.
+const WEB_CONTAINER_ID: &str = "4f1c2d3e5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d";
+
+#[test]
+fn k8s_end_to_end_a_pod_workload_gets_its_cluster_spiffeid_svid_and_a_deleted_agent_pod_cannot_reattest()
+ {
+    let test = "k8s_end_to_end_a_pod_workload_gets_its_cluster_spiffeid_svid_and_a_deleted_agent_pod_cannot_reattest";
+    if spire_or_skip(test).is_none() {
+        return;
+    }
+    // A short agent SVID: agents attested by k8s_psat attest again at half its life.
+    let Some(mut cb) = ControllerBed::start(test, "agent_ttl = \"20s\"") else {
+        return;
+    };
+    apply_web_cluster_spiffeid(&cb);
+
+    // The workload's pod, scheduled on the Lanyard agent's node, and the entry the
+    // controller makes for it.
+    cb.bed.cluster.create_namespace(WORKLOAD_NAMESPACE);
+    cb.bed
+        .cluster
+        .create_service_account(WORKLOAD_NAMESPACE, "web");
+    let pod =
+        cb.bed
+            .cluster
+            .create_pod(WORKLOAD_NAMESPACE, "web-1", "web", NODE, &[("app", "web")]);
+    let pod_uid = pod["metadata"]["uid"].as_str().expect("pod uid").to_owned();
+    let web_id = spiffe_id(&format!("/ns/{WORKLOAD_NAMESPACE}/sa/web"));
+    cb.wait_for_entry(&web_id);
+
+    // The node's kubelet lists the pod with its container running; the workload process is
+    // in that container's cgroup.
+    let kubelet = FakeKubelet::start(&cb.bed.dir.join("kubelet"));
+    let listed = cb.bed.cluster.get(&format!(
+        "/api/v1/namespaces/{WORKLOAD_NAMESPACE}/pods/web-1"
+    ));
+    kubelet.set_pods(vec![running_pod(&listed, WEB_CONTAINER_ID)]);
+    let cgroup = PodCgroup::new(&pod_uid, WEB_CONTAINER_ID);
+
+    // A Lanyard agent attested by k8s_psat from its own pod, attesting workloads by pod.
+    let (_, agent_token) =
+        cb.bed
+            .pod_with_token("lanyard-agent-0", AGENT_SERVICE_ACCOUNT, &["spire-server"]);
+    let mut agent = Agent::start_with(
+        &cb.bed.dir.join("agent"),
+        &cb.bed.server,
+        None,
+        &format!(
+            "{}{}",
+            Testbed::agent_toml(&agent_token),
+            kubelet.agent_toml()
+        ),
+    );
+
+    // The workload in the pod gets the SVID of the controller's entry.
+    let svid = poll(
+        "the pod's workload to get its SVID",
+        RECONCILE_TIMEOUT,
+        || {
+            let mut fetch = agent.workload_command(None);
+            fetch
+                .args(["fetch", "x509", "--output", "json", "--socket"])
+                .arg(agent.socket_path());
+            let output = CliOutput::run(&mut cgroup.wrap(&fetch));
+            match parse_fetch(output) {
+                Ok(svids) => svids
+                    .into_iter()
+                    .find(|svid| svid.spiffe_id == web_id)
+                    .ok_or_else(|| "no web SVID yet".to_owned()),
+                Err(output) => Err(format!("{output}\n{}", agent.log_tail())),
+            }
+        },
+    );
+    verify_svid_chain(
+        &svid.chain,
+        &trust_domain(),
+        &cb.bed.server.bundle_der(),
+        SystemTime::now(),
+    )
+    .unwrap_or_else(|e| panic!("the SVID does not verify: {e}"));
+    assert!(kubelet.requests() > 0, "the agent asked the kubelet");
+    // The same program outside the pod gets nothing of the pod's.
+    let outside = agent.fetch_x509().unwrap_or_default();
+    assert!(
+        outside.iter().all(|svid| svid.spiffe_id != web_id),
+        "a process outside the pod got its SVID"
+    );
+
+    // spire-agent on another node, attested by k8s_psat from its own pod, serves an entry
+    // the controller keeps from a ClusterStaticEntry under its agent ID.
+    let node2 = cb.bed.cluster.create_node("node-2", &[]);
+    let node2_agent = spiffe_id(&format!(
+        "/spire/agent/k8s_psat/{CLUSTER}/{}",
+        node2["metadata"]["uid"].as_str().expect("node uid")
+    ));
+    let spire_pod = cb.bed.cluster.create_pod(
+        AGENT_NAMESPACE,
+        "spire-agent-0",
+        AGENT_SERVICE_ACCOUNT,
+        "node-2",
+        &[("app", "spire-agent")],
+    );
+    let spire_token_path = cb.bed.dir.join("spire-agent.token");
+    std::fs::write(
+        &spire_token_path,
+        cb.bed.cluster.request_token(
+            AGENT_NAMESPACE,
+            AGENT_SERVICE_ACCOUNT,
+            &["spire-server"],
+            Some(&spire_pod),
+        ),
+    )
+    .expect("writing the token");
+    let static_id = spiffe_id("/static/node-2-tool");
+    cb.bed.cluster.apply(&json!({
+        "apiVersion": "spire.spiffe.io/v1alpha1",
+        "kind": "ClusterStaticEntry",
+        "metadata": {"name": "node-2-tool"},
+        "spec": {
+            "spiffeID": static_id,
+            "parentID": node2_agent,
+            "selectors": [uid_selector(current_uid())],
+        },
+    }));
+    cb.wait_for_entry(&static_id);
+    let mut spire_agent = SpireAgent::start_with(
+        &cb.bed.dir.join("spire-agent"),
+        &cb.bed.server.address(),
+        &cb.bed.server.bundle_pem(),
+        SpireAttestation::K8sPsat {
+            cluster: CLUSTER,
+            token_path: &spire_token_path,
+        },
+    );
+    spire_agent.wait_for_x509(&static_id);
+    assert!(cb.bed.server.agent_ids().contains(&node2_agent));
+
+    // The Lanyard agent's pod is deleted: its token dies with it, and its next attestation
+    // is refused, with the reason.
+    cb.bed
+        .cluster
+        .delete_pod(AGENT_NAMESPACE, "lanyard-agent-0");
+    poll(
+        "the Lanyard agent's re-attestation to be refused",
+        SPIRE_TIMEOUT,
+        || {
+            let log = agent.process().log();
+            let refused = log.lines().any(|line| {
+                line.contains("agent SVID rotation failed")
+                    && (line.contains("invalidated") || line.contains("no longer exists"))
+            });
+            if refused {
+                Ok(())
+            } else {
+                Err(agent.log_tail())
+            }
+        },
+    );
+    drop(cgroup);
 }
