@@ -56,6 +56,7 @@ use serde_json::Value;
 pub mod controller_manager;
 pub mod kube;
 pub mod kubelet;
+pub mod nginx;
 pub mod spire;
 pub mod toolchain;
 
@@ -329,6 +330,23 @@ pub fn current_gid() -> u32 {
 /// Whether this process can run children under other uids.
 pub fn running_as_root() -> bool {
     current_uid() == 0
+}
+
+/// `apt-get <args>` (noninteractive), waiting up to ten minutes for another installation's
+/// dpkg lock rather than failing at once.
+pub fn apt_get(args: &[&str]) -> Result<(), String> {
+    let status = Command::new("apt-get")
+        .args(["-o", "DPkg::Lock::Timeout=600"])
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run apt-get: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("apt-get {} failed: {status}", args.join(" ")))
+    }
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago: bound, read and closed. A server

@@ -9,6 +9,7 @@ mod go_spiffe;
 mod grants;
 mod ha;
 mod ha_dns;
+mod helper;
 mod identities;
 mod java_spiffe;
 mod k8s_controller;

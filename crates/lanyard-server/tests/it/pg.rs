@@ -262,6 +262,8 @@ fn binaries() -> Result<PathBuf, String> {
         &["install", "-y", "--no-install-recommends", "postgresql"][..],
     ] {
         let status = Command::new("apt-get")
+            // Another installation (nginx for the end-to-end tests) may hold dpkg's lock.
+            .args(["-o", "DPkg::Lock::Timeout=600"])
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()

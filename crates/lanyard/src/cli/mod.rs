@@ -13,6 +13,7 @@ mod exception;
 mod files;
 mod grant;
 mod health;
+mod helper;
 mod logging;
 mod output;
 mod parse;
@@ -72,6 +73,9 @@ pub(crate) enum Command {
     Validate(workload::ValidateCommand),
     /// Print every X.509-SVID rotation the agent pushes, until Ctrl-C.
     Watch(workload::WatchArgs),
+    /// Keep this process's SVIDs written as files for software that speaks no SPIFFE, and
+    /// tell it when they change (spiffe-helper's job).
+    Helper(helper::HelperArgs),
     /// Run a server and an agent in this process and register the current user: the
     /// one-command tour.
     Dev(dev::DevArgs),
@@ -118,6 +122,7 @@ impl Command {
             Self::Plan(_) => return "plan".to_owned(),
             Self::Apply(_) => return "apply".to_owned(),
             Self::Watch(_) => return "watch".to_owned(),
+            Self::Helper(_) => return "helper".to_owned(),
             Self::Dev(_) => return "dev".to_owned(),
         };
         format!("{group} {leaf}")
@@ -139,6 +144,7 @@ impl Command {
             Self::Fetch(command) => command.run(out).await,
             Self::Validate(command) => command.run(out).await,
             Self::Watch(args) => args.run(out).await,
+            Self::Helper(args) => helper::run(args, out).await,
             Self::Dev(args) => dev::run(args, out).await,
             Self::Policy(command) => command.run(out).await,
             Self::Audit(command) => command.run(out).await,

@@ -41,7 +41,7 @@ impl WorkloadSocketArgs {
         socket_path(&raw)
     }
 
-    async fn connect(&self) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
         let path = self.path()?;
         let channel = Endpoint::from_shared(format!("unix:{}", path.display()))
             .context("invalid socket path")?
@@ -69,7 +69,7 @@ fn socket_path(raw: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-fn with_header<T>(message: T) -> Request<T> {
+pub(crate) fn with_header<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
     request.metadata_mut().insert(
         "workload.spiffe.io",
@@ -78,7 +78,7 @@ fn with_header<T>(message: T) -> Request<T> {
     request
 }
 
-fn describe(status: &tonic::Status) -> anyhow::Error {
+pub(crate) fn describe(status: &tonic::Status) -> anyhow::Error {
     anyhow!("{:?}: {}", status.code(), status.message())
 }
 
@@ -320,7 +320,7 @@ pub(crate) async fn agent_healthcheck(
     }
 }
 
-async fn first_x509(socket: &WorkloadSocketArgs) -> anyhow::Result<X509svidResponse> {
+pub(crate) async fn first_x509(socket: &WorkloadSocketArgs) -> anyhow::Result<X509svidResponse> {
     let mut client = socket.connect().await?;
     let mut stream = client
         .fetch_x509svid(with_header(X509svidRequest {}))
@@ -335,7 +335,7 @@ async fn first_x509(socket: &WorkloadSocketArgs) -> anyhow::Result<X509svidRespo
 }
 
 /// Splits concatenated DER certificates.
-fn split_certificates(mut der: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+pub(crate) fn split_certificates(mut der: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     while !der.is_empty() {
         let len = der_len(der).ok_or_else(|| anyhow!("malformed certificate DER"))?;
@@ -370,7 +370,7 @@ fn first_certificate(der: &[u8]) -> Option<Vec<u8>> {
     split_certificates(der).ok()?.into_iter().next()
 }
 
-fn pem_certificates(der: &[u8]) -> anyhow::Result<String> {
+pub(crate) fn pem_certificates(der: &[u8]) -> anyhow::Result<String> {
     Ok(split_certificates(der)?
         .iter()
         .map(|c| pem_encode("CERTIFICATE", c))
