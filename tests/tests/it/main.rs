@@ -26,3 +26,4 @@ mod spiffe_client;
 mod spire_agent;
 mod spire_cli;
 mod spire_server;
+mod systemd;
