@@ -1,14 +1,100 @@
-//! The bundle endpoint of a real server process (`[federation.bundle_endpoint]`) with the
-//! `https_web` profile: served with a certificate chain from files that a test CA issued, the
-//! chain switched by replacing the files (no restart), a broken replacement logged and the
-//! old pair kept, and a key file others can read refused at start.
+//! The bundle endpoint of a real server process (`[federation.bundle_endpoint]`):
+//!
+//! - fetched by go-spiffe's `federation.FetchBundle` (the client SPIRE servers federate with,
+//!   through `tests/interop/go-spiffe`) with both profiles: `https_spiffe`, authenticating the
+//!   server's SVID as `spiffe://example.org/spire/server` against the trust domain's bundle
+//!   (and refusing another endpoint ID), and `https_web`;
+//! - with `https_web`: served with a certificate chain from files that a test CA issued, the
+//!   chain switched by replacing the files (no restart), a broken replacement logged and the
+//!   old pair kept, and a key file others can read refused at start.
+//!
+//! Without Go the go-spiffe checks fail and say how to install it, unless
+//! `LANYARD_E2E_SKIP_GO=1` (which skips only them).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use lanyard_e2e::https::{TestCa, first_der, https_get, replace_file, write_key_pair};
-use lanyard_e2e::{Server, TIMEOUT, TestDir, free_port, poll, toml_string, trust_domain};
+use lanyard_e2e::toolchain::{SKIP_GO_VAR, go_spiffe_client};
+use lanyard_e2e::{
+    CliOutput, Server, TIMEOUT, TestDir, free_port, pem_certificates, poll, spiffe_id, toml_string,
+    trust_domain,
+};
+use serde_json::Value;
+
+/// go-spiffe's `federation.FetchBundle` of `url` with `profile`, `auth_file` (the trust
+/// domain's bundle, or the Web PKI roots) and `endpoint_id`; `None` when Go tests are skipped.
+fn go_spiffe_fetch(
+    url: &str,
+    profile: &str,
+    auth_file: &Path,
+    endpoint_id: &str,
+) -> Option<CliOutput> {
+    if std::env::var_os(SKIP_GO_VAR).is_some_and(|value| value == "1") {
+        return None;
+    }
+    Some(CliOutput::run(
+        std::process::Command::new(go_spiffe_client())
+            .args(["federation", lanyard_e2e::TRUST_DOMAIN, url, profile])
+            .arg(auth_file)
+            .arg(endpoint_id),
+    ))
+}
+
+/// Checks what go-spiffe fetched against the server's own bundle.
+fn assert_go_spiffe_got(server: &Server, fetched: &CliOutput, refresh_hint_seconds: u64) {
+    let seen: Value = fetched.json();
+    let stored = server.spiffe_bundle();
+    assert_eq!(seen["sequence"], stored.sequence_number(), "{fetched}");
+    assert_eq!(
+        seen["refresh_hint_seconds"], refresh_hint_seconds,
+        "{fetched}"
+    );
+    let mut authorities = pem_certificates(seen["x509_authorities_pem"].as_str().unwrap());
+    let mut expected = server.bundle_der();
+    authorities.sort();
+    expected.sort();
+    assert_eq!(authorities, expected, "{fetched}");
+    let mut kids: Vec<&str> = seen["jwt_key_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|kid| kid.as_str().unwrap())
+        .collect();
+    kids.sort_unstable();
+    let mut expected: Vec<&str> = stored
+        .jwt_authorities()
+        .iter()
+        .map(|a| a.key_id())
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(kids, expected, "{fetched}");
+}
+
+#[test]
+fn go_spiffe_fetches_the_bundle_from_an_https_spiffe_bundle_endpoint() {
+    let dir = TestDir::new();
+    let port = free_port();
+    let server = Server::start_with(
+        &dir.join("server"),
+        &format!("[federation.bundle_endpoint]\naddress = \"127.0.0.1:{port}\"\n"),
+    );
+    // What a peer is given once, out of band: the trust domain's bundle.
+    let known = dir.join("example.org.json");
+    let bundle = server.cli(["bundle", "show", "--format", "spiffe"]);
+    std::fs::write(&known, bundle.expect_success()).unwrap();
+    let url = format!("https://127.0.0.1:{port}/");
+    let server_id = spiffe_id("/spire/server");
+    let Some(fetched) = go_spiffe_fetch(&url, "https_spiffe", &known, &server_id) else {
+        return;
+    };
+    assert_go_spiffe_got(&server, &fetched, 300);
+    // Another endpoint ID is refused: the client checks the SVID's ID, not just its chain.
+    let refused = go_spiffe_fetch(&url, "https_spiffe", &known, &spiffe_id("/elsewhere"))
+        .expect("not skipped");
+    assert!(!refused.success(), "{refused}");
+}
 
 fn endpoint_toml(port: u16, cert: &Path, key: &Path) -> String {
     format!(
@@ -66,6 +152,13 @@ fn https_web_bundle_endpoint_serves_the_configured_chain_and_follows_replaced_fi
             .collect()
     };
     assert_eq!(kids(&served), kids(&stored));
+    // So does go-spiffe, as a federated SPIRE server would with the https_web profile.
+    let roots = tls_dir.join("roots.pem");
+    std::fs::write(&roots, ca.pem()).unwrap();
+    let url = format!("https://localhost:{port}/");
+    if let Some(fetched) = go_spiffe_fetch(&url, "https_web", &roots, "-") {
+        assert_go_spiffe_got(&server, &fetched, 60);
+    }
 
     // A renewal replaces both files: the next handshakes present the new chain.
     let (second_cert, second_key) = ca.issue("second");
