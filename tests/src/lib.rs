@@ -24,6 +24,8 @@
 //!   java-spiffe clients under `tests/interop`. The first [`lanyard_binary`] call starts the
 //!   SPIRE and Kubernetes builds in the background when tests that need them are selected,
 //!   so that a first build on a fresh machine overlaps with the other tests.
+//! - [`https`] is a test CA (rcgen) and an HTTPS client for the server's public endpoints
+//!   (the bundle endpoint, OIDC discovery).
 //! - [`kube::KubeCluster`] is a real Kubernetes API server and its etcd, with a generated
 //!   PKI, kubeconfigs and a small typed HTTPS client: for `k8s_psat` attestation and
 //!   TokenReview.
@@ -54,6 +56,7 @@ use rustls_pki_types::pem::PemObject as _;
 use serde_json::Value;
 
 pub mod controller_manager;
+pub mod https;
 pub mod kube;
 pub mod kubelet;
 pub mod nginx;

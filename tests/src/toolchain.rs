@@ -1,6 +1,6 @@
 //! Programs the interoperability tests build from the package registries: SPIRE's server and
 //! agent and Kubernetes' API server and etcd (Go module proxy), and the client programs under
-//! `tests/interop` that use go-spiffe and java-spiffe.
+//! `tests/interop` that use go-spiffe, go-oidc and java-spiffe.
 //!
 //! Each build lands in its own directory under `<target>/interop/` with a stamp naming what it
 //! was built from (the inputs' contents and the toolchain version). A later run whose stamp
@@ -463,6 +463,32 @@ pub fn go_spiffe_client() -> &'static Path {
             key_of_files(&module, &["go.mod", "go.sum", "main.go"])
         );
         cached_build("go-spiffe", &key, |out| go_build(&module, &["."], out)).join("go-spiffe")
+    })
+}
+
+/// The OIDC relying party (`tests/interop/oidc`, see its `main.go`: go-oidc v3 verifying one
+/// token given only the issuer), built into `<target>/interop/oidc` once per machine and
+/// reused while its go.mod, go.sum, source and the Go version stay the same. Panics, saying
+/// how to get Go, when `go` is missing.
+pub fn oidc_verifier() -> &'static Path {
+    static VERIFIER: OnceLock<PathBuf> = OnceLock::new();
+    VERIFIER.get_or_init(|| {
+        require_tool(
+            "go",
+            &["version"],
+            &format!(
+                "the go-oidc test needs the Go toolchain, 1.24 or newer (go.dev/dl, or your \
+                 distribution's golang package), on PATH, and the Go module proxy; set \
+                 {SKIP_GO_VAR}=1 to skip it"
+            ),
+        );
+        let module = interop_source("oidc");
+        let key = format!(
+            "{}\n{}",
+            go_version(),
+            key_of_files(&module, &["go.mod", "go.sum", "main.go"])
+        );
+        cached_build("oidc", &key, |out| go_build(&module, &["."], out)).join("oidc")
     })
 }
 

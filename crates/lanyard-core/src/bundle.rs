@@ -245,6 +245,22 @@ impl JwtAuthority {
         Value::Object(jwk)
     }
 
+    /// The JWK an OIDC discovery provider publishes for this key (its `jwks_uri`), as SPIRE's
+    /// oidc-discovery-provider does with `set_key_use`: `use` `sig`, `kid`, the key
+    /// parameters, and `alg` — `ES256` for P-256, `ES384` for P-384, `RS256` for RSA of at
+    /// least 2048 bits — left out for any other key, whose algorithm a relying party could
+    /// not check.
+    pub fn oidc_jwk(&self) -> Value {
+        let mut jwk = Map::new();
+        jwk.insert("use".to_owned(), "sig".into());
+        jwk.insert("kid".to_owned(), self.key_id.clone().into());
+        self.key.write_jwk_params(&mut jwk);
+        if let Some(alg) = self.key.jws_algorithm() {
+            jwk.insert("alg".to_owned(), alg.into());
+        }
+        Value::Object(jwk)
+    }
+
     pub(crate) fn key_material(&self) -> &PublicKeyMaterial {
         &self.key
     }
@@ -442,13 +458,46 @@ impl TrustBundle {
     /// `jwt-svid`, `kid`, key parameters in unpadded base64url). `spiffe_refresh_hint` is left
     /// out when there is none. Taint flags and JWT key expiries are not part of the format.
     pub fn to_jwks_json(&self) -> String {
-        let keys = self
-            .x509_authorities
+        self.document(self.all_jwks()).to_string()
+    }
+
+    /// Every authority's bundle JWK: X.509 first, then JWT.
+    fn all_jwks(&self) -> Vec<Value> {
+        self.x509_authorities
             .iter()
             .map(|a| Value::Object(a.jwk()))
             .chain(self.jwt_authorities.iter().map(JwtAuthority::jwk))
+            .collect()
+    }
+
+    /// The document a SPIFFE bundle endpoint serves: [`Self::to_jwks_json`] with
+    /// `spiffe_refresh_hint` set to `refresh_hint` (whole seconds) and the stored sequence
+    /// number. The hint is a setting of the endpoint, not content of the bundle, so it does
+    /// not move the sequence number (SPIRE's bundle endpoint overrides it the same way).
+    pub fn to_endpoint_jwks_json(&self, refresh_hint: Duration) -> String {
+        let mut doc = self.document(self.all_jwks());
+        if let Value::Object(doc) = &mut doc {
+            doc.insert(
+                "spiffe_refresh_hint".to_owned(),
+                whole_seconds(refresh_hint).as_secs().into(),
+            );
+        }
+        doc.to_string()
+    }
+
+    /// The JWT authorities as the plain JWK Set an OIDC discovery provider serves at its
+    /// `jwks_uri`: `{"keys":[…]}` with [`JwtAuthority::oidc_jwk`] for each, tainted ones
+    /// included (they still verify until revoked, which removes them from the bundle), and
+    /// nothing SPIFFE-specific.
+    pub fn oidc_jwks_json(&self) -> String {
+        let keys = self
+            .jwt_authorities
+            .iter()
+            .map(JwtAuthority::oidc_jwk)
             .collect();
-        self.document(keys).to_string()
+        let mut doc = Map::new();
+        doc.insert("keys".to_owned(), Value::Array(keys));
+        Value::Object(doc).to_string()
     }
 
     /// Only the JWT authorities, as the `{"keys":[…]}` JWK Set that the Workload API's
@@ -930,6 +979,23 @@ impl PublicKeyMaterial {
         let mut spki = Vec::new();
         der_tlv(0x30, &content, &mut spki);
         spki
+    }
+
+    /// The JWS algorithm a relying party should expect of this key (SPIRE's choice): none
+    /// for P-521, Ed25519 or RSA under 2048 bits.
+    fn jws_algorithm(&self) -> Option<&'static str> {
+        match self {
+            Self::Ec {
+                curve: EcCurve::P256,
+                ..
+            } => Some("ES256"),
+            Self::Ec {
+                curve: EcCurve::P384,
+                ..
+            } => Some("ES384"),
+            Self::Rsa { n, .. } if n.len() >= 256 => Some("RS256"),
+            _ => None,
+        }
     }
 
     fn write_jwk_params(&self, jwk: &mut Map<String, Value>) {

@@ -39,6 +39,18 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a TLS connection may carry no bytes either way before it is closed.
 pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Default `spiffe_refresh_hint` of the bundle endpoint (SPIRE's).
+pub const DEFAULT_BUNDLE_REFRESH_HINT: Duration = Duration::from_secs(5 * 60);
+/// Default connections one public HTTP endpoint (bundle endpoint, OIDC discovery) holds at
+/// once; more are closed as soon as they are accepted.
+pub const DEFAULT_ENDPOINT_MAX_CONNECTIONS: usize = 256;
+/// Default time a client of a public HTTP endpoint has to finish the TLS handshake and send
+/// its request headers, and the longest a kept-alive connection may wait for the next request
+/// (SPIRE's bundle endpoint allows 10 s for the headers).
+pub const DEFAULT_ENDPOINT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `max-age` of the OIDC discovery document and keys.
+pub const DEFAULT_OIDC_CACHE_MAX_AGE: Duration = Duration::from_secs(60);
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -152,6 +164,278 @@ pub struct ServerConfig {
     /// Rate limits on the server API and limits on its TLS connections.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// SPIFFE federation: this server's bundle endpoint.
+    #[serde(default)]
+    pub federation: FederationConfig,
+    /// An OIDC discovery endpoint for the trust domain's JWT authorities, at `jwt_issuer`.
+    #[serde(default)]
+    pub oidc_discovery: Option<OidcDiscoveryConfig>,
+}
+
+/// `[federation]`: this server's part in SPIFFE federation. So far its bundle endpoint, from
+/// which other trust domains fetch this one's bundle.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// The bundle endpoint; off when absent.
+    #[serde(default)]
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
+}
+
+/// `[federation.bundle_endpoint]`: an HTTPS listener serving the trust domain's bundle as
+/// SPIFFE bundle JSON (SPIRE's `federation.bundle_endpoint`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleEndpointConfig {
+    /// Where to listen, e.g. `0.0.0.0:8443`.
+    pub address: SocketAddr,
+    /// The `spiffe_refresh_hint` served: how often federated servers should fetch again.
+    #[serde(default = "default_bundle_refresh_hint", with = "duration")]
+    pub refresh_hint: Duration,
+    /// How clients authenticate the endpoint.
+    #[serde(default)]
+    pub profile: BundleEndpointProfile,
+    /// `https_web`: the PEM certificate chain to serve, leaf first.
+    #[serde(default)]
+    pub certificate_path: Option<PathBuf>,
+    /// `https_web`: the PEM private key of the leaf; refused if others can read it.
+    #[serde(default)]
+    pub private_key_path: Option<PathBuf>,
+    /// Connections held at once; more are closed at once.
+    #[serde(default = "default_endpoint_max_connections")]
+    pub max_connections: usize,
+    /// Time to finish the TLS handshake and send request headers.
+    #[serde(default = "default_endpoint_header_read_timeout", with = "duration")]
+    pub header_read_timeout: Duration,
+}
+
+/// The SPIFFE Federation endpoint profiles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BundleEndpointProfile {
+    /// The server's own X.509-SVID (`spiffe://<td>/spire/server`), which clients verify
+    /// against this trust domain's bundle.
+    #[default]
+    HttpsSpiffe,
+    /// A Web PKI certificate from `certificate_path` and `private_key_path`.
+    HttpsWeb,
+}
+
+/// `[oidc_discovery]`: an OpenID Connect discovery document and JWKS for the trust domain's JWT
+/// authorities, so that OIDC relying parties verify JWT-SVIDs given only `jwt_issuer`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcDiscoveryConfig {
+    /// Where to listen, e.g. `0.0.0.0:8444`.
+    pub address: SocketAddr,
+    /// Serve plain HTTP, for a TLS-terminating proxy in front; never on an open network.
+    #[serde(default)]
+    pub insecure_http: bool,
+    /// The PEM certificate chain to serve, leaf first (unless `insecure_http`).
+    #[serde(default)]
+    pub certificate_path: Option<PathBuf>,
+    /// The PEM private key of the leaf; refused if others can read it.
+    #[serde(default)]
+    pub private_key_path: Option<PathBuf>,
+    /// The `max-age` of the discovery document and keys; `0s` forbids caching.
+    #[serde(default = "default_oidc_cache_max_age", with = "duration")]
+    pub cache_max_age: Duration,
+    /// Connections held at once; more are closed at once.
+    #[serde(default = "default_endpoint_max_connections")]
+    pub max_connections: usize,
+    /// Time to finish the TLS handshake and send request headers.
+    #[serde(default = "default_endpoint_header_read_timeout", with = "duration")]
+    pub header_read_timeout: Duration,
+}
+
+fn default_bundle_refresh_hint() -> Duration {
+    DEFAULT_BUNDLE_REFRESH_HINT
+}
+fn default_endpoint_max_connections() -> usize {
+    DEFAULT_ENDPOINT_MAX_CONNECTIONS
+}
+fn default_endpoint_header_read_timeout() -> Duration {
+    DEFAULT_ENDPOINT_HEADER_READ_TIMEOUT
+}
+fn default_oidc_cache_max_age() -> Duration {
+    DEFAULT_OIDC_CACHE_MAX_AGE
+}
+
+/// Checks a public endpoint's certificate pair (both when `wanted` is `Ok`, neither when it
+/// names what they are for) and its limits; `keys` name them in messages.
+fn check_endpoint(
+    keys: [&'static str; 4],
+    wanted: Result<(), &'static str>,
+    certificate: Option<&Path>,
+    private_key: Option<&Path>,
+    max_connections: usize,
+    header_read_timeout: Duration,
+) -> Result<(), ConfigError> {
+    let [
+        certificate_key,
+        private_key_key,
+        max_connections_key,
+        timeout_key,
+    ] = keys;
+    match (wanted, certificate, private_key) {
+        (Ok(()), None, _) => {
+            return Err(ConfigError::Invalid {
+                key: certificate_key,
+                reason: "is required".into(),
+            });
+        }
+        (Ok(()), Some(_), None) => {
+            return Err(ConfigError::Invalid {
+                key: private_key_key,
+                reason: "is required".into(),
+            });
+        }
+        (Err(only_with), Some(_), _) => {
+            return Err(ConfigError::Invalid {
+                key: certificate_key,
+                reason: format!("is for {only_with} only"),
+            });
+        }
+        (Err(only_with), None, Some(_)) => {
+            return Err(ConfigError::Invalid {
+                key: private_key_key,
+                reason: format!("is for {only_with} only"),
+            });
+        }
+        _ => {}
+    }
+    if max_connections == 0 {
+        return Err(ConfigError::Invalid {
+            key: max_connections_key,
+            reason: "must be greater than zero".into(),
+        });
+    }
+    if header_read_timeout.is_zero() {
+        return Err(ConfigError::Invalid {
+            key: timeout_key,
+            reason: "must be greater than zero".into(),
+        });
+    }
+    Ok(())
+}
+
+impl BundleEndpointConfig {
+    /// A bundle endpoint on `address` with the `https_spiffe` profile and every default.
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            refresh_hint: DEFAULT_BUNDLE_REFRESH_HINT,
+            profile: BundleEndpointProfile::HttpsSpiffe,
+            certificate_path: None,
+            private_key_path: None,
+            max_connections: DEFAULT_ENDPOINT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_ENDPOINT_HEADER_READ_TIMEOUT,
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.refresh_hint < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "federation.bundle_endpoint.refresh_hint",
+                reason: "must be at least 1s (it is served in whole seconds)".into(),
+            });
+        }
+        let wanted = match self.profile {
+            BundleEndpointProfile::HttpsWeb => Ok(()),
+            BundleEndpointProfile::HttpsSpiffe => Err("profile = \"https_web\""),
+        };
+        check_endpoint(
+            [
+                "federation.bundle_endpoint.certificate_path",
+                "federation.bundle_endpoint.private_key_path",
+                "federation.bundle_endpoint.max_connections",
+                "federation.bundle_endpoint.header_read_timeout",
+            ],
+            wanted,
+            self.certificate_path.as_deref(),
+            self.private_key_path.as_deref(),
+            self.max_connections,
+            self.header_read_timeout,
+        )
+    }
+}
+
+impl OidcDiscoveryConfig {
+    /// Plain HTTP on `address` with every default (for tests and a proxy in front).
+    pub fn insecure_http(address: SocketAddr) -> Self {
+        Self {
+            address,
+            insecure_http: true,
+            certificate_path: None,
+            private_key_path: None,
+            cache_max_age: DEFAULT_OIDC_CACHE_MAX_AGE,
+            max_connections: DEFAULT_ENDPOINT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_ENDPOINT_HEADER_READ_TIMEOUT,
+        }
+    }
+
+    fn check(&self, jwt_issuer: Option<&str>) -> Result<(), ConfigError> {
+        let Some(issuer) = jwt_issuer else {
+            return Err(ConfigError::Invalid {
+                key: "jwt_issuer",
+                reason: "is required with [oidc_discovery]: it is the issuer the discovery \
+                         document names and where relying parties look for it"
+                    .into(),
+            });
+        };
+        check_issuer(issuer, self.insecure_http).map_err(|reason| ConfigError::Invalid {
+            key: "jwt_issuer",
+            reason: format!("{issuer:?} {reason} (for [oidc_discovery])"),
+        })?;
+        let wanted = if self.insecure_http {
+            Err("TLS (without insecure_http)")
+        } else {
+            Ok(())
+        };
+        check_endpoint(
+            [
+                "oidc_discovery.certificate_path",
+                "oidc_discovery.private_key_path",
+                "oidc_discovery.max_connections",
+                "oidc_discovery.header_read_timeout",
+            ],
+            wanted,
+            self.certificate_path.as_deref(),
+            self.private_key_path.as_deref(),
+            self.max_connections,
+            self.header_read_timeout,
+        )
+    }
+}
+
+/// An OIDC issuer: an `https` URL (`http` only when served as plain HTTP) with a host, and no
+/// user info, query or fragment (OpenID Connect Discovery 1.0, section 2).
+fn check_issuer(issuer: &str, insecure_http: bool) -> Result<(), &'static str> {
+    let rest = match (
+        issuer.strip_prefix("https://"),
+        issuer.strip_prefix("http://"),
+    ) {
+        (Some(rest), _) => rest,
+        (None, Some(rest)) if insecure_http => rest,
+        (None, Some(_)) => {
+            return Err("must be an https URL (http only with insecure_http = true)");
+        }
+        (None, None) => return Err("must be an https URL"),
+    };
+    if rest.contains(['?', '#']) {
+        return Err("must have no query or fragment");
+    }
+    if issuer.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must have no spaces or control characters");
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err("has no host");
+    }
+    if authority.contains('@') {
+        return Err("must have no user info");
+    }
+    Ok(())
 }
 
 /// `[[admin_socket]]`: an admin socket of its own for one program. A caller is an admin
@@ -582,6 +866,8 @@ impl ServerConfig {
             new_trust_domain: false,
             proxy_protocol: false,
             limits: LimitsConfig::default(),
+            federation: FederationConfig::default(),
+            oidc_discovery: None,
         }
     }
 
@@ -673,6 +959,12 @@ impl ServerConfig {
             check_k8s_psat(psat, &self.trust_domain)?;
         }
         self.check_admin_sockets()?;
+        if let Some(endpoint) = &self.federation.bundle_endpoint {
+            endpoint.check()?;
+        }
+        if let Some(oidc) = &self.oidc_discovery {
+            oidc.check(self.jwt_issuer.as_deref())?;
+        }
         for id in &self.admin_ids {
             if id.is_trust_domain_id() {
                 return Err(ConfigError::Invalid {
@@ -1193,6 +1485,157 @@ mod tests {
                     .unwrap_err()
                     .to_string();
             assert!(err.contains(key), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_bundle_endpoint_is_off_by_default_and_takes_spire_s_defaults() {
+        let base = "trust_domain = \"td\"\ndata_dir = \"/d\"\n";
+        let c = ServerConfig::parse(base).unwrap();
+        assert_eq!(c.federation, FederationConfig::default());
+        assert!(c.federation.bundle_endpoint.is_none() && c.oidc_discovery.is_none());
+        let c = ServerConfig::parse(&format!(
+            "{base}[federation.bundle_endpoint]\naddress = \"0.0.0.0:8443\"\n"
+        ))
+        .unwrap();
+        let endpoint = c.federation.bundle_endpoint.unwrap();
+        assert_eq!(
+            endpoint,
+            BundleEndpointConfig::new("0.0.0.0:8443".parse().unwrap())
+        );
+        assert_eq!(endpoint.refresh_hint, Duration::from_secs(300));
+        assert_eq!(endpoint.profile, BundleEndpointProfile::HttpsSpiffe);
+        let c = ServerConfig::parse(&format!(
+            "{base}[federation.bundle_endpoint]\naddress = \"127.0.0.1:8443\"\n\
+             refresh_hint = \"90s\"\nprofile = \"https_web\"\n\
+             certificate_path = \"/c.pem\"\nprivate_key_path = \"/k.pem\"\n\
+             max_connections = 8\nheader_read_timeout = \"2s\"\n"
+        ))
+        .unwrap();
+        let endpoint = c.federation.bundle_endpoint.unwrap();
+        assert_eq!(endpoint.profile, BundleEndpointProfile::HttpsWeb);
+        assert_eq!(endpoint.refresh_hint, Duration::from_secs(90));
+        assert_eq!(
+            endpoint.certificate_path.as_deref(),
+            Some(Path::new("/c.pem"))
+        );
+        assert_eq!(endpoint.max_connections, 8);
+        assert_eq!(endpoint.header_read_timeout, Duration::from_secs(2));
+
+        let table = "[federation.bundle_endpoint]\naddress = \"127.0.0.1:8443\"\n";
+        for (text, key) in [
+            (
+                "profile = \"https_web\"\n",
+                "federation.bundle_endpoint.certificate_path",
+            ),
+            (
+                "profile = \"https_web\"\ncertificate_path = \"/c\"\n",
+                "federation.bundle_endpoint.private_key_path",
+            ),
+            (
+                "certificate_path = \"/c\"\nprivate_key_path = \"/k\"\n",
+                "federation.bundle_endpoint.certificate_path",
+            ),
+            (
+                "private_key_path = \"/k\"\n",
+                "federation.bundle_endpoint.private_key_path",
+            ),
+            (
+                "refresh_hint = \"500ms\"\n",
+                "federation.bundle_endpoint.refresh_hint",
+            ),
+            (
+                "max_connections = 0\n",
+                "federation.bundle_endpoint.max_connections",
+            ),
+            (
+                "header_read_timeout = \"0s\"\n",
+                "federation.bundle_endpoint.header_read_timeout",
+            ),
+            ("profile = \"https\"\n", "https_spiffe"),
+            ("port = 8443\n", "port"),
+        ] {
+            let err = ServerConfig::parse(&format!("{base}{table}{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+        let err = ServerConfig::parse(&format!("{base}[federation]\nbundle_endpoints = {{}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bundle_endpoints"), "{err}");
+    }
+
+    #[test]
+    fn oidc_discovery_needs_jwt_issuer_and_tls_unless_insecure_http_is_said() {
+        let base = "trust_domain = \"td\"\ndata_dir = \"/d\"\n";
+        let tls = "[oidc_discovery]\naddress = \"0.0.0.0:8444\"\n\
+                   certificate_path = \"/c.pem\"\nprivate_key_path = \"/k.pem\"\n";
+        let c = ServerConfig::parse(&format!(
+            "{base}jwt_issuer = \"https://oidc.example.org\"\n{tls}"
+        ))
+        .unwrap();
+        let oidc = c.oidc_discovery.unwrap();
+        assert!(!oidc.insecure_http);
+        assert_eq!(oidc.cache_max_age, DEFAULT_OIDC_CACHE_MAX_AGE);
+        assert_eq!(oidc.max_connections, DEFAULT_ENDPOINT_MAX_CONNECTIONS);
+        let c = ServerConfig::parse(&format!(
+            "{base}jwt_issuer = \"http://127.0.0.1:8444\"\n\
+             [oidc_discovery]\naddress = \"127.0.0.1:8444\"\ninsecure_http = true\n\
+             cache_max_age = \"0s\"\n"
+        ))
+        .unwrap();
+        let oidc = c.oidc_discovery.unwrap();
+        assert!(oidc.insecure_http);
+        assert_eq!(oidc.cache_max_age, Duration::ZERO);
+
+        let insecure = "[oidc_discovery]\naddress = \"127.0.0.1:8444\"\ninsecure_http = true\n";
+        for (text, keys) in [
+            (tls.to_owned(), &["jwt_issuer", "[oidc_discovery]"][..]),
+            (
+                format!("jwt_issuer = \"http://oidc.example.org\"\n{tls}"),
+                &["jwt_issuer", "insecure_http"],
+            ),
+            (
+                format!("jwt_issuer = \"oidc.example.org\"\n{insecure}"),
+                &["jwt_issuer", "https URL"],
+            ),
+            (
+                format!("jwt_issuer = \"https://\"\n{insecure}"),
+                &["jwt_issuer", "no host"],
+            ),
+            (
+                format!("jwt_issuer = \"https://a.org/?x=1\"\n{insecure}"),
+                &["jwt_issuer", "query"],
+            ),
+            (
+                format!("jwt_issuer = \"https://u@a.org\"\n{insecure}"),
+                &["jwt_issuer", "user info"],
+            ),
+            (
+                "jwt_issuer = \"https://a.org\"\n[oidc_discovery]\naddress = \"127.0.0.1:1\"\n"
+                    .to_owned(),
+                &["oidc_discovery.certificate_path"],
+            ),
+            (
+                format!("jwt_issuer = \"https://a.org\"\n{insecure}certificate_path = \"/c\"\n"),
+                &["oidc_discovery.certificate_path", "insecure_http"],
+            ),
+            (
+                format!("jwt_issuer = \"https://a.org\"\n{insecure}max_connections = 0\n"),
+                &["oidc_discovery.max_connections"],
+            ),
+            (
+                format!("jwt_issuer = \"https://a.org\"\n{insecure}insecure = true\n"),
+                &["unknown field", "insecure"],
+            ),
+        ] {
+            let err = ServerConfig::parse(&format!("{base}{text}"))
+                .unwrap_err()
+                .to_string();
+            for key in keys {
+                assert!(err.contains(key), "{text:?}: {err}");
+            }
         }
     }
 

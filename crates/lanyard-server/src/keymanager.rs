@@ -206,22 +206,34 @@ impl KeyManager for DiskKeyManager {
 
 /// Refuses a key file that users other than its owner can read or write.
 fn check_private_mode(path: &Path) -> Result<(), KeyManagerError> {
+    match mode_open_to_others(path) {
+        Ok(None) => Ok(()),
+        Ok(Some(mode)) => Err(KeyManagerError::Exposed {
+            path: path.to_owned(),
+            mode,
+        }),
+        Err(source) => Err(KeyManagerError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// The permission bits of the file at `path` if users other than its owner may read or
+/// write it (any group or other bit): the one rule for every private key file the server
+/// reads.
+pub(crate) fn mode_open_to_others(path: &Path) -> std::io::Result<Option<u32>> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        let metadata = fs::metadata(path).map_err(|source| KeyManagerError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mode = metadata.permissions().mode() & 0o7777;
+        let mode = fs::metadata(path)?.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
-            return Err(KeyManagerError::Exposed {
-                path: path.to_owned(),
-                mode,
-            });
+            return Ok(Some(mode));
         }
     }
-    Ok(())
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(None)
 }
 
 /// Keys held only in this process; they are gone when it exits.

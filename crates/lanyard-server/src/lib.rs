@@ -10,6 +10,7 @@ pub mod ca;
 pub mod caller;
 pub mod config;
 pub mod datastore;
+pub mod endpoints;
 pub mod judge;
 pub mod k8s_psat;
 pub mod keymanager;

@@ -447,14 +447,14 @@ impl AsyncWrite for ServerConnection {
 
 /// Exponential backoff between `start` and `max`.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     start: Duration,
     max: Duration,
     next: Duration,
 }
 
 impl Backoff {
-    fn new(start: Duration, max: Duration) -> Self {
+    pub(crate) fn new(start: Duration, max: Duration) -> Self {
         Self {
             start,
             max,
@@ -462,13 +462,13 @@ impl Backoff {
         }
     }
 
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let delay = self.next;
         self.next = (self.next * 2).min(self.max);
         delay
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.start;
     }
 }

@@ -26,8 +26,10 @@ use crate::api::metadata::EntryMetadataService;
 use crate::api::svid::SvidService;
 use crate::api::usage::UsageService;
 use crate::ca::{CaConfig, CaError, CaManager};
-use crate::config::{DatastoreKind, KeyManagerKind, ServerConfig};
+use crate::config::{BundleEndpointProfile, DatastoreKind, KeyManagerKind, ServerConfig};
 use crate::datastore::{Datastore, DatastoreError, MemoryStore, SqlStore};
+use crate::endpoints::cert_files::{CertFiles, CertFilesError};
+use crate::endpoints::{EndpointLimits, Transport};
 use crate::keymanager::{self, DiskKeyManager, KeyManager, KeyManagerError, MemoryKeyManager};
 use crate::state::{Clock, ServerState};
 use crate::tls::{ServerSvid, TlsError};
@@ -40,6 +42,10 @@ const POLICY_PROBE_ENTRIES: usize = 256;
 
 /// How often the policy file is checked for changes (SIGHUP reloads at once).
 const POLICY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often the certificate and key files of the public endpoints are checked for changes
+/// (SIGHUP reloads at once).
+const CERT_FILES_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 macro_rules! server_error_from {
     ($($variant:ident($error:ty)),* $(,)?) => {
@@ -60,6 +66,7 @@ server_error_from!(
     Tls(TlsError),
     Policy(crate::policy::LoadError),
     Audit(crate::audit::AuditError),
+    CertFiles(CertFilesError),
 );
 
 /// Why the server could not start or stopped with an error. Each message already includes
@@ -112,6 +119,12 @@ pub enum ServerError {
         /// What remains of the trust domain.
         prior: Vec<String>,
     },
+    /// The certificate or key of a public endpoint (`https_web`, OIDC discovery) is unusable.
+    #[error("{0}")]
+    CertFiles(CertFilesError),
+    /// A public endpoint's configuration, built in code, misses what it needs.
+    #[error("{0}")]
+    Endpoint(&'static str),
     /// A k8s_psat cluster's API server access (kubeconfig, in-cluster credentials) is unusable.
     #[error("{0}")]
     K8sPsat(String),
@@ -130,6 +143,8 @@ pub enum ServerError {
 pub struct Server {
     state: Arc<ServerState>,
     tcp_addr: SocketAddr,
+    bundle_endpoint_addr: Option<SocketAddr>,
+    oidc_discovery_addr: Option<SocketAddr>,
     socket_path: PathBuf,
     /// Every admin socket, the main one first; removed at shutdown.
     socket_paths: Vec<PathBuf>,
@@ -257,6 +272,10 @@ impl Server {
             Arc::clone(&server_svid),
             Arc::clone(&ca),
         )?);
+        let bundle_endpoint_addr =
+            start_bundle_endpoint(&state, &server_svid, &stopped, &mut tasks).await?;
+        let oidc_discovery_addr = start_oidc_discovery(&state, &stopped, &mut tasks).await?;
+
         let tcp_router = routes(&state, x509pop_anchors.clone(), k8s_psat.clone());
         let limits = crate::listener::ListenerLimits::from(&state.config);
         tasks.spawn(crate::listener::serve_tls(
@@ -319,6 +338,8 @@ impl Server {
         Ok(Self {
             state,
             tcp_addr,
+            bundle_endpoint_addr,
+            oidc_discovery_addr,
             socket_path,
             socket_paths,
             stop,
@@ -334,6 +355,16 @@ impl Server {
     /// The bound TCP address.
     pub fn tcp_addr(&self) -> SocketAddr {
         self.tcp_addr
+    }
+
+    /// The bound address of the bundle endpoint, when configured.
+    pub fn bundle_endpoint_addr(&self) -> Option<SocketAddr> {
+        self.bundle_endpoint_addr
+    }
+
+    /// The bound address of OIDC discovery, when configured.
+    pub fn oidc_discovery_addr(&self) -> Option<SocketAddr> {
+        self.oidc_discovery_addr
     }
 
     /// The admin socket path.
@@ -501,6 +532,132 @@ fn routes(
         .add_service(ExceptionService::new(Arc::clone(state)).into_server())
         .add_service(UsageService::new(Arc::clone(state)).into_server())
         .add_service(LocalAuthorityService::new(Arc::clone(state)).into_server())
+}
+
+/// Binds a public endpoint's listener.
+async fn bind_endpoint(address: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let bind_error = |error| ServerError::Bind {
+        what: address.to_string(),
+        error,
+    };
+    let listener = TcpListener::bind(address).await.map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, bound))
+}
+
+/// Loads a certificate pair and watches its files until the server stops.
+fn watched_cert_files(
+    certificate_path: Option<&Path>,
+    private_key_path: Option<&Path>,
+    stopped: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> Result<Arc<CertFiles>, ServerError> {
+    // `ServerConfig::check` requires both; a config built in code may lack them.
+    let (Some(certificate_path), Some(private_key_path)) = (certificate_path, private_key_path)
+    else {
+        return Err(ServerError::Endpoint(
+            "a TLS endpoint needs certificate_path and private_key_path",
+        ));
+    };
+    let files = Arc::new(CertFiles::load(certificate_path, private_key_path)?);
+    let mut files_stopped = stopped.clone();
+    tasks.spawn(
+        Arc::clone(&files).watch(CERT_FILES_CHECK_INTERVAL, async move {
+            let _ = files_stopped.wait_for(|s| *s).await;
+        }),
+    );
+    Ok(files)
+}
+
+/// Starts the bundle endpoint if `[federation.bundle_endpoint]` is configured.
+async fn start_bundle_endpoint(
+    state: &Arc<ServerState>,
+    server_svid: &Arc<ServerSvid>,
+    stopped: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> Result<Option<SocketAddr>, ServerError> {
+    let Some(config) = state.config.federation.bundle_endpoint.clone() else {
+        return Ok(None);
+    };
+    let resolver: Arc<dyn rustls::server::ResolvesServerCert> = match config.profile {
+        BundleEndpointProfile::HttpsSpiffe => Arc::clone(server_svid) as _,
+        BundleEndpointProfile::HttpsWeb => watched_cert_files(
+            config.certificate_path.as_deref(),
+            config.private_key_path.as_deref(),
+            stopped,
+            tasks,
+        )?,
+    };
+    let tls = crate::endpoints::tls_config(resolver).map_err(TlsError::Rustls)?;
+    if config.refresh_hint < Duration::from_secs(60) {
+        tracing::warn!(refresh_hint = ?config.refresh_hint, "the bundle endpoint's refresh_hint is under a minute; SPIRE servers do not refresh more often than once a minute");
+    } else if config.refresh_hint >= Duration::from_secs(24 * 3600) {
+        tracing::warn!(refresh_hint = ?config.refresh_hint, "the bundle endpoint's refresh_hint is a day or more; federated servers will miss unscheduled bundle changes for that long (5m is usual)");
+    }
+    let (listener, address) = bind_endpoint(config.address).await?;
+    let responder =
+        crate::endpoints::bundle::BundleEndpoint::new(Arc::clone(&state.ca), config.refresh_hint);
+    tasks.spawn(crate::endpoints::serve(
+        "bundle endpoint",
+        listener,
+        Transport::Tls(Arc::new(tls)),
+        EndpointLimits {
+            max_connections: config.max_connections,
+            header_read_timeout: config.header_read_timeout,
+        },
+        Arc::new(responder),
+        stopped.clone(),
+    ));
+    tracing::info!(%address, profile = ?config.profile, refresh_hint = ?config.refresh_hint, "bundle endpoint serving");
+    Ok(Some(address))
+}
+
+/// Starts OIDC discovery if `[oidc_discovery]` is configured.
+async fn start_oidc_discovery(
+    state: &Arc<ServerState>,
+    stopped: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> Result<Option<SocketAddr>, ServerError> {
+    let Some(config) = state.config.oidc_discovery.clone() else {
+        return Ok(None);
+    };
+    // `ServerConfig::check` requires it; a config built in code may lack it.
+    let Some(issuer) = state.config.jwt_issuer.clone() else {
+        return Err(ServerError::Endpoint("[oidc_discovery] needs jwt_issuer"));
+    };
+    let transport = if config.insecure_http {
+        tracing::warn!(address = %config.address, "OIDC discovery is served over plain HTTP (insecure_http = true); only a TLS-terminating proxy should reach it");
+        Transport::InsecureHttp
+    } else {
+        let files = watched_cert_files(
+            config.certificate_path.as_deref(),
+            config.private_key_path.as_deref(),
+            stopped,
+            tasks,
+        )?;
+        Transport::Tls(Arc::new(
+            crate::endpoints::tls_config(files).map_err(TlsError::Rustls)?,
+        ))
+    };
+    let (listener, address) = bind_endpoint(config.address).await?;
+    let responder = crate::endpoints::oidc::OidcDiscovery::new(
+        Arc::clone(&state.ca),
+        &issuer,
+        config.cache_max_age,
+    );
+    tasks.spawn(crate::endpoints::serve(
+        "OIDC discovery",
+        listener,
+        transport,
+        EndpointLimits {
+            max_connections: config.max_connections,
+            header_read_timeout: config.header_read_timeout,
+        },
+        Arc::new(responder),
+        stopped.clone(),
+    ));
+    tracing::info!(%address, %issuer, "OIDC discovery serving");
+    Ok(Some(address))
 }
 
 /// Refuses to start on a missing or empty SQLite datastore when the data directory still

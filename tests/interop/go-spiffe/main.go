@@ -19,6 +19,12 @@
 //	dial HINT SERVER_ID ADDR COUNT INTERVAL
 //	    COUNT fresh mTLS connections to ADDR, INTERVAL apart, presenting the SVID with HINT
 //	    and accepting only SERVER_ID; one JSON line per exchange.
+//	federation TRUST_DOMAIN URL PROFILE AUTH_FILE ENDPOINT_ID
+//	    federation.FetchBundle from the bundle endpoint at URL, as a federated SPIRE server
+//	    fetches it. PROFILE https_spiffe: AUTH_FILE is TRUST_DOMAIN's bundle (SPIFFE JSON) and
+//	    the endpoint must present an X509-SVID for ENDPOINT_ID; https_web: AUTH_FILE holds the
+//	    PEM roots and ENDPOINT_ID is ignored. Prints the bundle: sequence number, refresh hint
+//	    in seconds, X.509 authorities as PEM, JWT key IDs; one JSON object.
 //
 // Every wait is bounded; any error is printed on stderr and the exit status is 1.
 package main
@@ -37,6 +43,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/federation"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
@@ -56,7 +64,7 @@ const (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail(errors.New("usage: go-spiffe fetch|watch|serve|dial ARGS (see the doc comment)"))
+		fail(errors.New("usage: go-spiffe fetch|watch|serve|dial|federation ARGS (see the doc comment)"))
 	}
 	var err error
 	switch args := os.Args[2:]; os.Args[1] {
@@ -68,6 +76,8 @@ func main() {
 		err = withArgs(args, 2, func() error { return serve(args[0], args[1]) })
 	case "dial":
 		err = withArgs(args, 5, func() error { return dial(args[0], args[1], args[2], args[3], args[4]) })
+	case "federation":
+		err = withArgs(args, 5, func() error { return fetchFederated(args[0], args[1], args[2], args[3], args[4]) })
 	default:
 		err = fmt.Errorf("unknown subcommand %q", os.Args[1])
 	}
@@ -389,4 +399,55 @@ func pemOf(certificates []*x509.Certificate) string {
 		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: certificate.Raw})...)
 	}
 	return string(out)
+}
+
+func fetchFederated(trustDomain, url, profile, authFile, endpointID string) error {
+	td, err := spiffeid.TrustDomainFromString(trustDomain)
+	if err != nil {
+		return err
+	}
+	var option federation.FetchOption
+	switch profile {
+	case "https_spiffe":
+		known, err := spiffebundle.Load(td, authFile)
+		if err != nil {
+			return err
+		}
+		id, err := spiffeid.FromString(endpointID)
+		if err != nil {
+			return err
+		}
+		option = federation.WithSPIFFEAuth(known, id)
+	case "https_web":
+		roots, err := os.ReadFile(authFile)
+		if err != nil {
+			return err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(roots) {
+			return fmt.Errorf("no certificate in %s", authFile)
+		}
+		option = federation.WithWebPKIRoots(pool)
+	default:
+		return fmt.Errorf("unknown profile %q", profile)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	bundle, err := federation.FetchBundle(ctx, td, url, option)
+	if err != nil {
+		return fmt.Errorf("FetchBundle: %w", err)
+	}
+	sequence, _ := bundle.SequenceNumber()
+	refreshHint, _ := bundle.RefreshHint()
+	kids := []string{}
+	for kid := range bundle.JWTAuthorities() {
+		kids = append(kids, kid)
+	}
+	emit(map[string]any{
+		"sequence":             sequence,
+		"refresh_hint_seconds": int64(refreshHint / time.Second),
+		"x509_authorities_pem": pemOf(bundle.X509Authorities()),
+		"jwt_key_ids":          kids,
+	})
+	return nil
 }

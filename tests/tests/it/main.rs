@@ -5,6 +5,7 @@
 // Helpers outside `#[test]` functions panic on purpose: a failed expectation is the test failing.
 #![allow(clippy::unwrap_used)]
 
+mod federation;
 mod go_spiffe;
 mod grants;
 mod ha;
@@ -17,6 +18,7 @@ mod k8s_psat;
 mod kube;
 mod kube_manifests;
 mod mtls;
+mod oidc;
 #[path = "../../../crates/lanyard-server/tests/it/pg.rs"]
 mod pg;
 mod py_spiffe;

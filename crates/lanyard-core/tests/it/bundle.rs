@@ -551,6 +551,71 @@ fn jwt_only_jwks_has_no_x509_entries() {
 }
 
 #[test]
+fn the_bundle_endpoint_document_carries_the_endpoint_s_refresh_hint_and_the_stored_sequence() {
+    let bundle = full_bundle();
+    let json = bundle.to_endpoint_jwks_json(Duration::from_millis(90_500));
+    let doc: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["spiffe_refresh_hint"], 90, "whole seconds");
+    assert_eq!(doc["spiffe_sequence"], 42, "the hint is not content");
+    let parsed = parse(&json).unwrap();
+    assert_eq!(parsed.x509_authorities(), bundle.x509_authorities());
+    assert_eq!(parsed.jwt_authorities(), bundle.jwt_authorities());
+    assert_eq!(parsed.sequence_number(), 42);
+    // A bundle without a hint of its own gets the endpoint's too.
+    let mut plain = TrustBundle::new(td());
+    plain.add_x509_authority(X509Authority::new(ec_ca()).unwrap());
+    let doc: Value =
+        serde_json::from_str(&plain.to_endpoint_jwks_json(Duration::from_secs(300))).unwrap();
+    assert_eq!(doc["spiffe_refresh_hint"], 300);
+    assert_eq!(doc["spiffe_sequence"], plain.sequence_number());
+}
+
+#[test]
+fn the_oidc_jwks_holds_the_jwt_authorities_as_signing_keys_with_their_algorithm() {
+    let mut bundle = full_bundle();
+    assert!(bundle.taint_jwt_authority("ec384"));
+    let doc: Value = serde_json::from_str(&bundle.oidc_jwks_json()).unwrap();
+    let keys = doc["keys"].as_array().unwrap();
+    assert_eq!(
+        doc.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["keys"],
+        "nothing SPIFFE-specific"
+    );
+    let summary: Vec<(&str, &str, &str, &str)> = keys
+        .iter()
+        .map(|k| {
+            (
+                k["kid"].as_str().unwrap(),
+                k["use"].as_str().unwrap(),
+                k["kty"].as_str().unwrap(),
+                k["alg"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("ec256", "sig", "EC", "ES256"),
+            ("ec384", "sig", "EC", "ES384"),
+            ("rsa", "sig", "RSA", "RS256"),
+        ],
+        "a tainted key stays until it is revoked"
+    );
+    for (jwk, authority) in keys.iter().zip(bundle.jwt_authorities()) {
+        assert!(jwk.get("x5c").is_none());
+        // The key parameters are the bundle's own.
+        let mut bundle_jwk = authority.jwk();
+        bundle_jwk["use"] = json!("sig");
+        bundle_jwk["alg"] = jwk["alg"].clone();
+        assert_eq!(*jwk, bundle_jwk);
+    }
+    // An independent JWK parser reads every key.
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&bundle.oidc_jwks_json()).unwrap();
+    assert_eq!(jwks.keys.len(), 3);
+    assert_eq!(TrustBundle::new(td()).oidc_jwks_json(), r#"{"keys":[]}"#);
+}
+
+#[test]
 fn der_concatenation_and_pem_forms() {
     let bundle = full_bundle();
     let expected: Vec<u8> = bundle

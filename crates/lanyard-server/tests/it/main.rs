@@ -5,14 +5,17 @@
 
 mod agent_api;
 mod audit_log;
+mod bundle_endpoint;
 mod change_feed;
 mod datastore;
 mod entry_api;
 mod governance;
+mod http;
 mod integrity;
 mod issuance;
 mod limits;
 mod local_authority;
+mod oidc_discovery;
 mod pg;
 mod postgres;
 mod rate_limits;
