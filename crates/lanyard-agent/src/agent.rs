@@ -29,12 +29,21 @@ pub enum AgentError {
     /// A workload attestor could not be set up.
     #[error(transparent)]
     WorkloadAttestor(#[from] K8sSetupError),
+    /// The health checks' address could not be bound.
+    #[error("binding health_address {address}: {error}")]
+    Health {
+        /// The configured address.
+        address: std::net::SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
 }
 
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
     manager: ManagerHandle,
+    health_addr: Option<std::net::SocketAddr>,
     socket_path: PathBuf,
     stop: watch::Sender<bool>,
     stopper: StreamStopper,
@@ -82,6 +91,25 @@ impl Agent {
             })
             .await
         });
+        let health_addr = match config.health_address {
+            Some(address) => {
+                let listener = tokio::net::TcpListener::bind(address)
+                    .await
+                    .map_err(|error| AgentError::Health { address, error })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|error| AgentError::Health { address, error })?;
+                tokio::spawn(crate::health::serve(
+                    listener,
+                    manager.health_source(),
+                    config.sync_interval,
+                    stop.subscribe(),
+                ));
+                tracing::info!(address = %bound, "health checks serving (/live, /ready)");
+                Some(bound)
+            }
+            None => None,
+        };
         tracing::info!(
             agent_id = %manager.agent_id(),
             socket = %config.socket_path.display(),
@@ -89,6 +117,7 @@ impl Agent {
         );
         Ok(Self {
             manager,
+            health_addr,
             socket_path: config.socket_path,
             stop,
             stopper,
@@ -99,6 +128,11 @@ impl Agent {
     /// The agent's SPIFFE ID.
     pub fn agent_id(&self) -> SpiffeId {
         self.manager.agent_id()
+    }
+
+    /// Where `/live` and `/ready` are served, if `health_address` is set.
+    pub fn health_addr(&self) -> Option<std::net::SocketAddr> {
+        self.health_addr
     }
 
     /// The Workload API socket.

@@ -154,6 +154,9 @@ pub struct AgentConfig {
     /// The Workload API socket; its directory is world-accessible.
     #[serde(default = "default_socket_path")]
     pub socket_path: PathBuf,
+    /// Plain-HTTP `/live` and `/ready` for probes (a DaemonSet's `httpGet`); off when absent.
+    #[serde(default)]
+    pub health_address: Option<std::net::SocketAddr>,
     /// A join token for the first attestation.
     #[serde(default)]
     pub join_token: Option<String>,
@@ -577,6 +580,7 @@ impl AgentConfig {
             insecure_bootstrap: false,
             data_dir,
             socket_path: default_socket_path(),
+            health_address: None,
             join_token: None,
             node_attestor: NodeAttestorConfig::default(),
             workload_attestor: WorkloadAttestorConfig::default(),
@@ -951,6 +955,11 @@ mod tests {
     fn the_kubernetes_config_map_parses() {
         let manifest = include_str!("../../../deploy/kubernetes/agent-config.yaml");
         let c = AgentConfig::parse(&embedded(manifest, "agent.toml")).unwrap();
+        // The port of the DaemonSet's httpGet probes.
+        assert_eq!(c.health_address.map(|a| a.port()), Some(8080));
+        assert!(
+            include_str!("../../../deploy/kubernetes/agent.yaml").contains("containerPort: 8080")
+        );
         let psat = c
             .node_attestor
             .k8s_psat

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod attestor;
 pub mod cache;
 pub mod config;
+pub mod health;
 pub mod limits;
 pub mod manager;
 pub mod usage;

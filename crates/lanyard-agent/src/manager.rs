@@ -213,6 +213,10 @@ impl Manager {
             config.jwt_svid_cache_size,
         ));
         let usage = Arc::new(UsageTracker::new());
+        let (health_tx, health) = watch::channel(AgentHealth {
+            last_sync: None,
+            svid_expires_at: credentials.svid.not_after(),
+        });
         let runner = Runner::new(
             config,
             clock,
@@ -223,6 +227,7 @@ impl Manager {
             reattestable,
             bundle,
             Arc::clone(&usage),
+            health_tx,
         );
 
         let (stop, stopped) = watch::channel(false);
@@ -241,6 +246,7 @@ impl Manager {
         });
         Ok(ManagerHandle {
             snapshots,
+            health,
             agent_id,
             jwt_minter,
             usage,
@@ -254,6 +260,7 @@ impl Manager {
 /// A running manager. Dropping it stops the manager too, without waiting.
 pub struct ManagerHandle {
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    health: watch::Receiver<AgentHealth>,
     agent_id: watch::Receiver<SpiffeId>,
     jwt_minter: Arc<ManagerJwtMinter>,
     usage: Arc<UsageTracker>,
@@ -274,6 +281,19 @@ impl ManagerHandle {
     /// The snapshots the manager publishes; the current one is available at once.
     pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.snapshots.clone()
+    }
+
+    /// What the agent's health checks look at: when it last synced, and its SVID's expiry.
+    pub fn health(&self) -> AgentHealth {
+        *self.health.borrow()
+    }
+
+    /// What the HTTP health checks read, for as long as they run.
+    pub fn health_source(&self) -> Arc<dyn crate::health::HealthSource> {
+        Arc::new(ManagerHealth {
+            health: self.health.clone(),
+            failure: self.failure.clone(),
+        })
     }
 
     /// Mints JWT-SVIDs through the server, with a cache.
@@ -316,6 +336,31 @@ impl ManagerHandle {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+/// What the agent's health checks look at (`health_address`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentHealth {
+    /// When a sync with the server last succeeded; `None` before the first.
+    pub last_sync: Option<SystemTime>,
+    /// When the agent's current SVID expires.
+    pub svid_expires_at: SystemTime,
+}
+
+/// The manager's health and failure, read by the HTTP health checks.
+struct ManagerHealth {
+    health: watch::Receiver<AgentHealth>,
+    failure: watch::Receiver<Option<Arc<ManagerError>>>,
+}
+
+impl crate::health::HealthSource for ManagerHealth {
+    fn health(&self) -> AgentHealth {
+        *self.health.borrow()
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.borrow().as_ref().map(ToString::to_string)
     }
 }
 

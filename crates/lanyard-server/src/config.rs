@@ -170,6 +170,11 @@ pub struct ServerConfig {
     /// An OIDC discovery endpoint for the trust domain's JWT authorities, at `jwt_issuer`.
     #[serde(default)]
     pub oidc_discovery: Option<OidcDiscoveryConfig>,
+    /// Plain-HTTP `/live` and `/ready` for probes (Kubernetes `httpGet`, load balancers); off
+    /// when absent. Keep it on loopback or a private network: it says nothing secret, but
+    /// nobody outside needs it.
+    #[serde(default)]
+    pub health_address: Option<SocketAddr>,
 }
 
 /// `[federation]`: this server's part in SPIFFE federation. So far its bundle endpoint, from
@@ -868,6 +873,7 @@ impl ServerConfig {
             limits: LimitsConfig::default(),
             federation: FederationConfig::default(),
             oidc_discovery: None,
+            health_address: None,
         }
     }
 
@@ -1357,6 +1363,11 @@ mod tests {
     fn the_kubernetes_config_map_parses() {
         let manifest = include_str!("../../../deploy/kubernetes/server-config.yaml");
         let c = ServerConfig::parse(&embedded(manifest, "server.toml")).unwrap();
+        // The port of the StatefulSet's httpGet probes.
+        assert_eq!(c.health_address.map(|a| a.port()), Some(8080));
+        assert!(
+            include_str!("../../../deploy/kubernetes/server.yaml").contains("containerPort: 8080")
+        );
         let psat = c
             .node_attestor
             .k8s_psat

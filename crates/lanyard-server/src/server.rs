@@ -145,6 +145,7 @@ pub struct Server {
     tcp_addr: SocketAddr,
     bundle_endpoint_addr: Option<SocketAddr>,
     oidc_discovery_addr: Option<SocketAddr>,
+    health_addr: Option<SocketAddr>,
     socket_path: PathBuf,
     /// Every admin socket, the main one first; removed at shutdown.
     socket_paths: Vec<PathBuf>,
@@ -275,6 +276,8 @@ impl Server {
         let bundle_endpoint_addr =
             start_bundle_endpoint(&state, &server_svid, &stopped, &mut tasks).await?;
         let oidc_discovery_addr = start_oidc_discovery(&state, &stopped, &mut tasks).await?;
+        let datastore_writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let health_addr = start_health(&state, &datastore_writable, &stopped, &mut tasks).await?;
 
         let tcp_router = routes(&state, x509pop_anchors.clone(), k8s_psat.clone());
         let limits = crate::listener::ListenerLimits::from(&state.config);
@@ -325,6 +328,7 @@ impl Server {
         tasks.spawn(probe_datastore(
             Arc::clone(&state),
             health_reporter,
+            datastore_writable,
             stopped.clone(),
         ));
         tasks.spawn(rotate(Arc::clone(&state), server_svid, stopped));
@@ -340,6 +344,7 @@ impl Server {
             tcp_addr,
             bundle_endpoint_addr,
             oidc_discovery_addr,
+            health_addr,
             socket_path,
             socket_paths,
             stop,
@@ -365,6 +370,11 @@ impl Server {
     /// The bound address of OIDC discovery, when configured.
     pub fn oidc_discovery_addr(&self) -> Option<SocketAddr> {
         self.oidc_discovery_addr
+    }
+
+    /// Where `/live` and `/ready` are served, if `health_address` is set.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_addr
     }
 
     /// The admin socket path.
@@ -459,6 +469,7 @@ const HEALTH_PROBE_KEY: &str = "health.write_probe";
 async fn probe_datastore(
     state: Arc<ServerState>,
     health: tonic_health::server::HealthReporter,
+    writable: Arc<std::sync::atomic::AtomicBool>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut healthy = true;
@@ -471,6 +482,7 @@ async fn probe_datastore(
             .store
             .set_meta(HEALTH_PROBE_KEY, now.as_secs().to_string().as_bytes())
             .await;
+        writable.store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
         match (result, healthy) {
             (Ok(()), false) => {
                 tracing::info!("the datastore takes writes again");
@@ -609,6 +621,35 @@ async fn start_bundle_endpoint(
         stopped.clone(),
     ));
     tracing::info!(%address, profile = ?config.profile, refresh_hint = ?config.refresh_hint, "bundle endpoint serving");
+    Ok(Some(address))
+}
+
+/// Serves `/live` and `/ready` on `health_address`, if set (plain HTTP, see
+/// [`crate::endpoints::health`]).
+async fn start_health(
+    state: &Arc<ServerState>,
+    datastore_writable: &Arc<std::sync::atomic::AtomicBool>,
+    stopped: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> Result<Option<SocketAddr>, ServerError> {
+    let Some(address) = state.config.health_address else {
+        return Ok(None);
+    };
+    let (listener, address) = bind_endpoint(address).await?;
+    let responder =
+        crate::endpoints::health::Health::new(Arc::clone(state), Arc::clone(datastore_writable));
+    tasks.spawn(crate::endpoints::serve(
+        "health",
+        listener,
+        Transport::InsecureHttp,
+        EndpointLimits {
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
+        },
+        Arc::new(responder),
+        stopped.clone(),
+    ));
+    tracing::info!(%address, "health checks serving (/live, /ready)");
     Ok(Some(address))
 }
 

@@ -10,6 +10,7 @@ mod go_spiffe;
 mod grants;
 mod ha;
 mod ha_dns;
+mod health;
 mod helper;
 mod identities;
 mod java_spiffe;

@@ -75,6 +75,8 @@ pub(super) struct Runner {
     /// Entries left without SVIDs because of `x509_svid_cache_size`, last time we warned.
     n_over_capacity: usize,
     usage: UsageReporter,
+    /// Published for the health checks.
+    health: watch::Sender<super::AgentHealth>,
 }
 
 impl Runner {
@@ -90,6 +92,7 @@ impl Runner {
         reattestable: bool,
         bundle: Arc<TrustBundle>,
         usage: Arc<UsageTracker>,
+        health: watch::Sender<super::AgentHealth>,
     ) -> Self {
         Self {
             config,
@@ -109,6 +112,7 @@ impl Runner {
             batch_limit: MAX_CSRS_PER_CALL,
             n_over_capacity: 0,
             usage: UsageReporter::new(usage),
+            health,
         }
     }
 
@@ -193,6 +197,9 @@ impl Runner {
                 };
                 match result {
                     Ok(()) => {
+                        let now = self.now();
+                        self.health
+                            .send_modify(|health| health.last_sync = Some(now));
                         if sync_failures > 0 {
                             tracing::info!("sync with the server resumed");
                         }
@@ -404,6 +411,9 @@ impl Runner {
             true
         });
         self.credentials = credentials;
+        let expires_at = self.credentials.svid.not_after();
+        self.health
+            .send_modify(|health| health.svid_expires_at = expires_at);
         self.persist().await;
     }
 

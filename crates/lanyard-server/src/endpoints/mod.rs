@@ -18,6 +18,7 @@
 
 pub mod bundle;
 pub mod cert_files;
+pub mod health;
 pub mod oidc;
 
 use std::convert::Infallible;

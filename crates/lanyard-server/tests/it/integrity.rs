@@ -404,12 +404,49 @@ async fn wait_for_health(server: &TestServer, status: tonic_health::ServingStatu
     }
 }
 
+/// `GET path` on the server's `health_address`: the status and body.
+async fn http_health(server: &TestServer, path: &str) -> (u16, String) {
+    let addr = server
+        .server()
+        .health_addr()
+        .expect("health_address is set");
+    let answer = crate::http::call_plain(addr, hyper::Method::GET, path, &[], Vec::new())
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    (
+        answer.status.as_u16(),
+        String::from_utf8_lossy(&answer.body).into_owned(),
+    )
+}
+
+/// Waits (up to 20 s) for `/ready` to answer `status`.
+async fn wait_for_ready(server: &TestServer, status: u16) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (got, body) = http_health(server, "/ready").await;
+        if got == status {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/ready never answered {status}; last {got} {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn health_reports_a_datastore_that_cannot_write() {
     use sqlx::{ConnectOptions as _, Executor as _};
 
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|config| {
+        config.health_address = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
     wait_for_health(&server, tonic_health::ServingStatus::Serving).await;
+    assert_eq!(http_health(&server, "/live").await.0, 200);
+    assert_eq!(wait_for_ready(&server, 200).await, "ready\n");
+    assert_eq!(http_health(&server, "/metrics").await.0, 404);
     let mut raw = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(server.config.datastore_path())
         .connect()
@@ -425,8 +462,16 @@ async fn health_reports_a_datastore_that_cannot_write() {
         raw.execute(sql).await.unwrap();
     }
     wait_for_health(&server, tonic_health::ServingStatus::NotServing).await;
+    let reason = wait_for_ready(&server, 503).await;
+    assert!(
+        reason.contains("the datastore does not take writes"),
+        "{reason}"
+    );
+    // Not ready is not dead: a restart would not empty the disk.
+    assert_eq!(http_health(&server, "/live").await.0, 200);
     for sql in ["DROP TRIGGER full_insert", "DROP TRIGGER full_update"] {
         raw.execute(sql).await.unwrap();
     }
     wait_for_health(&server, tonic_health::ServingStatus::Serving).await;
+    wait_for_ready(&server, 200).await;
 }
