@@ -294,6 +294,8 @@ impl IndexFeed {
                 },
                 ChangeSubject::Exception(_) => exceptions_changed = true,
                 ChangeSubject::Bundle(trust_domain) => bundles.push(trust_domain.clone()),
+                // Nothing the index holds depends on a relationship.
+                ChangeSubject::FederationRelationship(_) => {}
             }
         }
         if exceptions_changed {
