@@ -10,7 +10,7 @@ pub(crate) mod declare;
 mod dev;
 pub(crate) mod entry;
 mod exception;
-mod federation;
+pub(crate) mod federation;
 mod files;
 mod grant;
 mod health;
