@@ -64,6 +64,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("server_config", server_config),
     ("agent_config", agent_config),
     ("entry_data", entry_data),
+    ("federation_data", federation_data),
+    ("federation_relationship", federation_relationship),
     ("declared_entries", declared_entries),
     ("h2_authority", h2_authority),
     ("h2_frames", h2_frames),
@@ -332,6 +334,41 @@ pub fn agent_config(data: &[u8]) {
 /// The JSON batch file of `lanyard entry create --data` and `entry update --data`.
 pub fn entry_data(data: &[u8]) {
     let _ = lanyard_cli::fuzzing::parse_entry_data(data);
+}
+
+/// The JSON file of `lanyard federation create --data` and `federation update --data`
+/// (`spire-server federation`'s format), each relationship built with its bundle.
+pub fn federation_data(data: &[u8]) {
+    let _ = lanyard_cli::fuzzing::parse_federation_data(data);
+}
+
+/// A `FederationRelationship` message as an admin sends it to the TrustDomain API, decoded
+/// and checked as the server does; one that passes encodes and parses back equal, and its
+/// endpoint URL re-parses from its text.
+pub fn federation_relationship(data: &[u8]) {
+    use lanyard_proto::convert::{
+        federation_relationship_from_proto, federation_relationship_to_proto,
+    };
+    use prost::Message as _;
+
+    let Ok(message) = lanyard_proto::spire::api::types::FederationRelationship::decode(data) else {
+        return;
+    };
+    let Ok(relationship) = federation_relationship_from_proto(&message) else {
+        return;
+    };
+    let again =
+        federation_relationship_from_proto(&federation_relationship_to_proto(&relationship, None))
+            .expect("a relationship's message parses back");
+    assert_eq!(again, relationship);
+    let url = relationship.bundle_endpoint_url();
+    assert_eq!(
+        url.as_str()
+            .parse::<lanyard_core::BundleEndpointUrl>()
+            .as_ref(),
+        Ok(url)
+    );
+    let _ = relationship.check_foreign(&trust_domain());
 }
 
 /// The TOML declared entries file of `lanyard plan` and `lanyard apply`.

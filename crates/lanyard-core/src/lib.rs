@@ -1,5 +1,6 @@
 //! The sans-IO vocabulary of Lanyard: SPIFFE IDs, selectors, registration entries, X.509 and
-//! JWT SVIDs, trust bundles, rotation math, policy evaluation (Rego) and the audit chain format.
+//! JWT SVIDs, trust bundles, federation relationships, rotation math, policy evaluation (Rego)
+//! and the audit chain format.
 //!
 //! Nothing in this crate performs I/O or reads a clock. Functions that depend on the current
 //! time take `now: SystemTime`; functions that need randomness use `ring`'s system RNG or take
@@ -10,6 +11,7 @@
 pub mod audit;
 pub mod bundle;
 pub mod entry;
+pub mod federation;
 pub mod id;
 pub mod jwt;
 pub mod k8s_psat;
@@ -23,6 +25,7 @@ pub mod x509pop;
 
 pub use bundle::{JwtAuthority, TrustBundle, X509Authority};
 pub use entry::{EntryId, RegistrationEntry};
+pub use federation::{BundleEndpointProfile, BundleEndpointUrl, FederationRelationship};
 pub use id::{SpiffeId, TrustDomain};
 pub use keys::{KeyPair, KeyType};
 pub use selector::{Selector, SelectorSet};

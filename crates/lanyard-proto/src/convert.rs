@@ -15,6 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lanyard_core::bundle::{BundleError, JwtAuthority, TrustBundle, X509Authority};
 use lanyard_core::entry::{EntryError, EntryId, RegistrationEntry};
+use lanyard_core::federation::{
+    BundleEndpointProfile, FederationError, FederationRelationship, RelationshipMask,
+};
 use lanyard_core::id::{IdError, SpiffeId, TrustDomain};
 use lanyard_core::jwt::JwtSvid;
 use lanyard_core::selector::{Selector, SelectorError, SelectorSet};
@@ -109,6 +112,12 @@ pub enum ConvertError {
         /// What is wrong with it.
         reason: X509Error,
     },
+    /// A federation relationship breaks one of SPIRE's rules (each names its field).
+    #[error("{0}")]
+    InvalidFederationRelationship(FederationError),
+    /// The `trust_domain_bundle` of a federation relationship is not a valid bundle.
+    #[error("failed to parse bundle: {0}")]
+    InvalidTrustDomainBundle(Box<ConvertError>),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -620,6 +629,108 @@ pub fn bundle_mask_all() -> types::BundleMask {
         jwt_authorities: true,
         refresh_hint: true,
         sequence_number: true,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Federation relationships
+
+/// Parses a `FederationRelationship` message, every field of it, with SPIRE's checks and
+/// texts: the trust domain (bare or `spiffe://`), the bundle endpoint URL
+/// ([`lanyard_core::BundleEndpointUrl`]), the profile (required) and, if present, the trust
+/// domain bundle, which must be the relationship's trust domain's. SPIRE checks a whole
+/// relationship even in an update whose input mask leaves fields out, and so does this.
+pub fn federation_relationship_from_proto(
+    relationship: &types::FederationRelationship,
+) -> Result<FederationRelationship, ConvertError> {
+    use types::federation_relationship::BundleEndpointProfile as Profile;
+
+    let invalid = ConvertError::InvalidFederationRelationship;
+    let trust_domain: TrustDomain = relationship
+        .trust_domain
+        .parse()
+        .map_err(|e| invalid(FederationError::TrustDomain(e)))?;
+    let url = relationship.bundle_endpoint_url.parse().map_err(invalid)?;
+    let profile = match &relationship.bundle_endpoint_profile {
+        Some(Profile::HttpsWeb(_)) => BundleEndpointProfile::HttpsWeb,
+        Some(Profile::HttpsSpiffe(spiffe)) => BundleEndpointProfile::HttpsSpiffe {
+            endpoint_spiffe_id: spiffe
+                .endpoint_spiffe_id
+                .parse()
+                .map_err(|e| invalid(FederationError::EndpointSpiffeId(e)))?,
+        },
+        None => {
+            return Err(ConvertError::Missing {
+                field: "bundle_endpoint_profile",
+            });
+        }
+    };
+    let parsed = FederationRelationship::new(trust_domain, url, profile);
+    match &relationship.trust_domain_bundle {
+        None => Ok(parsed),
+        Some(bundle) => {
+            let bundle = bundle_from_proto(bundle)
+                .map_err(|e| ConvertError::InvalidTrustDomainBundle(Box::new(e)))?;
+            parsed.with_trust_domain_bundle(bundle).map_err(invalid)
+        }
+    }
+}
+
+/// Encodes a federation relationship, filling only the fields set in `mask` (`None` means
+/// all). `trust_domain` is always set, as the bare name; the bundle is there when the mask
+/// asks for it and the relationship has one.
+pub fn federation_relationship_to_proto(
+    relationship: &FederationRelationship,
+    mask: Option<&types::FederationRelationshipMask>,
+) -> types::FederationRelationship {
+    use types::federation_relationship::BundleEndpointProfile as Profile;
+
+    let mask = relationship_mask_from_proto(mask);
+    let mut out = types::FederationRelationship {
+        trust_domain: relationship.trust_domain().name().to_owned(),
+        ..types::FederationRelationship::default()
+    };
+    if mask.bundle_endpoint_url {
+        out.bundle_endpoint_url = relationship.bundle_endpoint_url().as_str().to_owned();
+    }
+    if mask.bundle_endpoint_profile {
+        out.bundle_endpoint_profile = Some(match relationship.profile() {
+            BundleEndpointProfile::HttpsWeb => Profile::HttpsWeb(types::HttpsWebProfile {}),
+            BundleEndpointProfile::HttpsSpiffe { endpoint_spiffe_id } => {
+                Profile::HttpsSpiffe(types::HttpsspiffeProfile {
+                    endpoint_spiffe_id: endpoint_spiffe_id.as_str().to_owned(),
+                })
+            }
+        });
+    }
+    if mask.trust_domain_bundle {
+        out.trust_domain_bundle = relationship.trust_domain_bundle().map(bundle_to_proto);
+    }
+    out
+}
+
+/// A `FederationRelationshipMask` as the core's mask; `None` is every field.
+pub fn relationship_mask_from_proto(
+    mask: Option<&types::FederationRelationshipMask>,
+) -> RelationshipMask {
+    mask.map_or(RelationshipMask::ALL, |mask| RelationshipMask {
+        bundle_endpoint_url: mask.bundle_endpoint_url,
+        bundle_endpoint_profile: mask.bundle_endpoint_profile,
+        trust_domain_bundle: mask.trust_domain_bundle,
+    })
+}
+
+impl TryFrom<&types::FederationRelationship> for FederationRelationship {
+    type Error = ConvertError;
+
+    fn try_from(relationship: &types::FederationRelationship) -> Result<Self, ConvertError> {
+        federation_relationship_from_proto(relationship)
+    }
+}
+
+impl From<&FederationRelationship> for types::FederationRelationship {
+    fn from(relationship: &FederationRelationship) -> Self {
+        federation_relationship_to_proto(relationship, None)
     }
 }
 

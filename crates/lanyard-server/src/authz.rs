@@ -256,21 +256,21 @@ impl IndexFeed {
     /// every change past the revision the index reflects, in revision order, each applied by
     /// re-reading its record, so the index ends as the datastore is whatever order writers
     /// committed in, and whichever server made them. On a datastore error nothing past the
-    /// last applied change is recorded as done, so the next catch-up tries again. Returns the
-    /// trust domains whose bundles changed.
+    /// last applied change is recorded as done, so the next catch-up tries again. Returns what
+    /// changed outside the index: which bundles and which federation relationships.
     pub async fn catch_up(
         &self,
         store: &dyn crate::datastore::Datastore,
         judge: &crate::judge::IssuanceJudge,
-    ) -> Result<Vec<lanyard_core::TrustDomain>, crate::datastore::DatastoreError> {
+    ) -> Result<ChangedElsewhere, crate::datastore::DatastoreError> {
         use crate::datastore::ChangeSubject;
 
         let mut applied = self.applied.lock().await;
         let changes = store.changes_since(*applied).await?;
         let Some(last) = changes.last().map(|change| change.revision) else {
-            return Ok(Vec::new());
+            return Ok(ChangedElsewhere::default());
         };
-        let mut bundles = Vec::new();
+        let mut changed = ChangedElsewhere::default();
         // The record as it is now stands for every change to it; each subject is read once.
         let mut seen = HashSet::new();
         let mut exceptions_changed = false;
@@ -293,15 +293,27 @@ impl IndexFeed {
                     None => self.write().remove_agent(id),
                 },
                 ChangeSubject::Exception(_) => exceptions_changed = true,
-                ChangeSubject::Bundle(trust_domain) => bundles.push(trust_domain.clone()),
+                ChangeSubject::Bundle(trust_domain) => changed.bundles.push(trust_domain.clone()),
+                ChangeSubject::FederationRelationship(trust_domain) => {
+                    changed.relationships.push(trust_domain.clone());
+                }
             }
         }
         if exceptions_changed {
             judge.reload_exceptions(store).await?;
         }
         *applied = last;
-        Ok(bundles)
+        Ok(changed)
     }
+}
+
+/// What an [`IndexFeed::catch_up`] found changed that the index does not hold.
+#[derive(Debug, Default)]
+pub struct ChangedElsewhere {
+    /// The trust domains whose bundles changed.
+    pub bundles: Vec<lanyard_core::TrustDomain>,
+    /// The trust domains whose federation relationships changed.
+    pub relationships: Vec<lanyard_core::TrustDomain>,
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub mod listener;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod ratelimit;
+pub mod relationships;
 pub mod server;
 pub mod state;
 pub mod tls;

@@ -24,6 +24,7 @@ use crate::api::governed::GovernedEntryService;
 use crate::api::localauthority::LocalAuthorityService;
 use crate::api::metadata::EntryMetadataService;
 use crate::api::svid::SvidService;
+use crate::api::trustdomain::TrustDomainService;
 use crate::api::usage::UsageService;
 use crate::ca::{CaConfig, CaError, CaManager};
 use crate::config::{BundleEndpointProfile, DatastoreKind, KeyManagerKind, ServerConfig};
@@ -544,6 +545,7 @@ fn routes(
         .add_service(ExceptionService::new(Arc::clone(state)).into_server())
         .add_service(UsageService::new(Arc::clone(state)).into_server())
         .add_service(LocalAuthorityService::new(Arc::clone(state)).into_server())
+        .add_service(TrustDomainService::new(Arc::clone(state)).into_server())
 }
 
 /// Binds a public endpoint's listener.

@@ -1,8 +1,9 @@
 //! The state every API service shares: a bundle of components, each owning one concern —
 //! the configuration, the datastore, the CA, the authorization index and its change feed
 //! ([`IndexFeed`]), the policy and its decisions ([`IssuanceJudge`]), the audit trail
-//! ([`AuditTrail`]), the usage ledger and the clock — and the few questions that need more
-//! than one of them (which entries an agent may obtain, who is an admin).
+//! ([`AuditTrail`]), the usage ledger, the clock and the bundle refresh hook
+//! ([`BundleRefresh`]) — and the few questions that need more than one of them (which entries
+//! an agent may obtain, who is an admin).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -17,6 +18,7 @@ use crate::datastore::{AgentFilter, Datastore, DatastoreError, Issuance, PageReq
 use crate::judge::IssuanceJudge;
 use crate::ledger::Ledger;
 use crate::policy::PolicyHolder;
+use crate::relationships::BundleRefresh;
 
 /// A source of the current time; tests substitute a controllable one.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
@@ -40,6 +42,9 @@ pub struct ServerState {
     pub judge: IssuanceJudge,
     /// The audit log and its checkpoint.
     pub audit: Arc<AuditTrail>,
+    /// Bundle refresh requests and relationship changes, for the client that fetches
+    /// federated bundles.
+    pub bundle_refresh: BundleRefresh,
     clock: Clock,
     ledger: Option<Ledger>,
     rotation_requested: tokio::sync::Notify,
@@ -88,6 +93,7 @@ impl ServerState {
             judge: IssuanceJudge::new(&config, exceptions, Arc::clone(&audit)),
             index: IndexFeed::new(index, revision),
             audit,
+            bundle_refresh: BundleRefresh::new(),
             config,
             store,
             ca,
@@ -173,9 +179,13 @@ impl ServerState {
     /// other servers sharing the datastore.
     /// When the trust domain's own bundle changed (another server published its authorities),
     /// the CA takes the stored one, so that TLS and agents see every server's authorities.
+    /// When federation relationships changed, [`BundleRefresh::relationships`] moves.
     pub async fn catch_up(&self) -> Result<(), DatastoreError> {
-        let bundles = self.index.catch_up(&*self.store, &self.judge).await?;
-        if bundles.contains(self.trust_domain())
+        let changed = self.index.catch_up(&*self.store, &self.judge).await?;
+        if !changed.relationships.is_empty() {
+            self.bundle_refresh.relationships_changed();
+        }
+        if changed.bundles.contains(self.trust_domain())
             && let Err(error) = self.ca.refresh_bundle().await
         {
             tracing::warn!(%error, "could not re-read the trust domain's bundle; the rotation pass will");

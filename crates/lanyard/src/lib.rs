@@ -53,8 +53,8 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 /// The parsers of the files an operator hands the command, for the fuzz targets in `fuzz/`.
-/// Not an API: each returns the number of entries parsed or the one-line error the command
-/// would print.
+/// Not an API: each returns the number of entries (or relationships) parsed or the one-line
+/// error the command would print.
 #[doc(hidden)]
 pub mod fuzzing {
     /// Parses a `entry create --data`/`entry update --data` batch file.
@@ -62,6 +62,17 @@ pub mod fuzzing {
         crate::cli::entry::data::parse_entries(json)
             .map(|specs| specs.len())
             .map_err(|err| format!("{err:#}"))
+    }
+
+    /// Parses a `federation create --data`/`federation update --data` file and builds each
+    /// relationship it holds (bundles included), as the command does before sending them.
+    pub fn parse_federation_data(json: &[u8]) -> Result<usize, String> {
+        let configs = crate::cli::federation::data::parse_relationships(json)
+            .map_err(|err| format!("{err:#}"))?;
+        for config in &configs {
+            config.relationship().map_err(|err| format!("{err:#}"))?;
+        }
+        Ok(configs.len())
     }
 
     /// Parses a declared entries file of `plan` and `apply`.

@@ -8,7 +8,8 @@
 //!
 //! `LANYARD_FUZZ_REGENERATE_CORPUS=1 cargo test -p lanyard-fuzz --test it corpus::` rewrites
 //! the generated seeds and the fixtures (the x509pop CA and the JWT bundle change together
-//! with the seeds that depend on them); otherwise the test checks that they are in place.
+//! with the seeds that depend on them); `LANYARD_FUZZ_REGENERATE_CORPUS=<target>,…` rewrites
+//! only those targets' seeds; otherwise the test checks that they are in place.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -430,6 +431,56 @@ fn generate() -> Generated {
         r#"{"entries":[{"spiffeId":"spiffe://example.org/db","parentId":"spiffe://example.org/spire/server","selectors":["unix:uid:1112","unix:gid:50"],"x509SvidTtl":"1h","expiresAt":"2030-01-01T00:00:00Z","dnsNames":["db.example.org"],"federatesWith":["partner.org"],"hint":null,"revision_number":"3","storeSvid":false,"downstream":false}]}"#,
     );
 
+    // Federation relationships: SPIRE's data file, and the messages of the TrustDomain API.
+    out.add(
+        "federation_data",
+        "spire-form.json",
+        r#"{"federationRelationships":[{"trustDomain":"partner.example","bundleEndpointURL":"https://partner.example:8443","bundleEndpointProfile":"https_spiffe","endpointSPIFFEID":"spiffe://partner.example/spire/server"},{"trust_domain":"web.example","bundle_endpoint_url":"https://web.example/bundle","bundle_endpoint_profile":"https_web"}]}"#,
+    );
+    out.add(
+        "federation_data",
+        "spiffe-bundle.json",
+        format!(
+            r#"{{"federationRelationships":[{{"trustDomain":"example.org","bundleEndpointURL":"https://example.org/bundle","bundleEndpointProfile":"https_web","trustDomainBundle":{},"trustDomainBundleFormat":"spiffe"}}]}}"#,
+            out.jwt_bundle_json
+        ),
+    );
+    {
+        use lanyard_proto::spire::api::types;
+        use lanyard_proto::spire::api::types::federation_relationship::BundleEndpointProfile;
+        use prost::Message as _;
+
+        let spiffe = types::FederationRelationship {
+            trust_domain: "partner.example".to_owned(),
+            bundle_endpoint_url: "https://partner.example:8443/bundle".to_owned(),
+            bundle_endpoint_profile: Some(BundleEndpointProfile::HttpsSpiffe(
+                types::HttpsspiffeProfile {
+                    endpoint_spiffe_id: "spiffe://partner.example/spire/server".to_owned(),
+                },
+            )),
+            trust_domain_bundle: Some(types::Bundle {
+                trust_domain: "partner.example".to_owned(),
+                refresh_hint: 300,
+                sequence_number: 2,
+                ..types::Bundle::default()
+            }),
+        };
+        let web = types::FederationRelationship {
+            trust_domain: "spiffe://web.example".to_owned(),
+            bundle_endpoint_url: "https://[2001:db8::1]/bundle".to_owned(),
+            bundle_endpoint_profile: Some(BundleEndpointProfile::HttpsWeb(
+                types::HttpsWebProfile {},
+            )),
+            trust_domain_bundle: None,
+        };
+        out.add(
+            "federation_relationship",
+            "https-spiffe",
+            spiffe.encode_to_vec(),
+        );
+        out.add("federation_relationship", "https-web", web.encode_to_vec());
+    }
+
     // HTTP/2 authorities: grpc-core's percent-encoded socket path and ordinary ones.
     let authorities: &[(&str, &str)] = &[
         (
@@ -528,9 +579,27 @@ fn regenerating() -> bool {
     std::env::var_os("LANYARD_FUZZ_REGENERATE_CORPUS").is_some_and(|v| v == "1")
 }
 
+/// The targets whose seeds alone this run rewrites (`LANYARD_FUZZ_REGENERATE_CORPUS=<target>,…`),
+/// so that a new target gets its seeds without new keys for every other target's.
+fn regenerating_targets() -> Option<Vec<String>> {
+    let value = std::env::var("LANYARD_FUZZ_REGENERATE_CORPUS").ok()?;
+    (value != "1").then(|| value.split(',').map(str::to_owned).collect())
+}
+
 #[test]
 fn corpus_is_in_place_for_every_target() {
     let dir = fuzz_dir();
+    if let Some(only) = regenerating_targets() {
+        for (target, name, bytes) in generate()
+            .seeds
+            .iter()
+            .filter(|(target, _, _)| only.iter().any(|name| name == target))
+        {
+            let target_dir = dir.join("corpus").join(target);
+            std::fs::create_dir_all(&target_dir).expect("corpus directory");
+            std::fs::write(target_dir.join(name), bytes).expect("seed written");
+        }
+    }
     if regenerating() {
         let generated = generate();
         for (target, name, bytes) in &generated.seeds {
@@ -599,4 +668,21 @@ fn seed_tokens_and_payloads_verify_against_the_fixtures() {
     let (root, rest) = certs.split_last().expect("certificates");
     x509::verify_svid_chain(rest, &td(), std::slice::from_ref(root), fuzz_now())
         .expect("the seed chain verifies at fuzz_now()");
+}
+
+#[test]
+fn federation_seeds_are_accepted_so_that_mutations_start_deep() {
+    use prost::Message as _;
+
+    let corpus = fuzz_dir().join("corpus");
+    for (name, bytes) in read_dir_inputs(&corpus.join("federation_data")) {
+        let parsed = lanyard_cli::fuzzing::parse_federation_data(&bytes);
+        assert!(parsed.is_ok(), "{}: {parsed:?}", name.display());
+    }
+    for (name, bytes) in read_dir_inputs(&corpus.join("federation_relationship")) {
+        let message = lanyard_proto::spire::api::types::FederationRelationship::decode(&*bytes)
+            .unwrap_or_else(|e| panic!("{}: {e}", name.display()));
+        let parsed = lanyard_proto::convert::federation_relationship_from_proto(&message);
+        assert!(parsed.is_ok(), "{}: {parsed:?}", name.display());
+    }
 }

@@ -1,5 +1,6 @@
 //! SPIRE's own admin CLI (`spire-server` v1.13.3 with `-socketPath`) against the Lanyard
-//! server's admin socket: health, join tokens, registration entries, agents and the bundle.
+//! server's admin socket: health, join tokens, registration entries, agents, the bundle and
+//! federation relationships.
 //! Every effect is checked from the other side: through the Lanyard CLI, or through a Lanyard
 //! agent attested with the token SPIRE's CLI generated.
 //!
@@ -359,4 +360,283 @@ fn agents(server: &Server, agent_id: &str) {
     );
     assert!(!missing.success(), "{missing}");
     assert!(missing.stderr.contains("NotFound"), "{missing}");
+}
+
+/// A CA certificate of `trust_domain`, made now, as a one-authority bundle.
+fn foreign_bundle(trust_domain: &str) -> lanyard_core::TrustBundle {
+    let trust_domain = lanyard_core::TrustDomain::new(trust_domain).unwrap();
+    let key = lanyard_core::KeyPair::generate(lanyard_core::KeyType::EcP256).unwrap();
+    let der = lanyard_core::x509::create_self_signed_ca(
+        &trust_domain,
+        &key,
+        &lanyard_core::x509::CaSubject::default(),
+        std::time::SystemTime::now(),
+        std::time::Duration::from_secs(3600),
+    )
+    .unwrap();
+    let mut bundle = lanyard_core::TrustBundle::new(trust_domain);
+    bundle.add_x509_authority(lanyard_core::X509Authority::new(der).unwrap());
+    bundle
+}
+
+/// The trust domains of the federated bundles `lanyard bundle list` shows.
+fn lanyard_federated_bundles(server: &Server) -> Vec<String> {
+    let listed = server.cli_json(&["bundle", "list"]);
+    listed["bundles"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no bundles array in {listed}"))
+        .iter()
+        .map(|bundle| {
+            bundle["trust_domain"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// `federation create/list/show/update/refresh/delete` and `bundle list`, each effect checked
+/// through `lanyard federation` and `lanyard bundle list`.
+#[test]
+fn spire_server_cli_manages_the_lanyard_servers_federation_relationships() {
+    if spire_or_skip("spire_server_cli_manages_the_lanyard_servers_federation_relationships")
+        .is_none()
+    {
+        return;
+    }
+    let dir = TestDir::new();
+    let server = Server::start(&dir.join("server"));
+    let partner_bundle = foreign_bundle("partner.example");
+    let partner_pem = dir.join("partner.pem");
+    std::fs::write(&partner_pem, partner_bundle.x509_authorities_pem()).unwrap();
+
+    // create, from flags: https_spiffe with a PEM bundle, and https_web.
+    let created = spire_ok(
+        &server,
+        &["federation", "create"],
+        &[
+            "-trustDomain",
+            "partner.example",
+            "-bundleEndpointURL",
+            "https://partner.example:8443",
+            "-bundleEndpointProfile",
+            "https_spiffe",
+            "-endpointSpiffeID",
+            "spiffe://partner.example/spire/server",
+            "-trustDomainBundlePath",
+            partner_pem.to_str().unwrap(),
+            "-trustDomainBundleFormat",
+            "pem",
+        ],
+    );
+    assert_eq!(
+        pretty_field(&created, "Bundle endpoint profile").as_deref(),
+        Some("https_spiffe"),
+        "{created}"
+    );
+    let created = spire_json(
+        &server,
+        &["federation", "create"],
+        &[
+            "-trustDomain",
+            "web.example",
+            "-bundleEndpointURL",
+            "https://web.example/bundle",
+            "-bundleEndpointProfile",
+            "https_web",
+        ],
+    );
+    assert_eq!(
+        created["results"][0]["federation_relationship"]["trust_domain"], "web.example",
+        "{created}"
+    );
+    let shown = server.cli_json(&["federation", "show", "--trust-domain", "partner.example"]);
+    assert_eq!(
+        shown["https_spiffe"]["endpoint_spiffe_id"], "spiffe://partner.example/spire/server",
+        "{shown}"
+    );
+    assert_eq!(
+        shown["bundle_endpoint_url"], "https://partner.example:8443",
+        "{shown}"
+    );
+    assert_eq!(lanyard_federated_bundles(&server), ["partner.example"]);
+
+    // list and show.
+    let listed = spire_ok(&server, &["federation", "list"], &[]);
+    assert!(
+        listed.contains("Found 2 federation relationships"),
+        "{listed}"
+    );
+    assert!(listed.contains("https://web.example/bundle"), "{listed}");
+    let listed = spire_json(&server, &["federation", "list"], &[]);
+    assert_eq!(
+        listed["federation_relationships"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+    let shown = spire_ok(
+        &server,
+        &["federation", "show"],
+        &["-trustDomain", "web.example"],
+    );
+    assert!(
+        shown.contains("Found a federation relationship with trust domain web.example"),
+        "{shown}"
+    );
+    assert_eq!(
+        pretty_field(&shown, "Bundle endpoint profile").as_deref(),
+        Some("https_web"),
+        "{shown}"
+    );
+
+    // Refusals come back with Lanyard's answers, which are SPIRE's texts.
+    let duplicate = spire_server_cli(
+        server.admin_socket(),
+        &["federation", "create"],
+        &[
+            "-trustDomain",
+            "web.example",
+            "-bundleEndpointURL",
+            "https://web.example/other",
+            "-bundleEndpointProfile",
+            "https_web",
+        ],
+    );
+    assert!(!duplicate.success(), "{duplicate}");
+    assert!(duplicate.stderr.contains("AlreadyExists"), "{duplicate}");
+    let own = spire_server_cli(
+        server.admin_socket(),
+        &["federation", "create"],
+        &[
+            "-trustDomain",
+            trust_domain().name(),
+            "-bundleEndpointURL",
+            "https://example.org/bundle",
+            "-bundleEndpointProfile",
+            "https_web",
+        ],
+    );
+    assert!(!own.success(), "{own}");
+    assert!(
+        own.stderr
+            .contains("unable to create federation relationship for server trust domain"),
+        "{own}"
+    );
+
+    // update from a -data file: web.example moves to https_spiffe with a SPIFFE bundle.
+    let web_bundle = foreign_bundle("web.example");
+    let data = dir.join("relationships.json");
+    let jwks: serde_json::Value = serde_json::from_str(&web_bundle.to_jwks_json()).unwrap();
+    std::fs::write(
+        &data,
+        serde_json::json!({"federationRelationships": [{
+            "trustDomain": "web.example",
+            "bundleEndpointURL": "https://web.example:8443/bundle",
+            "bundleEndpointProfile": "https_spiffe",
+            "endpointSPIFFEID": "spiffe://web.example/spire/server",
+            "trustDomainBundle": jwks,
+            "trustDomainBundleFormat": "spiffe",
+        }]})
+        .to_string(),
+    )
+    .unwrap();
+    let updated = spire_ok(
+        &server,
+        &["federation", "update"],
+        &["-data", data.to_str().unwrap()],
+    );
+    assert_eq!(
+        pretty_field(&updated, "Endpoint SPIFFE ID").as_deref(),
+        Some("spiffe://web.example/spire/server"),
+        "{updated}"
+    );
+    let shown = server.cli_json(&["federation", "show", "--trust-domain", "web.example"]);
+    assert_eq!(
+        shown["bundle_endpoint_url"], "https://web.example:8443/bundle",
+        "{shown}"
+    );
+    assert_eq!(
+        shown["trust_domain_bundle"]["x509_authorities"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{shown}"
+    );
+    assert_eq!(
+        lanyard_federated_bundles(&server),
+        ["partner.example", "web.example"]
+    );
+
+    // spire-server bundle list shows the federated bundles, certificates and all.
+    let bundles = spire_ok(&server, &["bundle", "list"], &[]);
+    assert!(bundles.contains("* partner.example"), "{bundles}");
+    assert!(bundles.contains("* web.example"), "{bundles}");
+    let mut listed_der = pem_certificates(&bundles);
+    listed_der.sort();
+    let mut expected_der: Vec<Vec<u8>> = [&partner_bundle, &web_bundle]
+        .iter()
+        .flat_map(|bundle| bundle.x509_authorities().iter().map(|a| a.der().to_vec()))
+        .collect();
+    expected_der.sort();
+    assert_eq!(listed_der, expected_der, "{bundles}");
+
+    // refresh: a trust domain with a relationship, then one without.
+    let refreshed = spire_ok(
+        &server,
+        &["federation", "refresh"],
+        &["-id", "partner.example"],
+    );
+    assert!(refreshed.contains("Bundle refreshed"), "{refreshed}");
+    let unknown = spire_server_cli(
+        server.admin_socket(),
+        &["federation", "refresh"],
+        &["-id", "unknown.example"],
+    );
+    assert!(!unknown.success(), "{unknown}");
+    assert!(
+        unknown
+            .stderr
+            .contains("there is no federation relationship with trust domain"),
+        "{unknown}"
+    );
+
+    // delete: the relationship goes, its bundle stays.
+    let deleted = spire_ok(
+        &server,
+        &["federation", "delete"],
+        &["-id", "spiffe://partner.example"],
+    );
+    assert!(
+        deleted.contains("federation relationship deleted."),
+        "{deleted}"
+    );
+    let remaining = server.cli_json(&["federation", "list"]);
+    assert_eq!(
+        remaining["federation_relationships"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{remaining}"
+    );
+    assert_eq!(
+        lanyard_federated_bundles(&server),
+        ["partner.example", "web.example"]
+    );
+    let missing = spire_server_cli(
+        server.admin_socket(),
+        &["federation", "show"],
+        &["-trustDomain", "partner.example"],
+    );
+    assert!(!missing.success(), "{missing}");
+    assert!(missing.stderr.contains("NotFound"), "{missing}");
+    let again = spire_server_cli(
+        server.admin_socket(),
+        &["federation", "delete"],
+        &["-id", "partner.example"],
+    );
+    assert!(!again.success(), "{again}");
+    assert!(
+        again.stderr.contains("federation relationship not found"),
+        "{again}"
+    );
 }

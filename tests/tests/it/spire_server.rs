@@ -2,8 +2,8 @@
 //! attests to it with a join token from `spire-server token generate`, authenticating it with
 //! the bundle from `spire-server bundle show`, and serves workloads the entries created with
 //! `spire-server entry create`, chaining to SPIRE's authorities; and the Lanyard admin CLI
-//! (`--socket`) manages SPIRE's entries, agents, join tokens and bundle, each effect checked
-//! with SPIRE's own CLI.
+//! (`--socket`) manages SPIRE's entries, agents, join tokens, bundle and federation
+//! relationships, each effect checked with SPIRE's own CLI.
 
 use std::time::SystemTime;
 
@@ -381,4 +381,157 @@ fn lanyard_cli_administers_spire_server() {
     let missing = spire.cli(&["entry", "show"], &["-entryID", &entry_id]);
     assert!(!missing.success(), "{missing}");
     assert!(missing.stderr.contains("NotFound"), "{missing}");
+}
+
+/// `lanyard federation` against `spire-server`: what Lanyard's CLI sends is what SPIRE's
+/// TrustDomain API takes, and what SPIRE answers (its paging, its texts) reads back.
+#[test]
+fn lanyard_cli_manages_spire_servers_federation_relationships() {
+    if spire_or_skip("lanyard_cli_manages_spire_servers_federation_relationships").is_none() {
+        return;
+    }
+    let dir = TestDir::new();
+    let spire = SpireServer::start(&dir.join("spire-server"));
+    let partner = lanyard_core::TrustDomain::new("partner.example").unwrap();
+    let key = lanyard_core::KeyPair::generate(lanyard_core::KeyType::EcP256).unwrap();
+    let ca = lanyard_core::x509::create_self_signed_ca(
+        &partner,
+        &key,
+        &lanyard_core::x509::CaSubject::default(),
+        SystemTime::now(),
+        std::time::Duration::from_secs(3600),
+    )
+    .unwrap();
+    let pem_path = dir.join("partner.pem");
+    std::fs::write(
+        &pem_path,
+        lanyard_core::keys::pem_encode("CERTIFICATE", &ca),
+    )
+    .unwrap();
+
+    let created = lanyard_json(
+        &spire,
+        &[
+            "federation",
+            "create",
+            "--trust-domain",
+            "partner.example",
+            "--bundle-endpoint-url",
+            "https://partner.example:8443",
+            "--bundle-endpoint-profile",
+            "https_spiffe",
+            "--endpoint-spiffe-id",
+            "spiffe://partner.example/spire/server",
+            "--trust-domain-bundle-path",
+            pem_path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(created["results"][0]["status"]["code"], 0, "{created}");
+    let shown = spire.cli_ok(
+        &["federation", "show"],
+        &["-trustDomain", "partner.example"],
+    );
+    assert_eq!(
+        pretty_field(&shown, "Endpoint SPIFFE ID").as_deref(),
+        Some("spiffe://partner.example/spire/server"),
+        "{shown}"
+    );
+    // SPIRE stored the bundle as the federated bundle; the Lanyard CLI lists it.
+    let bundles = lanyard_json(&spire, &["bundle", "list"]);
+    assert_eq!(
+        bundles["bundles"][0]["trust_domain"], "partner.example",
+        "{bundles}"
+    );
+    let bundles = spire.cli_ok(&["bundle", "list"], &[]);
+    assert_eq!(pem_certificates(&bundles), [ca], "{bundles}");
+
+    // SPIRE pages with a token after every non-empty page; the listing reads to the end.
+    let listed = lanyard_json(&spire, &["federation", "list"]);
+    let relationships = listed["federation_relationships"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(relationships.len(), 1, "{listed}");
+    assert_eq!(
+        relationships[0]["trust_domain_bundle"]["trust_domain"], "partner.example",
+        "{listed}"
+    );
+
+    let updated = lanyard_on(
+        &spire,
+        &[
+            "federation",
+            "update",
+            "--trust-domain",
+            "partner.example",
+            "--bundle-endpoint-url",
+            "https://partner.example/bundle",
+            "--bundle-endpoint-profile",
+            "https_web",
+        ],
+    );
+    assert!(updated.success(), "{updated}");
+    let shown = spire.cli_ok(
+        &["federation", "show"],
+        &["-trustDomain", "partner.example"],
+    );
+    assert_eq!(
+        pretty_field(&shown, "Bundle endpoint profile").as_deref(),
+        Some("https_web"),
+        "{shown}"
+    );
+    assert_eq!(
+        pretty_field(&shown, "Bundle endpoint URL").as_deref(),
+        Some("https://partner.example/bundle"),
+        "{shown}"
+    );
+
+    // SPIRE's refusals reach the Lanyard CLI's error line with SPIRE's codes.
+    let duplicate = lanyard_on(
+        &spire,
+        &[
+            "federation",
+            "create",
+            "--trust-domain",
+            "partner.example",
+            "--bundle-endpoint-url",
+            "https://partner.example/bundle",
+            "--bundle-endpoint-profile",
+            "https_web",
+        ],
+    );
+    assert!(!duplicate.success(), "{duplicate}");
+    assert!(
+        duplicate
+            .stderr
+            .contains("failed to create federation relationship"),
+        "{duplicate}"
+    );
+    let unknown = lanyard_on(
+        &spire,
+        &["federation", "refresh", "--trust-domain", "unknown.example"],
+    );
+    assert!(!unknown.success(), "{unknown}");
+    assert!(
+        unknown
+            .stderr
+            .contains("there is no federation relationship with trust domain unknown.example"),
+        "{unknown}"
+    );
+
+    let deleted = lanyard_on(
+        &spire,
+        &["federation", "delete", "--trust-domain", "partner.example"],
+    );
+    assert!(deleted.success(), "{deleted}");
+    let listed = spire.cli_ok(&["federation", "list"], &[]);
+    assert!(
+        listed.contains("Found 0 federation relationships"),
+        "{listed}"
+    );
+    // SPIRE keeps the bundle too.
+    let bundles = lanyard_json(&spire, &["bundle", "list"]);
+    assert_eq!(
+        bundles["bundles"][0]["trust_domain"], "partner.example",
+        "{bundles}"
+    );
 }

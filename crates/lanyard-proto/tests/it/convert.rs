@@ -5,15 +5,17 @@ use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lanyard_core::bundle::{JwtAuthority, TrustBundle, X509Authority};
+use lanyard_core::federation::{BundleEndpointProfile, FederationRelationship, RelationshipMask};
 use lanyard_core::jwt::{JwtSigningKey, JwtSvidParams, mint_jwt_svid};
 use lanyard_core::x509::{CaSubject, SvidParams, X509Ca, create_self_signed_ca};
 use lanyard_core::{EntryId, KeyPair, KeyType, RegistrationEntry, Selector, SpiffeId, TrustDomain};
 use lanyard_proto::convert::{
     ConvertError, EntryInput, bundle_from_proto, bundle_mask_all, bundle_to_proto,
     bundle_to_proto_masked, entry_from_proto, entry_id_from_proto, entry_mask_all, entry_to_proto,
-    entry_update_from_proto, jwt_svid_to_proto, ok_status, selector_from_proto, selector_to_proto,
-    spiffe_id_field_from_proto, spiffe_id_from_proto, spiffe_id_to_proto, status,
-    status_from_tonic, trust_domain_from_proto, x509_svid_from_proto, x509_svid_to_proto,
+    entry_update_from_proto, federation_relationship_from_proto, federation_relationship_to_proto,
+    jwt_svid_to_proto, ok_status, relationship_mask_from_proto, selector_from_proto,
+    selector_to_proto, spiffe_id_field_from_proto, spiffe_id_from_proto, spiffe_id_to_proto,
+    status, status_from_tonic, trust_domain_from_proto, x509_svid_from_proto, x509_svid_to_proto,
 };
 use lanyard_proto::spire::api::types;
 
@@ -851,4 +853,155 @@ fn batch_statuses_follow_spire() {
             message: "similar entry already exists".to_owned()
         }
     );
+}
+
+fn proto_relationship(trust_domain: &str, url: &str) -> types::FederationRelationship {
+    use types::federation_relationship::BundleEndpointProfile as Profile;
+    types::FederationRelationship {
+        trust_domain: trust_domain.to_owned(),
+        bundle_endpoint_url: url.to_owned(),
+        bundle_endpoint_profile: Some(Profile::HttpsSpiffe(types::HttpsspiffeProfile {
+            endpoint_spiffe_id: format!("spiffe://{trust_domain}/spire/server"),
+        })),
+        trust_domain_bundle: None,
+    }
+}
+
+#[test]
+fn federation_relationships_round_trip_through_proto() {
+    let Pki { bundle, .. } = pki();
+    let mut proto = proto_relationship("example.org", "https://example.org:8443/bundle");
+    proto.trust_domain_bundle = Some(bundle_to_proto(&bundle));
+    let parsed = federation_relationship_from_proto(&proto).unwrap();
+    assert_eq!(parsed.trust_domain(), &td("example.org"));
+    assert_eq!(
+        parsed.bundle_endpoint_url().as_str(),
+        "https://example.org:8443/bundle"
+    );
+    assert_eq!(
+        parsed.profile(),
+        &BundleEndpointProfile::HttpsSpiffe {
+            endpoint_spiffe_id: id("spiffe://example.org/spire/server")
+        }
+    );
+    assert_eq!(parsed.trust_domain_bundle(), Some(&bundle));
+    assert_eq!(federation_relationship_to_proto(&parsed, None), proto);
+    assert_eq!(types::FederationRelationship::from(&parsed), proto);
+    assert_eq!(FederationRelationship::try_from(&proto).unwrap(), parsed);
+
+    // A trust domain in `spiffe://` form is accepted and leaves bare.
+    let mut spiffe_form = proto.clone();
+    spiffe_form.trust_domain = "spiffe://example.org".to_owned();
+    let parsed = federation_relationship_from_proto(&spiffe_form).unwrap();
+    assert_eq!(
+        federation_relationship_to_proto(&parsed, None).trust_domain,
+        "example.org"
+    );
+
+    // Masks: the trust domain is always there.
+    let empty = types::FederationRelationshipMask::default();
+    assert_eq!(
+        federation_relationship_to_proto(&parsed, Some(&empty)),
+        types::FederationRelationship {
+            trust_domain: "example.org".to_owned(),
+            ..types::FederationRelationship::default()
+        }
+    );
+    let profile_only = types::FederationRelationshipMask {
+        bundle_endpoint_profile: true,
+        ..types::FederationRelationshipMask::default()
+    };
+    let masked = federation_relationship_to_proto(&parsed, Some(&profile_only));
+    assert!(masked.bundle_endpoint_profile.is_some());
+    assert!(masked.bundle_endpoint_url.is_empty());
+    assert!(masked.trust_domain_bundle.is_none());
+    assert_eq!(relationship_mask_from_proto(None), RelationshipMask::ALL);
+    assert_eq!(
+        relationship_mask_from_proto(Some(&profile_only)),
+        RelationshipMask {
+            bundle_endpoint_url: false,
+            bundle_endpoint_profile: true,
+            trust_domain_bundle: false,
+        }
+    );
+}
+
+#[test]
+fn malformed_federation_relationships_are_refused_with_spires_texts() {
+    let good = proto_relationship("partner.example", "https://partner.example/bundle");
+    let refused = |edit: &dyn Fn(&mut types::FederationRelationship)| {
+        let mut proto = good.clone();
+        edit(&mut proto);
+        federation_relationship_from_proto(&proto)
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        refused(&|r| r.trust_domain = "Partner.example".into()),
+        "failed to parse trust domain: trust domain characters are limited to lowercase \
+         letters, numbers, dots, dashes, and underscores"
+    );
+    assert_eq!(
+        refused(&|r| r.trust_domain = String::new()),
+        "failed to parse trust domain: trust domain is missing"
+    );
+    assert_eq!(
+        refused(&|r| r.bundle_endpoint_url = "http://partner.example/bundle".into()),
+        "bundle endpoint URL must use the https scheme"
+    );
+    assert_eq!(
+        refused(&|r| r.bundle_endpoint_url = "https://me@partner.example/".into()),
+        "bundle endpoint URL must not contain user info"
+    );
+    assert!(
+        refused(&|r| r.bundle_endpoint_url = "https://partner example/".into())
+            .starts_with("failed to parse bundle endpoint URL: ")
+    );
+    assert_eq!(
+        refused(&|r| r.bundle_endpoint_profile = None),
+        "missing bundle_endpoint_profile"
+    );
+    assert_eq!(
+        refused(&|r| {
+            r.bundle_endpoint_profile = Some(
+                types::federation_relationship::BundleEndpointProfile::HttpsSpiffe(
+                    types::HttpsspiffeProfile::default(),
+                ),
+            );
+        }),
+        "failed to parse endpoint SPIFFE ID: cannot be empty"
+    );
+    assert_eq!(
+        refused(&|r| {
+            r.trust_domain_bundle = Some(types::Bundle {
+                trust_domain: "other.example".into(),
+                ..types::Bundle::default()
+            });
+        }),
+        "trust domain bundle (\"other.example\") must match the trust domain of the federation \
+         relationship (\"partner.example\")"
+    );
+    assert!(
+        refused(&|r| {
+            r.trust_domain_bundle = Some(types::Bundle {
+                trust_domain: "partner.example".into(),
+                x509_authorities: vec![types::X509Certificate {
+                    asn1: vec![1, 2, 3],
+                    ..types::X509Certificate::default()
+                }],
+                ..types::Bundle::default()
+            });
+        })
+        .starts_with("failed to parse bundle: invalid x509_authorities[0]: ")
+    );
+    // An endpoint in another trust domain is SPIRE's to allow, and Lanyard's.
+    let mut elsewhere = good.clone();
+    elsewhere.bundle_endpoint_profile = Some(
+        types::federation_relationship::BundleEndpointProfile::HttpsSpiffe(
+            types::HttpsspiffeProfile {
+                endpoint_spiffe_id: "spiffe://bundles.example/endpoint".into(),
+            },
+        ),
+    );
+    assert!(federation_relationship_from_proto(&elsewhere).is_ok());
 }

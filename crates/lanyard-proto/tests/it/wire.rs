@@ -5,9 +5,14 @@
 use lanyard_proto::spire::api::server::agent::v1::{AttestAgentResponse, attest_agent_response};
 use lanyard_proto::spire::api::server::entry::v1::{EntryRevision, SyncAuthorizedEntriesResponse};
 use lanyard_proto::spire::api::server::svid::v1::{BatchNewX509svidResponse, NewX509svidParams};
+use lanyard_proto::spire::api::server::trustdomain::v1::{
+    BatchDeleteFederationRelationshipResponse, batch_delete_federation_relationship_response,
+};
 use lanyard_proto::spire::api::types::{
-    Bundle, Entry, EntryMask, JwtKey, PermissionDeniedDetails, Selector, Spiffeid, Status,
-    X509Certificate, permission_denied_details::Reason,
+    Bundle, Entry, EntryMask, FederationRelationship, FederationRelationshipMask, HttpsWebProfile,
+    HttpsspiffeProfile, JwtKey, PermissionDeniedDetails, Selector, Spiffeid, Status,
+    X509Certificate, federation_relationship::BundleEndpointProfile,
+    permission_denied_details::Reason,
 };
 use lanyard_proto::workload::{JwtsvidRequest, X509svid, X509svidResponse};
 use prost::{Message, Name};
@@ -214,6 +219,61 @@ fn bundle_fields_have_spire_numbers() {
     ]
     .concat();
     assert_eq!(bundle.encode_to_vec(), expected);
+}
+
+#[test]
+fn federation_relationship_fields_have_spire_numbers() {
+    let spiffe = FederationRelationship {
+        trust_domain: "td".into(),
+        bundle_endpoint_url: "u".into(),
+        bundle_endpoint_profile: Some(BundleEndpointProfile::HttpsSpiffe(HttpsspiffeProfile {
+            endpoint_spiffe_id: "e".into(),
+        })),
+        trust_domain_bundle: Some(Bundle {
+            trust_domain: "td".into(),
+            ..Bundle::default()
+        }),
+    };
+    let expected = [
+        // trust_domain = 1, bundle_endpoint_url = 2
+        &[0x0a, 2, b't', b'd', 0x12, 1, b'u'][..],
+        // https_spiffe = 4 { endpoint_spiffe_id = 1 }
+        &[0x22, 3, 0x0a, 1, b'e'],
+        // trust_domain_bundle = 5 { trust_domain = 1 }
+        &[0x2a, 4, 0x0a, 2, b't', b'd'],
+    ]
+    .concat();
+    assert_eq!(spiffe.encode_to_vec(), expected);
+    // https_web = 3, an empty message that is there all the same.
+    let web = FederationRelationship {
+        bundle_endpoint_profile: Some(BundleEndpointProfile::HttpsWeb(HttpsWebProfile {})),
+        ..FederationRelationship::default()
+    };
+    assert_eq!(web.encode_to_vec(), [0x1a, 0]);
+    let mask = FederationRelationshipMask {
+        bundle_endpoint_url: true,
+        bundle_endpoint_profile: true,
+        trust_domain_bundle: true,
+    };
+    assert_eq!(mask.encode_to_vec(), [0x08, 1, 0x10, 1, 0x18, 1]);
+    // A delete result: status = 1, trust_domain = 2.
+    let deleted = BatchDeleteFederationRelationshipResponse {
+        results: vec![batch_delete_federation_relationship_response::Result {
+            status: Some(Status {
+                code: 5,
+                message: String::new(),
+            }),
+            trust_domain: "td".into(),
+        }],
+    };
+    assert_eq!(
+        deleted.encode_to_vec(),
+        [0x0a, 8, 0x0a, 2, 0x08, 5, 0x12, 2, b't', b'd']
+    );
+    assert_eq!(
+        FederationRelationship::full_name(),
+        "spire.api.types.FederationRelationship"
+    );
 }
 
 #[test]

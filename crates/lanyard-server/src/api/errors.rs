@@ -9,6 +9,7 @@ use crate::ca::CaError;
 use crate::datastore::DatastoreError;
 use crate::k8s_psat::K8sPsatError;
 use crate::ratelimit::RateLimited;
+use crate::relationships::{RelationshipError, RelationshipOperation};
 use crate::writes::WriteError;
 
 /// SPIRE's answer to an agent ID that names no attested agent.
@@ -31,6 +32,17 @@ pub fn node_attestor_prefix(attestor: &str) -> String {
 pub const ENTRY_NOT_FOUND: &str = "entry not found";
 /// SPIRE's answer to an entry whose SPIFFE ID, parent and selectors another entry has.
 pub const SIMILAR_ENTRY_EXISTS: &str = "similar entry already exists";
+
+/// SPIRE's answer to `GetFederationRelationship` for a trust domain without a relationship.
+pub const RELATIONSHIP_DOES_NOT_EXIST: &str = "federation relationship does not exist";
+/// SPIRE's answer to a `BatchDeleteFederationRelationship` item for a trust domain without a
+/// relationship.
+pub const RELATIONSHIP_NOT_FOUND: &str = "federation relationship not found";
+/// SPIRE's answer to a `BatchUpdateFederationRelationship` item for a trust domain without a
+/// relationship (SPIRE's code is `Internal`; Lanyard's is `NotFound`).
+pub const RELATIONSHIP_UPDATE_NOT_FOUND: &str = "failed to update federation relationship: unable to fetch federation relationship: record not found";
+/// The prefix of SPIRE's answer to a relationship that could not be created.
+pub const RELATIONSHIP_CREATE_FAILED: &str = "failed to create federation relationship";
 
 /// An error from a service handler, before it becomes a [`Status`].
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +127,31 @@ impl From<WriteError> for ApiError {
             taken @ WriteError::IdTaken(_) => Self::AlreadyExists(taken.to_string()),
             WriteError::NotFound => Self::NotFound(ENTRY_NOT_FOUND.to_owned()),
             WriteError::Datastore(error) => Self::Datastore(error),
+        }
+    }
+}
+
+impl From<RelationshipError> for ApiError {
+    /// SPIRE's texts; a duplicate is `AlreadyExists` and an update of an unknown trust domain
+    /// `NotFound` (SPIRE: `Internal` for both).
+    fn from(error: RelationshipError) -> Self {
+        match error {
+            RelationshipError::Invalid(error) => Self::InvalidArgument(error.to_string()),
+            exists @ RelationshipError::Exists(_) => {
+                Self::AlreadyExists(format!("{RELATIONSHIP_CREATE_FAILED}: {exists}"))
+            }
+            RelationshipError::NotFound {
+                trust_domain,
+                during,
+            } => Self::NotFound(match during {
+                RelationshipOperation::Update => RELATIONSHIP_UPDATE_NOT_FOUND.to_owned(),
+                RelationshipOperation::Delete => RELATIONSHIP_NOT_FOUND.to_owned(),
+                RelationshipOperation::Refresh => format!(
+                    "no relationship with trust domain {:?}",
+                    trust_domain.name()
+                ),
+            }),
+            RelationshipError::Datastore(error) => Self::Datastore(error),
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod localauthority;
 pub mod metadata;
 pub mod paging;
 pub mod svid;
+pub mod trustdomain;
 pub mod usage;
 
 use std::sync::Arc;

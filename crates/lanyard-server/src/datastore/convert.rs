@@ -1,9 +1,11 @@
 //! Conversions shared by the stores: times as whole unix seconds, and the stored form of
-//! entries, agents and bundles, so that every store hands back exactly the same values.
+//! entries, agents, bundles and federation relationships, so that every store hands back
+//! exactly the same values.
 
 use std::time::{Duration, SystemTime};
 
 use lanyard_core::bundle::{JwtAuthority, TrustBundle, X509Authority};
+use lanyard_core::federation::FederationRelationship;
 use lanyard_core::policy::Exception;
 use lanyard_core::{RegistrationEntry, TrustDomain};
 
@@ -193,6 +195,20 @@ pub(crate) fn checked_bundle(bundle: &TrustBundle) -> Result<(BundleRecord, Trus
         other => other,
     })?;
     Ok((record, normalized))
+}
+
+/// `relationship` carrying its trust domain's `bundle` as stored (none if there is none).
+pub(crate) fn with_stored_bundle(
+    relationship: FederationRelationship,
+    bundle: Option<TrustBundle>,
+) -> Result<FederationRelationship> {
+    let relationship = relationship.without_trust_domain_bundle();
+    match bundle {
+        None => Ok(relationship),
+        Some(bundle) => relationship
+            .with_trust_domain_bundle(bundle)
+            .map_err(|e| DatastoreError::Backend(format!("stored bundle: {e}"))),
+    }
 }
 
 #[cfg(test)]

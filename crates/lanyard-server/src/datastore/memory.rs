@@ -6,11 +6,13 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use lanyard_core::bundle::TrustBundle;
+use lanyard_core::federation::{FederationRelationship, RelationshipMask};
 use lanyard_core::policy::Exception;
 use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
 
 use super::convert::{
     checked_bundle, normalize_agent, normalize_entry, normalize_exception, whole_second,
+    with_stored_bundle,
 };
 use super::governance::usage_record;
 use super::{
@@ -32,6 +34,8 @@ struct State {
     agents: BTreeMap<String, AttestedAgent>,
     join_tokens: HashMap<String, SystemTime>,
     bundles: BTreeMap<String, TrustBundle>,
+    /// Without their bundles, which are read from `bundles`.
+    relationships: BTreeMap<String, FederationRelationship>,
     ca_journals: HashMap<String, Vec<u8>>,
     meta: HashMap<String, Vec<u8>>,
     revision: i64,
@@ -66,6 +70,28 @@ impl State {
             Some(td) => Err(missing_federated_bundle(td)),
             None => Ok(()),
         }
+    }
+
+    /// The relationship with the trust domain's bundle as stored now.
+    fn relationship_with_bundle(
+        &self,
+        relationship: &FederationRelationship,
+    ) -> Result<FederationRelationship> {
+        let bundle = self
+            .bundles
+            .get(relationship.trust_domain().name())
+            .cloned();
+        with_stored_bundle(relationship.clone(), bundle)
+    }
+
+    /// Makes `bundle` (already checked) the federated bundle of its trust domain.
+    fn put_bundle(&mut self, bundle: TrustBundle) {
+        let trust_domain = bundle.trust_domain().clone();
+        let kind = match self.bundles.insert(trust_domain.name().to_owned(), bundle) {
+            Some(_) => ChangeKind::Updated,
+            None => ChangeKind::Created,
+        };
+        self.record(kind, ChangeSubject::Bundle(trust_domain));
     }
 
     fn entries_federating_with(&self, trust_domain: &TrustDomain) -> Vec<String> {
@@ -521,6 +547,113 @@ impl Datastore for MemoryStore {
 
     async fn count_bundles(&self) -> Result<u64> {
         Ok(count(self.lock().bundles.len()))
+    }
+
+    async fn create_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<FederationRelationship> {
+        let bundle = relationship
+            .trust_domain_bundle()
+            .map(checked_bundle)
+            .transpose()?
+            .map(|(_, bundle)| bundle);
+        let trust_domain = relationship.trust_domain().clone();
+        let mut state = self.lock();
+        if state.relationships.contains_key(trust_domain.name()) {
+            return Err(DatastoreError::exists(format!(
+                "federation relationship with {:?}",
+                trust_domain.name()
+            )));
+        }
+        if let Some(bundle) = &bundle {
+            state.put_bundle(bundle.clone());
+        }
+        let relationship = relationship.without_trust_domain_bundle();
+        state
+            .relationships
+            .insert(trust_domain.name().to_owned(), relationship.clone());
+        state.record(
+            ChangeKind::Created,
+            ChangeSubject::FederationRelationship(trust_domain),
+        );
+        with_stored_bundle(relationship, bundle)
+    }
+
+    async fn get_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>> {
+        let state = self.lock();
+        state
+            .relationships
+            .get(trust_domain.name())
+            .map(|relationship| state.relationship_with_bundle(relationship))
+            .transpose()
+    }
+
+    async fn update_federation_relationship(
+        &self,
+        update: FederationRelationship,
+        mask: RelationshipMask,
+    ) -> Result<FederationRelationship> {
+        let bundle = match update.trust_domain_bundle() {
+            Some(bundle) if mask.trust_domain_bundle => Some(checked_bundle(bundle)?.1),
+            _ => None,
+        };
+        let trust_domain = update.trust_domain().clone();
+        let mut state = self.lock();
+        let Some(stored) = state.relationships.get(trust_domain.name()) else {
+            return Err(not_found(
+                "federation relationship with",
+                trust_domain.name(),
+            ));
+        };
+        let updated = stored
+            .updated(&update.without_trust_domain_bundle(), &mask)
+            .map_err(|e| DatastoreError::Invalid(format!("federation relationship: {e}")))?;
+        if let Some(bundle) = bundle {
+            state.put_bundle(bundle);
+        }
+        state
+            .relationships
+            .insert(trust_domain.name().to_owned(), updated.clone());
+        state.record(
+            ChangeKind::Updated,
+            ChangeSubject::FederationRelationship(trust_domain),
+        );
+        state.relationship_with_bundle(&updated)
+    }
+
+    async fn delete_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<FederationRelationship> {
+        let mut state = self.lock();
+        let Some(deleted) = state.relationships.remove(trust_domain.name()) else {
+            return Err(not_found(
+                "federation relationship with",
+                trust_domain.name(),
+            ));
+        };
+        state.record(
+            ChangeKind::Deleted,
+            ChangeSubject::FederationRelationship(trust_domain.clone()),
+        );
+        Ok(deleted)
+    }
+
+    async fn list_federation_relationships(
+        &self,
+        page: Option<PageRequest>,
+    ) -> Result<Page<FederationRelationship>> {
+        let state = self.lock();
+        let (relationships, next) = paginate(state.relationships.iter(), page)?;
+        let relationships = relationships
+            .iter()
+            .map(|relationship| state.relationship_with_bundle(relationship))
+            .collect::<Result<_>>()?;
+        Ok((relationships, next))
     }
 
     async fn get_ca_journal(&self, server_key: &str) -> Result<Option<Vec<u8>>> {

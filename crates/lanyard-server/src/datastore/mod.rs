@@ -1,5 +1,6 @@
 //! The server's persistent state behind one [`Datastore`] trait: registration entries, attested
-//! agents, join tokens, trust bundles, the CA journal and a change log.
+//! agents, join tokens, trust bundles, federation relationships, the CA journal and a change
+//! log.
 //!
 //! Three implementations pass the same conformance suite (`tests/it/datastore.rs`):
 //! [`SqlStore`], SQLite through sqlx with versioned migrations (the default, embedded under
@@ -7,8 +8,8 @@
 //! [`MemoryStore`] for tests. All store times in whole unix seconds, so a value
 //! read back is the value written truncated to the second, whichever store holds it.
 //!
-//! Every write that changes an entry, an agent, a bundle or a policy exception bumps one global revision counter and
-//! records a [`Change`]; readers follow the log with [`Datastore::changes_since`] to update an
+//! Every write that changes an entry, an agent, a bundle, a federation relationship or a policy
+//! exception bumps one global revision counter and records a [`Change`]; readers follow the log with [`Datastore::changes_since`] to update an
 //! in-memory index per change instead of rebuilding it.
 //!
 //! CA private keys never go into the datastore; the CA journal is an opaque blob naming them.
@@ -18,6 +19,7 @@ use std::fmt;
 use std::time::SystemTime;
 
 use lanyard_core::bundle::TrustBundle;
+use lanyard_core::federation::{FederationRelationship, RelationshipMask};
 use lanyard_core::policy::Exception;
 use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
 
@@ -428,6 +430,8 @@ pub enum ChangeSubject {
     Bundle(TrustDomain),
     /// A policy exception, by ID.
     Exception(String),
+    /// A federation relationship, by its foreign trust domain.
+    FederationRelationship(TrustDomain),
 }
 
 impl ChangeSubject {
@@ -437,6 +441,7 @@ impl ChangeSubject {
             Self::Agent(_) => "agent",
             Self::Bundle(_) => "bundle",
             Self::Exception(_) => "exception",
+            Self::FederationRelationship(_) => "federation_relationship",
         }
     }
 
@@ -444,7 +449,7 @@ impl ChangeSubject {
         match self {
             Self::Entry(id) => id.as_str(),
             Self::Agent(id) => id.as_str(),
-            Self::Bundle(td) => td.name(),
+            Self::Bundle(td) | Self::FederationRelationship(td) => td.name(),
             Self::Exception(id) => id,
         }
     }
@@ -463,6 +468,9 @@ impl ChangeSubject {
                 .map(Self::Bundle)
                 .map_err(|e| corrupt(&e)),
             "exception" if !key.is_empty() => Ok(Self::Exception(key.to_owned())),
+            "federation_relationship" => TrustDomain::new(key)
+                .map(Self::FederationRelationship)
+                .map_err(|e| corrupt(&e)),
             other => Err(DatastoreError::Backend(format!(
                 "unknown change subject {other:?} in the change log"
             ))),
@@ -665,6 +673,49 @@ pub trait Datastore: Send + Sync + fmt::Debug {
 
     /// How many bundles are stored (own and federated).
     async fn count_bundles(&self) -> Result<u64>;
+
+    // ----- federation relationships -----
+
+    /// Stores a new federation relationship. If it carries a bundle, that bundle becomes its
+    /// trust domain's federated bundle (created or replaced) in the same transaction, as in
+    /// SPIRE. Returns it as stored, with the bundle as stored if one was given and none
+    /// otherwise. [`DatastoreError::AlreadyExists`] if the trust domain has one.
+    async fn create_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<FederationRelationship>;
+
+    /// The relationship with `trust_domain`, carrying the trust domain's federated bundle as
+    /// stored now, if there is one.
+    async fn get_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>>;
+
+    /// Writes the fields of `update` that `mask` selects over the stored relationship of its
+    /// trust domain (a bundle only if `update` carries one, stored as in
+    /// [`Datastore::create_federation_relationship`]), and returns the result with the trust
+    /// domain's bundle as stored now. [`DatastoreError::NotFound`] if there is none.
+    async fn update_federation_relationship(
+        &self,
+        update: FederationRelationship,
+        mask: RelationshipMask,
+    ) -> Result<FederationRelationship>;
+
+    /// Deletes the relationship with `trust_domain` and returns it (without its bundle). The
+    /// trust domain's federated bundle stays, as in SPIRE. [`DatastoreError::NotFound`] if
+    /// there is none.
+    async fn delete_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<FederationRelationship>;
+
+    /// A page of relationships ordered by trust domain name, each with its trust domain's
+    /// bundle as stored now. `None` returns them all.
+    async fn list_federation_relationships(
+        &self,
+        page: Option<PageRequest>,
+    ) -> Result<Page<FederationRelationship>>;
 
     // ----- CA journal and server metadata -----
 

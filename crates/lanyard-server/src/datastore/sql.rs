@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lanyard_core::bundle::TrustBundle;
+use lanyard_core::federation::{BundleEndpointProfile, FederationRelationship, RelationshipMask};
 use lanyard_core::policy::Exception;
 use lanyard_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId, TrustDomain};
 use sqlx::migrate::Migrator;
@@ -31,7 +32,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use super::convert::{
     BundleRecord, JwtAuthorityRecord, X509AuthorityRecord, checked_bundle, duration_seconds,
     from_unix_seconds, normalize_agent, normalize_entry, normalize_exception, seconds_duration,
-    unix_seconds, whole_second,
+    unix_seconds, whole_second, with_stored_bundle,
 };
 use super::governance::usage_record;
 use super::{

@@ -511,6 +511,91 @@ async fn bundle_exists(conn: &mut Conn, trust_domain: &str) -> Result<bool> {
     Ok(exists.is_some())
 }
 
+// ----- federation relationships -----
+
+macro_rules! relationship_columns {
+    () => {
+        "r.trust_domain, r.bundle_endpoint_url, r.bundle_endpoint_profile, r.endpoint_spiffe_id"
+    };
+}
+
+fn relationship_from_row(row: &DbRow) -> Result<FederationRelationship> {
+    let trust_domain: String = row.try_get("trust_domain")?;
+    let url: String = row.try_get("bundle_endpoint_url")?;
+    let profile: String = row.try_get("bundle_endpoint_profile")?;
+    let endpoint_spiffe_id: Option<String> = row.try_get("endpoint_spiffe_id")?;
+    Ok(FederationRelationship::new(
+        TrustDomain::new(&trust_domain).map_err(|e| corrupt("relationship trust domain", e))?,
+        url.parse().map_err(|e| corrupt("bundle endpoint URL", e))?,
+        BundleEndpointProfile::from_name(&profile, endpoint_spiffe_id.as_deref())
+            .map_err(|e| corrupt("bundle endpoint profile", e))?,
+    ))
+}
+
+/// The relationship with `trust_domain`, without its bundle.
+async fn fetch_relationship(
+    conn: &mut Conn,
+    trust_domain: &str,
+) -> Result<Option<FederationRelationship>> {
+    sqlx::query(q(concat!(
+        "SELECT ",
+        relationship_columns!(),
+        " FROM federation_relationships r WHERE r.trust_domain = ?"
+    )))
+    .bind(trust_domain)
+    .fetch_optional(&mut *conn)
+    .await?
+    .as_ref()
+    .map(relationship_from_row)
+    .transpose()
+}
+
+/// `relationship` carrying its trust domain's bundle as stored now.
+async fn relationship_with_bundle(
+    conn: &mut Conn,
+    relationship: FederationRelationship,
+) -> Result<FederationRelationship> {
+    let bundle = fetch_bundle(conn, relationship.trust_domain().name()).await?;
+    with_stored_bundle(relationship, bundle)
+}
+
+/// Inserts (`insert`, unless the trust domain has one) or replaces the relationship's row;
+/// returns the rows written.
+async fn write_relationship(
+    conn: &mut Conn,
+    relationship: &FederationRelationship,
+    insert: bool,
+) -> Result<u64> {
+    let sql = if insert {
+        "INSERT INTO federation_relationships \
+         (bundle_endpoint_url, bundle_endpoint_profile, endpoint_spiffe_id, trust_domain) \
+         VALUES (?, ?, ?, ?) ON CONFLICT (trust_domain) DO NOTHING"
+    } else {
+        "UPDATE federation_relationships SET bundle_endpoint_url = ?, \
+         bundle_endpoint_profile = ?, endpoint_spiffe_id = ? WHERE trust_domain = ?"
+    };
+    let done = sqlx::query(q(sql))
+        .bind(relationship.bundle_endpoint_url().as_str())
+        .bind(relationship.profile().name())
+        .bind(relationship.profile().endpoint_spiffe_id().map(SpiffeId::as_str))
+        .bind(relationship.trust_domain().name())
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Makes `record` the bundle of its trust domain (created or replaced) and logs the change.
+async fn put_bundle(conn: &mut Conn, record: &BundleRecord, bundle: &TrustBundle) -> Result<()> {
+    let kind = if bundle_exists(conn, &record.trust_domain).await? {
+        ChangeKind::Updated
+    } else {
+        ChangeKind::Created
+    };
+    write_bundle(conn, record).await?;
+    record_change(conn, kind, &ChangeSubject::Bundle(bundle.trust_domain().clone())).await?;
+    Ok(())
+}
+
 // ----- filters -----
 
 /// Where a record's set lives: `children` is the child table, joined on its `key` column to
@@ -1237,6 +1322,127 @@ impl Datastore for Store {
                 .fetch_one(self.reader())
                 .await?,
         )
+    }
+
+    async fn create_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<FederationRelationship> {
+        let bundle = relationship
+            .trust_domain_bundle()
+            .map(checked_bundle)
+            .transpose()?;
+        let relationship = relationship.without_trust_domain_bundle();
+        let trust_domain = relationship.trust_domain().clone();
+        let mut tx = self.write().await?;
+        if write_relationship(tx.conn(), &relationship, true).await? == 0 {
+            return Err(DatastoreError::exists(format!(
+                "federation relationship with {:?}",
+                trust_domain.name()
+            )));
+        }
+        if let Some((record, bundle)) = &bundle {
+            put_bundle(tx.conn(), record, bundle).await?;
+        }
+        record_change(
+            tx.conn(),
+            ChangeKind::Created,
+            &ChangeSubject::FederationRelationship(trust_domain),
+        )
+        .await?;
+        tx.commit().await?;
+        with_stored_bundle(relationship, bundle.map(|(_, bundle)| bundle))
+    }
+
+    async fn get_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>> {
+        let mut tx = self.read_tx().await?;
+        let relationship = match fetch_relationship(&mut tx, trust_domain.name()).await? {
+            Some(relationship) => Some(relationship_with_bundle(&mut tx, relationship).await?),
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(relationship)
+    }
+
+    async fn update_federation_relationship(
+        &self,
+        update: FederationRelationship,
+        mask: RelationshipMask,
+    ) -> Result<FederationRelationship> {
+        let bundle = match update.trust_domain_bundle() {
+            Some(bundle) if mask.trust_domain_bundle => Some(checked_bundle(bundle)?),
+            _ => None,
+        };
+        let trust_domain = update.trust_domain().clone();
+        let mut tx = self.write().await?;
+        let Some(stored) = fetch_relationship(tx.conn(), trust_domain.name()).await? else {
+            return Err(not_found("federation relationship with", trust_domain.name()));
+        };
+        let updated = stored
+            .updated(&update.without_trust_domain_bundle(), &mask)
+            .map_err(|e| DatastoreError::Invalid(format!("federation relationship: {e}")))?;
+        if let Some((record, bundle)) = &bundle {
+            put_bundle(tx.conn(), record, bundle).await?;
+        }
+        write_relationship(tx.conn(), &updated, false).await?;
+        record_change(
+            tx.conn(),
+            ChangeKind::Updated,
+            &ChangeSubject::FederationRelationship(trust_domain),
+        )
+        .await?;
+        let updated = relationship_with_bundle(tx.conn(), updated).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn delete_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<FederationRelationship> {
+        let mut tx = self.write().await?;
+        let Some(deleted) = fetch_relationship(tx.conn(), trust_domain.name()).await? else {
+            return Err(not_found("federation relationship with", trust_domain.name()));
+        };
+        // The trust domain's bundle stays, as in SPIRE.
+        sqlx::query(q("DELETE FROM federation_relationships WHERE trust_domain = ?"))
+            .bind(trust_domain.name())
+            .execute(&mut *tx.conn())
+            .await?;
+        record_change(
+            tx.conn(),
+            ChangeKind::Deleted,
+            &ChangeSubject::FederationRelationship(trust_domain.clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn list_federation_relationships(
+        &self,
+        page: Option<PageRequest>,
+    ) -> Result<Page<FederationRelationship>> {
+        let mut qb = QueryBuilder::<Db>::new(concat!(
+            "SELECT ",
+            relationship_columns!(),
+            " FROM federation_relationships r WHERE 1 = 1"
+        ));
+        push_page(&mut qb, "r.trust_domain", page.as_ref())?;
+        let mut tx = self.read_tx().await?;
+        let rows = qb.build().fetch_all(&mut *tx).await?;
+        let mut relationships = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let relationship = relationship_from_row(row)?;
+            relationships.push(relationship_with_bundle(&mut tx, relationship).await?);
+        }
+        tx.commit().await?;
+        Ok(finish_page(relationships, page.as_ref(), |r| {
+            r.trust_domain().name().to_owned()
+        }))
     }
 
     async fn get_ca_journal(&self, server_key: &str) -> Result<Option<Vec<u8>>> {

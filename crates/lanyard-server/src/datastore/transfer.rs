@@ -36,6 +36,7 @@ pub const TABLES: &[&str] = &[
     "policy_exceptions",
     "issuances",
     "entry_usage",
+    "federation_relationships",
 ];
 
 /// Rows per `INSERT` while copying.

@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lanyard_core::bundle::{JwtAuthority, TrustBundle, X509Authority};
+use lanyard_core::federation::{
+    BundleEndpointProfile, FederationRelationship, HTTPS_SPIFFE, RelationshipMask,
+};
 use lanyard_core::policy::Exception;
 use lanyard_core::x509::{CaSubject, create_self_signed_ca};
 use lanyard_core::{
@@ -94,6 +97,9 @@ conformance!(
     delete_bundle_modes,
     ca_journal_and_meta,
     exceptions_round_trip,
+    federation_relationship_crud,
+    federation_relationship_bundles_are_the_trust_domains,
+    federation_relationship_paging_and_change_log,
     ledger_records_lists_pages_and_prunes,
     usage_merges_issuances_and_reports,
 );
@@ -1817,6 +1823,338 @@ async fn sql_bulk_create_is_all_or_nothing() {
 }
 
 // ----- governance records -----
+
+// ----- federation relationships -----
+
+fn relationship(name: &str, url: &str) -> FederationRelationship {
+    FederationRelationship::new(
+        td(name),
+        url.parse().unwrap(),
+        BundleEndpointProfile::HttpsWeb,
+    )
+}
+
+fn spiffe_profile(id: &str) -> BundleEndpointProfile {
+    BundleEndpointProfile::from_name(HTTPS_SPIFFE, Some(id)).unwrap()
+}
+
+async fn federation_relationship_crud(store: Store) {
+    let web = relationship("partner.org", "https://partner.org/bundle");
+    let created = store
+        .create_federation_relationship(web.clone())
+        .await
+        .unwrap();
+    assert_eq!(created, web);
+    assert_eq!(
+        store
+            .get_federation_relationship(&td("partner.org"))
+            .await
+            .unwrap(),
+        Some(web.clone())
+    );
+    assert_eq!(
+        store
+            .get_federation_relationship(&td("unknown.org"))
+            .await
+            .unwrap(),
+        None
+    );
+    let duplicate = store
+        .create_federation_relationship(relationship("partner.org", "https://elsewhere.org/"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(duplicate, DatastoreError::AlreadyExists { .. }),
+        "{duplicate:?}"
+    );
+
+    // An update writes the masked fields only.
+    let update = FederationRelationship::new(
+        td("partner.org"),
+        "https://partner.org:8443/new".parse().unwrap(),
+        spiffe_profile("spiffe://partner.org/spire/server"),
+    );
+    let url_only = RelationshipMask {
+        bundle_endpoint_url: true,
+        bundle_endpoint_profile: false,
+        trust_domain_bundle: false,
+    };
+    let updated = store
+        .update_federation_relationship(update.clone(), url_only)
+        .await
+        .unwrap();
+    assert_eq!(
+        updated.bundle_endpoint_url().as_str(),
+        "https://partner.org:8443/new"
+    );
+    assert_eq!(updated.profile(), &BundleEndpointProfile::HttpsWeb);
+    let updated = store
+        .update_federation_relationship(update.clone(), RelationshipMask::ALL)
+        .await
+        .unwrap();
+    assert_eq!(updated, update);
+    assert_eq!(
+        store
+            .get_federation_relationship(&td("partner.org"))
+            .await
+            .unwrap(),
+        Some(update.clone())
+    );
+    // Back to https_web: the endpoint ID goes with the profile.
+    let back = store
+        .update_federation_relationship(web.clone(), RelationshipMask::ALL)
+        .await
+        .unwrap();
+    assert_eq!(back, web);
+    assert_eq!(back.profile().endpoint_spiffe_id(), None);
+
+    let missing = store
+        .update_federation_relationship(
+            relationship("unknown.org", "https://unknown.org/"),
+            RelationshipMask::ALL,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(missing, DatastoreError::NotFound(_)),
+        "{missing:?}"
+    );
+
+    let deleted = store
+        .delete_federation_relationship(&td("partner.org"))
+        .await
+        .unwrap();
+    assert_eq!(deleted, web);
+    assert_eq!(
+        store
+            .get_federation_relationship(&td("partner.org"))
+            .await
+            .unwrap(),
+        None
+    );
+    let again = store
+        .delete_federation_relationship(&td("partner.org"))
+        .await
+        .unwrap_err();
+    assert!(matches!(again, DatastoreError::NotFound(_)), "{again:?}");
+    // Gone means gone: it can be created anew.
+    store
+        .create_federation_relationship(web.clone())
+        .await
+        .unwrap();
+}
+
+async fn federation_relationship_bundles_are_the_trust_domains(store: Store) {
+    // A bundle given at creation becomes the trust domain's federated bundle.
+    let bundle = full_bundle("partner.org");
+    let with_bundle = FederationRelationship::new(
+        td("partner.org"),
+        "https://partner.org/bundle".parse().unwrap(),
+        spiffe_profile("spiffe://partner.org/spire/server"),
+    )
+    .with_trust_domain_bundle(bundle.clone())
+    .unwrap();
+    let created = store
+        .create_federation_relationship(with_bundle.clone())
+        .await
+        .unwrap();
+    assert_eq!(created.trust_domain_bundle(), Some(&bundle));
+    assert_eq!(
+        store.get_bundle(&td("partner.org")).await.unwrap(),
+        Some(bundle.clone())
+    );
+
+    // A relationship created without one has none, until the trust domain gets a bundle by
+    // any means; reads carry the bundle as it is then.
+    let other = relationship("other.org", "https://other.org/bundle");
+    let created = store
+        .create_federation_relationship(other.clone())
+        .await
+        .unwrap();
+    assert_eq!(created.trust_domain_bundle(), None);
+    let other_bundle = full_bundle("other.org");
+    store.set_bundle(other_bundle.clone()).await.unwrap();
+    let read = store
+        .get_federation_relationship(&td("other.org"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.trust_domain_bundle(), Some(&other_bundle));
+
+    // A bundle replaces the stored one only through a mask that includes it.
+    let mut newer = TrustBundle::new(td("partner.org"));
+    newer.add_x509_authority(X509Authority::new(ca_der(&td("partner.org"))).unwrap());
+    newer.set_sequence_number(43);
+    let update = relationship("partner.org", "https://partner.org/bundle")
+        .with_trust_domain_bundle(newer.clone())
+        .unwrap();
+    let without_bundle = RelationshipMask {
+        trust_domain_bundle: false,
+        ..RelationshipMask::ALL
+    };
+    let updated = store
+        .update_federation_relationship(update.clone(), without_bundle)
+        .await
+        .unwrap();
+    assert_eq!(updated.trust_domain_bundle(), Some(&bundle));
+    assert_eq!(
+        store.get_bundle(&td("partner.org")).await.unwrap(),
+        Some(bundle.clone())
+    );
+    let updated = store
+        .update_federation_relationship(update, RelationshipMask::ALL)
+        .await
+        .unwrap();
+    assert_eq!(updated.trust_domain_bundle(), Some(&newer));
+    assert_eq!(
+        store.get_bundle(&td("partner.org")).await.unwrap(),
+        Some(newer.clone())
+    );
+    // An update without a bundle keeps the stored one.
+    let updated = store
+        .update_federation_relationship(
+            relationship("partner.org", "https://partner.org/b2"),
+            RelationshipMask::ALL,
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.trust_domain_bundle(), Some(&newer));
+
+    // Deleting the relationship keeps the bundle, as SPIRE does.
+    let deleted = store
+        .delete_federation_relationship(&td("partner.org"))
+        .await
+        .unwrap();
+    assert_eq!(deleted.trust_domain_bundle(), None);
+    assert_eq!(
+        store.get_bundle(&td("partner.org")).await.unwrap(),
+        Some(newer)
+    );
+    // And deleting the bundle keeps the relationship, which then carries none.
+    store
+        .delete_bundle(&td("other.org"), BundleDeleteMode::Restrict)
+        .await
+        .unwrap();
+    let read = store
+        .get_federation_relationship(&td("other.org"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.trust_domain_bundle(), None);
+}
+
+async fn federation_relationship_paging_and_change_log(store: Store) {
+    let names = ["e.org", "a.org", "d.org", "b.org", "c.org"];
+    for name in names {
+        let mut relationship = relationship(name, &format!("https://{name}/bundle"));
+        if name == "c.org" {
+            relationship = relationship
+                .with_trust_domain_bundle(TrustBundle::new(td(name)))
+                .unwrap();
+        }
+        store
+            .create_federation_relationship(relationship)
+            .await
+            .unwrap();
+    }
+    let (all, next) = store.list_federation_relationships(None).await.unwrap();
+    assert_eq!(next, None);
+    let listed: Vec<&str> = all.iter().map(|r| r.trust_domain().name()).collect();
+    assert_eq!(listed, ["a.org", "b.org", "c.org", "d.org", "e.org"]);
+    assert!(all[2].trust_domain_bundle().is_some());
+    assert!(all[0].trust_domain_bundle().is_none());
+
+    let mut token = None;
+    let mut pages = Vec::new();
+    loop {
+        let (page, next) = store
+            .list_federation_relationships(Some(PageRequest { token, size: 2 }))
+            .await
+            .unwrap();
+        pages.push(
+            page.iter()
+                .map(|r| r.trust_domain().name().to_owned())
+                .collect::<Vec<_>>(),
+        );
+        match next {
+            Some(next) => token = Some(next),
+            None => break,
+        }
+        assert!(pages.len() < 10, "paging does not end");
+    }
+    assert_eq!(
+        pages,
+        [
+            vec!["a.org", "b.org"],
+            vec!["c.org", "d.org"],
+            vec!["e.org"]
+        ]
+    );
+
+    // Every write is in the change log, a bundle given with a relationship too; a failed
+    // write is not.
+    let before = store.current_revision().await.unwrap();
+    store
+        .update_federation_relationship(
+            relationship("a.org", "https://a.org/new")
+                .with_trust_domain_bundle(TrustBundle::new(td("a.org")))
+                .unwrap(),
+            RelationshipMask::ALL,
+        )
+        .await
+        .unwrap();
+    store
+        .delete_federation_relationship(&td("b.org"))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .delete_federation_relationship(&td("b.org"))
+            .await
+            .is_err()
+    );
+    let changes: Vec<(ChangeKind, ChangeSubject)> = store
+        .changes_since(before)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.kind, c.subject))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            (ChangeKind::Created, ChangeSubject::Bundle(td("a.org"))),
+            (
+                ChangeKind::Updated,
+                ChangeSubject::FederationRelationship(td("a.org"))
+            ),
+            (
+                ChangeKind::Deleted,
+                ChangeSubject::FederationRelationship(td("b.org"))
+            ),
+        ]
+    );
+    let created: Vec<ChangeSubject> = store
+        .changes_since(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.kind == ChangeKind::Created)
+        .map(|c| c.subject)
+        .collect();
+    assert_eq!(
+        created,
+        [
+            ChangeSubject::FederationRelationship(td("e.org")),
+            ChangeSubject::FederationRelationship(td("a.org")),
+            ChangeSubject::FederationRelationship(td("d.org")),
+            ChangeSubject::FederationRelationship(td("b.org")),
+            ChangeSubject::Bundle(td("c.org")),
+            ChangeSubject::FederationRelationship(td("c.org")),
+            ChangeSubject::Bundle(td("a.org")),
+        ]
+    );
+}
 
 fn sample_exception(id: &str) -> Exception {
     Exception {

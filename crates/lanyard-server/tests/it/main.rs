@@ -21,4 +21,5 @@ mod postgres;
 mod rate_limits;
 mod support;
 mod svid_bundle_api;
+mod trust_domain_api;
 mod write_path;

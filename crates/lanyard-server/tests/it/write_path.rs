@@ -1,5 +1,6 @@
 //! The shape of the server's write path, checked on its source: entry writes have one door
-//! (`writes::EntryWriter`), and the modules below the API do not depend on it.
+//! (`writes::EntryWriter`), federation relationship writes another
+//! (`relationships::RelationshipWriter`), and the modules below the API do not depend on it.
 
 use std::path::{Path, PathBuf};
 
@@ -63,6 +64,38 @@ fn only_the_entry_writer_writes_entries() {
         .find(|(name, _)| name == "writes.rs")
         .unwrap();
     assert!(writer.1.contains(".create_entry("));
+}
+
+#[test]
+fn only_the_relationship_writer_writes_federation_relationships() {
+    let calls = [
+        ".create_federation_relationship(",
+        ".update_federation_relationship(",
+        ".delete_federation_relationship(",
+    ];
+    let mut offenders = Vec::new();
+    for (name, text) in server_sources() {
+        if name.starts_with("datastore/") || name == "relationships.rs" {
+            continue;
+        }
+        for call in calls {
+            if text.contains(call) {
+                offenders.push(format!("{name} calls {call}…)"));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "relationship writes outside relationships::RelationshipWriter skip its checks, change \
+         feed or audit: {offenders:?}"
+    );
+    let writer = server_sources()
+        .into_iter()
+        .find(|(name, _)| name == "relationships.rs")
+        .unwrap();
+    for call in calls {
+        assert!(writer.1.contains(call), "the writer calls {call}…)");
+    }
 }
 
 #[test]

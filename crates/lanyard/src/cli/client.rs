@@ -19,6 +19,7 @@ use lanyard_proto::spire::api::server::agent::v1::agent_client::AgentClient;
 use lanyard_proto::spire::api::server::bundle::v1::bundle_client::BundleClient;
 use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
 use lanyard_proto::spire::api::server::svid::v1::svid_client::SvidClient;
+use lanyard_proto::spire::api::server::trustdomain::v1::trust_domain_client::TrustDomainClient;
 use lanyard_proto::spire::api::types;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
@@ -143,6 +144,10 @@ impl ServerClient {
 
     pub(crate) fn svid(&self) -> SvidClient<Channel> {
         SvidClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn trust_domain(&self) -> TrustDomainClient<Channel> {
+        TrustDomainClient::new(self.channel.clone())
     }
 
     pub(crate) fn health(&self) -> HealthClient<Channel> {

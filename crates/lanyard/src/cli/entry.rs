@@ -393,7 +393,7 @@ impl EntryFields {
 }
 
 /// Reads a file, or standard input for `-`.
-fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
     if path == Path::new("-") {
         let mut bytes = Vec::new();
         std::io::stdin()

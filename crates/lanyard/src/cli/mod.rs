@@ -10,6 +10,7 @@ pub(crate) mod declare;
 mod dev;
 pub(crate) mod entry;
 mod exception;
+pub(crate) mod federation;
 mod files;
 mod grant;
 mod health;
@@ -53,6 +54,10 @@ pub(crate) enum Command {
     /// Show the server's trust bundle and manage federated bundles.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Create, list, show, update and delete federation relationships with other trust
+    /// domains, and ask for a federated bundle to be fetched now.
+    #[command(subcommand)]
+    Federation(federation::FederationCommand),
     /// Mint one-off X.509-SVIDs.
     #[command(subcommand)]
     X509(svid::X509Command),
@@ -108,6 +113,7 @@ impl Command {
             Self::Agent(command) => ("agent", command.name()),
             Self::Token(command) => ("token", command.name()),
             Self::Bundle(command) => ("bundle", command.name()),
+            Self::Federation(command) => ("federation", command.name()),
             Self::X509(command) => ("x509", command.name()),
             Self::Jwt(command) => ("jwt", command.name()),
             Self::Server(command) => ("server", command.name()),
@@ -137,6 +143,7 @@ impl Command {
             Self::Agent(command) => command.run(out).await,
             Self::Token(command) => command.run(out).await,
             Self::Bundle(command) => command.run(out).await,
+            Self::Federation(command) => command.run(out).await,
             Self::X509(command) => command.run(out).await,
             Self::Jwt(command) => command.run(out).await,
             Self::Server(command) => command.run(out).await,

@@ -50,6 +50,14 @@ async fn check_counts_and_migrate_moves_a_sqlite_datastore_to_postgres() {
         .create_join_token("a-token", SystemTime::now() + Duration::from_secs(600))
         .await
         .unwrap();
+    store
+        .create_federation_relationship(lanyard_core::FederationRelationship::new(
+            TrustDomain::new("partner.example").unwrap(),
+            "https://partner.example/bundle".parse().unwrap(),
+            lanyard_core::BundleEndpointProfile::HttpsWeb,
+        ))
+        .await
+        .unwrap();
     store.close().await;
     let sqlite = path.to_str().unwrap();
 
@@ -60,6 +68,7 @@ async fn check_counts_and_migrate_moves_a_sqlite_datastore_to_postgres() {
     assert_eq!(source["registered_entries"], 2);
     assert_eq!(source["entry_selectors"], 2);
     assert_eq!(source["join_tokens"], 1);
+    assert_eq!(source["federation_relationships"], 1);
 
     // The URL comes from the environment, out of the process list.
     let url = crate::pg::fresh_database().await;

@@ -11,6 +11,7 @@ mod dev;
 mod exceptions;
 mod expiry;
 mod fake_server;
+mod federation;
 mod governance;
 mod paging;
 #[path = "../../../lanyard-server/tests/it/pg.rs"]
@@ -64,6 +65,30 @@ const SERVER_COMMANDS: &[&[&str]] = &[
     &["bundle", "show"],
     &["bundle", "list"],
     &["bundle", "delete", "--id", "partner.org"],
+    &[
+        "federation",
+        "create",
+        "--trust-domain",
+        "partner.org",
+        "--bundle-endpoint-url",
+        "https://partner.org/bundle",
+        "--bundle-endpoint-profile",
+        "https_web",
+    ],
+    &["federation", "list"],
+    &["federation", "show", "--trust-domain", "partner.org"],
+    &[
+        "federation",
+        "update",
+        "--trust-domain",
+        "partner.org",
+        "--bundle-endpoint-url",
+        "https://partner.org/bundle",
+        "--bundle-endpoint-profile",
+        "https_web",
+    ],
+    &["federation", "delete", "--trust-domain", "partner.org"],
+    &["federation", "refresh", "--trust-domain", "partner.org"],
     &["x509", "mint", "--spiffe-id", "spiffe://example.org/web"],
     &[
         "jwt",
@@ -91,6 +116,7 @@ const GROUPS: &[&str] = &[
     "agent",
     "token",
     "bundle",
+    "federation",
     "x509",
     "jwt",
     "server",
