@@ -3,8 +3,9 @@
 //! the server's RBAC there, writing through the admin socket the server keeps for it, under the
 //! baseline policy. A `ClusterSPIFFEID` makes an entry for each matching pod (parented to its
 //! node's k8s_psat agent, selecting the pod by UID) that carries the socket's owner and reason,
-//! a `ClusterStaticEntry` makes its entry, deleting the pod deletes its entry, and entries
-//! that are not the controller's are left alone.
+//! a `ClusterStaticEntry` makes its entry, a `ClusterFederatedTrustDomain` a federation
+//! relationship, deleting the pod deletes its entry, and entries that are not the
+//! controller's are left alone.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -293,6 +294,63 @@ fn k8s_controller_manager_registers_pods_and_static_entries_under_the_baseline()
         "{static_entry}"
     );
     assert_eq!(selectors_of(&static_entry), ["unix:uid:5432"]);
+
+    // A ClusterFederatedTrustDomain becomes a federation relationship (SPIRE's TrustDomain
+    // API), and goes with the resource.
+    cb.bed.cluster.apply(&json!({
+        "apiVersion": "spire.spiffe.io/v1alpha1",
+        "kind": "ClusterFederatedTrustDomain",
+        "metadata": {"name": "partner"},
+        "spec": {
+            "trustDomain": "partner.example",
+            "bundleEndpointURL": "https://partner.example:8443",
+            "bundleEndpointProfile": {
+                "type": "https_spiffe",
+                "endpointSPIFFEID": "spiffe://partner.example/spire/server",
+            },
+        },
+    }));
+    let relationship = poll(
+        "spire-controller-manager to create the federation relationship",
+        RECONCILE_TIMEOUT,
+        || {
+            let shown = cb
+                .bed
+                .server
+                .cli(["federation", "list", "--output", "json"]);
+            if shown.stdout.contains("partner.example") {
+                Ok(shown.stdout)
+            } else {
+                Err(format!("{shown}\n{}", cb.controller.log_tail()))
+            }
+        },
+    );
+    assert!(
+        relationship.contains("https://partner.example:8443")
+            && relationship.contains("spiffe://partner.example/spire/server"),
+        "{relationship}"
+    );
+    cb.bed.cluster.admin().request(
+        "DELETE",
+        "/apis/spire.spiffe.io/v1alpha1/clusterfederatedtrustdomains/partner",
+        None,
+        None,
+    );
+    poll(
+        "spire-controller-manager to delete the federation relationship",
+        RECONCILE_TIMEOUT,
+        || {
+            let shown = cb
+                .bed
+                .server
+                .cli(["federation", "list", "--output", "json"]);
+            if shown.success() && !shown.stdout.contains("partner.example") {
+                Ok(())
+            } else {
+                Err(format!("{shown}"))
+            }
+        },
+    );
 
     // The pod goes: so does its entry, and nothing else.
     cb.bed.cluster.delete_pod(WORKLOAD_NAMESPACE, "web-1");
