@@ -60,6 +60,7 @@ pub mod https;
 pub mod kube;
 pub mod kubelet;
 pub mod nginx;
+pub mod prometheus;
 pub mod spire;
 pub mod toolchain;
 

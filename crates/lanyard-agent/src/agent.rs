@@ -37,6 +37,14 @@ pub enum AgentError {
         /// Why.
         error: std::io::Error,
     },
+    /// The metrics' address could not be bound.
+    #[error("binding metrics_address {address}: {error}")]
+    Metrics {
+        /// The configured address.
+        address: std::net::SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
 }
 
 /// A running agent.
@@ -44,6 +52,7 @@ pub enum AgentError {
 pub struct Agent {
     manager: ManagerHandle,
     health_addr: Option<std::net::SocketAddr>,
+    metrics_addr: Option<std::net::SocketAddr>,
     socket_path: PathBuf,
     stop: watch::Sender<bool>,
     stopper: StreamStopper,
@@ -71,10 +80,30 @@ impl Agent {
             .map_err(|e| AgentError::Manager(Arc::new(e)))?;
         let api = WorkloadApi::new(manager.snapshots(), manager.jwt_minter(), attestor)
             .with_usage(manager.usage())
-            .with_limits(config.workload_api.clone());
+            .with_limits(config.workload_api.clone())
+            .with_metrics(manager.metrics());
         let stopper = api.stream_stopper();
-        let listener = bind_socket(&config.socket_path)?;
         let (stop, mut stopped) = watch::channel(false);
+        let (metrics_addr, rpc_metrics) = match config.metrics_address {
+            Some(address) => {
+                let bind_error = |error| AgentError::Metrics { address, error };
+                let listener = tokio::net::TcpListener::bind(address)
+                    .await
+                    .map_err(bind_error)?;
+                let bound = listener.local_addr().map_err(bind_error)?;
+                let (registry, rpc) =
+                    crate::metrics::registry(&manager.metrics(), manager.scrape_sources());
+                tokio::spawn(crate::http::serve(
+                    listener,
+                    Arc::new(crate::metrics::MetricsPage::new(registry)),
+                    stop.subscribe(),
+                ));
+                tracing::info!(address = %bound, "metrics serving (/metrics)");
+                (Some(bound), Some(rpc))
+            }
+            None => (None, None),
+        };
+        let listener = bind_socket(&config.socket_path)?;
         // grpc.health.v1 shares the socket (it needs no security header), for probes and
         // `lanyard agent healthcheck`.
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -82,7 +111,7 @@ impl Agent {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
         let limits = config.workload_api.clone();
-        let router = server_builder(&limits)
+        let router = server_builder(&limits, rpc_metrics.as_ref())
             .add_service(api.into_service())
             .add_service(health_service);
         let server = tokio::spawn(async move {
@@ -118,6 +147,7 @@ impl Agent {
         Ok(Self {
             manager,
             health_addr,
+            metrics_addr,
             socket_path: config.socket_path,
             stop,
             stopper,
@@ -133,6 +163,11 @@ impl Agent {
     /// Where `/live` and `/ready` are served, if `health_address` is set.
     pub fn health_addr(&self) -> Option<std::net::SocketAddr> {
         self.health_addr
+    }
+
+    /// Where `/metrics` is served, if `metrics_address` is set.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
 
     /// The Workload API socket.

@@ -157,6 +157,9 @@ pub struct AgentConfig {
     /// Plain-HTTP `/live` and `/ready` for probes (a DaemonSet's `httpGet`); off when absent.
     #[serde(default)]
     pub health_address: Option<std::net::SocketAddr>,
+    /// Plain-HTTP `GET /metrics` in the Prometheus text format; off when absent.
+    #[serde(default)]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// A join token for the first attestation.
     #[serde(default)]
     pub join_token: Option<String>,
@@ -581,6 +584,7 @@ impl AgentConfig {
             data_dir,
             socket_path: default_socket_path(),
             health_address: None,
+            metrics_address: None,
             join_token: None,
             node_attestor: NodeAttestorConfig::default(),
             workload_attestor: WorkloadAttestorConfig::default(),
@@ -999,6 +1003,16 @@ mod tests {
                 verification: KubeletVerification::ChainAndName("node-a".into()),
             }
         );
+    }
+
+    #[test]
+    fn metrics_address_parses_and_is_off_when_absent() {
+        let base = "server_address = \"a:1\"\ntrust_domain = \"td\"\ndata_dir = \"/d\"\n";
+        let c =
+            AgentConfig::parse(&format!("{base}metrics_address = \"127.0.0.1:9989\"\n")).unwrap();
+        assert_eq!(c.metrics_address, Some("127.0.0.1:9989".parse().unwrap()));
+        assert_eq!(AgentConfig::parse(base).unwrap().metrics_address, None);
+        assert!(AgentConfig::parse(&format!("{base}metrics_address = \"9989\"\n")).is_err());
     }
 
     #[test]

@@ -9,28 +9,20 @@
 //!   the reason. A server outage makes agents unready (workloads keep what they hold) but
 //!   not dead.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::body::Bytes;
+use hyper::{Response, StatusCode};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
+use crate::http::{Page, plain};
 use crate::manager::AgentHealth;
 
 /// The shortest a sync stays fresh, however short the sync interval.
 pub const MIN_FRESHNESS: Duration = Duration::from_secs(15);
-
-/// Connections held at once; more are closed as soon as they are accepted.
-const MAX_CONNECTIONS: usize = 64;
-
-/// Time for a client to send its request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the health checks read: the manager's health, and whether it stopped.
 pub trait HealthSource: Send + Sync + 'static {
@@ -77,86 +69,45 @@ pub fn not_ready(
     }
 }
 
-/// Serves `/live` and `/ready` on `listener` until `stopped`.
+/// Serves `/live` and `/ready` on `listener` until `stopped` (see [`crate::http`]).
 pub async fn serve(
     listener: TcpListener,
     source: Arc<dyn HealthSource>,
     sync_interval: Duration,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stopped.wait_for(|s| *s) => return,
-        };
-        let Ok((tcp, _)) = accepted else {
-            // Out of descriptors or the like: try again shortly rather than spin.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            continue;
-        };
-        let source = Arc::clone(&source);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = respond(&*source, &request, sync_interval);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-            drop(permit);
-        });
-    }
-}
-
-fn respond(
-    source: &dyn HealthSource,
-    request: &Request<Incoming>,
-    sync_interval: Duration,
-) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET {
-        return plain(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n".to_owned(),
-        );
-    }
-    let now = SystemTime::now();
-    let health = source.health();
-    let failure = source.failure();
-    let verdict = match request.uri().path() {
-        "/live" => not_live(&health, failure.as_deref(), now).map_or(Ok("live"), Err),
-        "/ready" => {
-            not_ready(&health, failure.as_deref(), now, sync_interval).map_or(Ok("ready"), Err)
-        }
-        _ => return plain(StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    let page = HealthPage {
+        source,
+        sync_interval,
     };
-    match verdict {
-        Ok(word) => plain(StatusCode::OK, format!("{word}\n")),
-        Err(reason) => plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "not {}: {reason}\n",
-                request.uri().path().trim_start_matches('/')
-            ),
-        ),
-    }
+    crate::http::serve(listener, Arc::new(page), stopped).await;
 }
 
-fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+/// `/live` and `/ready` from a [`HealthSource`].
+struct HealthPage {
+    source: Arc<dyn HealthSource>,
+    sync_interval: Duration,
+}
+
+impl Page for HealthPage {
+    fn respond(&self, path: &str) -> Response<Full<Bytes>> {
+        let now = SystemTime::now();
+        let health = self.source.health();
+        let failure = self.source.failure();
+        let verdict = match path {
+            "/live" => not_live(&health, failure.as_deref(), now).map_or(Ok("live"), Err),
+            "/ready" => not_ready(&health, failure.as_deref(), now, self.sync_interval)
+                .map_or(Ok("ready"), Err),
+            _ => return plain(StatusCode::NOT_FOUND, "not found\n".to_owned()),
+        };
+        match verdict {
+            Ok(word) => plain(StatusCode::OK, format!("{word}\n")),
+            Err(reason) => plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not {}: {reason}\n", path.trim_start_matches('/')),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

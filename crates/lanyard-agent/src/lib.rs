@@ -8,8 +8,10 @@ pub mod attestor;
 pub mod cache;
 pub mod config;
 pub mod health;
+pub mod http;
 pub mod limits;
 pub mod manager;
+pub mod metrics;
 pub mod usage;
 pub mod workload;
 

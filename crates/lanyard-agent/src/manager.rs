@@ -38,6 +38,7 @@ use self::runner::Runner;
 use self::storage::{StoredState, StoredSvid};
 use crate::cache::{JwtMinter, Snapshot};
 use crate::config::AgentConfig;
+use crate::metrics::AgentMetrics;
 use crate::usage::UsageTracker;
 
 /// Where the manager reads the time. Tests pass a clock they control.
@@ -213,6 +214,7 @@ impl Manager {
             config.jwt_svid_cache_size,
         ));
         let usage = Arc::new(UsageTracker::new());
+        let metrics = AgentMetrics::new();
         let (health_tx, health) = watch::channel(AgentHealth {
             last_sync: None,
             svid_expires_at: credentials.svid.not_after(),
@@ -228,6 +230,7 @@ impl Manager {
             bundle,
             Arc::clone(&usage),
             health_tx,
+            metrics.clone(),
         );
 
         let (stop, stopped) = watch::channel(false);
@@ -250,6 +253,7 @@ impl Manager {
             agent_id,
             jwt_minter,
             usage,
+            metrics,
             failure,
             stop,
             task,
@@ -264,6 +268,7 @@ pub struct ManagerHandle {
     agent_id: watch::Receiver<SpiffeId>,
     jwt_minter: Arc<ManagerJwtMinter>,
     usage: Arc<UsageTracker>,
+    metrics: AgentMetrics,
     failure: watch::Receiver<Option<Arc<ManagerError>>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -305,6 +310,20 @@ impl ManagerHandle {
     /// after each sync.
     pub fn usage(&self) -> Arc<UsageTracker> {
         Arc::clone(&self.usage)
+    }
+
+    /// The counters the manager keeps; the Workload API counts into them too.
+    pub fn metrics(&self) -> AgentMetrics {
+        self.metrics.clone()
+    }
+
+    /// What the metrics read at each scrape: the snapshots and the JWT-SVID cache's size.
+    pub fn scrape_sources(&self) -> crate::metrics::ScrapeSources {
+        let jwt_minter = Arc::clone(&self.jwt_minter);
+        crate::metrics::ScrapeSources {
+            snapshots: self.snapshots.clone(),
+            jwt_svids: Box::new(move || jwt_minter.cached_tokens()),
+        }
     }
 
     /// The agent's SPIFFE ID.

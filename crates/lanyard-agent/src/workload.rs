@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 use lanyard_core::id::IdError;
 use lanyard_core::jwt::{JwtError, validate_jwt_svid};
 use lanyard_core::{EntryId, SelectorSet, SpiffeId, TrustBundle, TrustDomain};
+use lanyard_metrics::rpc::{RpcMetrics, RpcMetricsLayer};
 use lanyard_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
@@ -45,6 +46,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::{Connected, Router};
 use tonic::{Request, Response, Status};
+use tower::layer::util::{Identity, Stack};
 
 use crate::attestor::{AttestError, PeerCredentials, WorkloadAttestor};
 use crate::cache::{CachedEntry, JwtMintError, JwtMinter, Snapshot};
@@ -52,6 +54,7 @@ use crate::config::WorkloadApiConfig;
 use crate::limits::{
     ConnectionLimiter, ConnectionSlot, OFFENDER_LOG_INTERVAL, OffenderLog, RateLimiter,
 };
+use crate::metrics::AgentMetrics;
 use crate::usage::UsageTracker;
 
 /// The gRPC metadata key every Workload API request must carry with the value `true`.
@@ -88,6 +91,9 @@ pub type WorkloadApiService = InterceptedService<
     SpiffeWorkloadApiServer<WorkloadApi>,
     fn(Request<()>) -> Result<Request<()>, Status>,
 >;
+
+/// A router for the Workload API socket, with the gRPC call metrics' layer (on or off).
+pub type WorkloadRouter = Router<Stack<RpcMetricsLayer, Identity>>;
 
 /// Why a Workload API request failed. [`WorkloadError::into_status`] is the one place these
 /// become gRPC statuses; the messages that clients match on are SPIRE's.
@@ -186,6 +192,7 @@ pub struct WorkloadApi {
     stop: Arc<watch::Sender<bool>>,
     usage: Option<Arc<UsageTracker>>,
     limits: Arc<ApiLimits>,
+    metrics: AgentMetrics,
 }
 
 /// The limits a [`WorkloadApi`] applies to each call, shared by its clones.
@@ -285,6 +292,7 @@ impl WorkloadApi {
             stop: Arc::new(watch::channel(false).0),
             usage: None,
             limits: Arc::new(ApiLimits::new(WorkloadApiConfig::default())),
+            metrics: AgentMetrics::new(),
         }
     }
 
@@ -317,6 +325,13 @@ impl WorkloadApi {
     /// `FetchJWTSVID` answer.
     pub fn with_usage(mut self, usage: Arc<UsageTracker>) -> Self {
         self.usage = Some(usage);
+        self
+    }
+
+    /// The same handler counting into `metrics` (callers without an identity, open
+    /// streams).
+    pub fn with_metrics(mut self, metrics: AgentMetrics) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -373,7 +388,12 @@ impl WorkloadApi {
     /// A message the workload does not take within `stream_send_timeout` closes the
     /// caller's connection: HTTP/2 would otherwise hold the stream, and what was queued on
     /// it, for as long as the workload stays connected.
-    fn watch<T, F>(&self, caller: Caller, mut step: F) -> ReceiverStream<Result<T, Status>>
+    fn watch<T, F>(
+        &self,
+        method: &'static str,
+        caller: Caller,
+        mut step: F,
+    ) -> ReceiverStream<Result<T, Status>>
     where
         T: Clone + PartialEq + Send + 'static,
         F: FnMut(&Snapshot, SystemTime) -> Step<T> + Send + 'static,
@@ -386,7 +406,10 @@ impl WorkloadApi {
         let give_up_at = tokio::time::Instant::now() + self.initial_wait;
         let limits = Arc::clone(&self.limits);
         let timeout = limits.config.stream_send_timeout;
+        let metrics = self.metrics.clone();
+        let open = metrics.stream_opened();
         tokio::spawn(async move {
+            let _open = open;
             let mut last_sent: Option<T> = None;
             loop {
                 let snapshot = Arc::clone(&snapshots.borrow_and_update());
@@ -415,6 +438,9 @@ impl WorkloadApi {
                     }
                     Step::Wait { reason, recheck_at } => (recheck_at, Some(reason)),
                     Step::Fail(error) => {
+                        if matches!(error, WorkloadError::NoIdentity) {
+                            metrics.no_identity(method);
+                        }
                         let delivery =
                             deliver(&tx, Err(error.into_status()), &mut stop, timeout).await;
                         if let Delivery::Stalled = delivery {
@@ -684,9 +710,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let (selectors, caller) = self.attest(&request).await?;
-        Ok(Response::new(self.watch(caller, move |snapshot, now| {
-            x509_svid_step(snapshot, &selectors, now)
-        })))
+        Ok(Response::new(self.watch(
+            "FetchX509SVID",
+            caller,
+            move |snapshot, now| x509_svid_step(snapshot, &selectors, now),
+        )))
     }
 
     async fn fetch_x509_bundles(
@@ -694,19 +722,23 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let (selectors, caller) = self.attest(&request).await?;
-        Ok(Response::new(self.watch(caller, move |snapshot, _| {
-            map_step(
-                bundles_step(
-                    snapshot,
-                    &selectors,
-                    TrustBundle::x509_authorities_der_concat,
-                ),
-                |bundles| X509BundlesResponse {
-                    crl: Vec::new(),
-                    bundles,
-                },
-            )
-        })))
+        Ok(Response::new(self.watch(
+            "FetchX509Bundles",
+            caller,
+            move |snapshot, _| {
+                map_step(
+                    bundles_step(
+                        snapshot,
+                        &selectors,
+                        TrustBundle::x509_authorities_der_concat,
+                    ),
+                    |bundles| X509BundlesResponse {
+                        crl: Vec::new(),
+                        bundles,
+                    },
+                )
+            },
+        )))
     }
 
     async fn fetch_jwtsvid(
@@ -733,6 +765,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             .filter(|entry| seen.insert(entry.spiffe_id.clone()))
             .collect();
         if entries.is_empty() {
+            self.metrics.no_identity("FetchJWTSVID");
             return Err(WorkloadError::NoIdentity.into());
         }
         let audiences = &request.get_ref().audience;
@@ -760,14 +793,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let (selectors, caller) = self.attest(&request).await?;
-        Ok(Response::new(self.watch(caller, move |snapshot, _| {
-            map_step(
-                bundles_step(snapshot, &selectors, |bundle| {
-                    bundle.jwt_only_jwks_json().into_bytes()
-                }),
-                |bundles| JwtBundlesResponse { bundles },
-            )
-        })))
+        Ok(Response::new(self.watch(
+            "FetchJWTBundles",
+            caller,
+            move |snapshot, _| {
+                map_step(
+                    bundles_step(snapshot, &selectors, |bundle| {
+                        bundle.jwt_only_jwks_json().into_bytes()
+                    }),
+                    |bundles| JwtBundlesResponse { bundles },
+                )
+            },
+        )))
     }
 
     async fn validate_jwtsvid(
@@ -1110,8 +1147,15 @@ fn create_public_dirs(dir: &Path) -> io::Result<()> {
 /// A tonic server builder with the per-connection limits of `limits`: add the Workload API
 /// (and any other service for the same socket) to it and pass the router to
 /// [`serve_router`].
-pub fn server_builder(limits: &WorkloadApiConfig) -> tonic::transport::Server {
-    tonic::transport::Server::builder().max_concurrent_streams(limits.max_streams_per_connection)
+/// With `rpc_metrics`, every call is counted and timed.
+pub fn server_builder(
+    limits: &WorkloadApiConfig,
+    rpc_metrics: Option<&Arc<RpcMetrics>>,
+) -> tonic::transport::Server<Stack<RpcMetricsLayer, Identity>> {
+    let layer = rpc_metrics.map_or_else(RpcMetricsLayer::off, |rpc| rpc.layer(None));
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .layer(layer)
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, recording each connection's
@@ -1120,7 +1164,7 @@ pub fn server_builder(limits: &WorkloadApiConfig) -> tonic::transport::Server {
 /// completes; connections still open 5 seconds later are closed.
 pub async fn serve_router<F>(
     listener: UnixListener,
-    router: Router,
+    router: WorkloadRouter,
     limits: &WorkloadApiConfig,
     shutdown: F,
 ) -> Result<(), ServeError>
@@ -1206,7 +1250,7 @@ where
     let listener = bind_socket(socket_path)?;
     let stopper = api.stream_stopper();
     let limits = api.limits().clone();
-    let router = server_builder(&limits).add_service(api.into_service());
+    let router = server_builder(&limits, None).add_service(api.into_service());
     tracing::info!(socket = %socket_path.display(), "serving the Workload API");
     serve_router(listener, router, &limits, async move {
         shutdown.await;

@@ -175,6 +175,10 @@ pub struct ServerConfig {
     /// nobody outside needs it.
     #[serde(default)]
     pub health_address: Option<SocketAddr>,
+    /// Plain-HTTP `GET /metrics` in the Prometheus text format; off when absent. Like
+    /// `health_address`, keep it on loopback or a private network.
+    #[serde(default)]
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// `[federation]`: this server's part in SPIFFE federation. So far its bundle endpoint, from
@@ -874,6 +878,7 @@ impl ServerConfig {
             federation: FederationConfig::default(),
             oidc_discovery: None,
             health_address: None,
+            metrics_address: None,
         }
     }
 
@@ -1421,6 +1426,24 @@ mod tests {
             c.audit_log_path(),
             c.data_dir.join("audit.log"),
             "the example keeps the audit log under data_dir"
+        );
+    }
+
+    #[test]
+    fn metrics_address_parses_and_is_off_when_absent() {
+        let c = ServerConfig::parse(
+            "trust_domain = \"td\"\ndata_dir = \"/d\"\nmetrics_address = \"127.0.0.1:9988\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.metrics_address, Some("127.0.0.1:9988".parse().unwrap()));
+        let c = ServerConfig::parse("trust_domain = \"td\"\ndata_dir = \"/d\"").unwrap();
+        assert_eq!(c.metrics_address, None);
+        assert!(
+            ServerConfig::parse(
+                "trust_domain = \"td\"\ndata_dir = \"/d\"\nmetrics_address = \"localhost\"\n"
+            )
+            .is_err(),
+            "an address needs a port"
         );
     }
 

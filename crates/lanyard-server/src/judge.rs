@@ -21,6 +21,7 @@ use lanyard_core::{EntryId, RegistrationEntry, SpiffeId, TrustDomain};
 use crate::audit::AuditTrail;
 use crate::config::ServerConfig;
 use crate::datastore::{Datastore, DatastoreError};
+use crate::metrics::{PolicyDecision, PolicyMetrics, PolicyPoint};
 use crate::policy::PolicyHolder;
 
 /// How long a policy decision about an entry is reused while neither the entry nor the
@@ -53,6 +54,7 @@ pub struct IssuanceJudge {
     /// Entries already reported as never issuable, so that each is logged once.
     refused_entries: Mutex<HashSet<EntryId>>,
     audit: Arc<AuditTrail>,
+    metrics: PolicyMetrics,
 }
 
 impl std::fmt::Debug for IssuanceJudge {
@@ -66,8 +68,14 @@ impl std::fmt::Debug for IssuanceJudge {
 
 impl IssuanceJudge {
     /// A judge for `config`'s trust domain and default TTLs, without a policy, knowing
-    /// `exceptions`; changes of an entry's standing are recorded in `audit`.
-    pub fn new(config: &ServerConfig, exceptions: Vec<Exception>, audit: Arc<AuditTrail>) -> Self {
+    /// `exceptions`; changes of an entry's standing are recorded in `audit`, and each
+    /// decision it makes is counted in `metrics`.
+    pub fn new(
+        config: &ServerConfig,
+        exceptions: Vec<Exception>,
+        audit: Arc<AuditTrail>,
+        metrics: PolicyMetrics,
+    ) -> Self {
         Self {
             trust_domain: config.trust_domain.clone(),
             default_x509_svid_ttl: config.default_x509_svid_ttl,
@@ -78,12 +86,18 @@ impl IssuanceJudge {
             exceptions_generation: AtomicU64::new(0),
             refused_entries: Mutex::default(),
             audit,
+            metrics,
         }
     }
 
     /// Applies `policy` from now on.
     pub fn set_policy(&mut self, policy: Arc<PolicyHolder>) {
         self.policy = Some(policy);
+    }
+
+    /// The counters of policy decisions, for the write path's.
+    pub fn metrics(&self) -> &PolicyMetrics {
+        &self.metrics
     }
 
     /// The policy in force, if there is one.
@@ -267,8 +281,22 @@ impl IssuanceJudge {
         }
         let input = self.entry_input(entry, Operation::Issue, None, now);
         let (passes, exceptions_used, rules) = match policy.current().evaluate_entry(&input) {
-            Ok(decision) if decision.passes() => (true, decision.exceptions_used(), Vec::new()),
+            Ok(decision) if decision.passes() => {
+                let used = decision.exceptions_used();
+                let counted = if used.is_empty() {
+                    PolicyDecision::Pass
+                } else {
+                    PolicyDecision::Waived
+                };
+                self.metrics.record(PolicyPoint::Issuance, counted, []);
+                (true, used, Vec::new())
+            }
             Ok(decision) => {
+                self.metrics.record(
+                    PolicyPoint::Issuance,
+                    PolicyDecision::Refused,
+                    decision.violations.iter().map(|v| v.rule.as_str()),
+                );
                 tracing::warn!(
                     entry_id = %entry.id,
                     spiffe_id = %entry.spiffe_id,
@@ -279,6 +307,8 @@ impl IssuanceJudge {
                 (false, Vec::new(), rules)
             }
             Err(error) => {
+                self.metrics
+                    .record(PolicyPoint::Issuance, PolicyDecision::Failed, []);
                 tracing::error!(entry_id = %entry.id, "the policy failed to evaluate, so the entry authorizes nothing: {error}");
                 (false, Vec::new(), vec!["(evaluation failed)".to_owned()])
             }

@@ -70,6 +70,11 @@ impl Ledger {
         }
     }
 
+    /// How many issuances wait in the queue.
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+
     /// How many issuances were dropped because the queue was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)

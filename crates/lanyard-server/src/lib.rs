@@ -16,6 +16,7 @@ pub mod k8s_psat;
 pub mod keymanager;
 pub mod ledger;
 pub mod listener;
+pub mod metrics;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod ratelimit;

@@ -32,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, Router, TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 use crate::config::ServerConfig;
 use crate::proxy_protocol::{self, ProxiedAddress};
@@ -75,7 +75,7 @@ impl From<&ServerConfig> for ListenerLimits {
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    router: Router,
+    router: crate::server::ApiRouter,
     limits: ListenerLimits,
     mut stopped: watch::Receiver<bool>,
 ) {

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lanyard_core::x509::CaSubject;
+use lanyard_metrics::rpc::{RpcMetrics, RpcMetricsLayer};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tonic::transport::server::Router;
+use tower::layer::util::{Identity, Stack};
 
 use crate::api::agent::AgentService;
 use crate::api::bundle::BundleService;
@@ -147,6 +149,7 @@ pub struct Server {
     bundle_endpoint_addr: Option<SocketAddr>,
     oidc_discovery_addr: Option<SocketAddr>,
     health_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     socket_path: PathBuf,
     /// Every admin socket, the main one first; removed at shutdown.
     socket_paths: Vec<PathBuf>,
@@ -185,6 +188,17 @@ impl Server {
                 }
                 Arc::new(store)
             }
+        };
+        // With metrics on, every datastore call is timed.
+        let datastore_metrics = config
+            .metrics_address
+            .map(|_| crate::datastore::metered::DatastoreMetrics::new());
+        let store: Arc<dyn Datastore> = match &datastore_metrics {
+            Some(metrics) => Arc::new(crate::datastore::metered::MeteredStore::new(
+                store,
+                metrics.clone(),
+            )),
+            None => store,
         };
         // Before anything else writes: changes committed without an audit record when the
         // last run died are recorded now, from the change log.
@@ -279,8 +293,20 @@ impl Server {
         let oidc_discovery_addr = start_oidc_discovery(&state, &stopped, &mut tasks).await?;
         let datastore_writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let health_addr = start_health(&state, &datastore_writable, &stopped, &mut tasks).await?;
+        let (metrics_addr, rpc_metrics) =
+            start_metrics(&state, datastore_metrics.as_ref(), &stopped, &mut tasks).await?;
+        let rpc_layer = |listener| {
+            rpc_metrics
+                .as_ref()
+                .map_or_else(RpcMetricsLayer::off, |rpc| rpc.layer(Some(listener)))
+        };
 
-        let tcp_router = routes(&state, x509pop_anchors.clone(), k8s_psat.clone());
+        let tcp_router = routes(
+            &state,
+            x509pop_anchors.clone(),
+            k8s_psat.clone(),
+            rpc_layer("tls"),
+        );
         let limits = crate::listener::ListenerLimits::from(&state.config);
         tasks.spawn(crate::listener::serve_tls(
             tcp,
@@ -295,8 +321,13 @@ impl Server {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
         for (listener, named) in admin_sockets {
-            let uds_router = routes(&state, x509pop_anchors.clone(), k8s_psat.clone())
-                .add_service(health_service.clone());
+            let uds_router = routes(
+                &state,
+                x509pop_anchors.clone(),
+                k8s_psat.clone(),
+                rpc_layer("admin"),
+            )
+            .add_service(health_service.clone());
             let mut uds_stopped = stopped.clone();
             tasks.spawn(async move {
                 let name = named.as_ref().map(|s| s.name.clone());
@@ -346,6 +377,7 @@ impl Server {
             bundle_endpoint_addr,
             oidc_discovery_addr,
             health_addr,
+            metrics_addr,
             socket_path,
             socket_paths,
             stop,
@@ -376,6 +408,11 @@ impl Server {
     /// Where `/live` and `/ready` are served, if `health_address` is set.
     pub fn health_addr(&self) -> Option<SocketAddr> {
         self.health_addr
+    }
+
+    /// Where `/metrics` is served, if `metrics_address` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The admin socket path.
@@ -519,16 +556,21 @@ pub async fn run(
     Ok(())
 }
 
+/// The router of the server API, with the gRPC call metrics' layer (on or off).
+pub type ApiRouter = Router<Stack<RpcMetricsLayer, Identity>>;
+
 fn routes(
     state: &Arc<ServerState>,
     x509pop_anchors: Option<Vec<Vec<u8>>>,
     k8s_psat: Option<Arc<crate::k8s_psat::K8sPsat>>,
-) -> Router {
+    rpc_metrics: RpcMetricsLayer,
+) -> ApiRouter {
     use lanyard_proto::spire::api::server::bundle::v1::bundle_server::BundleServer;
     use lanyard_proto::spire::api::server::svid::v1::svid_server::SvidServer;
 
     let rate_limits = Arc::new(crate::ratelimit::RateLimits::new(&state.config.limits));
     tonic::transport::Server::builder()
+        .layer(rpc_metrics)
         .add_service(
             AgentService::new(Arc::clone(state), x509pop_anchors)
                 .with_k8s_psat(k8s_psat)
@@ -653,6 +695,34 @@ async fn start_health(
     ));
     tracing::info!(%address, "health checks serving (/live, /ready)");
     Ok(Some(address))
+}
+
+/// Serves `/metrics` on `metrics_address`, if set (plain HTTP, see
+/// [`crate::endpoints::metrics`]), and returns the gRPC call metrics for the routers.
+async fn start_metrics(
+    state: &Arc<ServerState>,
+    datastore: Option<&crate::datastore::metered::DatastoreMetrics>,
+    stopped: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> Result<(Option<SocketAddr>, Option<Arc<RpcMetrics>>), ServerError> {
+    let Some(address) = state.config.metrics_address else {
+        return Ok((None, None));
+    };
+    let (listener, address) = bind_endpoint(address).await?;
+    let (registry, rpc) = crate::metrics::registry(state, datastore);
+    tasks.spawn(crate::endpoints::serve(
+        "metrics",
+        listener,
+        Transport::InsecureHttp,
+        EndpointLimits {
+            max_connections: 16,
+            header_read_timeout: Duration::from_secs(10),
+        },
+        Arc::new(crate::endpoints::metrics::Metrics::new(Arc::new(registry))),
+        stopped.clone(),
+    ));
+    tracing::info!(%address, "metrics serving (/metrics)");
+    Ok((Some(address), Some(rpc)))
 }
 
 /// Starts OIDC discovery if `[oidc_discovery]` is configured.

@@ -17,6 +17,7 @@ use crate::config::ServerConfig;
 use crate::datastore::{AgentFilter, Datastore, DatastoreError, Issuance, PageRequest};
 use crate::judge::IssuanceJudge;
 use crate::ledger::Ledger;
+use crate::metrics::ServerMetrics;
 use crate::policy::PolicyHolder;
 use crate::relationships::BundleRefresh;
 
@@ -45,6 +46,8 @@ pub struct ServerState {
     /// Bundle refresh requests and relationship changes, for the client that fetches
     /// federated bundles.
     pub bundle_refresh: BundleRefresh,
+    /// The counters of signing, attestation and policy decisions (see [`crate::metrics`]).
+    pub metrics: ServerMetrics,
     clock: Clock,
     ledger: Option<Ledger>,
     rotation_requested: tokio::sync::Notify,
@@ -89,8 +92,15 @@ impl ServerState {
         let index = AuthorizationIndex::build(config.trust_domain.server_id(), entries, agents);
         let exceptions = store.list_exceptions().await?;
         let audit = Arc::new(AuditTrail::new(None, &config.instance, Arc::clone(&clock)));
+        let metrics = ServerMetrics::new();
         Ok(Self {
-            judge: IssuanceJudge::new(&config, exceptions, Arc::clone(&audit)),
+            judge: IssuanceJudge::new(
+                &config,
+                exceptions,
+                Arc::clone(&audit),
+                metrics.policy.clone(),
+            ),
+            metrics,
             index: IndexFeed::new(index, revision),
             audit,
             bundle_refresh: BundleRefresh::new(),
@@ -112,7 +122,12 @@ impl ServerState {
         ));
         let exceptions = self.judge.exceptions().to_vec();
         let policy = self.judge.policy().cloned();
-        self.judge = IssuanceJudge::new(&self.config, exceptions, Arc::clone(&self.audit));
+        self.judge = IssuanceJudge::new(
+            &self.config,
+            exceptions,
+            Arc::clone(&self.audit),
+            self.metrics.policy.clone(),
+        );
         if let Some(policy) = policy {
             self.judge.set_policy(policy);
         }
@@ -149,6 +164,11 @@ impl ServerState {
         if let Some(ledger) = &self.ledger {
             ledger.record(issuance);
         }
+    }
+
+    /// The usage ledger's queue, if the server keeps one.
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.ledger.as_ref()
     }
 
     /// The current time.

@@ -25,6 +25,7 @@ use lanyard_core::{EntryId, RegistrationEntry};
 
 use crate::caller::{Caller, caller_input};
 use crate::datastore::DatastoreError;
+use crate::metrics::{PolicyDecision, PolicyPoint};
 use crate::state::ServerState;
 
 /// How many times an update is tried when the entry changes between read and write.
@@ -335,13 +336,26 @@ impl EntryWriter {
             .state
             .judge
             .entry_input(entry, operation, Some(caller_input(caller)), now);
-        let decision: Decision = policy
-            .current()
-            .evaluate_entry(&input)
-            .map_err(|e| WriteError::PolicyFailed(e.to_string()))?;
+        let metrics = self.state.judge.metrics();
+        let decision: Decision = policy.current().evaluate_entry(&input).map_err(|e| {
+            metrics.record(PolicyPoint::Write, PolicyDecision::Failed, []);
+            WriteError::PolicyFailed(e.to_string())
+        })?;
         if decision.passes() {
-            return Ok(decision.exceptions_used());
+            let used = decision.exceptions_used();
+            let counted = if used.is_empty() {
+                PolicyDecision::Pass
+            } else {
+                PolicyDecision::Waived
+            };
+            metrics.record(PolicyPoint::Write, counted, []);
+            return Ok(used);
         }
+        metrics.record(
+            PolicyPoint::Write,
+            PolicyDecision::Refused,
+            decision.violations.iter().map(|v| v.rule.as_str()),
+        );
         self.state.audit.record(
             &caller.describe(),
             "entry refused by policy",

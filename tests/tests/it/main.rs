@@ -18,6 +18,7 @@ mod k8s_controller;
 mod k8s_psat;
 mod kube;
 mod kube_manifests;
+mod metrics;
 mod mtls;
 mod oidc;
 #[path = "../../../crates/lanyard-server/tests/it/pg.rs"]

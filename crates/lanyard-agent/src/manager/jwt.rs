@@ -130,6 +130,11 @@ impl ManagerJwtMinter {
         }
     }
 
+    /// How many tokens the cache holds, expired ones included until they are evicted.
+    pub(crate) fn cached_tokens(&self) -> usize {
+        self.cache().tokens.len()
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, TokenCache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }

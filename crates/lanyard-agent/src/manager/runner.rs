@@ -77,6 +77,7 @@ pub(super) struct Runner {
     usage: UsageReporter,
     /// Published for the health checks.
     health: watch::Sender<super::AgentHealth>,
+    metrics: crate::metrics::AgentMetrics,
 }
 
 impl Runner {
@@ -93,6 +94,7 @@ impl Runner {
         bundle: Arc<TrustBundle>,
         usage: Arc<UsageTracker>,
         health: watch::Sender<super::AgentHealth>,
+        metrics: crate::metrics::AgentMetrics,
     ) -> Self {
         Self {
             config,
@@ -113,6 +115,7 @@ impl Runner {
             n_over_capacity: 0,
             usage: UsageReporter::new(usage),
             health,
+            metrics,
         }
     }
 
@@ -191,10 +194,13 @@ impl Runner {
             }
 
             if must_reattest.is_none() && Instant::now() >= next_sync {
+                let started = Instant::now().into_std();
                 let result = tokio::select! {
                     result = self.sync() => result,
                     _ = stop.changed() => return Ok(()),
                 };
+                self.metrics
+                    .sync_ended(started, result.is_ok().then_some(self.entries.len()));
                 match result {
                     Ok(()) => {
                         let now = self.now();
@@ -411,6 +417,7 @@ impl Runner {
             true
         });
         self.credentials = credentials;
+        self.metrics.agent_svid_rotated();
         let expires_at = self.credentials.svid.not_after();
         self.health
             .send_modify(|health| health.svid_expires_at = expires_at);
@@ -630,6 +637,9 @@ impl Runner {
                     Ok((svid, not_before)) => {
                         let renew_at =
                             rotation::renewal_time(not_before, svid.not_after(), Jitter::random());
+                        if self.svids.contains_key(&entry.id) {
+                            self.metrics.workload_svid_rotated();
+                        }
                         self.svids.insert(
                             entry.id.clone(),
                             MintedSvid {

@@ -755,11 +755,11 @@ async fn the_security_header_is_required_only_by_the_workload_api() {
     );
     let stopper = api.stream_stopper();
     let (_health_reporter, health_service) = tonic_health::server::health_reporter();
-    let router = tonic::transport::Server::builder()
+    let limits = lanyard_agent::config::WorkloadApiConfig::default();
+    let router = workload::server_builder(&limits, None)
         .add_service(api.into_service())
         .add_service(health_service);
     let (shutdown, stopped) = oneshot::channel::<()>();
-    let limits = lanyard_agent::config::WorkloadApiConfig::default();
     let server = tokio::spawn(async move {
         workload::serve_router(listener, router, &limits, async move {
             let _ = stopped.await;

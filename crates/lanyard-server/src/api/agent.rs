@@ -30,6 +30,7 @@ use crate::datastore::{
     SelectorFilter,
 };
 use crate::k8s_psat::K8sPsat;
+use crate::metrics::{AttestationType, SignedKind};
 use crate::ratelimit::RateLimits;
 use crate::state::ServerState;
 use crate::writes::EntryWriter;
@@ -87,6 +88,18 @@ impl AgentService {
 
     /// Signs an agent SVID for `agent_id` over the public key of `csr`.
     fn sign_agent_svid(&self, agent_id: &SpiffeId, csr: &[u8]) -> Result<X509Svid, ApiError> {
+        super::svid::counted(
+            &self.state,
+            SignedKind::AgentSvid,
+            self.sign_agent_svid_uncounted(agent_id, csr),
+        )
+    }
+
+    fn sign_agent_svid_uncounted(
+        &self,
+        agent_id: &SpiffeId,
+        csr: &[u8],
+    ) -> Result<X509Svid, ApiError> {
         let csr = x509::parse_csr(csr)
             .map_err(|e| ApiError::InvalidArgument(format!("invalid CSR: {e}")))?;
         let ca = self
@@ -118,10 +131,12 @@ impl AgentService {
     }
 
     /// Runs the attestation exchange and returns the result to send.
+    /// `attestation_type` is set as soon as the request names its type, for the metrics.
     async fn attest(
         &self,
         mut requests: Streaming<pb::AttestAgentRequest>,
         challenges: tokio::sync::mpsc::Sender<Result<pb::AttestAgentResponse, Status>>,
+        attestation_type: &mut AttestationType,
     ) -> Result<pb::AttestAgentResponse, ApiError> {
         let first = requests
             .message()
@@ -143,6 +158,13 @@ impl AgentService {
                 "missing attestation data type".into(),
             ));
         }
+        let served = match data.r#type.as_str() {
+            "join_token" => self.state.config.node_attestor.join_token_enabled(),
+            "x509pop" => self.x509pop_anchors.is_some(),
+            k8s_psat::ATTESTOR_NAME => self.k8s_psat.is_some(),
+            _ => false,
+        };
+        *attestation_type = AttestationType::served(&data.r#type, served);
         if data.payload.is_empty() {
             return Err(ApiError::InvalidArgument(
                 "missing attestation data payload".into(),
@@ -598,12 +620,19 @@ impl Agent for AgentService {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let service = self.clone();
         tokio::spawn(async move {
-            let outcome =
-                tokio::time::timeout(ATTESTATION_TIMEOUT, service.attest(requests, tx.clone()))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ApiError::DeadlineExceeded("attestation timed out".into()))
-                    });
+            let mut attestation_type = AttestationType::Unknown;
+            let outcome = tokio::time::timeout(
+                ATTESTATION_TIMEOUT,
+                service.attest(requests, tx.clone(), &mut attestation_type),
+            )
+            .await
+            .unwrap_or_else(|_| Err(ApiError::DeadlineExceeded("attestation timed out".into())));
+            service.state.metrics.attestation.record(
+                attestation_type,
+                outcome
+                    .as_ref()
+                    .map_or_else(ApiError::outcome, |_| lanyard_metrics::Outcome::Ok),
+            );
             if let Err(error) = &outcome {
                 tracing::info!(code = ?error.code(), message = %error, "attestation refused");
             }

@@ -173,6 +173,11 @@ impl From<K8sPsatError> for ApiError {
 }
 
 impl ApiError {
+    /// How a call that failed with this error counts in the metrics' `result` labels.
+    pub fn outcome(&self) -> lanyard_metrics::Outcome {
+        lanyard_metrics::Outcome::of_grpc_code(self.code() as i32)
+    }
+
     /// The gRPC code for this error.
     pub fn code(&self) -> Code {
         match self {

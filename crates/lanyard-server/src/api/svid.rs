@@ -29,6 +29,7 @@ use tonic::{Request, Response, Status};
 use super::errors::ok_status;
 use super::{ApiError, Authorizer};
 use crate::datastore::{Issuance, IssuanceKind};
+use crate::metrics::SignedKind;
 use crate::ratelimit::RateLimits;
 use crate::state::ServerState;
 
@@ -91,7 +92,11 @@ impl Svid for SvidService {
     ) -> Result<Response<MintX509svidResponse>, Status> {
         let caller = self.auth.admin(&request, MINT_X509_SVID)?;
         let request = request.into_inner();
-        let svid = mint_x509_svid(&self.state, &request.csr, request.ttl)?;
+        let svid = counted(
+            &self.state,
+            SignedKind::X509Svid,
+            mint_x509_svid(&self.state, &request.csr, request.ttl),
+        )?;
         log_x509_issuance(&svid, "", &caller.describe());
         Ok(Response::new(MintX509svidResponse {
             svid: Some(x509_svid_to_proto(&svid, "")),
@@ -104,24 +109,27 @@ impl Svid for SvidService {
     ) -> Result<Response<MintJwtsvidResponse>, Status> {
         let caller = self.auth.admin(&request, MINT_JWT_SVID)?;
         let request = request.into_inner();
-        let id = request
-            .id
-            .as_ref()
-            .ok_or_else(|| invalid("invalid SPIFFE ID: request must specify SPIFFE ID"))
-            .and_then(|id| {
-                spiffe_id_from_proto(id).map_err(|e| invalid(format!("invalid SPIFFE ID: {e}")))
-            })?;
-        check_workload_id(&self.state, &id)
-            .map_err(|e| invalid(format!("invalid SPIFFE ID: {e}")))?;
-        let ttl = ttl_or(request.ttl, self.state.config.default_jwt_svid_ttl);
-        let svid = sign_jwt_svid(
-            &self.state,
-            &id,
-            &request.audience,
-            ttl,
-            "",
-            &caller.describe(),
-        )?;
+        let minted = (|| {
+            let id = request
+                .id
+                .as_ref()
+                .ok_or_else(|| invalid("invalid SPIFFE ID: request must specify SPIFFE ID"))
+                .and_then(|id| {
+                    spiffe_id_from_proto(id).map_err(|e| invalid(format!("invalid SPIFFE ID: {e}")))
+                })?;
+            check_workload_id(&self.state, &id)
+                .map_err(|e| invalid(format!("invalid SPIFFE ID: {e}")))?;
+            let ttl = ttl_or(request.ttl, self.state.config.default_jwt_svid_ttl);
+            sign_jwt_svid(
+                &self.state,
+                &id,
+                &request.audience,
+                ttl,
+                "",
+                &caller.describe(),
+            )
+        })();
+        let svid = counted(&self.state, SignedKind::JwtSvid, minted)?;
         Ok(Response::new(MintJwtsvidResponse {
             svid: Some(jwt_svid_to_proto(&svid, "")),
         }))
@@ -165,11 +173,15 @@ impl Svid for SvidService {
     ) -> Result<Response<NewDownstreamX509caResponse>, Status> {
         let caller = self.auth.downstream(&request, NEW_DOWNSTREAM_X509_CA)?;
         let request = request.into_inner();
-        let response = new_downstream_x509_ca(
+        let response = counted(
             &self.state,
-            &request.csr,
-            request.preferred_ttl,
-            &caller.describe(),
+            SignedKind::DownstreamX509Ca,
+            new_downstream_x509_ca(
+                &self.state,
+                &request.csr,
+                request.preferred_ttl,
+                &caller.describe(),
+            ),
         )?;
         Ok(Response::new(response))
     }
@@ -203,8 +215,13 @@ pub fn batch_new_x509_svid(
     let now = state.now();
     Ok(params
         .iter()
-        .map(
-            |param| match new_x509_svid(state, agent_id, &entries, ca.as_deref(), param, now) {
+        .map(|param| {
+            let result = counted(
+                state,
+                SignedKind::X509Svid,
+                new_x509_svid(state, agent_id, &entries, ca.as_deref(), param, now),
+            );
+            match result {
                 Ok(svid) => batch_new_x509svid_response::Result {
                     status: Some(ok_status()),
                     svid: Some(svid),
@@ -213,9 +230,22 @@ pub fn batch_new_x509_svid(
                     status: Some(error.to_proto_status()),
                     svid: None,
                 },
-            },
-        )
+            }
+        })
         .collect())
+}
+
+/// `result` of a signing request for `kind`, counted in the signing metrics.
+pub(crate) fn counted<T>(
+    state: &ServerState,
+    kind: SignedKind,
+    result: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let outcome = result
+        .as_ref()
+        .map_or_else(ApiError::outcome, |_| lanyard_metrics::Outcome::Ok);
+    state.metrics.signing.record(kind, outcome);
+    result
 }
 
 /// One item of `BatchNewX509SVID`, checked in SPIRE's order: entry ID and CSR present, entry
@@ -270,6 +300,19 @@ fn new_x509_svid(
 /// `entry_id`, which the agent must be authorized for (else `NotFound`), for `audience`
 /// (at least one), living the entry's `jwt_svid_ttl` or the server default.
 pub fn new_jwt_svid(
+    state: &ServerState,
+    agent_id: &SpiffeId,
+    entry_id: &str,
+    audience: &[String],
+) -> Result<types::Jwtsvid, ApiError> {
+    counted(
+        state,
+        SignedKind::JwtSvid,
+        authorized_jwt_svid(state, agent_id, entry_id, audience),
+    )
+}
+
+fn authorized_jwt_svid(
     state: &ServerState,
     agent_id: &SpiffeId,
     entry_id: &str,

@@ -26,6 +26,7 @@ use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomai
 mod convert;
 pub mod governance;
 pub mod memory;
+pub mod metered;
 pub mod postgres;
 pub mod sql;
 pub mod transfer;

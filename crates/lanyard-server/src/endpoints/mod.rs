@@ -1,6 +1,7 @@
 //! The server's public HTTP endpoints, each on a listener of its own and off unless
-//! configured: the SPIFFE bundle endpoint ([`bundle`], `[federation.bundle_endpoint]`) and
-//! OIDC discovery ([`oidc`], `[oidc_discovery]`).
+//! configured: the SPIFFE bundle endpoint ([`bundle`], `[federation.bundle_endpoint]`),
+//! OIDC discovery ([`oidc`], `[oidc_discovery]`), and over plain HTTP the health checks
+//! ([`health`], `health_address`) and the metrics ([`metrics`], `metrics_address`).
 //!
 //! HTTP/1.1 only (hyper), over TLS 1.3 or 1.2 (rustls on ring, ALPN `http/1.1`), or plain
 //! HTTP for OIDC discovery behind a TLS-terminating proxy when the config says so. TLS 1.2 is
@@ -19,6 +20,7 @@
 pub mod bundle;
 pub mod cert_files;
 pub mod health;
+pub mod metrics;
 pub mod oidc;
 
 use std::convert::Infallible;

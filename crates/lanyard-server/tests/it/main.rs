@@ -15,6 +15,7 @@ mod integrity;
 mod issuance;
 mod limits;
 mod local_authority;
+mod metrics;
 mod oidc_discovery;
 mod pg;
 mod postgres;
