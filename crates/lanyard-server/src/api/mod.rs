@@ -24,7 +24,7 @@ use lanyard_core::SpiffeId;
 use lanyard_proto::spire::api::types::permission_denied_details::Reason;
 use tonic::{Request, Status};
 
-use crate::datastore::AttestedAgent;
+use crate::datastore::{AttestedAgent, DatastoreError};
 use crate::state::ServerState;
 
 pub use crate::caller::{Caller, PeerSvid};
@@ -123,12 +123,14 @@ impl Authorizer {
         if !agent.new_serial.is_empty() && agent.new_serial == svid.serial {
             agent.serial = std::mem::take(&mut agent.new_serial);
             agent.not_after = agent.new_not_after.take().unwrap_or(svid.not_after);
-            let agent = self
-                .state
-                .store
-                .update_agent(agent)
-                .await
-                .map_err(|e| ApiError::from(e).into_status())?;
+            let agent = match self.state.store.update_agent(agent).await {
+                Ok(agent) => agent,
+                // Banned since it was read.
+                Err(DatastoreError::FailedPrecondition(_)) => {
+                    return Err(not_authorized(method, Some(Reason::AgentBanned)));
+                }
+                Err(e) => return Err(ApiError::from(e).into_status()),
+            };
             return Ok(AgentCaller { svid, agent });
         }
         Err(not_authorized(method, Some(Reason::AgentNotActive)))

@@ -327,6 +327,9 @@ impl Datastore for MemoryStore {
         let Some(stored) = state.agents.get_mut(agent.spiffe_id.as_str()) else {
             return Err(not_found("agent", agent.spiffe_id.as_str()));
         };
+        if stored.is_banned() {
+            return Err(super::banned_agent(&agent.spiffe_id));
+        }
         agent.created_at = stored.created_at;
         *stored = agent.clone();
         state.record(

@@ -598,7 +598,10 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AttestedAgent>>;
 
     /// Replaces every field of the agent with `agent.spiffe_id` (selectors included) but
-    /// `created_at`, stamping `updated_at`.
+    /// `created_at`, stamping `updated_at`. Never lifts a ban: a banned agent is refused with
+    /// [`DatastoreError::FailedPrecondition`], so a write prepared from a read made before
+    /// the ban (a renewal, a serial promotion, a re-attestation) cannot undo it; only
+    /// [`Datastore::delete_agent`] (eviction) does.
     async fn update_agent(&self, agent: AttestedAgent) -> Result<AttestedAgent>;
 
     /// Replaces the agent's node selectors.
@@ -779,6 +782,11 @@ pub trait Datastore: Send + Sync + fmt::Debug {
 /// The error for a record that is not there, naming it.
 pub(crate) fn not_found(what: &str, key: &str) -> DatastoreError {
     DatastoreError::NotFound(format!("{what} {key:?}"))
+}
+
+/// The refusal of [`Datastore::update_agent`] on a banned agent.
+pub(crate) fn banned_agent(id: &SpiffeId) -> DatastoreError {
+    DatastoreError::FailedPrecondition(format!("agent {id} is banned"))
 }
 
 pub(crate) fn missing_federated_bundle(trust_domain: &TrustDomain) -> DatastoreError {

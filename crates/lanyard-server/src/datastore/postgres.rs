@@ -33,8 +33,8 @@ use super::governance::usage_record;
 use super::{
     AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSignal, ChangeSubject,
     Datastore, DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
-    JoinTokenRecord, MatchMode, Page, PageRequest, Result, SelectorFilter, bundle_in_use,
-    merge_bundles, missing_federated_bundle, not_found, revision_conflict,
+    JoinTokenRecord, MatchMode, Page, PageRequest, Result, SelectorFilter, banned_agent,
+    bundle_in_use, merge_bundles, missing_federated_bundle, not_found, revision_conflict,
 };
 
 /// The schema migrations, embedded at compile time from `migrations/postgres/`.

@@ -1017,13 +1017,20 @@ impl Datastore for Store {
     async fn update_agent(&self, agent: AttestedAgent) -> Result<AttestedAgent> {
         let mut agent = agent;
         agent.updated_at = SystemTime::now();
-        let agent = normalize_agent(agent)?;
-        self.modify_agent(&agent.spiffe_id.clone(), move |stored| {
-            let created_at = stored.created_at;
-            *stored = agent;
-            stored.created_at = created_at;
-        })
-        .await
+        let mut agent = normalize_agent(agent)?;
+        let id = agent.spiffe_id.clone();
+        let mut tx = self.write().await?;
+        let Some(stored) = fetch_agent(tx.conn(), id.as_str()).await? else {
+            return Err(not_found("agent", id.as_str()));
+        };
+        if stored.is_banned() {
+            return Err(banned_agent(&id));
+        }
+        agent.created_at = stored.created_at;
+        write_agent(tx.conn(), &agent, false).await?;
+        record_change(tx.conn(), ChangeKind::Updated, &ChangeSubject::Agent(id)).await?;
+        tx.commit().await?;
+        Ok(agent)
     }
 
     async fn set_agent_selectors(

@@ -975,6 +975,18 @@ async fn ban_clears_serials(store: Store) {
     assert_eq!(banned.not_after, created.not_after);
     assert_eq!(
         store.get_agent(&created.spiffe_id).await.unwrap(),
+        Some(banned.clone())
+    );
+    // A write from a read made before the ban (a renewal, a serial promotion, a
+    // re-attestation racing the ban) cannot bring the agent back: only an eviction can.
+    let mut stale = created.clone();
+    stale.serial = "333".into();
+    assert!(matches!(
+        store.update_agent(stale).await,
+        Err(DatastoreError::FailedPrecondition(_))
+    ));
+    assert_eq!(
+        store.get_agent(&created.spiffe_id).await.unwrap(),
         Some(banned)
     );
 }
