@@ -177,14 +177,18 @@ pub struct ServerConfig {
     pub health_address: Option<SocketAddr>,
 }
 
-/// `[federation]`: this server's part in SPIFFE federation. So far its bundle endpoint, from
-/// which other trust domains fetch this one's bundle.
+/// `[federation]`: this server's part in SPIFFE federation: its bundle endpoint, from which
+/// other trust domains fetch this one's bundle, and what its bundle endpoint client needs.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FederationConfig {
     /// The bundle endpoint; off when absent.
     #[serde(default)]
     pub bundle_endpoint: Option<BundleEndpointConfig>,
+    /// A PEM file of CA certificates that `https_web` bundle endpoints may chain to, besides
+    /// the system's (for a private CA, or tests). Lanyard's own key; SPIRE has none.
+    #[serde(default)]
+    pub https_web_extra_ca_certificates_path: Option<PathBuf>,
 }
 
 /// `[federation.bundle_endpoint]`: an HTTPS listener serving the trust domain's bundle as

@@ -9,13 +9,12 @@
 //! change log ([`ServerState::written`], which also moves [`BundleRefresh::relationships`]),
 //! then the audit record, under the audit guard from before the commit.
 //!
-//! [`BundleRefresh`] is the contract with the bundle-fetching client, which is not part of the
-//! server yet. That client subscribes to [`BundleRefresh::relationships`] (a `watch` whose
-//! value moves whenever a relationship was created, updated or deleted, by this server or by
-//! another sharing the datastore, as the change log shows) and re-reads the relationships when
-//! it moves; for each relationship it fetches for, it waits on the `Notify` of
-//! [`BundleRefresh::refresh_requests`], which `RefreshBundle` signals. Until that client runs,
-//! a refresh is accepted and nothing fetches.
+//! [`BundleRefresh`] is the contract with the bundle endpoint client
+//! ([`crate::bundle_client`]). That client subscribes to [`BundleRefresh::relationships`] (a
+//! `watch` whose value moves whenever a relationship was created, updated or deleted, by this
+//! server or by another sharing the datastore, as the change log shows) and re-reads the
+//! relationships when it moves; for each relationship it fetches for, it waits on the `Notify`
+//! of [`BundleRefresh::refresh_requests`], which `RefreshBundle` signals.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

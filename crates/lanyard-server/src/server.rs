@@ -1,6 +1,6 @@
 //! Starting and stopping a server: opening the datastore and keys, loading the CA, serving
 //! the API on TCP (TLS, see [`crate::listener`]) and the admin Unix socket, and running the
-//! rotation loop.
+//! rotation loop and the bundle endpoint client ([`crate::bundle_client`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -129,6 +129,9 @@ pub enum ServerError {
     /// A k8s_psat cluster's API server access (kubeconfig, in-cluster credentials) is unusable.
     #[error("{0}")]
     K8sPsat(String),
+    /// `federation.https_web_extra_ca_certificates_path` is unusable.
+    #[error("federation.https_web_extra_ca_certificates_path: {0}")]
+    WebRoots(String),
     /// The x509pop CA bundle could not be read.
     #[error("reading x509pop ca_bundle_path {path}: {reason}")]
     X509PopBundle {
@@ -332,6 +335,18 @@ impl Server {
             datastore_writable,
             stopped.clone(),
         ));
+        let web_roots = crate::bundle_client::load_web_roots(
+            state
+                .config
+                .federation
+                .https_web_extra_ca_certificates_path
+                .as_deref(),
+        )
+        .map_err(ServerError::WebRoots)?;
+        tasks.spawn(
+            crate::bundle_client::BundleClient::new(Arc::clone(&state), web_roots)
+                .run(stopped.clone()),
+        );
         tasks.spawn(rotate(Arc::clone(&state), server_svid, stopped));
 
         tracing::info!(
