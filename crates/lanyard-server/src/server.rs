@@ -129,6 +129,9 @@ pub enum ServerError {
     /// A k8s_psat cluster's API server access (kubeconfig, in-cluster credentials) is unusable.
     #[error("{0}")]
     K8sPsat(String),
+    /// A relationship of `[federation.trust_domains]` could not be applied.
+    #[error("federation.trust_domains: {0}")]
+    ConfiguredRelationship(String),
     /// `federation.https_web_extra_ca_certificates_path` is unusable.
     #[error("federation.https_web_extra_ca_certificates_path: {0}")]
     WebRoots(String),
@@ -335,6 +338,11 @@ impl Server {
             datastore_writable,
             stopped.clone(),
         ));
+        let configured = configured_relationships(&state.config)?;
+        crate::relationships::RelationshipWriter::new(Arc::clone(&state))
+            .apply_configured(configured)
+            .await
+            .map_err(|e| ServerError::ConfiguredRelationship(e.to_string()))?;
         let web_roots = crate::bundle_client::load_web_roots(
             state
                 .config
@@ -407,6 +415,46 @@ impl Server {
         }
         tracing::info!("server stopped");
     }
+}
+
+/// The relationships of `[federation.trust_domains]`, each with the bundle of its
+/// `trust_domain_bundle_path`, if any.
+fn configured_relationships(
+    config: &ServerConfig,
+) -> Result<Vec<lanyard_core::FederationRelationship>, ServerError> {
+    let mut relationships = Vec::new();
+    for (name, configured) in &config.federation.trust_domains {
+        let problem =
+            |reason: String| ServerError::ConfiguredRelationship(format!("{name:?}: {reason}"));
+        let relationship = configured
+            .relationship(name)
+            .map_err(|e| problem(e.to_string()))?;
+        let relationship = match &configured.trust_domain_bundle_path {
+            None => relationship,
+            Some(path) => {
+                let text = std::fs::read(path)
+                    .map_err(|e| problem(format!("reading {}: {e}", path.display())))?;
+                let trust_domain = relationship.trust_domain().clone();
+                let bundle = match configured.trust_domain_bundle_format {
+                    crate::config::BundleFileFormat::Pem => {
+                        lanyard_core::TrustBundle::from_pem_certificates(
+                            trust_domain,
+                            &String::from_utf8_lossy(&text),
+                        )
+                    }
+                    crate::config::BundleFileFormat::Spiffe => {
+                        lanyard_core::TrustBundle::from_jwks_json(trust_domain, &text)
+                    }
+                }
+                .map_err(|e| problem(format!("{}: {e}", path.display())))?;
+                relationship
+                    .with_trust_domain_bundle(bundle)
+                    .map_err(|e| problem(e.to_string()))?
+            }
+        };
+        relationships.push(relationship);
+    }
+    Ok(relationships)
 }
 
 /// How often the audit checkpoint moves (see [`crate::audit`]): after a crash, at most this
