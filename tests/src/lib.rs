@@ -781,6 +781,7 @@ impl PrivateHosts {
 #[derive(Debug)]
 pub struct Server {
     dir: PathBuf,
+    trust_domain: String,
     host: IpAddr,
     port: u16,
     config_path: PathBuf,
@@ -819,6 +820,24 @@ impl Server {
 
     /// Like [`Server::configure`], with `datastore_toml` as the `[datastore]` table.
     pub fn configure_on(dir: &Path, extra_toml: &str, datastore_toml: &str) -> Self {
+        Self::configure_for(dir, TRUST_DOMAIN, extra_toml, datastore_toml)
+    }
+
+    /// Like [`Server::start_with`], for `trust_domain` instead of [`TRUST_DOMAIN`] (agents
+    /// started against it join that trust domain too).
+    pub fn start_in_trust_domain(dir: &Path, trust_domain: &str, extra_toml: &str) -> Self {
+        let mut server = Self::configure_for(dir, trust_domain, extra_toml, "kind = \"sqlite\"\n");
+        server.start_again();
+        server
+    }
+
+    /// Like [`Server::configure_on`], for `trust_domain`.
+    pub fn configure_for(
+        dir: &Path,
+        trust_domain: &str,
+        extra_toml: &str,
+        datastore_toml: &str,
+    ) -> Self {
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let port = free_port();
         let admin_socket = dir.join("admin").join("api.sock");
@@ -834,7 +853,7 @@ impl Server {
              {datastore_toml}\n\
              [key_manager]\n\
              kind = \"disk\"\n",
-            td = toml_string(TRUST_DOMAIN),
+            td = toml_string(trust_domain),
             data = toml_path(&dir.join("data")),
             socket = toml_path(&admin_socket),
             log_level = toml_string(&log_level()),
@@ -843,6 +862,7 @@ impl Server {
             .unwrap_or_else(|e| panic!("writing {}: {e}", config_path.display()));
         Self {
             dir: dir.to_owned(),
+            trust_domain: trust_domain.to_owned(),
             host: IpAddr::from([127, 0, 0, 1]),
             port,
             process: ChildProcess::new(format!("server :{port}"), dir.join("server.log")),
@@ -893,6 +913,11 @@ impl Server {
     /// The server's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Its trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
 
     /// The generated config file.
@@ -1039,7 +1064,7 @@ impl Server {
     pub fn spiffe_bundle(&self) -> lanyard_core::TrustBundle {
         let output = self.cli(["bundle", "show", "--format", "spiffe"]);
         lanyard_core::TrustBundle::from_jwks_json(
-            trust_domain(),
+            TrustDomain::new(&self.trust_domain).expect("the server's trust domain is valid"),
             output.expect_success().as_bytes(),
         )
         .unwrap_or_else(|e| panic!("the SPIFFE bundle does not parse ({e}): {output}"))
@@ -1199,7 +1224,7 @@ impl Agent {
              {join_token}\
              {extra_toml}\n",
             address = server.address(),
-            td = toml_string(TRUST_DOMAIN),
+            td = toml_string(server.trust_domain()),
             data = toml_path(&dir.join("data")),
             bundle = toml_path(&bundle_path),
             socket = toml_path(&socket),

@@ -125,6 +125,11 @@ impl SpireServer {
     /// Like [`SpireServer::start`], with `extra_hcl` added to the `server` block (e.g.
     /// `agent_ttl = "20s"`).
     pub fn start_with(dir: &Path, extra_hcl: &str) -> Self {
+        Self::start_in_trust_domain(dir, TRUST_DOMAIN, extra_hcl)
+    }
+
+    /// Like [`SpireServer::start_with`], for `trust_domain` instead of [`TRUST_DOMAIN`].
+    pub fn start_in_trust_domain(dir: &Path, trust_domain: &str, extra_hcl: &str) -> Self {
         let spire = spire();
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let port = free_port();
@@ -155,7 +160,7 @@ impl SpireServer {
              \x20   }}\n\
              }}\n",
             socket = hcl_path(&socket),
-            td = hcl_string(TRUST_DOMAIN),
+            td = hcl_string(trust_domain),
             data = hcl_path(&dir.join("data")),
             database = hcl_path(&dir.join("data").join("datastore.sqlite3")),
         );
@@ -312,6 +317,25 @@ impl SpireAgent {
         attestation: SpireAttestation<'_>,
         hosts: Option<&PrivateHosts>,
     ) -> Self {
+        Self::start_in_trust_domain(
+            dir,
+            TRUST_DOMAIN,
+            server_address,
+            bundle_pem,
+            attestation,
+            hosts,
+        )
+    }
+
+    /// Like [`SpireAgent::start_in`], for `trust_domain` instead of [`TRUST_DOMAIN`].
+    pub fn start_in_trust_domain(
+        dir: &Path,
+        trust_domain: &str,
+        server_address: &str,
+        bundle_pem: &str,
+        attestation: SpireAttestation<'_>,
+        hosts: Option<&PrivateHosts>,
+    ) -> Self {
         let spire = spire();
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
@@ -350,7 +374,7 @@ impl SpireAgent {
             host = hcl_string(host),
             socket = hcl_path(&socket),
             bundle = hcl_path(&bundle_path),
-            td = hcl_string(TRUST_DOMAIN),
+            td = hcl_string(trust_domain),
             join_token = match attestation {
                 SpireAttestation::JoinToken(token) => {
                     format!("    join_token = {}\n", hcl_string(token))

@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod bundle;
+pub mod bundle_fetch;
 pub mod entry;
 pub mod federation;
 pub mod id;

@@ -28,6 +28,9 @@ pub enum Caller {
     Svid(PeerSvid),
     /// A TLS client without a certificate.
     Anonymous,
+    /// The server itself, applying its configuration file at start (the federation
+    /// relationships of `[federation.trust_domains]`).
+    Configuration,
 }
 
 /// The verified SVID a TLS peer presented.
@@ -93,6 +96,7 @@ impl Caller {
             }
             Caller::Svid(svid) => svid.id.to_string(),
             Caller::Anonymous => "anonymous".to_owned(),
+            Caller::Configuration => "server configuration".to_owned(),
         }
     }
 }
@@ -111,5 +115,11 @@ pub fn caller_input(caller: &Caller) -> CallerInput {
             socket: None,
         },
         Caller::Anonymous => CallerInput::default(),
+        // The operator's own file, read on this host.
+        Caller::Configuration => CallerInput {
+            id: None,
+            local: true,
+            socket: None,
+        },
     }
 }

@@ -181,14 +181,93 @@ pub struct ServerConfig {
     pub metrics_address: Option<SocketAddr>,
 }
 
-/// `[federation]`: this server's part in SPIFFE federation. So far its bundle endpoint, from
-/// which other trust domains fetch this one's bundle.
+/// `[federation]`: this server's part in SPIFFE federation: its bundle endpoint, from which
+/// other trust domains fetch this one's bundle, and what its bundle endpoint client needs.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FederationConfig {
     /// The bundle endpoint; off when absent.
     #[serde(default)]
     pub bundle_endpoint: Option<BundleEndpointConfig>,
+    /// A PEM file of CA certificates that `https_web` bundle endpoints may chain to, besides
+    /// the system's (for a private CA, or tests). Lanyard's own key; SPIRE has none.
+    #[serde(default)]
+    pub https_web_extra_ca_certificates_path: Option<PathBuf>,
+    /// `[federation.trust_domains."<name>"]`: federation relationships kept in the
+    /// configuration file (SPIRE's `federates_with`), written to the datastore at start.
+    #[serde(default)]
+    pub trust_domains: BTreeMap<String, ConfiguredRelationshipConfig>,
+}
+
+/// `[federation.trust_domains."<name>"]`: a federation relationship with the trust domain
+/// `<name>`, in SPIRE's words. At start the server creates it, or updates the stored one to
+/// match, through the one relationship writer; the API shows it like any other.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfiguredRelationshipConfig {
+    /// The `https` URL of the trust domain's SPIFFE bundle endpoint.
+    pub bundle_endpoint_url: String,
+    /// `https_spiffe` or `https_web`.
+    pub bundle_endpoint_profile: String,
+    /// `https_spiffe`: the SPIFFE ID the endpoint's X509-SVID carries.
+    #[serde(default)]
+    pub endpoint_spiffe_id: Option<String>,
+    /// The trust domain's bundle to start from (`https_spiffe` needs one to authenticate
+    /// the endpoint the first time); used only while the server holds none of its own.
+    #[serde(default)]
+    pub trust_domain_bundle_path: Option<PathBuf>,
+    /// The format of `trust_domain_bundle_path`: `pem` (the default, as in SPIRE's CLI) or
+    /// `spiffe`.
+    #[serde(default)]
+    pub trust_domain_bundle_format: BundleFileFormat,
+}
+
+/// The format of a bundle file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BundleFileFormat {
+    /// PEM `CERTIFICATE` blocks: the X.509 authorities.
+    #[default]
+    Pem,
+    /// A SPIFFE bundle (JWK Set).
+    Spiffe,
+}
+
+impl ConfiguredRelationshipConfig {
+    /// The relationship with `trust_domain` (the table's name), without its bundle, checked
+    /// by the rules of SPIRE's TrustDomain API; a refusal names the key at fault.
+    pub fn relationship(
+        &self,
+        trust_domain: &str,
+    ) -> Result<lanyard_core::FederationRelationship, ConfigError> {
+        use lanyard_core::federation::FederationError;
+        let invalid = |error: FederationError| ConfigError::Invalid {
+            key: "federation.trust_domains",
+            reason: format!("{trust_domain:?}: {error}"),
+        };
+        let name =
+            TrustDomain::new(trust_domain).map_err(|e| invalid(FederationError::TrustDomain(e)))?;
+        let url: lanyard_core::BundleEndpointUrl =
+            self.bundle_endpoint_url.parse().map_err(invalid)?;
+        let profile = lanyard_core::BundleEndpointProfile::from_name(
+            &self.bundle_endpoint_profile,
+            self.endpoint_spiffe_id.as_deref(),
+        )
+        .map_err(invalid)?;
+        if profile == lanyard_core::BundleEndpointProfile::HttpsWeb
+            && self.endpoint_spiffe_id.is_some()
+        {
+            return Err(ConfigError::Invalid {
+                key: "federation.trust_domains",
+                reason: format!(
+                    "{trust_domain:?}: endpoint_spiffe_id is for bundle_endpoint_profile = \"https_spiffe\" only"
+                ),
+            });
+        }
+        Ok(lanyard_core::FederationRelationship::new(
+            name, url, profile,
+        ))
+    }
 }
 
 /// `[federation.bundle_endpoint]`: an HTTPS listener serving the trust domain's bundle as
@@ -973,6 +1052,15 @@ impl ServerConfig {
         if let Some(endpoint) = &self.federation.bundle_endpoint {
             endpoint.check()?;
         }
+        for (name, configured) in &self.federation.trust_domains {
+            let relationship = configured.relationship(name)?;
+            relationship
+                .check_foreign(&self.trust_domain)
+                .map_err(|error| ConfigError::Invalid {
+                    key: "federation.trust_domains",
+                    reason: format!("{name:?}: {error}"),
+                })?;
+        }
         if let Some(oidc) = &self.oidc_discovery {
             oidc.check(self.jwt_issuer.as_deref())?;
         }
@@ -1598,6 +1686,128 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bundle_endpoints"), "{err}");
+    }
+
+    #[test]
+    fn federation_relationships_in_the_file_take_spire_s_keys_and_rules() {
+        let base = "trust_domain = \"a.org\"\ndata_dir = \"/d\"\n";
+        let c = ServerConfig::parse(&format!(
+            "{base}[federation]\n\
+             https_web_extra_ca_certificates_path = \"/etc/partner-ca.pem\"\n\
+             [federation.trust_domains.\"b.org\"]\n\
+             bundle_endpoint_url = \"https://b.example:8443\"\n\
+             bundle_endpoint_profile = \"https_spiffe\"\n\
+             endpoint_spiffe_id = \"spiffe://b.org/spire/server\"\n\
+             trust_domain_bundle_path = \"/etc/b.org.json\"\n\
+             trust_domain_bundle_format = \"spiffe\"\n\
+             [federation.trust_domains.\"c.org\"]\n\
+             bundle_endpoint_url = \"https://c.example/bundle\"\n\
+             bundle_endpoint_profile = \"https_web\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.federation.https_web_extra_ca_certificates_path,
+            Some(PathBuf::from("/etc/partner-ca.pem"))
+        );
+        let names: Vec<&str> = c
+            .federation
+            .trust_domains
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(names, ["b.org", "c.org"]);
+        let b = &c.federation.trust_domains["b.org"];
+        assert_eq!(b.trust_domain_bundle_format, BundleFileFormat::Spiffe);
+        let relationship = b.relationship("b.org").unwrap();
+        assert_eq!(relationship.trust_domain().name(), "b.org");
+        assert_eq!(
+            relationship
+                .profile()
+                .endpoint_spiffe_id()
+                .map(SpiffeId::as_str),
+            Some("spiffe://b.org/spire/server")
+        );
+        let c_org = &c.federation.trust_domains["c.org"];
+        assert_eq!(c_org.trust_domain_bundle_format, BundleFileFormat::Pem);
+        assert_eq!(
+            c_org.relationship("c.org").unwrap().profile(),
+            &lanyard_core::BundleEndpointProfile::HttpsWeb
+        );
+
+        let table =
+            |name: &str, body: &str| format!("{base}[federation.trust_domains.\"{name}\"]\n{body}");
+        let spiffe = "bundle_endpoint_profile = \"https_spiffe\"\n\
+                      endpoint_spiffe_id = \"spiffe://b.org/spire/server\"\n";
+        for (text, expected) in [
+            (
+                table(
+                    "b.org",
+                    &format!("bundle_endpoint_url = \"http://b.example\"\n{spiffe}"),
+                ),
+                "bundle endpoint URL must use the https scheme",
+            ),
+            (
+                table(
+                    "B.org",
+                    &format!("bundle_endpoint_url = \"https://b.example\"\n{spiffe}"),
+                ),
+                "failed to parse trust domain",
+            ),
+            (
+                table(
+                    "a.org",
+                    &format!("bundle_endpoint_url = \"https://a.example\"\n{spiffe}"),
+                ),
+                "unable to create federation relationship for server trust domain",
+            ),
+            (
+                table(
+                    "b.org",
+                    "bundle_endpoint_url = \"https://b.example\"\n\
+                     bundle_endpoint_profile = \"https_spiffe\"\n",
+                ),
+                "failed to parse endpoint SPIFFE ID",
+            ),
+            (
+                table(
+                    "b.org",
+                    "bundle_endpoint_url = \"https://b.example\"\n\
+                     bundle_endpoint_profile = \"https_web\"\n\
+                     endpoint_spiffe_id = \"spiffe://b.org/x\"\n",
+                ),
+                "endpoint_spiffe_id is for bundle_endpoint_profile = \"https_spiffe\" only",
+            ),
+            (
+                table(
+                    "b.org",
+                    "bundle_endpoint_url = \"https://b.example\"\n\
+                     bundle_endpoint_profile = \"https\"\n",
+                ),
+                "unknown bundle endpoint profile type",
+            ),
+            (
+                table(
+                    "b.org",
+                    &format!(
+                        "bundle_endpoint_url = \"https://b.example\"\n{spiffe}trust_domain_bundle_format = \"der\"\n"
+                    ),
+                ),
+                "trust_domain_bundle_format",
+            ),
+            (
+                table(
+                    "b.org",
+                    &format!(
+                        "bundle_endpoint_url = \"https://b.example\"\n{spiffe}endpoint = \"x\"\n"
+                    ),
+                ),
+                "endpoint",
+            ),
+            (table("b.org", spiffe), "bundle_endpoint_url"),
+        ] {
+            let err = ServerConfig::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
     }
 
     #[test]

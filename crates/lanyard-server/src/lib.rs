@@ -6,6 +6,7 @@ pub mod admin_socket;
 pub mod api;
 pub mod audit;
 pub mod authz;
+pub mod bundle_client;
 pub mod ca;
 pub mod caller;
 pub mod config;

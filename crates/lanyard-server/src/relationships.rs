@@ -9,13 +9,12 @@
 //! change log ([`ServerState::written`], which also moves [`BundleRefresh::relationships`]),
 //! then the audit record, under the audit guard from before the commit.
 //!
-//! [`BundleRefresh`] is the contract with the bundle-fetching client, which is not part of the
-//! server yet. That client subscribes to [`BundleRefresh::relationships`] (a `watch` whose
-//! value moves whenever a relationship was created, updated or deleted, by this server or by
-//! another sharing the datastore, as the change log shows) and re-reads the relationships when
-//! it moves; for each relationship it fetches for, it waits on the `Notify` of
-//! [`BundleRefresh::refresh_requests`], which `RefreshBundle` signals. Until that client runs,
-//! a refresh is accepted and nothing fetches.
+//! [`BundleRefresh`] is the contract with the bundle endpoint client
+//! ([`crate::bundle_client`]). That client subscribes to [`BundleRefresh::relationships`] (a
+//! `watch` whose value moves whenever a relationship was created, updated or deleted, by this
+//! server or by another sharing the datastore, as the change log shows) and re-reads the
+//! relationships when it moves; for each relationship it fetches for, it waits on the `Notify`
+//! of [`BundleRefresh::refresh_requests`], which `RefreshBundle` signals.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -218,6 +217,60 @@ impl RelationshipWriter {
         Ok(())
     }
 
+    /// Makes the stored relationships match `configured`, those of the configuration file
+    /// (`[federation.trust_domains]`), at start: each is created, or the stored one updated
+    /// where its endpoint URL or profile differ. A bundle given with one is written only while
+    /// the server holds none of its trust domain, so a restart never puts back an older
+    /// bundle than the one fetched since. Relationships made through the API and absent from
+    /// the file are left alone.
+    pub async fn apply_configured(
+        &self,
+        configured: Vec<FederationRelationship>,
+    ) -> Result<(), RelationshipError> {
+        let caller = Caller::Configuration;
+        for relationship in configured {
+            let trust_domain = relationship.trust_domain().clone();
+            let relationship = if self.state.store.get_bundle(&trust_domain).await?.is_some() {
+                relationship.without_trust_domain_bundle()
+            } else {
+                relationship
+            };
+            let stored = self
+                .state
+                .store
+                .get_federation_relationship(&trust_domain)
+                .await?;
+            if let Some(stored) = &stored
+                && stored.bundle_endpoint_url() == relationship.bundle_endpoint_url()
+                && stored.profile() == relationship.profile()
+                && relationship.trust_domain_bundle().is_none()
+            {
+                continue;
+            }
+            let mask = RelationshipMask {
+                bundle_endpoint_url: true,
+                bundle_endpoint_profile: true,
+                trust_domain_bundle: relationship.trust_domain_bundle().is_some(),
+            };
+            if stored.is_none() {
+                match self
+                    .create(&caller, relationship.clone(), CONFIGURATION_METHOD)
+                    .await
+                {
+                    // Another server sharing the datastore created it meanwhile.
+                    Err(RelationshipError::Exists(_)) => {}
+                    other => {
+                        other?;
+                        continue;
+                    }
+                }
+            }
+            self.update(&caller, relationship, mask, CONFIGURATION_METHOD)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// SPIRE's warning for an `https_spiffe` endpoint whose trust domain's bundle the server
     /// does not have: the fetching client could not authenticate the endpoint.
     async fn warn_without_endpoint_bundle(&self, relationship: &FederationRelationship) {
@@ -248,6 +301,10 @@ impl RelationshipWriter {
         }
     }
 }
+
+/// What the audit log names as the method of a relationship written from the configuration
+/// file.
+pub const CONFIGURATION_METHOD: &str = "[federation.trust_domains]";
 
 /// The audit record of a created or updated relationship: what it is now, whether a bundle
 /// came with it, and for an update which fields it wrote.

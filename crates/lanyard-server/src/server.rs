@@ -1,6 +1,6 @@
 //! Starting and stopping a server: opening the datastore and keys, loading the CA, serving
 //! the API on TCP (TLS, see [`crate::listener`]) and the admin Unix socket, and running the
-//! rotation loop.
+//! rotation loop and the bundle endpoint client ([`crate::bundle_client`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -131,6 +131,12 @@ pub enum ServerError {
     /// A k8s_psat cluster's API server access (kubeconfig, in-cluster credentials) is unusable.
     #[error("{0}")]
     K8sPsat(String),
+    /// A relationship of `[federation.trust_domains]` could not be applied.
+    #[error("federation.trust_domains: {0}")]
+    ConfiguredRelationship(String),
+    /// `federation.https_web_extra_ca_certificates_path` is unusable.
+    #[error("federation.https_web_extra_ca_certificates_path: {0}")]
+    WebRoots(String),
     /// The x509pop CA bundle could not be read.
     #[error("reading x509pop ca_bundle_path {path}: {reason}")]
     X509PopBundle {
@@ -363,6 +369,23 @@ impl Server {
             datastore_writable,
             stopped.clone(),
         ));
+        let configured = configured_relationships(&state.config)?;
+        crate::relationships::RelationshipWriter::new(Arc::clone(&state))
+            .apply_configured(configured)
+            .await
+            .map_err(|e| ServerError::ConfiguredRelationship(e.to_string()))?;
+        let web_roots = crate::bundle_client::load_web_roots(
+            state
+                .config
+                .federation
+                .https_web_extra_ca_certificates_path
+                .as_deref(),
+        )
+        .map_err(ServerError::WebRoots)?;
+        tasks.spawn(
+            crate::bundle_client::BundleClient::new(Arc::clone(&state), web_roots)
+                .run(stopped.clone()),
+        );
         tasks.spawn(rotate(Arc::clone(&state), server_svid, stopped));
 
         tracing::info!(
@@ -429,6 +452,46 @@ impl Server {
         }
         tracing::info!("server stopped");
     }
+}
+
+/// The relationships of `[federation.trust_domains]`, each with the bundle of its
+/// `trust_domain_bundle_path`, if any.
+fn configured_relationships(
+    config: &ServerConfig,
+) -> Result<Vec<lanyard_core::FederationRelationship>, ServerError> {
+    let mut relationships = Vec::new();
+    for (name, configured) in &config.federation.trust_domains {
+        let problem =
+            |reason: String| ServerError::ConfiguredRelationship(format!("{name:?}: {reason}"));
+        let relationship = configured
+            .relationship(name)
+            .map_err(|e| problem(e.to_string()))?;
+        let relationship = match &configured.trust_domain_bundle_path {
+            None => relationship,
+            Some(path) => {
+                let text = std::fs::read(path)
+                    .map_err(|e| problem(format!("reading {}: {e}", path.display())))?;
+                let trust_domain = relationship.trust_domain().clone();
+                let bundle = match configured.trust_domain_bundle_format {
+                    crate::config::BundleFileFormat::Pem => {
+                        lanyard_core::TrustBundle::from_pem_certificates(
+                            trust_domain,
+                            &String::from_utf8_lossy(&text),
+                        )
+                    }
+                    crate::config::BundleFileFormat::Spiffe => {
+                        lanyard_core::TrustBundle::from_jwks_json(trust_domain, &text)
+                    }
+                }
+                .map_err(|e| problem(format!("{}: {e}", path.display())))?;
+                relationship
+                    .with_trust_domain_bundle(bundle)
+                    .map_err(|e| problem(e.to_string()))?
+            }
+        };
+        relationships.push(relationship);
+    }
+    Ok(relationships)
 }
 
 /// How often the audit checkpoint moves (see [`crate::audit`]): after a crash, at most this

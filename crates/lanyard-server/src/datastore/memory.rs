@@ -6,6 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use lanyard_core::bundle::TrustBundle;
+use lanyard_core::bundle_fetch::{FetchedBundleChange, compare_fetched};
 use lanyard_core::federation::{FederationRelationship, RelationshipMask};
 use lanyard_core::policy::Exception;
 use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
@@ -481,6 +482,25 @@ impl Datastore for MemoryStore {
         };
         state.record(kind, ChangeSubject::Bundle(bundle.trust_domain().clone()));
         Ok(bundle)
+    }
+
+    async fn store_fetched_bundle(&self, bundle: TrustBundle) -> Result<FetchedBundleChange> {
+        let (_, bundle) = checked_bundle(&bundle)?;
+        let mut state = self.lock();
+        let name = bundle.trust_domain().name().to_owned();
+        let stored = state.bundles.get(&name);
+        let change = compare_fetched(stored, &bundle);
+        if change == FetchedBundleChange::Newer {
+            let kind = if stored.is_some() {
+                ChangeKind::Updated
+            } else {
+                ChangeKind::Created
+            };
+            let trust_domain = bundle.trust_domain().clone();
+            state.bundles.insert(name, bundle);
+            state.record(kind, ChangeSubject::Bundle(trust_domain));
+        }
+        Ok(change)
     }
 
     async fn append_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle> {

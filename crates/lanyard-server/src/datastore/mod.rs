@@ -19,6 +19,7 @@ use std::fmt;
 use std::time::SystemTime;
 
 use lanyard_core::bundle::TrustBundle;
+use lanyard_core::bundle_fetch::FetchedBundleChange;
 use lanyard_core::federation::{FederationRelationship, RelationshipMask};
 use lanyard_core::policy::Exception;
 use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
@@ -664,6 +665,14 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     ///
     /// This is how several servers sharing one datastore each publish their own CA.
     async fn append_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle>;
+
+    /// Stores `bundle`, fetched from its trust domain's bundle endpoint, as that trust
+    /// domain's bundle unless the stored one is the same or newer
+    /// ([`lanyard_core::bundle_fetch::compare_fetched`]), deciding and writing in one
+    /// transaction, so that servers sharing the datastore and fetching at once never move it
+    /// back to an older sequence number. Returns the comparison; only
+    /// [`FetchedBundleChange::Newer`] wrote anything.
+    async fn store_fetched_bundle(&self, bundle: TrustBundle) -> Result<FetchedBundleChange>;
 
     /// Deletes the bundle of `trust_domain`, handling entries that federate with it per `mode`.
     async fn delete_bundle(

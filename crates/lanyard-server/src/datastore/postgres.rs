@@ -17,6 +17,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime};
 
 use lanyard_core::bundle::TrustBundle;
+use lanyard_core::bundle_fetch::FetchedBundleChange;
 use lanyard_core::federation::{BundleEndpointProfile, FederationRelationship, RelationshipMask};
 use lanyard_core::policy::Exception;
 use lanyard_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId, TrustDomain};

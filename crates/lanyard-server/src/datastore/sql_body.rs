@@ -1225,6 +1225,30 @@ impl Datastore for Store {
         Ok(bundle)
     }
 
+    async fn store_fetched_bundle(&self, bundle: TrustBundle) -> Result<FetchedBundleChange> {
+        let (record, bundle) = checked_bundle(&bundle)?;
+        let mut tx = self.write().await?;
+        let stored = fetch_bundle(tx.conn(), &record.trust_domain).await?;
+        let change = lanyard_core::bundle_fetch::compare_fetched(stored.as_ref(), &bundle);
+        if change != FetchedBundleChange::Newer {
+            return Ok(change);
+        }
+        let kind = if stored.is_some() {
+            ChangeKind::Updated
+        } else {
+            ChangeKind::Created
+        };
+        write_bundle(tx.conn(), &record).await?;
+        record_change(
+            tx.conn(),
+            kind,
+            &ChangeSubject::Bundle(bundle.trust_domain().clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(change)
+    }
+
     async fn append_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle> {
         let (record, bundle) = checked_bundle(&bundle)?;
         let mut tx = self.write().await?;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lanyard_core::bundle::{JwtAuthority, TrustBundle, X509Authority};
+use lanyard_core::bundle_fetch::FetchedBundleChange;
 use lanyard_core::federation::{
     BundleEndpointProfile, FederationRelationship, HTTPS_SPIFFE, RelationshipMask,
 };
@@ -94,6 +95,7 @@ conformance!(
     bundle_round_trip_keeps_taint_expiry_sequence_and_hint,
     bundle_create_update_set_list_count,
     append_bundle_merges_atomically,
+    fetched_bundles_never_go_back_to_an_older_sequence,
     delete_bundle_modes,
     ca_journal_and_meta,
     exceptions_round_trip,
@@ -1434,6 +1436,65 @@ async fn append_bundle_merges_atomically(store: Store) {
         Err(DatastoreError::Invalid(_))
     ));
     assert_eq!(store.get_bundle(&trust_domain).await.unwrap(), Some(merged));
+}
+
+async fn fetched_bundles_never_go_back_to_an_older_sequence(store: Store) {
+    let trust_domain = td("partner.org");
+    let fetched = |sequence: u64, n_cas: usize| {
+        let mut bundle = TrustBundle::new(trust_domain.clone());
+        for _ in 0..n_cas {
+            bundle.add_x509_authority(X509Authority::new(ca_der(&trust_domain)).unwrap());
+        }
+        bundle.set_sequence_number(sequence);
+        bundle
+    };
+    let first = fetched(3, 1);
+    assert_eq!(
+        store.store_fetched_bundle(first.clone()).await.unwrap(),
+        FetchedBundleChange::Newer
+    );
+    assert_eq!(
+        store.get_bundle(&trust_domain).await.unwrap(),
+        Some(first.clone())
+    );
+    // The same bundle again writes nothing: no change in the log.
+    let revision = store.current_revision().await.unwrap();
+    assert_eq!(
+        store.store_fetched_bundle(first.clone()).await.unwrap(),
+        FetchedBundleChange::Unchanged
+    );
+    assert_eq!(store.current_revision().await.unwrap(), revision);
+    // An older sequence number is refused, whatever it holds.
+    assert_eq!(
+        store.store_fetched_bundle(fetched(2, 2)).await.unwrap(),
+        FetchedBundleChange::Older { stored: 3 }
+    );
+    assert_eq!(store.get_bundle(&trust_domain).await.unwrap(), Some(first));
+    assert_eq!(store.current_revision().await.unwrap(), revision);
+    let second = fetched(4, 2);
+    assert_eq!(
+        store.store_fetched_bundle(second.clone()).await.unwrap(),
+        FetchedBundleChange::Newer
+    );
+    assert_eq!(store.get_bundle(&trust_domain).await.unwrap(), Some(second));
+    let changes = store.changes_since(revision).await.unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].kind, ChangeKind::Updated);
+
+    // Writers racing with bundles of every sequence number, in any order: the highest stays.
+    let racers: Vec<TrustBundle> = (5..13).map(|sequence| fetched(sequence, 1)).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for bundle in racers.iter().rev().cloned() {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move { store.store_fetched_bundle(bundle).await.unwrap() });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+    }
+    assert_eq!(
+        store.get_bundle(&trust_domain).await.unwrap(),
+        racers.last().cloned()
+    );
 }
 
 async fn delete_bundle_modes(store: Store) {

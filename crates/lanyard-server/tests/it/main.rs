@@ -5,6 +5,7 @@
 
 mod agent_api;
 mod audit_log;
+mod bundle_client;
 mod bundle_endpoint;
 mod change_feed;
 mod datastore;

@@ -617,12 +617,8 @@ async fn deletes_and_refreshes_answer_as_spire_does() {
         vec![web("partner.example", "https://partner.example/bundle")],
     )
     .await;
-    let hook = &server.server().state().bundle_refresh;
-    let requests = hook.refresh_requests(&TrustDomain::new("partner.example").unwrap());
+    // The bundle endpoint client takes the request (`bundle_client.rs` sees it fetch).
     refresh("spiffe://partner.example").await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), requests.notified())
-        .await
-        .expect("the refresh request reaches the hook");
     let requested = audit_records(&server, "bundle refresh requested");
     assert_eq!(requested.len(), 1, "{requested:?}");
     assert_eq!(requested[0]["details"]["trust_domain"], "partner.example");
@@ -731,5 +727,116 @@ async fn only_admins_manage_relationships() {
     assert_eq!(
         list(&server).await,
         [web("partner.example", "https://partner.example/bundle")]
+    );
+}
+
+/// `[federation.trust_domains]`: relationships from the configuration file, written at start
+/// through the relationship writer, shown by the API, updated when the file changes, their
+/// bundle file used only while the server holds no bundle of the trust domain.
+#[tokio::test]
+async fn relationships_from_the_configuration_file_are_applied_at_start() {
+    use lanyard_server::config::{BundleFileFormat, ConfiguredRelationshipConfig};
+
+    let files = tempfile::tempdir().unwrap();
+    let first = bundle_of("partner.example", 4);
+    let first_core = lanyard_proto::convert::bundle_from_proto(&first).unwrap();
+    let bundle_path = files.path().join("partner.json");
+    std::fs::write(&bundle_path, first_core.to_jwks_json()).unwrap();
+    let partner = ConfiguredRelationshipConfig {
+        bundle_endpoint_url: "https://127.0.0.1:1/partner".into(),
+        bundle_endpoint_profile: "https_spiffe".into(),
+        endpoint_spiffe_id: Some("spiffe://partner.example/spire/server".into()),
+        trust_domain_bundle_path: Some(bundle_path.clone()),
+        trust_domain_bundle_format: BundleFileFormat::Spiffe,
+    };
+    let web_config = ConfiguredRelationshipConfig {
+        bundle_endpoint_url: "https://127.0.0.1:1/web".into(),
+        bundle_endpoint_profile: "https_web".into(),
+        endpoint_spiffe_id: None,
+        trust_domain_bundle_path: None,
+        trust_domain_bundle_format: BundleFileFormat::Pem,
+    };
+    let mut server = TestServer::start_with(|config| {
+        config
+            .federation
+            .trust_domains
+            .insert("partner.example".into(), partner.clone());
+        config
+            .federation
+            .trust_domains
+            .insert("web.example".into(), web_config.clone());
+    })
+    .await;
+    let listed = list(&server).await;
+    let names: Vec<&str> = listed.iter().map(|r| r.trust_domain.as_str()).collect();
+    assert_eq!(names, ["partner.example", "web.example"]);
+    assert_eq!(listed[0].bundle_endpoint_url, "https://127.0.0.1:1/partner");
+    assert_eq!(
+        listed[0].bundle_endpoint_profile,
+        Some(Profile::HttpsSpiffe(types::HttpsspiffeProfile {
+            endpoint_spiffe_id: "spiffe://partner.example/spire/server".into(),
+        }))
+    );
+    assert_eq!(
+        listed[1].bundle_endpoint_profile,
+        Some(Profile::HttpsWeb(types::HttpsWebProfile {}))
+    );
+    let stored = federated_bundle(&server, "partner.example").await.unwrap();
+    assert_eq!(stored.sequence_number, 4);
+    assert_eq!(stored.x509_authorities, first.x509_authorities);
+    assert!(federated_bundle(&server, "web.example").await.is_none());
+    let created = audit_records(&server, "federation relationship created");
+    assert_eq!(created.len(), 2, "{created:?}");
+    assert!(
+        created.iter().all(|r| r["caller"] == "server configuration"
+            && r["details"]["method"] == "[federation.trust_domains]"),
+        "{created:?}"
+    );
+
+    // A restart with the same file writes nothing; with another URL, updates; another
+    // bundle in the file does not replace the one held.
+    server.restart().await;
+    assert_eq!(
+        audit_records(&server, "federation relationship updated").len(),
+        0
+    );
+    let second = bundle_of("partner.example", 2);
+    std::fs::write(
+        &bundle_path,
+        lanyard_proto::convert::bundle_from_proto(&second)
+            .unwrap()
+            .to_jwks_json(),
+    )
+    .unwrap();
+    let mut moved = partner.clone();
+    moved.bundle_endpoint_url = "https://127.0.0.1:2/partner".into();
+    server
+        .config
+        .federation
+        .trust_domains
+        .insert("partner.example".into(), moved);
+    server.restart().await;
+    let listed = list(&server).await;
+    assert_eq!(listed[0].bundle_endpoint_url, "https://127.0.0.1:2/partner");
+    let updated = audit_records(&server, "federation relationship updated");
+    assert_eq!(updated.len(), 1, "{updated:?}");
+    let stored = federated_bundle(&server, "partner.example").await.unwrap();
+    assert_eq!(stored.sequence_number, 4, "the held bundle stays");
+
+    // A relationship made through the API, absent from the file, is left alone; one with
+    // the server's own trust domain in the file stops the start.
+    let extra = create(&server, vec![web("api.example", "https://127.0.0.1:1/api")]).await;
+    assert_eq!(extra[0].status.as_ref().unwrap().code, 0);
+    server.restart().await;
+    assert_eq!(list(&server).await.len(), 3);
+    let mut config = server.config.clone();
+    config
+        .federation
+        .trust_domains
+        .insert("example.org".into(), web_config);
+    let error = config.check().unwrap_err().to_string();
+    assert!(
+        error.contains("unable to create federation relationship for server trust domain"),
+        "{error}"
     );
 }
