@@ -775,7 +775,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .jwt_minter
                 .jwt_svid(entry, audiences)
                 .await
-                .map_err(WorkloadError::JwtMint)?;
+                .map_err(|error| {
+                    if matches!(error, JwtMintError::NotAuthorized(_)) {
+                        self.metrics.no_identity("FetchJWTSVID");
+                    }
+                    WorkloadError::JwtMint(error)
+                })?;
             svids.push(Jwtsvid {
                 spiffe_id: entry.spiffe_id.to_string(),
                 svid: svid.token,

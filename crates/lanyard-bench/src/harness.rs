@@ -66,6 +66,77 @@ pub(crate) struct Target {
     pub(crate) cpu: CpuMeter,
     /// Which node agent pairs with this server.
     pub(crate) agent: AgentKind,
+    /// With metrics on: what scrapes the server's `/metrics`, and its agents' too.
+    pub(crate) scraper: Option<Arc<Scraper>>,
+}
+
+/// Scrapes `/metrics` on every address it is given, every second, as Prometheus does, so
+/// that a run with metrics on pays for the exposition too.
+#[derive(Debug)]
+pub(crate) struct Scraper {
+    targets: std::sync::Mutex<Vec<SocketAddr>>,
+    scrapes: AtomicU64,
+}
+
+impl Scraper {
+    /// Scrapes `first` (and whatever is added) every second until dropped by every holder.
+    pub(crate) fn start(first: SocketAddr) -> Arc<Self> {
+        let scraper = Arc::new(Self {
+            targets: std::sync::Mutex::new(vec![first]),
+            scrapes: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&scraper);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(scraper) = weak.upgrade() else {
+                    return;
+                };
+                let targets = scraper
+                    .targets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                for target in targets {
+                    if scrape(target).await.is_ok() {
+                        scraper.scrapes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        scraper
+    }
+
+    /// Scrapes `target` too.
+    pub(crate) fn add(&self, target: SocketAddr) {
+        self.targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(target);
+    }
+
+    /// Successful scrapes so far.
+    pub(crate) fn scrapes(&self) -> u64 {
+        self.scrapes.load(Ordering::Relaxed)
+    }
+}
+
+/// One `GET /metrics`, read to the end.
+async fn scrape(target: SocketAddr) -> std::io::Result<usize> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(target).await?;
+    tcp.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut body = Vec::new();
+    tcp.read_to_end(&mut body).await?;
+    if body.starts_with(b"HTTP/1.1 200") {
+        Ok(body.len())
+    } else {
+        Err(std::io::Error::other("not 200"))
+    }
 }
 
 /// A node agent implementation.
@@ -136,6 +207,7 @@ impl LanyardServer {
             admin_socket: self.server().socket_path().to_owned(),
             cpu: CpuMeter::in_process_server(),
             agent: AgentKind::Lanyard,
+            scraper: None,
         }
     }
 

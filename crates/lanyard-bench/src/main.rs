@@ -6,6 +6,7 @@
 #![allow(clippy::print_stderr, clippy::print_stdout)]
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -47,6 +48,11 @@ struct Cli {
     /// Also run batch, jwt, sync, fanin and propagation against SPIRE on this machine.
     #[arg(long)]
     against_spire: bool,
+    /// Also run batch and fanin with metrics on (a server and agents with `metrics_address`,
+    /// scraped every second) and record each figure against the same figure with metrics
+    /// off, from the same run.
+    #[arg(long)]
+    metrics_overhead: bool,
     /// Directory with spire-server and spire-agent (default: build them from the Go module
     /// proxy, as the interoperability tests do, cached under `<target>/interop/`).
     #[arg(long)]
@@ -74,6 +80,9 @@ struct AgentChildArgs {
     join_token: String,
     #[arg(long)]
     sync_interval_ms: u64,
+    /// Serve `/metrics` here.
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -99,6 +108,7 @@ async fn agent_child(args: AgentChildArgs) -> anyhow::Result<()> {
     config.socket_path = args.socket;
     config.join_token = Some(args.join_token);
     config.sync_interval = Duration::from_millis(args.sync_interval_ms);
+    config.metrics_address = args.metrics_address;
     // Every simulated workload is this benchmark's uid: the per-uid limits that protect
     // workloads from each other would measure themselves instead of the agent (SPIRE, which
     // the benchmarks compare against, has none).
@@ -192,6 +202,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             step("fanin");
             lanyard.fanin = Some(bench::fanin::run(&mut report, &target, &plan.fanin).await?);
         }
+        server.shutdown().await;
+        drop(dir);
+    }
+
+    if cli.metrics_overhead && (selected("batch") || selected("fanin")) {
+        step("metrics overhead");
+        let dir = scratch_dir("lanyard-bench-metrics")?;
+        let mut config = LanyardServer::config_in(dir.path());
+        config.metrics_address = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        let server = LanyardServer::start(config).await?;
+        let metrics_addr = server
+            .server()
+            .metrics_addr()
+            .context("the server serves no metrics")?;
+        let scraper = harness::Scraper::start(metrics_addr);
+        let mut target = server.target();
+        target.name = bench::overhead::TARGET.to_owned();
+        target.scraper = Some(Arc::clone(&scraper));
+        let mut on = Report::new(plan.mode, report.machine.clone());
+        if selected("batch") {
+            step("batch (metrics on)");
+            bench::batch::run(&mut on, &target, ceiling, &plan.batch).await?;
+        }
+        if selected("fanin") {
+            step("fanin (metrics on)");
+            bench::fanin::run(&mut on, &target, &plan.fanin).await?;
+        }
+        drop(target);
+        bench::overhead::compare(&mut report, &on, scraper.scrapes());
+        let cheapest_call_us = report
+            .figures
+            .iter()
+            .find(|f| f.key == "batch.agents_1.size_1.server_cpu_us_per_svid")
+            .map(|f| f.value);
+        bench::overhead::rpc_layer_cost(&mut report, cheapest_call_us, plan.rpc_layer_calls);
         server.shutdown().await;
         drop(dir);
     }

@@ -21,6 +21,8 @@ pub(crate) struct Plan {
     pub(crate) restart_entries: usize,
     pub(crate) writes: writes::Scale,
     pub(crate) propagation: propagation::Scale,
+    /// Calls through the gRPC call metrics' layer, on and off (`--metrics-overhead`).
+    pub(crate) rpc_layer_calls: u32,
 }
 
 impl Plan {
@@ -28,6 +30,7 @@ impl Plan {
         Self {
             mode: "full",
             mint_duration: Duration::from_secs(2),
+            rpc_layer_calls: 2_000_000,
             batch: batch::Scale {
                 batch_sizes: vec![1, 10, 100, 500],
                 agent_counts: vec![1, 10, 100],
@@ -92,6 +95,7 @@ impl Plan {
         Self {
             mode: "quick",
             mint_duration: Duration::from_millis(300),
+            rpc_layer_calls: 100_000,
             batch: batch::Scale {
                 batch_sizes: vec![1, 10, 100],
                 agent_counts: vec![1, 10],

@@ -125,6 +125,7 @@ plugins {{
         let server = Self {
             child,
             target: Target {
+                scraper: None,
                 name: "spire".to_owned(),
                 addr: SocketAddr::from(([127, 0, 0, 1], port)),
                 admin_socket: socket,

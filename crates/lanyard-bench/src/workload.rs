@@ -42,8 +42,17 @@ impl AgentProcess {
             .collect();
         std::fs::write(&bundle, pem)?;
         let socket = dir.join("workload").join("api.sock");
-        let child = Command::new(std::env::current_exe()?)
-            .arg("agent-child")
+        let mut command = Command::new(std::env::current_exe()?);
+        command.arg("agent-child");
+        if let Some(scraper) = &target.scraper {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            command.arg("--metrics-address").arg(address.to_string());
+            scraper.add(address);
+        }
+        let child = command
             .arg("--server-address")
             .arg(target.addr.to_string())
             .arg("--trust-bundle")

@@ -9,6 +9,7 @@
 //!
 //! The exposition is the Prometheus text format 0.0.4, which every Prometheus and
 //! `promtool check metrics` reads.
+#![warn(missing_docs)]
 
 pub mod rpc;
 

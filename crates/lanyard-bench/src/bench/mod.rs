@@ -11,6 +11,7 @@ pub(crate) mod fanin;
 pub(crate) mod index;
 pub(crate) mod jwt;
 pub(crate) mod mint;
+pub(crate) mod overhead;
 pub(crate) mod propagation;
 pub(crate) mod restart;
 pub(crate) mod sync;

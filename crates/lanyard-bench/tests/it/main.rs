@@ -1,6 +1,7 @@
-//! The quick benchmark end to end, as the test suite runs it: `lanyard-bench --quick` starts
-//! real servers (on SQLite, and on PostgreSQL for `restart`, `writes` and `propagation`) and
-//! agents, runs every benchmark, and writes the JSON report, the markdown table and the
+//! The quick benchmark end to end, as the test suite runs it: `lanyard-bench --quick
+//! --metrics-overhead` starts real servers (on SQLite, and on PostgreSQL for `restart`,
+//! `writes` and `propagation`) and agents, runs every benchmark (`batch` and `fanin` again
+//! with metrics on), and writes the JSON report, the markdown table and the
 //! charts. Checked: every benchmark reports, every figure is a finite number, and every
 //! baseline carries its ratio. No timing is asserted.
 
@@ -11,7 +12,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const BENCHMARKS: [&str; 9] = [
+const BENCHMARKS: [&str; 10] = [
     "mint",
     "batch",
     "jwt",
@@ -21,17 +22,21 @@ const BENCHMARKS: [&str; 9] = [
     "restart",
     "writes",
     "propagation",
+    "metrics_overhead",
 ];
 
 /// Figures the quick run must report beyond one per benchmark: the PostgreSQL side of the
 /// comparisons whose baseline is SQLite or a single server.
-const REQUIRED_FIGURES: [&str; 6] = [
+const REQUIRED_FIGURES: [&str; 9] = [
     "restart.postgres.start_to_serving_ms",
     "writes.sqlite.per_sec",
     "writes.postgres.per_sec",
     "propagation.authorized_at_b_p50_ms",
     "propagation.svid_p50_ms",
     "propagation.svid_p99_ms",
+    "metrics_overhead.rpc_layer_added_ns",
+    "metrics_overhead.batch.agents_1.size_1.svids_per_sec",
+    "metrics_overhead.fanin.first_svid_p50_ms",
 ];
 
 #[test]
@@ -40,6 +45,7 @@ fn the_quick_run_reports_every_benchmark_with_baselines_and_ratios() {
     let json_path = dir.path().join("out.json");
     let output = Command::new(env!("CARGO_BIN_EXE_lanyard-bench"))
         .arg("--quick")
+        .arg("--metrics-overhead")
         .arg("--json")
         .arg(&json_path)
         .arg("--out")
