@@ -20,7 +20,8 @@ use prometheus_client::registry::Registry;
 
 use super::{
     AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeSignal, Datastore, DatastoreError,
-    EntryFilter, EntryUsage, Issuance, IssuanceFilter, JoinTokenRecord, Page, PageRequest, Result,
+    EntryFilter, EntryUsage, FetchedBundleChange, Issuance, IssuanceFilter, JoinTokenRecord, Page,
+    PageRequest, Result,
 };
 
 type QueryLabels = [(&'static str, &'static str); 2];
@@ -143,6 +144,7 @@ metered! {
     async fn update_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle>;
     async fn set_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle>;
     async fn append_bundle(&self, bundle: TrustBundle) -> Result<TrustBundle>;
+    async fn store_fetched_bundle(&self, bundle: TrustBundle) -> Result<FetchedBundleChange>;
     async fn delete_bundle(&self, trust_domain: &TrustDomain, mode: BundleDeleteMode) -> Result<TrustBundle>;
     async fn list_bundles(&self, page: Option<PageRequest>) -> Result<Page<TrustBundle>>;
     async fn count_bundles(&self) -> Result<u64>;
