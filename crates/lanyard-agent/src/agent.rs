@@ -14,6 +14,7 @@ use crate::attestor::CombinedAttestor;
 use crate::attestor::k8s::K8sSetupError;
 use crate::config::AgentConfig;
 use crate::manager::{Manager, ManagerError, ManagerHandle, system_clock};
+use crate::workload::sds::SecretDiscovery;
 use crate::workload::{ServeError, StreamStopper, WorkloadApi, bind_socket, server_builder};
 
 /// Why the agent could not start, or stopped.
@@ -111,8 +112,14 @@ impl Agent {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
         let limits = config.workload_api.clone();
+        // Envoy's SDS shares the socket too, as on SPIRE's agent.
+        let sds = config
+            .sds
+            .enabled
+            .then(|| SecretDiscovery::new(api.clone(), config.sds.clone()).into_service());
         let router = server_builder(&limits, rpc_metrics.as_ref())
             .add_service(api.into_service())
+            .add_optional_service(sds)
             .add_service(health_service);
         let server = tokio::spawn(async move {
             crate::workload::serve_router(listener, router, &limits, async move {

@@ -172,6 +172,9 @@ pub struct AgentConfig {
     /// What one caller may take of the Workload API.
     #[serde(default)]
     pub workload_api: WorkloadApiConfig,
+    /// Envoy's Secret Discovery Service on the Workload API socket.
+    #[serde(default)]
+    pub sds: SdsConfig,
     /// How often to sync entries and bundles.
     #[serde(default = "default_sync_interval", with = "duration")]
     pub sync_interval: Duration,
@@ -302,6 +305,95 @@ impl WorkloadApiConfig {
                 "workload_api.request_burst_per_uid",
                 "must be at least 1 while requests_per_second_per_uid is set",
             );
+        }
+        Ok(())
+    }
+}
+
+/// Envoy's Secret Discovery Service (SDS v3), served on the Workload API socket beside the
+/// Workload API, with SPIRE's agent's `sds` keys and defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdsConfig {
+    /// Serve SDS at all (on by default, as in SPIRE).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The resource name that means "the caller's first X.509-SVID".
+    #[serde(default = "default_sds_svid_name")]
+    pub default_svid_name: String,
+    /// The resource name that means "the caller's own trust domain's bundle".
+    #[serde(default = "default_sds_bundle_name")]
+    pub default_bundle_name: String,
+    /// The resource name that means "every bundle the caller may trust: its own trust
+    /// domain's and those its entries federate with", as one SPIFFE validator config.
+    #[serde(default = "default_sds_all_bundles_name")]
+    pub default_all_bundles_name: String,
+    /// Send validation contexts as plain trusted CAs instead of Envoy's SPIFFE certificate
+    /// validator (`envoy.tls.cert_validator.spiffe`, Envoy 1.18 and later). An Envoy may
+    /// also ask for either through its node metadata key `disable_spiffe_cert_validation`.
+    #[serde(default)]
+    pub disable_spiffe_cert_validation: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_sds_svid_name() -> String {
+    "default".to_owned()
+}
+
+fn default_sds_bundle_name() -> String {
+    "ROOTCA".to_owned()
+}
+
+fn default_sds_all_bundles_name() -> String {
+    "ALL".to_owned()
+}
+
+impl Default for SdsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_svid_name: default_sds_svid_name(),
+            default_bundle_name: default_sds_bundle_name(),
+            default_all_bundles_name: default_sds_all_bundles_name(),
+            disable_spiffe_cert_validation: false,
+        }
+    }
+}
+
+impl SdsConfig {
+    /// Checks that the three default names are set and distinct, so that a request for one
+    /// can never be answered with another.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let names = [
+            ("sds.default_svid_name", &self.default_svid_name),
+            ("sds.default_bundle_name", &self.default_bundle_name),
+            (
+                "sds.default_all_bundles_name",
+                &self.default_all_bundles_name,
+            ),
+        ];
+        for (i, (key, name)) in names.iter().enumerate() {
+            if name.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "cannot be empty".into(),
+                });
+            }
+            if name.starts_with("spiffe://") {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{name:?} would shadow a SPIFFE ID; choose a plain name"),
+                });
+            }
+            if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{name:?} is already the value of {other}"),
+                });
+            }
         }
         Ok(())
     }
@@ -589,6 +681,7 @@ impl AgentConfig {
             node_attestor: NodeAttestorConfig::default(),
             workload_attestor: WorkloadAttestorConfig::default(),
             workload_api: WorkloadApiConfig::default(),
+            sds: SdsConfig::default(),
             sync_interval: DEFAULT_SYNC_INTERVAL,
             x509_svid_cache_size: DEFAULT_X509_SVID_CACHE_SIZE,
             jwt_svid_cache_size: DEFAULT_JWT_SVID_CACHE_SIZE,
@@ -648,6 +741,7 @@ impl AgentConfig {
             });
         }
         self.workload_api.check()?;
+        self.sds.check()?;
         self.workload_attestor.check()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid {
@@ -1079,6 +1173,45 @@ mod tests {
             k8s.disable_container_selectors,
             defaults.disable_container_selectors
         );
+    }
+
+    #[test]
+    fn sds_names_default_to_spires_and_must_be_distinct_plain_names() {
+        let base = "server_address = \"a:1\"\ntrust_domain = \"td\"\ndata_dir = \"/d\"\n";
+        let c = AgentConfig::parse(base).unwrap();
+        assert_eq!(c.sds, SdsConfig::default());
+        assert!(c.sds.enabled);
+        assert_eq!(
+            (
+                c.sds.default_svid_name.as_str(),
+                c.sds.default_bundle_name.as_str(),
+                c.sds.default_all_bundles_name.as_str()
+            ),
+            ("default", "ROOTCA", "ALL")
+        );
+        let c = AgentConfig::parse(&format!(
+            "{base}[sds]\ndefault_bundle_name = \"null\"\ndisable_spiffe_cert_validation = true\n"
+        ))
+        .unwrap();
+        assert_eq!(c.sds.default_bundle_name, "null");
+        assert!(c.sds.disable_spiffe_cert_validation);
+        for (line, key) in [
+            (
+                "default_all_bundles_name = \"ROOTCA\"",
+                "default_all_bundles_name",
+            ),
+            ("default_svid_name = \"\"", "default_svid_name"),
+            (
+                "default_bundle_name = \"spiffe://td\"",
+                "default_bundle_name",
+            ),
+            ("default_name = \"x\"", "default_name"),
+        ] {
+            let err = AgentConfig::parse(&format!("{base}[sds]\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
     }
 
     #[test]

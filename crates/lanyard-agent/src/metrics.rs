@@ -30,11 +30,13 @@ use crate::cache::Snapshot;
 pub const PREFIX: &str = "lanyard_agent";
 
 /// The Workload API methods that can find the caller has no identity.
-pub const IDENTITY_METHODS: [&str; 4] = [
+pub const IDENTITY_METHODS: [&str; 6] = [
     "FetchX509SVID",
     "FetchX509Bundles",
     "FetchJWTSVID",
     "FetchJWTBundles",
+    "StreamSecrets",
+    "FetchSecrets",
 ];
 
 type Labels = [(&'static str, &'static str); 1];

@@ -14,6 +14,9 @@
 //! (`ResourceExhausted`), a pushed message the workload does not read within
 //! `stream_send_timeout` closes its connection (freeing everything it held), and accept
 //! errors such as running out of descriptors are retried with backoff, never spun on.
+//!
+//! Envoy's Secret Discovery Service shares the socket, the caller identification and the
+//! limits ([`sds`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -56,6 +59,8 @@ use crate::limits::{
 };
 use crate::metrics::AgentMetrics;
 use crate::usage::UsageTracker;
+
+pub mod sds;
 
 /// The gRPC metadata key every Workload API request must carry with the value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";

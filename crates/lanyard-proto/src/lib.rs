@@ -114,3 +114,74 @@ pub mod lanyard {
         }
     }
 }
+
+/// Envoy's xDS API (`envoy.*`): the subset the agent's Secret Discovery Service uses, with
+/// Envoy's package names, so that method paths and `Any` type URLs are Envoy's.
+pub mod envoy {
+    /// `envoy.config.*`.
+    pub mod config {
+        /// `envoy.config.core`.
+        pub mod core {
+            /// `envoy.config.core.v3`: the node, data sources, typed extensions.
+            #[allow(clippy::all, clippy::pedantic, clippy::nursery, missing_docs)]
+            pub mod v3 {
+                include!("gen/envoy.config.core.v3.rs");
+            }
+        }
+    }
+
+    /// `envoy.type.*`.
+    pub mod r#type {
+        /// `envoy.type.v3`: the semantic version.
+        #[allow(clippy::all, clippy::pedantic, clippy::nursery, missing_docs)]
+        pub mod v3 {
+            include!("gen/envoy.r#type.v3.rs");
+        }
+    }
+
+    /// `envoy.service.*`.
+    pub mod service {
+        /// `envoy.service.discovery`.
+        pub mod discovery {
+            /// `envoy.service.discovery.v3`: discovery requests and responses.
+            #[allow(clippy::all, clippy::pedantic, clippy::nursery, missing_docs)]
+            pub mod v3 {
+                include!("gen/envoy.service.discovery.v3.rs");
+            }
+        }
+
+        /// `envoy.service.secret`.
+        pub mod secret {
+            /// `envoy.service.secret.v3`: the Secret Discovery Service.
+            #[allow(clippy::all, clippy::pedantic, clippy::nursery, missing_docs)]
+            pub mod v3 {
+                include!("gen/envoy.service.secret.v3.rs");
+            }
+        }
+    }
+
+    /// `envoy.extensions.*`.
+    pub mod extensions {
+        /// `envoy.extensions.transport_sockets`.
+        pub mod transport_sockets {
+            /// `envoy.extensions.transport_sockets.tls`.
+            pub mod tls {
+                /// `envoy.extensions.transport_sockets.tls.v3`: secrets, certificates,
+                /// validation contexts and the SPIFFE validator's configuration.
+                #[allow(clippy::all, clippy::pedantic, clippy::nursery, missing_docs)]
+                pub mod v3 {
+                    include!("gen/envoy.extensions.transport_sockets.tls.v3.rs");
+                }
+            }
+        }
+    }
+}
+
+/// Google's RPC types (`google.rpc`).
+pub mod google {
+    /// `google.rpc`: the status an xDS NACK carries.
+    #[allow(clippy::all, clippy::pedantic, clippy::nursery, missing_docs)]
+    pub mod rpc {
+        include!("gen/google.rpc.rs");
+    }
+}

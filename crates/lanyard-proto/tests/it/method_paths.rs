@@ -1,6 +1,7 @@
 //! gRPC service names, method sets and streaming shapes must equal SPIRE's
 //! and SPIFFE's: clients address methods by `/<package>.<Service>/<Method>`.
 
+use lanyard_proto::envoy::service::secret::v3::secret_discovery_service_server;
 use lanyard_proto::lanyard::api::v1::{
     entry_metadata_service_server, exception_service_server, governed_entry_service_server,
     usage_service_server,
@@ -138,6 +139,16 @@ const SERVICES: &[Service] = &[
             ("ValidateJWTSVID", Unary),
             ("FetchWITSVID", ServerStreaming),
             ("FetchWITBundles", ServerStreaming),
+        ],
+    },
+    Service {
+        service_name: "envoy.service.secret.v3.SecretDiscoveryService",
+        generated_name: secret_discovery_service_server::SERVICE_NAME,
+        source: include_str!("../../src/gen/envoy.service.secret.v3.rs"),
+        methods: &[
+            ("DeltaSecrets", Bidi),
+            ("StreamSecrets", Bidi),
+            ("FetchSecrets", Unary),
         ],
     },
     Service {
