@@ -943,6 +943,10 @@ fn lanyard_and_spire_federate_both_ways_over_https_web() {
         },
     );
     assert!(refused.contains("TLS handshake"), "{refused}");
+    assert!(
+        refused.contains("no bundle of this trust domain is held yet"),
+        "{refused}"
+    );
     assert!(refused.contains("UnknownIssuer"), "{refused}");
     let stored = federated_authorities_of(server.admin_socket(), "c.org");
     assert!(stored.is_err(), "{stored:?}");
