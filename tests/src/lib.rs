@@ -142,6 +142,11 @@ fn cargo_build(args: &[&str]) -> Result<PathBuf, String> {
         .arg("--manifest-path")
         .arg(workspace_root().join("Cargo.toml"))
         .stdin(Stdio::null());
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_for_the_test) {
+            command.env_remove(name);
+        }
+    }
     let line = describe_command(&command);
     let output = command
         .output()
@@ -170,6 +175,27 @@ fn cargo_build(args: &[&str]) -> Result<PathBuf, String> {
         })
         .find_map(|message| message["executable"].as_str().map(PathBuf::from))
         .ok_or_else(|| format!("{line} reported no lanyard executable"))
+}
+
+/// Whether cargo set `name` in the environment of the test it runs (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`, …). Left to the nested build, these would reach the build scripts that
+/// watch them (ring's reruns when `CARGO_PKG_NAME` changes), and the nested build and the next
+/// `cargo test` would each rebuild ring and everything above it for the other.
+fn set_by_cargo_for_the_test(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_BIN_EXE_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
 }
 
 /// The workspace this crate belongs to.

@@ -15,6 +15,7 @@
 //! Without Go the tests fail with a message saying how to get it; `LANYARD_E2E_SKIP_SPIRE=1`
 //! skips them instead ([`spire_or_skip`]).
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -130,6 +131,17 @@ impl SpireServer {
 
     /// Like [`SpireServer::start_with`], for `trust_domain` instead of [`TRUST_DOMAIN`].
     pub fn start_in_trust_domain(dir: &Path, trust_domain: &str, extra_hcl: &str) -> Self {
+        Self::start_in_trust_domain_with_env(dir, trust_domain, extra_hcl, &[])
+    }
+
+    /// Like [`SpireServer::start_in_trust_domain`], with `env` added to the process's
+    /// environment (e.g. `SSL_CERT_FILE`, the Web PKI roots of Go's TLS clients on Linux).
+    pub fn start_in_trust_domain_with_env(
+        dir: &Path,
+        trust_domain: &str,
+        extra_hcl: &str,
+        env: &[(&str, &OsStr)],
+    ) -> Self {
         let spire = spire();
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let port = free_port();
@@ -168,7 +180,11 @@ impl SpireServer {
         let mut process =
             ChildProcess::new(format!("spire-server :{port}"), dir.join("server.log"));
         let mut command = Command::new(&spire.server);
-        command.arg("run").arg("-config").arg(&config_path);
+        command
+            .arg("run")
+            .arg("-config")
+            .arg(&config_path)
+            .envs(env.iter().copied());
         process.start(command);
         let mut server = Self {
             port,

@@ -443,11 +443,15 @@ impl BundleClient {
                 Err(error) => {
                     consecutive_failures = consecutive_failures.saturating_add(1);
                     if failures.failed(error.kind()) {
+                        let kept = match held {
+                            HeldBundle::None => "no bundle of this trust domain is held yet",
+                            HeldBundle::WithHint(_) => "the last one stays in use",
+                        };
                         tracing::warn!(
                             trust_domain = %trust_domain,
                             bundle_endpoint_url = %current.url,
                             reason = error.kind(),
-                            "could not refresh the federated bundle; the last one stays in use: {error}"
+                            "could not refresh the federated bundle; {kept}: {error}"
                         );
                     } else {
                         tracing::debug!(trust_domain = %trust_domain, "federated bundle refresh failed again: {error}");

@@ -309,6 +309,16 @@ pub enum BundleEndpointProfile {
     HttpsWeb,
 }
 
+impl BundleEndpointProfile {
+    /// The profile's name as configured and as SPIRE names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HttpsSpiffe => "https_spiffe",
+            Self::HttpsWeb => "https_web",
+        }
+    }
+}
+
 /// `[oidc_discovery]`: an OpenID Connect discovery document and JWKS for the trust domain's JWT
 /// authorities, so that OIDC relying parties verify JWT-SVIDs given only `jwt_issuer`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -727,7 +727,7 @@ async fn start_bundle_endpoint(
         Arc::new(responder),
         stopped.clone(),
     ));
-    tracing::info!(%address, profile = ?config.profile, refresh_hint = ?config.refresh_hint, "bundle endpoint serving");
+    tracing::info!(%address, profile = config.profile.name(), refresh_hint = ?config.refresh_hint, "bundle endpoint serving");
     Ok(Some(address))
 }
 

@@ -16,6 +16,12 @@
 //!   other side's workloads without any refresh command (the time it took is printed); the
 //!   peer's endpoint down for several refresh periods leaves the last bundle in place, logged
 //!   once, and fetching resumes by itself when it is back.
+//! - federated both ways with a real `spire-server` over `https_web`, both endpoints serving a
+//!   test CA's `localhost` certificate from files and each side trusting that CA (Lanyard's
+//!   `https_web_extra_ca_certificates_path`, SPIRE's `SSL_CERT_FILE`), no bundle handed over:
+//!   each server stores exactly the other's X.509 authorities; an `https_web` endpoint whose
+//!   certificate no trusted CA issued (SPIRE's server API, with its SVID) is refused, the
+//!   reason logged, and nothing stored.
 //!
 //! Without Go the go-spiffe checks fail and say how to install it, unless
 //! `LANYARD_E2E_SKIP_GO=1` (which skips only them).
@@ -784,5 +790,165 @@ fn lanyard_and_spire_federate_both_ways_over_https_spiffe() {
         (&a_endpoint, a_workload),
         (&b_endpoint, b_workload),
     );
+    server.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lanyard (a.org) and SPIRE (b.org) federated both ways over https_web
+
+/// The X.509 authorities (DER, sorted) of the federated bundle of `trust_domain` stored by the
+/// server at `socket` (SPIRE's or Lanyard's: the same command), or why there are none.
+fn federated_authorities_of(socket: &Path, trust_domain: &str) -> Result<Vec<Vec<u8>>, String> {
+    let listed = lanyard_e2e::spire::spire_server_cli(
+        socket,
+        &["bundle", "list"],
+        &["-id", &format!("spiffe://{trust_domain}")],
+    );
+    if !listed.success() {
+        return Err(listed.to_string());
+    }
+    let mut der = pem_certificates(&listed.stdout);
+    der.sort();
+    Ok(der)
+}
+
+/// Polls until the server at `socket` stores exactly `authorities` for `trust_domain`.
+fn wait_for_federated(socket: &Path, trust_domain: &str, authorities: &[Vec<u8>], what: &str) {
+    poll(what, PROPAGATION_TIMEOUT, || {
+        let stored = federated_authorities_of(socket, trust_domain)?;
+        if stored == authorities {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} authorities stored for {trust_domain}, not the {} wanted",
+                stored.len(),
+                authorities.len()
+            ))
+        }
+    });
+}
+
+#[test]
+fn lanyard_and_spire_federate_both_ways_over_https_web() {
+    let test = "lanyard_and_spire_federate_both_ways_over_https_web";
+    if spire_or_skip(test).is_none() {
+        return;
+    }
+    let dir = TestDir::new();
+    // One test CA issues both endpoints' certificates (for `localhost`), and each side takes
+    // it as a Web PKI root besides the system's.
+    let ca = TestCa::new("federation");
+    let tls_dir = dir.subdir("tls");
+    let roots = tls_dir.join("roots.pem");
+    std::fs::write(&roots, ca.pem()).unwrap();
+    let (cert, key) = ca.issue("b.org bundle endpoint");
+    let (spire_cert, spire_key) = write_key_pair(&tls_dir, "spire", &cert, &key);
+    let (cert, key) = ca.issue("a.org bundle endpoint");
+    let (lanyard_cert, lanyard_key) = write_key_pair(&tls_dir, "lanyard", &cert, &key);
+
+    // b.org: spire-server, its bundle endpoint serving the files. SPIRE v1.13.3 refuses a
+    // `serving_cert_file` without `file_sync_interval` (the documented default of 1h is never
+    // applied). Its https_web client trusts Go's system roots, which SSL_CERT_FILE replaces.
+    let spire_endpoint_port = free_port();
+    let spire = SpireServer::start_in_trust_domain_with_env(
+        &dir.join("spire-server"),
+        "b.org",
+        &format!(
+            "federation {{\n\
+             \x20       bundle_endpoint {{\n\
+             \x20           address = \"127.0.0.1\"\n\
+             \x20           port = {spire_endpoint_port}\n\
+             \x20           refresh_hint = \"1m\"\n\
+             \x20           profile \"https_web\" {{\n\
+             \x20               serving_cert_file {{\n\
+             \x20                   cert_file_path = {}\n\
+             \x20                   key_file_path = {}\n\
+             \x20                   file_sync_interval = \"1h\"\n\
+             \x20               }}\n\
+             \x20           }}\n\
+             \x20       }}\n\
+             \x20   }}",
+            Value::from(spire_cert.to_str().unwrap()),
+            Value::from(spire_key.to_str().unwrap()),
+        ),
+        &[("SSL_CERT_FILE", roots.as_os_str())],
+    );
+    // SPIRE's server API presents an X509-SVID of b.org's CA, which no Web PKI root issued:
+    // an https_web endpoint there must be refused.
+    let spire_api = spire.address();
+    let (_, spire_api_port) = spire_api.rsplit_once(':').unwrap();
+
+    // a.org: the Lanyard server, its bundle endpoint, b.org (and c.org, the refused one) from
+    // its configuration file; no bundle is handed over beforehand.
+    let lanyard_endpoint_port = free_port();
+    let mut server = Server::start_in_trust_domain(
+        &dir.join("lanyard-server"),
+        "a.org",
+        &format!(
+            "[federation]\n\
+             https_web_extra_ca_certificates_path = {}\n\
+             {}\
+             [federation.trust_domains.\"b.org\"]\n\
+             bundle_endpoint_url = \"https://localhost:{spire_endpoint_port}\"\n\
+             bundle_endpoint_profile = \"https_web\"\n\
+             [federation.trust_domains.\"c.org\"]\n\
+             bundle_endpoint_url = \"https://localhost:{spire_api_port}\"\n\
+             bundle_endpoint_profile = \"https_web\"\n",
+            toml_string(roots.to_str().unwrap()),
+            endpoint_toml(lanyard_endpoint_port, &lanyard_cert, &lanyard_key),
+        ),
+    );
+    spire.cli_ok(
+        &["federation", "create"],
+        &[
+            "-trustDomain",
+            "a.org",
+            "-bundleEndpointURL",
+            &format!("https://localhost:{lanyard_endpoint_port}"),
+            "-bundleEndpointProfile",
+            "https_web",
+        ],
+    );
+
+    // Each server stores exactly the other's X.509 authorities.
+    wait_for_federated(
+        server.admin_socket(),
+        "b.org",
+        &authorities_of(spire.socket_path()),
+        "the Lanyard server (a.org) to store b.org's bundle",
+    );
+    wait_for_federated(
+        spire.socket_path(),
+        "a.org",
+        &authorities_of(server.admin_socket()),
+        "spire-server (b.org) to store a.org's bundle",
+    );
+
+    // The endpoint whose certificate no trusted CA issued: refused, said why, nothing stored.
+    let refused = poll(
+        "the Lanyard server to refuse c.org's endpoint",
+        PROPAGATION_TIMEOUT,
+        || {
+            server.process().assert_running();
+            server
+                .process()
+                .log()
+                .lines()
+                .find(|line| {
+                    line.contains("could not refresh the federated bundle")
+                        && line.contains("c.org")
+                })
+                .map(str::to_owned)
+                .ok_or_else(|| server.log_tail())
+        },
+    );
+    assert!(refused.contains("TLS handshake"), "{refused}");
+    assert!(
+        refused.contains("no bundle of this trust domain is held yet"),
+        "{refused}"
+    );
+    assert!(refused.contains("UnknownIssuer"), "{refused}");
+    let stored = federated_authorities_of(server.admin_socket(), "c.org");
+    assert!(stored.is_err(), "{stored:?}");
     server.stop();
 }
