@@ -1,13 +1,14 @@
 //! Starts the slow Go builds of the interoperability tests — SPIRE (minutes),
-//! kube-apiserver with etcd (about twelve minutes on two cores) and spire-controller-manager
-//! (a minute) — in the background while
+//! kube-apiserver with etcd (about twelve minutes on two cores), spire-controller-manager
+//! (a minute) and the SDS client on Envoy's go-control-plane — in the background while
 //! Cargo is still compiling, so that on a fresh machine they overlap with the Rust build
 //! instead of with the tests. Each runs as `flock <lock> nice go build …` on the lock of the
 //! harness's cached build (`src/toolchain.rs`, `cached_build`): it only fills Go's build
 //! cache, and a test that needs the binaries waits on the lock and then links them in seconds.
 //! Nothing starts when Go is missing, when the binaries are already cached, or when the tests
 //! that need them are skipped (`LANYARD_E2E_SKIP_SPIRE`, `LANYARD_E2E_SKIP_KUBERNETES`,
-//! or `LANYARD_E2E_NO_PREFETCH=1` for none). Output goes to `<target>/interop/<name>.prefetch.log`.
+//! `LANYARD_E2E_SKIP_GO`, or `LANYARD_E2E_NO_PREFETCH=1` for none). Output goes to
+//! `<target>/interop/<name>.prefetch.log`.
 #![allow(clippy::print_stdout)]
 
 use std::fs::File;
@@ -18,6 +19,7 @@ use std::process::{Command, Stdio};
 const SPIRE: &str = "spire-v1.13.3";
 const KUBERNETES: &str = "kubernetes-v1.36.3";
 const CONTROLLER_MANAGER: &str = "spire-controller-manager-v0.6.2";
+const SDS: &str = "sds";
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
@@ -28,6 +30,8 @@ fn main() {
         "kube/go.sum",
         "controller-manager/go.mod",
         "controller-manager/go.sum",
+        "sds/go.mod",
+        "sds/go.sum",
     ] {
         println!("cargo::rerun-if-changed=interop/{file}");
     }
@@ -35,11 +39,14 @@ fn main() {
         "LANYARD_E2E_NO_PREFETCH",
         "LANYARD_E2E_SKIP_SPIRE",
         "LANYARD_E2E_SKIP_KUBERNETES",
+        "LANYARD_E2E_SKIP_GO",
         "CARGO_TARGET_DIR",
     ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
-    println!("cargo::rustc-env=LANYARD_E2E_PREFETCHED={SPIRE},{KUBERNETES},{CONTROLLER_MANAGER}");
+    println!(
+        "cargo::rustc-env=LANYARD_E2E_PREFETCHED={SPIRE},{KUBERNETES},{CONTROLLER_MANAGER},{SDS}"
+    );
 
     let set = |var: &str| std::env::var_os(var).is_some_and(|value| value == "1");
     if set("LANYARD_E2E_NO_PREFETCH") || !runs("go", &["version"]) || !runs("flock", &["-V"]) {
@@ -90,6 +97,17 @@ fn main() {
             &["-mod=readonly", "-trimpath"],
             "0",
             &["github.com/spiffe/spire-controller-manager/cmd"],
+        );
+    }
+    if !set("LANYARD_E2E_SKIP_GO") {
+        prefetch(
+            &interop,
+            SDS,
+            &manifest.join("interop/sds"),
+            // As `go_build` builds it.
+            &["-mod=readonly", "-trimpath"],
+            "0",
+            &["."],
         );
     }
 }

@@ -24,6 +24,8 @@
 //!   java-spiffe clients under `tests/interop`. The first [`lanyard_binary`] call starts the
 //!   SPIRE and Kubernetes builds in the background when tests that need them are selected,
 //!   so that a first build on a fresh machine overlaps with the other tests.
+//! - [`sds`] drives an agent's Secret Discovery Service as Envoy does, through a
+//!   go-control-plane client under `tests/interop`.
 //! - [`https`] is a test CA (rcgen) and an HTTPS client for the server's public endpoints
 //!   (the bundle endpoint, OIDC discovery).
 //! - [`kube::KubeCluster`] is a real Kubernetes API server and its etcd, with a generated
@@ -61,6 +63,7 @@ pub mod kube;
 pub mod kubelet;
 pub mod nginx;
 pub mod prometheus;
+pub mod sds;
 pub mod spire;
 pub mod toolchain;
 

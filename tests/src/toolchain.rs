@@ -1,6 +1,6 @@
 //! Programs the interoperability tests build from the package registries: SPIRE's server and
 //! agent and Kubernetes' API server and etcd (Go module proxy), and the client programs under
-//! `tests/interop` that use go-spiffe, go-oidc and java-spiffe.
+//! `tests/interop` that use go-spiffe, go-oidc, java-spiffe and Envoy's go-control-plane.
 //!
 //! Each build lands in its own directory under `<target>/interop/` with a stamp naming what it
 //! was built from (the inputs' contents and the toolchain version). A later run whose stamp
@@ -492,6 +492,36 @@ pub fn oidc_verifier() -> &'static Path {
     })
 }
 
+/// The cached-build name of the SDS client (also `tests/build.rs`'s).
+pub const SDS_BUILD: &str = "sds";
+
+/// The Envoy SDS v3 client (`tests/interop/sds`, see its `main.go`: go-control-plane's
+/// SecretDiscoveryService client, driven by [`crate::sds`]), built into `<target>/interop/sds`
+/// once per machine and reused while its go.mod, go.sum, source and the Go version stay the
+/// same. `tests/build.rs` compiles its dependencies in the background. Panics, saying how to
+/// get Go, when `go` is missing.
+pub fn sds_client() -> &'static Path {
+    static CLIENT: OnceLock<PathBuf> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        require_tool(
+            "go",
+            &["version"],
+            &format!(
+                "the SDS tests need the Go toolchain, 1.26 or newer (go.dev/dl, or your \
+                 distribution's golang package), on PATH, and the Go module proxy; set \
+                 {SKIP_GO_VAR}=1 to skip them"
+            ),
+        );
+        let module = interop_source("sds");
+        let key = format!(
+            "{}\n{}",
+            go_version(),
+            key_of_files(&module, &["go.mod", "go.sum", "main.go"])
+        );
+        cached_build(SDS_BUILD, &key, |out| go_build(&module, &["."], out)).join("sds")
+    })
+}
+
 /// The java-spiffe client program (`tests/interop/java-spiffe`), compiled by Maven.
 #[derive(Debug)]
 pub struct JavaClient {
@@ -628,6 +658,7 @@ mod tests {
                     "spire-controller-manager-{}",
                     super::CONTROLLER_MANAGER_VERSION
                 ),
+                super::SDS_BUILD.to_owned(),
             ]
         );
         assert_eq!(

@@ -26,6 +26,7 @@ mod pg;
 mod py_spiffe;
 mod resilience;
 mod rotation;
+mod sds;
 mod spiffe_client;
 mod spire_agent;
 mod spire_cli;
