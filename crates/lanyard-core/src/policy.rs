@@ -595,6 +595,10 @@ pub struct Exception {
     pub created_by: String,
     /// When it was revoked, if it was.
     pub revoked_at: Option<SystemTime>,
+    /// Counts its changes: 1 when created, one more at every extend or revoke. The datastore
+    /// keeps it; an update names the revision it read and fails if it has moved.
+    #[serde(default)]
+    pub revision: i64,
 }
 
 impl Exception {

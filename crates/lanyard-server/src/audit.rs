@@ -426,7 +426,7 @@ mod tests {
         assert_eq!(log.head().lines, 1);
 
         let a = store.create_entry(entry("/a")).await.expect("stores");
-        store.delete_entry(&a.id).await.expect("deletes");
+        store.delete_entry(&a.id, None).await.expect("deletes");
         assert_eq!(
             recover(&log, &store, "local", SystemTime::now())
                 .await

@@ -59,6 +59,18 @@ pub enum WriteError {
     /// No entry has this ID.
     #[error("entry not found")]
     NotFound,
+    /// A conditional write found the entry at another revision than the one the caller read.
+    #[error(
+        "entry {id} was changed since revision {expected} was read (it is at revision {current}); nothing was written"
+    )]
+    Changed {
+        /// The entry's ID.
+        id: String,
+        /// The revision the caller read.
+        expected: i64,
+        /// The revision it is at.
+        current: i64,
+    },
     /// The datastore failed, or another writer kept changing the entry.
     #[error(transparent)]
     Datastore(#[from] DatastoreError),
@@ -152,7 +164,23 @@ impl EntryWriter {
         method: &str,
         change: impl Fn(&RegistrationEntry) -> Result<RegistrationEntry, WriteError>,
     ) -> Result<Written, WriteError> {
-        self.update_entry(caller, id, method, change, true).await
+        self.update_entry(caller, id, method, None, change, true)
+            .await
+    }
+
+    /// [`EntryWriter::update`], only while the entry is at `expected_revision` (the one the
+    /// caller read): otherwise [`WriteError::Changed`] and nothing is written. The check and
+    /// the write are one datastore transaction.
+    pub async fn update_at(
+        &self,
+        caller: &Caller,
+        id: &EntryId,
+        method: &str,
+        expected_revision: Option<i64>,
+        change: impl Fn(&RegistrationEntry) -> Result<RegistrationEntry, WriteError>,
+    ) -> Result<Written, WriteError> {
+        self.update_entry(caller, id, method, expected_revision, change, true)
+            .await
     }
 
     /// [`EntryWriter::update`], but a change that leaves the entry as it is writes nothing
@@ -164,7 +192,8 @@ impl EntryWriter {
         method: &str,
         change: impl Fn(&RegistrationEntry) -> Result<RegistrationEntry, WriteError>,
     ) -> Result<Written, WriteError> {
-        self.update_entry(caller, id, method, change, false).await
+        self.update_entry(caller, id, method, None, change, false)
+            .await
     }
 
     async fn update_entry(
@@ -172,6 +201,7 @@ impl EntryWriter {
         caller: &Caller,
         id: &EntryId,
         method: &str,
+        expected_revision: Option<i64>,
         change: impl Fn(&RegistrationEntry) -> Result<RegistrationEntry, WriteError>,
         write_unchanged: bool,
     ) -> Result<Written, WriteError> {
@@ -181,6 +211,15 @@ impl EntryWriter {
             let Some(current) = self.state.store.get_entry(id).await? else {
                 return Err(WriteError::NotFound);
             };
+            if let Some(expected) = expected_revision
+                && current.revision_number != expected
+            {
+                return Err(WriteError::Changed {
+                    id: id.as_str().to_owned(),
+                    expected,
+                    current: current.revision_number,
+                });
+            }
             let updated = change(&current)?;
             if updated.source != current.source {
                 self.check_source(caller, &updated)?;
@@ -243,10 +282,33 @@ impl EntryWriter {
         id: &EntryId,
         method: &str,
     ) -> Result<Written, WriteError> {
+        self.delete_at(caller, id, method, None).await
+    }
+
+    /// [`EntryWriter::delete`], only while the entry is at `expected_revision` (the one the
+    /// caller read): otherwise [`WriteError::Changed`] and nothing is deleted.
+    pub async fn delete_at(
+        &self,
+        caller: &Caller,
+        id: &EntryId,
+        method: &str,
+        expected_revision: Option<i64>,
+    ) -> Result<Written, WriteError> {
         let _audited = self.state.audit.guard();
-        let deleted = match self.state.store.delete_entry(id).await {
+        let deleted = match self.state.store.delete_entry(id, expected_revision).await {
             Ok(deleted) => deleted,
             Err(DatastoreError::NotFound(_)) => return Err(WriteError::NotFound),
+            Err(DatastoreError::Conflict(_)) => {
+                let current = match self.state.store.get_entry(id).await? {
+                    Some(entry) => entry.revision_number,
+                    None => return Err(WriteError::NotFound),
+                };
+                return Err(WriteError::Changed {
+                    id: id.as_str().to_owned(),
+                    expected: expected_revision.unwrap_or_default(),
+                    current,
+                });
+            }
             Err(error) => return Err(error.into()),
         };
         self.state.written().await;

@@ -97,6 +97,7 @@ fn exception(id: &str, waives: &[&str], expires_in: Duration) -> Exception {
         created_at: now(),
         created_by: "local".to_owned(),
         revoked_at: None,
+        revision: 1,
     }
 }
 

@@ -725,8 +725,12 @@ impl ::prost::Name for CreateGovernedEntriesResponse {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct UpdateGovernedEntriesRequest {
+    /// Whole replacements, written over whatever revision is current.
     #[prost(message, repeated, tag = "1")]
     pub entries: ::prost::alloc::vec::Vec<GovernedEntry>,
+    /// Masked, conditional updates.
+    #[prost(message, repeated, tag = "2")]
+    pub updates: ::prost::alloc::vec::Vec<GovernedEntryUpdate>,
 }
 impl ::prost::Name for UpdateGovernedEntriesRequest {
     const NAME: &'static str = "UpdateGovernedEntriesRequest";
@@ -736,6 +740,57 @@ impl ::prost::Name for UpdateGovernedEntriesRequest {
     }
     fn type_url() -> ::prost::alloc::string::String {
         "type.googleapis.com/lanyard.api.v1.UpdateGovernedEntriesRequest".into()
+    }
+}
+/// One masked, conditional update of an entry and its metadata.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GovernedEntryUpdate {
+    /// entry.entry.id names the entry; only the fields set in the masks are read.
+    #[prost(message, optional, tag = "1")]
+    pub entry: ::core::option::Option<GovernedEntry>,
+    /// The entry fields to write; absent: every field.
+    #[prost(message, optional, tag = "2")]
+    pub entry_mask: ::core::option::Option<
+        super::super::super::spire::api::types::EntryMask,
+    >,
+    /// The metadata fields to write; absent: all four.
+    #[prost(message, optional, tag = "3")]
+    pub metadata_mask: ::core::option::Option<EntryMetadataMask>,
+    /// The entry's revision_number when the caller read it (a new entry is at
+    /// 0); absent: no condition.
+    #[prost(int64, optional, tag = "4")]
+    pub expected_revision: ::core::option::Option<i64>,
+}
+impl ::prost::Name for GovernedEntryUpdate {
+    const NAME: &'static str = "GovernedEntryUpdate";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.GovernedEntryUpdate".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.GovernedEntryUpdate".into()
+    }
+}
+/// Which governance fields an update writes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EntryMetadataMask {
+    #[prost(bool, tag = "1")]
+    pub owner: bool,
+    #[prost(bool, tag = "2")]
+    pub reason: bool,
+    #[prost(bool, tag = "3")]
+    pub ticket: bool,
+    #[prost(bool, tag = "4")]
+    pub source: bool,
+}
+impl ::prost::Name for EntryMetadataMask {
+    const NAME: &'static str = "EntryMetadataMask";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.EntryMetadataMask".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.EntryMetadataMask".into()
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -755,6 +810,9 @@ pub mod update_governed_entries_response {
         pub entry: ::core::option::Option<super::GovernedEntry>,
         #[prost(string, repeated, tag = "3")]
         pub exception_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+        /// With ABORTED: the entry's revision now.
+        #[prost(int64, tag = "4")]
+        pub current_revision: i64,
     }
     impl ::prost::Name for Result {
         const NAME: &'static str = "Result";
@@ -776,6 +834,84 @@ impl ::prost::Name for UpdateGovernedEntriesResponse {
     }
     fn type_url() -> ::prost::alloc::string::String {
         "type.googleapis.com/lanyard.api.v1.UpdateGovernedEntriesResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DeleteGovernedEntriesRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub entries: ::prost::alloc::vec::Vec<delete_governed_entries_request::Item>,
+}
+/// Nested message and enum types in `DeleteGovernedEntriesRequest`.
+pub mod delete_governed_entries_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct Item {
+        #[prost(string, tag = "1")]
+        pub id: ::prost::alloc::string::String,
+        /// The entry's revision_number when the caller read it; absent: no
+        /// condition.
+        #[prost(int64, optional, tag = "2")]
+        pub expected_revision: ::core::option::Option<i64>,
+    }
+    impl ::prost::Name for Item {
+        const NAME: &'static str = "Item";
+        const PACKAGE: &'static str = "lanyard.api.v1";
+        fn full_name() -> ::prost::alloc::string::String {
+            "lanyard.api.v1.DeleteGovernedEntriesRequest.Item".into()
+        }
+        fn type_url() -> ::prost::alloc::string::String {
+            "type.googleapis.com/lanyard.api.v1.DeleteGovernedEntriesRequest.Item".into()
+        }
+    }
+}
+impl ::prost::Name for DeleteGovernedEntriesRequest {
+    const NAME: &'static str = "DeleteGovernedEntriesRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.DeleteGovernedEntriesRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.DeleteGovernedEntriesRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DeleteGovernedEntriesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub results: ::prost::alloc::vec::Vec<delete_governed_entries_response::Result>,
+}
+/// Nested message and enum types in `DeleteGovernedEntriesResponse`.
+pub mod delete_governed_entries_response {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct Result {
+        #[prost(message, optional, tag = "1")]
+        pub status: ::core::option::Option<
+            super::super::super::super::spire::api::types::Status,
+        >,
+        #[prost(string, tag = "2")]
+        pub id: ::prost::alloc::string::String,
+        /// With ABORTED: the entry's revision now.
+        #[prost(int64, tag = "3")]
+        pub current_revision: i64,
+    }
+    impl ::prost::Name for Result {
+        const NAME: &'static str = "Result";
+        const PACKAGE: &'static str = "lanyard.api.v1";
+        fn full_name() -> ::prost::alloc::string::String {
+            "lanyard.api.v1.DeleteGovernedEntriesResponse.Result".into()
+        }
+        fn type_url() -> ::prost::alloc::string::String {
+            "type.googleapis.com/lanyard.api.v1.DeleteGovernedEntriesResponse.Result"
+                .into()
+        }
+    }
+}
+impl ::prost::Name for DeleteGovernedEntriesResponse {
+    const NAME: &'static str = "DeleteGovernedEntriesResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.DeleteGovernedEntriesResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.DeleteGovernedEntriesResponse".into()
     }
 }
 /// An exception: an owned, expiring waiver of some policy rules for some
@@ -808,6 +944,10 @@ pub struct PolicyException {
     /// 0 when not revoked.
     #[prost(int64, tag = "11")]
     pub revoked_at: i64,
+    /// Moves with every change (extend, revoke); a conditional extend or revoke
+    /// names the revision it read.
+    #[prost(int64, tag = "12")]
+    pub revision: i64,
 }
 impl ::prost::Name for PolicyException {
     const NAME: &'static str = "PolicyException";
@@ -899,6 +1039,10 @@ pub struct ExtendExceptionRequest {
     /// Why it is extended (recorded in the audit log).
     #[prost(string, tag = "3")]
     pub reason: ::prost::alloc::string::String,
+    /// The exception's revision when the caller read it; absent: no condition.
+    /// ABORTED if it has changed since.
+    #[prost(int64, optional, tag = "4")]
+    pub expected_revision: ::core::option::Option<i64>,
 }
 impl ::prost::Name for ExtendExceptionRequest {
     const NAME: &'static str = "ExtendExceptionRequest";
@@ -917,6 +1061,10 @@ pub struct RevokeExceptionRequest {
     /// Why it is revoked (recorded in the audit log).
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
+    /// The exception's revision when the caller read it; absent: no condition.
+    /// ABORTED if it has changed since.
+    #[prost(int64, optional, tag = "3")]
+    pub expected_revision: ::core::option::Option<i64>,
 }
 impl ::prost::Name for RevokeExceptionRequest {
     const NAME: &'static str = "RevokeExceptionRequest";
@@ -1256,8 +1404,11 @@ pub mod governed_entry_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
-        /// Replaces each entry (identified by entry.id) and its metadata; one result
-        /// per item, in order.
+        /// Replaces each entry of `entries` (identified by entry.id) and its
+        /// metadata, then applies each of `updates`: only the fields in its masks,
+        /// and only if the entry is still at the revision the caller read. One result
+        /// per item, `entries` first, in order. An entry changed since that revision
+        /// is not written: ABORTED, with its current revision in the result.
         pub async fn update_governed_entries(
             &mut self,
             request: impl tonic::IntoRequest<super::UpdateGovernedEntriesRequest>,
@@ -1287,6 +1438,37 @@ pub mod governed_entry_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// Deletes each entry, only if it is still at the revision the caller read
+        /// (ABORTED otherwise, with its current revision); one result per item.
+        pub async fn delete_governed_entries(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeleteGovernedEntriesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteGovernedEntriesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.GovernedEntryService/DeleteGovernedEntries",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "lanyard.api.v1.GovernedEntryService",
+                        "DeleteGovernedEntries",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1312,13 +1494,25 @@ pub mod governed_entry_service_server {
             tonic::Response<super::CreateGovernedEntriesResponse>,
             tonic::Status,
         >;
-        /// Replaces each entry (identified by entry.id) and its metadata; one result
-        /// per item, in order.
+        /// Replaces each entry of `entries` (identified by entry.id) and its
+        /// metadata, then applies each of `updates`: only the fields in its masks,
+        /// and only if the entry is still at the revision the caller read. One result
+        /// per item, `entries` first, in order. An entry changed since that revision
+        /// is not written: ABORTED, with its current revision in the result.
         async fn update_governed_entries(
             &self,
             request: tonic::Request<super::UpdateGovernedEntriesRequest>,
         ) -> std::result::Result<
             tonic::Response<super::UpdateGovernedEntriesResponse>,
+            tonic::Status,
+        >;
+        /// Deletes each entry, only if it is still at the revision the caller read
+        /// (ABORTED otherwise, with its current revision); one result per item.
+        async fn delete_governed_entries(
+            &self,
+            request: tonic::Request<super::DeleteGovernedEntriesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteGovernedEntriesResponse>,
             tonic::Status,
         >;
     }
@@ -1486,6 +1680,55 @@ pub mod governed_entry_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = UpdateGovernedEntriesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.api.v1.GovernedEntryService/DeleteGovernedEntries" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteGovernedEntriesSvc<T: GovernedEntryService>(pub Arc<T>);
+                    impl<
+                        T: GovernedEntryService,
+                    > tonic::server::UnaryService<super::DeleteGovernedEntriesRequest>
+                    for DeleteGovernedEntriesSvc<T> {
+                        type Response = super::DeleteGovernedEntriesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeleteGovernedEntriesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GovernedEntryService>::delete_governed_entries(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteGovernedEntriesSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -103,6 +103,9 @@ pub enum ApiError {
     /// Anything else that is the server's fault.
     #[error("{0}")]
     Internal(String),
+    /// A conditional write found the record at another revision than the one read.
+    #[error("{0}")]
+    Aborted(String),
 }
 
 impl From<RateLimited> for ApiError {
@@ -126,6 +129,7 @@ impl From<WriteError> for ApiError {
             WriteError::Duplicate { .. } => Self::AlreadyExists(SIMILAR_ENTRY_EXISTS.to_owned()),
             taken @ WriteError::IdTaken(_) => Self::AlreadyExists(taken.to_string()),
             WriteError::NotFound => Self::NotFound(ENTRY_NOT_FOUND.to_owned()),
+            changed @ WriteError::Changed { .. } => Self::Aborted(changed.to_string()),
             WriteError::Datastore(error) => Self::Datastore(error),
         }
     }
@@ -192,6 +196,7 @@ impl ApiError {
             Self::Unavailable(_) => Code::Unavailable,
             Self::Cancelled(_) => Code::Cancelled,
             Self::Unimplemented(_) => Code::Unimplemented,
+            Self::Aborted(_) => Code::Aborted,
             Self::Stream(status) => status.code(),
             Self::Datastore(e) => match e {
                 DatastoreError::NotFound(_) => Code::NotFound,

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 use super::paging::{page_of, requested_page};
 use super::{ApiError, Authorizer, Caller};
 use crate::caller::caller_input;
+use crate::datastore::DatastoreError;
 use crate::state::ServerState;
 
 const CREATE_EXCEPTION: &str = "/lanyard.api.v1.ExceptionService/CreateException";
@@ -138,7 +139,15 @@ impl ExceptionService {
         why: &str,
     ) -> Result<Exception, ApiError> {
         let _audited = self.state.audit.guard();
-        let stored = self.state.store.update_exception(exception).await?;
+        // Written only over the revision it was read at: a change in between is a conflict.
+        let stored = self.state.store.update_exception(exception).await.map_err(
+            |error| match error {
+                DatastoreError::Conflict(message) => ApiError::Aborted(format!(
+                    "{message}; it was changed while this request was handled, nothing was written"
+                )),
+                other => ApiError::Datastore(other),
+            },
+        )?;
         self.changed(caller, action, &stored, why).await;
         Ok(stored)
     }
@@ -185,6 +194,7 @@ impl ExceptionService {
             created_at: now,
             created_by: caller.describe(),
             revoked_at: None,
+            revision: 0,
         })
     }
 }
@@ -259,6 +269,7 @@ impl ExceptionRpc for ExceptionService {
         let mut exception = self
             .load_active(&request.id, "is no longer active; create a new one")
             .await?;
+        check_revision(&exception, request.expected_revision)?;
         let expires_at = from_unix(request.expires_at)?;
         if expires_at <= exception.expires_at {
             return Err(
@@ -283,6 +294,7 @@ impl ExceptionRpc for ExceptionService {
         let mut exception = self
             .load_active(&request.id, "is already revoked or expired")
             .await?;
+        check_revision(&exception, request.expected_revision)?;
         exception.revoked_at = Some(self.state.now());
         let stored = self
             .store_change(&caller, "exception revoked", exception, &why)
@@ -306,7 +318,21 @@ pub fn exception_to_proto(exception: &Exception) -> PolicyException {
         created_at: seconds(exception.created_at),
         created_by: exception.created_by.clone(),
         revoked_at: exception.revoked_at.map_or(0, seconds),
+        revision: exception.revision,
     }
+}
+
+/// Refuses a change conditional on a revision (`expected`) the exception has left.
+fn check_revision(exception: &Exception, expected: Option<i64>) -> Result<(), ApiError> {
+    if let Some(expected) = expected
+        && expected != exception.revision
+    {
+        return Err(ApiError::Aborted(format!(
+            "exception {:?} was changed since revision {expected} was read (it is at revision {}); nothing was written",
+            exception.id, exception.revision
+        )));
+    }
+    Ok(())
 }
 
 /// A SPIFFE ID pattern: an ID of the trust domain, or one followed by `/*`.

@@ -19,7 +19,7 @@ use super::governance::usage_record;
 use super::{
     AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSubject, Datastore,
     DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
-    JoinTokenRecord, Page, PageRequest, Result, bundle_in_use, merge_bundles,
+    JoinTokenRecord, Page, PageRequest, Result, bundle_in_use, exception_conflict, merge_bundles,
     missing_federated_bundle, not_found, revision_conflict,
 };
 
@@ -221,8 +221,21 @@ impl Datastore for MemoryStore {
         Ok(entry)
     }
 
-    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
+    async fn delete_entry(
+        &self,
+        id: &EntryId,
+        expected_revision: Option<i64>,
+    ) -> Result<RegistrationEntry> {
         let mut state = self.lock();
+        if let Some(expected) = expected_revision {
+            let stored = state
+                .entries
+                .get(id.as_str())
+                .ok_or_else(|| not_found("entry", id.as_str()))?;
+            if stored.revision_number != expected {
+                return Err(revision_conflict(id, expected, stored.revision_number));
+            }
+        }
         let entry = state
             .entries
             .remove(id.as_str())
@@ -700,7 +713,8 @@ impl Datastore for MemoryStore {
     }
 
     async fn create_exception(&self, exception: Exception) -> Result<Exception> {
-        let exception = normalize_exception(exception)?;
+        let mut exception = normalize_exception(exception)?;
+        exception.revision = 1;
         let mut state = self.lock();
         if state.exceptions.contains_key(&exception.id) {
             return Err(DatastoreError::exists(format!(
@@ -723,12 +737,20 @@ impl Datastore for MemoryStore {
     }
 
     async fn update_exception(&self, exception: Exception) -> Result<Exception> {
-        let exception = normalize_exception(exception)?;
+        let mut exception = normalize_exception(exception)?;
         let mut state = self.lock();
         let stored = state
             .exceptions
             .get_mut(&exception.id)
             .ok_or_else(|| not_found("exception", &exception.id))?;
+        if stored.revision != exception.revision {
+            return Err(exception_conflict(
+                &exception.id,
+                exception.revision,
+                stored.revision,
+            ));
+        }
+        exception.revision += 1;
         *stored = exception.clone();
         state.record(
             ChangeKind::Updated,

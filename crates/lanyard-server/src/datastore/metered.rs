@@ -119,7 +119,7 @@ metered! {
     async fn create_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry>;
     async fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>>;
     async fn update_entry(&self, entry: RegistrationEntry, expected_revision: Option<i64>) -> Result<RegistrationEntry>;
-    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry>;
+    async fn delete_entry(&self, id: &EntryId, expected_revision: Option<i64>) -> Result<RegistrationEntry>;
     async fn list_entries(&self, filter: &EntryFilter, page: Option<PageRequest>) -> Result<Page<RegistrationEntry>>;
     async fn count_entries(&self, filter: &EntryFilter) -> Result<u64>;
     async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>>;
@@ -175,7 +175,7 @@ mod tests {
         store.current_revision().await.expect("a revision");
         store.current_revision().await.expect("a revision");
         let missing: EntryId = "missing".parse().expect("an entry ID");
-        assert!(store.delete_entry(&missing).await.is_err());
+        assert!(store.delete_entry(&missing, None).await.is_err());
         let mut registry = Registry::with_prefix("lanyard_server");
         metrics.register(&mut registry);
         let text = lanyard_metrics::encode(&registry);

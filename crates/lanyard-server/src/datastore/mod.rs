@@ -550,8 +550,14 @@ pub trait Datastore: Send + Sync + fmt::Debug {
         expected_revision: Option<i64>,
     ) -> Result<RegistrationEntry>;
 
-    /// Deletes the entry and returns it.
-    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry>;
+    /// Deletes the entry and returns it. With `expected_revision`, fails with
+    /// [`DatastoreError::Conflict`] (and deletes nothing) unless the stored `revision_number`
+    /// equals it.
+    async fn delete_entry(
+        &self,
+        id: &EntryId,
+        expected_revision: Option<i64>,
+    ) -> Result<RegistrationEntry>;
 
     /// A page of the entries matching `filter`, ordered by entry ID. `None` returns them all.
     async fn list_entries(
@@ -753,8 +759,10 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// The exception with this ID.
     async fn get_exception(&self, id: &str) -> Result<Option<Exception>>;
 
-    /// Replaces the stored exception with `exception.id`. [`DatastoreError::NotFound`] if
-    /// there is none.
+    /// Replaces the stored exception with `exception.id`, if it is still at
+    /// `exception.revision` (the revision it was read at), and moves its revision on by one.
+    /// [`DatastoreError::NotFound`] if there is none, [`DatastoreError::Conflict`] if it has
+    /// moved. A new exception starts at revision 1.
     async fn update_exception(&self, exception: Exception) -> Result<Exception>;
 
     /// Every exception, active or not, ordered by ID.
@@ -802,6 +810,12 @@ pub(crate) fn missing_federated_bundle(trust_domain: &TrustDomain) -> DatastoreE
     DatastoreError::FailedPrecondition(format!(
         "no bundle for federated trust domain {:?}",
         trust_domain.name()
+    ))
+}
+
+pub(crate) fn exception_conflict(id: &str, expected: i64, actual: i64) -> DatastoreError {
+    DatastoreError::Conflict(format!(
+        "exception {id:?} is at revision {actual}, not the expected {expected}"
     ))
 }
 

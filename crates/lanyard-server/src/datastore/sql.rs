@@ -40,7 +40,8 @@ use super::{
     AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSignal, ChangeSubject,
     Datastore, DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
     JoinTokenRecord, MatchMode, Page, PageRequest, Result, SelectorFilter, banned_agent,
-    bundle_in_use, merge_bundles, missing_federated_bundle, not_found, revision_conflict,
+    bundle_in_use, exception_conflict, merge_bundles, missing_federated_bundle, not_found,
+    revision_conflict,
 };
 
 /// The schema migrations, embedded at compile time from `migrations/sqlite/`.

@@ -874,11 +874,20 @@ impl Datastore for Store {
         Ok(entry)
     }
 
-    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
+    async fn delete_entry(
+        &self,
+        id: &EntryId,
+        expected_revision: Option<i64>,
+    ) -> Result<RegistrationEntry> {
         let mut tx = self.write().await?;
         let Some(entry) = fetch_entry(tx.conn(), id.as_str()).await? else {
             return Err(not_found("entry", id.as_str()));
         };
+        if let Some(expected) = expected_revision
+            && entry.revision_number != expected
+        {
+            return Err(revision_conflict(id, expected, entry.revision_number));
+        }
         delete_entry_row(tx.conn(), id).await?;
         tx.commit().await?;
         Ok(entry)
@@ -1519,7 +1528,8 @@ impl Datastore for Store {
     }
 
     async fn create_exception(&self, exception: Exception) -> Result<Exception> {
-        let exception = normalize_exception(exception)?;
+        let mut exception = normalize_exception(exception)?;
+        exception.revision = 1;
         let mut tx = self.write().await?;
         let inserted = write_exception(tx.conn(), &exception, true).await?;
         if inserted == 0 {
@@ -1553,11 +1563,22 @@ impl Datastore for Store {
     }
 
     async fn update_exception(&self, exception: Exception) -> Result<Exception> {
-        let exception = normalize_exception(exception)?;
+        let mut exception = normalize_exception(exception)?;
         let mut tx = self.write().await?;
-        if write_exception(tx.conn(), &exception, false).await? == 0 {
-            return Err(not_found("exception", &exception.id));
+        let stored: Option<i64> = sqlx::query_scalar(q(
+            "SELECT revision FROM policy_exceptions WHERE id = ?",
+        ))
+        .bind(exception.id.as_str())
+        .fetch_optional(tx.conn())
+        .await?;
+        match stored {
+            None => return Err(not_found("exception", &exception.id)),
+            Some(revision) if revision != exception.revision => {
+                return Err(exception_conflict(&exception.id, exception.revision, revision));
+            }
+            Some(revision) => exception.revision = revision + 1,
         }
+        write_exception(tx.conn(), &exception, false).await?;
         record_change(
             tx.conn(),
             ChangeKind::Updated,
@@ -1782,7 +1803,7 @@ impl Store {
 macro_rules! exception_columns {
     () => {
         "id, owner, reason, ticket, rules, entry_ids, spiffe_id_pattern, expires_at, \
-         created_at, created_by, revoked_at"
+         created_at, created_by, revoked_at, revision"
     };
 }
 use exception_columns;
@@ -1795,12 +1816,12 @@ async fn write_exception(
 ) -> Result<u64> {
     let sql = if insert {
         "INSERT INTO policy_exceptions (owner, reason, ticket, rules, entry_ids, \
-         spiffe_id_pattern, expires_at, created_at, created_by, revoked_at, id) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+         spiffe_id_pattern, expires_at, created_at, created_by, revoked_at, revision, id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
     } else {
         "UPDATE policy_exceptions SET owner = ?, reason = ?, ticket = ?, rules = ?, \
          entry_ids = ?, spiffe_id_pattern = ?, expires_at = ?, created_at = ?, \
-         created_by = ?, revoked_at = ? WHERE id = ?"
+         created_by = ?, revoked_at = ?, revision = ? WHERE id = ?"
     };
     let json = |set: &std::collections::BTreeSet<String>| {
         serde_json::to_string(set).map_err(|e| DatastoreError::Backend(e.to_string()))
@@ -1816,6 +1837,7 @@ async fn write_exception(
         .bind(unix_seconds(exception.created_at)?)
         .bind(exception.created_by.as_str())
         .bind(exception.revoked_at.map(unix_seconds).transpose()?)
+        .bind(exception.revision)
         .bind(exception.id.as_str())
         .execute(conn)
         .await?;
@@ -1841,6 +1863,7 @@ fn exception_from_row(row: &DbRow) -> Result<Exception> {
             .try_get::<Option<i64>, _>("revoked_at")?
             .map(from_unix_seconds)
             .transpose()?,
+        revision: row.try_get("revision")?,
     })
 }
 

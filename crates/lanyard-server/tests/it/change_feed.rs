@@ -48,7 +48,7 @@ async fn writes_by_another_server_reach_the_index_within_the_poll_interval() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    other.delete_entry(&created.id).await.unwrap();
+    other.delete_entry(&created.id, None).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !sync_ids(&server, &agent).await.is_empty() {
         assert!(
@@ -83,7 +83,7 @@ async fn an_update_that_loses_the_race_to_a_delete_leaves_nothing_in_the_index()
     // the update to its index: applied late, the update must not bring the entry back.
     state.store.update_entry(updated, None).await.unwrap();
     let other = other_server_store(&server).await;
-    other.delete_entry(&id).await.unwrap();
+    other.delete_entry(&id, None).await.unwrap();
     state.catch_up().await.unwrap();
     assert!(sync_ids(&server, &agent).await.is_empty());
     assert_eq!(state.index.read().entry_count(), 0);

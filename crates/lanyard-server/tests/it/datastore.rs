@@ -262,10 +262,10 @@ async fn entry_crud(store: Store) {
         vec![expected.clone(), plain.clone()]
     );
 
-    assert_eq!(store.delete_entry(&full.id).await.unwrap(), expected);
+    assert_eq!(store.delete_entry(&full.id, None).await.unwrap(), expected);
     assert_eq!(store.get_entry(&full.id).await.unwrap(), None);
     assert!(matches!(
-        store.delete_entry(&full.id).await,
+        store.delete_entry(&full.id, None).await,
         Err(DatastoreError::NotFound(_))
     ));
     assert!(matches!(
@@ -402,7 +402,15 @@ async fn update_bumps_revision_and_checks_expected_revision(store: Store) {
 
     let err = store.update_entry(again, Some(1)).await.unwrap_err();
     assert!(matches!(err, DatastoreError::Conflict(_)), "{err:?}");
-    assert_eq!(store.get_entry(&created.id).await.unwrap(), Some(updated2));
+    assert_eq!(
+        store.get_entry(&created.id).await.unwrap(),
+        Some(updated2.clone())
+    );
+
+    // A delete conditional on a revision the entry has left deletes nothing.
+    let err = store.delete_entry(&created.id, Some(1)).await.unwrap_err();
+    assert!(matches!(err, DatastoreError::Conflict(_)), "{err:?}");
+    assert!(store.get_entry(&created.id).await.unwrap().is_some());
 
     // The selector filters see the new selectors, not the old.
     let by_old = EntryFilter {
@@ -413,6 +421,16 @@ async fn update_bumps_revision_and_checks_expected_revision(store: Store) {
         ..Default::default()
     };
     assert!(entry_ids(&store, &by_old).await.is_empty());
+
+    // At the revision it is at, the conditional delete goes through.
+    assert_eq!(
+        store.delete_entry(&created.id, Some(2)).await.unwrap(),
+        updated2
+    );
+    assert!(matches!(
+        store.delete_entry(&created.id, Some(2)).await,
+        Err(DatastoreError::NotFound(_))
+    ));
 }
 
 /// Entries for the filter tests:
@@ -784,7 +802,7 @@ async fn change_log_records_every_change(store: Store) {
         .await
         .unwrap();
     store.ban_agent(&a1.spiffe_id).await.unwrap();
-    store.delete_entry(&e1.id).await.unwrap();
+    store.delete_entry(&e1.id, None).await.unwrap();
     store
         .set_bundle(TrustBundle::new(td("fed.org")))
         .await
@@ -792,7 +810,7 @@ async fn change_log_records_every_change(store: Store) {
     store.delete_agent(&a1.spiffe_id).await.unwrap();
 
     // Failed writes and token/journal writes are not in the log.
-    assert!(store.delete_entry(&e1.id).await.is_err());
+    assert!(store.delete_entry(&e1.id, None).await.is_err());
     store.create_join_token("tok", at(1000)).await.unwrap();
     store.take_join_token("tok").await.unwrap();
     store.set_ca_journal("server", b"journal").await.unwrap();
@@ -2242,6 +2260,7 @@ fn sample_exception(id: &str) -> Exception {
         created_at: at(1_900_000_000),
         created_by: "local uid 0".to_owned(),
         revoked_at: None,
+        revision: 0,
     }
 }
 
@@ -2265,12 +2284,24 @@ async fn exceptions_round_trip(store: Store) {
     bare.spiffe_id_pattern = None;
     let bare = store.create_exception(bare).await.unwrap();
 
+    // A new exception is at revision 1; an update over the revision read moves it on.
+    assert_eq!(created.revision, 1);
     let mut revoked = created.clone();
     revoked.revoked_at = Some(at(1_950_000_000));
+    let stored = store.update_exception(revoked.clone()).await.unwrap();
+    revoked.revision = 2;
+    assert_eq!(stored, revoked);
     assert_eq!(
-        store.update_exception(revoked.clone()).await.unwrap(),
-        revoked
+        store.get_exception("x1").await.unwrap(),
+        Some(revoked.clone())
     );
+    // An update over a revision it has left writes nothing.
+    let mut stale = created.clone();
+    stale.expires_at = at(2_100_000_000);
+    assert!(matches!(
+        store.update_exception(stale).await,
+        Err(DatastoreError::Conflict(_))
+    ));
     assert_eq!(
         store.get_exception("x1").await.unwrap(),
         Some(revoked.clone())

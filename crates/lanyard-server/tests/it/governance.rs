@@ -309,6 +309,7 @@ async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_th
             id: granted.id.clone(),
             expires_at: unix(server.server().state().now() + Duration::from_secs(40 * DAY)),
             reason: "still migrating".into(),
+            expected_revision: None,
         })
         .await
         .unwrap_err();
@@ -323,6 +324,7 @@ async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_th
             id: granted.id.clone(),
             expires_at: unix(server.server().state().now() + Duration::from_secs(2 * DAY)),
             reason: "still migrating".into(),
+            expected_revision: None,
         })
         .await
         .unwrap()
@@ -333,6 +335,7 @@ async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_th
         .revoke_exception(gov::RevokeExceptionRequest {
             id: granted.id.clone(),
             reason: "done".into(),
+            expected_revision: None,
         })
         .await
         .unwrap()
@@ -343,6 +346,7 @@ async fn entry_writes_are_judged_by_the_baseline_and_exceptions_waive_exactly_th
         .revoke_exception(gov::RevokeExceptionRequest {
             id: granted.id.clone(),
             reason: "done".into(),
+            expected_revision: None,
         })
         .await
         .unwrap_err();
@@ -471,6 +475,7 @@ async fn revoking_an_exception_ends_what_it_allowed_at_once() {
         .revoke_exception(gov::RevokeExceptionRequest {
             id: granted.id,
             reason: "incident closed".into(),
+            expected_revision: None,
         })
         .await
         .unwrap();
@@ -805,6 +810,7 @@ async fn expiries_a_certificate_cannot_hold_are_refused_on_every_write_path() {
     let response = GovernedEntryServiceClient::new(server.admin().await)
         .update_governed_entries(gov::UpdateGovernedEntriesRequest {
             entries: vec![governed],
+            updates: Vec::new(),
         })
         .await
         .unwrap()
@@ -955,6 +961,7 @@ async fn entries_created_through_a_named_admin_socket_carry_its_owner_reason_and
     let updated = GovernedEntryServiceClient::new(server.admin().await)
         .update_governed_entries(gov::UpdateGovernedEntriesRequest {
             entries: vec![hand],
+            updates: Vec::new(),
         })
         .await
         .unwrap()
@@ -985,4 +992,264 @@ async fn entries_created_through_a_named_admin_socket_carry_its_owner_reason_and
         (meta.owner.as_str(), meta.source.as_str()),
         ("mesh-team", "spire-controller-manager")
     );
+}
+
+/// A governed update of `fields` (by `mask`) over `expected_revision`.
+fn masked_update(
+    entry: types::Entry,
+    metadata: gov::EntryMetadata,
+    mask: types::EntryMask,
+    metadata_mask: gov::EntryMetadataMask,
+    expected_revision: Option<i64>,
+) -> gov::GovernedEntryUpdate {
+    gov::GovernedEntryUpdate {
+        entry: Some(gov::GovernedEntry {
+            entry: Some(entry),
+            metadata: Some(metadata),
+        }),
+        entry_mask: Some(mask),
+        metadata_mask: Some(metadata_mask),
+        expected_revision,
+    }
+}
+
+async fn update_one(
+    server: &TestServer,
+    update: gov::GovernedEntryUpdate,
+) -> gov::update_governed_entries_response::Result {
+    GovernedEntryServiceClient::new(server.admin().await)
+        .update_governed_entries(gov::UpdateGovernedEntriesRequest {
+            entries: Vec::new(),
+            updates: vec![update],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .remove(0)
+}
+
+async fn stored_entry(server: &TestServer, id: &str) -> Option<types::Entry> {
+    EntryClient::new(server.admin().await)
+        .get_entry(entry_pb::GetEntryRequest {
+            id: id.to_owned(),
+            output_mask: None,
+        })
+        .await
+        .ok()
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_writes_refuse_a_revision_the_entry_has_left_and_masks_keep_other_fields() {
+    let server = governed_server().await;
+    let parent = trust_domain().server_id();
+    let created = create_governed(
+        &server,
+        entry(&server, "/conditional", &parent, 30),
+        metadata("team-a", "first reason"),
+    )
+    .await;
+    let stored = created.entry.unwrap().entry.unwrap();
+    let (id, read_at) = (stored.id.clone(), stored.revision_number);
+
+    // Two writers read the same revision; the first changes the TTL, the second the hint.
+    let ttl_only = types::EntryMask {
+        x509_svid_ttl: true,
+        ..Default::default()
+    };
+    let hint_only = types::EntryMask {
+        hint: true,
+        ..Default::default()
+    };
+    let no_metadata = gov::EntryMetadataMask::default();
+    let mut first = stored.clone();
+    first.x509_svid_ttl = 1800;
+    let first = update_one(
+        &server,
+        masked_update(
+            first,
+            metadata("", ""),
+            ttl_only,
+            no_metadata,
+            Some(read_at),
+        ),
+    )
+    .await;
+    let (code, message) = status(first.status.as_ref());
+    assert_eq!(code, Code::Ok as i32, "{message}");
+    let after_first = first.entry.unwrap().entry.unwrap();
+    assert_eq!(after_first.revision_number, read_at + 1);
+
+    // The second, over the revision it read, is refused with the current one, and writes
+    // nothing.
+    let mut second = stored.clone();
+    second.hint = "edge".into();
+    let refused = update_one(
+        &server,
+        masked_update(
+            second.clone(),
+            metadata("", ""),
+            hint_only,
+            no_metadata,
+            Some(read_at),
+        ),
+    )
+    .await;
+    let (code, message) = status(refused.status.as_ref());
+    assert_eq!(code, Code::Aborted as i32, "{message}");
+    assert_eq!(refused.current_revision, read_at + 1);
+    assert!(
+        message.contains(&format!("revision {read_at}")),
+        "{message}"
+    );
+    assert_eq!(stored_entry(&server, &id).await.unwrap(), after_first);
+
+    // Over the new revision it goes through, and the first writer's TTL stays: only the
+    // masked field was written.
+    let second = update_one(
+        &server,
+        masked_update(
+            second,
+            metadata("", ""),
+            hint_only,
+            no_metadata,
+            Some(read_at + 1),
+        ),
+    )
+    .await;
+    let (code, message) = status(second.status.as_ref());
+    assert_eq!(code, Code::Ok as i32, "{message}");
+    let now = stored_entry(&server, &id).await.unwrap();
+    assert_eq!((now.x509_svid_ttl, now.hint.as_str()), (1800, "edge"));
+
+    // A metadata mask writes only its fields: the owner changes, the reason stays.
+    let owner_only = gov::EntryMetadataMask {
+        owner: true,
+        ..Default::default()
+    };
+    let renamed = update_one(
+        &server,
+        masked_update(
+            now.clone(),
+            metadata("team-b", "ignored"),
+            types::EntryMask::default(),
+            owner_only,
+            None,
+        ),
+    )
+    .await;
+    let (code, message) = status(renamed.status.as_ref());
+    assert_eq!(code, Code::Ok as i32, "{message}");
+    let renamed = renamed.entry.unwrap();
+    let renamed_metadata = renamed.metadata.unwrap();
+    assert_eq!(
+        (
+            renamed_metadata.owner.as_str(),
+            renamed_metadata.reason.as_str()
+        ),
+        ("team-b", "first reason")
+    );
+    let at = renamed.entry.unwrap().revision_number;
+
+    // A delete over a revision the entry has left deletes nothing; over its own it deletes.
+    let delete = async |expected_revision: Option<i64>| {
+        GovernedEntryServiceClient::new(server.admin().await)
+            .delete_governed_entries(gov::DeleteGovernedEntriesRequest {
+                entries: vec![gov::delete_governed_entries_request::Item {
+                    id: id.clone(),
+                    expected_revision,
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+            .remove(0)
+    };
+    let stale = delete(Some(read_at)).await;
+    let (code, message) = status(stale.status.as_ref());
+    assert_eq!(code, Code::Aborted as i32, "{message}");
+    assert_eq!(stale.current_revision, at);
+    assert!(stored_entry(&server, &id).await.is_some());
+    let deleted = delete(Some(at)).await;
+    let (code, message) = status(deleted.status.as_ref());
+    assert_eq!(code, Code::Ok as i32, "{message}");
+    assert!(stored_entry(&server, &id).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceptions_count_their_revisions_and_refuse_a_stale_extend_or_revoke() {
+    let server = governed_server().await;
+    let client = async || ExceptionServiceClient::new(server.admin().await);
+    let created = create_exception(
+        &server,
+        exception(
+            &["x509-ttl-max-24h"],
+            "spiffe://example.org/batch",
+            "T-9",
+            2,
+            &server,
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.revision, 1);
+    let later = |days: u64| unix(server.server().state().now() + Duration::from_secs(days * DAY));
+    let extended = client()
+        .await
+        .extend_exception(gov::ExtendExceptionRequest {
+            id: created.id.clone(),
+            expires_at: later(3),
+            reason: "more time".into(),
+            expected_revision: Some(1),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(extended.revision, 2);
+    // A writer that read revision 1 is refused, whichever change it makes.
+    let stale = client()
+        .await
+        .extend_exception(gov::ExtendExceptionRequest {
+            id: created.id.clone(),
+            expires_at: later(4),
+            reason: "even more".into(),
+            expected_revision: Some(1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted, "{stale:?}");
+    assert!(stale.message().contains("revision 2"), "{stale:?}");
+    let stale = client()
+        .await
+        .revoke_exception(gov::RevokeExceptionRequest {
+            id: created.id.clone(),
+            reason: "done".into(),
+            expected_revision: Some(1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted, "{stale:?}");
+    let unchanged = client()
+        .await
+        .get_exception(gov::GetExceptionRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unchanged, extended);
+    let revoked = client()
+        .await
+        .revoke_exception(gov::RevokeExceptionRequest {
+            id: created.id.clone(),
+            reason: "done".into(),
+            expected_revision: Some(2),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.revision, 3);
+    assert_ne!(revoked.revoked_at, 0);
 }

@@ -31,15 +31,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, anyhow, bail};
 use clap::Args;
 use lanyard_proto::lanyard::api::v1::{
-    CreateGovernedEntriesRequest, EntryMetadata, UpdateGovernedEntriesRequest,
+    CreateGovernedEntriesRequest, DeleteGovernedEntriesRequest, EntryMetadata, EntryMetadataMask,
+    GovernedEntryUpdate, UpdateGovernedEntriesRequest, delete_governed_entries_request,
 };
-use lanyard_proto::spire::api::server::entry::v1::{BatchDeleteEntryRequest, list_entries_request};
+use lanyard_proto::spire::api::server::entry::v1::list_entries_request;
 use lanyard_proto::spire::api::types;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::cli::client::{ServerClient, SocketArgs, describe_status, is_unimplemented, rpc_error};
-use crate::cli::entry::{governed_entry, list_all_entries, list_all_metadata};
+use crate::cli::entry::{CHANGED_SINCE_READ, governed_entry, list_all_entries, list_all_metadata};
 use crate::cli::grant::GRANT_SOURCE;
 use crate::cli::output::{OutputArgs, count_noun, write_json};
 use crate::cli::parse::{self, format_ttl, format_unix_time, spiffe_id_text};
@@ -52,6 +53,10 @@ pub(crate) struct PlanArgs {
     /// Also plan deleting entries with this file's source that it no longer declares.
     #[arg(long)]
     prune: bool,
+    /// Save the plan (the file, and the revision of every entry it would change or delete) to
+    /// this file, for `apply --plan`.
+    #[arg(long, value_name = "PLAN_FILE")]
+    out: Option<PathBuf>,
     #[command(flatten)]
     socket: SocketArgs,
     #[command(flatten)]
@@ -66,6 +71,11 @@ pub(crate) struct ApplyArgs {
     /// Also delete entries with this file's source that it no longer declares.
     #[arg(long)]
     prune: bool,
+    /// Apply exactly the plan that `plan --out` saved: if the file, or any entry the plan
+    /// would change or delete, changed since, nothing is applied. (`--prune` comes from the
+    /// saved plan.)
+    #[arg(long, value_name = "PLAN_FILE", conflicts_with = "prune")]
+    plan: Option<PathBuf>,
     #[command(flatten)]
     socket: SocketArgs,
     #[command(flatten)]
@@ -113,6 +123,8 @@ struct RawEntry {
 pub(crate) struct DeclaredFile {
     pub(crate) source: String,
     pub(crate) entries: Vec<Declared>,
+    /// The file's text, which a saved plan keeps.
+    pub(crate) text: String,
 }
 
 /// One declared entry: the entry as it should be stored (without ID) and its metadata.
@@ -227,7 +239,11 @@ pub(crate) fn parse_file(text: &str) -> anyhow::Result<DeclaredFile> {
         }
         entries.push(declared);
     }
-    Ok(DeclaredFile { source, entries })
+    Ok(DeclaredFile {
+        source,
+        entries,
+        text: text.to_owned(),
+    })
 }
 
 fn optional_text(value: Option<String>) -> String {
@@ -512,12 +528,17 @@ fn plan_json(file: &DeclaredFile, plan: &Plan) -> Value {
         "creates": plan.creates.iter().map(|&i| key_of(i).json()).collect::<Vec<_>>(),
         "changes": plan.changes.iter().map(|change| {
             let mut value = with_id(key_of(change.declared), &change.stored.id);
+            value["revision"] = json!(change.stored.revision_number);
             value["fields"] = change.fields.iter().map(|f| json!({
                 "field": f.field, "old": f.old, "new": f.new,
             })).collect();
             value
         }).collect::<Vec<_>>(),
-        "deletes": plan.deletes.iter().map(|e| with_id(EntryKey::of(e), &e.id)).collect::<Vec<_>>(),
+        "deletes": plan.deletes.iter().map(|e| {
+            let mut value = with_id(EntryKey::of(e), &e.id);
+            value["revision"] = json!(e.revision_number);
+            value
+        }).collect::<Vec<_>>(),
         "undeclared": plan.undeclared.iter().map(|e| with_id(EntryKey::of(e), &e.id)).collect::<Vec<_>>(),
         "conflicts": plan.conflicts.iter().map(|c| {
             let mut value = with_id(key_of(c.declared), &c.entry_id);
@@ -655,6 +676,10 @@ fn conflicts_error(plan: &Plan) -> anyhow::Error {
 
 pub(crate) async fn plan(args: PlanArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let (_, file, plan) = load(&args.file, &args.socket, args.prune).await?;
+    if let Some(path) = &args.out {
+        let saved = SavedPlan::of(&file.text, &file, &plan, args.prune);
+        write_saved_plan(path, &saved)?;
+    }
     if args.output.is_json() {
         write_json(out, &plan_json(&file, &plan))?;
     } else {
@@ -664,6 +689,132 @@ pub(crate) async fn plan(args: PlanArgs, out: &mut dyn Write) -> anyhow::Result<
         return Err(conflicts_error(&plan));
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Saved plans.
+
+/// What `plan --out` saves and `apply --plan` holds the server to: the declared file as it
+/// was planned, and each planned action with the revision it was planned against.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub(crate) struct SavedPlan {
+    /// The format of this file.
+    pub(crate) version: u32,
+    /// The declared entries file's text when it was planned.
+    pub(crate) file_text: String,
+    pub(crate) prune: bool,
+    /// The keys of the entries to create (`EntryKey::text`).
+    pub(crate) creates: Vec<String>,
+    /// Entry ID and revision of each entry to change.
+    pub(crate) changes: Vec<(String, i64)>,
+    /// Entry ID and revision of each entry to delete.
+    pub(crate) deletes: Vec<(String, i64)>,
+}
+
+const SAVED_PLAN_VERSION: u32 = 1;
+
+impl SavedPlan {
+    pub(crate) fn of(file_text: &str, file: &DeclaredFile, plan: &Plan, prune: bool) -> Self {
+        let mut creates: Vec<String> = plan
+            .creates
+            .iter()
+            .map(|&i| EntryKey::of(&file.entries[i].entry).text())
+            .collect();
+        creates.sort();
+        let mut changes: Vec<(String, i64)> = plan
+            .changes
+            .iter()
+            .map(|c| (c.stored.id.clone(), c.stored.revision_number))
+            .collect();
+        changes.sort();
+        let mut deletes: Vec<(String, i64)> = plan
+            .deletes
+            .iter()
+            .map(|e| (e.id.clone(), e.revision_number))
+            .collect();
+        deletes.sort();
+        Self {
+            version: SAVED_PLAN_VERSION,
+            file_text: file_text.to_owned(),
+            prune,
+            creates,
+            changes,
+            deletes,
+        }
+    }
+
+    /// What differs between this saved plan and `fresh` (the same file planned against the
+    /// server now), one line each; empty when the saved plan can be applied as it is.
+    pub(crate) fn drift(&self, fresh: &Self) -> Vec<String> {
+        let mut drift = Vec::new();
+        if self.version != SAVED_PLAN_VERSION {
+            drift.push(format!(
+                "the saved plan has format {}, this lanyard reads {SAVED_PLAN_VERSION}",
+                self.version
+            ));
+            return drift;
+        }
+        if self.file_text != fresh.file_text {
+            drift.push("the declared entries file changed since the plan".to_owned());
+            return drift;
+        }
+        let revisions = |actions: &[(String, i64)]| -> BTreeMap<String, i64> {
+            actions.iter().cloned().collect()
+        };
+        for (what, saved, now) in [
+            (
+                "change",
+                revisions(&self.changes),
+                revisions(&fresh.changes),
+            ),
+            (
+                "delete",
+                revisions(&self.deletes),
+                revisions(&fresh.deletes),
+            ),
+        ] {
+            for (id, revision) in &saved {
+                match now.get(id) {
+                    Some(current) if current == revision => {}
+                    Some(current) => drift.push(format!(
+                        "entry {id} was {CHANGED_SINCE_READ} (planned at revision {revision}, now at {current})"
+                    )),
+                    None => drift.push(format!(
+                        "entry {id} was {CHANGED_SINCE_READ}: the planned {what} no longer applies"
+                    )),
+                }
+            }
+            for id in now.keys().filter(|id| !saved.contains_key(*id)) {
+                drift.push(format!(
+                    "entry {id} was {CHANGED_SINCE_READ}: it now needs a {what} the plan does not have"
+                ));
+            }
+        }
+        if self.creates != fresh.creates {
+            drift.push(
+                "the entries to create differ from the plan (someone created or deleted one since)"
+                    .to_owned(),
+            );
+        }
+        drift
+    }
+}
+
+fn write_saved_plan(path: &Path, saved: &SavedPlan) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(saved)?;
+    crate::cli::files::replace_file(path, text.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write the plan to {}", path.display()))
+}
+
+fn read_saved_plan(path: &Path) -> anyhow::Result<SavedPlan> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the saved plan {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a plan saved by `lanyard plan --out`",
+            path.display()
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -764,6 +915,47 @@ fn check_count(results: usize, sent: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The masks of a planned change: exactly the fields the plan showed as different.
+fn change_masks(change: &Change) -> (types::EntryMask, EntryMetadataMask) {
+    let mut entry = types::EntryMask::default();
+    let mut metadata = EntryMetadataMask {
+        // The label is always (re)written: it is what makes the entry this file's.
+        source: true,
+        ..EntryMetadataMask::default()
+    };
+    for field in &change.fields {
+        match field.field {
+            "x509_svid_ttl" => entry.x509_svid_ttl = true,
+            "jwt_svid_ttl" => entry.jwt_svid_ttl = true,
+            "expires_at" => entry.expires_at = true,
+            "dns_names" => entry.dns_names = true,
+            "federates_with" => entry.federates_with = true,
+            "admin" => entry.admin = true,
+            "downstream" => entry.downstream = true,
+            "store_svid" => entry.store_svid = true,
+            "hint" => entry.hint = true,
+            "owner" => metadata.owner = true,
+            "reason" => metadata.reason = true,
+            "ticket" => metadata.ticket = true,
+            _ => {}
+        }
+    }
+    (entry, metadata)
+}
+
+/// A write refused because the entry moved on since the plan read it, said so.
+fn changed_since_plan(status: types::Status, planned: i64, current: i64) -> types::Status {
+    if status.code != tonic::Code::Aborted as i32 {
+        return status;
+    }
+    types::Status {
+        code: status.code,
+        message: format!(
+            "{CHANGED_SINCE_READ} (planned at revision {planned}, now at {current}); left as it is"
+        ),
+    }
+}
+
 async fn perform(
     client: &ServerClient,
     file: &DeclaredFile,
@@ -805,19 +997,33 @@ async fn perform(
         }
     }
     if !plan.changes.is_empty() {
-        let entries = plan
+        // Only the fields the plan showed, and only over the revision it read: an entry
+        // changed since is reported, not overwritten.
+        let updates = plan
             .changes
             .iter()
             .map(|change| {
                 let declared = &file.entries[change.declared];
                 let mut metadata = declared_metadata(declared, &file.source);
                 metadata.entry_id.clone_from(&change.stored.id);
-                governed_entry(updated_entry(&change.stored, &declared.entry), metadata)
+                let (entry_mask, metadata_mask) = change_masks(change);
+                GovernedEntryUpdate {
+                    entry: Some(governed_entry(
+                        updated_entry(&change.stored, &declared.entry),
+                        metadata,
+                    )),
+                    entry_mask: Some(entry_mask),
+                    metadata_mask: Some(metadata_mask),
+                    expected_revision: Some(change.stored.revision_number),
+                }
             })
             .collect();
         let results = client
             .governed_entry()
-            .update_governed_entries(UpdateGovernedEntriesRequest { entries })
+            .update_governed_entries(UpdateGovernedEntriesRequest {
+                entries: Vec::new(),
+                updates,
+            })
             .await
             .map_err(|status| unsupported(&status, "UpdateGovernedEntries failed"))?
             .into_inner()
@@ -828,18 +1034,29 @@ async fn perform(
                 action: "update",
                 key: EntryKey::of(&change.stored),
                 entry_id: change.stored.id.clone(),
-                status: result.status.unwrap_or_default(),
+                status: changed_since_plan(
+                    result.status.unwrap_or_default(),
+                    change.stored.revision_number,
+                    result.current_revision,
+                ),
                 exception_ids: result.exception_ids,
             });
         }
     }
     if !plan.deletes.is_empty() {
-        let ids: Vec<String> = plan.deletes.iter().map(|e| e.id.clone()).collect();
+        let entries = plan
+            .deletes
+            .iter()
+            .map(|entry| delete_governed_entries_request::Item {
+                id: entry.id.clone(),
+                expected_revision: Some(entry.revision_number),
+            })
+            .collect();
         let results = client
-            .entry()
-            .batch_delete_entry(BatchDeleteEntryRequest { ids })
+            .governed_entry()
+            .delete_governed_entries(DeleteGovernedEntriesRequest { entries })
             .await
-            .map_err(|status| rpc_error("BatchDeleteEntry failed", &status))?
+            .map_err(|status| unsupported(&status, "DeleteGovernedEntries failed"))?
             .into_inner()
             .results;
         check_count(results.len(), plan.deletes.len())?;
@@ -848,7 +1065,11 @@ async fn perform(
                 action: "delete",
                 key: EntryKey::of(entry),
                 entry_id: entry.id.clone(),
-                status: result.status.unwrap_or_default(),
+                status: changed_since_plan(
+                    result.status.unwrap_or_default(),
+                    entry.revision_number,
+                    result.current_revision,
+                ),
                 exception_ids: Vec::new(),
             });
         }
@@ -857,7 +1078,21 @@ async fn perform(
 }
 
 pub(crate) async fn apply(args: ApplyArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let (client, file, plan) = load(&args.file, &args.socket, args.prune).await?;
+    let saved = args.plan.as_deref().map(read_saved_plan).transpose()?;
+    let prune = saved.as_ref().map_or(args.prune, |s| s.prune);
+    let (client, file, plan) = load(&args.file, &args.socket, prune).await?;
+    if let Some(saved) = &saved {
+        let drift = saved.drift(&SavedPlan::of(&file.text, &file, &plan, prune));
+        if !drift.is_empty() {
+            for line in &drift {
+                writeln!(out, "conflict: {line}")?;
+            }
+            bail!(
+                "nothing was applied: the server or the file changed since the plan ({}); run `lanyard plan` again",
+                count_noun(drift.len(), "difference", "differences")
+            );
+        }
+    }
     if !args.output.is_json() {
         write_plan(out, &file, &plan)?;
     }
@@ -1133,5 +1368,73 @@ expires_at = "2030-01-01T00:00:00Z"
         assert_eq!(updated.hint, "api");
         assert_eq!(updated.revision_number, 4);
         assert_eq!(updated.id, "e0");
+    }
+
+    #[test]
+    fn a_saved_plan_holds_its_revisions_and_any_drift_is_named() {
+        let file = parse_file(FILE).expect("valid");
+        let mut server = Vec::new();
+        let mut metadata = HashMap::new();
+        for (i, declared) in file.entries.iter().enumerate() {
+            let id = format!("e{i}");
+            let mut entry = declared.entry.clone();
+            entry.id.clone_from(&id);
+            entry.hint = "stale".into();
+            entry.revision_number = 3;
+            server.push(entry);
+            let mut stored = declared_metadata(declared, &file.source);
+            stored.entry_id.clone_from(&id);
+            metadata.insert(id, stored);
+        }
+        let plan = make_plan(&file, &server, &metadata, true);
+        assert_eq!(plan.changes.len(), 2, "{plan:?}");
+        let saved = SavedPlan::of(FILE, &file, &plan, true);
+        assert_eq!(
+            saved.changes,
+            vec![("e0".to_owned(), 3), ("e1".to_owned(), 3)]
+        );
+        // The masks write exactly what the plan showed, and the label.
+        let (entry_mask, metadata_mask) = change_masks(&plan.changes[0]);
+        assert_eq!(
+            entry_mask,
+            types::EntryMask {
+                hint: true,
+                ..Default::default()
+            }
+        );
+        assert!(metadata_mask.source && !metadata_mask.owner);
+        // Nothing moved: no drift. The file read back from JSON is the same plan.
+        let round_trip: SavedPlan =
+            serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+        assert!(round_trip.drift(&saved).is_empty());
+        // One entry edited since: its revision moved, and the drift names it.
+        server[1].revision_number = 4;
+        let fresh = SavedPlan::of(
+            FILE,
+            &file,
+            &make_plan(&file, &server, &metadata, true),
+            true,
+        );
+        let drift = saved.drift(&fresh);
+        assert_eq!(drift.len(), 1, "{drift:?}");
+        assert!(
+            drift[0].contains("e1") && drift[0].contains("revision 3, now at 4"),
+            "{drift:?}"
+        );
+        // An entry edited into the declared state: the planned change no longer applies.
+        server[1].hint = file.entries[1].entry.hint.clone();
+        let fresh = SavedPlan::of(
+            FILE,
+            &file,
+            &make_plan(&file, &server, &metadata, true),
+            true,
+        );
+        assert!(saved.drift(&fresh)[0].contains("no longer applies"));
+        // Another file.
+        let other = SavedPlan::of(&format!("{FILE}\n"), &file, &plan, true);
+        assert_eq!(
+            saved.drift(&other),
+            vec!["the declared entries file changed since the plan"]
+        );
     }
 }

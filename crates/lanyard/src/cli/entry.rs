@@ -17,8 +17,9 @@ use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Subcommand};
 use lanyard_proto::convert::{ok_status, status_from_tonic};
 use lanyard_proto::lanyard::api::v1::{
-    CreateGovernedEntriesRequest, EntryMetadata, GetEntryMetadataRequest, GovernedEntry,
-    ListEntryMetadataRequest, SetEntryMetadataRequest, UpdateGovernedEntriesRequest,
+    CreateGovernedEntriesRequest, EntryMetadata, EntryMetadataMask, GetEntryMetadataRequest,
+    GovernedEntry, GovernedEntryUpdate, ListEntryMetadataRequest, SetEntryMetadataRequest,
+    UpdateGovernedEntriesRequest, update_governed_entries_response,
 };
 use lanyard_proto::spire::api::server::entry::v1::{
     BatchCreateEntryRequest, BatchDeleteEntryRequest, BatchUpdateEntryRequest, CountEntriesRequest,
@@ -193,6 +194,12 @@ pub(crate) struct UpdateArgs {
     /// members it has are changed. - reads standard input.
     #[arg(long, value_name = "FILE", conflicts_with_all = ENTRY_FIELD_ARGS)]
     data: Option<PathBuf>,
+    /// Write only if the entry is still at this revision (its "revision_number" as `entry
+    /// show` printed it); otherwise nothing is written and the command fails. Without it, the
+    /// update goes over the revision just read, and is retried once if someone else changed
+    /// other fields meanwhile.
+    #[arg(long, value_name = "N")]
+    revision: Option<i64>,
     #[command(flatten)]
     socket: SocketArgs,
     #[command(flatten)]
@@ -669,8 +676,11 @@ async fn create_through_spire(
 async fn update(args: &UpdateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let specs = args.specs()?;
     let client = args.socket.connect().await?;
-    let outcomes = match update_governed(&client, &specs).await? {
+    let outcomes = match update_governed(&client, &specs, args.revision).await? {
         Some(outcomes) => outcomes,
+        None if args.revision.is_some() => bail!(
+            "--revision needs Lanyard's GovernedEntryService; this server (SPIRE's API only) cannot write conditionally"
+        ),
         None => update_through_spire(&client, &specs).await?,
     };
     report_outcomes(out, &outcomes, "update", args.output.is_json())
@@ -716,62 +726,176 @@ fn apply_mask(stored: &mut types::Entry, given: &types::Entry, mask: &types::Ent
     }
 }
 
-/// Updates through GovernedEntryService, which replaces whole entries and metadata: reads
-/// each entry and its metadata, applies the given fields and sends the result. `None` when
-/// the server has no GovernedEntryService.
+/// The message for an update or delete refused because the entry moved on since it was read.
+pub(crate) const CHANGED_SINCE_READ: &str = "changed by someone else since you read it; re-run";
+
+/// How many times `entry update` sends an update whose entry other writers keep changing in
+/// fields it does not touch. Each refusal means another writer's change landed, so this bounds
+/// how many writers at once still all get through.
+const DISJOINT_ATTEMPTS: usize = 16;
+
+/// The governance fields an update gives.
+fn metadata_mask(spec: &MetadataSpec) -> EntryMetadataMask {
+    EntryMetadataMask {
+        owner: spec.owner.is_some(),
+        reason: spec.reason.is_some(),
+        ticket: spec.ticket.is_some(),
+        source: false,
+    }
+}
+
+/// Whether another writer changed any of the fields an update gives (`mask`, `metadata`)
+/// between `read` and `now`: if not, the two changes are disjoint and the update can be
+/// applied over the new revision without losing either.
+pub(crate) fn overlaps(
+    read: &GovernedEntry,
+    now: &GovernedEntry,
+    mask: &types::EntryMask,
+    metadata: EntryMetadataMask,
+) -> bool {
+    let (Some(a), Some(b)) = (&read.entry, &now.entry) else {
+        return true;
+    };
+    let mut a_masked = types::Entry::default();
+    let mut b_masked = types::Entry::default();
+    apply_mask(&mut a_masked, a, mask);
+    apply_mask(&mut b_masked, b, mask);
+    let empty = EntryMetadata::default();
+    let (ma, mb) = (
+        read.metadata.as_ref().unwrap_or(&empty),
+        now.metadata.as_ref().unwrap_or(&empty),
+    );
+    a_masked != b_masked
+        || (metadata.owner && ma.owner != mb.owner)
+        || (metadata.reason && ma.reason != mb.reason)
+        || (metadata.ticket && ma.ticket != mb.ticket)
+        || (metadata.source && ma.source != mb.source)
+}
+
+/// Reads entry `id` and its metadata as they are now.
+async fn read_governed(client: &ServerClient, id: &str) -> Result<GovernedEntry, tonic::Status> {
+    let entry = client
+        .entry()
+        .get_entry(GetEntryRequest {
+            id: id.to_owned(),
+            output_mask: None,
+        })
+        .await?
+        .into_inner();
+    let metadata = fetch_metadata(client, std::slice::from_ref(&entry.id))
+        .await?
+        .remove(&entry.id);
+    Ok(GovernedEntry {
+        entry: Some(entry),
+        metadata,
+    })
+}
+
+fn aborted(result: &update_governed_entries_response::Result) -> bool {
+    item_code(result.status.as_ref()) == tonic::Code::Aborted
+}
+
+/// Updates through GovernedEntryService: only the given fields (an entry mask and a metadata
+/// mask), each entry only over the revision read just before (or `revision`, when given).
+/// When another writer got in between and changed none of the given fields, the update is
+/// sent again over the new revision (up to [`DISJOINT_ATTEMPTS`] in all); when it changed one of them, or `revision` was given,
+/// the entry is not written and is reported as [`CHANGED_SINCE_READ`]. `None` when the server
+/// has no GovernedEntryService.
 async fn update_governed(
     client: &ServerClient,
     specs: &[EntrySpec],
+    revision: Option<i64>,
 ) -> anyhow::Result<Option<Vec<ItemOutcome>>> {
     let mut outcomes: Vec<ItemOutcome> = specs.iter().map(ItemOutcome::new).collect();
-    let mut stored_entries: Vec<Option<types::Entry>> = Vec::with_capacity(specs.len());
+    let mut read: Vec<Option<GovernedEntry>> = Vec::with_capacity(specs.len());
     for (outcome, spec) in outcomes.iter_mut().zip(specs) {
-        let request = GetEntryRequest {
-            id: spec.entry.id.clone(),
-            output_mask: None,
-        };
-        match client.entry().get_entry(request).await {
-            Ok(response) => stored_entries.push(Some(response.into_inner())),
+        match read_governed(client, &spec.entry.id).await {
+            Ok(entry) => read.push(Some(entry)),
+            Err(status) if is_unimplemented(&status) => return Ok(None),
             Err(status) => {
                 outcome.status = status_from_tonic(&status);
-                stored_entries.push(None);
+                read.push(None);
             }
         }
     }
-    let found: Vec<String> = stored_entries
-        .iter()
-        .flatten()
-        .map(|entry| entry.id.clone())
-        .collect();
-    let stored_metadata = fetch_metadata(client, &found)
-        .await
-        .map_err(|status| rpc_error("GetEntryMetadata failed", &status))?;
+    let update_of = |spec: &EntrySpec, expected_revision: i64| GovernedEntryUpdate {
+        entry: Some(governed_entry(
+            spec.entry.clone(),
+            spec.metadata.merged_onto(&spec.entry.id, None),
+        )),
+        entry_mask: Some(spec.fields),
+        metadata_mask: Some(metadata_mask(&spec.metadata)),
+        expected_revision: Some(expected_revision),
+    };
     let mut members = Vec::new();
-    let mut entries = Vec::new();
-    for (index, (spec, stored)) in specs.iter().zip(stored_entries).enumerate() {
-        let Some(mut entry) = stored else { continue };
-        apply_mask(&mut entry, &spec.entry, &spec.fields);
-        let metadata = spec
-            .metadata
-            .merged_onto(&entry.id, stored_metadata.get(&entry.id));
-        entries.push(governed_entry(entry, metadata));
+    let mut updates = Vec::new();
+    for (index, (spec, read)) in specs.iter().zip(&read).enumerate() {
+        let Some(read) = read else { continue };
+        let at = read.entry.as_ref().map_or(0, |e| e.revision_number);
+        updates.push(update_of(spec, revision.unwrap_or(at)));
         members.push(index);
     }
-    if entries.is_empty() {
+    if updates.is_empty() {
         return Ok(Some(outcomes));
     }
-    let request = UpdateGovernedEntriesRequest { entries };
-    let results = match client
-        .governed_entry()
-        .update_governed_entries(request)
-        .await
-    {
-        Ok(response) => response.into_inner().results,
+    let send = async |updates: Vec<GovernedEntryUpdate>| {
+        client
+            .governed_entry()
+            .update_governed_entries(UpdateGovernedEntriesRequest {
+                entries: Vec::new(),
+                updates,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    };
+    let results = match send(updates).await {
+        Ok(response) => response.results,
         Err(status) if is_unimplemented(&status) => return Ok(None),
         Err(status) => return Err(rpc_error("UpdateGovernedEntries failed", &status)),
     };
     check_result_count(results.len(), members.len())?;
     for (&index, result) in members.iter().zip(results) {
+        let spec = &specs[index];
+        let mut result = result;
+        let mut attempts = 1;
+        while aborted(&result) && revision.is_none() && attempts < DISJOINT_ATTEMPTS {
+            // Someone else wrote in between: go again over their revision as long as none of
+            // the fields given here moved since this command read the entry. A short pause,
+            // different for each process, keeps writers that keep colliding apart.
+            attempts += 1;
+            let pause = 5 + u64::from(std::process::id() % 7) * 3 + attempts as u64 * 5;
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            let retried = match (read_governed(client, &spec.entry.id).await, &read[index]) {
+                (Ok(now), Some(before))
+                    if !overlaps(before, &now, &spec.fields, metadata_mask(&spec.metadata)) =>
+                {
+                    let at = now.entry.as_ref().map_or(0, |e| e.revision_number);
+                    send(vec![update_of(spec, at)])
+                        .await
+                        .ok()
+                        .and_then(|mut response| response.results.pop())
+                }
+                _ => None,
+            };
+            match retried {
+                Some(retried) => result = retried,
+                None => break,
+            }
+        }
+        if aborted(&result) {
+            let read_at = read[index]
+                .as_ref()
+                .and_then(|g| g.entry.as_ref())
+                .map_or(0, |e| e.revision_number);
+            let expected = revision.unwrap_or(read_at);
+            result.status = Some(types::Status {
+                code: tonic::Code::Aborted as i32,
+                message: format!(
+                    "entry {} was {CHANGED_SINCE_READ} (read at revision {expected}, now at {})",
+                    spec.entry.id, result.current_revision
+                ),
+            });
+        }
         outcomes[index].record_governed(result.status, result.entry, result.exception_ids);
     }
     Ok(Some(outcomes))
@@ -1304,6 +1428,46 @@ pub(crate) mod tests {
     use super::*;
     use crate::cli::output::tests::{sample_entry, sample_metadata};
     use crate::cli::{Cli, Command};
+
+    #[test]
+    fn overlaps_says_whether_another_writer_touched_the_fields_given() {
+        let read = GovernedEntry {
+            entry: Some(types::Entry {
+                id: "e".into(),
+                hint: "a".into(),
+                x509_svid_ttl: 60,
+                ..Default::default()
+            }),
+            metadata: Some(EntryMetadata {
+                owner: "team".into(),
+                ..Default::default()
+            }),
+        };
+        let hint = types::EntryMask {
+            hint: true,
+            ..Default::default()
+        };
+        let no_metadata = EntryMetadataMask::default();
+        let mut now = read.clone();
+        now.entry.as_mut().unwrap().x509_svid_ttl = 120;
+        now.entry.as_mut().unwrap().revision_number = 1;
+        assert!(!overlaps(&read, &now, &hint, no_metadata), "another field");
+        now.entry.as_mut().unwrap().hint = "b".into();
+        assert!(overlaps(&read, &now, &hint, no_metadata), "the same field");
+        let mut renamed = read.clone();
+        renamed.metadata.as_mut().unwrap().owner = "other".into();
+        let owner = EntryMetadataMask {
+            owner: true,
+            ..Default::default()
+        };
+        assert!(overlaps(
+            &read,
+            &renamed,
+            &types::EntryMask::default(),
+            owner
+        ));
+        assert!(!overlaps(&read, &renamed, &hint, no_metadata));
+    }
 
     pub(crate) fn metadata(owner: &str, reason: &str, ticket: &str) -> MetadataSpec {
         let some = |text: &str| (!text.is_empty()).then(|| text.to_owned());

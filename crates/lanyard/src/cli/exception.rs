@@ -15,6 +15,7 @@ use lanyard_proto::lanyard::api::v1::{
 use serde_json::{Value, json};
 
 use crate::cli::client::{Page, ServerClient, SocketArgs, is_unimplemented, list_all, rpc_error};
+use crate::cli::entry::CHANGED_SINCE_READ;
 use crate::cli::output::{OutputArgs, count_noun, write_field, write_json};
 use crate::cli::parse::{self, format_unix_time};
 
@@ -152,6 +153,10 @@ pub(crate) struct ExtendArgs {
     /// Why it is extended (recorded in the audit log).
     #[arg(long, value_name = "TEXT")]
     reason: String,
+    /// Only if the exception is still at this revision (as `exception show` printed it);
+    /// otherwise nothing changes and the command fails.
+    #[arg(long, value_name = "N")]
+    revision: Option<i64>,
     #[command(flatten)]
     socket: SocketArgs,
     #[command(flatten)]
@@ -166,6 +171,10 @@ pub(crate) struct RevokeArgs {
     /// Why it is revoked (recorded in the audit log).
     #[arg(long, value_name = "TEXT")]
     reason: String,
+    /// Only if the exception is still at this revision (as `exception show` printed it);
+    /// otherwise nothing changes and the command fails.
+    #[arg(long, value_name = "N")]
+    revision: Option<i64>,
     #[command(flatten)]
     socket: SocketArgs,
     #[command(flatten)]
@@ -322,9 +331,12 @@ async fn extend(args: &ExtendArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             id: args.id.clone(),
             expires_at,
             reason,
+            expected_revision: args.revision,
         })
         .await
-        .map_err(|status| call_error(&format!("cannot extend exception {}", args.id), &status))?
+        .map_err(|status| {
+            conditional_error(&format!("cannot extend exception {}", args.id), &status)
+        })?
         .into_inner();
     write_one(out, &extended, args.output.is_json())
 }
@@ -337,11 +349,23 @@ async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         .revoke_exception(RevokeExceptionRequest {
             id: args.id.clone(),
             reason,
+            expected_revision: args.revision,
         })
         .await
-        .map_err(|status| call_error(&format!("cannot revoke exception {}", args.id), &status))?
+        .map_err(|status| {
+            conditional_error(&format!("cannot revoke exception {}", args.id), &status)
+        })?
         .into_inner();
     write_one(out, &revoked, args.output.is_json())
+}
+
+/// [`call_error`], with an exception that moved past `--revision` said plainly.
+fn conditional_error(what: &str, status: &tonic::Status) -> anyhow::Error {
+    if status.code() == tonic::Code::Aborted {
+        anyhow::anyhow!("{what}: {CHANGED_SINCE_READ} ({})", status.message())
+    } else {
+        call_error(what, status)
+    }
 }
 
 fn write_one(out: &mut dyn Write, exception: &PolicyException, json: bool) -> anyhow::Result<()> {
@@ -368,6 +392,7 @@ pub(crate) fn exception_json(exception: &PolicyException, now: i64) -> Value {
         "created_at": exception.created_at,
         "created_by": exception.created_by,
         "revoked_at": exception.revoked_at,
+        "revision": exception.revision,
     })
 }
 
@@ -405,6 +430,9 @@ fn write_exception_pretty(
     write_field(out, "Expires at", &format_unix_time(exception.expires_at))?;
     if exception.revoked_at != 0 {
         write_field(out, "Revoked at", &format_unix_time(exception.revoked_at))?;
+    }
+    if exception.revision != 0 {
+        write_field(out, "Revision", &exception.revision.to_string())?;
     }
     if exception.created_at != 0 {
         write_field(out, "Created at", &format_unix_time(exception.created_at))?;

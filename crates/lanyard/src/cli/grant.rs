@@ -9,14 +9,17 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Subcommand};
 use lanyard_proto::lanyard::api::v1::{
-    CreateGovernedEntriesRequest, EntryMetadata, GovernedEntry, UpdateGovernedEntriesRequest,
+    CreateGovernedEntriesRequest, EntryMetadata, EntryMetadataMask, GovernedEntry,
+    GovernedEntryUpdate, UpdateGovernedEntriesRequest,
 };
 use lanyard_proto::spire::api::server::entry::v1::{GetEntryRequest, list_entries_request};
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
 use crate::cli::client::{ServerClient, SocketArgs, describe_status, is_unimplemented, rpc_error};
-use crate::cli::entry::{fetch_metadata, governed_entry, list_all_entries, list_all_metadata};
+use crate::cli::entry::{
+    CHANGED_SINCE_READ, fetch_metadata, governed_entry, list_all_entries, list_all_metadata,
+};
 use crate::cli::exception::{unix_seconds, write_columns};
 use crate::cli::output::{OutputArgs, count_noun, entry_json, write_json};
 use crate::cli::parse::{self, format_unix_time, spiffe_id_text};
@@ -361,10 +364,22 @@ async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         );
     }
     entry.expires_at = now;
+    // Only its expiry, and only over the revision just read: a grant changed meanwhile (say,
+    // extended by someone else) is reported rather than overwritten.
+    let read_at = entry.revision_number;
     let mut results = client
         .governed_entry()
         .update_governed_entries(UpdateGovernedEntriesRequest {
-            entries: vec![governed_entry(entry, metadata)],
+            entries: Vec::new(),
+            updates: vec![GovernedEntryUpdate {
+                entry: Some(governed_entry(entry, metadata)),
+                entry_mask: Some(types::EntryMask {
+                    expires_at: true,
+                    ..types::EntryMask::default()
+                }),
+                metadata_mask: Some(EntryMetadataMask::default()),
+                expected_revision: Some(read_at),
+            }],
         })
         .await
         .map_err(|status| call_error("UpdateGovernedEntries failed", &status))?
@@ -375,6 +390,13 @@ async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         .filter(|_| results.is_empty())
         .ok_or_else(|| anyhow!("the server did not answer one result for one grant"))?;
     let status = result.status.unwrap_or_default();
+    if status.code == tonic::Code::Aborted as i32 {
+        bail!(
+            "grant {} was {CHANGED_SINCE_READ} (read at revision {read_at}, now at {})",
+            args.entry_id,
+            result.current_revision
+        );
+    }
     if status.code != tonic::Code::Ok as i32 {
         bail!(
             "{}",

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod conflicts;
 mod datastore;
 mod declare;
 mod dev;

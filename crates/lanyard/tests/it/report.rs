@@ -193,6 +193,7 @@ async fn seed(path: &std::path::Path, now: u64) {
         created_at: ago(20 * DAY),
         created_by: "admin".to_owned(),
         revoked_at,
+        revision: 1,
     };
     for exception in [
         exception(
