@@ -164,12 +164,94 @@ impl Command {
     }
 }
 
+/// The exit statuses of `lanyard`, the same for every command, decided only here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// The command did what it was asked.
+    Success = 0,
+    /// The command failed: the server refused or could not be reached, a file or a value did
+    /// not parse, an item of a batch failed, a policy test failed, a plan has conflicts…
+    Failure = 1,
+    /// The command line is wrong: an unknown subcommand or flag, a missing or conflicting
+    /// flag, a value clap refuses; `--help` says how to call it.
+    Usage = 2,
+}
+
+impl Exit {
+    /// The status as the process returns it.
+    pub(crate) fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit.code())
+    }
+}
+
+/// A mistake in the command line that clap cannot see (flags that only make sense together,
+/// checked in code): reported as one `error:` line like any error, but with exit status
+/// [`Exit::Usage`], as clap's own usage errors.
+#[derive(Debug)]
+pub(crate) struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// A [`UsageError`] saying `message`.
+pub(crate) fn usage_error(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(message.into()))
+}
+
+/// The exit status of a command that ended with `result`, its error (if any) reported on
+/// stderr.
+pub(crate) fn finish(command_name: &str, result: anyhow::Result<()>) -> ExitCode {
+    let exit = match result {
+        Ok(()) => Exit::Success,
+        // A reader that stopped reading (`lanyard entry show | head`) is not a failure.
+        Err(err) if is_broken_pipe(&err) => Exit::Success,
+        Err(err) => {
+            report_error(command_name, &err);
+            exit_status(&err)
+        }
+    };
+    exit.into()
+}
+
+/// The status of a failed command: [`Exit::Usage`] for a [`UsageError`], else
+/// [`Exit::Failure`].
+pub(crate) fn exit_status(err: &anyhow::Error) -> Exit {
+    if find_cause::<UsageError>(err).is_some() {
+        Exit::Usage
+    } else {
+        Exit::Failure
+    }
+}
+
+/// The first error of type `E` in `err`'s chain, whatever context was added around it.
+fn find_cause<E: std::error::Error + 'static>(err: &anyhow::Error) -> Option<&E> {
+    err.chain().find_map(|cause| cause.downcast_ref::<E>())
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<std::io::Error>()
+        .is_some_and(|err| err.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 /// Prints a failed command's error as one line on stderr.
 #[allow(clippy::print_stderr)] // The binary's one place that writes errors.
 pub(crate) fn report_error(command_name: &str, err: &anyhow::Error) {
     let line = if let Some(unhealthy) = err.downcast_ref::<health::Unhealthy>() {
         // `healthcheck` has its own wording, like SPIRE's, for probes that grep for it.
         unhealthy.to_string()
+    } else if find_cause::<UsageError>(err).is_some() {
+        format!("error: {command_name}: {err:#} (see --help)")
     } else {
         format!("error: {command_name}: {err:#}")
     };
@@ -177,21 +259,22 @@ pub(crate) fn report_error(command_name: &str, err: &anyhow::Error) {
 }
 
 /// Prints a command-line parsing error as one line on stderr, or help and version text as
-/// clap renders it. Usage errors exit 1 like every other failure.
+/// clap renders it, and returns the exit status: [`Exit::Usage`] for every error, as clap
+/// itself would.
 #[allow(clippy::print_stderr)]
 pub(crate) fn report_usage_error(err: &clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
-    match err.kind() {
+    let exit = match err.kind() {
         ErrorKind::DisplayHelp
         | ErrorKind::DisplayVersion
         | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             // Help asked for explicitly goes to stdout and succeeds; help shown because a
-            // subcommand is missing goes to stderr and fails.
+            // subcommand is missing goes to stderr and is a usage error.
             let _ = err.print();
             if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                ExitCode::FAILURE
+                Exit::Usage
             } else {
-                ExitCode::SUCCESS
+                Exit::Success
             }
         }
         _ => {
@@ -209,9 +292,10 @@ pub(crate) fn report_usage_error(err: &clap::Error) -> ExitCode {
                 format!("error: {message}")
             };
             eprintln!("{} (see --help)", one_line(&first));
-            ExitCode::FAILURE
+            Exit::Usage
         }
-    }
+    };
+    exit.into()
 }
 
 /// Collapses a message onto one line: server-supplied text may hold newlines.
@@ -232,6 +316,17 @@ mod tests {
     #[test]
     fn command_tree_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exit_statuses_are_distinct() {
+        assert_eq!(
+            [Exit::Success, Exit::Failure, Exit::Usage].map(Exit::code),
+            [0, 1, 2]
+        );
+        let usage = usage_error("--node needs --spiffe-id").context("entry create");
+        assert_eq!(exit_status(&usage), Exit::Usage);
+        assert_eq!(exit_status(&anyhow::anyhow!("refused")), Exit::Failure);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod datastore;
 mod declare;
 mod dev;
 mod exceptions;
+mod exit_codes;
 mod expiry;
 mod fake_server;
 mod federation;
@@ -139,8 +140,17 @@ fn stderr_of(output: &Output) -> String {
 }
 
 fn assert_one_error_line(output: &Output, args: &[&str], must_mention: &str) -> String {
+    assert_one_error_line_with(1, output, args, must_mention)
+}
+
+fn assert_one_error_line_with(
+    code: i32,
+    output: &Output,
+    args: &[&str],
+    must_mention: &str,
+) -> String {
     let stderr = stderr_of(output);
-    assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+    assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(
         lines.len(),
@@ -260,7 +270,7 @@ fn usage_errors_are_one_line_too() {
     ];
     for args in cases {
         let output = lanyard(args);
-        let line = assert_one_error_line(&output, args, "error:");
+        let line = assert_one_error_line_with(2, &output, args, "error:");
         assert!(line.starts_with("error: "), "{args:?}: {line}");
     }
 }
@@ -302,7 +312,7 @@ fn help_works_for_every_command() {
 #[test]
 fn a_missing_subcommand_fails() {
     let output = lanyard(&["entry"]);
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(output.status.code(), Some(2));
 }
 
 // ---------------------------------------------------------------------------------------------
