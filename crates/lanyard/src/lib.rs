@@ -4,7 +4,8 @@
 //!
 //! Every failure ends as one line on stderr, `error: <command>: <what went wrong>`, usage
 //! errors included, so scripts need to handle only one shape. The exit status is 0 for
-//! success, 1 for an error and 2 for a usage error (`cli::Exit`).
+//! success, 1 for an error, 2 for a usage error and 3 for `plan --exit-code` with changes
+//! (`cli::Exit`).
 //!
 //! The command lives in this library so that the fuzz targets (`fuzz/`) can reach the parsers
 //! of operator-supplied files through [`fuzzing`]; `src/main.rs` only calls [`main`].

@@ -43,6 +43,7 @@ use crate::cli::entry::{governed_entry, list_all_entries, list_all_metadata};
 use crate::cli::grant::GRANT_SOURCE;
 use crate::cli::output::{OutputArgs, count_noun, write_json};
 use crate::cli::parse::{self, format_ttl, format_unix_time, spiffe_id_text};
+use crate::cli::{Exit, QuietExit};
 
 #[derive(Debug, Args)]
 pub(crate) struct PlanArgs {
@@ -52,6 +53,10 @@ pub(crate) struct PlanArgs {
     /// Also plan deleting entries with this file's source that it no longer declares.
     #[arg(long)]
     prune: bool,
+    /// Exit 3 when there are changes to apply and 0 when there are none (an error, conflicts
+    /// included, is still 1).
+    #[arg(long)]
+    exit_code: bool,
     #[command(flatten)]
     socket: SocketArgs,
     #[command(flatten)]
@@ -662,6 +667,9 @@ pub(crate) async fn plan(args: PlanArgs, out: &mut dyn Write) -> anyhow::Result<
     }
     if !plan.conflicts.is_empty() {
         return Err(conflicts_error(&plan));
+    }
+    if args.exit_code && !plan.is_empty() {
+        return Err(QuietExit(Exit::Changes).into());
     }
     Ok(())
 }

@@ -165,9 +165,13 @@ impl Command {
 }
 
 /// The exit statuses of `lanyard`, the same for every command, decided only here.
+///
+/// `plan --exit-code` answers [`Exit::Changes`] (3) when the plan has changes: terraform's
+/// `plan -detailed-exitcode` uses 2 for that, but 2 is the usage status here, as it is for
+/// clap and most Unix commands, so a script cannot mistake a mistyped flag for pending changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Exit {
-    /// The command did what it was asked.
+    /// The command did what it was asked (`plan --exit-code`: and there is nothing to change).
     Success = 0,
     /// The command failed: the server refused or could not be reached, a file or a value did
     /// not parse, an item of a batch failed, a policy test failed, a plan has conflicts…
@@ -175,6 +179,8 @@ pub(crate) enum Exit {
     /// The command line is wrong: an unknown subcommand or flag, a missing or conflicting
     /// flag, a value clap refuses; `--help` says how to call it.
     Usage = 2,
+    /// `plan --exit-code`: the plan has changes to apply.
+    Changes = 3,
 }
 
 impl Exit {
@@ -209,6 +215,19 @@ pub(crate) fn usage_error(message: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(message.into()))
 }
 
+/// Ends a command that has printed its whole answer with a status other than 0 and no error
+/// line (`plan --exit-code` with changes pending).
+#[derive(Debug)]
+pub(crate) struct QuietExit(pub(crate) Exit);
+
+impl std::fmt::Display for QuietExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0.code())
+    }
+}
+
+impl std::error::Error for QuietExit {}
+
 /// The exit status of a command that ended with `result`, its error (if any) reported on
 /// stderr.
 pub(crate) fn finish(command_name: &str, result: anyhow::Result<()>) -> ExitCode {
@@ -217,8 +236,12 @@ pub(crate) fn finish(command_name: &str, result: anyhow::Result<()>) -> ExitCode
         // A reader that stopped reading (`lanyard entry show | head`) is not a failure.
         Err(err) if is_broken_pipe(&err) => Exit::Success,
         Err(err) => {
-            report_error(command_name, &err);
-            exit_status(&err)
+            if let Some(QuietExit(exit)) = find_cause::<QuietExit>(&err) {
+                *exit
+            } else {
+                report_error(command_name, &err);
+                exit_status(&err)
+            }
         }
     };
     exit.into()
@@ -321,8 +344,8 @@ mod tests {
     #[test]
     fn exit_statuses_are_distinct() {
         assert_eq!(
-            [Exit::Success, Exit::Failure, Exit::Usage].map(Exit::code),
-            [0, 1, 2]
+            [Exit::Success, Exit::Failure, Exit::Usage, Exit::Changes].map(Exit::code),
+            [0, 1, 2, 3]
         );
         let usage = usage_error("--node needs --spiffe-id").context("entry create");
         assert_eq!(exit_status(&usage), Exit::Usage);
