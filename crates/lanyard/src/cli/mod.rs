@@ -12,6 +12,7 @@ pub(crate) mod entry;
 mod exception;
 pub(crate) mod federation;
 mod files;
+mod generate;
 mod grant;
 mod health;
 mod helper;
@@ -103,6 +104,10 @@ pub(crate) enum Command {
     /// Governance reports: stale, expiring, exceptions, ownerless, usage, holders.
     #[command(subcommand)]
     Report(report::ReportCommand),
+    /// Print a shell completion script for bash, zsh, fish, elvish or PowerShell.
+    Completions(generate::CompletionsArgs),
+    /// Print the man page, or write one page per command and subcommand with --dir.
+    Man(generate::ManArgs),
 }
 
 impl Command {
@@ -130,6 +135,8 @@ impl Command {
             Self::Watch(_) => return "watch".to_owned(),
             Self::Helper(_) => return "helper".to_owned(),
             Self::Dev(_) => return "dev".to_owned(),
+            Self::Completions(_) => return "completions".to_owned(),
+            Self::Man(_) => return "man".to_owned(),
         };
         format!("{group} {leaf}")
     }
@@ -160,6 +167,8 @@ impl Command {
             Self::Plan(args) => declare::plan(args, out).await,
             Self::Apply(args) => declare::apply(args, out).await,
             Self::Report(command) => command.run(out).await,
+            Self::Completions(args) => generate::completions(&args, out),
+            Self::Man(args) => generate::man(&args, out),
         }
     }
 }

@@ -22,6 +22,7 @@ fn usage_errors_exit_2_whoever_finds_them() {
         &["entry", "frobnicate"],
         &["jwt", "mint", "--spiffe-id", "spiffe://example.org/a"],
         &["bundle", "show", "--output", "yaml"],
+        &["completions", "tcsh"],
     ] {
         let line = fails_with(2, args);
         assert!(

@@ -13,6 +13,7 @@ mod exit_codes;
 mod expiry;
 mod fake_server;
 mod federation;
+mod generate;
 mod governance;
 mod paging;
 #[path = "../../../lanyard-server/tests/it/pg.rs"]
