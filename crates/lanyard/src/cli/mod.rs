@@ -350,6 +350,88 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// The commands that print no data, only a status line, a stream or generated text, and
+    /// so take no `--output`. Every other command must take it.
+    const NO_DATA_COMMANDS: &[&str] = &[
+        // Long-running processes: they log, they print nothing to parse.
+        "server run",
+        "agent run",
+        "dev",
+        "helper",
+        // Streams a line per rotation until Ctrl-C.
+        "watch",
+        // Probes: the exit status is the answer.
+        "server healthcheck",
+        "agent healthcheck",
+        // Generated scripts and roff pages.
+        "completions",
+        "man",
+    ];
+
+    /// The words of every leaf command (`entry create`), walking the clap tree.
+    fn leaf_commands() -> Vec<(String, clap::Command)> {
+        fn walk(
+            command: &clap::Command,
+            words: &[&str],
+            leaves: &mut Vec<(String, clap::Command)>,
+        ) {
+            for subcommand in command.get_subcommands() {
+                if subcommand.get_name() == "help" || subcommand.is_hide_set() {
+                    continue;
+                }
+                let mut path = words.to_vec();
+                path.push(subcommand.get_name());
+                if subcommand.has_subcommands() {
+                    walk(subcommand, &path, leaves);
+                } else {
+                    leaves.push((path.join(" "), subcommand.clone()));
+                }
+            }
+        }
+        let mut leaves = Vec::new();
+        walk(&Cli::command(), &[], &mut leaves);
+        leaves
+    }
+
+    #[test]
+    fn every_command_that_prints_data_takes_output_json() {
+        let leaves = leaf_commands();
+        for name in NO_DATA_COMMANDS {
+            assert!(
+                leaves.iter().any(|(leaf, _)| leaf == name),
+                "{name} is allowed no --output but is not a command"
+            );
+        }
+        let mut missing = Vec::new();
+        for (name, command) in &leaves {
+            let output = command
+                .get_arguments()
+                .find(|arg| arg.get_long() == Some("output"));
+            if NO_DATA_COMMANDS.contains(&name.as_str()) {
+                assert!(
+                    output.is_none(),
+                    "{name} is allowed no --output but has one"
+                );
+                continue;
+            }
+            let Some(output) = output else {
+                missing.push(name.clone());
+                continue;
+            };
+            let values: Vec<String> = output
+                .get_possible_values()
+                .iter()
+                .map(|value| value.get_name().to_owned())
+                .collect();
+            assert_eq!(values, ["pretty", "json"], "{name} --output");
+        }
+        assert!(
+            missing.is_empty(),
+            "these commands print data but take no --output (add `OutputArgs`, or list them in \
+             NO_DATA_COMMANDS if they print none): {missing:?}"
+        );
+    }
+
     #[test]
     fn exit_statuses_are_distinct() {
         assert_eq!(
