@@ -2,8 +2,10 @@
 //! Unix socket (entries, agents, join tokens, bundles, one-off SVIDs, health); `server run`,
 //! `agent run` and `dev` join it as further subcommands.
 //!
-//! Every failure ends as one line on stderr, `error: <command>: <what went wrong>`, and exit
-//! status 1; usage errors included, so scripts need to handle only one shape.
+//! Every failure ends as one line on stderr, `error: <command>: <what went wrong>`, usage
+//! errors included, so scripts need to handle only one shape. The exit status is 0 for
+//! success, 1 for an error, 2 for a usage error and 3 for `plan --exit-code` with changes
+//! (`cli::Exit`).
 //!
 //! The command lives in this library so that the fuzz targets (`fuzz/`) can reach the parsers
 //! of operator-supplied files through [`fuzzing`]; `src/main.rs` only calls [`main`].
@@ -26,30 +28,17 @@ pub fn main() -> ExitCode {
         .build()
     {
         Ok(runtime) => runtime,
-        Err(err) => {
-            cli::report_error("lanyard", &anyhow::Error::new(err));
-            return ExitCode::FAILURE;
-        }
+        Err(err) => return cli::finish("lanyard", Err(anyhow::Error::new(err))),
     };
     let command_name = cli.command.name();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = runtime.block_on(cli.command.run(&mut out));
     let flushed = out.flush();
-    match result.and_then(|()| flushed.map_err(anyhow::Error::from)) {
-        Ok(()) => ExitCode::SUCCESS,
-        // A reader that stopped reading (`lanyard entry show | head`) is not a failure.
-        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
-        Err(err) => {
-            cli::report_error(&command_name, &err);
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.downcast_ref::<std::io::Error>()
-        .is_some_and(|err| err.kind() == std::io::ErrorKind::BrokenPipe)
+    cli::finish(
+        &command_name,
+        result.and_then(|()| flushed.map_err(anyhow::Error::from)),
+    )
 }
 
 /// The parsers of the files an operator hands the command, for the fuzz targets in `fuzz/`.

@@ -13,6 +13,7 @@ use lanyard_server::datastore::transfer::{
 };
 
 use crate::cli::output::{OutputArgs, write_json};
+use crate::cli::usage_error;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DatastoreCommand {
@@ -99,7 +100,9 @@ async fn check(args: CheckArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     } else if let Some(url) = &args.postgres {
         inventory_postgres(url).await?
     } else {
-        bail!("say which datastore: --config FILE, --sqlite FILE or --postgres URL");
+        return Err(usage_error(
+            "say which datastore: --config FILE, --sqlite FILE or --postgres URL",
+        ));
     };
     write_inventory(&inventory, args.output, out)
 }

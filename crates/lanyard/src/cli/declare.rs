@@ -44,6 +44,7 @@ use crate::cli::entry::{CHANGED_SINCE_READ, governed_entry, list_all_entries, li
 use crate::cli::grant::GRANT_SOURCE;
 use crate::cli::output::{OutputArgs, count_noun, write_json};
 use crate::cli::parse::{self, format_ttl, format_unix_time, spiffe_id_text};
+use crate::cli::{Exit, QuietExit};
 
 #[derive(Debug, Args)]
 pub(crate) struct PlanArgs {
@@ -57,6 +58,10 @@ pub(crate) struct PlanArgs {
     /// this file, for `apply --plan`.
     #[arg(long, value_name = "PLAN_FILE")]
     out: Option<PathBuf>,
+    /// Exit 3 when there are changes to apply and 0 when there are none (an error, conflicts
+    /// included, is still 1).
+    #[arg(long)]
+    exit_code: bool,
     #[command(flatten)]
     socket: SocketArgs,
     #[command(flatten)]
@@ -687,6 +692,9 @@ pub(crate) async fn plan(args: PlanArgs, out: &mut dyn Write) -> anyhow::Result<
     }
     if !plan.conflicts.is_empty() {
         return Err(conflicts_error(&plan));
+    }
+    if args.exit_code && !plan.is_empty() {
+        return Err(QuietExit(Exit::Changes).into());
     }
     Ok(())
 }

@@ -37,6 +37,7 @@ use crate::cli::output::{
     write_json,
 };
 use crate::cli::parse::{self, MatchMode};
+use crate::cli::usage_error;
 
 /// The flags that `--data` replaces. (Naming them rather than their group keeps clap's
 /// conflict message to the flags actually given.)
@@ -337,7 +338,9 @@ impl EntryFields {
         }
         if self.node {
             let Some(spiffe_id) = &entry.spiffe_id else {
-                bail!("--node needs --spiffe-id, whose trust domain names the server");
+                return Err(usage_error(
+                    "--node needs --spiffe-id, whose trust domain names the server",
+                ));
             };
             entry.parent_id = Some(types::Spiffeid {
                 trust_domain: spiffe_id.trust_domain.clone(),
@@ -429,7 +432,9 @@ fn check_create_fields(spec: &EntrySpec, from_flags: bool) -> anyhow::Result<()>
         None
     };
     match missing {
-        Some((flag, _)) if from_flags => bail!("{flag} is required (or use --data FILE)"),
+        Some((flag, _)) if from_flags => Err(usage_error(format!(
+            "{flag} is required (or use --data FILE)"
+        ))),
         Some((_, member)) => bail!("{member} is required"),
         None => Ok(()),
     }
@@ -473,7 +478,13 @@ impl UpdateArgs {
                 bail!("{place}the entry ID is required");
             }
             if mask_is_empty(&spec.fields) && spec.metadata.is_empty() {
-                bail!("{place}nothing to update; give at least one field to change");
+                let message =
+                    format!("{place}nothing to update; give at least one field to change");
+                return Err(if from_flags {
+                    usage_error(message)
+                } else {
+                    anyhow!(message)
+                });
             }
         }
         Ok(specs)

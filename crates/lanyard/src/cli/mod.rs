@@ -12,6 +12,7 @@ pub(crate) mod entry;
 mod exception;
 pub(crate) mod federation;
 mod files;
+mod generate;
 mod grant;
 mod health;
 mod helper;
@@ -103,6 +104,10 @@ pub(crate) enum Command {
     /// Governance reports: stale, expiring, exceptions, ownerless, usage, holders.
     #[command(subcommand)]
     Report(report::ReportCommand),
+    /// Print a shell completion script for bash, zsh, fish, elvish or PowerShell.
+    Completions(generate::CompletionsArgs),
+    /// Print the man page, or write one page per command and subcommand with --dir.
+    Man(generate::ManArgs),
 }
 
 impl Command {
@@ -130,6 +135,8 @@ impl Command {
             Self::Watch(_) => return "watch".to_owned(),
             Self::Helper(_) => return "helper".to_owned(),
             Self::Dev(_) => return "dev".to_owned(),
+            Self::Completions(_) => return "completions".to_owned(),
+            Self::Man(_) => return "man".to_owned(),
         };
         format!("{group} {leaf}")
     }
@@ -160,8 +167,113 @@ impl Command {
             Self::Plan(args) => declare::plan(args, out).await,
             Self::Apply(args) => declare::apply(args, out).await,
             Self::Report(command) => command.run(out).await,
+            Self::Completions(args) => generate::completions(&args, out),
+            Self::Man(args) => generate::man(&args, out),
         }
     }
+}
+
+/// The exit statuses of `lanyard`, the same for every command, decided only here.
+///
+/// `plan --exit-code` answers [`Exit::Changes`] (3) when the plan has changes: terraform's
+/// `plan -detailed-exitcode` uses 2 for that, but 2 is the usage status here, as it is for
+/// clap and most Unix commands, so a script cannot mistake a mistyped flag for pending changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// The command did what it was asked (`plan --exit-code`: and there is nothing to change).
+    Success = 0,
+    /// The command failed: the server refused or could not be reached, a file or a value did
+    /// not parse, an item of a batch failed, a policy test failed, a plan has conflicts…
+    Failure = 1,
+    /// The command line is wrong: an unknown subcommand or flag, a missing or conflicting
+    /// flag, a value clap refuses; `--help` says how to call it.
+    Usage = 2,
+    /// `plan --exit-code`: the plan has changes to apply.
+    Changes = 3,
+}
+
+impl Exit {
+    /// The status as the process returns it.
+    pub(crate) fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit.code())
+    }
+}
+
+/// A mistake in the command line that clap cannot see (flags that only make sense together,
+/// checked in code): reported as one `error:` line like any error, but with exit status
+/// [`Exit::Usage`], as clap's own usage errors.
+#[derive(Debug)]
+pub(crate) struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// A [`UsageError`] saying `message`.
+pub(crate) fn usage_error(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(message.into()))
+}
+
+/// Ends a command that has printed its whole answer with a status other than 0 and no error
+/// line (`plan --exit-code` with changes pending).
+#[derive(Debug)]
+pub(crate) struct QuietExit(pub(crate) Exit);
+
+impl std::fmt::Display for QuietExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0.code())
+    }
+}
+
+impl std::error::Error for QuietExit {}
+
+/// The exit status of a command that ended with `result`, its error (if any) reported on
+/// stderr.
+pub(crate) fn finish(command_name: &str, result: anyhow::Result<()>) -> ExitCode {
+    let exit = match result {
+        Ok(()) => Exit::Success,
+        // A reader that stopped reading (`lanyard entry show | head`) is not a failure.
+        Err(err) if is_broken_pipe(&err) => Exit::Success,
+        Err(err) => {
+            if let Some(QuietExit(exit)) = find_cause::<QuietExit>(&err) {
+                *exit
+            } else {
+                report_error(command_name, &err);
+                exit_status(&err)
+            }
+        }
+    };
+    exit.into()
+}
+
+/// The status of a failed command: [`Exit::Usage`] for a [`UsageError`], else
+/// [`Exit::Failure`].
+pub(crate) fn exit_status(err: &anyhow::Error) -> Exit {
+    if find_cause::<UsageError>(err).is_some() {
+        Exit::Usage
+    } else {
+        Exit::Failure
+    }
+}
+
+/// The first error of type `E` in `err`'s chain, whatever context was added around it.
+fn find_cause<E: std::error::Error + 'static>(err: &anyhow::Error) -> Option<&E> {
+    err.chain().find_map(|cause| cause.downcast_ref::<E>())
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<std::io::Error>()
+        .is_some_and(|err| err.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Prints a failed command's error as one line on stderr.
@@ -170,6 +282,8 @@ pub(crate) fn report_error(command_name: &str, err: &anyhow::Error) {
     let line = if let Some(unhealthy) = err.downcast_ref::<health::Unhealthy>() {
         // `healthcheck` has its own wording, like SPIRE's, for probes that grep for it.
         unhealthy.to_string()
+    } else if find_cause::<UsageError>(err).is_some() {
+        format!("error: {command_name}: {err:#} (see --help)")
     } else {
         format!("error: {command_name}: {err:#}")
     };
@@ -177,21 +291,22 @@ pub(crate) fn report_error(command_name: &str, err: &anyhow::Error) {
 }
 
 /// Prints a command-line parsing error as one line on stderr, or help and version text as
-/// clap renders it. Usage errors exit 1 like every other failure.
+/// clap renders it, and returns the exit status: [`Exit::Usage`] for every error, as clap
+/// itself would.
 #[allow(clippy::print_stderr)]
 pub(crate) fn report_usage_error(err: &clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
-    match err.kind() {
+    let exit = match err.kind() {
         ErrorKind::DisplayHelp
         | ErrorKind::DisplayVersion
         | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             // Help asked for explicitly goes to stdout and succeeds; help shown because a
-            // subcommand is missing goes to stderr and fails.
+            // subcommand is missing goes to stderr and is a usage error.
             let _ = err.print();
             if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                ExitCode::FAILURE
+                Exit::Usage
             } else {
-                ExitCode::SUCCESS
+                Exit::Success
             }
         }
         _ => {
@@ -209,9 +324,10 @@ pub(crate) fn report_usage_error(err: &clap::Error) -> ExitCode {
                 format!("error: {message}")
             };
             eprintln!("{} (see --help)", one_line(&first));
-            ExitCode::FAILURE
+            Exit::Usage
         }
-    }
+    };
+    exit.into()
 }
 
 /// Collapses a message onto one line: server-supplied text may hold newlines.
@@ -232,6 +348,99 @@ mod tests {
     #[test]
     fn command_tree_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// The commands that print no data, only a status line, a stream or generated text, and
+    /// so take no `--output`. Every other command must take it.
+    const NO_DATA_COMMANDS: &[&str] = &[
+        // Long-running processes: they log, they print nothing to parse.
+        "server run",
+        "agent run",
+        "dev",
+        "helper",
+        // Streams a line per rotation until Ctrl-C.
+        "watch",
+        // Probes: the exit status is the answer.
+        "server healthcheck",
+        "agent healthcheck",
+        // Generated scripts and roff pages.
+        "completions",
+        "man",
+    ];
+
+    /// The words of every leaf command (`entry create`), walking the clap tree.
+    fn leaf_commands() -> Vec<(String, clap::Command)> {
+        fn walk(
+            command: &clap::Command,
+            words: &[&str],
+            leaves: &mut Vec<(String, clap::Command)>,
+        ) {
+            for subcommand in command.get_subcommands() {
+                if subcommand.get_name() == "help" || subcommand.is_hide_set() {
+                    continue;
+                }
+                let mut path = words.to_vec();
+                path.push(subcommand.get_name());
+                if subcommand.has_subcommands() {
+                    walk(subcommand, &path, leaves);
+                } else {
+                    leaves.push((path.join(" "), subcommand.clone()));
+                }
+            }
+        }
+        let mut leaves = Vec::new();
+        walk(&Cli::command(), &[], &mut leaves);
+        leaves
+    }
+
+    #[test]
+    fn every_command_that_prints_data_takes_output_json() {
+        let leaves = leaf_commands();
+        for name in NO_DATA_COMMANDS {
+            assert!(
+                leaves.iter().any(|(leaf, _)| leaf == name),
+                "{name} is allowed no --output but is not a command"
+            );
+        }
+        let mut missing = Vec::new();
+        for (name, command) in &leaves {
+            let output = command
+                .get_arguments()
+                .find(|arg| arg.get_long() == Some("output"));
+            if NO_DATA_COMMANDS.contains(&name.as_str()) {
+                assert!(
+                    output.is_none(),
+                    "{name} is allowed no --output but has one"
+                );
+                continue;
+            }
+            let Some(output) = output else {
+                missing.push(name.clone());
+                continue;
+            };
+            let values: Vec<String> = output
+                .get_possible_values()
+                .iter()
+                .map(|value| value.get_name().to_owned())
+                .collect();
+            assert_eq!(values, ["pretty", "json"], "{name} --output");
+        }
+        assert!(
+            missing.is_empty(),
+            "these commands print data but take no --output (add `OutputArgs`, or list them in \
+             NO_DATA_COMMANDS if they print none): {missing:?}"
+        );
+    }
+
+    #[test]
+    fn exit_statuses_are_distinct() {
+        assert_eq!(
+            [Exit::Success, Exit::Failure, Exit::Usage, Exit::Changes].map(Exit::code),
+            [0, 1, 2, 3]
+        );
+        let usage = usage_error("--node needs --spiffe-id").context("entry create");
+        assert_eq!(exit_status(&usage), Exit::Usage);
+        assert_eq!(exit_status(&anyhow::anyhow!("refused")), Exit::Failure);
     }
 
     #[test]

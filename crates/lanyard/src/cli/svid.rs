@@ -12,9 +12,11 @@ use lanyard_core::{KeyPair, KeyType, SpiffeId};
 use lanyard_proto::convert::spiffe_id_to_proto;
 use lanyard_proto::spire::api::server::bundle::v1::GetBundleRequest;
 use lanyard_proto::spire::api::server::svid::v1::{MintJwtsvidRequest, MintX509svidRequest};
+use serde_json::json;
 
 use crate::cli::client::{SocketArgs, rpc_error};
 use crate::cli::files::{PUBLIC_FILE_MODE, SECRET_FILE_MODE, replace_file};
+use crate::cli::output::{OutputArgs, spiffe_id_json, write_json};
 use crate::cli::parse;
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +79,8 @@ pub(crate) struct X509MintArgs {
     write: Option<PathBuf>,
     #[command(flatten)]
     socket: SocketArgs,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 /// The key types `x509 mint` can generate (ring generates EC keys only).
@@ -196,6 +200,12 @@ async fn mint_x509(args: &X509MintArgs, out: &mut dyn Write) -> anyhow::Result<(
         .map(|authority| pem_encode("CERTIFICATE", &authority.asn1))
         .collect();
 
+    // The JSON names the SVID as the server's X509SVID message does, and holds the PEM texts
+    // (or, with --write, the files' paths) as `fetch x509 --output json` does.
+    let mut json = json!({
+        "id": spiffe_id_json(svid.id.as_ref()),
+        "expires_at": svid.expires_at,
+    });
     match &args.write {
         Some(dir) => {
             let svid_path = dir.join("svid.pem");
@@ -204,9 +214,21 @@ async fn mint_x509(args: &X509MintArgs, out: &mut dyn Write) -> anyhow::Result<(
             replace_file(&svid_path, svid_pem.as_bytes(), PUBLIC_FILE_MODE)?;
             replace_file(&key_path, key_pem.as_bytes(), SECRET_FILE_MODE)?;
             replace_file(&bundle_path, bundle_pem.as_bytes(), PUBLIC_FILE_MODE)?;
+            if args.output.is_json() {
+                json["x509_svid_path"] = json!(svid_path.display().to_string());
+                json["private_key_path"] = json!(key_path.display().to_string());
+                json["bundle_path"] = json!(bundle_path.display().to_string());
+                return write_json(out, &json);
+            }
             writeln!(out, "X509-SVID written to {}", svid_path.display())?;
             writeln!(out, "Private key written to {}", key_path.display())?;
             writeln!(out, "Root CAs written to {}", bundle_path.display())?;
+        }
+        None if args.output.is_json() => {
+            json["x509_svid_pem"] = json!(svid_pem);
+            json["private_key_pem"] = json!(key_pem.as_str());
+            json["bundle_pem"] = json!(bundle_pem);
+            write_json(out, &json)?;
         }
         None => {
             writeln!(out, "X509-SVID:")?;
@@ -238,6 +260,8 @@ pub(crate) struct JwtMintArgs {
     write: Option<PathBuf>,
     #[command(flatten)]
     socket: SocketArgs,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 impl JwtMintArgs {
@@ -275,6 +299,12 @@ async fn mint_jwt(args: &JwtMintArgs, out: &mut dyn Write) -> anyhow::Result<()>
     if svid.token.is_empty() {
         bail!("the server answered an empty token");
     }
+    // The JSON is the server's JWTSVID message, the token left out with --write.
+    let mut json = json!({
+        "id": spiffe_id_json(svid.id.as_ref()),
+        "expires_at": svid.expires_at,
+        "issued_at": svid.issued_at,
+    });
     match &args.write {
         Some(path) => {
             replace_file(
@@ -282,7 +312,15 @@ async fn mint_jwt(args: &JwtMintArgs, out: &mut dyn Write) -> anyhow::Result<()>
                 format!("{}\n", svid.token).as_bytes(),
                 SECRET_FILE_MODE,
             )?;
+            if args.output.is_json() {
+                json["path"] = json!(path.display().to_string());
+                return write_json(out, &json);
+            }
             writeln!(out, "JWT-SVID written to {}", path.display())?;
+        }
+        None if args.output.is_json() => {
+            json["token"] = json!(svid.token);
+            write_json(out, &json)?;
         }
         None => writeln!(out, "{}", svid.token)?,
     }

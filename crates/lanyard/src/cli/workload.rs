@@ -2,21 +2,24 @@
 //! agent's SPIFFE Workload API like any workload would (plaintext gRPC over the Unix socket,
 //! with the `workload.spiffe.io: true` header).
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use lanyard_core::keys::pem_encode;
 use lanyard_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use lanyard_proto::workload::{
     JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest, X509svidResponse,
 };
+use serde_json::{Map, Value, json};
 use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::files::{PUBLIC_FILE_MODE, SECRET_FILE_MODE, replace_file};
+use crate::cli::output::{OutputArgs, OutputFormat, write_json};
 use crate::cli::parse;
 
 /// The agent's Workload API socket unless `--socket` or `SPIFFE_ENDPOINT_SOCKET` says otherwise.
@@ -82,16 +85,6 @@ pub(crate) fn describe(status: &tonic::Status) -> anyhow::Error {
     anyhow!("{:?}: {}", status.code(), status.message())
 }
 
-/// Output format of the fetch commands.
-#[derive(Debug, Clone, Copy, Default, ValueEnum)]
-pub(crate) enum Format {
-    /// Human-readable text.
-    #[default]
-    Pretty,
-    /// JSON.
-    Json,
-}
-
 /// `lanyard fetch …`
 #[derive(Debug, Subcommand)]
 pub(crate) enum FetchCommand {
@@ -102,9 +95,8 @@ pub(crate) enum FetchCommand {
         /// Write svid.N.pem, svid.N.key and bundle.N.pem into this directory.
         #[arg(long, value_name = "DIR")]
         write: Option<PathBuf>,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t)]
-        output: Format,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Fetch JWT-SVIDs for an audience.
     Jwt {
@@ -116,14 +108,15 @@ pub(crate) enum FetchCommand {
         /// Only this identity.
         #[arg(long)]
         spiffe_id: Option<String>,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t)]
-        output: Format,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Fetch the X.509 trust bundles.
     Bundle {
         #[command(flatten)]
         socket: WorkloadSocketArgs,
+        #[command(flatten)]
+        output: OutputArgs,
     },
 }
 
@@ -140,6 +133,8 @@ pub(crate) enum ValidateCommand {
         /// The token.
         #[arg(long)]
         svid: String,
+        #[command(flatten)]
+        output: OutputArgs,
     },
 }
 
@@ -168,7 +163,10 @@ impl FetchCommand {
             } => {
                 let response = first_x509(&socket).await?;
                 if let Some(dir) = write {
-                    write_x509(&dir, &response)?;
+                    let written = write_x509(&dir, &response)?;
+                    if output.is_json() {
+                        return write_json(out, &json!({ "svids": written }));
+                    }
                     writeln!(
                         out,
                         "Wrote {} SVID(s) to {}",
@@ -194,24 +192,20 @@ impl FetchCommand {
                     .await
                     .map_err(|s| describe(&s))?
                     .into_inner();
-                match output {
-                    Format::Pretty => {
-                        for svid in &response.svids {
-                            writeln!(out, "token({}):\n{}", svid.spiffe_id, svid.svid)?;
-                        }
-                    }
-                    Format::Json => {
-                        let svids: Vec<_> = response
-                            .svids
-                            .iter()
-                            .map(|s| serde_json::json!({"spiffe_id": s.spiffe_id, "svid": s.svid, "hint": s.hint}))
-                            .collect();
-                        writeln!(out, "{}", serde_json::json!({ "svids": svids }))?;
-                    }
+                if output.is_json() {
+                    let svids: Vec<Value> = response
+                        .svids
+                        .iter()
+                        .map(|s| json!({"spiffe_id": s.spiffe_id, "svid": s.svid, "hint": s.hint}))
+                        .collect();
+                    return write_json(out, &json!({ "svids": svids }));
+                }
+                for svid in &response.svids {
+                    writeln!(out, "token({}):\n{}", svid.spiffe_id, svid.svid)?;
                 }
                 Ok(())
             }
-            Self::Bundle { socket } => {
+            Self::Bundle { socket, output } => {
                 let mut client = socket.connect().await?;
                 let mut stream = client
                     .fetch_x509_bundles(with_header(X509BundlesRequest {}))
@@ -223,7 +217,21 @@ impl FetchCommand {
                     .await
                     .map_err(|s| describe(&s))?
                     .ok_or_else(|| anyhow!("the agent closed the stream without a bundle"))?;
-                for (trust_domain, der) in &response.bundles {
+                // The agent's map has no order; print the trust domains sorted.
+                let bundles: BTreeMap<&String, &Vec<u8>> = response.bundles.iter().collect();
+                if output.is_json() {
+                    let bundles = bundles
+                        .into_iter()
+                        .map(|(trust_domain, der)| {
+                            Ok(json!({
+                                "trust_domain": trust_domain,
+                                "bundle_pem": pem_certificates(der)?,
+                            }))
+                        })
+                        .collect::<anyhow::Result<Vec<Value>>>()?;
+                    return write_json(out, &json!({ "bundles": bundles }));
+                }
+                for (trust_domain, der) in bundles {
                     writeln!(out, "bundle({trust_domain}):")?;
                     write!(out, "{}", pem_certificates(der)?)?;
                 }
@@ -243,6 +251,7 @@ impl ValidateCommand {
             socket,
             audience,
             svid,
+            output,
         } = self;
         let mut client = socket.connect().await?;
         let response = client
@@ -250,6 +259,16 @@ impl ValidateCommand {
             .await
             .map_err(|s| describe(&s))?
             .into_inner();
+        if output.is_json() {
+            let claims = response
+                .claims
+                .map(struct_json)
+                .unwrap_or_else(|| Value::Object(Map::new()));
+            return write_json(
+                out,
+                &json!({ "spiffe_id": response.spiffe_id, "claims": claims }),
+            );
+        }
         writeln!(out, "SVID is valid.")?;
         writeln!(out, "SPIFFE ID : {}", response.spiffe_id)?;
         if let Some(claims) = response.claims {
@@ -377,13 +396,41 @@ pub(crate) fn pem_certificates(der: &[u8]) -> anyhow::Result<String> {
         .collect())
 }
 
+/// A `google.protobuf.Struct` (the claims of a validated JWT-SVID) as the JSON it was made of.
+fn struct_json(claims: prost_types::Struct) -> Value {
+    Value::Object(
+        claims
+            .fields
+            .into_iter()
+            .map(|(name, value)| (name, value_json(value)))
+            .collect(),
+    )
+}
+
+fn value_json(value: prost_types::Value) -> Value {
+    use prost_types::value::Kind;
+    match value.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        // Whole numbers (`exp`, `iat`) print without a fraction, as in the token.
+        #[allow(clippy::cast_possible_truncation)] // Whole, and within 2^53.
+        Some(Kind::NumberValue(number)) if number.fract() == 0.0 && number.abs() < 9.0e15 => {
+            Value::from(number as i64)
+        }
+        Some(Kind::NumberValue(number)) => Value::from(number),
+        Some(Kind::StringValue(text)) => Value::String(text),
+        Some(Kind::BoolValue(flag)) => Value::Bool(flag),
+        Some(Kind::StructValue(object)) => struct_json(object),
+        Some(Kind::ListValue(list)) => list.values.into_iter().map(value_json).collect(),
+    }
+}
+
 fn print_x509(
     out: &mut dyn Write,
     response: &X509svidResponse,
-    format: Format,
+    output: OutputArgs,
 ) -> anyhow::Result<()> {
-    match format {
-        Format::Pretty => {
+    match output.output {
+        OutputFormat::Pretty => {
             writeln!(out, "Received {} svid(s)", response.svids.len())?;
             for svid in &response.svids {
                 let leaf = first_certificate(&svid.x509_svid)
@@ -412,12 +459,12 @@ fn print_x509(
                 )?;
             }
         }
-        Format::Json => {
+        OutputFormat::Json => {
             let svids: Vec<_> = response
                 .svids
                 .iter()
                 .map(|s| {
-                    serde_json::json!({
+                    json!({
                         "spiffe_id": s.spiffe_id,
                         "hint": s.hint,
                         "x509_svid_pem": pem_certificates(&s.x509_svid).unwrap_or_default(),
@@ -425,7 +472,7 @@ fn print_x509(
                     })
                 })
                 .collect();
-            writeln!(out, "{}", serde_json::json!({ "svids": svids }))?;
+            write_json(out, &json!({ "svids": svids }))?;
         }
     }
     Ok(())
@@ -433,27 +480,38 @@ fn print_x509(
 
 /// Writes `svid.N.pem` (chain), `svid.N.key` (PKCS#8, mode 0600) and `bundle.N.pem`, like
 /// SPIRE's `api fetch x509 -write`, each replacing whatever was at its name (see
-/// [`replace_file`]).
-fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Result<()> {
+/// [`replace_file`]). Returns, per SVID, its SPIFFE ID and the paths written, as JSON.
+fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Result<Vec<Value>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut written = Vec::new();
     for (i, svid) in response.svids.iter().enumerate() {
+        let svid_path = dir.join(format!("svid.{i}.pem"));
+        let key_path = dir.join(format!("svid.{i}.key"));
+        let bundle_path = dir.join(format!("bundle.{i}.pem"));
         replace_file(
-            &dir.join(format!("svid.{i}.pem")),
+            &svid_path,
             pem_certificates(&svid.x509_svid)?.as_bytes(),
             PUBLIC_FILE_MODE,
         )?;
         replace_file(
-            &dir.join(format!("svid.{i}.key")),
+            &key_path,
             pem_encode("PRIVATE KEY", &svid.x509_svid_key).as_bytes(),
             SECRET_FILE_MODE,
         )?;
         replace_file(
-            &dir.join(format!("bundle.{i}.pem")),
+            &bundle_path,
             pem_certificates(&svid.bundle)?.as_bytes(),
             PUBLIC_FILE_MODE,
         )?;
+        written.push(json!({
+            "spiffe_id": svid.spiffe_id,
+            "hint": svid.hint,
+            "x509_svid_path": svid_path.display().to_string(),
+            "private_key_path": key_path.display().to_string(),
+            "bundle_path": bundle_path.display().to_string(),
+        }));
     }
-    Ok(())
+    Ok(written)
 }
 
 #[cfg(test)]

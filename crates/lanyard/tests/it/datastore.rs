@@ -106,7 +106,7 @@ async fn check_counts_and_migrate_moves_a_sqlite_datastore_to_postgres() {
 #[test]
 fn check_needs_a_datastore_and_refuses_a_missing_file() {
     let none = lanyard(&["datastore", "check"], None);
-    assert_eq!(none.status.code(), Some(1));
+    assert_eq!(none.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&none.stderr).contains("--sqlite"));
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("gone.sqlite3");

@@ -13,7 +13,7 @@ fn lanyard(args: &[&str]) -> std::process::Output {
 }
 
 /// A running `lanyard dev` and what its banner printed.
-struct Dev {
+pub(crate) struct Dev {
     child: std::process::Child,
     socket: String,
     data_dir: String,
@@ -25,7 +25,7 @@ struct Dev {
 
 impl Dev {
     /// Starts `lanyard dev` on a temporary Workload API socket and reads its banner.
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let sockets = tempfile::tempdir().unwrap();
         let socket = sockets.path().join("workload.sock");
         let socket_str = socket.to_str().unwrap().to_owned();
@@ -76,7 +76,7 @@ impl Dev {
     }
 
     /// Runs `lanyard args…` with the two exports the banner prints.
-    fn run(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) fn run(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_lanyard"))
             .args(args)
             .env("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", self.socket))
@@ -86,7 +86,7 @@ impl Dev {
     }
 
     /// The SPIFFE IDs `lanyard fetch x509` gets now.
-    fn served_ids(&self) -> Vec<String> {
+    pub(crate) fn served_ids(&self) -> Vec<String> {
         let out = self.run(&["fetch", "x509", "--output", "json"]);
         if !out.status.success() {
             return Vec::new();
