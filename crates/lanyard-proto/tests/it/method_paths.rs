@@ -168,6 +168,7 @@ const SERVICES: &[Service] = &[
         methods: &[
             ("CreateGovernedEntries", Unary),
             ("UpdateGovernedEntries", Unary),
+            ("DeleteGovernedEntries", Unary),
         ],
     },
     Service {
