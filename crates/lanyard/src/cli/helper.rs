@@ -9,6 +9,11 @@
 //! and fetched again at half their life, and the JWT bundle (JWKS) on every change. With
 //! `--once` (or `daemon_mode = false`) it writes everything once and exits: 0 when every file
 //! was written, 1 otherwise — for init containers and cron.
+//!
+//! For Java and other keystore readers it can also write, in the same update, a PKCS#12
+//! keystore (the key with its chain under one alias) and a PKCS#12 truststore (the bundle's
+//! authorities as trusted certificates), encrypted with PBES2/AES-256 and an HMAC-SHA256 MAC
+//! under the password in `pkcs12_password_file`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -107,6 +112,32 @@ pub(crate) struct HelperConfig {
     /// How long `--once` waits for the agent to issue everything (default 60 s).
     #[serde(default = "default_once_timeout", with = "humantime_serde_compat")]
     pub(crate) once_timeout: Duration,
+    /// A PKCS#12 keystore with the private key and its chain (mode `key_file_mode`), if wanted.
+    #[serde(default)]
+    pub(crate) pkcs12_file_name: Option<String>,
+    /// A PKCS#12 truststore with the bundle's authorities (mode `key_file_mode`), if wanted.
+    #[serde(default)]
+    pub(crate) pkcs12_truststore_file_name: Option<String>,
+    /// The file whose first line is the password of both PKCS#12 files (not readable by every
+    /// user); required with either of them.
+    #[serde(default)]
+    pub(crate) pkcs12_password_file: Option<PathBuf>,
+    /// The alias of the key entry in the keystore.
+    #[serde(default = "default_pkcs12_alias")]
+    pub(crate) pkcs12_alias: String,
+    /// The password read from `pkcs12_password_file` when the configuration was loaded.
+    #[serde(skip)]
+    pkcs12_password: Option<Pkcs12Password>,
+}
+
+/// The PKCS#12 password, kept out of `Debug` output.
+#[derive(Clone)]
+struct Pkcs12Password(String);
+
+impl std::fmt::Debug for Pkcs12Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pkcs12Password(<redacted>)")
+    }
 }
 
 /// One JWT-SVID to keep written.
@@ -143,6 +174,9 @@ fn default_secret_mode() -> u32 {
 fn default_once_timeout() -> Duration {
     Duration::from_secs(60)
 }
+fn default_pkcs12_alias() -> String {
+    "spiffe".to_owned()
+}
 
 /// Durations as humantime text (`"60s"`, `"2m"`).
 mod humantime_serde_compat {
@@ -157,10 +191,13 @@ mod humantime_serde_compat {
 }
 
 impl HelperConfig {
-    /// Parses and checks a configuration.
+    /// Parses and checks a configuration, and reads the PKCS#12 password if one is needed.
     pub(crate) fn parse(text: &str) -> anyhow::Result<Self> {
-        let config: Self = toml::from_str(text)?;
+        let mut config: Self = toml::from_str(text)?;
         config.check()?;
+        if let Some(path) = &config.pkcs12_password_file {
+            config.pkcs12_password = Some(read_password_file(path)?);
+        }
         Ok(config)
     }
 
@@ -172,6 +209,26 @@ impl HelperConfig {
         ];
         if let Some(name) = &self.jwt_bundle_file_name {
             names.push(("jwt_bundle_file_name", name));
+        }
+        if let Some(name) = &self.pkcs12_file_name {
+            names.push(("pkcs12_file_name", name));
+        }
+        if let Some(name) = &self.pkcs12_truststore_file_name {
+            names.push(("pkcs12_truststore_file_name", name));
+        }
+        let wants_pkcs12 =
+            self.pkcs12_file_name.is_some() || self.pkcs12_truststore_file_name.is_some();
+        if wants_pkcs12 && self.pkcs12_password_file.is_none() {
+            bail!(
+                "pkcs12_file_name and pkcs12_truststore_file_name need pkcs12_password_file \
+                 (a file whose first line is the password)"
+            );
+        }
+        if !wants_pkcs12 && self.pkcs12_password_file.is_some() {
+            bail!("pkcs12_password_file without pkcs12_file_name or pkcs12_truststore_file_name");
+        }
+        if self.pkcs12_alias.is_empty() {
+            bail!("pkcs12_alias is empty");
         }
         for jwt in &self.jwt_svids {
             names.push(("jwt_svids.jwt_svid_file_name", &jwt.jwt_svid_file_name));
@@ -228,6 +285,29 @@ impl HelperConfig {
     fn renew_signal(&self) -> anyhow::Result<rustix::process::Signal> {
         signal_named(self.renew_signal.as_deref().unwrap_or("SIGHUP"))
     }
+}
+
+/// The first line of a PKCS#12 password file, refused when every user may read the file (like
+/// a `key_file_mode` that does) or when the line is empty.
+fn read_password_file(path: &Path) -> anyhow::Result<Pkcs12Password> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let shown = path.display();
+    let metadata = std::fs::metadata(path)
+        .with_context(|| format!("pkcs12_password_file {shown} cannot be read"))?;
+    let mode = metadata.permissions().mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        bail!(
+            "pkcs12_password_file {shown} has mode {mode:#o}, which lets every user read a \
+             secret; chmod it to 0600 or 0640"
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("pkcs12_password_file {shown} cannot be read"))?;
+    let password = text.lines().next().unwrap_or_default();
+    if password.is_empty() {
+        bail!("pkcs12_password_file {shown}: the first line (the password) is empty");
+    }
+    Ok(Pkcs12Password(password.to_owned()))
 }
 
 fn signal_named(name: &str) -> anyhow::Result<rustix::process::Signal> {
@@ -339,30 +419,134 @@ pub(crate) fn x509_files(
         }
     }
     bundle.push_str(&pem_certificates(&svid.bundle)?);
+    // The authorities by trust domain, the SVID's own first, then federated ones in trust
+    // domain order, so that an unchanged set writes the same files.
+    let mut authorities = vec![(trust_domain_of(&svid.spiffe_id), svid.bundle.as_slice())];
     if config.include_federated_domains {
-        // In trust domain order, so that an unchanged set writes the same file.
         let federated: BTreeMap<&String, &Vec<u8>> = response.federated_bundles.iter().collect();
-        for der in federated.values() {
+        for (trust_domain, der) in federated {
             bundle.push_str(&pem_certificates(der)?);
+            authorities.push((trust_domain_of(trust_domain), der.as_slice()));
         }
     }
-    Ok(vec![
-        FileToWrite {
-            name: config.svid_key_file_name.clone(),
-            contents: pem_encode("PRIVATE KEY", &svid.x509_svid_key).into_bytes(),
+    let mut files = vec![FileToWrite {
+        name: config.svid_key_file_name.clone(),
+        contents: pem_encode("PRIVATE KEY", &svid.x509_svid_key).into_bytes(),
+        mode: config.key_file_mode,
+    }];
+    if let Some(name) = &config.pkcs12_file_name {
+        files.push(FileToWrite {
+            name: name.clone(),
+            contents: pkcs12_keystore(config, &svid.x509_svid_key, &chain)
+                .with_context(|| format!("the PKCS#12 keystore {name}"))?,
             mode: config.key_file_mode,
-        },
-        FileToWrite {
-            name: config.svid_file_name.clone(),
-            contents: certificates.into_bytes(),
-            mode: config.cert_file_mode,
-        },
-        FileToWrite {
-            name: config.svid_bundle_file_name.clone(),
-            contents: bundle.into_bytes(),
-            mode: config.cert_file_mode,
-        },
-    ])
+        });
+    }
+    files.push(FileToWrite {
+        name: config.svid_file_name.clone(),
+        contents: certificates.into_bytes(),
+        mode: config.cert_file_mode,
+    });
+    files.push(FileToWrite {
+        name: config.svid_bundle_file_name.clone(),
+        contents: bundle.into_bytes(),
+        mode: config.cert_file_mode,
+    });
+    if let Some(name) = &config.pkcs12_truststore_file_name {
+        files.push(FileToWrite {
+            name: name.clone(),
+            contents: pkcs12_truststore(config, &authorities)
+                .with_context(|| format!("the PKCS#12 truststore {name}"))?,
+            mode: config.key_file_mode,
+        });
+    }
+    Ok(files)
+}
+
+/// `example.org` of `spiffe://example.org/...` (and of a bare trust domain name).
+fn trust_domain_of(id: &str) -> &str {
+    let rest = id.strip_prefix("spiffe://").unwrap_or(id);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+fn pkcs12_password(config: &HelperConfig) -> anyhow::Result<&str> {
+    config
+        .pkcs12_password
+        .as_ref()
+        .map(|password| password.0.as_str())
+        .ok_or_else(|| anyhow!("no pkcs12_password_file was read"))
+}
+
+/// A PKCS#12 keystore holding the PKCS#8 `key` and its `chain` (leaf first) under
+/// `pkcs12_alias`: PBES2 with AES-256-CBC and PBKDF2-HMAC-SHA256, HMAC-SHA256 MAC, as Java's
+/// own defaults. The salts are random, so the bytes differ for the same SVID.
+fn pkcs12_keystore(
+    config: &HelperConfig,
+    key: &[u8],
+    chain: &[Vec<u8>],
+) -> anyhow::Result<Vec<u8>> {
+    use p12_keystore::{Certificate, KeyStore, KeyStoreEntry, PrivateKey, PrivateKeyChain};
+    let key = PrivateKey::from_der(key).context("the SVID's private key")?;
+    let certificates = chain
+        .iter()
+        .map(|der| Certificate::from_der(der))
+        .collect::<Result<Vec<_>, _>>()
+        .context("the SVID's certificate chain")?;
+    let mut store = KeyStore::new();
+    store.add_entry(
+        &config.pkcs12_alias,
+        KeyStoreEntry::PrivateKeyChain(PrivateKeyChain::new(
+            config.pkcs12_alias.as_str(),
+            key,
+            certificates,
+        )),
+    );
+    write_pkcs12(config, &store)
+}
+
+/// A PKCS#12 truststore with every authority as a trusted certificate entry, aliased
+/// `<trust domain>-<n>` (from 1).
+fn pkcs12_truststore(
+    config: &HelperConfig,
+    authorities: &[(&str, &[u8])],
+) -> anyhow::Result<Vec<u8>> {
+    use p12_keystore::{Certificate, KeyStore, KeyStoreEntry};
+    let mut store = KeyStore::new();
+    for (trust_domain, bundle) in authorities {
+        let certificates = crate::cli::workload::split_certificates(bundle)?;
+        for (n, der) in certificates.iter().enumerate() {
+            let certificate = Certificate::from_der(der)
+                .with_context(|| format!("an authority of {trust_domain}"))?;
+            store.add_entry(
+                &format!("{trust_domain}-{}", n + 1),
+                KeyStoreEntry::Certificate(certificate),
+            );
+        }
+    }
+    write_pkcs12(config, &store)
+}
+
+fn write_pkcs12(config: &HelperConfig, store: &p12_keystore::KeyStore) -> anyhow::Result<Vec<u8>> {
+    use p12_keystore::{EncryptionAlgorithm, MacAlgorithm};
+    Ok(store
+        .writer(pkcs12_password(config)?)
+        .encryption_algorithm(EncryptionAlgorithm::PbeWithHmacSha256AndAes256)
+        .mac_algorithm(MacAlgorithm::HmacSha256)
+        .write()?)
+}
+
+/// Whether `new` holds the same files as `old`, the PKCS#12 files aside: their random salts
+/// make every encoding differ, and their contents follow from the PEM files'.
+fn same_files(config: &HelperConfig, old: &[FileToWrite], new: &[FileToWrite]) -> bool {
+    let is_pkcs12 = |file: &FileToWrite| {
+        Some(file.name.as_str()) == config.pkcs12_file_name.as_deref()
+            || Some(file.name.as_str()) == config.pkcs12_truststore_file_name.as_deref()
+    };
+    old.len() == new.len()
+        && old
+            .iter()
+            .zip(new)
+            .all(|(old, new)| old == new || (old.name == new.name && is_pkcs12(old)))
 }
 
 /// The SVID with the configured hint, else the first (the Workload API's default identity).
@@ -658,7 +842,7 @@ async fn follow_stream(
                 };
                 let mut files = x509_files(config, &response)?;
                 files.extend(jwt_bundle_file(config, socket).await?);
-                if last_written.as_ref() == Some(&files) {
+                if last_written.as_ref().is_some_and(|old| same_files(config, old, &files)) {
                     continue;
                 }
                 write_files(&config.cert_dir, &files)?;
@@ -820,6 +1004,350 @@ mod tests {
         );
         let missing = x509_files(&config("hint = \"nope\"\n"), &response()).unwrap_err();
         assert!(missing.to_string().contains("nope"), "{missing}");
+    }
+
+    /// A real chain: a root, an intermediate and a leaf with its PKCS#8 key, as the agent
+    /// sends them (the chain and the bundle as concatenated DER).
+    struct RealSvid {
+        leaf: Vec<u8>,
+        intermediate: Vec<u8>,
+        root: Vec<u8>,
+        key: Vec<u8>,
+    }
+
+    fn real_svid() -> RealSvid {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_params = |name: &str| {
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+        };
+        let root_key = KeyPair::generate().unwrap();
+        let root = ca_params("root").self_signed(&root_key).unwrap();
+        let root_issuer = Issuer::new(ca_params("root"), root_key);
+        let intermediate_key = KeyPair::generate().unwrap();
+        let intermediate = ca_params("intermediate")
+            .signed_by(&intermediate_key, &root_issuer)
+            .unwrap();
+        let intermediate_issuer = Issuer::new(ca_params("intermediate"), intermediate_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf_params = CertificateParams::default();
+        leaf_params
+            .distinguished_name
+            .push(DnType::CommonName, "leaf");
+        let leaf = leaf_params
+            .signed_by(&leaf_key, &intermediate_issuer)
+            .unwrap();
+        RealSvid {
+            leaf: leaf.der().to_vec(),
+            intermediate: intermediate.der().to_vec(),
+            root: root.der().to_vec(),
+            key: leaf_key.serialize_der(),
+        }
+    }
+
+    fn real_response(svid: &RealSvid, federated: &[u8]) -> X509svidResponse {
+        X509svidResponse {
+            svids: vec![X509svid {
+                spiffe_id: "spiffe://example.org/app".into(),
+                x509_svid: [svid.leaf.clone(), svid.intermediate.clone()].concat(),
+                x509_svid_key: svid.key.clone(),
+                bundle: svid.root.clone(),
+                hint: String::new(),
+            }],
+            federated_bundles: [("spiffe://partner.org".to_owned(), federated.to_vec())].into(),
+            ..Default::default()
+        }
+    }
+
+    /// A password file with `mode` in `dir`.
+    fn password_file(dir: &Path, text: &str, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join("p12.pass");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    fn pkcs12_config(dir: &Path, extra: &str) -> HelperConfig {
+        let password = password_file(dir, "s3cret pass\nignored\n", 0o600);
+        config(&format!(
+            "pkcs12_file_name = \"svid.p12\"\npkcs12_truststore_file_name = \"truststore.p12\"\n\
+             pkcs12_password_file = {}\n{extra}",
+            toml::Value::String(password.display().to_string())
+        ))
+    }
+
+    fn certificate_ders(certificates: &[p12_keystore::Certificate]) -> Vec<Vec<u8>> {
+        certificates.iter().map(|c| c.as_der().to_vec()).collect()
+    }
+
+    #[test]
+    fn the_keystore_holds_the_key_and_chain_and_the_truststore_the_authorities() {
+        use p12_keystore::{KeyStore, KeyStoreEntry, Pkcs12ImportPolicy};
+        let dir = tempfile::tempdir().unwrap();
+        let svid = real_svid();
+        let partner = real_svid();
+        let response = real_response(&svid, &partner.root);
+
+        let files = x509_files(&pkcs12_config(dir.path(), ""), &response).unwrap();
+        let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "svid_key.pem",
+                "svid.p12",
+                "svid.pem",
+                "svid_bundle.pem",
+                "truststore.p12"
+            ]
+        );
+        assert_eq!(files[1].mode, 0o600);
+        assert_eq!(files[4].mode, 0o600);
+
+        let keystore = KeyStore::from_pkcs12(
+            &files[1].contents,
+            "s3cret pass",
+            Pkcs12ImportPolicy::Strict,
+        )
+        .unwrap();
+        assert_eq!(keystore.entries_len(), 1);
+        let Some(KeyStoreEntry::PrivateKeyChain(chain)) = keystore.entry("spiffe") else {
+            panic!("no key entry under the alias: {keystore:?}");
+        };
+        assert_eq!(chain.key().as_der(), svid.key);
+        assert_eq!(
+            certificate_ders(chain.certs()),
+            [svid.leaf.clone(), svid.intermediate.clone()],
+            "leaf, then intermediate"
+        );
+        assert!(
+            KeyStore::from_pkcs12(&files[1].contents, "wrong", Pkcs12ImportPolicy::Strict).is_err()
+        );
+
+        let truststore = KeyStore::from_pkcs12(
+            &files[4].contents,
+            "s3cret pass",
+            Pkcs12ImportPolicy::Strict,
+        )
+        .unwrap();
+        let trusted: Vec<(&str, Vec<u8>)> = truststore
+            .entries()
+            .map(|(alias, entry)| match entry {
+                KeyStoreEntry::Certificate(c) => (alias.as_str(), c.as_der().to_vec()),
+                other => panic!("{alias} is not a trusted certificate: {other:?}"),
+            })
+            .collect();
+        assert_eq!(trusted, [("example.org-1", svid.root.clone())]);
+
+        // Federated authorities join the truststore as they join the PEM bundle.
+        let files = x509_files(
+            &pkcs12_config(
+                dir.path(),
+                "include_federated_domains = true\npkcs12_alias = \"app\"\n",
+            ),
+            &response,
+        )
+        .unwrap();
+        let keystore = KeyStore::from_pkcs12(
+            &files[1].contents,
+            "s3cret pass",
+            Pkcs12ImportPolicy::Strict,
+        )
+        .unwrap();
+        assert!(matches!(
+            keystore.entry("app"),
+            Some(KeyStoreEntry::PrivateKeyChain(_))
+        ));
+        let truststore = KeyStore::from_pkcs12(
+            &files[4].contents,
+            "s3cret pass",
+            Pkcs12ImportPolicy::Strict,
+        )
+        .unwrap();
+        let trusted: Vec<(&str, Vec<u8>)> = truststore
+            .entries()
+            .filter_map(|(alias, entry)| match entry {
+                KeyStoreEntry::Certificate(c) => Some((alias.as_str(), c.as_der().to_vec())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            trusted,
+            [
+                ("example.org-1", svid.root.clone()),
+                ("partner.org-1", partner.root.clone())
+            ]
+        );
+
+        // Without the PKCS#12 keys, the files are the PEM files alone.
+        let plain = x509_files(&config(""), &response).unwrap();
+        assert_eq!(plain.len(), 3);
+    }
+
+    #[test]
+    fn an_unchanged_svid_is_not_written_again_despite_new_pkcs12_salts() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = pkcs12_config(dir.path(), "");
+        let svid = real_svid();
+        let first = x509_files(&config, &real_response(&svid, &svid.root)).unwrap();
+        let again = x509_files(&config, &real_response(&svid, &svid.root)).unwrap();
+        assert_ne!(first[1].contents, again[1].contents, "fresh salts");
+        assert!(same_files(&config, &first, &again));
+        let rotated = x509_files(&config, &real_response(&real_svid(), &svid.root)).unwrap();
+        assert!(!same_files(&config, &first, &rotated));
+    }
+
+    #[test]
+    fn pkcs12_password_files_are_checked_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let parse = |extra: &str| {
+            HelperConfig::parse(&format!(
+                "cert_dir = \"/c\"\npkcs12_file_name = \"svid.p12\"\n{extra}"
+            ))
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
+        };
+        let quoted = |path: &Path| toml::Value::String(path.display().to_string()).to_string();
+
+        assert!(parse("").contains("need pkcs12_password_file"));
+        let missing = dir.path().join("absent.pass");
+        let error = parse(&format!("pkcs12_password_file = {}", quoted(&missing)));
+        assert!(
+            error.contains(&missing.display().to_string()) && error.contains("cannot be read"),
+            "{error}"
+        );
+        let open = password_file(dir.path(), "pw\n", 0o644);
+        let error = parse(&format!("pkcs12_password_file = {}", quoted(&open)));
+        assert!(
+            error.contains(&open.display().to_string())
+                && error.contains("lets every user read a secret"),
+            "{error}"
+        );
+        let empty = password_file(dir.path(), "\nsecond\n", 0o600);
+        let error = parse(&format!("pkcs12_password_file = {}", quoted(&empty)));
+        assert!(error.contains("is empty"), "{error}");
+        let good = password_file(dir.path(), "pw\n", 0o640);
+        assert_eq!(
+            parse(&format!("pkcs12_password_file = {}", quoted(&good))),
+            ""
+        );
+        let error = parse(&format!(
+            "pkcs12_password_file = {}\npkcs12_alias = \"\"",
+            quoted(&good)
+        ));
+        assert!(error.contains("pkcs12_alias is empty"), "{error}");
+        let error = HelperConfig::parse(&format!(
+            "cert_dir = \"/c\"\npkcs12_password_file = {}",
+            quoted(&good)
+        ))
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("without pkcs12_file_name"),
+            "{error}"
+        );
+        let error = parse(&format!(
+            "pkcs12_password_file = {}\npkcs12_truststore_file_name = \"svid.p12\"",
+            quoted(&good)
+        ));
+        assert!(error.contains("already the name"), "{error}");
+        assert!(!format!("{:?}", pkcs12_config(dir.path(), "")).contains("s3cret"));
+    }
+
+    /// Set to `1` to let the keytool test pass on a machine without a JDK.
+    const SKIP_JAVA_VAR: &str = "LANYARD_SKIP_JAVA";
+
+    /// `keytool`'s output for `args`, or `None` (with the reason on stderr) when there is no
+    /// keytool and `LANYARD_SKIP_JAVA=1`.
+    #[allow(clippy::print_stderr)]
+    fn keytool(args: &[&str]) -> Option<String> {
+        let hint = format!(
+            "the PKCS#12 test needs a JDK's keytool on PATH (Debian/Ubuntu: `apt-get install \
+             openjdk-17-jdk-headless`); set {SKIP_JAVA_VAR}=1 to skip it"
+        );
+        let output = match ProcessCommand::new("keytool")
+            .args(args)
+            .env_remove("JAVA_TOOL_OPTIONS")
+            .stdin(std::process::Stdio::null())
+            .output()
+        {
+            Ok(output) => output,
+            Err(e) if std::env::var(SKIP_JAVA_VAR).as_deref() == Ok("1") => {
+                eprintln!("skipped: cannot run `keytool` ({e}) and {SKIP_JAVA_VAR}=1");
+                return None;
+            }
+            Err(e) => panic!("cannot run `keytool` ({e}): {hint}"),
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "keytool {}: {}\n{stdout}{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Some(stdout)
+    }
+
+    #[test]
+    fn java_keytool_reads_the_keystore_and_the_truststore() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = pkcs12_config(dir.path(), "pkcs12_alias = \"workload\"\n");
+        let svid = real_svid();
+        let files = x509_files(&config, &real_response(&svid, &svid.root)).unwrap();
+        write_files(dir.path(), &files).unwrap();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let list = |file: &str, verbose: bool| {
+            let store = path(file);
+            let mut args = vec!["-list"];
+            if verbose {
+                args.push("-v");
+            }
+            args.extend([
+                "-keystore",
+                &store,
+                "-storetype",
+                "PKCS12",
+                "-storepass",
+                "s3cret pass",
+            ]);
+            keytool(&args)
+        };
+        let Some(keystore) = list("svid.p12", true) else {
+            return;
+        };
+        assert!(
+            keystore.contains("Your keystore contains 1 entry"),
+            "{keystore}"
+        );
+        assert!(keystore.contains("Alias name: workload"), "{keystore}");
+        assert!(
+            keystore.contains("Entry type: PrivateKeyEntry"),
+            "{keystore}"
+        );
+        assert!(
+            keystore.contains("Certificate chain length: 2"),
+            "{keystore}"
+        );
+        let owners: Vec<&str> = keystore
+            .lines()
+            .filter_map(|line| line.strip_prefix("Owner: "))
+            .collect();
+        assert_eq!(owners, ["CN=leaf", "CN=intermediate"], "{keystore}");
+
+        let Some(truststore) = list("truststore.p12", false) else {
+            return;
+        };
+        assert!(
+            truststore.contains("Your keystore contains 1 entry"),
+            "{truststore}"
+        );
+        assert!(
+            truststore.contains("example.org-1,") && truststore.contains("trustedCertEntry"),
+            "{truststore}"
+        );
     }
 
     #[test]
