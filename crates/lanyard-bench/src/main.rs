@@ -6,7 +6,6 @@
 #![allow(clippy::print_stderr, clippy::print_stdout)]
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -48,9 +47,10 @@ struct Cli {
     /// Also run batch, jwt, sync, fanin and propagation against SPIRE on this machine.
     #[arg(long)]
     against_spire: bool,
-    /// Also run batch and fanin with metrics on (a server and agents with `metrics_address`,
-    /// scraped every second) and record each figure against the same figure with metrics
-    /// off, from the same run.
+    /// Also run batch and fanin in rounds with metrics off and on (a server and agent with
+    /// `metrics_address`, scraped every second), each run on a fresh server and agent, the
+    /// order alternating so that drift cancels, and record the median and spread of each
+    /// figure's per-round on ÷ off ratios.
     #[arg(long)]
     metrics_overhead: bool,
     /// Directory with spire-server and spire-agent (default: build them from the Go module
@@ -207,38 +207,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     if cli.metrics_overhead && (selected("batch") || selected("fanin")) {
-        step("metrics overhead");
-        let dir = scratch_dir("lanyard-bench-metrics")?;
-        let mut config = LanyardServer::config_in(dir.path());
-        config.metrics_address = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
-        let server = LanyardServer::start(config).await?;
-        let metrics_addr = server
-            .server()
-            .metrics_addr()
-            .context("the server serves no metrics")?;
-        let scraper = harness::Scraper::start(metrics_addr);
-        let mut target = server.target();
-        target.name = bench::overhead::TARGET.to_owned();
-        target.scraper = Some(Arc::clone(&scraper));
-        let mut on = Report::new(plan.mode, report.machine.clone());
-        if selected("batch") {
-            step("batch (metrics on)");
-            bench::batch::run(&mut on, &target, ceiling, &plan.batch).await?;
+        let scale = &plan.overhead;
+        let which = (selected("batch"), selected("fanin"));
+        let mut rounds = Vec::with_capacity(scale.rounds);
+        let mut scrapes = 0;
+        for (i, order) in bench::overhead::schedule(scale.rounds)
+            .into_iter()
+            .enumerate()
+        {
+            let (mut off, mut on) = (None, None);
+            for metrics in order {
+                step(&format!(
+                    "metrics overhead: round {}/{}, metrics {metrics}",
+                    i + 1,
+                    scale.rounds
+                ));
+                let (run, n) =
+                    bench::overhead::run(metrics, ceiling, scale, which, &report).await?;
+                scrapes += n;
+                match metrics {
+                    bench::overhead::Metrics::Off => off = Some(run),
+                    bench::overhead::Metrics::On => on = Some(run),
+                }
+            }
+            if let (Some(off), Some(on)) = (off, on) {
+                rounds.push(bench::overhead::Round { off, on });
+            }
         }
-        if selected("fanin") {
-            step("fanin (metrics on)");
-            bench::fanin::run(&mut on, &target, &plan.fanin).await?;
-        }
-        drop(target);
-        bench::overhead::compare(&mut report, &on, scraper.scrapes());
-        let cheapest_call_us = report
-            .figures
-            .iter()
-            .find(|f| f.key == "batch.agents_1.size_1.server_cpu_us_per_svid")
-            .map(|f| f.value);
+        bench::overhead::record(&mut report, &rounds, scrapes);
+        step("metrics overhead: the gRPC call metrics' layer");
+        let cheapest_call_us = std::iter::once(&report)
+            .chain(rounds.iter().map(|round| &round.off))
+            .find_map(|r| {
+                r.figures
+                    .iter()
+                    .find(|f| f.key == "batch.agents_1.size_1.server_cpu_us_per_svid")
+                    .map(|f| f.value)
+            });
         bench::overhead::rpc_layer_cost(&mut report, cheapest_call_us, plan.rpc_layer_calls);
-        server.shutdown().await;
-        drop(dir);
     }
 
     if selected("restart") {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::bench::index::{Layout, Shape};
-use crate::bench::{batch, fanin, jwt, propagation, sync, writes};
+use crate::bench::{batch, fanin, jwt, overhead, propagation, sync, writes};
 
 /// Every benchmark's scale.
 #[derive(Debug, Clone)]
@@ -21,6 +21,8 @@ pub(crate) struct Plan {
     pub(crate) restart_entries: usize,
     pub(crate) writes: writes::Scale,
     pub(crate) propagation: propagation::Scale,
+    /// Rounds of `batch` and `fanin` with metrics off and on (`--metrics-overhead`).
+    pub(crate) overhead: overhead::Scale,
     /// Calls through the gRPC call metrics' layer, on and off (`--metrics-overhead`).
     pub(crate) rpc_layer_calls: u32,
 }
@@ -76,6 +78,23 @@ impl Plan {
                 workloads: 1_000,
                 cached_svids: 100,
                 sync_interval: Duration::from_secs(1),
+            },
+            // 16 rounds, 32 runs of about 13 s: about 7 minutes on 2 cores. Four cells of
+            // the grid, its corners (the cheapest call, the largest batches, many agents at
+            // once), for 2 s each rather than all twelve for 3 s, so that there are enough
+            // rounds for a median.
+            overhead: overhead::Scale {
+                rounds: 16,
+                batch: batch::Scale {
+                    batch_sizes: vec![1, 100],
+                    agent_counts: vec![1, 100],
+                    duration: Duration::from_secs(2),
+                },
+                fanin: fanin::Scale {
+                    workloads: 1_000,
+                    cached_svids: 100,
+                    sync_interval: Duration::from_secs(1),
+                },
             },
             restart_entries: 100_000,
             writes: writes::Scale {
@@ -141,6 +160,20 @@ impl Plan {
                 workloads: 50,
                 cached_svids: 10,
                 sync_interval: Duration::from_millis(300),
+            },
+            // One round each way: the code path, not a figure.
+            overhead: overhead::Scale {
+                rounds: 2,
+                batch: batch::Scale {
+                    batch_sizes: vec![1, 10],
+                    agent_counts: vec![1, 2],
+                    duration: Duration::from_millis(200),
+                },
+                fanin: fanin::Scale {
+                    workloads: 20,
+                    cached_svids: 5,
+                    sync_interval: Duration::from_millis(300),
+                },
             },
             restart_entries: 5_000,
             writes: writes::Scale {

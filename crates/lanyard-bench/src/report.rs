@@ -34,6 +34,19 @@ pub(crate) struct Figure {
     pub(crate) value: f64,
     pub(crate) unit: String,
     pub(crate) baseline: Option<Baseline>,
+    /// For a figure that is the median of several rounds: how far the rounds went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) spread: Option<Spread>,
+}
+
+/// The rounds whose median a figure is: their least, their greatest, how many, and each in
+/// the order they ran.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Spread {
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+    pub(crate) rounds: usize,
+    pub(crate) values: Vec<f64>,
 }
 
 /// A line or bar chart, drawn from values the benchmarks recorded.
@@ -194,11 +207,20 @@ impl Report {
                     ),
                     None => (String::new(), String::new()),
                 };
+                let spread = figure.spread.as_ref().map_or_else(String::new, |s| {
+                    format!(
+                        " ({}–{}, {} rounds)",
+                        format_value(s.min),
+                        format_value(s.max),
+                        s.rounds
+                    )
+                });
                 out.push_str(&format!(
-                    "| {} | {} {} | {} | {} |\n",
+                    "| {} | {} {}{} | {} | {} |\n",
                     figure.label,
                     format_value(figure.value),
                     figure.unit,
+                    spread,
                     baseline,
                     ratio
                 ));
@@ -223,6 +245,21 @@ impl BenchReport<'_> {
     /// Records a figure without a baseline.
     pub(crate) fn figure(&mut self, key: &str, label: &str, value: f64, unit: &str) {
         self.push(key, label, value, unit, None);
+    }
+
+    /// Records a figure that is the median of several rounds, with their spread.
+    pub(crate) fn median(
+        &mut self,
+        key: &str,
+        label: &str,
+        median: f64,
+        unit: &str,
+        spread: Spread,
+    ) {
+        self.push(key, label, median, unit, None);
+        if let Some(figure) = self.report.figures.last_mut() {
+            figure.spread = Some(spread);
+        }
     }
 
     /// Records a figure compared with a baseline measured in this run.
@@ -283,6 +320,7 @@ impl BenchReport<'_> {
             value,
             unit: unit.to_owned(),
             baseline,
+            spread: None,
         });
     }
 
@@ -372,6 +410,38 @@ mod tests {
         let markdown = report.to_markdown();
         assert!(markdown.contains("### `jwt`"));
         assert!(markdown.contains("| JWT-SVIDs/s | 500 /s | raw ES256: 2000 /s | 0.250× |"));
+    }
+
+    #[test]
+    fn a_median_carries_its_spread_to_json_and_markdown() {
+        let mut report = Report::new("full", machine());
+        report.bench("metrics_overhead").median(
+            "batch.svids_per_sec",
+            "SVIDs/s, on ÷ off",
+            0.99,
+            "×",
+            Spread {
+                min: 0.95,
+                max: 1.02,
+                rounds: 3,
+                values: vec![0.95, 1.02, 0.99],
+            },
+        );
+        report
+            .bench("jwt")
+            .figure("per_sec", "JWT-SVIDs/s", 1.0, "/s");
+        let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+        let figures = json["figures"].as_array().unwrap();
+        assert_eq!(figures[0]["spread"]["min"], 0.95);
+        assert_eq!(figures[0]["spread"]["max"], 1.02);
+        assert_eq!(figures[0]["spread"]["rounds"], 3);
+        assert_eq!(figures[0]["spread"]["values"][1], 1.02);
+        assert!(figures[1].get("spread").is_none());
+        assert!(
+            report
+                .to_markdown()
+                .contains("| SVIDs/s, on ÷ off | 0.990 × (0.950–1.02, 3 rounds) |  |  |")
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The quick benchmark end to end, as the test suite runs it: `lanyard-bench --quick
 //! --metrics-overhead` starts real servers (on SQLite, and on PostgreSQL for `restart`,
-//! `writes` and `propagation`) and agents, runs every benchmark (`batch` and `fanin` again
-//! with metrics on), and writes the JSON report, the markdown table and the
+//! `writes` and `propagation`) and agents, runs every benchmark (`batch` and `fanin` again,
+//! in rounds with metrics off and on), and writes the JSON report, the markdown table and the
 //! charts. Checked: every benchmark reports, every figure is a finite number, and every
 //! baseline carries its ratio. No timing is asserted.
 
@@ -27,7 +27,7 @@ const BENCHMARKS: [&str; 10] = [
 
 /// Figures the quick run must report beyond one per benchmark: the PostgreSQL side of the
 /// comparisons whose baseline is SQLite or a single server.
-const REQUIRED_FIGURES: [&str; 9] = [
+const REQUIRED_FIGURES: [&str; 10] = [
     "restart.postgres.start_to_serving_ms",
     "writes.sqlite.per_sec",
     "writes.postgres.per_sec",
@@ -35,6 +35,7 @@ const REQUIRED_FIGURES: [&str; 9] = [
     "propagation.svid_p50_ms",
     "propagation.svid_p99_ms",
     "metrics_overhead.rpc_layer_added_ns",
+    "metrics_overhead.batch.svids_per_sec",
     "metrics_overhead.batch.agents_1.size_1.svids_per_sec",
     "metrics_overhead.fanin.first_svid_p50_ms",
 ];
@@ -85,12 +86,27 @@ fn the_quick_run_reports_every_benchmark_with_baselines_and_ratios() {
         let key = figure["key"].as_str().unwrap();
         let value = figure["value"].as_f64().unwrap_or(f64::NAN);
         assert!(value.is_finite() && value >= 0.0, "{key}: {figure}");
+        if !figure["spread"].is_null() {
+            let spread = &figure["spread"];
+            let (min, max) = (
+                spread["min"].as_f64().unwrap(),
+                spread["max"].as_f64().unwrap(),
+            );
+            assert!(min <= value && value <= max, "{key}: {figure}");
+            assert!(spread["rounds"].as_u64().unwrap() >= 1, "{key}: {figure}");
+        }
         if !figure["baseline"].is_null() {
             let ratio = figure["baseline"]["ratio"].as_f64().unwrap_or(f64::NAN);
             assert!(ratio.is_finite() && ratio > 0.0, "{key}: {figure}");
             with_baseline.insert(figure["bench"].as_str().unwrap().to_owned());
         }
     }
+    // Both rounds of the quick run (one each way) compared batch.
+    let batch = figures
+        .iter()
+        .find(|figure| figure["key"] == "metrics_overhead.batch.svids_per_sec")
+        .unwrap();
+    assert_eq!(batch["spread"]["rounds"], 2, "{batch}");
     // Each benchmark relates at least one figure to a baseline measured in the same run
     // (or, for the index, to SPIRE's published figures).
     for bench in BENCHMARKS {
