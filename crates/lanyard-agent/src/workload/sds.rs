@@ -608,6 +608,7 @@ impl SecretDiscovery {
             let _open = open;
             let random = SystemRandom::new();
             let mut state = StreamState::default();
+            let mut nack_logged_for: Option<String> = None;
             loop {
                 let recheck_at = state.recheck_at();
                 let now = (this.api.clock)();
@@ -618,7 +619,12 @@ impl SecretDiscovery {
                                 let _ = deliver(&tx, Err(error.into_status()), &mut stop, timeout).await;
                                 return;
                             }
-                            if let Some(detail) = &request.error_detail {
+                            // One warning per response rejected: a client repeating its
+                            // NACK cannot fill the log.
+                            if let Some(detail) = &request.error_detail
+                                && nack_logged_for != Some(state.version_info())
+                            {
+                                nack_logged_for = Some(state.version_info());
                                 tracing::warn!(
                                     pid = ?caller.peer.pid,
                                     names = ?request.resource_names,
