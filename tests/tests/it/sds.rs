@@ -33,9 +33,11 @@ const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
 /// How long a stream must stay quiet after an ACK or a NACK.
 const QUIET: Duration = Duration::from_secs(2);
 
-/// The X.509-SVID lifetime of the Lanyard test's entry: the agent renews at half of it, so a
-/// rotation reaches the stream within about 10 s.
-const SHORT_TTL: &str = "20s";
+/// The X.509-SVID lifetime of the Lanyard test's entry. The agent renews at half of the
+/// certificate's validity, which starts 10 s before the mint (the backdate), so a rotation
+/// reaches the stream about 15 s after the first SVID: after the ACK and NACK quiet windows
+/// (2 × [`QUIET`]), which a rotation falling inside them would break.
+const SHORT_TTL: &str = "40s";
 
 #[test]
 fn lanyard_agent_serves_sds_as_envoy_expects() {
