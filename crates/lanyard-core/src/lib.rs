@@ -8,6 +8,7 @@
 //! types, and protobuf or SQL representations convert to and from them at their edges.
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod audit;
 pub mod bundle;
 pub mod bundle_fetch;
@@ -17,6 +18,7 @@ pub mod id;
 pub mod jwt;
 pub mod k8s_psat;
 pub mod keys;
+pub mod ledger;
 pub mod policy;
 pub mod rotation;
 pub mod selector;

@@ -13,6 +13,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lanyard_core::agent::AttestedAgent;
 use lanyard_core::bundle::{BundleError, JwtAuthority, TrustBundle, X509Authority};
 use lanyard_core::entry::{EntryError, EntryId, RegistrationEntry};
 use lanyard_core::federation::{
@@ -20,9 +21,12 @@ use lanyard_core::federation::{
 };
 use lanyard_core::id::{IdError, SpiffeId, TrustDomain};
 use lanyard_core::jwt::JwtSvid;
+use lanyard_core::ledger::{EntryUsage, Issuance, IssuanceKind};
+use lanyard_core::policy::Exception;
 use lanyard_core::selector::{Selector, SelectorError, SelectorSet};
 use lanyard_core::x509::{X509Error, X509Svid};
 
+use crate::lanyard::api::v1 as lanyard_v1;
 use crate::spire::api::types;
 
 /// Why a protobuf message could not be converted into a domain type.
@@ -118,6 +122,14 @@ pub enum ConvertError {
     /// The `trust_domain_bundle` of a federation relationship is not a valid bundle.
     #[error("failed to parse bundle: {0}")]
     InvalidTrustDomainBundle(Box<ConvertError>),
+    /// A string field holds a value outside the set it is drawn from.
+    #[error("unknown {field} {value:?}")]
+    UnknownValue {
+        /// The protobuf field, e.g. `kind`.
+        field: &'static str,
+        /// The rejected value.
+        value: String,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -504,6 +516,41 @@ fn federates_with_from_proto(
         .collect()
 }
 
+/// A stored entry as a server returns it, with its Lanyard governance metadata if it has any:
+/// the registration entry, ID included, and `owner`, `reason`, `ticket` and `source` set
+/// from the non-empty metadata fields.
+pub fn stored_entry_from_proto(
+    entry: &types::Entry,
+    metadata: Option<&lanyard_v1::EntryMetadata>,
+) -> Result<RegistrationEntry, ConvertError> {
+    let input = entry_from_proto(entry)?;
+    let id = input
+        .id
+        .clone()
+        .ok_or(ConvertError::Missing { field: "id" })?;
+    let mut stored = input.into_entry(|| id, UNIX_EPOCH);
+    if let Some(metadata) = metadata {
+        let text = |value: &str| (!value.is_empty()).then(|| value.to_owned());
+        stored.owner = text(&metadata.owner);
+        stored.reason = text(&metadata.reason);
+        stored.ticket = text(&metadata.ticket);
+        stored.source = text(&metadata.source);
+    }
+    Ok(stored)
+}
+
+/// The governance metadata of `entry`, as `EntryMetadataService` stores it (empty strings for
+/// unset fields).
+pub fn entry_metadata_to_proto(entry: &RegistrationEntry) -> lanyard_v1::EntryMetadata {
+    lanyard_v1::EntryMetadata {
+        entry_id: entry.id.as_str().to_owned(),
+        owner: entry.owner.clone().unwrap_or_default(),
+        reason: entry.reason.clone().unwrap_or_default(),
+        ticket: entry.ticket.clone().unwrap_or_default(),
+        source: entry.source.clone().unwrap_or_default(),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bundles
 
@@ -732,6 +779,167 @@ impl From<&FederationRelationship> for types::FederationRelationship {
     fn from(relationship: &FederationRelationship) -> Self {
         federation_relationship_to_proto(relationship, None)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agents
+
+/// An agent record in SPIRE's wire form, with only the fields `mask` asks for (all if none).
+pub fn agent_to_proto(agent: &AttestedAgent, mask: Option<&types::AgentMask>) -> types::Agent {
+    let all = types::AgentMask {
+        attestation_type: true,
+        x509svid_serial_number: true,
+        x509svid_expires_at: true,
+        selectors: true,
+        banned: true,
+        can_reattest: true,
+    };
+    let mask = mask.unwrap_or(&all);
+    types::Agent {
+        id: Some(spiffe_id_to_proto(&agent.spiffe_id)),
+        attestation_type: if mask.attestation_type {
+            agent.attestation_type.clone()
+        } else {
+            String::new()
+        },
+        x509svid_serial_number: if mask.x509svid_serial_number {
+            agent.serial.clone()
+        } else {
+            String::new()
+        },
+        x509svid_expires_at: if mask.x509svid_expires_at {
+            unix_seconds(agent.not_after)
+        } else {
+            0
+        },
+        selectors: if mask.selectors {
+            agent.selectors.iter().map(selector_to_proto).collect()
+        } else {
+            Vec::new()
+        },
+        banned: mask.banned && agent.is_banned(),
+        can_reattest: mask.can_reattest && agent.can_reattest,
+    }
+}
+
+/// An agent record as a server returns it. SPIRE's `Agent` message carries no renewal state,
+/// version or record times, so those stay at their defaults; a banned agent has no serial.
+pub fn agent_from_proto(agent: &types::Agent) -> Result<AttestedAgent, ConvertError> {
+    let serial = if agent.banned {
+        String::new()
+    } else {
+        agent.x509svid_serial_number.clone()
+    };
+    let mut record = AttestedAgent::new(
+        spiffe_id_field_from_proto("id", agent.id.as_ref())?,
+        agent.attestation_type.clone(),
+        serial,
+        time_from_proto("x509svid_expires_at", agent.x509svid_expires_at)?.unwrap_or(UNIX_EPOCH),
+    );
+    record.can_reattest = agent.can_reattest;
+    record.selectors = selectors_from_proto("selectors", &agent.selectors)?;
+    Ok(record)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Governance records: exceptions and the usage ledger
+
+/// The API form of an exception.
+pub fn exception_to_proto(exception: &Exception) -> lanyard_v1::PolicyException {
+    lanyard_v1::PolicyException {
+        id: exception.id.clone(),
+        owner: exception.owner.clone(),
+        reason: exception.reason.clone(),
+        ticket: exception.ticket.clone().unwrap_or_default(),
+        rules: exception.rules.iter().cloned().collect(),
+        entry_ids: exception.entry_ids.iter().cloned().collect(),
+        spiffe_id_pattern: exception.spiffe_id_pattern.clone().unwrap_or_default(),
+        expires_at: unix_seconds(exception.expires_at),
+        created_at: unix_seconds(exception.created_at),
+        created_by: exception.created_by.clone(),
+        revoked_at: exception.revoked_at.map_or(0, unix_seconds),
+        revision: exception.revision,
+    }
+}
+
+/// An exception as a server returns it: empty strings are unset fields, 0 is "never revoked".
+pub fn exception_from_proto(
+    exception: &lanyard_v1::PolicyException,
+) -> Result<Exception, ConvertError> {
+    let text = |value: &str| (!value.is_empty()).then(|| value.to_owned());
+    Ok(Exception {
+        id: exception.id.clone(),
+        owner: exception.owner.clone(),
+        reason: exception.reason.clone(),
+        ticket: text(&exception.ticket),
+        rules: exception.rules.iter().cloned().collect(),
+        entry_ids: exception.entry_ids.iter().cloned().collect(),
+        spiffe_id_pattern: text(&exception.spiffe_id_pattern),
+        expires_at: time_from_proto("expires_at", exception.expires_at)?.unwrap_or(UNIX_EPOCH),
+        created_at: time_from_proto("created_at", exception.created_at)?.unwrap_or(UNIX_EPOCH),
+        created_by: exception.created_by.clone(),
+        revoked_at: time_from_proto("revoked_at", exception.revoked_at)?,
+        revision: exception.revision,
+    })
+}
+
+/// The API form of a usage record.
+pub fn usage_to_proto(usage: &EntryUsage) -> lanyard_v1::EntryUsage {
+    lanyard_v1::EntryUsage {
+        entry_id: usage.entry_id.clone(),
+        agent_id: usage.agent_id.clone(),
+        last_issued_at: usage.last_issued_at.map_or(0, unix_seconds),
+        last_served_at: usage.last_served_at.map_or(0, unix_seconds),
+        issued: usage.issued,
+    }
+}
+
+/// A usage record as a server returns it; 0 is "never".
+pub fn usage_from_proto(usage: &lanyard_v1::EntryUsage) -> Result<EntryUsage, ConvertError> {
+    Ok(EntryUsage {
+        entry_id: usage.entry_id.clone(),
+        agent_id: usage.agent_id.clone(),
+        last_issued_at: time_from_proto("last_issued_at", usage.last_issued_at)?,
+        last_served_at: time_from_proto("last_served_at", usage.last_served_at)?,
+        issued: usage.issued,
+    })
+}
+
+/// The API form of a ledger record.
+pub fn issuance_to_proto(issuance: &Issuance) -> lanyard_v1::Issuance {
+    lanyard_v1::Issuance {
+        kind: issuance.kind.as_str().to_owned(),
+        serial: issuance.serial.clone(),
+        entry_id: issuance.entry_id.clone(),
+        spiffe_id: issuance.spiffe_id.to_string(),
+        agent_id: issuance.agent_id.to_string(),
+        authority_id: issuance.authority_id.clone(),
+        issued_at: unix_seconds(issuance.issued_at),
+        not_after: unix_seconds(issuance.not_after),
+        exception_ids: issuance.exception_ids.clone(),
+    }
+}
+
+/// A ledger record as a server returns it.
+pub fn issuance_from_proto(issuance: &lanyard_v1::Issuance) -> Result<Issuance, ConvertError> {
+    let id = |field: &'static str, text: &str| {
+        text.parse::<SpiffeId>()
+            .map_err(|reason| ConvertError::InvalidSpiffeId { field, reason })
+    };
+    Ok(Issuance {
+        kind: IssuanceKind::parse(&issuance.kind).ok_or_else(|| ConvertError::UnknownValue {
+            field: "kind",
+            value: issuance.kind.clone(),
+        })?,
+        serial: issuance.serial.clone(),
+        entry_id: issuance.entry_id.clone(),
+        spiffe_id: id("spiffe_id", &issuance.spiffe_id)?,
+        agent_id: id("agent_id", &issuance.agent_id)?,
+        authority_id: issuance.authority_id.clone(),
+        issued_at: time_from_proto("issued_at", issuance.issued_at)?.unwrap_or(UNIX_EPOCH),
+        not_after: time_from_proto("not_after", issuance.not_after)?.unwrap_or(UNIX_EPOCH),
+        exception_ids: issuance.exception_ids.clone(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

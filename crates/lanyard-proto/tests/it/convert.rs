@@ -4,18 +4,24 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lanyard_core::agent::AttestedAgent;
 use lanyard_core::bundle::{JwtAuthority, TrustBundle, X509Authority};
 use lanyard_core::federation::{BundleEndpointProfile, FederationRelationship, RelationshipMask};
 use lanyard_core::jwt::{JwtSigningKey, JwtSvidParams, mint_jwt_svid};
+use lanyard_core::ledger::{EntryUsage, Issuance, IssuanceKind};
+use lanyard_core::policy::Exception;
 use lanyard_core::x509::{CaSubject, SvidParams, X509Ca, create_self_signed_ca};
 use lanyard_core::{EntryId, KeyPair, KeyType, RegistrationEntry, Selector, SpiffeId, TrustDomain};
 use lanyard_proto::convert::{
-    ConvertError, EntryInput, bundle_from_proto, bundle_mask_all, bundle_to_proto,
-    bundle_to_proto_masked, entry_from_proto, entry_id_from_proto, entry_mask_all, entry_to_proto,
-    entry_update_from_proto, federation_relationship_from_proto, federation_relationship_to_proto,
-    jwt_svid_to_proto, ok_status, relationship_mask_from_proto, selector_from_proto,
-    selector_to_proto, spiffe_id_field_from_proto, spiffe_id_from_proto, spiffe_id_to_proto,
-    status, status_from_tonic, trust_domain_from_proto, x509_svid_from_proto, x509_svid_to_proto,
+    ConvertError, EntryInput, agent_from_proto, agent_to_proto, bundle_from_proto, bundle_mask_all,
+    bundle_to_proto, bundle_to_proto_masked, entry_from_proto, entry_id_from_proto, entry_mask_all,
+    entry_metadata_to_proto, entry_to_proto, entry_update_from_proto, exception_from_proto,
+    exception_to_proto, federation_relationship_from_proto, federation_relationship_to_proto,
+    issuance_from_proto, issuance_to_proto, jwt_svid_to_proto, ok_status,
+    relationship_mask_from_proto, selector_from_proto, selector_to_proto,
+    spiffe_id_field_from_proto, spiffe_id_from_proto, spiffe_id_to_proto, status,
+    status_from_tonic, stored_entry_from_proto, trust_domain_from_proto, usage_from_proto,
+    usage_to_proto, x509_svid_from_proto, x509_svid_to_proto,
 };
 use lanyard_proto::spire::api::types;
 
@@ -1004,4 +1010,116 @@ fn malformed_federation_relationships_are_refused_with_spires_texts() {
         ),
     );
     assert!(federation_relationship_from_proto(&elsewhere).is_ok());
+}
+
+#[test]
+fn a_stored_entry_carries_its_governance_metadata_through_proto() {
+    let mut entry = full_entry();
+    entry.owner = Some("team-web".to_owned());
+    entry.reason = Some("serves the web".to_owned());
+    entry.ticket = None;
+    entry.source = Some("payments".to_owned());
+    let proto = entry_to_proto(&entry, None);
+    let metadata = entry_metadata_to_proto(&entry);
+    assert_eq!(metadata.ticket, "", "an unset field is empty on the wire");
+    assert_eq!(
+        stored_entry_from_proto(&proto, Some(&metadata)).unwrap(),
+        entry
+    );
+
+    let bare = stored_entry_from_proto(&proto, None).unwrap();
+    assert_eq!((bare.owner, bare.source), (None, None));
+
+    let no_id = types::Entry {
+        id: String::new(),
+        ..proto
+    };
+    let err = stored_entry_from_proto(&no_id, None).unwrap_err();
+    assert!(
+        matches!(err, ConvertError::Missing { field: "id" }),
+        "{err}"
+    );
+}
+
+#[test]
+fn agents_round_trip_through_proto_and_a_ban_clears_the_serial() {
+    let mut agent = AttestedAgent::new(
+        id("spiffe://example.org/spire/agent/join_token/abc"),
+        "join_token",
+        "12345",
+        at(1_700_000_000),
+    );
+    agent.can_reattest = true;
+    agent.selectors = ["tpm:pub_hash:abc"]
+        .into_iter()
+        .map(|s| s.parse::<Selector>().unwrap())
+        .collect();
+    assert_eq!(
+        agent_from_proto(&agent_to_proto(&agent, None)).unwrap(),
+        agent
+    );
+
+    let mut banned = agent_to_proto(&agent, None);
+    banned.banned = true;
+    assert!(agent_from_proto(&banned).unwrap().is_banned());
+
+    let nameless = types::Agent { id: None, ..banned };
+    assert!(agent_from_proto(&nameless).is_err());
+}
+
+#[test]
+fn exceptions_round_trip_through_proto() {
+    let mut exception = Exception {
+        id: "exc-1".to_owned(),
+        owner: "team-ci".to_owned(),
+        reason: "legacy runner".to_owned(),
+        ticket: Some("SEC-1".to_owned()),
+        rules: ["max_ttl".to_owned()].into(),
+        entry_ids: ["entry-1".to_owned()].into(),
+        spiffe_id_pattern: Some("spiffe://example.org/ci/*".to_owned()),
+        expires_at: at(1_800_000_000),
+        created_at: at(1_700_000_000),
+        created_by: "local uid 0".to_owned(),
+        revoked_at: Some(at(1_750_000_000)),
+        revision: 3,
+    };
+    assert_eq!(
+        exception_from_proto(&exception_to_proto(&exception)).unwrap(),
+        exception
+    );
+    exception.ticket = None;
+    exception.spiffe_id_pattern = None;
+    exception.revoked_at = None;
+    let proto = exception_to_proto(&exception);
+    assert_eq!((proto.revoked_at, proto.ticket.as_str()), (0, ""));
+    assert_eq!(exception_from_proto(&proto).unwrap(), exception);
+}
+
+#[test]
+fn ledger_records_round_trip_through_proto() {
+    let usage = EntryUsage {
+        entry_id: "entry-1".to_owned(),
+        agent_id: "spiffe://example.org/spire/agent/x".to_owned(),
+        last_issued_at: Some(at(1_700_000_000)),
+        last_served_at: None,
+        issued: 4,
+    };
+    assert_eq!(usage_from_proto(&usage_to_proto(&usage)).unwrap(), usage);
+
+    let issuance = Issuance {
+        kind: IssuanceKind::JwtSvid,
+        serial: "jti-1".to_owned(),
+        entry_id: "entry-1".to_owned(),
+        spiffe_id: id("spiffe://example.org/web"),
+        agent_id: id("spiffe://example.org/spire/agent/x"),
+        authority_id: "kid-1".to_owned(),
+        issued_at: at(1_700_000_000),
+        not_after: at(1_700_000_300),
+        exception_ids: vec!["exc-1".to_owned()],
+    };
+    let mut proto = issuance_to_proto(&issuance);
+    assert_eq!(issuance_from_proto(&proto).unwrap(), issuance);
+    proto.kind = "paper-svid".to_owned();
+    let err = issuance_from_proto(&proto).unwrap_err();
+    assert_eq!(err.to_string(), "unknown kind \"paper-svid\"");
 }

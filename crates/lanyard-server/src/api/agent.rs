@@ -11,8 +11,7 @@ use lanyard_core::x509::{self, SvidParams, X509Svid};
 use lanyard_core::x509pop::{self, ServerAttestation};
 use lanyard_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId};
 use lanyard_proto::convert::{
-    selector_to_proto, selectors_from_proto, spiffe_id_from_proto, spiffe_id_to_proto,
-    x509_svid_to_proto,
+    agent_to_proto, selectors_from_proto, spiffe_id_from_proto, x509_svid_to_proto,
 };
 use lanyard_proto::spire::api::server::agent::v1 as pb;
 use lanyard_proto::spire::api::server::agent::v1::agent_server::{Agent, AgentServer};
@@ -333,44 +332,6 @@ fn x509pop_error(e: x509pop::X509PopError) -> ApiError {
 fn unix_secs(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// An agent record in SPIRE's wire form, with only the fields `mask` asks for (all if none).
-pub fn agent_to_proto(agent: &AttestedAgent, mask: Option<&types::AgentMask>) -> types::Agent {
-    let all = types::AgentMask {
-        attestation_type: true,
-        x509svid_serial_number: true,
-        x509svid_expires_at: true,
-        selectors: true,
-        banned: true,
-        can_reattest: true,
-    };
-    let mask = mask.unwrap_or(&all);
-    types::Agent {
-        id: Some(spiffe_id_to_proto(&agent.spiffe_id)),
-        attestation_type: if mask.attestation_type {
-            agent.attestation_type.clone()
-        } else {
-            String::new()
-        },
-        x509svid_serial_number: if mask.x509svid_serial_number {
-            agent.serial.clone()
-        } else {
-            String::new()
-        },
-        x509svid_expires_at: if mask.x509svid_expires_at {
-            unix_secs(agent.not_after)
-        } else {
-            0
-        },
-        selectors: if mask.selectors {
-            agent.selectors.iter().map(selector_to_proto).collect()
-        } else {
-            Vec::new()
-        },
-        banned: mask.banned && agent.is_banned(),
-        can_reattest: mask.can_reattest && agent.can_reattest,
-    }
 }
 
 /// `by_expires_before` of ListAgents and CountAgents. SPIRE's CLI sends it in Go's layout

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lanyard_core::entry::{MAX_OWNER_LEN, MAX_REASON_LEN, validate_expiry};
 use lanyard_core::policy::{Exception, ExceptionInput, describe_violations, unix_seconds};
 use lanyard_core::{EntryId, SpiffeId};
+use lanyard_proto::convert::exception_to_proto;
 use lanyard_proto::lanyard::api::v1::exception_service_server::{
     ExceptionService as ExceptionRpc, ExceptionServiceServer,
 };
@@ -300,25 +301,6 @@ impl ExceptionRpc for ExceptionService {
             .store_change(&caller, "exception revoked", exception, &why)
             .await?;
         Ok(Response::new(exception_to_proto(&stored)))
-    }
-}
-
-/// The API form of an exception.
-pub fn exception_to_proto(exception: &Exception) -> PolicyException {
-    let seconds = |time: SystemTime| i64::try_from(unix_seconds(time)).unwrap_or(i64::MAX);
-    PolicyException {
-        id: exception.id.clone(),
-        owner: exception.owner.clone(),
-        reason: exception.reason.clone(),
-        ticket: exception.ticket.clone().unwrap_or_default(),
-        rules: exception.rules.iter().cloned().collect(),
-        entry_ids: exception.entry_ids.iter().cloned().collect(),
-        spiffe_id_pattern: exception.spiffe_id_pattern.clone().unwrap_or_default(),
-        expires_at: seconds(exception.expires_at),
-        created_at: seconds(exception.created_at),
-        created_by: exception.created_by.clone(),
-        revoked_at: exception.revoked_at.map_or(0, seconds),
-        revision: exception.revision,
     }
 }
 

@@ -6,21 +6,20 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lanyard_core::policy::unix_seconds;
 use lanyard_core::{EntryId, SpiffeId};
+use lanyard_proto::convert::{issuance_to_proto, usage_to_proto};
 use lanyard_proto::lanyard::api::v1::usage_service_server::{
     UsageService as UsageRpc, UsageServiceServer,
 };
 use lanyard_proto::lanyard::api::v1::{
-    EntryUsage as EntryUsageProto, Issuance as IssuanceProto, ListIssuancesRequest,
-    ListIssuancesResponse, ListUsageRequest, ListUsageResponse, ReportUsageRequest,
-    ReportUsageResponse,
+    ListIssuancesRequest, ListIssuancesResponse, ListUsageRequest, ListUsageResponse,
+    ReportUsageRequest, ReportUsageResponse,
 };
 use tonic::{Request, Response, Status};
 
 use super::paging::{page_of, requested_page};
 use super::{ApiError, Authorizer};
-use crate::datastore::{EntryFilter, EntryUsage, Issuance, IssuanceFilter, PageRequest};
+use crate::datastore::{EntryFilter, IssuanceFilter, PageRequest};
 use crate::state::ServerState;
 
 const REPORT_USAGE: &str = "/lanyard.api.v1.UsageService/ReportUsage";
@@ -191,33 +190,5 @@ impl UsageRpc for UsageService {
             issuances: issuances.iter().map(issuance_to_proto).collect(),
             next_page_token: next.unwrap_or_default(),
         }))
-    }
-}
-
-fn seconds(time: SystemTime) -> i64 {
-    i64::try_from(unix_seconds(time)).unwrap_or(i64::MAX)
-}
-
-fn usage_to_proto(usage: &EntryUsage) -> EntryUsageProto {
-    EntryUsageProto {
-        entry_id: usage.entry_id.clone(),
-        agent_id: usage.agent_id.clone(),
-        last_issued_at: usage.last_issued_at.map_or(0, seconds),
-        last_served_at: usage.last_served_at.map_or(0, seconds),
-        issued: usage.issued,
-    }
-}
-
-fn issuance_to_proto(issuance: &Issuance) -> IssuanceProto {
-    IssuanceProto {
-        kind: issuance.kind.as_str().to_owned(),
-        serial: issuance.serial.clone(),
-        entry_id: issuance.entry_id.clone(),
-        spiffe_id: issuance.spiffe_id.to_string(),
-        agent_id: issuance.agent_id.to_string(),
-        authority_id: issuance.authority_id.clone(),
-        issued_at: seconds(issuance.issued_at),
-        not_after: seconds(issuance.not_after),
-        exception_ids: issuance.exception_ids.clone(),
     }
 }

@@ -1873,7 +1873,9 @@ fn issuance_from_row(row: &DbRow) -> Result<Issuance> {
     let agent_id: String = row.try_get("agent_id")?;
     let exception_ids: String = row.try_get("exception_ids")?;
     Ok(Issuance {
-        kind: IssuanceKind::parse(&kind)?,
+        kind: IssuanceKind::parse(&kind).ok_or_else(|| {
+            DatastoreError::Backend(format!("unknown issuance kind {kind:?} in the ledger"))
+        })?,
         serial: row.try_get("serial")?,
         entry_id: row.try_get("entry_id")?,
         spiffe_id: spiffe_id
