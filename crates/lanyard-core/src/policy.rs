@@ -601,10 +601,44 @@ pub struct Exception {
     pub revision: i64,
 }
 
+/// Where an exception stands at some instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExceptionStatus {
+    /// In force.
+    Active,
+    /// Past its expiry, never revoked before it.
+    Expired,
+    /// Revoked (a revocation only counts once its time has come).
+    Revoked,
+}
+
+impl ExceptionStatus {
+    /// `active`, `expired` or `revoked`, as reports and the CLI show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
 impl Exception {
     /// Whether it is in force at `now`: not revoked and not yet expired.
     pub fn is_active(&self, now: SystemTime) -> bool {
         self.revoked_at.is_none_or(|revoked| revoked > now) && now < self.expires_at
+    }
+
+    /// Its status at `now`: active while [`Exception::is_active`]; after that revoked if its
+    /// revocation has come, else expired.
+    pub fn status(&self, now: SystemTime) -> ExceptionStatus {
+        if self.is_active(now) {
+            ExceptionStatus::Active
+        } else if self.revoked_at.is_some_and(|revoked| revoked <= now) {
+            ExceptionStatus::Revoked
+        } else {
+            ExceptionStatus::Expired
+        }
     }
 
     /// Whether its scope includes the entry with `entry_id` and `spiffe_id`.

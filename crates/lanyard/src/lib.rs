@@ -10,6 +10,7 @@
 //! The command lives in this library so that the fuzz targets (`fuzz/`) can reach the parsers
 //! of operator-supplied files through [`fuzzing`]; `src/main.rs` only calls [`main`].
 
+mod admin;
 mod cli;
 
 use std::io::Write as _;

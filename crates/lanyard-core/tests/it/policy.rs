@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lanyard_core::entry::{EntryId, RegistrationEntry};
 use lanyard_core::policy::{
-    EntryInput, EntryView, Exception, ExceptionInput, Operation, Policy, PolicyError,
-    covering_exceptions, spiffe_id_matches,
+    EntryInput, EntryView, Exception, ExceptionInput, ExceptionStatus, Operation, Policy,
+    PolicyError, covering_exceptions, spiffe_id_matches,
 };
 use lanyard_core::{Selector, SelectorSet, SpiffeId};
 
@@ -442,4 +442,32 @@ fn a_policy_without_rules_allows_everything() {
             .unwrap()
             .passes()
     );
+}
+
+#[test]
+fn an_exceptions_status_is_active_then_expired_or_revoked() {
+    let second = Duration::from_secs(1);
+    let mut exception = exception("x", &["admin-needs-exception"], 100 * second);
+    let start = exception.created_at;
+    assert_eq!(exception.status(start), ExceptionStatus::Active);
+    assert_eq!(
+        exception.status(start + 100 * second),
+        ExceptionStatus::Expired,
+        "it lapses at its expiry"
+    );
+    // A revocation counts once its time has come, and wins over a later expiry.
+    exception.revoked_at = Some(start + 50 * second);
+    assert_eq!(
+        exception.status(start + 49 * second),
+        ExceptionStatus::Active
+    );
+    assert_eq!(
+        exception.status(start + 50 * second),
+        ExceptionStatus::Revoked
+    );
+    assert_eq!(
+        exception.status(start + 200 * second),
+        ExceptionStatus::Revoked
+    );
+    assert_eq!(ExceptionStatus::Revoked.as_str(), "revoked");
 }

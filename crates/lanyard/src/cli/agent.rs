@@ -12,7 +12,8 @@ use lanyard_proto::spire::api::server::agent::v1::{
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::cli::client::{Page, SocketArgs, list_all, rpc_error};
+use crate::admin::{Page, list_all, rpc_error};
+use crate::cli::client::SocketArgs;
 use crate::cli::output::{OutputArgs, agent_json, count_noun, write_agent_pretty, write_json};
 use crate::cli::parse::{self, MatchMode};
 

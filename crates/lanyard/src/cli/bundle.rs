@@ -15,7 +15,8 @@ use lanyard_proto::spire::api::server::bundle::v1::{
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::cli::client::{Page, SocketArgs, item_code, list_all, rpc_error};
+use crate::admin::{Page, item_code, list_all, rpc_error};
+use crate::cli::client::SocketArgs;
 use crate::cli::output::{OutputArgs, bundle_json, status_json, status_text, write_json};
 use crate::cli::parse;
 

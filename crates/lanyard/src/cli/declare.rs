@@ -39,8 +39,10 @@ use lanyard_proto::spire::api::types;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::cli::client::{ServerClient, SocketArgs, describe_status, is_unimplemented, rpc_error};
-use crate::cli::entry::{CHANGED_SINCE_READ, governed_entry, list_all_entries, list_all_metadata};
+use crate::admin::{Admin, describe_status, is_unimplemented, rpc_error};
+use crate::admin::{list_all_entries, list_all_metadata};
+use crate::cli::client::SocketArgs;
+use crate::cli::entry::{CHANGED_SINCE_READ, governed_entry};
 use crate::cli::grant::GRANT_SOURCE;
 use crate::cli::output::{OutputArgs, count_noun, write_json};
 use crate::cli::parse::{self, format_ttl, format_unix_time, spiffe_id_text};
@@ -663,7 +665,7 @@ async fn load(
     file: &Path,
     socket: &SocketArgs,
     prune: bool,
-) -> anyhow::Result<(ServerClient, DeclaredFile, Plan)> {
+) -> anyhow::Result<(Admin, DeclaredFile, Plan)> {
     let declared = read_file(file)?;
     let client = socket.connect().await?;
     let metadata = list_all_metadata(&client).await?;
@@ -965,7 +967,7 @@ fn changed_since_plan(status: types::Status, planned: i64, current: i64) -> type
 }
 
 async fn perform(
-    client: &ServerClient,
+    client: &Admin,
     file: &DeclaredFile,
     plan: &Plan,
 ) -> anyhow::Result<Vec<ActionOutcome>> {

@@ -15,23 +15,26 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Subcommand};
-use lanyard_proto::convert::{ok_status, status_from_tonic};
+use lanyard_proto::convert::{
+    entry_to_proto, ok_status, status_from_tonic, stored_entry_from_proto,
+};
 use lanyard_proto::lanyard::api::v1::{
-    CreateGovernedEntriesRequest, EntryMetadata, EntryMetadataMask, GetEntryMetadataRequest,
-    GovernedEntry, GovernedEntryUpdate, ListEntryMetadataRequest, SetEntryMetadataRequest,
-    UpdateGovernedEntriesRequest, update_governed_entries_response,
+    CreateGovernedEntriesRequest, EntryMetadata, EntryMetadataMask, GovernedEntry,
+    GovernedEntryUpdate, SetEntryMetadataRequest, UpdateGovernedEntriesRequest,
+    update_governed_entries_response,
 };
 use lanyard_proto::spire::api::server::entry::v1::{
     BatchCreateEntryRequest, BatchDeleteEntryRequest, BatchUpdateEntryRequest, CountEntriesRequest,
-    GetEntryRequest, ListEntriesRequest, count_entries_request, list_entries_request,
+    GetEntryRequest, count_entries_request, list_entries_request,
 };
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::cli::client::{
-    Page, ServerClient, SocketArgs, describe_status, is_unimplemented, item_code, list_all,
+use crate::admin::{
+    Admin, describe_status, fetch_metadata, is_unimplemented, item_code, list_all_entries,
     rpc_error,
 };
+use crate::cli::client::SocketArgs;
 use crate::cli::output::{
     OutputArgs, count_noun, entry_json, status_json, status_text, write_entry_pretty, write_field,
     write_json,
@@ -74,7 +77,6 @@ const ENTRY_FILTER_ARGS: [&str; 8] = [
 ];
 
 /// How many entry IDs go into one GetEntryMetadata call.
-const METADATA_BATCH: usize = 500;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum EntryCommand {
@@ -625,7 +627,7 @@ pub(crate) fn metadata_is_empty(metadata: &EntryMetadata) -> bool {
 /// Creates the entries with their metadata in one governed call; `None` when the server has
 /// no GovernedEntryService.
 async fn create_governed(
-    client: &ServerClient,
+    client: &Admin,
     specs: &[EntrySpec],
 ) -> anyhow::Result<Option<Vec<ItemOutcome>>> {
     let request = CreateGovernedEntriesRequest {
@@ -665,11 +667,11 @@ fn check_result_count(results: usize, sent: usize) -> anyhow::Result<()> {
 
 /// SPIRE's path: BatchCreateEntry, then SetEntryMetadata for entries given metadata.
 async fn create_through_spire(
-    client: &ServerClient,
+    client: &Admin,
     specs: &[EntrySpec],
 ) -> anyhow::Result<Vec<ItemOutcome>> {
     let response = client
-        .entry()
+        .entry_service()
         .batch_create_entry(create_request(specs))
         .await
         .map_err(|status| rpc_error("BatchCreateEntry failed", &status))?
@@ -695,46 +697,6 @@ async fn update(args: &UpdateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         None => update_through_spire(&client, &specs).await?,
     };
     report_outcomes(out, &outcomes, "update", args.output.is_json())
-}
-
-/// Copies the fields set in `mask` from `given` onto `stored`.
-fn apply_mask(stored: &mut types::Entry, given: &types::Entry, mask: &types::EntryMask) {
-    if mask.spiffe_id {
-        stored.spiffe_id.clone_from(&given.spiffe_id);
-    }
-    if mask.parent_id {
-        stored.parent_id.clone_from(&given.parent_id);
-    }
-    if mask.selectors {
-        stored.selectors.clone_from(&given.selectors);
-    }
-    if mask.x509_svid_ttl {
-        stored.x509_svid_ttl = given.x509_svid_ttl;
-    }
-    if mask.jwt_svid_ttl {
-        stored.jwt_svid_ttl = given.jwt_svid_ttl;
-    }
-    if mask.federates_with {
-        stored.federates_with.clone_from(&given.federates_with);
-    }
-    if mask.admin {
-        stored.admin = given.admin;
-    }
-    if mask.downstream {
-        stored.downstream = given.downstream;
-    }
-    if mask.expires_at {
-        stored.expires_at = given.expires_at;
-    }
-    if mask.dns_names {
-        stored.dns_names.clone_from(&given.dns_names);
-    }
-    if mask.store_svid {
-        stored.store_svid = given.store_svid;
-    }
-    if mask.hint {
-        stored.hint.clone_from(&given.hint);
-    }
 }
 
 /// The message for an update or delete refused because the entry moved on since it was read.
@@ -764,29 +726,28 @@ pub(crate) fn overlaps(
     mask: &types::EntryMask,
     metadata: EntryMetadataMask,
 ) -> bool {
-    let (Some(a), Some(b)) = (&read.entry, &now.entry) else {
+    let stored = |governed: &GovernedEntry| {
+        governed
+            .entry
+            .as_ref()
+            .and_then(|entry| stored_entry_from_proto(entry, governed.metadata.as_ref()).ok())
+    };
+    // An entry that cannot be read is taken to have changed everywhere.
+    let (Some(a), Some(b)) = (stored(read), stored(now)) else {
         return true;
     };
-    let mut a_masked = types::Entry::default();
-    let mut b_masked = types::Entry::default();
-    apply_mask(&mut a_masked, a, mask);
-    apply_mask(&mut b_masked, b, mask);
-    let empty = EntryMetadata::default();
-    let (ma, mb) = (
-        read.metadata.as_ref().unwrap_or(&empty),
-        now.metadata.as_ref().unwrap_or(&empty),
-    );
-    a_masked != b_masked
-        || (metadata.owner && ma.owner != mb.owner)
-        || (metadata.reason && ma.reason != mb.reason)
-        || (metadata.ticket && ma.ticket != mb.ticket)
-        || (metadata.source && ma.source != mb.source)
+    // The masked encoding holds exactly the fields the mask names.
+    entry_to_proto(&a, Some(mask)) != entry_to_proto(&b, Some(mask))
+        || (metadata.owner && a.owner != b.owner)
+        || (metadata.reason && a.reason != b.reason)
+        || (metadata.ticket && a.ticket != b.ticket)
+        || (metadata.source && a.source != b.source)
 }
 
 /// Reads entry `id` and its metadata as they are now.
-async fn read_governed(client: &ServerClient, id: &str) -> Result<GovernedEntry, tonic::Status> {
+async fn read_governed(client: &Admin, id: &str) -> Result<GovernedEntry, tonic::Status> {
     let entry = client
-        .entry()
+        .entry_service()
         .get_entry(GetEntryRequest {
             id: id.to_owned(),
             output_mask: None,
@@ -813,7 +774,7 @@ fn aborted(result: &update_governed_entries_response::Result) -> bool {
 /// the entry is not written and is reported as [`CHANGED_SINCE_READ`]. `None` when the server
 /// has no GovernedEntryService.
 async fn update_governed(
-    client: &ServerClient,
+    client: &Admin,
     specs: &[EntrySpec],
     revision: Option<i64>,
 ) -> anyhow::Result<Option<Vec<ItemOutcome>>> {
@@ -915,13 +876,13 @@ async fn update_governed(
 /// SPIRE's path: BatchUpdateEntry with the given fields as the input mask, then
 /// SetEntryMetadata merged onto the stored metadata.
 async fn update_through_spire(
-    client: &ServerClient,
+    client: &Admin,
     specs: &[EntrySpec],
 ) -> anyhow::Result<Vec<ItemOutcome>> {
     let mut outcomes: Vec<ItemOutcome> = specs.iter().map(ItemOutcome::new).collect();
     for (request, members) in update_requests(specs) {
         let response = client
-            .entry()
+            .entry_service()
             .batch_update_entry(request)
             .await
             .map_err(|status| rpc_error("BatchUpdateEntry failed", &status))?
@@ -942,7 +903,7 @@ async fn update_through_spire(
             id: spec.entry.id.clone(),
             output_mask: None,
         };
-        match client.entry().get_entry(request).await {
+        match client.entry_service().get_entry(request).await {
             Ok(response) => outcome.entry = Some(response.into_inner()),
             Err(status) => outcome.status = status_from_tonic(&status),
         }
@@ -968,7 +929,7 @@ async fn update_through_spire(
 
 /// Sets the metadata of the items whose entry call succeeded and that were given metadata.
 /// With `merge`, values not given keep what the server has. Failures are recorded per item.
-async fn store_metadata(client: &ServerClient, outcomes: &mut [ItemOutcome], merge: bool) {
+async fn store_metadata(client: &Admin, outcomes: &mut [ItemOutcome], merge: bool) {
     let targets: Vec<usize> = outcomes
         .iter()
         .enumerate()
@@ -1165,63 +1126,6 @@ fn write_source_pretty(
     Ok(())
 }
 
-/// Every entry's stored metadata, keyed by entry ID, page by page. A server without the
-/// metadata service (SPIRE) has none.
-pub(crate) async fn list_all_metadata(
-    client: &ServerClient,
-) -> anyhow::Result<HashMap<String, EntryMetadata>> {
-    let metadata = list_all(|page_size, page_token| async move {
-        let request = ListEntryMetadataRequest {
-            page_size,
-            page_token,
-        };
-        match client.entry_metadata().list_entry_metadata(request).await {
-            Ok(response) => {
-                let response = response.into_inner();
-                Ok(Page {
-                    items: response.metadata,
-                    next_page_token: response.next_page_token,
-                })
-            }
-            // Only the first call can meet a server without the service: nothing to list.
-            Err(status) if is_unimplemented(&status) => Ok(Page {
-                items: Vec::new(),
-                next_page_token: String::new(),
-            }),
-            Err(status) => Err(rpc_error("ListEntryMetadata failed", &status)),
-        }
-    })
-    .await?;
-    Ok(metadata
-        .into_iter()
-        .map(|metadata| (metadata.entry_id.clone(), metadata))
-        .collect())
-}
-
-/// The stored metadata of the given entries, keyed by entry ID. A server without the
-/// metadata service (SPIRE) has none.
-pub(crate) async fn fetch_metadata(
-    client: &ServerClient,
-    entry_ids: &[String],
-) -> Result<HashMap<String, EntryMetadata>, tonic::Status> {
-    let mut found = HashMap::new();
-    for chunk in entry_ids.chunks(METADATA_BATCH) {
-        let request = GetEntryMetadataRequest {
-            entry_ids: chunk.to_vec(),
-        };
-        match client.entry_metadata().get_entry_metadata(request).await {
-            Ok(response) => {
-                for metadata in response.into_inner().metadata {
-                    found.insert(metadata.entry_id.clone(), metadata);
-                }
-            }
-            Err(status) if is_unimplemented(&status) => return Ok(HashMap::new()),
-            Err(status) => return Err(status),
-        }
-    }
-    Ok(found)
-}
-
 impl EntryFilterArgs {
     /// The ListEntries filter for these flags.
     fn to_filter(&self) -> anyhow::Result<list_entries_request::Filter> {
@@ -1271,34 +1175,6 @@ impl EntryFilterArgs {
     }
 }
 
-/// Every entry matching `filter`, page by page.
-pub(crate) async fn list_all_entries(
-    client: &ServerClient,
-    filter: list_entries_request::Filter,
-) -> anyhow::Result<Vec<types::Entry>> {
-    list_all(|page_size, page_token| {
-        let request = ListEntriesRequest {
-            filter: Some(filter.clone()),
-            output_mask: None,
-            page_size,
-            page_token,
-        };
-        async move {
-            let response = client
-                .entry()
-                .list_entries(request)
-                .await
-                .map_err(|status| rpc_error("ListEntries failed", &status))?
-                .into_inner();
-            Ok(Page {
-                items: response.entries,
-                next_page_token: response.next_page_token,
-            })
-        }
-    })
-    .await
-}
-
 async fn show(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     // Check the arguments before connecting, so that a typo is reported as such.
     let filter = match &args.entry_id {
@@ -1313,7 +1189,7 @@ async fn show(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
                 output_mask: None,
             };
             let entry = client
-                .entry()
+                .entry_service()
                 .get_entry(request)
                 .await
                 .map_err(|status| rpc_error(&format!("cannot get entry {id}"), &status))?
@@ -1362,7 +1238,7 @@ async fn delete(args: &DeleteArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         ids: args.entry_ids.clone(),
     };
     let results = client
-        .entry()
+        .entry_service()
         .batch_delete_entry(request)
         .await
         .map_err(|status| rpc_error("BatchDeleteEntry failed", &status))?
@@ -1412,7 +1288,7 @@ async fn count(args: &CountArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         filter: Some(filter),
     };
     let count = client
-        .entry()
+        .entry_service()
         .count_entries(request)
         .await
         .map_err(|status| rpc_error("CountEntries failed", &status))?
@@ -1444,10 +1320,9 @@ pub(crate) mod tests {
     fn overlaps_says_whether_another_writer_touched_the_fields_given() {
         let read = GovernedEntry {
             entry: Some(types::Entry {
-                id: "e".into(),
                 hint: "a".into(),
                 x509_svid_ttl: 60,
-                ..Default::default()
+                ..sample_entry()
             }),
             metadata: Some(EntryMetadata {
                 owner: "team".into(),
@@ -1478,6 +1353,10 @@ pub(crate) mod tests {
             owner
         ));
         assert!(!overlaps(&read, &renamed, &hint, no_metadata));
+        // An entry the server encodes unreadably counts as changed.
+        let mut unreadable = read.clone();
+        unreadable.entry.as_mut().unwrap().spiffe_id = None;
+        assert!(overlaps(&read, &unreadable, &hint, no_metadata));
     }
 
     pub(crate) fn metadata(owner: &str, reason: &str, ticket: &str) -> MetadataSpec {

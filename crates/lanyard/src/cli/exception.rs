@@ -8,13 +8,14 @@ use std::time::SystemTime;
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{ArgGroup, Args, Subcommand};
+use lanyard_core::policy::Exception;
 use lanyard_proto::lanyard::api::v1::{
-    CreateExceptionRequest, ExtendExceptionRequest, GetExceptionRequest, ListExceptionsRequest,
-    PolicyException, RevokeExceptionRequest,
+    ExtendExceptionRequest, PolicyException, RevokeExceptionRequest,
 };
 use serde_json::{Value, json};
 
-use crate::cli::client::{Page, ServerClient, SocketArgs, is_unimplemented, list_all, rpc_error};
+use crate::admin::rpc_error;
+use crate::cli::client::SocketArgs;
 use crate::cli::entry::CHANGED_SINCE_READ;
 use crate::cli::output::{OutputArgs, count_noun, write_field, write_json};
 use crate::cli::parse::{self, format_unix_time};
@@ -181,34 +182,6 @@ pub(crate) struct RevokeArgs {
     output: OutputArgs,
 }
 
-/// Where an exception stands at `now`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ExceptionStatus {
-    Active,
-    Expired,
-    Revoked,
-}
-
-impl ExceptionStatus {
-    pub(crate) fn of(exception: &PolicyException, now: i64) -> Self {
-        if exception.revoked_at != 0 {
-            Self::Revoked
-        } else if exception.expires_at <= now {
-            Self::Expired
-        } else {
-            Self::Active
-        }
-    }
-
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::Active => "active",
-            Self::Expired => "expired",
-            Self::Revoked => "revoked",
-        }
-    }
-}
-
 impl CreateArgs {
     /// The exception to send, checked as far as the CLI can.
     fn to_exception(&self, now: SystemTime) -> anyhow::Result<PolicyException> {
@@ -248,56 +221,17 @@ fn check_pattern(pattern: &str) -> anyhow::Result<String> {
     Ok(pattern.to_owned())
 }
 
-/// The "no ExceptionService" error, named for what it means.
-fn call_error(what: &str, status: &tonic::Status) -> anyhow::Error {
-    if is_unimplemented(status) {
-        anyhow!("this server does not keep exceptions (it has no lanyard.api.v1.ExceptionService)")
-    } else {
-        rpc_error(what, status)
-    }
-}
-
 async fn create(args: &CreateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let exception = args.to_exception(SystemTime::now())?;
     let client = args.socket.connect().await?;
-    let created = client
-        .exception()
-        .create_exception(CreateExceptionRequest {
-            exception: Some(exception),
-        })
-        .await
-        .map_err(|status| call_error("CreateException failed", &status))?
-        .into_inner();
+    let created = client.create_exception(exception).await?;
     write_one(out, &created, args.output.is_json())
-}
-
-pub(crate) async fn list_exceptions(
-    client: &ServerClient,
-    include_inactive: bool,
-) -> anyhow::Result<Vec<PolicyException>> {
-    list_all(|page_size, page_token| async move {
-        let response = client
-            .exception()
-            .list_exceptions(ListExceptionsRequest {
-                include_inactive,
-                page_size,
-                page_token,
-            })
-            .await
-            .map_err(|status| call_error("ListExceptions failed", &status))?
-            .into_inner();
-        Ok(Page {
-            items: response.exceptions,
-            next_page_token: response.next_page_token,
-        })
-    })
-    .await
 }
 
 async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
-    let exceptions = list_exceptions(&client, args.all).await?;
-    let now = unix_seconds(SystemTime::now())?;
+    let exceptions = client.exceptions(args.all).await?;
+    let now = SystemTime::now();
     if args.output.is_json() {
         let items: Vec<Value> = exceptions
             .iter()
@@ -310,14 +244,7 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 
 async fn show(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
-    let exception = client
-        .exception()
-        .get_exception(GetExceptionRequest {
-            id: args.id.clone(),
-        })
-        .await
-        .map_err(|status| call_error(&format!("cannot get exception {}", args.id), &status))?
-        .into_inner();
+    let exception = client.exception_by_id(&args.id).await?;
     write_one(out, &exception, args.output.is_json())
 }
 
@@ -326,18 +253,16 @@ async fn extend(args: &ExtendArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let reason = parse::non_empty("--reason", &args.reason)?;
     let client = args.socket.connect().await?;
     let extended = client
-        .exception()
         .extend_exception(ExtendExceptionRequest {
             id: args.id.clone(),
             expires_at,
             reason,
             expected_revision: args.revision,
         })
-        .await
+        .await?
         .map_err(|status| {
             conditional_error(&format!("cannot extend exception {}", args.id), &status)
-        })?
-        .into_inner();
+        })?;
     write_one(out, &extended, args.output.is_json())
 }
 
@@ -345,31 +270,29 @@ async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let reason = parse::non_empty("--reason", &args.reason)?;
     let client = args.socket.connect().await?;
     let revoked = client
-        .exception()
         .revoke_exception(RevokeExceptionRequest {
             id: args.id.clone(),
             reason,
             expected_revision: args.revision,
         })
-        .await
+        .await?
         .map_err(|status| {
             conditional_error(&format!("cannot revoke exception {}", args.id), &status)
-        })?
-        .into_inner();
+        })?;
     write_one(out, &revoked, args.output.is_json())
 }
 
-/// [`call_error`], with an exception that moved past `--revision` said plainly.
+/// A failed change, with an exception that moved past `--revision` said plainly.
 fn conditional_error(what: &str, status: &tonic::Status) -> anyhow::Error {
     if status.code() == tonic::Code::Aborted {
         anyhow::anyhow!("{what}: {CHANGED_SINCE_READ} ({})", status.message())
     } else {
-        call_error(what, status)
+        rpc_error(what, status)
     }
 }
 
-fn write_one(out: &mut dyn Write, exception: &PolicyException, json: bool) -> anyhow::Result<()> {
-    let now = unix_seconds(SystemTime::now())?;
+fn write_one(out: &mut dyn Write, exception: &Exception, json: bool) -> anyhow::Result<()> {
+    let now = SystemTime::now();
     if json {
         write_json(out, &exception_json(exception, now))
     } else {
@@ -377,65 +300,77 @@ fn write_one(out: &mut dyn Write, exception: &PolicyException, json: bool) -> an
     }
 }
 
-/// An exception as JSON: the message's fields plus its computed `status`.
-pub(crate) fn exception_json(exception: &PolicyException, now: i64) -> Value {
+/// A time in whole Unix seconds, as the JSON output carries it; 0 for none.
+fn seconds(time: Option<SystemTime>) -> i64 {
+    time.map_or(0, |time| unix_seconds(time).unwrap_or(0))
+}
+
+/// An exception as JSON: its fields (times in Unix seconds, 0 for none) plus its `status`.
+pub(crate) fn exception_json(exception: &Exception, now: SystemTime) -> Value {
     json!({
         "id": exception.id,
-        "status": ExceptionStatus::of(exception, now).as_str(),
+        "status": exception.status(now).as_str(),
         "owner": exception.owner,
         "reason": exception.reason,
-        "ticket": exception.ticket,
+        "ticket": exception.ticket.as_deref().unwrap_or_default(),
         "rules": exception.rules,
         "entry_ids": exception.entry_ids,
-        "spiffe_id_pattern": exception.spiffe_id_pattern,
-        "expires_at": exception.expires_at,
-        "created_at": exception.created_at,
+        "spiffe_id_pattern": exception.spiffe_id_pattern.as_deref().unwrap_or_default(),
+        "expires_at": seconds(Some(exception.expires_at)),
+        "created_at": seconds(Some(exception.created_at)),
         "created_by": exception.created_by,
-        "revoked_at": exception.revoked_at,
+        "revoked_at": seconds(exception.revoked_at),
         "revision": exception.revision,
     })
 }
 
 /// What an exception covers, in one phrase.
-fn scope_text(exception: &PolicyException) -> String {
+fn scope_text(exception: &Exception) -> String {
     let mut parts = Vec::new();
-    if !exception.spiffe_id_pattern.is_empty() {
-        parts.push(exception.spiffe_id_pattern.clone());
+    if let Some(pattern) = &exception.spiffe_id_pattern {
+        parts.push(pattern.clone());
     }
     if !exception.entry_ids.is_empty() {
-        parts.push(format!("entries {}", exception.entry_ids.join(",")));
+        let ids: Vec<&str> = exception.entry_ids.iter().map(String::as_str).collect();
+        parts.push(format!("entries {}", ids.join(",")));
     }
     parts.join("; ")
 }
 
+fn rules_text(exception: &Exception, separator: &str) -> String {
+    let rules: Vec<&str> = exception.rules.iter().map(String::as_str).collect();
+    rules.join(separator)
+}
+
 fn write_exception_pretty(
     out: &mut dyn Write,
-    exception: &PolicyException,
-    now: i64,
+    exception: &Exception,
+    now: SystemTime,
 ) -> anyhow::Result<()> {
+    let time = |at: SystemTime| format_unix_time(seconds(Some(at)));
     write_field(out, "Exception ID", &exception.id)?;
-    write_field(out, "Status", ExceptionStatus::of(exception, now).as_str())?;
-    write_field(out, "Rules", &exception.rules.join(", "))?;
-    if !exception.spiffe_id_pattern.is_empty() {
-        write_field(out, "SPIFFE ID", &exception.spiffe_id_pattern)?;
+    write_field(out, "Status", exception.status(now).as_str())?;
+    write_field(out, "Rules", &rules_text(exception, ", "))?;
+    if let Some(pattern) = &exception.spiffe_id_pattern {
+        write_field(out, "SPIFFE ID", pattern)?;
     }
     for entry_id in &exception.entry_ids {
         write_field(out, "Entry ID", entry_id)?;
     }
     write_field(out, "Owner", &exception.owner)?;
     write_field(out, "Reason", &exception.reason)?;
-    if !exception.ticket.is_empty() {
-        write_field(out, "Ticket", &exception.ticket)?;
+    if let Some(ticket) = &exception.ticket {
+        write_field(out, "Ticket", ticket)?;
     }
-    write_field(out, "Expires at", &format_unix_time(exception.expires_at))?;
-    if exception.revoked_at != 0 {
-        write_field(out, "Revoked at", &format_unix_time(exception.revoked_at))?;
+    write_field(out, "Expires at", &time(exception.expires_at))?;
+    if let Some(revoked_at) = exception.revoked_at {
+        write_field(out, "Revoked at", &time(revoked_at))?;
     }
     if exception.revision != 0 {
         write_field(out, "Revision", &exception.revision.to_string())?;
     }
-    if exception.created_at != 0 {
-        write_field(out, "Created at", &format_unix_time(exception.created_at))?;
+    if exception.created_at > SystemTime::UNIX_EPOCH {
+        write_field(out, "Created at", &time(exception.created_at))?;
     }
     if !exception.created_by.is_empty() {
         write_field(out, "Created by", &exception.created_by)?;
@@ -472,8 +407,8 @@ pub(crate) fn write_columns(out: &mut dyn Write, rows: &[Vec<String>]) -> anyhow
 
 fn write_table(
     out: &mut dyn Write,
-    exceptions: &[PolicyException],
-    now: i64,
+    exceptions: &[Exception],
+    now: SystemTime,
 ) -> anyhow::Result<()> {
     if exceptions.is_empty() {
         writeln!(out, "No exceptions")?;
@@ -487,11 +422,11 @@ fn write_table(
     for exception in exceptions {
         rows.push(vec![
             exception.id.clone(),
-            ExceptionStatus::of(exception, now).as_str().to_owned(),
-            exception.rules.join(","),
+            exception.status(now).as_str().to_owned(),
+            rules_text(exception, ","),
             scope_text(exception),
             exception.owner.clone(),
-            format_unix_time(exception.expires_at),
+            format_unix_time(seconds(Some(exception.expires_at))),
         ]);
     }
     write_columns(out, &rows)?;
@@ -623,35 +558,24 @@ mod tests {
     }
 
     #[test]
-    fn status_follows_revocation_then_expiry() {
-        let mut exception = PolicyException {
-            expires_at: 100,
-            ..Default::default()
-        };
-        assert_eq!(ExceptionStatus::of(&exception, 99), ExceptionStatus::Active);
-        assert_eq!(
-            ExceptionStatus::of(&exception, 100),
-            ExceptionStatus::Expired
-        );
-        exception.revoked_at = 50;
-        assert_eq!(
-            ExceptionStatus::of(&exception, 60),
-            ExceptionStatus::Revoked
-        );
-    }
-
-    #[test]
     fn tables_align_columns() {
-        let exception = PolicyException {
+        let at = |seconds| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+        let exception = Exception {
             id: "ex-1".into(),
             owner: "team-a".into(),
-            rules: vec!["admin-needs-exception".into()],
-            spiffe_id_pattern: "spiffe://example.org/a".into(),
-            expires_at: 1_700_000_000,
-            ..Default::default()
+            reason: "r".into(),
+            ticket: None,
+            rules: ["admin-needs-exception".to_owned()].into(),
+            entry_ids: Default::default(),
+            spiffe_id_pattern: Some("spiffe://example.org/a".into()),
+            expires_at: at(1_700_000_000),
+            created_at: at(1_600_000_000),
+            created_by: String::new(),
+            revoked_at: None,
+            revision: 1,
         };
         let mut out = Vec::new();
-        write_table(&mut out, &[exception], 1_800_000_000).expect("writes");
+        write_table(&mut out, &[exception], at(1_800_000_000)).expect("writes");
         let text = String::from_utf8(out).expect("utf-8");
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("ID    STATUS   RULES"), "{text}");

@@ -22,8 +22,9 @@ use lanyard_proto::spire::api::types::federation_relationship::BundleEndpointPro
 use serde_json::{Value, json};
 
 use self::data::{BundleSource, RelationshipConfig};
+use crate::admin::{Page, describe_status, item_code, list_all, rpc_error};
 use crate::cli::bundle::BundleFormat;
-use crate::cli::client::{Page, SocketArgs, describe_status, item_code, list_all, rpc_error};
+use crate::cli::client::SocketArgs;
 use crate::cli::entry::read_input;
 use crate::cli::output::{
     OutputArgs, bundle_json, count_noun, status_json, status_text, write_json,

@@ -16,10 +16,10 @@ use lanyard_proto::spire::api::server::entry::v1::{GetEntryRequest, list_entries
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::cli::client::{ServerClient, SocketArgs, describe_status, is_unimplemented, rpc_error};
-use crate::cli::entry::{
-    CHANGED_SINCE_READ, fetch_metadata, governed_entry, list_all_entries, list_all_metadata,
-};
+use crate::admin::{Admin, describe_status, is_unimplemented, rpc_error};
+use crate::admin::{fetch_metadata, list_all_entries, list_all_metadata};
+use crate::cli::client::SocketArgs;
+use crate::cli::entry::{CHANGED_SINCE_READ, governed_entry};
 use crate::cli::exception::{unix_seconds, write_columns};
 use crate::cli::output::{OutputArgs, count_noun, entry_json, write_json};
 use crate::cli::parse::{self, format_unix_time, spiffe_id_text};
@@ -258,7 +258,7 @@ struct Grant {
     metadata: EntryMetadata,
 }
 
-async fn list_grants(client: &ServerClient) -> anyhow::Result<Vec<Grant>> {
+async fn list_grants(client: &Admin) -> anyhow::Result<Vec<Grant>> {
     let metadata = list_all_metadata(client).await?;
     let entries = list_all_entries(client, list_entries_request::Filter::default()).await?;
     let mut grants: Vec<Grant> = entries
@@ -331,7 +331,7 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
     let mut entry = client
-        .entry()
+        .entry_service()
         .get_entry(GetEntryRequest {
             id: args.entry_id.clone(),
             output_mask: None,

@@ -7,7 +7,8 @@ use clap::Args;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::cli::client::{SocketArgs, describe_status};
+use crate::admin::describe_status;
+use crate::cli::client::SocketArgs;
 
 #[derive(Debug, Args)]
 pub(crate) struct HealthcheckArgs {

@@ -13,8 +13,8 @@ use lanyard_proto::convert::entry_from_proto;
 use lanyard_proto::spire::api::server::entry::v1::list_entries_request;
 use serde_json::json;
 
+use crate::admin::{fetch_metadata, list_all_entries};
 use crate::cli::client::SocketArgs;
-use crate::cli::entry::{fetch_metadata, list_all_entries};
 use crate::cli::output::{OutputArgs, count_noun, write_json};
 use crate::cli::parse;
 
@@ -127,7 +127,7 @@ async fn check(args: &CheckArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let ids: Vec<String> = entries.iter().map(|entry| entry.id.clone()).collect();
     let metadata = fetch_metadata(&client, &ids)
         .await
-        .map_err(|status| crate::cli::client::rpc_error("GetEntryMetadata failed", &status))?;
+        .map_err(|status| crate::admin::rpc_error("GetEntryMetadata failed", &status))?;
     let now = SystemTime::now();
 
     let mut broken = Vec::new();

@@ -12,25 +12,20 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Subcommand};
-use lanyard_core::policy::spiffe_id_matches;
-use lanyard_proto::lanyard::api::v1::{
-    EntryMetadata, EntryUsage, Issuance, ListExceptionsRequest, ListIssuancesRequest,
-    ListUsageRequest, PolicyException,
-};
-use lanyard_proto::spire::api::server::entry::v1::{GetEntryRequest, list_entries_request};
-use lanyard_proto::spire::api::types;
+use lanyard_core::RegistrationEntry;
+use lanyard_core::ledger::{EntryUsage, Issuance};
+use lanyard_core::policy::{Exception, unix_seconds};
+use lanyard_proto::lanyard::api::v1::ListIssuancesRequest;
+use lanyard_proto::spire::api::server::entry::v1::list_entries_request;
 use serde_json::{Value, json};
 
-use crate::cli::client::{
-    Page, ServerClient, SocketArgs, describe_status, is_unimplemented, list_all,
-};
-use crate::cli::entry::{fetch_metadata, list_all_entries};
+use crate::cli::client::SocketArgs;
 use crate::cli::output::{OutputArgs, write_json};
-use crate::cli::parse::{self, format_unix_time, spiffe_id_text};
+use crate::cli::parse::{self, format_unix_time};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ReportCommand {
@@ -63,7 +58,7 @@ impl ReportCommand {
     }
 
     pub(crate) async fn run(self, out: &mut dyn Write) -> anyhow::Result<()> {
-        let now = unix_now();
+        let now = SystemTime::now();
         match self {
             Self::Stale(args) => stale(&args, now, out).await,
             Self::Expiring(args) => expiring(&args, now, out).await,
@@ -132,18 +127,20 @@ struct StaleEntry {
     entry_id: String,
     spiffe_id: String,
     owner: String,
-    /// The latest issuance or serve over all agents; 0 if never.
-    last_used_at: i64,
-    created_at: i64,
+    /// The latest issuance or serve over all agents; `None` if never.
+    last_used_at: Option<SystemTime>,
+    created_at: SystemTime,
 }
 
 /// The most recent use of each entry: the latest of its last issuance and last serve over
 /// every agent.
-fn last_used(usage: &[EntryUsage]) -> HashMap<&str, i64> {
-    let mut last = HashMap::new();
+fn last_used(usage: &[EntryUsage]) -> HashMap<&str, SystemTime> {
+    let mut last: HashMap<&str, SystemTime> = HashMap::new();
     for record in usage {
-        let used = record.last_issued_at.max(record.last_served_at);
-        let slot = last.entry(record.entry_id.as_str()).or_insert(0);
+        let Some(used) = record.last_issued_at.max(record.last_served_at) else {
+            continue;
+        };
+        let slot = last.entry(record.entry_id.as_str()).or_insert(used);
         *slot = (*slot).max(used);
     }
     last
@@ -151,25 +148,20 @@ fn last_used(usage: &[EntryUsage]) -> HashMap<&str, i64> {
 
 /// The entries last used before `cutoff`, or never used and created before it.
 fn stale_entries(
-    entries: &[types::Entry],
-    metadata: &HashMap<String, EntryMetadata>,
+    entries: &[RegistrationEntry],
     usage: &[EntryUsage],
-    cutoff: i64,
+    cutoff: SystemTime,
 ) -> Vec<StaleEntry> {
     let last_used = last_used(usage);
     entries
         .iter()
         .filter_map(|entry| {
-            let last_used_at = last_used.get(entry.id.as_str()).copied().unwrap_or(0);
-            let stale = if last_used_at > 0 {
-                last_used_at < cutoff
-            } else {
-                entry.created_at < cutoff
-            };
+            let last_used_at = last_used.get(entry.id.as_str()).copied();
+            let stale = last_used_at.unwrap_or(entry.created_at) < cutoff;
             stale.then(|| StaleEntry {
-                entry_id: entry.id.clone(),
-                spiffe_id: spiffe_id_text(entry.spiffe_id.as_ref()),
-                owner: owner_of(metadata, &entry.id).to_owned(),
+                entry_id: entry.id.to_string(),
+                spiffe_id: entry.spiffe_id.to_string(),
+                owner: owner_of(entry).to_owned(),
                 last_used_at,
                 created_at: entry.created_at,
             })
@@ -177,13 +169,17 @@ fn stale_entries(
         .collect()
 }
 
-async fn stale(args: &StaleArgs, now: i64, out: &mut dyn Write) -> anyhow::Result<()> {
+async fn stale(args: &StaleArgs, now: SystemTime, out: &mut dyn Write) -> anyhow::Result<()> {
     let unused_for = duration_seconds("--unused-for", &args.unused_for)?;
     let client = args.common.socket.connect().await?;
-    let (entries, metadata) = entries_with_metadata(&client).await?;
-    let usage = list_usage(&client, Vec::new()).await?;
-    let cutoff = now.saturating_sub(unused_for);
-    let mut stale = stale_entries(&entries, &metadata, &usage, cutoff);
+    let entries = client
+        .entries(list_entries_request::Filter::default())
+        .await?;
+    let usage = client.usage(Vec::new()).await?;
+    let cutoff = now
+        .checked_sub(Duration::from_secs(unused_for.unsigned_abs()))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut stale = stale_entries(&entries, &usage, cutoff);
     stale.sort_by(|a, b| {
         (a.last_used_at, a.created_at, &a.entry_id).cmp(&(
             b.last_used_at,
@@ -200,14 +196,14 @@ async fn stale(args: &StaleArgs, now: i64, out: &mut dyn Write) -> anyhow::Resul
                     "entry_id": entry.entry_id,
                     "spiffe_id": entry.spiffe_id,
                     "owner": entry.owner,
-                    "last_used_at": entry.last_used_at,
-                    "created_at": entry.created_at,
+                    "last_used_at": seconds_or_zero(entry.last_used_at),
+                    "created_at": seconds(entry.created_at),
                 })
             })
             .collect();
         return write_json(
             out,
-            &json!({ "unused_for": unused_for, "cutoff": cutoff, "entries": entries }),
+            &json!({ "unused_for": unused_for, "cutoff": seconds(cutoff), "entries": entries }),
         );
     }
     let mut table = Table::new(["ENTRY ID", "SPIFFE ID", "OWNER", "LAST USED", "CREATED"]);
@@ -216,8 +212,8 @@ async fn stale(args: &StaleArgs, now: i64, out: &mut dyn Write) -> anyhow::Resul
             entry.entry_id.clone(),
             entry.spiffe_id.clone(),
             or_dash(&entry.owner),
-            format_unix_time(entry.last_used_at),
-            time_or_dash(entry.created_at),
+            format_unix_time(seconds_or_zero(entry.last_used_at)),
+            time_or_dash(seconds(entry.created_at)),
         ]);
     }
     table.write(
@@ -265,47 +261,55 @@ impl Expiring {
 /// Entries and exceptions (neither revoked nor already expired) whose expiry falls in
 /// `(now, now + within]`, soonest first.
 fn expiring_items(
-    entries: &[types::Entry],
-    metadata: &HashMap<String, EntryMetadata>,
-    exceptions: &[PolicyException],
-    now: i64,
-    within: i64,
+    entries: &[RegistrationEntry],
+    exceptions: &[Exception],
+    now: SystemTime,
+    within: Duration,
 ) -> Vec<Expiring> {
-    let horizon = now.saturating_add(within);
-    let in_window = |expires_at: i64| expires_at > now && expires_at <= horizon;
+    let horizon = now.checked_add(within).unwrap_or(now);
+    let in_window = |expires_at: SystemTime| expires_at > now && expires_at <= horizon;
     let mut items: Vec<Expiring> = entries
         .iter()
-        .filter(|entry| entry.expires_at != 0 && in_window(entry.expires_at))
-        .map(|entry| Expiring::Entry {
-            id: entry.id.clone(),
-            spiffe_id: spiffe_id_text(entry.spiffe_id.as_ref()),
-            owner: owner_of(metadata, &entry.id).to_owned(),
-            expires_at: entry.expires_at,
+        .filter_map(|entry| {
+            let expires_at = entry.expires_at.filter(|at| in_window(*at))?;
+            Some(Expiring::Entry {
+                id: entry.id.to_string(),
+                spiffe_id: entry.spiffe_id.to_string(),
+                owner: owner_of(entry).to_owned(),
+                expires_at: seconds(expires_at),
+            })
         })
         .collect();
     items.extend(
         exceptions
             .iter()
-            .filter(|e| exception_status(e, now) == ExceptionStatus::Active)
-            .filter(|e| in_window(e.expires_at))
+            .filter(|e| e.is_active(now) && in_window(e.expires_at))
             .map(|e| Expiring::Exception {
                 id: e.id.clone(),
-                spiffe_id_pattern: e.spiffe_id_pattern.clone(),
-                entry_ids: e.entry_ids.clone(),
+                spiffe_id_pattern: e.spiffe_id_pattern.clone().unwrap_or_default(),
+                entry_ids: e.entry_ids.iter().cloned().collect(),
                 owner: e.owner.clone(),
-                expires_at: e.expires_at,
+                expires_at: seconds(e.expires_at),
             }),
     );
     items.sort_by(|a, b| (a.expires_at(), a.id()).cmp(&(b.expires_at(), b.id())));
     items
 }
 
-async fn expiring(args: &ExpiringArgs, now: i64, out: &mut dyn Write) -> anyhow::Result<()> {
+async fn expiring(args: &ExpiringArgs, now: SystemTime, out: &mut dyn Write) -> anyhow::Result<()> {
     let within = duration_seconds("--within", &args.within)?;
     let client = args.common.socket.connect().await?;
-    let (entries, metadata) = entries_with_metadata(&client).await?;
-    let exceptions = list_exceptions(&client).await?;
-    let items = expiring_items(&entries, &metadata, &exceptions, now, within);
+    let entries = client
+        .entries(list_entries_request::Filter::default())
+        .await?;
+    let exceptions = client.exceptions(true).await?;
+    let items = expiring_items(
+        &entries,
+        &exceptions,
+        now,
+        Duration::from_secs(within.unsigned_abs()),
+    );
+    let now = seconds(now);
 
     if args.common.output.is_json() {
         let items: Vec<Value> = items
@@ -380,54 +384,20 @@ async fn expiring(args: &ExpiringArgs, now: i64, out: &mut dyn Write) -> anyhow:
 
 // ----- exceptions -----
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ExceptionStatus {
-    Active,
-    Expired,
-    Revoked,
-}
-
-impl ExceptionStatus {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Active => "active",
-            Self::Expired => "expired",
-            Self::Revoked => "revoked",
-        }
-    }
-}
-
-/// An exception's status at `now`, as the server's policy sees it: revoked once its
-/// revocation time has come, expired at its expiry.
-fn exception_status(exception: &PolicyException, now: i64) -> ExceptionStatus {
-    if exception.revoked_at != 0 && exception.revoked_at <= now {
-        ExceptionStatus::Revoked
-    } else if exception.expires_at <= now {
-        ExceptionStatus::Expired
-    } else {
-        ExceptionStatus::Active
-    }
-}
-
 /// How many of `entries` the exception's scope includes (by entry ID or SPIFFE ID pattern).
-fn n_covered(exception: &PolicyException, entries: &[types::Entry]) -> usize {
+fn n_covered(exception: &Exception, entries: &[RegistrationEntry]) -> usize {
     entries
         .iter()
-        .filter(|entry| {
-            exception.entry_ids.contains(&entry.id)
-                || (!exception.spiffe_id_pattern.is_empty()
-                    && spiffe_id_matches(
-                        &exception.spiffe_id_pattern,
-                        &spiffe_id_text(entry.spiffe_id.as_ref()),
-                    ))
-        })
+        .filter(|entry| exception.covers(entry.id.as_str(), entry.spiffe_id.as_ref()))
         .count()
 }
 
-async fn exceptions(args: &CommonArgs, now: i64, out: &mut dyn Write) -> anyhow::Result<()> {
+async fn exceptions(args: &CommonArgs, now: SystemTime, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
-    let exceptions = list_exceptions(&client).await?;
-    let entries = list_all_entries(&client, list_entries_request::Filter::default()).await?;
+    let exceptions = client.exceptions(true).await?;
+    let entries = client
+        .entries(list_entries_request::Filter::default())
+        .await?;
 
     if args.output.is_json() {
         let items: Vec<Value> = exceptions
@@ -435,17 +405,17 @@ async fn exceptions(args: &CommonArgs, now: i64, out: &mut dyn Write) -> anyhow:
             .map(|e| {
                 json!({
                     "id": e.id,
-                    "status": exception_status(e, now).as_str(),
+                    "status": e.status(now).as_str(),
                     "owner": e.owner,
                     "reason": e.reason,
-                    "ticket": e.ticket,
+                    "ticket": e.ticket.as_deref().unwrap_or_default(),
                     "rules": e.rules,
                     "entry_ids": e.entry_ids,
-                    "spiffe_id_pattern": e.spiffe_id_pattern,
-                    "expires_at": e.expires_at,
-                    "created_at": e.created_at,
+                    "spiffe_id_pattern": e.spiffe_id_pattern.as_deref().unwrap_or_default(),
+                    "expires_at": seconds(e.expires_at),
+                    "created_at": seconds(e.created_at),
                     "created_by": e.created_by,
-                    "revoked_at": e.revoked_at,
+                    "revoked_at": seconds_or_zero(e.revoked_at),
                     "covered_entries": n_covered(e, &entries),
                 })
             })
@@ -462,13 +432,18 @@ async fn exceptions(args: &CommonArgs, now: i64, out: &mut dyn Write) -> anyhow:
         "COVERS",
     ]);
     for e in &exceptions {
+        let entry_ids: Vec<String> = e.entry_ids.iter().cloned().collect();
+        let rules: Vec<&str> = e.rules.iter().map(String::as_str).collect();
         table.row([
             e.id.clone(),
-            exception_status(e, now).as_str().to_owned(),
+            e.status(now).as_str().to_owned(),
             or_dash(&e.owner),
-            or_dash(&e.rules.join(", ")),
-            scope_text(&e.spiffe_id_pattern, &e.entry_ids),
-            format_unix_time(e.expires_at),
+            or_dash(&rules.join(", ")),
+            scope_text(
+                e.spiffe_id_pattern.as_deref().unwrap_or_default(),
+                &entry_ids,
+            ),
+            format_unix_time(seconds(e.expires_at)),
             n_covered(e, &entries).to_string(),
         ]);
     }
@@ -479,23 +454,25 @@ async fn exceptions(args: &CommonArgs, now: i64, out: &mut dyn Write) -> anyhow:
 
 async fn ownerless(args: &CommonArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
-    let (entries, metadata) = entries_with_metadata(&client).await?;
-    let ownerless: Vec<&types::Entry> = entries
+    let entries = client
+        .entries(list_entries_request::Filter::default())
+        .await?;
+    let ownerless: Vec<&RegistrationEntry> = entries
         .iter()
-        .filter(|entry| owner_of(&metadata, &entry.id).is_empty())
+        .filter(|entry| owner_of(entry).is_empty())
         .collect();
-    let source_of = |id: &str| metadata.get(id).map_or("", |m| m.source.as_str());
+    let source_of = |entry: &RegistrationEntry| entry.source.clone().unwrap_or_default();
 
     if args.output.is_json() {
         let items: Vec<Value> = ownerless
             .iter()
             .map(|entry| {
                 json!({
-                    "entry_id": entry.id,
-                    "spiffe_id": spiffe_id_text(entry.spiffe_id.as_ref()),
-                    "parent_id": spiffe_id_text(entry.parent_id.as_ref()),
-                    "source": source_of(&entry.id),
-                    "created_at": entry.created_at,
+                    "entry_id": entry.id.as_str(),
+                    "spiffe_id": entry.spiffe_id.to_string(),
+                    "parent_id": entry.parent_id.to_string(),
+                    "source": source_of(entry),
+                    "created_at": seconds(entry.created_at),
                 })
             })
             .collect();
@@ -504,11 +481,11 @@ async fn ownerless(args: &CommonArgs, out: &mut dyn Write) -> anyhow::Result<()>
     let mut table = Table::new(["ENTRY ID", "SPIFFE ID", "PARENT ID", "SOURCE", "CREATED"]);
     for entry in &ownerless {
         table.row([
-            entry.id.clone(),
-            spiffe_id_text(entry.spiffe_id.as_ref()),
-            spiffe_id_text(entry.parent_id.as_ref()),
-            or_dash(source_of(&entry.id)),
-            time_or_dash(entry.created_at),
+            entry.id.to_string(),
+            entry.spiffe_id.to_string(),
+            entry.parent_id.to_string(),
+            or_dash(&source_of(entry)),
+            time_or_dash(seconds(entry.created_at)),
         ]);
     }
     table.write(out, "Every entry has an owner.")
@@ -531,66 +508,56 @@ async fn usage(args: &UsageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
                 by_spiffe_id: Some(id),
                 ..Default::default()
             };
-            let entries = list_all_entries(&client, filter).await?;
+            let entries = client.entries(filter).await?;
             if entries.is_empty() {
                 bail!("no entry has SPIFFE ID {}", args.target);
             }
             entries
         }
-        None => {
-            let request = GetEntryRequest {
-                id: args.target.clone(),
-                output_mask: None,
-            };
-            let entry = client
-                .entry()
-                .get_entry(request)
-                .await
-                .map_err(|status| {
-                    anyhow!(
-                        "cannot get entry {}: {}",
-                        args.target,
-                        describe_status(status.code(), status.message())
-                    )
-                })?
-                .into_inner();
-            vec![entry]
-        }
+        None => vec![client.entry(&args.target).await?],
     };
-    let ids: Vec<String> = entries.iter().map(|entry| entry.id.clone()).collect();
-    let usage = list_usage(&client, ids).await?;
+    let ids: Vec<String> = entries.iter().map(|entry| entry.id.to_string()).collect();
+    let usage = client.usage(ids).await?;
     let mut reports = Vec::with_capacity(entries.len());
     for entry in &entries {
-        let agents: Vec<&EntryUsage> = usage.iter().filter(|u| u.entry_id == entry.id).collect();
+        let agents: Vec<&EntryUsage> = usage
+            .iter()
+            .filter(|u| u.entry_id == entry.id.as_str())
+            .collect();
         let issuances = if page_size == 0 {
             Vec::new()
         } else {
             let request = ListIssuancesRequest {
-                entry_id: entry.id.clone(),
+                entry_id: entry.id.to_string(),
                 page_size,
                 ..Default::default()
             };
-            let mut issuances = list_issuances_page(&client, request).await?.0;
+            let mut issuances = client.issuances_page(request).await?;
             issuances.truncate(args.issuances as usize);
             issuances
         };
         reports.push((entry, agents, issuances));
     }
+    let latest = |agents: &[&EntryUsage], at: fn(&EntryUsage) -> Option<SystemTime>| {
+        seconds_or_zero(agents.iter().filter_map(|u| at(u)).max())
+    };
+    let issued_at = |u: &EntryUsage| u.last_issued_at;
+    let served_at = |u: &EntryUsage| u.last_served_at;
 
     if args.common.output.is_json() {
         let items: Vec<Value> = reports
             .iter()
             .map(|(entry, agents, issuances)| {
                 json!({
-                    "entry_id": entry.id,
-                    "spiffe_id": spiffe_id_text(entry.spiffe_id.as_ref()),
-                    "last_issued_at": agents.iter().map(|u| u.last_issued_at).max().unwrap_or(0),
-                    "last_served_at": agents.iter().map(|u| u.last_served_at).max().unwrap_or(0),
+                    "entry_id": entry.id.as_str(),
+                    "spiffe_id": entry.spiffe_id.to_string(),
+                    "last_issued_at": latest(agents, issued_at),
+                    "last_served_at": latest(agents, served_at),
                     "agents": agents.iter().map(|u| json!({
                         "agent_id": u.agent_id,
                         "issued": u.issued,
-                        "last_issued_at": u.last_issued_at,
-                        "last_served_at": u.last_served_at,
+                        "last_issued_at": seconds_or_zero(u.last_issued_at),
+                        "last_served_at": seconds_or_zero(u.last_served_at),
                     })).collect::<Vec<_>>(),
                     "issuances": issuances.iter().map(issuance_json).collect::<Vec<_>>(),
                 })
@@ -602,14 +569,10 @@ async fn usage(args: &UsageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         if index > 0 {
             writeln!(out)?;
         }
-        let last_issued = agents.iter().map(|u| u.last_issued_at).max().unwrap_or(0);
-        let last_served = agents.iter().map(|u| u.last_served_at).max().unwrap_or(0);
+        let last_issued = latest(agents, issued_at);
+        let last_served = latest(agents, served_at);
         writeln!(out, "Entry ID    : {}", entry.id)?;
-        writeln!(
-            out,
-            "SPIFFE ID   : {}",
-            spiffe_id_text(entry.spiffe_id.as_ref())
-        )?;
+        writeln!(out, "SPIFFE ID   : {}", entry.spiffe_id)?;
         writeln!(out, "Last issued : {}", format_unix_time(last_issued))?;
         writeln!(out, "Last served : {}", format_unix_time(last_served))?;
         writeln!(out)?;
@@ -618,8 +581,8 @@ async fn usage(args: &UsageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             table.row([
                 u.agent_id.clone(),
                 u.issued.to_string(),
-                format_unix_time(u.last_issued_at),
-                format_unix_time(u.last_served_at),
+                format_unix_time(seconds_or_zero(u.last_issued_at)),
+                format_unix_time(seconds_or_zero(u.last_served_at)),
             ]);
         }
         table.write(out, "No agent was issued or served this entry.")?;
@@ -635,11 +598,11 @@ async fn usage(args: &UsageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             ]);
             for issuance in issuances {
                 table.row([
-                    issuance.kind.clone(),
+                    issuance.kind.as_str().to_owned(),
                     issuance.serial.clone(),
-                    issuance.agent_id.clone(),
-                    format_unix_time(issuance.issued_at),
-                    format_unix_time(issuance.not_after),
+                    issuance.agent_id.to_string(),
+                    format_unix_time(seconds(issuance.issued_at)),
+                    format_unix_time(seconds(issuance.not_after)),
                     or_dash(&issuance.exception_ids.join(", ")),
                 ]);
             }
@@ -651,14 +614,14 @@ async fn usage(args: &UsageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 
 fn issuance_json(issuance: &Issuance) -> Value {
     json!({
-        "kind": issuance.kind,
+        "kind": issuance.kind.as_str(),
         "serial": issuance.serial,
         "entry_id": issuance.entry_id,
-        "spiffe_id": issuance.spiffe_id,
-        "agent_id": issuance.agent_id,
+        "spiffe_id": issuance.spiffe_id.to_string(),
+        "agent_id": issuance.agent_id.to_string(),
         "authority_id": issuance.authority_id,
-        "issued_at": issuance.issued_at,
-        "not_after": issuance.not_after,
+        "issued_at": seconds(issuance.issued_at),
+        "not_after": seconds(issuance.not_after),
         "exception_ids": issuance.exception_ids,
     })
 }
@@ -675,18 +638,18 @@ struct Holding {
 
 impl Holding {
     fn add(&mut self, issuance: &Issuance) {
-        self.agents.insert(issuance.agent_id.clone());
+        self.agents.insert(issuance.agent_id.to_string());
         self.n_svids += 1;
-        self.latest_not_after = self.latest_not_after.max(issuance.not_after);
+        self.latest_not_after = self.latest_not_after.max(seconds(issuance.not_after));
     }
 }
 
 /// Groups issuances by `key`.
-fn holdings<'a>(
-    issuances: &'a [Issuance],
-    key: impl Fn(&'a Issuance) -> &'a str,
-) -> BTreeMap<&'a str, Holding> {
-    let mut grouped: BTreeMap<&str, Holding> = BTreeMap::new();
+fn holdings(
+    issuances: &[Issuance],
+    key: impl Fn(&Issuance) -> String,
+) -> BTreeMap<String, Holding> {
+    let mut grouped: BTreeMap<String, Holding> = BTreeMap::new();
     for issuance in issuances {
         grouped.entry(key(issuance)).or_default().add(issuance);
     }
@@ -719,12 +682,12 @@ async fn holders(args: &HoldersArgs, out: &mut dyn Write) -> anyhow::Result<()> 
         unexpired_only: true,
         ..Default::default()
     };
-    let issuances = list_all_issuances(&client, request).await?;
+    let issuances = client.issuances(request).await?;
     let json_output = args.common.output.is_json();
 
     match authority {
         None => {
-            let by_authority = holdings(&issuances, |i| i.authority_id.as_str());
+            let by_authority = holdings(&issuances, |i| i.authority_id.clone());
             if json_output {
                 let items: Vec<Value> = by_authority
                     .iter()
@@ -751,7 +714,7 @@ async fn holders(args: &HoldersArgs, out: &mut dyn Write) -> anyhow::Result<()> 
             table.write(out, "No unexpired SVIDs are recorded.")
         }
         Some(authority_id) => {
-            let by_agent = holdings(&issuances, |i| i.agent_id.as_str());
+            let by_agent = holdings(&issuances, |i| i.agent_id.to_string());
             if json_output {
                 let items: Vec<Value> = by_agent
                     .iter()
@@ -782,120 +745,6 @@ async fn holders(args: &HoldersArgs, out: &mut dyn Write) -> anyhow::Result<()> 
             )
         }
     }
-}
-
-// ----- server calls -----
-
-/// Describes a failed governance call; a server without Lanyard's services (SPIRE) is named
-/// as such.
-fn governance_error(what: &str, status: &tonic::Status) -> anyhow::Error {
-    if is_unimplemented(status) {
-        anyhow!(
-            "{what}: the server has no Lanyard governance services (is it a SPIRE server?) ({:?})",
-            status.code()
-        )
-    } else {
-        anyhow!(
-            "{what}: {}",
-            describe_status(status.code(), status.message())
-        )
-    }
-}
-
-/// Every entry, with the metadata of those that have any.
-async fn entries_with_metadata(
-    client: &ServerClient,
-) -> anyhow::Result<(Vec<types::Entry>, HashMap<String, EntryMetadata>)> {
-    let entries = list_all_entries(client, list_entries_request::Filter::default()).await?;
-    let ids: Vec<String> = entries.iter().map(|entry| entry.id.clone()).collect();
-    let metadata = fetch_metadata(client, &ids)
-        .await
-        .map_err(|status| governance_error("GetEntryMetadata failed", &status))?;
-    Ok((entries, metadata))
-}
-
-/// The usage of `entry_ids` (of every entry when empty), page by page.
-async fn list_usage(
-    client: &ServerClient,
-    entry_ids: Vec<String>,
-) -> anyhow::Result<Vec<EntryUsage>> {
-    list_all(|page_size, page_token| {
-        let request = ListUsageRequest {
-            entry_ids: entry_ids.clone(),
-            page_size,
-            page_token,
-        };
-        async move {
-            let response = client
-                .usage()
-                .list_usage(request)
-                .await
-                .map_err(|status| governance_error("ListUsage failed", &status))?
-                .into_inner();
-            Ok(Page {
-                items: response.usage,
-                next_page_token: response.next_page_token,
-            })
-        }
-    })
-    .await
-}
-
-/// Every exception, active or not, page by page.
-async fn list_exceptions(client: &ServerClient) -> anyhow::Result<Vec<PolicyException>> {
-    list_all(|page_size, page_token| async move {
-        let response = client
-            .exception()
-            .list_exceptions(ListExceptionsRequest {
-                include_inactive: true,
-                page_size,
-                page_token,
-            })
-            .await
-            .map_err(|status| governance_error("ListExceptions failed", &status))?
-            .into_inner();
-        Ok(Page {
-            items: response.exceptions,
-            next_page_token: response.next_page_token,
-        })
-    })
-    .await
-}
-
-/// One page of issuances, newest first, and the next page's token.
-async fn list_issuances_page(
-    client: &ServerClient,
-    request: ListIssuancesRequest,
-) -> anyhow::Result<(Vec<Issuance>, String)> {
-    let response = client
-        .usage()
-        .list_issuances(request)
-        .await
-        .map_err(|status| governance_error("ListIssuances failed", &status))?
-        .into_inner();
-    Ok((response.issuances, response.next_page_token))
-}
-
-/// Every issuance matching `request`, page by page.
-async fn list_all_issuances(
-    client: &ServerClient,
-    request: ListIssuancesRequest,
-) -> anyhow::Result<Vec<Issuance>> {
-    list_all(|page_size, page_token| {
-        let request = ListIssuancesRequest {
-            page_size,
-            page_token,
-            ..request.clone()
-        };
-        async move {
-            let (items, next_page_token) = list_issuances_page(client, request).await?;
-            Ok(Page {
-                items,
-                next_page_token,
-            })
-        }
-    })
-    .await
 }
 
 // ----- formatting -----
@@ -953,8 +802,18 @@ impl<const N: usize> Table<N> {
     }
 }
 
-fn owner_of<'a>(metadata: &'a HashMap<String, EntryMetadata>, entry_id: &str) -> &'a str {
-    metadata.get(entry_id).map_or("", |m| m.owner.as_str())
+fn owner_of(entry: &RegistrationEntry) -> &str {
+    entry.owner.as_deref().unwrap_or_default()
+}
+
+/// A time in whole Unix seconds, as the JSON output carries it.
+fn seconds(time: SystemTime) -> i64 {
+    i64::try_from(unix_seconds(time)).unwrap_or(i64::MAX)
+}
+
+/// An optional time in whole Unix seconds; 0 for none.
+fn seconds_or_zero(time: Option<SystemTime>) -> i64 {
+    time.map_or(0, seconds)
 }
 
 fn or_dash(value: &str) -> String {
@@ -1007,80 +866,85 @@ fn duration_seconds(flag: &str, value: &str) -> anyhow::Result<i64> {
     i64::try_from(duration.as_secs()).map_err(|_| anyhow!("{flag} {value:?} is too long"))
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use lanyard_core::ledger::IssuanceKind;
+    use lanyard_core::{EntryId, SpiffeId};
+
     const NOW: i64 = 1_800_000_000;
     const DAY: i64 = 86_400;
 
-    fn entry(id: &str, path: &str, created_at: i64, expires_at: i64) -> types::Entry {
-        types::Entry {
-            id: id.into(),
-            spiffe_id: Some(types::Spiffeid {
-                trust_domain: "example.org".into(),
-                path: path.into(),
-            }),
-            created_at,
-            expires_at,
-            ..Default::default()
-        }
+    /// The instant `seconds` after the Unix epoch; 0 is "unset" in these helpers.
+    fn at(seconds: i64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(seconds.unsigned_abs())
+    }
+
+    fn id(path: &str) -> SpiffeId {
+        format!("spiffe://example.org{path}").parse().unwrap()
+    }
+
+    fn entry(entry_id: &str, path: &str, created_at: i64, expires_at: i64) -> RegistrationEntry {
+        let mut entry = RegistrationEntry::new(
+            EntryId::new(entry_id).unwrap(),
+            id(path),
+            id("/spire/agent/x"),
+            ["unix:uid:1000".parse().unwrap()].into_iter().collect(),
+            at(created_at),
+        );
+        entry.expires_at = (expires_at != 0).then(|| at(expires_at));
+        entry
     }
 
     fn usage(entry_id: &str, agent: &str, issued: i64, served: i64) -> EntryUsage {
         EntryUsage {
             entry_id: entry_id.into(),
             agent_id: format!("spiffe://example.org/spire/agent/{agent}"),
-            last_issued_at: issued,
-            last_served_at: served,
+            last_issued_at: (issued != 0).then(|| at(issued)),
+            last_served_at: (served != 0).then(|| at(served)),
             issued: u64::from(issued != 0),
         }
     }
 
-    fn exception(id: &str, expires_at: i64, revoked_at: i64) -> PolicyException {
-        PolicyException {
+    fn exception(id: &str, expires_at: i64, revoked_at: i64) -> Exception {
+        Exception {
             id: id.into(),
             owner: "team-x".into(),
-            expires_at,
-            revoked_at,
-            ..Default::default()
+            reason: String::new(),
+            ticket: None,
+            rules: BTreeSet::new(),
+            entry_ids: BTreeSet::new(),
+            spiffe_id_pattern: None,
+            expires_at: at(expires_at),
+            created_at: at(1),
+            created_by: String::new(),
+            revoked_at: (revoked_at != 0).then(|| at(revoked_at)),
+            revision: 1,
         }
     }
 
     #[test]
     fn stale_entries_are_those_unused_since_the_cutoff_or_never_used_and_old() {
-        let entries = [
+        let mut entries = [
             entry("recently-served", "/a", NOW - 90 * DAY, 0),
             entry("issued-long-ago", "/b", NOW - 90 * DAY, 0),
             entry("never-used-old", "/c", NOW - 90 * DAY, 0),
             entry("never-used-new", "/d", NOW - DAY, 0),
         ];
+        entries[1].owner = Some("team-b".into());
         let usage = [
             // Issued long ago, but one agent served it recently: in use.
             usage("recently-served", "a1", NOW - 60 * DAY, 0),
             usage("recently-served", "a2", 0, NOW - DAY),
             usage("issued-long-ago", "a1", NOW - 40 * DAY, NOW - 45 * DAY),
         ];
-        let metadata = HashMap::from([(
-            "issued-long-ago".to_owned(),
-            EntryMetadata {
-                entry_id: "issued-long-ago".into(),
-                owner: "team-b".into(),
-                ..Default::default()
-            },
-        )]);
-        let stale = stale_entries(&entries, &metadata, &usage, NOW - 30 * DAY);
+        let stale = stale_entries(&entries, &usage, at(NOW - 30 * DAY));
         let ids: Vec<&str> = stale.iter().map(|s| s.entry_id.as_str()).collect();
         assert_eq!(ids, ["issued-long-ago", "never-used-old"]);
-        assert_eq!(stale[0].last_used_at, NOW - 40 * DAY);
+        assert_eq!(stale[0].last_used_at, Some(at(NOW - 40 * DAY)));
         assert_eq!(stale[0].owner, "team-b");
-        assert_eq!(stale[1].last_used_at, 0);
+        assert_eq!(stale[1].last_used_at, None);
     }
 
     #[test]
@@ -1098,46 +962,29 @@ mod tests {
             exception("x-expired", NOW - 10, 0),
             exception("x-later", NOW + 30 * DAY, 0),
         ];
-        let items = expiring_items(&entries, &HashMap::new(), &exceptions, NOW, 7 * DAY);
+        let within = Duration::from_secs(7 * DAY.unsigned_abs());
+        let items = expiring_items(&entries, &exceptions, at(NOW), within);
         let ids: Vec<&str> = items.iter().map(Expiring::id).collect();
         assert_eq!(ids, ["soon", "x-soon", "edge"]);
         assert!(matches!(items[1], Expiring::Exception { .. }));
     }
 
     #[test]
-    fn exception_status_and_coverage() {
-        assert_eq!(
-            exception_status(&exception("a", NOW + 1, 0), NOW),
-            ExceptionStatus::Active
-        );
-        assert_eq!(
-            exception_status(&exception("a", NOW, 0), NOW),
-            ExceptionStatus::Expired
-        );
-        assert_eq!(
-            exception_status(&exception("a", NOW + DAY, NOW - 1), NOW),
-            ExceptionStatus::Revoked
-        );
-        // A revocation scheduled later leaves it active until then.
-        assert_eq!(
-            exception_status(&exception("a", NOW + DAY, NOW + 1), NOW),
-            ExceptionStatus::Active
-        );
-
+    fn coverage_counts_entries_by_id_and_by_pattern() {
         let entries = [
-            entry("e1", "/ci", 0, 0),
-            entry("e2", "/ci/build", 0, 0),
-            entry("e3", "/ci/build/deep", 0, 0),
-            entry("e4", "/web", 0, 0),
+            entry("e1", "/ci", 1, 0),
+            entry("e2", "/ci/build", 1, 0),
+            entry("e3", "/ci/build/deep", 1, 0),
+            entry("e4", "/web", 1, 0),
         ];
         let mut by_pattern = exception("p", NOW + DAY, 0);
-        by_pattern.spiffe_id_pattern = "spiffe://example.org/ci/*".into();
+        by_pattern.spiffe_id_pattern = Some("spiffe://example.org/ci/*".into());
         // Strictly below the prefix: /ci itself is not covered.
         assert_eq!(n_covered(&by_pattern, &entries), 2);
-        by_pattern.entry_ids = vec!["e4".into(), "gone".into()];
+        by_pattern.entry_ids = ["e4".to_owned(), "gone".to_owned()].into();
         assert_eq!(n_covered(&by_pattern, &entries), 3);
         let mut exact = exception("x", NOW + DAY, 0);
-        exact.spiffe_id_pattern = "spiffe://example.org/ci".into();
+        exact.spiffe_id_pattern = Some("spiffe://example.org/ci".into());
         assert_eq!(n_covered(&exact, &entries), 1);
         assert_eq!(n_covered(&exception("none", NOW, 0), &entries), 0);
     }
@@ -1145,11 +992,15 @@ mod tests {
     #[test]
     fn holdings_count_agents_and_svids() {
         let issuance = |authority: &str, agent: &str, not_after: i64| Issuance {
-            kind: "x509-svid".into(),
-            agent_id: agent.into(),
+            kind: IssuanceKind::X509Svid,
+            serial: "1".into(),
+            entry_id: "e".into(),
+            spiffe_id: id("/w"),
+            agent_id: id(&format!("/spire/agent/{agent}")),
             authority_id: authority.into(),
-            not_after,
-            ..Default::default()
+            issued_at: at(1),
+            not_after: at(not_after),
+            exception_ids: Vec::new(),
         };
         let issuances = [
             issuance("aa", "agent-1", 10),
@@ -1157,14 +1008,15 @@ mod tests {
             issuance("aa", "agent-2", 20),
             issuance("bb", "agent-2", 40),
         ];
-        let by_authority = holdings(&issuances, |i| i.authority_id.as_str());
+        let by_authority = holdings(&issuances, |i| i.authority_id.clone());
         assert_eq!(by_authority["aa"].agents.len(), 2);
         assert_eq!(by_authority["aa"].n_svids, 3);
         assert_eq!(by_authority["aa"].latest_not_after, 30);
         assert_eq!(by_authority["bb"].agents.len(), 1);
-        let by_agent = holdings(&issuances, |i| i.agent_id.as_str());
-        assert_eq!(by_agent["agent-2"].n_svids, 2);
-        assert_eq!(by_agent["agent-2"].latest_not_after, 40);
+        let by_agent = holdings(&issuances, |i| i.agent_id.to_string());
+        let agent_2 = &by_agent["spiffe://example.org/spire/agent/agent-2"];
+        assert_eq!(agent_2.n_svids, 2);
+        assert_eq!(agent_2.latest_not_after, 40);
     }
 
     #[test]

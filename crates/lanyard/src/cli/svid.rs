@@ -14,7 +14,8 @@ use lanyard_proto::spire::api::server::bundle::v1::GetBundleRequest;
 use lanyard_proto::spire::api::server::svid::v1::{MintJwtsvidRequest, MintX509svidRequest};
 use serde_json::json;
 
-use crate::cli::client::{SocketArgs, rpc_error};
+use crate::admin::rpc_error;
+use crate::cli::client::SocketArgs;
 use crate::cli::files::{PUBLIC_FILE_MODE, SECRET_FILE_MODE, replace_file};
 use crate::cli::output::{OutputArgs, spiffe_id_json, write_json};
 use crate::cli::parse;

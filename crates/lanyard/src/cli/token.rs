@@ -7,7 +7,8 @@ use clap::{Args, Subcommand};
 use lanyard_proto::spire::api::server::agent::v1::CreateJoinTokenRequest;
 use serde_json::json;
 
-use crate::cli::client::{SocketArgs, rpc_error};
+use crate::admin::rpc_error;
+use crate::cli::client::SocketArgs;
 use crate::cli::output::{OutputArgs, write_json};
 use crate::cli::parse;
 
