@@ -375,6 +375,23 @@ fn lanyard_cli_administers_spire_server() {
     assert!(listed.contains("No attested agents found"), "{listed}");
     drop(agent);
 
+    // The admin client tells a SPIRE server from a Lanyard server once: reads of Lanyard's
+    // governance records say what the server lacks, rather than failing on the wire.
+    for command in [
+        &["report", "exceptions"][..],
+        &["report", "stale"][..],
+        &["exception", "list"][..],
+    ] {
+        let refused = lanyard_on(&spire, command);
+        assert!(!refused.success(), "{command:?}: {refused}");
+        assert!(
+            refused
+                .stderr
+                .contains("the server has no Lanyard governance services (is it a SPIRE server?)"),
+            "{command:?}: {refused}"
+        );
+    }
+
     // entry delete.
     let deleted = lanyard_on(&spire, &["entry", "delete", "--entry-id", &entry_id]);
     assert!(deleted.success(), "{deleted}");
