@@ -36,8 +36,14 @@ use tonic_health::pb::health_client::HealthClient;
 
 mod entries;
 mod governance;
+mod writes;
 
 pub(crate) use entries::{fetch_metadata, list_all_entries, list_all_metadata};
+pub(crate) use writes::{
+    CHANGED_SINCE_READ, EntrySpec, ItemOutcome, MetadataSpec, governed_entry, is_ok, mask_is_empty,
+};
+#[cfg(test)]
+pub(crate) use writes::{create_request, update_requests};
 
 /// Where the server listens for local admin calls unless told otherwise.
 pub(crate) const DEFAULT_SERVER_SOCKET: &str = "/tmp/lanyard/server/private/api.sock";

@@ -39,10 +39,9 @@ use lanyard_proto::spire::api::types;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::admin::{Admin, describe_status, is_unimplemented, rpc_error};
+use crate::admin::{Admin, CHANGED_SINCE_READ, describe_status, governed_entry, rpc_error};
 use crate::admin::{list_all_entries, list_all_metadata};
 use crate::cli::client::SocketArgs;
-use crate::cli::entry::{CHANGED_SINCE_READ, governed_entry};
 use crate::cli::grant::GRANT_SOURCE;
 use crate::cli::output::{OutputArgs, count_noun, write_json};
 use crate::cli::parse::{self, format_ttl, format_unix_time, spiffe_id_text};
@@ -908,16 +907,6 @@ fn updated_entry(stored: &types::Entry, declared: &types::Entry) -> types::Entry
     }
 }
 
-fn unsupported(status: &tonic::Status, what: &str) -> anyhow::Error {
-    if is_unimplemented(status) {
-        anyhow!(
-            "this server does not support declared entries (it has no lanyard.api.v1.GovernedEntryService)"
-        )
-    } else {
-        rpc_error(what, status)
-    }
-}
-
 fn check_count(results: usize, sent: usize) -> anyhow::Result<()> {
     if results != sent {
         bail!("the server answered {results} results for {sent} entries");
@@ -988,7 +977,7 @@ async fn perform(
             .governed_entry()
             .create_governed_entries(CreateGovernedEntriesRequest { entries })
             .await
-            .map_err(|status| unsupported(&status, "CreateGovernedEntries failed"))?
+            .map_err(|status| rpc_error("CreateGovernedEntries failed", &status))?
             .into_inner()
             .results;
         check_count(results.len(), plan.creates.len())?;
@@ -1035,7 +1024,7 @@ async fn perform(
                 updates,
             })
             .await
-            .map_err(|status| unsupported(&status, "UpdateGovernedEntries failed"))?
+            .map_err(|status| rpc_error("UpdateGovernedEntries failed", &status))?
             .into_inner()
             .results;
         check_count(results.len(), plan.changes.len())?;
@@ -1066,7 +1055,7 @@ async fn perform(
             .governed_entry()
             .delete_governed_entries(DeleteGovernedEntriesRequest { entries })
             .await
-            .map_err(|status| unsupported(&status, "DeleteGovernedEntries failed"))?
+            .map_err(|status| rpc_error("DeleteGovernedEntries failed", &status))?
             .into_inner()
             .results;
         check_count(results.len(), plan.deletes.len())?;
@@ -1106,6 +1095,9 @@ pub(crate) async fn apply(args: ApplyArgs, out: &mut dyn Write) -> anyhow::Resul
     if !args.output.is_json() {
         write_plan(out, &file, &plan)?;
     }
+    client
+        .require_lanyard("declared entries cannot be applied")
+        .await?;
     let outcomes = perform(&client, &file, &plan).await?;
     let failed = outcomes.iter().filter(|o| !o.ok()).count();
     if args.output.is_json() {

@@ -14,9 +14,8 @@ use lanyard_proto::lanyard::api::v1::{
 };
 use serde_json::{Value, json};
 
-use crate::admin::rpc_error;
+use crate::admin::{CHANGED_SINCE_READ, rpc_error};
 use crate::cli::client::SocketArgs;
-use crate::cli::entry::CHANGED_SINCE_READ;
 use crate::cli::output::{OutputArgs, count_noun, write_field, write_json};
 use crate::cli::parse::{self, format_unix_time};
 

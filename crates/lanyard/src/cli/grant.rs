@@ -16,10 +16,9 @@ use lanyard_proto::spire::api::server::entry::v1::{GetEntryRequest, list_entries
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::admin::{Admin, describe_status, is_unimplemented, rpc_error};
+use crate::admin::{Admin, CHANGED_SINCE_READ, describe_status, governed_entry, rpc_error};
 use crate::admin::{fetch_metadata, list_all_entries, list_all_metadata};
 use crate::cli::client::SocketArgs;
-use crate::cli::entry::{CHANGED_SINCE_READ, governed_entry};
 use crate::cli::exception::{unix_seconds, write_columns};
 use crate::cli::output::{OutputArgs, count_noun, entry_json, write_json};
 use crate::cli::parse::{self, format_unix_time, spiffe_id_text};
@@ -167,17 +166,6 @@ impl CreateArgs {
     }
 }
 
-/// The "no GovernedEntryService" error, named for what it means.
-fn call_error(what: &str, status: &tonic::Status) -> anyhow::Error {
-    if is_unimplemented(status) {
-        anyhow!(
-            "this server does not support grants (it has no lanyard.api.v1.GovernedEntryService)"
-        )
-    } else {
-        rpc_error(what, status)
-    }
-}
-
 /// `in 1h`, or `ended 5m ago`, from `now`.
 fn relative(expires_at: i64, now: i64) -> String {
     let distance = |seconds: i64| {
@@ -193,13 +181,14 @@ fn relative(expires_at: i64, now: i64) -> String {
 async fn create(args: &CreateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let grant = args.to_grant(SystemTime::now())?;
     let client = args.socket.connect().await?;
+    client.require_lanyard("grants are not supported").await?;
     let mut results = client
         .governed_entry()
         .create_governed_entries(CreateGovernedEntriesRequest {
             entries: vec![grant],
         })
         .await
-        .map_err(|status| call_error("CreateGovernedEntries failed", &status))?
+        .map_err(|status| rpc_error("CreateGovernedEntries failed", &status))?
         .into_inner()
         .results;
     let result = results
@@ -330,6 +319,7 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 
 async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
+    client.require_lanyard("grants are not supported").await?;
     let mut entry = client
         .entry_service()
         .get_entry(GetEntryRequest {
@@ -382,7 +372,7 @@ async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             }],
         })
         .await
-        .map_err(|status| call_error("UpdateGovernedEntries failed", &status))?
+        .map_err(|status| rpc_error("UpdateGovernedEntries failed", &status))?
         .into_inner()
         .results;
     let result = results

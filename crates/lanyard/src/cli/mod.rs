@@ -17,7 +17,7 @@ mod grant;
 mod health;
 mod helper;
 mod logging;
-mod output;
+pub(crate) mod output;
 mod parse;
 mod policy;
 mod report;

@@ -1,19 +1,11 @@
-//! A small in-memory stand-in for the server's admin socket: the Entry API, Lanyard's
-//! EntryMetadataService and grpc.health, enough to drive the CLI end to end until the real
-//! server exists. It pages ListEntries one entry at a time to exercise page tokens.
+//! A small in-memory stand-in for a SPIRE server's admin socket: SPIRE's Entry API and
+//! grpc.health, no Lanyard services, enough to drive the CLI's SPIRE path with exact control
+//! over what the server answers. It pages ListEntries one entry at a time to exercise page
+//! tokens. The Lanyard path runs against a real server (`real_server.rs`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use lanyard_proto::lanyard::api::v1::entry_metadata_service_server::{
-    EntryMetadataService, EntryMetadataServiceServer,
-};
-use lanyard_proto::lanyard::api::v1::{
-    EntryMetadata, GetEntryMetadataRequest, GetEntryMetadataResponse, ListEntryMetadataRequest,
-    ListEntryMetadataResponse, SetEntryMetadataRequest, SetEntryMetadataResponse,
-    set_entry_metadata_response,
-};
 use lanyard_proto::spire::api::server::entry::v1::entry_server::{Entry, EntryServer};
 use lanyard_proto::spire::api::server::entry::v1::{
     BatchCreateEntryRequest, BatchCreateEntryResponse, BatchDeleteEntryRequest,
@@ -33,7 +25,6 @@ use tonic::{Request, Response, Status};
 #[derive(Debug, Default)]
 pub(crate) struct State {
     pub(crate) entries: Vec<types::Entry>,
-    pub(crate) metadata: HashMap<String, EntryMetadata>,
     pub(crate) next_id: u32,
     pub(crate) update_masks: Vec<types::EntryMask>,
 }
@@ -218,7 +209,6 @@ impl Entry for Service {
             let before = state.entries.len();
             state.entries.retain(|entry| entry.id != id);
             let status = if state.entries.len() < before {
-                state.metadata.remove(&id);
                 ok()
             } else {
                 failure(tonic::Code::NotFound, "entry not found")
@@ -248,62 +238,6 @@ impl Entry for Service {
     }
 }
 
-#[tonic::async_trait]
-impl EntryMetadataService for Service {
-    async fn set_entry_metadata(
-        &self,
-        request: Request<SetEntryMetadataRequest>,
-    ) -> Result<Response<SetEntryMetadataResponse>, Status> {
-        let mut state = self.lock();
-        let mut results = Vec::new();
-        for metadata in request.into_inner().metadata {
-            if !state.entries.iter().any(|e| e.id == metadata.entry_id) {
-                results.push(set_entry_metadata_response::Result {
-                    status: Some(failure(tonic::Code::NotFound, "no such entry")),
-                    metadata: None,
-                });
-                continue;
-            }
-            if metadata.owner.len() > 20 {
-                results.push(set_entry_metadata_response::Result {
-                    status: Some(failure(tonic::Code::InvalidArgument, "owner is too long")),
-                    metadata: None,
-                });
-                continue;
-            }
-            state
-                .metadata
-                .insert(metadata.entry_id.clone(), metadata.clone());
-            results.push(set_entry_metadata_response::Result {
-                status: Some(ok()),
-                metadata: Some(metadata),
-            });
-        }
-        Ok(Response::new(SetEntryMetadataResponse { results }))
-    }
-
-    async fn get_entry_metadata(
-        &self,
-        request: Request<GetEntryMetadataRequest>,
-    ) -> Result<Response<GetEntryMetadataResponse>, Status> {
-        let state = self.lock();
-        let metadata = request
-            .into_inner()
-            .entry_ids
-            .iter()
-            .filter_map(|id| state.metadata.get(id).cloned())
-            .collect();
-        Ok(Response::new(GetEntryMetadataResponse { metadata }))
-    }
-
-    async fn list_entry_metadata(
-        &self,
-        _request: Request<ListEntryMetadataRequest>,
-    ) -> Result<Response<ListEntryMetadataResponse>, Status> {
-        Err(Status::unimplemented("not in the fake"))
-    }
-}
-
 /// A fake server listening on a socket in a temporary directory until dropped.
 #[derive(Debug)]
 pub(crate) struct FakeServer {
@@ -314,9 +248,8 @@ pub(crate) struct FakeServer {
 }
 
 impl FakeServer {
-    /// Starts serving. With `with_metadata` false, the server has no
-    /// EntryMetadataService, as a SPIRE server has none.
-    pub(crate) async fn start(with_metadata: bool) -> Self {
+    /// Starts serving.
+    pub(crate) async fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("api.sock");
         let listener = UnixListener::bind(&socket).expect("bind the socket");
@@ -326,8 +259,7 @@ impl FakeServer {
         let (shutdown, stopped) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
             .add_service(health)
-            .add_service(EntryServer::new(service.clone()))
-            .add_optional_service(with_metadata.then(|| EntryMetadataServiceServer::new(service)));
+            .add_service(EntryServer::new(service));
         tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {

@@ -352,7 +352,7 @@ fn assert_success(output: &Output, what: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthcheck_passes_against_a_serving_server() {
-    let server = FakeServer::start(true).await;
+    let server = FakeServer::start().await;
     let output = lanyard_at(&server, &["server", "healthcheck"]).await;
     assert_eq!(
         assert_success(&output, "healthcheck"),
@@ -361,8 +361,8 @@ async fn healthcheck_passes_against_a_serving_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_round_trip_with_their_governance_fields() {
-    let server = FakeServer::start(true).await;
+async fn entries_round_trip_through_spires_entry_api() {
+    let server = FakeServer::start().await;
 
     let output = lanyard_at(
         &server,
@@ -377,21 +377,15 @@ async fn entries_round_trip_with_their_governance_fields() {
             "unix:uid:1000",
             "--x509-svid-ttl",
             "1h",
-            "--owner",
-            "team-web",
-            "--reason",
-            "storefront",
         ],
     )
     .await;
     let text = assert_success(&output, "entry create");
     assert!(text.starts_with("Entry ID         : entry-1\n"), "{text}");
     assert!(text.contains("X509-SVID TTL    : 1h\n"), "{text}");
-    assert!(text.contains("Owner            : team-web\n"), "{text}");
     {
         let state = server.state.lock().expect("state");
         assert_eq!(state.entries.len(), 1);
-        assert_eq!(state.metadata["entry-1"].reason, "storefront");
     }
 
     // A batch file: one new entry and one that already exists.
@@ -401,7 +395,7 @@ async fn entries_round_trip_with_their_governance_fields() {
         &data,
         r#"{"entries": [
             {"spiffe_id": "spiffe://example.org/db", "parent_id": "spiffe://example.org/spire/server",
-             "selectors": ["unix:uid:1001"], "ticket": "CHG-1"},
+             "selectors": ["unix:uid:1001"]},
             {"spiffe_id": "spiffe://example.org/web",
              "parent_id": "spiffe://example.org/spire/agent/join_token/abc",
              "selectors": [{"type": "unix", "value": "uid:1000"}]}
@@ -417,7 +411,6 @@ async fn entries_round_trip_with_their_governance_fields() {
     assert_eq!(line, "error: entry create: 1 of 2 entries failed");
     let text = stdout_of(&output);
     assert!(text.contains("Entry ID         : entry-2\n"), "{text}");
-    assert!(text.contains("Ticket           : CHG-1\n"), "{text}");
     assert!(
         text.contains("Failed to create the following entry (code: AlreadyExists, msg: \"similar entry already exists\"):"),
         "{text}"
@@ -427,8 +420,10 @@ async fn entries_round_trip_with_their_governance_fields() {
     let output = lanyard_at(&server, &["entry", "show"]).await;
     let text = assert_success(&output, "entry show");
     assert!(text.starts_with("Found 2 entries\n"), "{text}");
-    assert!(text.contains("Owner            : team-web\n"), "{text}");
-    assert!(text.contains("Ticket           : CHG-1\n"), "{text}");
+    assert!(
+        !text.contains("Owner"),
+        "a SPIRE server keeps no owner: {text}"
+    );
 
     let output = lanyard_at(
         &server,
@@ -446,25 +441,15 @@ async fn entries_round_trip_with_their_governance_fields() {
         serde_json::from_str(&assert_success(&output, "entry show json")).expect("json");
     assert_eq!(json["entries"].as_array().map(Vec::len), Some(1));
     assert_eq!(json["entries"][0]["id"], "entry-2");
-    assert_eq!(json["entries"][0]["ticket"], "CHG-1");
     assert_eq!(
         json["entries"][0]["spiffe_id"],
         serde_json::json!({"trust_domain": "example.org", "path": "/db"})
     );
 
-    // Update changes only what is given, and merges metadata.
+    // Update changes only what is given.
     let output = lanyard_at(
         &server,
-        &[
-            "entry",
-            "update",
-            "--entry-id",
-            "entry-1",
-            "--hint",
-            "blue",
-            "--ticket",
-            "CHG-2",
-        ],
+        &["entry", "update", "--entry-id", "entry-1", "--hint", "blue"],
     )
     .await;
     let text = assert_success(&output, "entry update");
@@ -478,22 +463,12 @@ async fn entries_round_trip_with_their_governance_fields() {
                 ..Default::default()
             })
         );
-        let metadata = &state.metadata["entry-1"];
-        assert_eq!(
-            (
-                metadata.owner.as_str(),
-                metadata.reason.as_str(),
-                metadata.ticket.as_str()
-            ),
-            ("team-web", "storefront", "CHG-2")
-        );
         assert_eq!(
             state.entries[0].x509_svid_ttl, 3600,
             "untouched by the update"
         );
     }
 
-    // An update without governance flags still prints the stored ones.
     let output = lanyard_at(
         &server,
         &["entry", "update", "--entry-id", "entry-1", "--admin"],
@@ -501,7 +476,7 @@ async fn entries_round_trip_with_their_governance_fields() {
     .await;
     let text = assert_success(&output, "entry update --admin");
     assert!(text.contains("Admin            : true\n"), "{text}");
-    assert!(text.contains("Ticket           : CHG-2\n"), "{text}");
+    assert!(text.contains("Hint             : blue\n"), "{text}");
 
     let output = lanyard_at(&server, &["entry", "count"]).await;
     assert_eq!(
@@ -540,39 +515,8 @@ async fn entries_round_trip_with_their_governance_fields() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_metadata_write_fails_the_item() {
-    let server = FakeServer::start(true).await;
-    let output = lanyard_at(
-        &server,
-        &[
-            "entry",
-            "create",
-            "--spiffe-id",
-            "spiffe://example.org/web",
-            "--parent-id",
-            "spiffe://example.org/spire/server",
-            "--selector",
-            "unix:uid:1",
-            "--owner",
-            "a-very-long-owner-name-indeed",
-            "--output",
-            "json",
-        ],
-    )
-    .await;
-    assert_one_error_line(&output, &["entry", "create"], "1 of 1 entry failed");
-    let json: serde_json::Value = serde_json::from_str(&stdout_of(&output)).expect("json");
-    assert_eq!(json["results"][0]["status"]["code"], 0);
-    assert_eq!(json["results"][0]["metadata_status"]["code"], 3);
-    assert_eq!(
-        json["results"][0]["metadata_status"]["message"],
-        "owner is too long"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_the_metadata_service_still_shows_entries() {
-    let server = FakeServer::start(false).await;
+    let server = FakeServer::start().await;
     let create = [
         "entry",
         "create",

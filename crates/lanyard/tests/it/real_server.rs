@@ -157,6 +157,73 @@ fn admin_commands_work_against_a_real_server() {
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains('1'));
 
+    // An update that gives only a ticket keeps the owner and reason; one without governance
+    // flags prints the stored ones.
+    let id = json["entries"][0]["id"].as_str().unwrap().to_owned();
+    let out = lanyard(&[
+        "entry",
+        "update",
+        "--socket",
+        socket,
+        "--entry-id",
+        &id,
+        "--ticket",
+        "CHG-2",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = lanyard(&[
+        "entry",
+        "update",
+        "--socket",
+        socket,
+        "--entry-id",
+        &id,
+        "--hint",
+        "blue",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for field in [
+        "Owner            : team-web\n",
+        "Reason           : serves the web tier\n",
+        "Ticket           : CHG-2\n",
+        "Hint             : blue\n",
+    ] {
+        assert!(text.contains(field), "{field:?} in {text}");
+    }
+
+    // An owner the server refuses fails the item: the entry is not written.
+    let long_owner = "o".repeat(300);
+    let out = lanyard(&[
+        "entry",
+        "create",
+        "--socket",
+        socket,
+        "--spiffe-id",
+        "spiffe://example.org/db",
+        "--parent-id",
+        "spiffe://example.org/spire/server",
+        "--selector",
+        "unix:uid:2",
+        "--owner",
+        &long_owner,
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: entry create: 1 of 1 entry failed"),
+        "{stderr}"
+    );
+    let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(results["results"][0]["status"]["code"], 3, "{results}");
+    let out = lanyard(&["entry", "count", "--socket", socket]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains('1'),
+        "{out:?}"
+    );
+
     let out = lanyard(&["bundle", "show", "--socket", socket]);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"));

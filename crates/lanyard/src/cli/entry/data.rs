@@ -17,7 +17,7 @@ use anyhow::{Context as _, anyhow, bail};
 use lanyard_proto::spire::api::types;
 use serde_json::{Map, Value};
 
-use super::EntrySpec;
+use crate::admin::EntrySpec;
 use crate::cli::parse;
 
 /// Parses a batch file into one spec per entry, in file order.
