@@ -355,11 +355,42 @@ impl RegistrationEntry {
     }
 
     /// Whether this entry and `other` register the same thing: SPIRE's duplicate rule is the
-    /// same SPIFFE ID, parent ID and selector set.
+    /// same [`SimilarityKey`].
     pub fn is_similar(&self, other: &RegistrationEntry) -> bool {
-        self.spiffe_id == other.spiffe_id
-            && self.parent_id == other.parent_id
-            && self.selectors == other.selectors
+        self.similarity_key() == other.similarity_key()
+    }
+
+    /// What makes two entries the same registration: its SPIFFE ID, parent ID and selectors.
+    pub fn similarity_key(&self) -> SimilarityKey {
+        SimilarityKey::new(
+            self.spiffe_id.clone(),
+            self.parent_id.clone(),
+            self.selectors.clone(),
+        )
+    }
+}
+
+/// SPIRE's similarity key: entries with the same SPIFFE ID, parent ID and selector set are
+/// the same registration, and a server refuses the second as a duplicate. Ordered, so that
+/// tools can keep entries by it (`lanyard plan` matches declared entries to stored ones by it).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SimilarityKey {
+    /// The identity.
+    pub spiffe_id: SpiffeId,
+    /// The agent (or node alias, or parent entry) under which workloads must run.
+    pub parent_id: SpiffeId,
+    /// The selectors, as a set.
+    pub selectors: SelectorSet,
+}
+
+impl SimilarityKey {
+    /// The key of an entry with these fields.
+    pub fn new(spiffe_id: SpiffeId, parent_id: SpiffeId, selectors: SelectorSet) -> Self {
+        Self {
+            spiffe_id,
+            parent_id,
+            selectors,
+        }
     }
 }
 

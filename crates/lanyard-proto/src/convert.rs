@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lanyard_core::agent::AttestedAgent;
 use lanyard_core::bundle::{BundleError, JwtAuthority, TrustBundle, X509Authority};
-use lanyard_core::entry::{EntryError, EntryId, RegistrationEntry};
+use lanyard_core::entry::{EntryError, EntryId, RegistrationEntry, SimilarityKey};
 use lanyard_core::federation::{
     BundleEndpointProfile, FederationError, FederationRelationship, RelationshipMask,
 };
@@ -295,6 +295,15 @@ pub struct EntryInput {
 }
 
 impl EntryInput {
+    /// The entry's [`SimilarityKey`]: what a server compares to refuse a duplicate.
+    pub fn similarity_key(&self) -> SimilarityKey {
+        SimilarityKey::new(
+            self.spiffe_id.clone(),
+            self.parent_id.clone(),
+            self.selectors.clone(),
+        )
+    }
+
     /// The registration entry, taking the client's ID or else `new_id()`, and the client's
     /// creation time or else `now`.
     ///

@@ -30,6 +30,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::Args;
+use lanyard_core::entry::SimilarityKey;
+use lanyard_core::{RegistrationEntry, SpiffeId};
+use lanyard_proto::convert::{entry_from_proto, entry_to_proto};
 use lanyard_proto::lanyard::api::v1::{
     CreateGovernedEntriesRequest, DeleteGovernedEntriesRequest, EntryMetadata, EntryMetadataMask,
     GovernedEntryUpdate, UpdateGovernedEntriesRequest, delete_governed_entries_request,
@@ -40,11 +43,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::admin::{Admin, CHANGED_SINCE_READ, describe_status, governed_entry, rpc_error};
-use crate::admin::{list_all_entries, list_all_metadata};
 use crate::cli::client::SocketArgs;
 use crate::cli::grant::GRANT_SOURCE;
 use crate::cli::output::{OutputArgs, count_noun, write_json};
-use crate::cli::parse::{self, format_ttl, format_unix_time, spiffe_id_text};
+use crate::cli::parse::{self, format_ttl, format_unix_time};
 use crate::cli::{Exit, QuietExit};
 
 #[derive(Debug, Args)]
@@ -133,10 +135,12 @@ pub(crate) struct DeclaredFile {
     pub(crate) text: String,
 }
 
-/// One declared entry: the entry as it should be stored (without ID) and its metadata.
+/// One declared entry: the entry as it should be stored (without ID), its similarity key and
+/// its metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Declared {
     pub(crate) entry: types::Entry,
+    pub(crate) key: EntryKey,
     pub(crate) owner: String,
     pub(crate) reason: String,
     pub(crate) ticket: String,
@@ -144,41 +148,37 @@ pub(crate) struct Declared {
     pub(crate) line: usize,
 }
 
-/// SPIRE's similarity key: entries with the same SPIFFE ID, parent and selector set are the
-/// same entry.
+/// An entry's similarity key (`lanyard-core`'s: same SPIFFE ID, parent and selector set, the
+/// same entry), with the ways a plan shows it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct EntryKey {
-    spiffe_id: String,
-    parent_id: String,
-    selectors: BTreeSet<(String, String)>,
-}
+pub(crate) struct EntryKey(SimilarityKey);
 
 impl EntryKey {
-    fn of(entry: &types::Entry) -> Self {
-        Self {
-            spiffe_id: spiffe_id_text(entry.spiffe_id.as_ref()),
-            parent_id: spiffe_id_text(entry.parent_id.as_ref()),
-            selectors: entry
-                .selectors
-                .iter()
-                .map(|s| (s.r#type.clone(), s.value.clone()))
-                .collect(),
-        }
+    fn of(entry: &RegistrationEntry) -> Self {
+        Self(entry.similarity_key())
+    }
+
+    fn spiffe_id(&self) -> &SpiffeId {
+        &self.0.spiffe_id
+    }
+
+    fn parent_id(&self) -> &SpiffeId {
+        &self.0.parent_id
+    }
+
+    fn selectors(&self) -> Vec<String> {
+        self.0.selectors.iter().map(ToString::to_string).collect()
     }
 
     fn selectors_text(&self) -> String {
-        self.selectors
-            .iter()
-            .map(|(kind, value)| format!("{kind}:{value}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        self.selectors().join(" ")
     }
 
     fn json(&self) -> Value {
         json!({
-            "spiffe_id": self.spiffe_id,
-            "parent_id": self.parent_id,
-            "selectors": self.selectors.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>(),
+            "spiffe_id": self.spiffe_id().to_string(),
+            "parent_id": self.parent_id().to_string(),
+            "selectors": self.selectors(),
         })
     }
 
@@ -186,8 +186,8 @@ impl EntryKey {
     fn text(&self) -> String {
         format!(
             "{} (parent {}, {})",
-            self.spiffe_id,
-            self.parent_id,
+            self.spiffe_id(),
+            self.parent_id(),
             self.selectors_text()
         )
     }
@@ -236,7 +236,7 @@ pub(crate) fn parse_file(text: &str) -> anyhow::Result<DeclaredFile> {
         let line = line_of(text, spanned.span().start);
         let declared = check_entry(spanned.into_inner(), line)
             .with_context(|| format!("entry[{index}] (line {line})"))?;
-        let key = EntryKey::of(&declared.entry);
+        let key = declared.key.clone();
         if let Some(first) = seen.insert(key.clone(), line) {
             bail!(
                 "entry[{index}] (line {line}) declares the same entry as line {first}: {}",
@@ -314,8 +314,10 @@ fn check_entry(raw: RawEntry, line: usize) -> anyhow::Result<Declared> {
         .map(|td| parse::trust_domain(td))
         .collect::<anyhow::Result<_>>()
         .context("federates_with")?;
+    let key = EntryKey(entry_from_proto(&entry)?.similarity_key());
     Ok(Declared {
         entry,
+        key,
         owner: optional_text(raw.owner),
         reason: optional_text(raw.reason),
         ticket: optional_text(raw.ticket),
@@ -337,7 +339,7 @@ pub(crate) struct FieldChange {
 #[derive(Debug, Clone)]
 pub(crate) struct Change {
     pub(crate) declared: usize,
-    pub(crate) stored: types::Entry,
+    pub(crate) stored: RegistrationEntry,
     pub(crate) fields: Vec<FieldChange>,
 }
 
@@ -355,9 +357,9 @@ pub(crate) struct Plan {
     pub(crate) creates: Vec<usize>,
     pub(crate) changes: Vec<Change>,
     /// With `--prune`: this source's entries that the file no longer declares.
-    pub(crate) deletes: Vec<types::Entry>,
+    pub(crate) deletes: Vec<RegistrationEntry>,
     /// Without `--prune`: the same entries, left alone.
-    pub(crate) undeclared: Vec<types::Entry>,
+    pub(crate) undeclared: Vec<RegistrationEntry>,
     pub(crate) conflicts: Vec<Conflict>,
     pub(crate) unchanged: usize,
 }
@@ -374,12 +376,9 @@ fn sorted(values: &[String]) -> Vec<String> {
     values
 }
 
-/// The fields of `declared` that differ from the stored entry and metadata.
-fn differences(
-    declared: &Declared,
-    stored: &types::Entry,
-    metadata: Option<&EntryMetadata>,
-) -> Vec<FieldChange> {
+/// The fields of `declared` that differ from the stored entry, compared in the entry's wire
+/// encoding (what `apply` sends), and its governance fields.
+fn differences(declared: &Declared, stored: &RegistrationEntry) -> Vec<FieldChange> {
     let mut fields = Vec::new();
     let mut compare = |field: &'static str, old: Value, new: Value| {
         if old != new {
@@ -387,79 +386,63 @@ fn differences(
         }
     };
     let want = &declared.entry;
+    let have = entry_to_proto(stored, None);
     compare(
         "x509_svid_ttl",
-        json!(stored.x509_svid_ttl),
+        json!(have.x509_svid_ttl),
         json!(want.x509_svid_ttl),
     );
     compare(
         "jwt_svid_ttl",
-        json!(stored.jwt_svid_ttl),
+        json!(have.jwt_svid_ttl),
         json!(want.jwt_svid_ttl),
     );
-    compare(
-        "expires_at",
-        json!(stored.expires_at),
-        json!(want.expires_at),
-    );
-    compare("dns_names", json!(stored.dns_names), json!(want.dns_names));
+    compare("expires_at", json!(have.expires_at), json!(want.expires_at));
+    compare("dns_names", json!(have.dns_names), json!(want.dns_names));
     compare(
         "federates_with",
-        json!(sorted(&stored.federates_with)),
+        json!(sorted(&have.federates_with)),
         json!(sorted(&want.federates_with)),
     );
-    compare("admin", json!(stored.admin), json!(want.admin));
-    compare(
-        "downstream",
-        json!(stored.downstream),
-        json!(want.downstream),
-    );
-    compare(
-        "store_svid",
-        json!(stored.store_svid),
-        json!(want.store_svid),
-    );
-    compare("hint", json!(stored.hint), json!(want.hint));
-    let stored_text = |pick: fn(&EntryMetadata) -> &String| {
-        json!(metadata.map(pick).cloned().unwrap_or_default())
-    };
-    compare("owner", stored_text(|m| &m.owner), json!(declared.owner));
-    compare("reason", stored_text(|m| &m.reason), json!(declared.reason));
-    compare("ticket", stored_text(|m| &m.ticket), json!(declared.ticket));
+    compare("admin", json!(have.admin), json!(want.admin));
+    compare("downstream", json!(have.downstream), json!(want.downstream));
+    compare("store_svid", json!(have.store_svid), json!(want.store_svid));
+    compare("hint", json!(have.hint), json!(want.hint));
+    let text = |value: &Option<String>| json!(value.clone().unwrap_or_default());
+    compare("owner", text(&stored.owner), json!(declared.owner));
+    compare("reason", text(&stored.reason), json!(declared.reason));
+    compare("ticket", text(&stored.ticket), json!(declared.ticket));
     fields
 }
 
-/// Compares the declared entries with the server's.
+/// Compares the declared entries with the server's (with their governance fields).
 pub(crate) fn make_plan(
     file: &DeclaredFile,
-    server_entries: &[types::Entry],
-    metadata: &HashMap<String, EntryMetadata>,
+    server_entries: &[RegistrationEntry],
     prune: bool,
 ) -> Plan {
-    let mut by_key: BTreeMap<EntryKey, &types::Entry> = BTreeMap::new();
+    let mut by_key: BTreeMap<EntryKey, &RegistrationEntry> = BTreeMap::new();
     for entry in server_entries {
         by_key.entry(EntryKey::of(entry)).or_insert(entry);
     }
     let mut plan = Plan::default();
     let mut declared_keys = BTreeSet::new();
     for (index, declared) in file.entries.iter().enumerate() {
-        let key = EntryKey::of(&declared.entry);
-        declared_keys.insert(key.clone());
-        let Some(stored) = by_key.get(&key) else {
+        declared_keys.insert(declared.key.clone());
+        let Some(stored) = by_key.get(&declared.key) else {
             plan.creates.push(index);
             continue;
         };
-        let stored_metadata = metadata.get(&stored.id);
-        let source = stored_metadata.map(|m| m.source.as_str()).unwrap_or("");
+        let source = stored.source.as_deref().unwrap_or_default();
         if source != file.source {
             plan.conflicts.push(Conflict {
                 declared: index,
-                entry_id: stored.id.clone(),
+                entry_id: stored.id.to_string(),
                 owned_by: (!source.is_empty()).then(|| source.to_owned()),
             });
             continue;
         }
-        let fields = differences(declared, stored, stored_metadata);
+        let fields = differences(declared, stored);
         if fields.is_empty() {
             plan.unchanged += 1;
         } else {
@@ -471,9 +454,7 @@ pub(crate) fn make_plan(
         }
     }
     for entry in server_entries {
-        let labelled = metadata
-            .get(&entry.id)
-            .is_some_and(|m| m.source == file.source);
+        let labelled = entry.source.as_deref() == Some(file.source.as_str());
         if labelled && !declared_keys.contains(&EntryKey::of(entry)) {
             if prune {
                 plan.deletes.push(entry.clone());
@@ -491,7 +472,7 @@ fn holders(file: &DeclaredFile, plan: &Plan) -> (Vec<EntryKey>, Vec<EntryKey>) {
     let gained = plan
         .creates
         .iter()
-        .map(|&i| EntryKey::of(&file.entries[i].entry))
+        .map(|&i| file.entries[i].key.clone())
         .collect();
     let lost = plan.deletes.iter().map(EntryKey::of).collect();
     (gained, lost)
@@ -522,7 +503,7 @@ fn value_text(field: &str, value: &Value) -> String {
 }
 
 fn plan_json(file: &DeclaredFile, plan: &Plan) -> Value {
-    let key_of = |i: usize| EntryKey::of(&file.entries[i].entry);
+    let key_of = |i: usize| file.entries[i].key.clone();
     let with_id = |key: EntryKey, id: &str| {
         let mut value = key.json();
         value["entry_id"] = json!(id);
@@ -533,7 +514,7 @@ fn plan_json(file: &DeclaredFile, plan: &Plan) -> Value {
         "source": file.source,
         "creates": plan.creates.iter().map(|&i| key_of(i).json()).collect::<Vec<_>>(),
         "changes": plan.changes.iter().map(|change| {
-            let mut value = with_id(key_of(change.declared), &change.stored.id);
+            let mut value = with_id(key_of(change.declared), change.stored.id.as_str());
             value["revision"] = json!(change.stored.revision_number);
             value["fields"] = change.fields.iter().map(|f| json!({
                 "field": f.field, "old": f.old, "new": f.new,
@@ -541,11 +522,11 @@ fn plan_json(file: &DeclaredFile, plan: &Plan) -> Value {
             value
         }).collect::<Vec<_>>(),
         "deletes": plan.deletes.iter().map(|e| {
-            let mut value = with_id(EntryKey::of(e), &e.id);
+            let mut value = with_id(EntryKey::of(e), e.id.as_str());
             value["revision"] = json!(e.revision_number);
             value
         }).collect::<Vec<_>>(),
-        "undeclared": plan.undeclared.iter().map(|e| with_id(EntryKey::of(e), &e.id)).collect::<Vec<_>>(),
+        "undeclared": plan.undeclared.iter().map(|e| with_id(EntryKey::of(e), e.id.as_str())).collect::<Vec<_>>(),
         "conflicts": plan.conflicts.iter().map(|c| {
             let mut value = with_id(key_of(c.declared), &c.entry_id);
             value["owned_by"] = json!(c.owned_by);
@@ -573,7 +554,7 @@ fn conflict_text(conflict: &Conflict) -> String {
 }
 
 fn write_plan(out: &mut dyn Write, file: &DeclaredFile, plan: &Plan) -> anyhow::Result<()> {
-    let key_of = |i: usize| EntryKey::of(&file.entries[i].entry);
+    let key_of = |i: usize| file.entries[i].key.clone();
     writeln!(
         out,
         "Plan for source {:?}: {} to create, {} to change, {} to delete, {} unchanged, {}",
@@ -638,8 +619,8 @@ fn write_plan(out: &mut dyn Write, file: &DeclaredFile, plan: &Plan) -> anyhow::
             writeln!(
                 out,
                 "  + {} to parent {} with {}",
-                key.spiffe_id,
-                key.parent_id,
+                key.spiffe_id(),
+                key.parent_id(),
                 key.selectors_text()
             )?;
         }
@@ -647,8 +628,8 @@ fn write_plan(out: &mut dyn Write, file: &DeclaredFile, plan: &Plan) -> anyhow::
             writeln!(
                 out,
                 "  - {} from parent {} with {}",
-                key.spiffe_id,
-                key.parent_id,
+                key.spiffe_id(),
+                key.parent_id(),
                 key.selectors_text()
             )?;
         }
@@ -667,9 +648,10 @@ async fn load(
 ) -> anyhow::Result<(Admin, DeclaredFile, Plan)> {
     let declared = read_file(file)?;
     let client = socket.connect().await?;
-    let metadata = list_all_metadata(&client).await?;
-    let entries = list_all_entries(&client, list_entries_request::Filter::default()).await?;
-    let plan = make_plan(&declared, &entries, &metadata, prune);
+    let entries = client
+        .entries(list_entries_request::Filter::default())
+        .await?;
+    let plan = make_plan(&declared, &entries, prune);
     Ok((client, declared, plan))
 }
 
@@ -727,19 +709,19 @@ impl SavedPlan {
         let mut creates: Vec<String> = plan
             .creates
             .iter()
-            .map(|&i| EntryKey::of(&file.entries[i].entry).text())
+            .map(|&i| file.entries[i].key.text())
             .collect();
         creates.sort();
         let mut changes: Vec<(String, i64)> = plan
             .changes
             .iter()
-            .map(|c| (c.stored.id.clone(), c.stored.revision_number))
+            .map(|c| (c.stored.id.to_string(), c.stored.revision_number))
             .collect();
         changes.sort();
         let mut deletes: Vec<(String, i64)> = plan
             .deletes
             .iter()
-            .map(|e| (e.id.clone(), e.revision_number))
+            .map(|e| (e.id.to_string(), e.revision_number))
             .collect();
         deletes.sort();
         Self {
@@ -984,7 +966,7 @@ async fn perform(
         for (&index, result) in plan.creates.iter().zip(results) {
             outcomes.push(ActionOutcome {
                 action: "create",
-                key: EntryKey::of(&file.entries[index].entry),
+                key: file.entries[index].key.clone(),
                 entry_id: result
                     .entry
                     .and_then(|e| e.entry)
@@ -1004,11 +986,11 @@ async fn perform(
             .map(|change| {
                 let declared = &file.entries[change.declared];
                 let mut metadata = declared_metadata(declared, &file.source);
-                metadata.entry_id.clone_from(&change.stored.id);
+                metadata.entry_id = change.stored.id.to_string();
                 let (entry_mask, metadata_mask) = change_masks(change);
                 GovernedEntryUpdate {
                     entry: Some(governed_entry(
-                        updated_entry(&change.stored, &declared.entry),
+                        updated_entry(&entry_to_proto(&change.stored, None), &declared.entry),
                         metadata,
                     )),
                     entry_mask: Some(entry_mask),
@@ -1032,7 +1014,7 @@ async fn perform(
             outcomes.push(ActionOutcome {
                 action: "update",
                 key: EntryKey::of(&change.stored),
-                entry_id: change.stored.id.clone(),
+                entry_id: change.stored.id.to_string(),
                 status: changed_since_plan(
                     result.status.unwrap_or_default(),
                     change.stored.revision_number,
@@ -1047,7 +1029,7 @@ async fn perform(
             .deletes
             .iter()
             .map(|entry| delete_governed_entries_request::Item {
-                id: entry.id.clone(),
+                id: entry.id.to_string(),
                 expected_revision: Some(entry.revision_number),
             })
             .collect();
@@ -1063,7 +1045,7 @@ async fn perform(
             outcomes.push(ActionOutcome {
                 action: "delete",
                 key: EntryKey::of(entry),
-                entry_id: entry.id.clone(),
+                entry_id: entry.id.to_string(),
                 status: changed_since_plan(
                     result.status.unwrap_or_default(),
                     entry.revision_number,
@@ -1188,6 +1170,20 @@ expires_at = "2030-01-01T00:00:00Z"
         }
     }
 
+    /// The server's entries as the admin client reads them: with their metadata.
+    fn stored(
+        server: &[types::Entry],
+        metadata: &HashMap<String, EntryMetadata>,
+    ) -> Vec<RegistrationEntry> {
+        server
+            .iter()
+            .map(|entry| {
+                lanyard_proto::convert::stored_entry_from_proto(entry, metadata.get(&entry.id))
+                    .expect("a readable entry")
+            })
+            .collect()
+    }
+
     fn labelled(id: &str, source: &str) -> EntryMetadata {
         EntryMetadata {
             entry_id: id.into(),
@@ -1291,10 +1287,10 @@ expires_at = "2030-01-01T00:00:00Z"
         .map(|m| (m.entry_id.clone(), m))
         .collect();
 
-        let plan = make_plan(&file, &server, &metadata, false);
+        let plan = make_plan(&file, &stored(&server, &metadata), false);
         assert_eq!(plan.creates, [0]);
         assert_eq!(plan.changes.len(), 1);
-        assert_eq!(plan.changes[0].stored.id, "w");
+        assert_eq!(plan.changes[0].stored.id.as_str(), "w");
         assert_eq!(
             plan.changes[0].fields,
             [FieldChange {
@@ -1307,12 +1303,15 @@ expires_at = "2030-01-01T00:00:00Z"
         assert_eq!(plan.undeclared.len(), 1);
         assert!(plan.conflicts.is_empty());
 
-        let plan = make_plan(&file, &server, &metadata, true);
+        let plan = make_plan(&file, &stored(&server, &metadata), true);
         let deleted: Vec<&str> = plan.deletes.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(deleted, ["r"], "only this source's undeclared entries");
         let (gained, lost) = holders(&file, &plan);
-        assert_eq!(gained[0].spiffe_id, "spiffe://example.org/payments/api");
-        assert_eq!(lost, [EntryKey::of(&retired)]);
+        assert_eq!(
+            gained[0].spiffe_id().to_string(),
+            "spiffe://example.org/payments/api"
+        );
+        assert_eq!(lost, [EntryKey::of(&stored(&[retired], &metadata)[0])]);
 
         let mut text = Vec::new();
         write_plan(&mut text, &file, &plan).expect("writes");
@@ -1335,12 +1334,12 @@ expires_at = "2030-01-01T00:00:00Z"
     fn an_entry_owned_elsewhere_is_a_conflict() {
         let file = parse_file(FILE).expect("valid");
         let server = vec![entry("w", "/payments/worker", "1001")];
-        let plan = make_plan(&file, &server, &HashMap::new(), true);
+        let plan = make_plan(&file, &stored(&server, &HashMap::new()), true);
         assert_eq!(plan.conflicts.len(), 1);
         assert_eq!(plan.conflicts[0].owned_by, None);
         assert!(plan.deletes.is_empty());
         let metadata = HashMap::from([("w".to_owned(), labelled("w", "billing"))]);
-        let plan = make_plan(&file, &server, &metadata, true);
+        let plan = make_plan(&file, &stored(&server, &metadata), true);
         assert_eq!(plan.conflicts[0].owned_by.as_deref(), Some("billing"));
         assert!(conflict_text(&plan.conflicts[0]).contains("owned by source \"billing\""));
     }
@@ -1359,7 +1358,7 @@ expires_at = "2030-01-01T00:00:00Z"
             stored.entry_id.clone_from(&id);
             metadata.insert(id, stored);
         }
-        let plan = make_plan(&file, &server, &metadata, true);
+        let plan = make_plan(&file, &stored(&server, &metadata), true);
         assert!(plan.is_empty(), "{plan:?}");
         assert_eq!(plan.unchanged, 2);
         // Updating keeps the stored identity and takes the declared fields.
@@ -1388,7 +1387,7 @@ expires_at = "2030-01-01T00:00:00Z"
             stored.entry_id.clone_from(&id);
             metadata.insert(id, stored);
         }
-        let plan = make_plan(&file, &server, &metadata, true);
+        let plan = make_plan(&file, &stored(&server, &metadata), true);
         assert_eq!(plan.changes.len(), 2, "{plan:?}");
         let saved = SavedPlan::of(FILE, &file, &plan, true);
         assert_eq!(
@@ -1414,7 +1413,7 @@ expires_at = "2030-01-01T00:00:00Z"
         let fresh = SavedPlan::of(
             FILE,
             &file,
-            &make_plan(&file, &server, &metadata, true),
+            &make_plan(&file, &stored(&server, &metadata), true),
             true,
         );
         let drift = saved.drift(&fresh);
@@ -1428,7 +1427,7 @@ expires_at = "2030-01-01T00:00:00Z"
         let fresh = SavedPlan::of(
             FILE,
             &file,
-            &make_plan(&file, &server, &metadata, true),
+            &make_plan(&file, &stored(&server, &metadata), true),
             true,
         );
         assert!(saved.drift(&fresh)[0].contains("no longer applies"));
