@@ -501,6 +501,33 @@ mod tests {
     }
 
     #[test]
+    fn similarity_is_spiffe_id_parent_and_selector_set_only() {
+        let a = entry();
+        let mut b = entry();
+        b.id = EntryId::new("e2").unwrap();
+        b.hint = "other".into();
+        b.x509_svid_ttl = Some(Duration::from_secs(60));
+        b.owner = Some("team".into());
+        assert!(a.is_similar(&b), "ID, TTL, hint and metadata do not count");
+        assert_eq!(a.similarity_key(), b.similarity_key());
+
+        let mut other_selectors = entry();
+        other_selectors.selectors = ["unix:uid:1000", "unix:gid:1000"]
+            .into_iter()
+            .map(|s| s.parse::<Selector>().unwrap())
+            .collect();
+        assert!(!a.is_similar(&other_selectors));
+        let mut other_parent = entry();
+        other_parent.parent_id = "spiffe://example.org/spire/server".parse().unwrap();
+        assert!(!a.is_similar(&other_parent));
+        let mut other_id = entry();
+        other_id.spiffe_id = "spiffe://example.org/db".parse().unwrap();
+        assert!(!a.is_similar(&other_id));
+        // Ordered, so that a tool can keep entries by it.
+        assert!(a.similarity_key() > other_id.similarity_key());
+    }
+
+    #[test]
     fn limits_and_ip_literals_are_refused_but_an_entry_may_be_its_own_parent() {
         let td = TrustDomain::new("example.org").unwrap();
         // SPIRE accepts it, and spire-controller-manager probes the server with one.
