@@ -34,7 +34,10 @@ use tokio::sync::OnceCell;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 
+mod agents;
+mod bundles;
 mod entries;
+mod federation;
 mod governance;
 mod writes;
 
@@ -179,7 +182,7 @@ impl Admin {
         AgentClient::new(self.channel.clone())
     }
 
-    pub(crate) fn bundle(&self) -> BundleClient<Channel> {
+    pub(crate) fn bundle_service(&self) -> BundleClient<Channel> {
         BundleClient::new(self.channel.clone())
     }
 

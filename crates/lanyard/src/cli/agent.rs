@@ -5,14 +5,12 @@ use std::io::Write;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use lanyard_proto::spire::api::server::agent::v1::{
-    BanAgentRequest, CountAgentsRequest, DeleteAgentRequest, GetAgentRequest, ListAgentsRequest,
-    count_agents_request, list_agents_request,
-};
+use lanyard_core::SpiffeId;
+use lanyard_core::agent::AttestedAgent;
+use lanyard_proto::spire::api::server::agent::v1::{count_agents_request, list_agents_request};
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::admin::{Page, list_all, rpc_error};
 use crate::cli::client::SocketArgs;
 use crate::cli::output::{OutputArgs, agent_json, count_noun, write_agent_pretty, write_json};
 use crate::cli::parse::{self, MatchMode};
@@ -169,41 +167,20 @@ pub(crate) struct AgentIdArgs {
 }
 
 impl AgentIdArgs {
-    fn id(&self) -> anyhow::Result<types::Spiffeid> {
-        parse::spiffe_id(&self.spiffe_id).context("--spiffe-id is invalid")
+    fn id(&self) -> anyhow::Result<SpiffeId> {
+        parse::core_spiffe_id(&self.spiffe_id).context("--spiffe-id is invalid")
     }
 }
 
 async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let filter = args.filter.to_filter()?;
     let client = args.socket.connect().await?;
-    let agents = list_all(|page_size, page_token| {
-        let request = ListAgentsRequest {
-            filter: Some(filter.clone()),
-            output_mask: None,
-            page_size,
-            page_token,
-        };
-        let client = &client;
-        async move {
-            let response = client
-                .agent()
-                .list_agents(request)
-                .await
-                .map_err(|status| rpc_error("ListAgents failed", &status))?
-                .into_inner();
-            Ok(Page {
-                items: response.agents,
-                next_page_token: response.next_page_token,
-            })
-        }
-    })
-    .await?;
+    let agents = client.agents(filter).await?;
     write_agents(out, &agents, args.output.is_json())
 }
 
 /// Prints a list of agents.
-fn write_agents(out: &mut dyn Write, agents: &[types::Agent], json: bool) -> anyhow::Result<()> {
+fn write_agents(out: &mut dyn Write, agents: &[AttestedAgent], json: bool) -> anyhow::Result<()> {
     if json {
         let agents: Vec<Value> = agents.iter().map(agent_json).collect();
         return write_json(out, &json!({ "agents": agents }));
@@ -227,16 +204,7 @@ fn write_agents(out: &mut dyn Write, agents: &[types::Agent], json: bool) -> any
 async fn show(args: &AgentIdArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let id = args.id()?;
     let client = args.socket.connect().await?;
-    let request = GetAgentRequest {
-        id: Some(id),
-        output_mask: None,
-    };
-    let agent = client
-        .agent()
-        .get_agent(request)
-        .await
-        .map_err(|status| rpc_error(&format!("cannot get agent {}", args.spiffe_id), &status))?
-        .into_inner();
+    let agent = client.agent_by_id(&id).await?;
     if args.output.is_json() {
         write_json(out, &agent_json(&agent))
     } else {
@@ -249,11 +217,7 @@ async fn show(args: &AgentIdArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 async fn ban(args: &AgentIdArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let id = args.id()?;
     let client = args.socket.connect().await?;
-    client
-        .agent()
-        .ban_agent(BanAgentRequest { id: Some(id) })
-        .await
-        .map_err(|status| rpc_error(&format!("cannot ban agent {}", args.spiffe_id), &status))?;
+    client.ban_agent(&id).await?;
     if args.output.is_json() {
         write_json(out, &json!({}))
     } else {
@@ -265,11 +229,7 @@ async fn ban(args: &AgentIdArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 async fn evict(args: &AgentIdArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let id = args.id()?;
     let client = args.socket.connect().await?;
-    client
-        .agent()
-        .delete_agent(DeleteAgentRequest { id: Some(id) })
-        .await
-        .map_err(|status| rpc_error(&format!("cannot evict agent {}", args.spiffe_id), &status))?;
+    client.evict_agent(&id).await?;
     if args.output.is_json() {
         write_json(out, &json!({}))
     } else {
@@ -281,15 +241,7 @@ async fn evict(args: &AgentIdArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 async fn count(args: &CountArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let filter = args.filter.to_count_filter()?;
     let client = args.socket.connect().await?;
-    let count = client
-        .agent()
-        .count_agents(CountAgentsRequest {
-            filter: Some(filter),
-        })
-        .await
-        .map_err(|status| rpc_error("CountAgents failed", &status))?
-        .into_inner()
-        .count;
+    let count = client.count_agents(filter).await?;
     if args.output.is_json() {
         write_json(out, &json!({ "count": count }))
     } else {

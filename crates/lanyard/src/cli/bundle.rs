@@ -7,15 +7,10 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use lanyard_core::{TrustBundle, TrustDomain};
-use lanyard_proto::convert::{bundle_from_proto, bundle_to_proto};
-use lanyard_proto::spire::api::server::bundle::v1::{
-    BatchDeleteFederatedBundleRequest, BatchSetFederatedBundleRequest, GetBundleRequest,
-    GetFederatedBundleRequest, ListFederatedBundlesRequest, batch_delete_federated_bundle_request,
-};
-use lanyard_proto::spire::api::types;
+use lanyard_proto::spire::api::server::bundle::v1::batch_delete_federated_bundle_request;
 use serde_json::{Value, json};
 
-use crate::admin::{Page, item_code, list_all, rpc_error};
+use crate::admin::item_code;
 use crate::cli::client::SocketArgs;
 use crate::cli::output::{OutputArgs, bundle_json, status_json, status_text, write_json};
 use crate::cli::parse;
@@ -140,21 +135,11 @@ impl BundleFormat {
 }
 
 /// The text of a bundle in `format`: PEM certificates, or an indented SPIFFE bundle.
-fn bundle_text(bundle: &types::Bundle, format: BundleFormat) -> anyhow::Result<String> {
+fn bundle_text(bundle: &TrustBundle, format: BundleFormat) -> anyhow::Result<String> {
     match format {
-        BundleFormat::Pem => Ok(bundle
-            .x509_authorities
-            .iter()
-            .map(|authority| lanyard_core::keys::pem_encode("CERTIFICATE", &authority.asn1))
-            .collect()),
+        BundleFormat::Pem => Ok(bundle.x509_authorities_pem()),
         BundleFormat::Spiffe => {
-            let parsed = bundle_from_proto(bundle).with_context(|| {
-                format!(
-                    "the server sent an invalid bundle for {}",
-                    bundle.trust_domain
-                )
-            })?;
-            let document: Value = serde_json::from_str(&parsed.to_jwks_json())?;
+            let document: Value = serde_json::from_str(&bundle.to_jwks_json())?;
             Ok(format!("{}\n", serde_json::to_string_pretty(&document)?))
         }
     }
@@ -162,29 +147,29 @@ fn bundle_text(bundle: &types::Bundle, format: BundleFormat) -> anyhow::Result<S
 
 /// Parses a bundle file in `format` for `trust_domain`.
 pub(crate) fn parse_bundle(
-    trust_domain: &str,
+    trust_domain: &TrustDomain,
     bytes: &[u8],
     format: BundleFormat,
-) -> anyhow::Result<types::Bundle> {
-    let trust_domain = TrustDomain::new(trust_domain)?;
-    let bundle = match format {
+) -> anyhow::Result<TrustBundle> {
+    let trust_domain = trust_domain.clone();
+    Ok(match format {
         BundleFormat::Pem => {
             let text = std::str::from_utf8(bytes).context("PEM input is not UTF-8 text")?;
             TrustBundle::from_pem_certificates(trust_domain, text)?
         }
         BundleFormat::Spiffe => TrustBundle::from_jwks_json(trust_domain, bytes)?,
-    };
-    Ok(bundle_to_proto(&bundle))
+    })
+}
+
+/// The trust domain of `--id`: a bare name or `spiffe://name`.
+fn trust_domain_arg(id: &str) -> anyhow::Result<TrustDomain> {
+    let name = parse::trust_domain(id).context("--id is invalid")?;
+    Ok(TrustDomain::new(&name)?)
 }
 
 async fn show(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
-    let bundle = client
-        .bundle()
-        .get_bundle(GetBundleRequest { output_mask: None })
-        .await
-        .map_err(|status| rpc_error("GetBundle failed", &status))?
-        .into_inner();
+    let bundle = client.bundle().await?;
     if args.output.is_json() {
         write_json(out, &bundle_json(&bundle))
     } else {
@@ -194,58 +179,17 @@ async fn show(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 }
 
 async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let id = args
-        .id
-        .as_deref()
-        .map(parse::trust_domain)
-        .transpose()
-        .context("--id is invalid")?;
+    let id = args.id.as_deref().map(trust_domain_arg).transpose()?;
     let client = args.socket.connect().await?;
-    let bundles = match id {
-        Some(trust_domain) => {
-            let request = GetFederatedBundleRequest {
-                trust_domain: trust_domain.clone(),
-                output_mask: None,
-            };
-            let bundle = client
-                .bundle()
-                .get_federated_bundle(request)
-                .await
-                .map_err(|status| {
-                    rpc_error(&format!("cannot get the bundle of {trust_domain}"), &status)
-                })?
-                .into_inner();
-            vec![bundle]
-        }
-        None => {
-            list_all(|page_size, page_token| {
-                let request = ListFederatedBundlesRequest {
-                    output_mask: None,
-                    page_size,
-                    page_token,
-                };
-                let client = &client;
-                async move {
-                    let response = client
-                        .bundle()
-                        .list_federated_bundles(request)
-                        .await
-                        .map_err(|status| rpc_error("ListFederatedBundles failed", &status))?
-                        .into_inner();
-                    Ok(Page {
-                        items: response.bundles,
-                        next_page_token: response.next_page_token,
-                    })
-                }
-            })
-            .await?
-        }
+    let bundles = match &id {
+        Some(trust_domain) => vec![client.federated_bundle(trust_domain).await?],
+        None => client.federated_bundles().await?,
     };
     if args.output.is_json() {
         let bundles: Vec<Value> = bundles.iter().map(bundle_json).collect();
         return write_json(out, &json!({ "bundles": bundles }));
     }
-    if args.id.is_some() {
+    if id.is_some() {
         for bundle in &bundles {
             out.write_all(bundle_text(bundle, args.format)?.as_bytes())?;
         }
@@ -256,7 +200,7 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             writeln!(out)?;
         }
         writeln!(out, "****************************************")?;
-        writeln!(out, "* {}", bundle.trust_domain)?;
+        writeln!(out, "* {}", bundle.trust_domain())?;
         writeln!(out, "****************************************")?;
         out.write_all(bundle_text(bundle, args.format)?.as_bytes())?;
     }
@@ -264,7 +208,7 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 }
 
 async fn set(args: &SetArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let trust_domain = parse::trust_domain(&args.id).context("--id is invalid")?;
+    let trust_domain = trust_domain_arg(&args.id)?;
     let bytes = match &args.path {
         Some(path) => {
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
@@ -284,32 +228,18 @@ async fn set(args: &SetArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let bundle = parse_bundle(&trust_domain, &bytes, args.format)
         .with_context(|| format!("{source} is not a valid {} bundle", args.format.label()))?;
     let client = args.socket.connect().await?;
-    let request = BatchSetFederatedBundleRequest {
-        bundle: vec![bundle],
-        output_mask: None,
-    };
-    let results = client
-        .bundle()
-        .batch_set_federated_bundle(request)
-        .await
-        .map_err(|status| rpc_error("BatchSetFederatedBundle failed", &status))?
-        .into_inner()
-        .results;
-    let result = results
-        .into_iter()
-        .next()
-        .context("the server answered no result")?;
+    let (status, stored) = client.set_federated_bundle(&bundle).await?;
     if args.output.is_json() {
-        let mut item = json!({ "status": status_json(result.status.as_ref()) });
-        if let Some(bundle) = &result.bundle {
+        let mut item = json!({ "status": status_json(Some(&status)) });
+        if let Some(bundle) = &stored {
             item["bundle"] = bundle_json(bundle);
         }
         write_json(out, &json!({ "results": [item] }))?;
     }
-    if item_code(result.status.as_ref()) != tonic::Code::Ok {
+    if item_code(Some(&status)) != tonic::Code::Ok {
         bail!(
             "cannot set the bundle of {trust_domain} {}",
-            status_text(result.status.as_ref())
+            status_text(Some(&status))
         );
     }
     if !args.output.is_json() {
@@ -320,41 +250,27 @@ async fn set(args: &SetArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 
 async fn delete(args: &DeleteArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     use batch_delete_federated_bundle_request::Mode;
-    let trust_domain = parse::trust_domain(&args.id).context("--id is invalid")?;
+    let trust_domain = trust_domain_arg(&args.id)?;
     let mode = match args.mode {
         DeleteMode::Restrict => Mode::Restrict,
         DeleteMode::Delete => Mode::Delete,
         DeleteMode::Dissociate => Mode::Dissociate,
     };
     let client = args.socket.connect().await?;
-    let request = BatchDeleteFederatedBundleRequest {
-        trust_domains: vec![trust_domain.clone()],
-        mode: mode as i32,
-    };
-    let results = client
-        .bundle()
-        .batch_delete_federated_bundle(request)
-        .await
-        .map_err(|status| rpc_error("BatchDeleteFederatedBundle failed", &status))?
-        .into_inner()
-        .results;
-    let result = results
-        .into_iter()
-        .next()
-        .context("the server answered no result")?;
+    let status = client.delete_federated_bundle(&trust_domain, mode).await?;
     if args.output.is_json() {
         write_json(
             out,
             &json!({ "results": [{
-                "status": status_json(result.status.as_ref()),
-                "trust_domain": result.trust_domain,
+                "status": status_json(Some(&status)),
+                "trust_domain": trust_domain.name(),
             }] }),
         )?;
     }
-    if item_code(result.status.as_ref()) != tonic::Code::Ok {
+    if item_code(Some(&status)) != tonic::Code::Ok {
         bail!(
             "cannot delete the bundle of {trust_domain} {}",
-            status_text(result.status.as_ref())
+            status_text(Some(&status))
         );
     }
     if !args.output.is_json() {
@@ -382,25 +298,27 @@ mod tests {
     fn pem_files_become_x509_authorities_and_print_back() {
         let der = test_ca_der();
         let pem = lanyard_core::keys::pem_encode("CERTIFICATE", &der);
-        let bundle = parse_bundle("partner.org", pem.as_bytes(), BundleFormat::Pem)
-            .expect("valid PEM bundle");
-        assert_eq!(bundle.trust_domain, "partner.org");
-        assert_eq!(bundle.x509_authorities.len(), 1);
-        assert_eq!(bundle.x509_authorities[0].asn1, der);
+        let partner = TrustDomain::new("partner.org").unwrap();
+        let bundle =
+            parse_bundle(&partner, pem.as_bytes(), BundleFormat::Pem).expect("valid PEM bundle");
+        assert_eq!(bundle.trust_domain().name(), "partner.org");
+        assert_eq!(bundle.x509_authorities().len(), 1);
+        assert_eq!(bundle.x509_authorities()[0].der(), der);
         assert_eq!(bundle_text(&bundle, BundleFormat::Pem).expect("pem"), pem);
 
         let spiffe = bundle_text(&bundle, BundleFormat::Spiffe).expect("jwks");
         let document: Value = serde_json::from_str(&spiffe).expect("json");
         assert_eq!(document["keys"][0]["use"], "x509-svid");
-        let again = parse_bundle("partner.org", spiffe.as_bytes(), BundleFormat::Spiffe)
+        let again = parse_bundle(&partner, spiffe.as_bytes(), BundleFormat::Spiffe)
             .expect("valid SPIFFE bundle");
-        assert_eq!(again.x509_authorities[0].asn1, der);
+        assert_eq!(again.x509_authorities()[0].der(), der);
     }
 
     #[test]
     fn bad_bundle_files_are_rejected() {
-        assert!(parse_bundle("partner.org", b"not pem", BundleFormat::Pem).is_err());
-        assert!(parse_bundle("partner.org", b"{}", BundleFormat::Spiffe).is_err());
-        assert!(parse_bundle("Partner.org", b"{\"keys\":[]}", BundleFormat::Spiffe).is_err());
+        let partner = TrustDomain::new("partner.org").unwrap();
+        assert!(parse_bundle(&partner, b"not pem", BundleFormat::Pem).is_err());
+        assert!(parse_bundle(&partner, b"{}", BundleFormat::Spiffe).is_err());
+        assert!(trust_domain_arg("Partner.org").is_err());
     }
 }

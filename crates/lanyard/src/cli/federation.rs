@@ -11,18 +11,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use lanyard_core::federation::{HTTPS_SPIFFE, HTTPS_WEB};
+use lanyard_core::federation::{BundleEndpointProfile, HTTPS_SPIFFE, HTTPS_WEB};
 use lanyard_core::{FederationRelationship, TrustDomain};
-use lanyard_proto::convert::{
-    federation_relationship_from_proto, federation_relationship_to_proto,
-};
-use lanyard_proto::spire::api::server::trustdomain::v1 as pb;
 use lanyard_proto::spire::api::types;
-use lanyard_proto::spire::api::types::federation_relationship::BundleEndpointProfile as Profile;
 use serde_json::{Value, json};
 
 use self::data::{BundleSource, RelationshipConfig};
-use crate::admin::{Page, describe_status, item_code, list_all, rpc_error};
+use crate::admin::{describe_status, item_code};
 use crate::cli::bundle::BundleFormat;
 use crate::cli::client::SocketArgs;
 use crate::cli::entry::read_input;
@@ -210,64 +205,26 @@ impl Verb {
 
 /// Creates or updates the relationships and reports each result; fails if one failed.
 async fn write(args: &WriteArgs, verb: Verb, out: &mut dyn Write) -> anyhow::Result<()> {
-    let relationships = args.relationships()?;
-    let requested: Vec<types::FederationRelationship> = relationships
-        .iter()
-        .map(|r| federation_relationship_to_proto(r, None))
-        .collect();
+    let requested = args.relationships()?;
     let client = args.socket.connect().await?;
-    let mut trust_domain = client.trust_domain();
-    let results: Vec<(Option<types::Status>, Option<types::FederationRelationship>)> = match verb {
-        Verb::Create => trust_domain
-            .batch_create_federation_relationship(pb::BatchCreateFederationRelationshipRequest {
-                federation_relationships: requested.clone(),
-                output_mask: None,
-            })
-            .await
-            .map_err(|status| rpc_error("BatchCreateFederationRelationship failed", &status))?
-            .into_inner()
-            .results
-            .into_iter()
-            .map(|r| (r.status, r.federation_relationship))
-            .collect(),
-        Verb::Update => trust_domain
-            .batch_update_federation_relationship(pb::BatchUpdateFederationRelationshipRequest {
-                federation_relationships: requested.clone(),
-                input_mask: None,
-                output_mask: None,
-            })
-            .await
-            .map_err(|status| rpc_error("BatchUpdateFederationRelationship failed", &status))?
-            .into_inner()
-            .results
-            .into_iter()
-            .map(|r| (r.status, r.federation_relationship))
-            .collect(),
+    let results = match verb {
+        Verb::Create => client.create_federation_relationships(&requested).await?,
+        Verb::Update => client.update_federation_relationships(&requested).await?,
     };
-    if results.len() != requested.len() {
-        bail!(
-            "the server answered {} results for {} federation relationships",
-            results.len(),
-            requested.len()
-        );
-    }
+    let ok = |status: &types::Status| item_code(Some(status)) == tonic::Code::Ok;
     let failed: Vec<&types::Status> = results
         .iter()
-        .filter_map(|(status, _)| status.as_ref())
-        .filter(|status| item_code(Some(status)) != tonic::Code::Ok)
+        .map(|(status, _)| status)
+        .filter(|status| !ok(status))
         .collect();
     if args.output.is_json() {
         let items: Vec<Value> = results
             .iter()
             .zip(&requested)
             .map(|((status, stored), requested)| {
-                let shown = match stored {
-                    Some(stored) if item_code(status.as_ref()) == tonic::Code::Ok => stored,
-                    _ => requested,
-                };
                 json!({
-                    "status": status_json(status.as_ref()),
-                    "federation_relationship": relationship_json(shown),
+                    "status": status_json(Some(status)),
+                    "federation_relationship": relationship_json(stored.as_ref().unwrap_or(requested)),
                 })
             })
             .collect();
@@ -275,15 +232,13 @@ async fn write(args: &WriteArgs, verb: Verb, out: &mut dyn Write) -> anyhow::Res
     } else {
         for ((status, stored), requested) in results.iter().zip(&requested) {
             match stored {
-                Some(stored) if item_code(status.as_ref()) == tonic::Code::Ok => {
-                    write_relationship_pretty(out, stored)?;
-                }
-                _ => {
+                Some(stored) => write_relationship_pretty(out, stored)?,
+                None => {
                     writeln!(
                         out,
                         "Failed to {} the following federation relationship {}:",
                         verb.as_str(),
-                        status_text(status.as_ref())
+                        status_text(Some(status))
                     )?;
                     write_relationship_pretty(out, requested)?;
                 }
@@ -314,27 +269,7 @@ async fn write(args: &WriteArgs, verb: Verb, out: &mut dyn Write) -> anyhow::Res
 
 async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
-    let relationships = list_all(|page_size, page_token| {
-        let request = pb::ListFederationRelationshipsRequest {
-            output_mask: None,
-            page_size,
-            page_token,
-        };
-        let client = &client;
-        async move {
-            let response = client
-                .trust_domain()
-                .list_federation_relationships(request)
-                .await
-                .map_err(|status| rpc_error("ListFederationRelationships failed", &status))?
-                .into_inner();
-            Ok(Page {
-                items: response.federation_relationships,
-                next_page_token: response.next_page_token,
-            })
-        }
-    })
-    .await?;
+    let relationships = client.federation_relationships().await?;
     if args.output.is_json() {
         let items: Vec<Value> = relationships.iter().map(relationship_json).collect();
         return write_json(out, &json!({ "federation_relationships": items }));
@@ -358,20 +293,7 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 async fn show(args: &TrustDomainArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let trust_domain = args.trust_domain()?;
     let client = args.socket.connect().await?;
-    let relationship = client
-        .trust_domain()
-        .get_federation_relationship(pb::GetFederationRelationshipRequest {
-            trust_domain: trust_domain.name().to_owned(),
-            output_mask: None,
-        })
-        .await
-        .map_err(|status| {
-            rpc_error(
-                &format!("cannot show the federation relationship with {trust_domain}"),
-                &status,
-            )
-        })?
-        .into_inner();
+    let relationship = client.federation_relationship(&trust_domain).await?;
     if args.output.is_json() {
         return write_json(out, &relationship_json(&relationship));
     }
@@ -386,31 +308,20 @@ async fn show(args: &TrustDomainArgs, out: &mut dyn Write) -> anyhow::Result<()>
 async fn delete(args: &TrustDomainArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let trust_domain = args.trust_domain()?;
     let client = args.socket.connect().await?;
-    let result = client
-        .trust_domain()
-        .batch_delete_federation_relationship(pb::BatchDeleteFederationRelationshipRequest {
-            trust_domains: vec![trust_domain.name().to_owned()],
-        })
-        .await
-        .map_err(|status| rpc_error("BatchDeleteFederationRelationship failed", &status))?
-        .into_inner()
-        .results
-        .into_iter()
-        .next()
-        .context("the server answered no result")?;
+    let status = client.delete_federation_relationship(&trust_domain).await?;
     if args.output.is_json() {
         write_json(
             out,
             &json!({ "results": [{
-                "status": status_json(result.status.as_ref()),
-                "trust_domain": result.trust_domain,
+                "status": status_json(Some(&status)),
+                "trust_domain": trust_domain.name(),
             }] }),
         )?;
     }
-    if item_code(result.status.as_ref()) != tonic::Code::Ok {
+    if item_code(Some(&status)) != tonic::Code::Ok {
         bail!(
             "cannot delete the federation relationship with {trust_domain} {}",
-            status_text(result.status.as_ref())
+            status_text(Some(&status))
         );
     }
     if !args.output.is_json() {
@@ -422,19 +333,7 @@ async fn delete(args: &TrustDomainArgs, out: &mut dyn Write) -> anyhow::Result<(
 async fn refresh(args: &TrustDomainArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let trust_domain = args.trust_domain()?;
     let client = args.socket.connect().await?;
-    match client
-        .trust_domain()
-        .refresh_bundle(pb::RefreshBundleRequest {
-            trust_domain: trust_domain.name().to_owned(),
-        })
-        .await
-    {
-        Ok(_) => {}
-        Err(status) if status.code() == tonic::Code::NotFound => {
-            bail!("there is no federation relationship with trust domain {trust_domain}")
-        }
-        Err(status) => return Err(rpc_error("RefreshBundle failed", &status)),
-    }
+    client.refresh_bundle(&trust_domain).await?;
     if args.output.is_json() {
         write_json(out, &status_json(None))
     } else {
@@ -445,26 +344,28 @@ async fn refresh(args: &TrustDomainArgs, out: &mut dyn Write) -> anyhow::Result<
 
 /// A relationship as JSON: the protobuf message with proto field names, as SPIRE's
 /// `-output json` prints it (the profile is the `https_web` or `https_spiffe` member).
-fn relationship_json(relationship: &types::FederationRelationship) -> Value {
+fn relationship_json(relationship: &FederationRelationship) -> Value {
     let mut object = serde_json::Map::new();
-    object.insert("trust_domain".into(), json!(relationship.trust_domain));
+    object.insert(
+        "trust_domain".into(),
+        json!(relationship.trust_domain().name()),
+    );
     object.insert(
         "bundle_endpoint_url".into(),
-        json!(relationship.bundle_endpoint_url),
+        json!(relationship.bundle_endpoint_url().as_str()),
     );
-    match &relationship.bundle_endpoint_profile {
-        Some(Profile::HttpsWeb(_)) => {
+    match relationship.profile() {
+        BundleEndpointProfile::HttpsWeb => {
             object.insert("https_web".into(), json!({}));
         }
-        Some(Profile::HttpsSpiffe(spiffe)) => {
+        BundleEndpointProfile::HttpsSpiffe { endpoint_spiffe_id } => {
             object.insert(
                 "https_spiffe".into(),
-                json!({ "endpoint_spiffe_id": spiffe.endpoint_spiffe_id }),
+                json!({ "endpoint_spiffe_id": endpoint_spiffe_id.to_string() }),
             );
         }
-        None => {}
     }
-    if let Some(bundle) = &relationship.trust_domain_bundle {
+    if let Some(bundle) = relationship.trust_domain_bundle() {
         object.insert("trust_domain_bundle".into(), bundle_json(bundle));
     }
     Value::Object(object)
@@ -480,27 +381,23 @@ fn write_line(out: &mut dyn Write, label: &str, value: &str) -> anyhow::Result<(
 /// relationship the server sent that does not parse is shown as it came.
 fn write_relationship_pretty(
     out: &mut dyn Write,
-    relationship: &types::FederationRelationship,
+    relationship: &FederationRelationship,
 ) -> anyhow::Result<()> {
-    write_line(out, "Trust domain", &relationship.trust_domain)?;
+    write_line(out, "Trust domain", relationship.trust_domain().name())?;
     write_line(
         out,
         "Bundle endpoint URL",
-        &relationship.bundle_endpoint_url,
+        relationship.bundle_endpoint_url().as_str(),
     )?;
-    match &relationship.bundle_endpoint_profile {
-        Some(Profile::HttpsWeb(_)) => write_line(out, "Bundle endpoint profile", HTTPS_WEB)?,
-        Some(Profile::HttpsSpiffe(spiffe)) => {
-            write_line(out, "Bundle endpoint profile", HTTPS_SPIFFE)?;
-            write_line(out, "Endpoint SPIFFE ID", &spiffe.endpoint_spiffe_id)?;
-        }
-        None => {}
+    write_line(
+        out,
+        "Bundle endpoint profile",
+        relationship.profile().name(),
+    )?;
+    if let Some(endpoint_spiffe_id) = relationship.profile().endpoint_spiffe_id() {
+        write_line(out, "Endpoint SPIFFE ID", endpoint_spiffe_id.as_ref())?;
     }
-    let parsed = federation_relationship_from_proto(relationship).ok();
-    if let Some(bundle) = parsed
-        .as_ref()
-        .and_then(FederationRelationship::trust_domain_bundle)
-    {
+    if let Some(bundle) = relationship.trust_domain_bundle() {
         write_line(
             out,
             "Trust domain bundle",
@@ -529,18 +426,18 @@ mod tests {
 
     #[test]
     fn relationships_print_in_spires_layout_and_as_proto_json() {
-        let relationship = types::FederationRelationship {
-            trust_domain: "partner.example".into(),
-            bundle_endpoint_url: "https://partner.example:8443".into(),
-            bundle_endpoint_profile: Some(Profile::HttpsSpiffe(types::HttpsspiffeProfile {
-                endpoint_spiffe_id: "spiffe://partner.example/spire/server".into(),
-            })),
-            trust_domain_bundle: Some(types::Bundle {
-                trust_domain: "partner.example".into(),
-                sequence_number: 3,
-                ..types::Bundle::default()
-            }),
-        };
+        let partner = TrustDomain::new("partner.example").unwrap();
+        let mut bundle = lanyard_core::TrustBundle::new(partner.clone());
+        bundle.set_sequence_number(3);
+        let relationship = FederationRelationship::new(
+            partner,
+            "https://partner.example:8443".parse().unwrap(),
+            BundleEndpointProfile::HttpsSpiffe {
+                endpoint_spiffe_id: "spiffe://partner.example/spire/server".parse().unwrap(),
+            },
+        )
+        .with_trust_domain_bundle(bundle)
+        .unwrap();
         let mut out = Vec::new();
         write_relationship_pretty(&mut out, &relationship).expect("written");
         assert_eq!(

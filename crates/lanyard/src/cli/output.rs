@@ -11,6 +11,9 @@ use std::io::Write;
 
 use base64::Engine as _;
 use clap::{Args, ValueEnum};
+use lanyard_core::TrustBundle;
+use lanyard_core::agent::AttestedAgent;
+use lanyard_proto::convert::spiffe_id_to_proto;
 use lanyard_proto::lanyard::api::v1::EntryMetadata;
 use lanyard_proto::spire::api::types;
 use serde_json::{Map, Value, json};
@@ -186,15 +189,15 @@ pub(crate) fn write_entry_pretty(
     Ok(())
 }
 
-/// An agent as JSON.
-pub(crate) fn agent_json(agent: &types::Agent) -> Value {
+/// An agent as JSON, in the field names of SPIRE's `Agent` message.
+pub(crate) fn agent_json(agent: &AttestedAgent) -> Value {
     json!({
-        "id": spiffe_id_json(agent.id.as_ref()),
+        "id": spiffe_id_json(Some(&spiffe_id_to_proto(&agent.spiffe_id))),
         "attestation_type": agent.attestation_type,
-        "x509svid_serial_number": agent.x509svid_serial_number,
-        "x509svid_expires_at": agent.x509svid_expires_at,
-        "selectors": selectors_json(&agent.selectors),
-        "banned": agent.banned,
+        "x509svid_serial_number": agent.serial,
+        "x509svid_expires_at": unix_seconds(agent.not_after),
+        "selectors": agent.selectors.iter().map(|s| json!({"type": s.kind(), "value": s.value()})).collect::<Vec<_>>(),
+        "banned": agent.is_banned(),
         "can_reattest": agent.can_reattest,
     })
 }
@@ -203,60 +206,61 @@ pub(crate) fn agent_json(agent: &types::Agent) -> Value {
 /// `agent show`, not in `agent list`).
 pub(crate) fn write_agent_pretty(
     out: &mut dyn Write,
-    agent: &types::Agent,
+    agent: &AttestedAgent,
     with_selectors: bool,
 ) -> anyhow::Result<()> {
-    write_field(out, "SPIFFE ID", &spiffe_id_text(agent.id.as_ref()))?;
+    write_field(out, "SPIFFE ID", agent.spiffe_id.as_ref())?;
     write_field(out, "Attestation type", or_none(&agent.attestation_type))?;
     write_field(
         out,
         "Expiration time",
-        &format_unix_time(agent.x509svid_expires_at),
+        &format_unix_time(unix_seconds(agent.not_after)),
     )?;
-    write_field(out, "Serial number", or_none(&agent.x509svid_serial_number))?;
+    write_field(out, "Serial number", or_none(&agent.serial))?;
     write_field(out, "Can re-attest", &agent.can_reattest.to_string())?;
-    if agent.banned {
+    if agent.is_banned() {
         write_field(out, "Banned", "true")?;
     }
     if with_selectors {
-        for selector in &agent.selectors {
-            write_field(
-                out,
-                "Selectors",
-                &format!("{}:{}", selector.r#type, selector.value),
-            )?;
+        for selector in agent.selectors.iter() {
+            write_field(out, "Selectors", &selector.to_string())?;
         }
     }
     Ok(())
 }
 
-/// A bundle as JSON, with certificates and public keys in standard base64 (protojson's form of
-/// `bytes`).
-pub(crate) fn bundle_json(bundle: &types::Bundle) -> Value {
+/// A time in whole Unix seconds; 0 for a time before 1970.
+fn unix_seconds(time: std::time::SystemTime) -> i64 {
+    i64::try_from(lanyard_core::policy::unix_seconds(time)).unwrap_or(i64::MAX)
+}
+
+/// A bundle as JSON, in the field names of SPIRE's `Bundle` message, with certificates and
+/// public keys in standard base64 (protojson's form of `bytes`).
+pub(crate) fn bundle_json(bundle: &TrustBundle) -> Value {
     let b64 = base64::engine::general_purpose::STANDARD;
     let x509: Vec<Value> = bundle
-        .x509_authorities
+        .x509_authorities()
         .iter()
-        .map(|a| json!({ "asn1": b64.encode(&a.asn1), "tainted": a.tainted }))
+        .map(|a| json!({ "asn1": b64.encode(a.der()), "tainted": a.is_tainted() }))
         .collect();
     let jwt: Vec<Value> = bundle
-        .jwt_authorities
+        .jwt_authorities()
         .iter()
         .map(|k| {
             json!({
-                "public_key": b64.encode(&k.public_key),
-                "key_id": k.key_id,
-                "expires_at": k.expires_at,
-                "tainted": k.tainted,
+                "public_key": b64.encode(k.public_key_der()),
+                "key_id": k.key_id(),
+                "expires_at": k.expires_at().map_or(0, unix_seconds),
+                "tainted": k.is_tainted(),
             })
         })
         .collect();
     json!({
-        "trust_domain": bundle.trust_domain,
+        "trust_domain": bundle.trust_domain().name(),
         "x509_authorities": x509,
         "jwt_authorities": jwt,
-        "refresh_hint": bundle.refresh_hint,
-        "sequence_number": bundle.sequence_number,
+        "refresh_hint": bundle.refresh_hint().map_or(0, |hint| hint.as_secs()),
+        "sequence_number": bundle.sequence_number(),
     })
 }
 
@@ -388,22 +392,21 @@ Ticket           : CHG-42
         assert!(without.get("owner").is_none());
     }
 
-    fn sample_agent() -> types::Agent {
-        types::Agent {
-            id: Some(types::Spiffeid {
-                trust_domain: "example.org".into(),
-                path: "/spire/agent/join_token/abc".into(),
-            }),
-            attestation_type: "join_token".into(),
-            x509svid_serial_number: "1234567890".into(),
-            x509svid_expires_at: 1_700_000_000,
-            selectors: vec![types::Selector {
-                r#type: "spiffe_id".into(),
-                value: "spiffe://example.org/spire/agent/join_token/abc".into(),
-            }],
-            banned: false,
-            can_reattest: false,
-        }
+    fn sample_agent() -> AttestedAgent {
+        let mut agent = AttestedAgent::new(
+            "spiffe://example.org/spire/agent/join_token/abc"
+                .parse()
+                .unwrap(),
+            "join_token",
+            "1234567890",
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+        );
+        agent.selectors = ["spiffe_id:spiffe://example.org/spire/agent/join_token/abc"
+            .parse()
+            .unwrap()]
+        .into_iter()
+        .collect();
+        agent
     }
 
     #[test]
@@ -419,8 +422,7 @@ Selectors        : spiffe_id:spiffe://example.org/spire/agent/join_token/abc
 ";
         assert_eq!(text, expected);
         let mut banned = sample_agent();
-        banned.banned = true;
-        banned.x509svid_serial_number.clear();
+        banned.serial.clear();
         let text = render(|out| write_agent_pretty(out, &banned, false));
         assert!(text.contains("Serial number    : (none)\n"));
         assert!(text.contains("Banned           : true\n"));

@@ -54,12 +54,18 @@ pub(crate) fn non_empty(flag: &str, value: &str) -> anyhow::Result<String> {
     Ok(trimmed.to_owned())
 }
 
+/// Parses a SPIFFE ID (`spiffe://example.org/workload`).
+pub(crate) fn core_spiffe_id(value: &str) -> anyhow::Result<SpiffeId> {
+    value
+        .parse()
+        .with_context(|| format!("{value:?} is not a valid SPIFFE ID"))
+}
+
 /// Parses a SPIFFE ID (`spiffe://example.org/workload`) into its protobuf form.
 pub(crate) fn spiffe_id(value: &str) -> anyhow::Result<types::Spiffeid> {
-    let id: SpiffeId = value
-        .parse()
-        .with_context(|| format!("{value:?} is not a valid SPIFFE ID"))?;
-    Ok(lanyard_proto::convert::spiffe_id_to_proto(&id))
+    Ok(lanyard_proto::convert::spiffe_id_to_proto(&core_spiffe_id(
+        value,
+    )?))
 }
 
 /// The `spiffe://` text of a protobuf SPIFFE ID, as the server sent it.

@@ -10,7 +10,6 @@ use clap::{Args, Subcommand, ValueEnum};
 use lanyard_core::keys::pem_encode;
 use lanyard_core::{KeyPair, KeyType, SpiffeId};
 use lanyard_proto::convert::spiffe_id_to_proto;
-use lanyard_proto::spire::api::server::bundle::v1::GetBundleRequest;
 use lanyard_proto::spire::api::server::svid::v1::{MintJwtsvidRequest, MintX509svidRequest};
 use serde_json::json;
 
@@ -182,12 +181,7 @@ async fn mint_x509(args: &X509MintArgs, out: &mut dyn Write) -> anyhow::Result<(
     if svid.cert_chain.is_empty() {
         bail!("the server answered an empty certificate chain");
     }
-    let bundle = client
-        .bundle()
-        .get_bundle(GetBundleRequest { output_mask: None })
-        .await
-        .map_err(|status| rpc_error("GetBundle failed", &status))?
-        .into_inner();
+    let bundle = client.bundle().await?;
 
     let svid_pem: String = svid
         .cert_chain
@@ -195,11 +189,7 @@ async fn mint_x509(args: &X509MintArgs, out: &mut dyn Write) -> anyhow::Result<(
         .map(|der| pem_encode("CERTIFICATE", der))
         .collect();
     let key_pem = key.secret_pkcs8_pem();
-    let bundle_pem: String = bundle
-        .x509_authorities
-        .iter()
-        .map(|authority| pem_encode("CERTIFICATE", &authority.asn1))
-        .collect();
+    let bundle_pem = bundle.x509_authorities_pem();
 
     // The JSON names the SVID as the server's X509SVID message does, and holds the PEM texts
     // (or, with --write, the files' paths) as `fetch x509 --output json` does.
