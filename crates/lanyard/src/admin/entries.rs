@@ -6,9 +6,7 @@ use std::collections::HashMap;
 use anyhow::Context as _;
 use lanyard_core::RegistrationEntry;
 use lanyard_proto::convert::stored_entry_from_proto;
-use lanyard_proto::lanyard::api::v1::{
-    EntryMetadata, GetEntryMetadataRequest, ListEntryMetadataRequest,
-};
+use lanyard_proto::lanyard::api::v1::{EntryMetadata, GetEntryMetadataRequest};
 use lanyard_proto::spire::api::server::entry::v1::{
     GetEntryRequest, ListEntriesRequest, list_entries_request,
 };
@@ -65,37 +63,6 @@ fn stored_entries(
                 .with_context(|| format!("the server returned an unreadable entry {:?}", entry.id))
         })
         .collect()
-}
-
-/// Every entry's stored metadata, keyed by entry ID, page by page. A server without the
-/// metadata service (SPIRE) has none.
-pub(crate) async fn list_all_metadata(
-    client: &Admin,
-) -> anyhow::Result<HashMap<String, EntryMetadata>> {
-    if client.flavor().await? == Flavor::Spire {
-        return Ok(HashMap::new());
-    }
-    let metadata = list_all(|page_size, page_token| async move {
-        let request = ListEntryMetadataRequest {
-            page_size,
-            page_token,
-        };
-        let response = client
-            .entry_metadata()
-            .list_entry_metadata(request)
-            .await
-            .map_err(|status| rpc_error("ListEntryMetadata failed", &status))?
-            .into_inner();
-        Ok(Page {
-            items: response.metadata,
-            next_page_token: response.next_page_token,
-        })
-    })
-    .await?;
-    Ok(metadata
-        .into_iter()
-        .map(|metadata| (metadata.entry_id.clone(), metadata))
-        .collect())
 }
 
 /// The stored metadata of the given entries, keyed by entry ID. A server without the

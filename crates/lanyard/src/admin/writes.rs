@@ -7,13 +7,15 @@
 //! reason and ticket have no place there, and an entry given them is reported as failed in
 //! that part. The choice is made here, from the connection's flavor, and nowhere else.
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
+use lanyard_core::RegistrationEntry;
 use lanyard_proto::convert::{
     entry_to_proto, ok_status, status_from_tonic, stored_entry_from_proto,
 };
 use lanyard_proto::lanyard::api::v1::{
-    CreateGovernedEntriesRequest, EntryMetadata, EntryMetadataMask, GovernedEntry,
-    GovernedEntryUpdate, UpdateGovernedEntriesRequest, update_governed_entries_response,
+    CreateGovernedEntriesRequest, DeleteGovernedEntriesRequest, EntryMetadata, EntryMetadataMask,
+    GovernedEntry, GovernedEntryUpdate, UpdateGovernedEntriesRequest,
+    delete_governed_entries_request, update_governed_entries_response,
 };
 use lanyard_proto::spire::api::server::entry::v1::{
     BatchCreateEntryRequest, BatchUpdateEntryRequest, GetEntryRequest,
@@ -48,6 +50,118 @@ impl Admin {
             ),
             Flavor::Spire => update_through_spire(self, specs).await,
         }
+    }
+}
+
+/// What became of one governed write: its status, the entry as stored (with its governance
+/// fields) when it succeeded, the exceptions it was accepted under, and the entry's revision
+/// now (what a refused conditional write met).
+#[derive(Debug, Clone)]
+pub(crate) struct GovernedResult {
+    pub(crate) status: types::Status,
+    pub(crate) entry: Option<RegistrationEntry>,
+    pub(crate) exception_ids: Vec<String>,
+    pub(crate) current_revision: i64,
+}
+
+impl GovernedResult {
+    pub(crate) fn is_ok(&self) -> bool {
+        is_ok(Some(&self.status))
+    }
+
+    fn read(
+        status: Option<types::Status>,
+        stored: Option<GovernedEntry>,
+        exception_ids: Vec<String>,
+        current_revision: i64,
+    ) -> anyhow::Result<Self> {
+        let status = status.unwrap_or_else(ok_status);
+        let entry = match stored.filter(|_| is_ok(Some(&status))) {
+            Some(GovernedEntry {
+                entry: Some(entry),
+                metadata,
+            }) => Some(
+                stored_entry_from_proto(&entry, metadata.as_ref()).with_context(|| {
+                    format!("the server returned an unreadable entry {:?}", entry.id)
+                })?,
+            ),
+            _ => None,
+        };
+        Ok(Self {
+            status,
+            entry,
+            exception_ids,
+            current_revision,
+        })
+    }
+}
+
+impl Admin {
+    /// Creates entries with their metadata through GovernedEntryService (a Lanyard server's
+    /// only): one result each, in order.
+    pub(crate) async fn create_governed(
+        &self,
+        entries: Vec<GovernedEntry>,
+    ) -> anyhow::Result<Vec<GovernedResult>> {
+        self.require_lanyard("CreateGovernedEntries failed").await?;
+        let sent = entries.len();
+        let results = self
+            .governed_entry()
+            .create_governed_entries(CreateGovernedEntriesRequest { entries })
+            .await
+            .map_err(|status| rpc_error("CreateGovernedEntries failed", &status))?
+            .into_inner()
+            .results;
+        check_result_count(results.len(), sent)?;
+        results
+            .into_iter()
+            .map(|r| GovernedResult::read(r.status, r.entry, r.exception_ids, 0))
+            .collect()
+    }
+
+    /// Applies masked, conditional updates through GovernedEntryService: one result each.
+    pub(crate) async fn update_governed(
+        &self,
+        updates: Vec<GovernedEntryUpdate>,
+    ) -> anyhow::Result<Vec<GovernedResult>> {
+        self.require_lanyard("UpdateGovernedEntries failed").await?;
+        let sent = updates.len();
+        let results = self
+            .governed_entry()
+            .update_governed_entries(UpdateGovernedEntriesRequest {
+                entries: Vec::new(),
+                updates,
+            })
+            .await
+            .map_err(|status| rpc_error("UpdateGovernedEntries failed", &status))?
+            .into_inner()
+            .results;
+        check_result_count(results.len(), sent)?;
+        results
+            .into_iter()
+            .map(|r| GovernedResult::read(r.status, r.entry, r.exception_ids, r.current_revision))
+            .collect()
+    }
+
+    /// Deletes entries, each only at the revision given: one result each.
+    pub(crate) async fn delete_governed(
+        &self,
+        entries: Vec<delete_governed_entries_request::Item>,
+    ) -> anyhow::Result<Vec<GovernedResult>> {
+        self.require_lanyard("DeleteGovernedEntries failed").await?;
+        let sent = entries.len();
+        let results = self
+            .governed_entry()
+            .delete_governed_entries(DeleteGovernedEntriesRequest { entries })
+            .await
+            .map_err(|status| rpc_error("DeleteGovernedEntries failed", &status))?
+            .into_inner()
+            .results;
+        check_result_count(results.len(), sent)?;
+        results
+            .into_iter()
+            .map(|r| GovernedResult::read(r.status, None, Vec::new(), r.current_revision))
+            .collect()
     }
 }
 

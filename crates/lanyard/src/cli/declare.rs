@@ -34,15 +34,14 @@ use lanyard_core::entry::SimilarityKey;
 use lanyard_core::{RegistrationEntry, SpiffeId};
 use lanyard_proto::convert::{entry_from_proto, entry_to_proto};
 use lanyard_proto::lanyard::api::v1::{
-    CreateGovernedEntriesRequest, DeleteGovernedEntriesRequest, EntryMetadata, EntryMetadataMask,
-    GovernedEntryUpdate, UpdateGovernedEntriesRequest, delete_governed_entries_request,
+    EntryMetadata, EntryMetadataMask, GovernedEntryUpdate, delete_governed_entries_request,
 };
 use lanyard_proto::spire::api::server::entry::v1::list_entries_request;
 use lanyard_proto::spire::api::types;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::admin::{Admin, CHANGED_SINCE_READ, describe_status, governed_entry, rpc_error};
+use crate::admin::{Admin, CHANGED_SINCE_READ, describe_status, governed_entry};
 use crate::cli::client::SocketArgs;
 use crate::cli::grant::GRANT_SOURCE;
 use crate::cli::output::{OutputArgs, count_noun, write_json};
@@ -889,13 +888,6 @@ fn updated_entry(stored: &types::Entry, declared: &types::Entry) -> types::Entry
     }
 }
 
-fn check_count(results: usize, sent: usize) -> anyhow::Result<()> {
-    if results != sent {
-        bail!("the server answered {results} results for {sent} entries");
-    }
-    Ok(())
-}
-
 /// The masks of a planned change: exactly the fields the plan showed as different.
 fn change_masks(change: &Change) -> (types::EntryMask, EntryMetadataMask) {
     let mut entry = types::EntryMask::default();
@@ -955,24 +947,13 @@ async fn perform(
                 )
             })
             .collect();
-        let results = client
-            .governed_entry()
-            .create_governed_entries(CreateGovernedEntriesRequest { entries })
-            .await
-            .map_err(|status| rpc_error("CreateGovernedEntries failed", &status))?
-            .into_inner()
-            .results;
-        check_count(results.len(), plan.creates.len())?;
+        let results = client.create_governed(entries).await?;
         for (&index, result) in plan.creates.iter().zip(results) {
             outcomes.push(ActionOutcome {
                 action: "create",
                 key: file.entries[index].key.clone(),
-                entry_id: result
-                    .entry
-                    .and_then(|e| e.entry)
-                    .map(|e| e.id)
-                    .unwrap_or_default(),
-                status: result.status.unwrap_or_default(),
+                entry_id: result.entry.map(|e| e.id.to_string()).unwrap_or_default(),
+                status: result.status,
                 exception_ids: result.exception_ids,
             });
         }
@@ -999,24 +980,14 @@ async fn perform(
                 }
             })
             .collect();
-        let results = client
-            .governed_entry()
-            .update_governed_entries(UpdateGovernedEntriesRequest {
-                entries: Vec::new(),
-                updates,
-            })
-            .await
-            .map_err(|status| rpc_error("UpdateGovernedEntries failed", &status))?
-            .into_inner()
-            .results;
-        check_count(results.len(), plan.changes.len())?;
+        let results = client.update_governed(updates).await?;
         for (change, result) in plan.changes.iter().zip(results) {
             outcomes.push(ActionOutcome {
                 action: "update",
                 key: EntryKey::of(&change.stored),
                 entry_id: change.stored.id.to_string(),
                 status: changed_since_plan(
-                    result.status.unwrap_or_default(),
+                    result.status,
                     change.stored.revision_number,
                     result.current_revision,
                 ),
@@ -1033,21 +1004,14 @@ async fn perform(
                 expected_revision: Some(entry.revision_number),
             })
             .collect();
-        let results = client
-            .governed_entry()
-            .delete_governed_entries(DeleteGovernedEntriesRequest { entries })
-            .await
-            .map_err(|status| rpc_error("DeleteGovernedEntries failed", &status))?
-            .into_inner()
-            .results;
-        check_count(results.len(), plan.deletes.len())?;
+        let results = client.delete_governed(entries).await?;
         for (entry, result) in plan.deletes.iter().zip(results) {
             outcomes.push(ActionOutcome {
                 action: "delete",
                 key: EntryKey::of(entry),
                 entry_id: entry.id.to_string(),
                 status: changed_since_plan(
-                    result.status.unwrap_or_default(),
+                    result.status,
                     entry.revision_number,
                     result.current_revision,
                 ),

@@ -8,20 +8,20 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Subcommand};
+use lanyard_core::RegistrationEntry;
+use lanyard_proto::convert::{entry_metadata_to_proto, entry_to_proto};
 use lanyard_proto::lanyard::api::v1::{
-    CreateGovernedEntriesRequest, EntryMetadata, EntryMetadataMask, GovernedEntry,
-    GovernedEntryUpdate, UpdateGovernedEntriesRequest,
+    EntryMetadata, EntryMetadataMask, GovernedEntry, GovernedEntryUpdate,
 };
-use lanyard_proto::spire::api::server::entry::v1::{GetEntryRequest, list_entries_request};
+use lanyard_proto::spire::api::server::entry::v1::list_entries_request;
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::admin::{Admin, CHANGED_SINCE_READ, describe_status, governed_entry, rpc_error};
-use crate::admin::{fetch_metadata, list_all_entries, list_all_metadata};
+use crate::admin::{Admin, CHANGED_SINCE_READ, describe_status, governed_entry};
 use crate::cli::client::SocketArgs;
 use crate::cli::exception::{unix_seconds, write_columns};
-use crate::cli::output::{OutputArgs, count_noun, entry_json, write_json};
-use crate::cli::parse::{self, format_unix_time, spiffe_id_text};
+use crate::cli::output::{OutputArgs, count_noun, stored_entry_json, write_json};
+use crate::cli::parse::{self, format_unix_time};
 
 /// The `source` label of grants.
 pub(crate) const GRANT_SOURCE: &str = "grant";
@@ -182,37 +182,27 @@ async fn create(args: &CreateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let grant = args.to_grant(SystemTime::now())?;
     let client = args.socket.connect().await?;
     client.require_lanyard("grants are not supported").await?;
-    let mut results = client
-        .governed_entry()
-        .create_governed_entries(CreateGovernedEntriesRequest {
-            entries: vec![grant],
-        })
-        .await
-        .map_err(|status| rpc_error("CreateGovernedEntries failed", &status))?
-        .into_inner()
-        .results;
-    let result = results
-        .pop()
-        .filter(|_| results.is_empty())
-        .ok_or_else(|| anyhow!("the server did not answer one result for one grant"))?;
-    let status = result.status.unwrap_or_default();
-    if status.code != tonic::Code::Ok as i32 {
-        bail!(
+    let mut results = client.create_governed(vec![grant]).await?;
+    let result = results.pop().context("the server answered no result")?;
+    let entry = match result.entry {
+        Some(entry) if result.is_ok() => entry,
+        _ => bail!(
             "{}",
-            describe_status(tonic::Code::from_i32(status.code), &status.message)
-        );
-    }
-    let stored = result.entry.unwrap_or_default();
-    let entry = stored.entry.unwrap_or_default();
-    let metadata = stored.metadata.unwrap_or_default();
-    let now = unix_seconds(SystemTime::now())?;
+            describe_status(
+                tonic::Code::from_i32(result.status.code),
+                &result.status.message
+            )
+        ),
+    };
+    let now = SystemTime::now();
+    let ends_at = entry.expires_at.map_or(0, seconds);
     if args.output.is_json() {
         return write_json(
             out,
             &json!({
-                "entry": entry_json(&entry, Some(&metadata)),
-                "source": metadata.source,
-                "ends_at": entry.expires_at,
+                "entry": stored_entry_json(&entry),
+                "source": entry.source.as_deref().unwrap_or_default(),
+                "ends_at": ends_at,
                 "exception_ids": result.exception_ids,
             }),
         );
@@ -220,16 +210,16 @@ async fn create(args: &CreateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(
         out,
         "Granted {} to {} as entry {}",
-        spiffe_id_text(entry.spiffe_id.as_ref()),
+        entry.spiffe_id,
         args.selectors.join(" "),
         entry.id
     )?;
     writeln!(
         out,
         "Ends at {} ({}); owner {}",
-        format_unix_time(entry.expires_at),
-        relative(entry.expires_at, now),
-        metadata.owner
+        format_unix_time(ends_at),
+        relative(ends_at, seconds(now)),
+        entry.owner.as_deref().unwrap_or_default()
     )?;
     if !result.exception_ids.is_empty() {
         writeln!(
@@ -241,32 +231,25 @@ async fn create(args: &CreateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A grant as listed: its entry and metadata.
-struct Grant {
-    entry: types::Entry,
-    metadata: EntryMetadata,
+/// A time in whole Unix seconds.
+fn seconds(time: SystemTime) -> i64 {
+    unix_seconds(time).unwrap_or(0)
 }
 
-async fn list_grants(client: &Admin) -> anyhow::Result<Vec<Grant>> {
-    let metadata = list_all_metadata(client).await?;
-    let entries = list_all_entries(client, list_entries_request::Filter::default()).await?;
-    let mut grants: Vec<Grant> = entries
+/// Every grant: the entries with the grant source, soonest ending first.
+async fn list_grants(client: &Admin) -> anyhow::Result<Vec<RegistrationEntry>> {
+    let mut grants: Vec<RegistrationEntry> = client
+        .entries(list_entries_request::Filter::default())
+        .await?
         .into_iter()
-        .filter_map(|entry| {
-            let metadata = metadata.get(&entry.id)?;
-            (metadata.source == GRANT_SOURCE).then(|| Grant {
-                metadata: metadata.clone(),
-                entry,
-            })
-        })
+        .filter(|entry| entry.source.as_deref() == Some(GRANT_SOURCE))
         .collect();
-    grants
-        .sort_by(|a, b| (a.entry.expires_at, &a.entry.id).cmp(&(b.entry.expires_at, &b.entry.id)));
+    grants.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
     Ok(grants)
 }
 
-fn grant_state(entry: &types::Entry, now: i64) -> &'static str {
-    if entry.expires_at != 0 && entry.expires_at <= now {
+fn grant_state(entry: &RegistrationEntry, now: SystemTime) -> &'static str {
+    if entry.is_expired(now) {
         "ended"
     } else {
         "active"
@@ -276,15 +259,15 @@ fn grant_state(entry: &types::Entry, now: i64) -> &'static str {
 async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
     let grants = list_grants(&client).await?;
-    let now = unix_seconds(SystemTime::now())?;
+    let now = SystemTime::now();
     if args.output.is_json() {
         let items: Vec<Value> = grants
             .iter()
             .map(|grant| {
                 json!({
-                    "entry": entry_json(&grant.entry, Some(&grant.metadata)),
-                    "status": grant_state(&grant.entry, now),
-                    "ends_at": grant.entry.expires_at,
+                    "entry": stored_entry_json(grant),
+                    "status": grant_state(grant, now),
+                    "ends_at": grant.expires_at.map_or(0, seconds),
                 })
             })
             .collect();
@@ -300,15 +283,16 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             .to_vec(),
     ];
     for grant in &grants {
+        let ends_at = grant.expires_at.map_or(0, seconds);
         rows.push(vec![
-            grant.entry.id.clone(),
-            spiffe_id_text(grant.entry.spiffe_id.as_ref()),
-            grant.metadata.owner.clone(),
-            grant_state(&grant.entry, now).to_owned(),
+            grant.id.to_string(),
+            grant.spiffe_id.to_string(),
+            grant.owner.clone().unwrap_or_default(),
+            grant_state(grant, now).to_owned(),
             format!(
                 "{} ({})",
-                format_unix_time(grant.entry.expires_at),
-                relative(grant.entry.expires_at, now)
+                format_unix_time(ends_at),
+                relative(ends_at, seconds(now))
             ),
         ]);
     }
@@ -320,87 +304,68 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
     client.require_lanyard("grants are not supported").await?;
-    let mut entry = client
-        .entry_service()
-        .get_entry(GetEntryRequest {
-            id: args.entry_id.clone(),
-            output_mask: None,
-        })
-        .await
-        .map_err(|status| rpc_error(&format!("cannot get entry {}", args.entry_id), &status))?
-        .into_inner();
-    let metadata = fetch_metadata(&client, std::slice::from_ref(&entry.id))
-        .await
-        .map_err(|status| rpc_error("GetEntryMetadata failed", &status))?
-        .remove(&entry.id)
-        .unwrap_or_default();
-    if metadata.source != GRANT_SOURCE {
-        let source = if metadata.source.is_empty() {
-            "no source".to_owned()
-        } else {
-            format!("source {:?}", metadata.source)
+    let mut entry = client.entry(&args.entry_id).await?;
+    if entry.source.as_deref() != Some(GRANT_SOURCE) {
+        let source = match &entry.source {
+            None => "no source".to_owned(),
+            Some(source) => format!("source {source:?}"),
         };
         bail!(
             "entry {} is not a grant (it has {source}); end it with `lanyard entry update --expires-at` or `lanyard entry delete`",
             entry.id
         );
     }
-    let now = unix_seconds(SystemTime::now())?;
-    if entry.expires_at != 0 && entry.expires_at <= now {
+    let now = SystemTime::now();
+    if let Some(ended) = entry.expires_at.filter(|_| entry.is_expired(now)) {
         bail!(
             "grant {} already ended at {}",
             entry.id,
-            format_unix_time(entry.expires_at)
+            format_unix_time(seconds(ended))
         );
     }
-    entry.expires_at = now;
+    // Whole seconds, as the wire carries them.
+    entry.expires_at =
+        Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds(now).unsigned_abs()));
     // Only its expiry, and only over the revision just read: a grant changed meanwhile (say,
     // extended by someone else) is reported rather than overwritten.
     let read_at = entry.revision_number;
-    let mut results = client
-        .governed_entry()
-        .update_governed_entries(UpdateGovernedEntriesRequest {
-            entries: Vec::new(),
-            updates: vec![GovernedEntryUpdate {
-                entry: Some(governed_entry(entry, metadata)),
-                entry_mask: Some(types::EntryMask {
-                    expires_at: true,
-                    ..types::EntryMask::default()
-                }),
-                metadata_mask: Some(EntryMetadataMask::default()),
-                expected_revision: Some(read_at),
-            }],
-        })
-        .await
-        .map_err(|status| rpc_error("UpdateGovernedEntries failed", &status))?
-        .into_inner()
-        .results;
-    let result = results
-        .pop()
-        .filter(|_| results.is_empty())
-        .ok_or_else(|| anyhow!("the server did not answer one result for one grant"))?;
-    let status = result.status.unwrap_or_default();
-    if status.code == tonic::Code::Aborted as i32 {
+    let update = GovernedEntryUpdate {
+        entry: Some(governed_entry(
+            entry_to_proto(&entry, None),
+            entry_metadata_to_proto(&entry),
+        )),
+        entry_mask: Some(types::EntryMask {
+            expires_at: true,
+            ..types::EntryMask::default()
+        }),
+        metadata_mask: Some(EntryMetadataMask::default()),
+        expected_revision: Some(read_at),
+    };
+    let mut results = client.update_governed(vec![update]).await?;
+    let result = results.pop().context("the server answered no result")?;
+    if result.status.code == tonic::Code::Aborted as i32 {
         bail!(
             "grant {} was {CHANGED_SINCE_READ} (read at revision {read_at}, now at {})",
             args.entry_id,
             result.current_revision
         );
     }
-    if status.code != tonic::Code::Ok as i32 {
+    let Some(entry) = result.entry.clone().filter(|_| result.is_ok()) else {
         bail!(
             "{}",
-            describe_status(tonic::Code::from_i32(status.code), &status.message)
+            describe_status(
+                tonic::Code::from_i32(result.status.code),
+                &result.status.message
+            )
         );
-    }
-    let stored = result.entry.unwrap_or_default();
-    let entry = stored.entry.unwrap_or_default();
+    };
+    let ended_at = entry.expires_at.map_or(0, seconds);
     if args.output.is_json() {
         return write_json(
             out,
             &json!({
-                "entry": entry_json(&entry, stored.metadata.as_ref()),
-                "ended_at": entry.expires_at,
+                "entry": stored_entry_json(&entry),
+                "ended_at": ended_at,
                 "reason": args.reason,
             }),
         );
@@ -414,8 +379,8 @@ async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         out,
         "Revoked grant {} for {}; it ended at {}{reason}",
         entry.id,
-        spiffe_id_text(entry.spiffe_id.as_ref()),
-        format_unix_time(entry.expires_at)
+        entry.spiffe_id,
+        format_unix_time(ended_at)
     )?;
     Ok(())
 }

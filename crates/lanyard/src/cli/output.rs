@@ -11,9 +11,10 @@ use std::io::Write;
 
 use base64::Engine as _;
 use clap::{Args, ValueEnum};
+use lanyard_core::RegistrationEntry;
 use lanyard_core::TrustBundle;
 use lanyard_core::agent::AttestedAgent;
-use lanyard_proto::convert::spiffe_id_to_proto;
+use lanyard_proto::convert::{entry_metadata_to_proto, entry_to_proto, spiffe_id_to_proto};
 use lanyard_proto::lanyard::api::v1::EntryMetadata;
 use lanyard_proto::spire::api::types;
 use serde_json::{Map, Value, json};
@@ -99,6 +100,15 @@ pub(crate) fn status_text(status: Option<&types::Status>) -> String {
         None => (tonic::Code::Ok, ""),
     };
     format!("(code: {code:?}, msg: {message:?})")
+}
+
+/// A stored entry as JSON, with its governance fields: what [`entry_json`] prints of the
+/// entry's wire encoding and its metadata.
+pub(crate) fn stored_entry_json(entry: &RegistrationEntry) -> Value {
+    entry_json(
+        &entry_to_proto(entry, None),
+        Some(&entry_metadata_to_proto(entry)),
+    )
 }
 
 /// An entry as JSON, with its governance metadata when it has any.

@@ -9,11 +9,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use lanyard_core::policy::{EntryInput, EntryView, Operation, Policy, unix_seconds};
-use lanyard_proto::convert::entry_from_proto;
 use lanyard_proto::spire::api::server::entry::v1::list_entries_request;
 use serde_json::json;
 
-use crate::admin::{fetch_metadata, list_all_entries};
 use crate::cli::client::SocketArgs;
 use crate::cli::output::{OutputArgs, count_noun, write_json};
 use crate::cli::parse;
@@ -123,23 +121,14 @@ async fn check(args: &CheckArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let default_x509 = ttl_flag("--default-x509-svid-ttl", &args.default_x509_svid_ttl)?;
     let default_jwt = ttl_flag("--default-jwt-svid-ttl", &args.default_jwt_svid_ttl)?;
     let client = args.socket.connect().await?;
-    let entries = list_all_entries(&client, list_entries_request::Filter::default()).await?;
-    let ids: Vec<String> = entries.iter().map(|entry| entry.id.clone()).collect();
-    let metadata = fetch_metadata(&client, &ids)
-        .await
-        .map_err(|status| crate::admin::rpc_error("GetEntryMetadata failed", &status))?;
+    let entries = client
+        .entries(list_entries_request::Filter::default())
+        .await?;
     let now = SystemTime::now();
 
+    let checked = entries.len();
     let mut broken = Vec::new();
-    for proto in &entries {
-        let mut entry = entry_from_proto(proto)
-            .with_context(|| format!("the server returned an unreadable entry {}", proto.id))?
-            .into_entry(lanyard_core::EntryId::generate, now);
-        if let Some(metadata) = metadata.get(&proto.id) {
-            entry.owner = non_empty(&metadata.owner);
-            entry.reason = non_empty(&metadata.reason);
-            entry.ticket = non_empty(&metadata.ticket);
-        }
+    for entry in entries {
         let decision = policy.evaluate_entry(&EntryInput {
             operation: Operation::Check,
             now: unix_seconds(now),
@@ -165,7 +154,7 @@ async fn check(args: &CheckArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             .collect();
         write_json(
             out,
-            &json!({"checked": entries.len(), "failing": items.len(), "entries": items}),
+            &json!({"checked": checked, "failing": items.len(), "entries": items}),
         )?;
     } else {
         for (entry, violations) in &broken {
@@ -177,7 +166,7 @@ async fn check(args: &CheckArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         writeln!(
             out,
             "{} checked, {} would fail",
-            count_noun(entries.len(), "entry", "entries"),
+            count_noun(checked, "entry", "entries"),
             broken.len()
         )?;
     }
@@ -192,10 +181,6 @@ async fn check(args: &CheckArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 
 fn ttl_flag(flag: &str, value: &str) -> anyhow::Result<Duration> {
     parse::duration(value).with_context(|| format!("{flag} is invalid"))
-}
-
-fn non_empty(text: &str) -> Option<String> {
-    (!text.trim().is_empty()).then(|| text.to_owned())
 }
 
 // ---------------------------------------------------------------------------------------------
