@@ -41,7 +41,7 @@ mod federation;
 mod governance;
 mod writes;
 
-pub(crate) use entries::{fetch_metadata, list_all_entries};
+pub(crate) use entries::fetch_metadata;
 pub(crate) use writes::{
     CHANGED_SINCE_READ, EntrySpec, ItemOutcome, MetadataSpec, governed_entry, is_ok, mask_is_empty,
 };

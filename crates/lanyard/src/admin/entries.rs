@@ -5,10 +5,11 @@ use std::collections::HashMap;
 
 use anyhow::Context as _;
 use lanyard_core::RegistrationEntry;
-use lanyard_proto::convert::stored_entry_from_proto;
+use lanyard_proto::convert::{ok_status, stored_entry_from_proto};
 use lanyard_proto::lanyard::api::v1::{EntryMetadata, GetEntryMetadataRequest};
 use lanyard_proto::spire::api::server::entry::v1::{
-    GetEntryRequest, ListEntriesRequest, list_entries_request,
+    BatchDeleteEntryRequest, CountEntriesRequest, GetEntryRequest, ListEntriesRequest,
+    count_entries_request, list_entries_request,
 };
 use lanyard_proto::spire::api::types;
 
@@ -46,6 +47,43 @@ impl Admin {
             .await
             .map_err(|status| rpc_error("GetEntryMetadata failed", &status))?;
         Ok(stored_entries(std::slice::from_ref(&entry), &metadata)?.remove(0))
+    }
+}
+
+impl Admin {
+    /// Deletes entries by ID (SPIRE's BatchDeleteEntry, unconditional): each ID's status, in
+    /// the server's order.
+    pub(crate) async fn delete_entries(
+        &self,
+        ids: &[String],
+    ) -> anyhow::Result<Vec<(String, types::Status)>> {
+        let results = self
+            .entry_service()
+            .batch_delete_entry(BatchDeleteEntryRequest { ids: ids.to_vec() })
+            .await
+            .map_err(|status| rpc_error("BatchDeleteEntry failed", &status))?
+            .into_inner()
+            .results;
+        Ok(results
+            .into_iter()
+            .map(|result| (result.id, result.status.unwrap_or_else(ok_status)))
+            .collect())
+    }
+
+    /// How many entries match `filter`.
+    pub(crate) async fn count_entries(
+        &self,
+        filter: count_entries_request::Filter,
+    ) -> anyhow::Result<i32> {
+        Ok(self
+            .entry_service()
+            .count_entries(CountEntriesRequest {
+                filter: Some(filter),
+            })
+            .await
+            .map_err(|status| rpc_error("CountEntries failed", &status))?
+            .into_inner()
+            .count)
     }
 }
 
@@ -88,7 +126,7 @@ pub(crate) async fn fetch_metadata(
 }
 
 /// Every entry matching `filter`, page by page, as the server encodes it.
-pub(crate) async fn list_all_entries(
+async fn list_all_entries(
     client: &Admin,
     filter: list_entries_request::Filter,
 ) -> anyhow::Result<Vec<types::Entry>> {

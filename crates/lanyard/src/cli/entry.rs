@@ -9,25 +9,20 @@
 
 pub(crate) mod data;
 
-use std::collections::HashMap;
 use std::io::{Read as _, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Subcommand};
+use lanyard_core::RegistrationEntry;
 use lanyard_proto::convert::ok_status;
+use lanyard_proto::convert::{entry_metadata_to_proto, entry_to_proto};
 use lanyard_proto::lanyard::api::v1::EntryMetadata;
-use lanyard_proto::spire::api::server::entry::v1::{
-    BatchDeleteEntryRequest, CountEntriesRequest, GetEntryRequest, count_entries_request,
-    list_entries_request,
-};
+use lanyard_proto::spire::api::server::entry::v1::{count_entries_request, list_entries_request};
 use lanyard_proto::spire::api::types;
 use serde_json::{Value, json};
 
-use crate::admin::{
-    EntrySpec, ItemOutcome, MetadataSpec, describe_status, fetch_metadata, is_ok, list_all_entries,
-    mask_is_empty, rpc_error,
-};
+use crate::admin::{EntrySpec, ItemOutcome, MetadataSpec, describe_status, is_ok, mask_is_empty};
 use crate::cli::client::SocketArgs;
 use crate::cli::output::{
     OutputArgs, count_noun, entry_json, status_json, status_text, write_entry_pretty, write_field,
@@ -628,39 +623,31 @@ async fn show(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     };
     let client = args.socket.connect().await?;
     let entries = match (&args.entry_id, filter) {
-        (Some(id), _) => {
-            let request = GetEntryRequest {
-                id: id.clone(),
-                output_mask: None,
-            };
-            let entry = client
-                .entry_service()
-                .get_entry(request)
-                .await
-                .map_err(|status| rpc_error(&format!("cannot get entry {id}"), &status))?
-                .into_inner();
-            vec![entry]
-        }
-        (None, filter) => list_all_entries(&client, filter.unwrap_or_default()).await?,
+        (Some(id), _) => vec![client.entry(id).await?],
+        (None, filter) => client.entries(filter.unwrap_or_default()).await?,
     };
-    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-    let metadata = fetch_metadata(&client, &ids)
-        .await
-        .map_err(|status| rpc_error("GetEntryMetadata failed", &status))?;
-    write_entries(out, &entries, &metadata, args.output.is_json())
+    write_entries(out, &entries, args.output.is_json())
+}
+
+/// The governance metadata of a stored entry, when it has any.
+fn metadata_of(entry: &RegistrationEntry) -> Option<EntryMetadata> {
+    let has_any = entry.owner.is_some()
+        || entry.reason.is_some()
+        || entry.ticket.is_some()
+        || entry.source.is_some();
+    has_any.then(|| entry_metadata_to_proto(entry))
 }
 
 /// Prints a list of entries with their metadata.
 fn write_entries(
     out: &mut dyn Write,
-    entries: &[types::Entry],
-    metadata: &HashMap<String, EntryMetadata>,
+    entries: &[RegistrationEntry],
     json: bool,
 ) -> anyhow::Result<()> {
     if json {
         let entries: Vec<Value> = entries
             .iter()
-            .map(|entry| entry_json(entry, metadata.get(&entry.id)))
+            .map(|entry| entry_json(&entry_to_proto(entry, None), metadata_of(entry).as_ref()))
             .collect();
         return write_json(out, &json!({ "entries": entries }));
     }
@@ -670,8 +657,9 @@ fn write_entries(
         count_noun(entries.len(), "entry", "entries")
     )?;
     for entry in entries {
-        write_entry_pretty(out, entry, metadata.get(&entry.id))?;
-        write_source_pretty(out, metadata.get(&entry.id))?;
+        let metadata = metadata_of(entry);
+        write_entry_pretty(out, &entry_to_proto(entry, None), metadata.as_ref())?;
+        write_source_pretty(out, metadata.as_ref())?;
         writeln!(out)?;
     }
     Ok(())
@@ -679,37 +667,30 @@ fn write_entries(
 
 async fn delete(args: &DeleteArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
-    let request = BatchDeleteEntryRequest {
-        ids: args.entry_ids.clone(),
-    };
-    let results = client
-        .entry_service()
-        .batch_delete_entry(request)
-        .await
-        .map_err(|status| rpc_error("BatchDeleteEntry failed", &status))?
-        .into_inner()
-        .results;
+    let results = client.delete_entries(&args.entry_ids).await?;
     if args.output.is_json() {
         let items: Vec<Value> = results
             .iter()
-            .map(|r| json!({ "status": status_json(r.status.as_ref()), "id": r.id }))
+            .map(|(id, status)| json!({ "status": status_json(Some(status)), "id": id }))
             .collect();
         write_json(out, &json!({ "results": items }))?;
     } else {
-        for result in &results {
-            if is_ok(result.status.as_ref()) {
-                writeln!(out, "Deleted entry with ID: {}", result.id)?;
+        for (id, status) in &results {
+            if is_ok(Some(status)) {
+                writeln!(out, "Deleted entry with ID: {id}")?;
             } else {
                 writeln!(
                     out,
-                    "Failed to delete entry with ID {} {}",
-                    result.id,
-                    status_text(result.status.as_ref())
+                    "Failed to delete entry with ID {id} {}",
+                    status_text(Some(status))
                 )?;
             }
         }
     }
-    let failed = results.iter().filter(|r| !is_ok(r.status.as_ref())).count();
+    let failed = results
+        .iter()
+        .filter(|(_, status)| !is_ok(Some(status)))
+        .count();
     if failed > 0 {
         bail!(
             "{failed} of {} failed",
@@ -729,16 +710,7 @@ async fn delete(args: &DeleteArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 async fn count(args: &CountArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let filter = args.filter.to_count_filter()?;
     let client = args.socket.connect().await?;
-    let request = CountEntriesRequest {
-        filter: Some(filter),
-    };
-    let count = client
-        .entry_service()
-        .count_entries(request)
-        .await
-        .map_err(|status| rpc_error("CountEntries failed", &status))?
-        .into_inner()
-        .count;
+    let count = client.count_entries(filter).await?;
     if args.output.is_json() {
         write_json(out, &json!({ "count": count }))
     } else {
@@ -1205,26 +1177,25 @@ pub(crate) mod tests {
 
     #[test]
     fn entry_lists_print_pretty_and_json() {
-        let entry = sample_entry();
-        let mut metadata = HashMap::new();
-        metadata.insert(entry.id.clone(), sample_metadata());
-        let mut other = sample_entry();
-        other.id = "no-metadata".into();
+        let metadata = sample_metadata();
+        let entry =
+            lanyard_proto::convert::stored_entry_from_proto(&sample_entry(), Some(&metadata))
+                .expect("readable");
+        let mut other = entry.clone();
+        other.id = lanyard_core::EntryId::new("no-metadata").unwrap();
+        other.owner = None;
+        other.reason = None;
+        other.ticket = None;
+        other.source = None;
 
         let mut pretty = Vec::new();
-        write_entries(
-            &mut pretty,
-            &[entry.clone(), other.clone()],
-            &metadata,
-            false,
-        )
-        .expect("writes");
+        write_entries(&mut pretty, &[entry.clone(), other.clone()], false).expect("writes");
         let pretty = String::from_utf8(pretty).expect("utf-8");
         assert!(pretty.starts_with("Found 2 entries\nEntry ID         : 6f0b7c1e"));
         assert_eq!(pretty.matches("Owner            : team-web").count(), 1);
 
         let mut json = Vec::new();
-        write_entries(&mut json, &[entry, other], &metadata, true).expect("writes");
+        write_entries(&mut json, &[entry, other], true).expect("writes");
         let value: Value = serde_json::from_slice(&json).expect("json");
         assert_eq!(value["entries"][0]["owner"], "team-web");
         assert_eq!(value["entries"][1]["id"], "no-metadata");
