@@ -27,6 +27,8 @@ use lanyard_core::selector::{Selector, SelectorError, SelectorSet};
 use lanyard_core::x509::{X509Error, X509Svid};
 
 use crate::lanyard::api::v1 as lanyard_v1;
+use crate::spire::api::server::agent::v1::{count_agents_request, list_agents_request};
+use crate::spire::api::server::entry::v1::{count_entries_request, list_entries_request};
 use crate::spire::api::types;
 
 /// Why a protobuf message could not be converted into a domain type.
@@ -557,6 +559,46 @@ pub fn entry_metadata_to_proto(entry: &RegistrationEntry) -> lanyard_v1::EntryMe
         reason: entry.reason.clone().unwrap_or_default(),
         ticket: entry.ticket.clone().unwrap_or_default(),
         source: entry.source.clone().unwrap_or_default(),
+    }
+}
+
+/// `CountEntries`' filter has the same criteria as `ListEntries`', in its own message type.
+impl From<count_entries_request::Filter> for list_entries_request::Filter {
+    fn from(filter: count_entries_request::Filter) -> Self {
+        Self {
+            by_spiffe_id: filter.by_spiffe_id,
+            by_parent_id: filter.by_parent_id,
+            by_selectors: filter.by_selectors,
+            by_federates_with: filter.by_federates_with,
+            by_hint: filter.by_hint,
+            by_downstream: filter.by_downstream,
+        }
+    }
+}
+
+impl From<list_entries_request::Filter> for count_entries_request::Filter {
+    fn from(filter: list_entries_request::Filter) -> Self {
+        Self {
+            by_spiffe_id: filter.by_spiffe_id,
+            by_parent_id: filter.by_parent_id,
+            by_selectors: filter.by_selectors,
+            by_federates_with: filter.by_federates_with,
+            by_hint: filter.by_hint,
+            by_downstream: filter.by_downstream,
+        }
+    }
+}
+
+/// `CountAgents`' filter has the same criteria as `ListAgents`', in its own message type.
+impl From<list_agents_request::Filter> for count_agents_request::Filter {
+    fn from(filter: list_agents_request::Filter) -> Self {
+        Self {
+            by_attestation_type: filter.by_attestation_type,
+            by_selector_match: filter.by_selector_match,
+            by_banned: filter.by_banned,
+            by_can_reattest: filter.by_can_reattest,
+            by_expires_before: filter.by_expires_before,
+        }
     }
 }
 

@@ -28,8 +28,7 @@ use lanyard_proto::spire::api::server::entry::v1::{
     CountEntriesRequest, CountEntriesResponse, EntryRevision, GetAuthorizedEntriesRequest,
     GetAuthorizedEntriesResponse, GetEntryRequest, ListEntriesRequest, ListEntriesResponse,
     SyncAuthorizedEntriesRequest, SyncAuthorizedEntriesResponse, batch_create_entry_response,
-    batch_delete_entry_response, batch_update_entry_response, count_entries_request,
-    list_entries_request,
+    batch_delete_entry_response, batch_update_entry_response, list_entries_request,
 };
 use lanyard_proto::spire::api::types;
 use lanyard_proto::spire::api::types::{federates_with_match, selector_match};
@@ -205,7 +204,10 @@ impl Entry for EntryService {
         request: Request<CountEntriesRequest>,
     ) -> Result<Response<CountEntriesResponse>, Status> {
         self.auth.admin(&request, COUNT_ENTRIES)?;
-        let filter = request.into_inner().filter.map(count_filter);
+        let filter = request
+            .into_inner()
+            .filter
+            .map(list_entries_request::Filter::from);
         let filter = entry_filter(self.trust_domain(), filter.as_ref())?;
         let count = self
             .state
@@ -525,18 +527,6 @@ impl EntrySync {
 
 // ---------------------------------------------------------------------------------------------
 // Filters
-
-/// `CountEntriesRequest.Filter` has the same fields as `ListEntriesRequest.Filter`.
-fn count_filter(filter: count_entries_request::Filter) -> list_entries_request::Filter {
-    list_entries_request::Filter {
-        by_spiffe_id: filter.by_spiffe_id,
-        by_parent_id: filter.by_parent_id,
-        by_selectors: filter.by_selectors,
-        by_federates_with: filter.by_federates_with,
-        by_hint: filter.by_hint,
-        by_downstream: filter.by_downstream,
-    }
-}
 
 /// The datastore filter for a list or count request.
 fn entry_filter(

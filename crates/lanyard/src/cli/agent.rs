@@ -124,14 +124,7 @@ impl AgentFilterArgs {
     }
 
     fn to_count_filter(&self) -> anyhow::Result<count_agents_request::Filter> {
-        let filter = self.to_filter()?;
-        Ok(count_agents_request::Filter {
-            by_attestation_type: filter.by_attestation_type,
-            by_selector_match: filter.by_selector_match,
-            by_banned: filter.by_banned,
-            by_can_reattest: filter.by_can_reattest,
-            by_expires_before: filter.by_expires_before,
-        })
+        Ok(self.to_filter()?.into())
     }
 }
 

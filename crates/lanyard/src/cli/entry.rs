@@ -603,15 +603,7 @@ impl EntryFilterArgs {
 
     /// The CountEntries filter: the same criteria in CountEntries' own message type.
     fn to_count_filter(&self) -> anyhow::Result<count_entries_request::Filter> {
-        let filter = self.to_filter()?;
-        Ok(count_entries_request::Filter {
-            by_spiffe_id: filter.by_spiffe_id,
-            by_parent_id: filter.by_parent_id,
-            by_selectors: filter.by_selectors,
-            by_federates_with: filter.by_federates_with,
-            by_hint: filter.by_hint,
-            by_downstream: filter.by_downstream,
-        })
+        Ok(self.to_filter()?.into())
     }
 }
 
