@@ -452,15 +452,28 @@ async fn exceptions(args: &CommonArgs, now: SystemTime, out: &mut dyn Write) -> 
 
 // ----- ownerless -----
 
+/// The entries nobody answers for: no owner, or an empty one.
+fn ownerless_entries(entries: &[RegistrationEntry]) -> Vec<&RegistrationEntry> {
+    entries
+        .iter()
+        .filter(|entry| owner_of(entry).trim().is_empty())
+        .collect()
+}
+
+/// The usage records of `entry`, one per agent that was issued or served it.
+fn usage_of<'a>(usage: &'a [EntryUsage], entry: &RegistrationEntry) -> Vec<&'a EntryUsage> {
+    usage
+        .iter()
+        .filter(|record| record.entry_id == entry.id.as_str())
+        .collect()
+}
+
 async fn ownerless(args: &CommonArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let client = args.socket.connect().await?;
     let entries = client
         .entries(list_entries_request::Filter::default())
         .await?;
-    let ownerless: Vec<&RegistrationEntry> = entries
-        .iter()
-        .filter(|entry| owner_of(entry).is_empty())
-        .collect();
+    let ownerless = ownerless_entries(&entries);
     let source_of = |entry: &RegistrationEntry| entry.source.clone().unwrap_or_default();
 
     if args.output.is_json() {
@@ -520,10 +533,7 @@ async fn usage(args: &UsageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let usage = client.usage(ids).await?;
     let mut reports = Vec::with_capacity(entries.len());
     for entry in &entries {
-        let agents: Vec<&EntryUsage> = usage
-            .iter()
-            .filter(|u| u.entry_id == entry.id.as_str())
-            .collect();
+        let agents = usage_of(&usage, entry);
         let issuances = if page_size == 0 {
             Vec::new()
         } else {
@@ -987,6 +997,40 @@ mod tests {
         exact.spiffe_id_pattern = Some("spiffe://example.org/ci".into());
         assert_eq!(n_covered(&exact, &entries), 1);
         assert_eq!(n_covered(&exception("none", NOW, 0), &entries), 0);
+    }
+
+    #[test]
+    fn ownerless_entries_and_usage_per_entry() {
+        let mut entries = [
+            entry("owned", "/a", 1, 0),
+            entry("blank", "/b", 1, 0),
+            entry("none", "/c", 1, 0),
+        ];
+        entries[0].owner = Some("team-a".into());
+        entries[1].owner = Some("  ".into());
+        let ids: Vec<&str> = ownerless_entries(&entries)
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect();
+        assert_eq!(ids, ["blank", "none"]);
+
+        let usage = [
+            usage("owned", "a1", NOW, 0),
+            usage("owned", "a2", 0, NOW),
+            usage("none", "a1", NOW, NOW),
+        ];
+        let agents: Vec<&str> = usage_of(&usage, &entries[0])
+            .iter()
+            .map(|u| u.agent_id.as_str())
+            .collect();
+        assert_eq!(
+            agents,
+            [
+                "spiffe://example.org/spire/agent/a1",
+                "spiffe://example.org/spire/agent/a2"
+            ]
+        );
+        assert!(usage_of(&usage, &entries[1]).is_empty());
     }
 
     #[test]
