@@ -21,6 +21,8 @@ pub struct AuthorizationIndex {
     entries: HashMap<EntryId, Arc<RegistrationEntry>>,
     /// Entry IDs by parent ID, ordered for stable output.
     by_parent: HashMap<SpiffeId, BTreeMap<EntryId, ()>>,
+    /// Entry IDs by SPIFFE ID: the way from an entry up to what authorizes it.
+    by_spiffe_id: HashMap<SpiffeId, BTreeMap<EntryId, ()>>,
     /// Alias entries (parent = server ID) by each of their selectors.
     aliases_by_selector: HashMap<Selector, Vec<EntryId>>,
     /// Node selectors of each attested agent.
@@ -34,6 +36,7 @@ impl AuthorizationIndex {
             server_id,
             entries: HashMap::new(),
             by_parent: HashMap::new(),
+            by_spiffe_id: HashMap::new(),
             aliases_by_selector: HashMap::new(),
             agents: HashMap::new(),
         }
@@ -83,6 +86,10 @@ impl AuthorizationIndex {
             .entry(entry.parent_id.clone())
             .or_default()
             .insert(entry.id.clone(), ());
+        self.by_spiffe_id
+            .entry(entry.spiffe_id.clone())
+            .or_default()
+            .insert(entry.id.clone(), ());
         if entry.parent_id == self.server_id {
             for selector in entry.selectors.iter() {
                 self.aliases_by_selector
@@ -101,6 +108,12 @@ impl AuthorizationIndex {
             children.remove(id);
             if children.is_empty() {
                 self.by_parent.remove(&old.parent_id);
+            }
+        }
+        if let Some(same_id) = self.by_spiffe_id.get_mut(&old.spiffe_id) {
+            same_id.remove(id);
+            if same_id.is_empty() {
+                self.by_spiffe_id.remove(&old.spiffe_id);
             }
         }
         if old.parent_id == self.server_id {
@@ -191,23 +204,60 @@ impl AuthorizationIndex {
         now: SystemTime,
         flag: impl Fn(&RegistrationEntry) -> bool,
     ) -> Vec<Arc<RegistrationEntry>> {
-        self.entries
-            .values()
-            .filter(|e| &e.spiffe_id == id && !e.is_expired(now) && flag(e))
+        self.with_spiffe_id(id)
+            .filter(|e| !e.is_expired(now) && flag(e))
             .cloned()
             .collect()
     }
 
-    /// The entry, if the agent is authorized for it at `now`.
+    /// The indexed entries whose SPIFFE ID is `id`.
+    fn with_spiffe_id<'a>(
+        &'a self,
+        id: &SpiffeId,
+    ) -> impl Iterator<Item = &'a Arc<RegistrationEntry>> + 'a {
+        self.by_spiffe_id
+            .get(id)
+            .into_iter()
+            .flat_map(|ids| ids.keys())
+            .filter_map(|id| self.entries.get(id))
+    }
+
+    /// The entry, if the agent is authorized for it at `now`: the same answer as looking it
+    /// up in [`AuthorizationIndex::authorized_entries`], found by walking from the entry up
+    /// through its parents instead of down through everything the agent may obtain, so its
+    /// cost is the depth of the entry's chain, not the number of the agent's entries.
     pub fn authorized_entry(
         &self,
         agent_id: &SpiffeId,
         entry_id: &EntryId,
         now: SystemTime,
     ) -> Option<Arc<RegistrationEntry>> {
-        self.authorized_entries(agent_id, now)
-            .into_iter()
-            .find(|e| &e.id == entry_id)
+        let entry = self.entries.get(entry_id)?;
+        if entry.is_expired(now) {
+            return None;
+        }
+        let mut roots: HashSet<SpiffeId> = self.aliases_of(agent_id, now).into_iter().collect();
+        roots.insert(agent_id.clone());
+        // Parents already looked at: a chain that loops without reaching a root authorizes
+        // nothing.
+        let mut visited: HashSet<&SpiffeId> = HashSet::new();
+        let mut queue = vec![&entry.parent_id];
+        while let Some(parent) = queue.pop() {
+            if roots.contains(parent) {
+                return Some(Arc::clone(entry));
+            }
+            if !visited.insert(parent) {
+                continue;
+            }
+            // The parent is the SPIFFE ID of an entry the agent obtains: an unexpired one
+            // that is itself reached, so walk up from each.
+            for above in self.with_spiffe_id(parent) {
+                if !above.is_expired(now) {
+                    queue.push(&above.parent_id);
+                }
+            }
+        }
+        None
     }
 }
 
@@ -348,6 +398,90 @@ mod tests {
 
     fn ids(entries: &[Arc<RegistrationEntry>]) -> Vec<&str> {
         entries.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    /// A small deterministic generator (xorshift64*), so the random graphs below are the same
+    /// in every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            usize::try_from(x % n as u64).unwrap()
+        }
+    }
+
+    /// The entry-by-entry lookup answers what the full list answers, on random graphs of
+    /// entries: nested chains, cycles, aliases, shared SPIFFE IDs, expired links.
+    #[test]
+    fn one_entry_lookups_agree_with_the_full_list() {
+        let server = td().server_id();
+        let agents: Vec<SpiffeId> = (0..3)
+            .map(|i| id(&format!("/spire/agent/join_token/{i}")))
+            .collect();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let node_selectors = ["n:a", "n:b", "n:c"];
+        for seed in 1..=200_u64 {
+            let mut rng = Rng(seed);
+            let n = 2 + rng.below(14);
+            // SPIFFE IDs drawn from a small pool, so that chains, shared IDs and cycles occur.
+            let pool: Vec<SpiffeId> = (0..6).map(|i| id(&format!("/w/{i}"))).collect();
+            let mut entries = Vec::new();
+            for i in 0..n {
+                let parent = match rng.below(4) {
+                    0 => agents[rng.below(agents.len())].clone(),
+                    1 => server.clone(),
+                    _ => pool[rng.below(pool.len())].clone(),
+                };
+                let selectors = if parent == server {
+                    let k = 1 + rng.below(2);
+                    (0..k)
+                        .map(|_| node_selectors[rng.below(node_selectors.len())])
+                        .collect::<Vec<_>>()
+                } else {
+                    vec!["unix:uid:1"]
+                };
+                let mut e = RegistrationEntry::new(
+                    EntryId::new(&format!("e{i}")).unwrap(),
+                    pool[rng.below(pool.len())].clone(),
+                    parent,
+                    sels(&selectors),
+                    SystemTime::UNIX_EPOCH,
+                );
+                if rng.below(5) == 0 {
+                    e.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(500));
+                }
+                entries.push(e);
+            }
+            let agent_selectors = agents.iter().map(|agent| {
+                let k = rng.below(4);
+                let chosen: Vec<&str> = (0..k)
+                    .map(|_| node_selectors[rng.below(node_selectors.len())])
+                    .collect();
+                (agent.clone(), sels(&chosen))
+            });
+            let agent_selectors: Vec<_> = agent_selectors.collect();
+            let index = AuthorizationIndex::build(server.clone(), entries.clone(), agent_selectors);
+            for agent in &agents {
+                let listed: HashSet<EntryId> = index
+                    .authorized_entries(agent, now)
+                    .iter()
+                    .map(|e| e.id.clone())
+                    .collect();
+                for e in &entries {
+                    let found = index.authorized_entry(agent, &e.id, now).is_some();
+                    assert_eq!(
+                        found,
+                        listed.contains(&e.id),
+                        "seed {seed}, agent {agent}, entry {}: {entries:?}",
+                        e.id
+                    );
+                }
+            }
+        }
     }
 
     #[test]

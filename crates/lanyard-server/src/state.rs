@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use lanyard_core::{RegistrationEntry, SpiffeId, TrustBundle, TrustDomain};
+use lanyard_core::{EntryId, RegistrationEntry, SpiffeId, TrustBundle, TrustDomain};
 
 use crate::audit::{AuditLog, AuditTrail};
 use crate::authz::{AuthorizationIndex, IndexFeed};
@@ -246,6 +246,20 @@ impl ServerState {
         let mut entries = self.index.read().authorized_entries(agent_id, now);
         entries.retain(|entry| self.judge.admits(entry, now));
         entries
+    }
+
+    /// The entry `entry_id`, if the agent may obtain SVIDs for it now: what
+    /// [`ServerState::authorized_entries`] would hold of it, looked up alone.
+    pub fn authorized_entry(
+        &self,
+        agent_id: &SpiffeId,
+        entry_id: &EntryId,
+    ) -> Option<Arc<RegistrationEntry>> {
+        let now = self.now();
+        self.index
+            .read()
+            .authorized_entry(agent_id, entry_id, now)
+            .filter(|entry| self.judge.admits(entry, now))
     }
 
     /// Whether `id` is an admin: listed in `admin_ids`, or the SPIFFE ID of an unexpired

@@ -8,13 +8,12 @@
 //! for agents' SVIDs, which the usage ledger records and which come at up to hundreds a second
 //! per agent. Agents' signing calls are rate limited ([`crate::ratelimit`]).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lanyard_core::jwt::{JwtError, JwtSigningKey, JwtSvid, JwtSvidParams, mint_jwt_svid};
 use lanyard_core::x509::{self, CaSubject, SvidParams, X509Ca, X509Error, X509Svid};
-use lanyard_core::{RegistrationEntry, SpiffeId};
+use lanyard_core::{EntryId, RegistrationEntry, SpiffeId};
 use lanyard_proto::convert::{jwt_svid_to_proto, spiffe_id_from_proto, x509_svid_to_proto};
 use lanyard_proto::spire::api::server::svid::v1::svid_server::Svid;
 use lanyard_proto::spire::api::server::svid::v1::{
@@ -206,11 +205,6 @@ pub fn batch_new_x509_svid(
             params.len()
         )));
     }
-    let authorized = state.authorized_entries(agent_id);
-    let entries: HashMap<&str, &RegistrationEntry> = authorized
-        .iter()
-        .map(|entry| (entry.id.as_str(), entry.as_ref()))
-        .collect();
     let ca = state.ca.x509_ca();
     let now = state.now();
     Ok(params
@@ -219,7 +213,7 @@ pub fn batch_new_x509_svid(
             let result = counted(
                 state,
                 SignedKind::X509Svid,
-                new_x509_svid(state, agent_id, &entries, ca.as_deref(), param, now),
+                new_x509_svid(state, agent_id, ca.as_deref(), param, now),
             );
             match result {
                 Ok(svid) => batch_new_x509svid_response::Result {
@@ -249,11 +243,11 @@ pub(crate) fn counted<T>(
 }
 
 /// One item of `BatchNewX509SVID`, checked in SPIRE's order: entry ID and CSR present, entry
-/// authorized, CSR well-formed and signed by its key.
+/// authorized (looked up alone, not by listing the agent's entries), CSR well-formed and
+/// signed by its key.
 fn new_x509_svid(
     state: &ServerState,
     agent_id: &SpiffeId,
-    entries: &HashMap<&str, &RegistrationEntry>,
     ca: Option<&X509Ca>,
     param: &NewX509svidParams,
     now: SystemTime,
@@ -264,9 +258,8 @@ fn new_x509_svid(
     if param.csr.is_empty() {
         return Err(invalid("missing CSR"));
     }
-    let entry = entries
-        .get(param.entry_id.as_str())
-        .ok_or_else(|| ApiError::NotFound(ENTRY_NOT_AUTHORIZED.to_owned()))?;
+    let entry = authorized_entry(state, agent_id, &param.entry_id)?;
+    let entry = entry.as_ref();
     let csr = x509::parse_csr(&param.csr).map_err(|e| csr_error(&e, "invalid CSR signature"))?;
     let ca = ca.ok_or_else(|| ApiError::Internal("no X.509 CA is active".to_owned()))?;
     let ttl = capped_at_entry_expiry(
@@ -296,6 +289,19 @@ fn new_x509_svid(
     Ok(x509_svid_to_proto(&svid, &entry.hint))
 }
 
+/// The entry `entry_id` if `agent_id` may obtain SVIDs for it, else `NotFound` (an ID that is
+/// not even well-formed cannot be authorized either).
+fn authorized_entry(
+    state: &ServerState,
+    agent_id: &SpiffeId,
+    entry_id: &str,
+) -> Result<Arc<RegistrationEntry>, ApiError> {
+    EntryId::new(entry_id)
+        .ok()
+        .and_then(|id| state.authorized_entry(agent_id, &id))
+        .ok_or_else(|| ApiError::NotFound(ENTRY_NOT_AUTHORIZED.to_owned()))
+}
+
 /// `NewJWTSVID` for the agent `agent_id`, after authentication: a JWT-SVID for the entry
 /// `entry_id`, which the agent must be authorized for (else `NotFound`), for `audience`
 /// (at least one), living the entry's `jwt_svid_ttl` or the server default.
@@ -318,11 +324,7 @@ fn authorized_jwt_svid(
     entry_id: &str,
     audience: &[String],
 ) -> Result<types::Jwtsvid, ApiError> {
-    let entry = state
-        .authorized_entries(agent_id)
-        .into_iter()
-        .find(|entry| entry.id.as_str() == entry_id)
-        .ok_or_else(|| ApiError::NotFound(ENTRY_NOT_AUTHORIZED.to_owned()))?;
+    let entry = authorized_entry(state, agent_id, entry_id)?;
     let now = state.now();
     let ttl = capped_at_entry_expiry(
         &entry,
