@@ -20,6 +20,7 @@ use tower::layer::util::{Identity, Stack};
 
 use crate::api::agent::AgentService;
 use crate::api::bundle::BundleService;
+use crate::api::changes::AgentChangeService;
 use crate::api::entry::EntryService;
 use crate::api::exception::ExceptionService;
 use crate::api::governed::GovernedEntryService;
@@ -312,6 +313,7 @@ impl Server {
             x509pop_anchors.clone(),
             k8s_psat.clone(),
             rpc_layer("tls"),
+            &stopped,
         );
         let limits = crate::listener::ListenerLimits::from(&state.config);
         tasks.spawn(crate::listener::serve_tls(
@@ -332,6 +334,7 @@ impl Server {
                 x509pop_anchors.clone(),
                 k8s_psat.clone(),
                 rpc_layer("admin"),
+                &stopped,
             )
             .add_service(health_service.clone());
             let mut uds_stopped = stopped.clone();
@@ -627,6 +630,7 @@ fn routes(
     x509pop_anchors: Option<Vec<Vec<u8>>>,
     k8s_psat: Option<Arc<crate::k8s_psat::K8sPsat>>,
     rpc_metrics: RpcMetricsLayer,
+    stopped: &watch::Receiver<bool>,
 ) -> ApiRouter {
     use lanyard_proto::spire::api::server::bundle::v1::bundle_server::BundleServer;
     use lanyard_proto::spire::api::server::svid::v1::svid_server::SvidServer;
@@ -651,6 +655,7 @@ fn routes(
         .add_service(UsageService::new(Arc::clone(state)).into_server())
         .add_service(LocalAuthorityService::new(Arc::clone(state)).into_server())
         .add_service(TrustDomainService::new(Arc::clone(state)).into_server())
+        .add_service(AgentChangeService::new(Arc::clone(state), stopped.clone()).into_server())
 }
 
 /// Binds a public endpoint's listener.

@@ -51,6 +51,8 @@ pub struct ServerState {
     clock: Clock,
     ledger: Option<Ledger>,
     rotation_requested: tokio::sync::Notify,
+    /// The change-log revision the index has applied, for the agents' change streams.
+    changes: tokio::sync::watch::Sender<i64>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -110,6 +112,7 @@ impl ServerState {
             clock,
             ledger: None,
             rotation_requested: tokio::sync::Notify::new(),
+            changes: tokio::sync::watch::Sender::new(revision),
         })
     }
 
@@ -202,6 +205,14 @@ impl ServerState {
     /// When federation relationships changed, [`BundleRefresh::relationships`] moves.
     pub async fn catch_up(&self) -> Result<(), DatastoreError> {
         let changed = self.index.catch_up(&*self.store, &self.judge).await?;
+        let revision = self.index.revision().await;
+        self.changes.send_if_modified(|announced| {
+            let moved = *announced < revision;
+            if moved {
+                *announced = revision;
+            }
+            moved
+        });
         if !changed.relationships.is_empty() {
             self.bundle_refresh.relationships_changed();
         }
@@ -211,6 +222,12 @@ impl ServerState {
             tracing::warn!(%error, "could not re-read the trust domain's bundle; the rotation pass will");
         }
         Ok(())
+    }
+
+    /// The change-log revision the index has applied, changing after each catch-up that
+    /// applied something: what `AgentChangeService` streams to agents.
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.changes.subscribe()
     }
 
     /// [`ServerState::catch_up`] for a writer that has committed: a failure is logged, not

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod bundle;
+pub mod changes;
 pub mod entry;
 pub mod errors;
 pub mod exception;

@@ -8,6 +8,7 @@ mod audit_log;
 mod bundle_client;
 mod bundle_endpoint;
 mod change_feed;
+mod changes;
 mod datastore;
 mod entry_api;
 mod governance;

@@ -1,0 +1,94 @@
+//! `lanyard.api.v1.AgentChangeService`: changes pushed to agents. An attested agent holds one
+//! `WatchChanges` stream open; the server sends the change-log revision at once and again
+//! whenever it applies a change ([`ServerState::catch_up`]), and the agent syncs on each
+//! notice instead of waiting for its interval. The stream carries no entries: what an agent
+//! obtains is still decided, and audited, by its sync.
+//!
+//! A stream costs the server a small task and a `watch` receiver. Notices are coalesced: an
+//! agent that stops reading holds at most its HTTP/2 flow-control window of them plus one,
+//! after which the revisions it misses collapse into the newest. Streams end when the server
+//! stops, so they never hold up a shutdown.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use lanyard_proto::lanyard::api::v1::agent_change_service_server::{
+    AgentChangeService as AgentChangeRpc, AgentChangeServiceServer,
+};
+use lanyard_proto::lanyard::api::v1::{ChangeNotice, WatchChangesRequest};
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::Authorizer;
+use crate::state::ServerState;
+
+const WATCH_CHANGES: &str = "/lanyard.api.v1.AgentChangeService/WatchChanges";
+
+/// The change service.
+#[derive(Debug, Clone)]
+pub struct AgentChangeService {
+    state: Arc<ServerState>,
+    auth: Authorizer,
+    stopped: watch::Receiver<bool>,
+}
+
+impl AgentChangeService {
+    /// A service over `state` whose streams end once `stopped` turns true.
+    pub fn new(state: Arc<ServerState>, stopped: watch::Receiver<bool>) -> Self {
+        let auth = Authorizer::new(Arc::clone(&state));
+        Self {
+            state,
+            auth,
+            stopped,
+        }
+    }
+
+    /// The tonic service.
+    pub fn into_server(self) -> AgentChangeServiceServer<Self> {
+        AgentChangeServiceServer::new(self)
+    }
+}
+
+type NoticeStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ChangeNotice, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentChangeRpc for AgentChangeService {
+    type WatchChangesStream = NoticeStream;
+
+    async fn watch_changes(
+        &self,
+        request: Request<WatchChangesRequest>,
+    ) -> Result<Response<Self::WatchChangesStream>, Status> {
+        self.auth.agent(&request, WATCH_CHANGES).await?;
+        let mut changes = self.state.watch_changes();
+        let mut stopped = self.stopped.clone();
+        // One notice in flight: while the agent has not read it, later revisions coalesce in
+        // the watch and the newest goes next.
+        let (notices, receiver) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            loop {
+                let revision = *changes.borrow_and_update();
+                tokio::select! {
+                    sent = notices.send(Ok(ChangeNotice { revision })) => {
+                        if sent.is_err() {
+                            return;
+                        }
+                    }
+                    _ = stopped.wait_for(|stopped| *stopped) => return,
+                }
+                tokio::select! {
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    () = notices.closed() => return,
+                    _ = stopped.wait_for(|stopped| *stopped) => return,
+                }
+            }
+        });
+        let notices = ReceiverStream::new(receiver);
+        Ok(Response::new(Box::pin(notices)))
+    }
+}

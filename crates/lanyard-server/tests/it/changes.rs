@@ -1,0 +1,117 @@
+//! `AgentChangeService.WatchChanges`: an attested agent is told of every applied change at
+//! once, its own server's writes and another server's alike; nobody else may listen; a reader
+//! that falls behind still reaches the newest revision, in order; the stream ends when the
+//! server stops.
+
+use std::time::{Duration, SystemTime};
+
+use lanyard_core::{EntryId, RegistrationEntry, Selector, SpiffeId};
+use lanyard_proto::lanyard::api::v1::agent_change_service_client::AgentChangeServiceClient;
+use lanyard_proto::lanyard::api::v1::{ChangeNotice, WatchChangesRequest};
+use lanyard_server::datastore::{Datastore, SqlStore};
+use tonic::Streaming;
+
+use crate::issuance::create_entry;
+use crate::support::{AttestedAgentIdentity, TestServer, trust_domain};
+
+/// How long a notice may take before the test gives up; a pushed notice arrives in
+/// milliseconds, and the test asserts only that it arrives.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn watch(server: &TestServer, agent: &AttestedAgentIdentity) -> Streaming<ChangeNotice> {
+    let channel = server.tls(Some((&agent.chain, &agent.key))).await;
+    AgentChangeServiceClient::new(channel)
+        .watch_changes(WatchChangesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn next(stream: &mut Streaming<ChangeNotice>) -> Option<i64> {
+    tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("a notice or the end of the stream")
+        .ok()
+        .flatten()
+        .map(|notice| notice.revision)
+}
+
+#[tokio::test]
+async fn agents_are_told_of_each_change_as_it_is_applied() {
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let mut notices = watch(&server, &agent).await;
+    let first = next(&mut notices).await.expect("a notice at once");
+    assert_eq!(
+        first,
+        server.server().state().index.revision().await,
+        "the first notice is where the server stands"
+    );
+
+    // A write through this server.
+    create_entry(&server, "/pushed", &agent.id, 0).await;
+    let second = next(&mut notices).await.expect("a notice for the write");
+    assert!(second > first, "{second} after {first}");
+
+    // A write by another server sharing the datastore, applied by this one's next pass.
+    let other = SqlStore::open(&server.config.datastore_path())
+        .await
+        .unwrap();
+    other
+        .create_entry(RegistrationEntry::new(
+            EntryId::generate(),
+            SpiffeId::from_path(&trust_domain(), "/elsewhere").unwrap(),
+            agent.id.clone(),
+            [Selector::new("unix", "uid:1000").unwrap()]
+                .into_iter()
+                .collect(),
+            SystemTime::now(),
+        ))
+        .await
+        .unwrap();
+    let third = next(&mut notices).await.expect("a notice for the other write");
+    assert!(third > second, "{third} after {second}");
+}
+
+#[tokio::test]
+async fn a_reader_that_falls_behind_still_reaches_the_newest_revision_in_order() {
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let mut notices = watch(&server, &agent).await;
+    let first = next(&mut notices).await.unwrap();
+    // Twenty writes while the agent reads nothing.
+    for i in 0..20 {
+        create_entry(&server, &format!("/burst/{i}"), &agent.id, 0).await;
+    }
+    let now = server.server().state().index.revision().await;
+    let mut seen = vec![first];
+    while seen.last() != Some(&now) {
+        seen.push(next(&mut notices).await.expect("notices up to the newest"));
+    }
+    // Each notice moves on: none is repeated and none goes back, however they were grouped.
+    assert!(seen.windows(2).all(|pair| pair[0] < pair[1]), "{seen:?}");
+    assert!(seen.len() <= 21, "at most one notice per write: {seen:?}");
+}
+
+#[tokio::test]
+async fn only_attested_agents_may_watch() {
+    let server = TestServer::start().await;
+    let refused = AgentChangeServiceClient::new(server.bootstrap_tls().await)
+        .watch_changes(WatchChangesRequest {})
+        .await
+        .expect_err("no client certificate, no stream");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+}
+
+#[tokio::test]
+async fn streams_end_when_the_server_stops() {
+    let mut server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let mut notices = watch(&server, &agent).await;
+    next(&mut notices).await.unwrap();
+    // The restart stops the server first: its shutdown must not wait on the open stream.
+    tokio::time::timeout(PATIENCE, server.restart())
+        .await
+        .expect("the server stops with a change stream open");
+    assert_eq!(next(&mut notices).await, None, "the stream ended");
+}
