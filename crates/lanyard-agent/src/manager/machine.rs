@@ -1212,6 +1212,35 @@ mod tests {
     }
 
     #[test]
+    fn the_machine_does_no_io_and_reads_no_clock() {
+        let source = include_str!("machine.rs");
+        let decisions = source
+            .split("#[cfg(test)]\nmod tests")
+            .next()
+            .unwrap_or_default();
+        assert!(
+            decisions.len() < source.len(),
+            "the tests module was not found"
+        );
+        for forbidden in [
+            "tokio::",
+            "tonic::",
+            "::now(",
+            "std::fs",
+            "std::net",
+            "std::io",
+            "thread::sleep",
+            "async ",
+            ".await",
+        ] {
+            assert!(
+                !decisions.contains(forbidden),
+                "manager/machine.rs must stay free of I/O, clocks and runtimes: it uses {forbidden:?}"
+            );
+        }
+    }
+
+    #[test]
     fn servers_are_dialled_from_the_one_that_answered_last_in_order() {
         assert_eq!(dial_order(2, 4).collect::<Vec<_>>(), [2, 3, 0, 1]);
         assert_eq!(dial_order(0, 3).collect::<Vec<_>>(), [0, 1, 2]);
