@@ -14,6 +14,7 @@
 //! The server offers no push stream yet, so the runner never reports one and the agent polls
 //! every `sync_interval`; the push events are the machine's side of that future stream.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use lanyard_core::EntryId;
@@ -153,8 +154,8 @@ pub(super) enum Event {
     SyncSucceeded { n_entries: usize },
     /// The sync failed.
     SyncFailed(Failure),
-    /// The workload SVIDs held changed; the first of them expires then.
-    WorkloadSvidsHeld { first_expiry: Option<SystemTime> },
+    /// The workload SVIDs held now, by entry, with their expiry.
+    WorkloadSvidsHeld(BTreeMap<EntryId, SystemTime>),
     /// A push stream from the server is up.
     #[cfg_attr(
         not(test),
@@ -189,6 +190,8 @@ pub(super) enum Action {
     /// Drop the cached connection after a failed call: the next call dials again, the server
     /// that answered last first and then each next one ([`dial_order`]).
     Reconnect,
+    /// Drop these workload SVIDs: they have expired, and are never served.
+    WithdrawExpired(Vec<EntryId>),
     /// Drop these workload SVIDs (over capacity, or their entry may hold none).
     Evict(Vec<EntryId>),
     /// Mint SVIDs for these entries in one `BatchNewX509SVID` call.
@@ -243,7 +246,8 @@ pub(super) struct Machine {
     mint_planned: bool,
     /// Entries left without SVIDs by `x509_svid_cache_size`, when last warned about.
     n_over_capacity: usize,
-    first_workload_expiry: Option<SystemTime>,
+    /// The workload SVIDs held, with their expiry.
+    workload_expiries: BTreeMap<EntryId, SystemTime>,
 }
 
 impl Machine {
@@ -279,7 +283,7 @@ impl Machine {
             batch_limit: MAX_CSRS_PER_CALL,
             mint_planned: false,
             n_over_capacity: 0,
-            first_workload_expiry: None,
+            workload_expiries: BTreeMap::new(),
         };
         machine.agent_renew_at = machine.renewal_time(agent.not_before, agent.not_after);
         machine
@@ -350,8 +354,8 @@ impl Machine {
             }
             Event::SyncSucceeded { n_entries: _ } => self.sync_succeeded(now),
             Event::SyncFailed(failure) => self.sync_failed(now, failure),
-            Event::WorkloadSvidsHeld { first_expiry } => {
-                self.first_workload_expiry = first_expiry;
+            Event::WorkloadSvidsHeld(expiries) => {
+                self.workload_expiries = expiries;
                 Vec::new()
             }
             Event::PushConnected => {
@@ -395,7 +399,7 @@ impl Machine {
         if agent_expiry > now.wall {
             wake = wake.min(now.instant_at(agent_expiry));
         }
-        if let Some(first_expiry) = self.first_workload_expiry {
+        if let Some(&first_expiry) = self.workload_expiries.values().min() {
             wake = wake.min(now.instant_at(first_expiry));
         }
         Some(wake)
@@ -410,10 +414,24 @@ impl Machine {
         if self.rotation_in_flight.is_some() || self.sync_in_flight {
             return Vec::new();
         }
+        let mut actions = Vec::new();
+        let expired: Vec<EntryId> = self
+            .workload_expiries
+            .iter()
+            .filter(|(_, not_after)| **not_after <= now.wall)
+            .map(|(entry_id, _)| entry_id.clone())
+            .collect();
+        if !expired.is_empty() {
+            for entry_id in &expired {
+                self.workload_expiries.remove(entry_id);
+            }
+            actions.push(Action::WithdrawExpired(expired));
+        }
         if now.wall + AGENT_SVID_EXPIRY_MARGIN >= self.agent.not_after {
             if !self.can_reattest() {
                 let expired_at = self.agent.not_after;
-                return vec![self.stop(StopReason::AgentSvidExpired { expired_at })];
+                actions.push(self.stop(StopReason::AgentSvidExpired { expired_at }));
+                return actions;
             }
             self.must_reattest.get_or_insert("the agent SVID expired");
         }
@@ -421,14 +439,15 @@ impl Machine {
         if rotation_due && now.instant >= self.next_rotation {
             let reason = self.must_reattest.take();
             self.rotation_in_flight = Some(reason);
-            let action = match reason {
+            actions.push(match reason {
                 Some(reason) => Action::Reattest { reason },
                 None if self.can_reattest() => Action::Reattest { reason: "rotation" },
                 None => Action::RenewAgentSvid,
-            };
-            return vec![action];
+            });
+            return actions;
         }
-        self.sync_if_due(now)
+        actions.extend(self.sync_if_due(now));
+        actions
     }
 
     fn sync_if_due(&mut self, now: Now) -> Vec<Action> {
@@ -819,6 +838,33 @@ mod tests {
             seen.insert(renew_at);
         }
         assert!(seen.len() > 1, "the jitter spreads renewals");
+    }
+
+    #[test]
+    fn expired_workload_svids_wake_the_agent_and_are_withdrawn() {
+        let mut clock = VirtualClock::new();
+        let mut m = machine(&clock, settings(HOUR), 0.0);
+        assert_eq!(m.on_event(clock.now(), Event::Wakeup), [Action::Sync]);
+        m.on_event(clock.now(), Event::SyncSucceeded { n_entries: 2 });
+        let held = BTreeMap::from([
+            (id("a"), clock.wall(10 * MINUTE)),
+            (id("b"), clock.wall(20 * MINUTE)),
+        ]);
+        m.on_event(clock.now(), Event::WorkloadSvidsHeld(held));
+        assert_eq!(m.next_wakeup(), Some(clock.at(10 * MINUTE).instant));
+        clock.advance(10 * MINUTE - Duration::from_secs(1));
+        assert_eq!(m.on_event(clock.now(), Event::Wakeup), []);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(
+            m.on_event(clock.now(), Event::Wakeup),
+            [Action::WithdrawExpired(vec![id("a")])]
+        );
+        assert_eq!(m.next_wakeup(), Some(clock.at(20 * MINUTE).instant));
+        clock.advance(HOUR);
+        assert_eq!(
+            m.on_event(clock.now(), Event::Wakeup),
+            [Action::WithdrawExpired(vec![id("b")]), Action::Sync]
+        );
     }
 
     #[test]

@@ -131,9 +131,6 @@ impl Runner {
             if *stop.borrow() {
                 return Ok(());
             }
-            let now = self.now();
-            self.withdraw_expired(now);
-
             let mut pending: VecDeque<Action> = self.tell(Event::Wakeup).into();
             while let Some(action) = pending.pop_front() {
                 let next = tokio::select! {
@@ -145,8 +142,12 @@ impl Runner {
 
             self.publish();
 
-            let first_expiry = self.svids.values().map(|s| s.svid.not_after()).min();
-            self.tell(Event::WorkloadSvidsHeld { first_expiry });
+            let expiries = self
+                .svids
+                .iter()
+                .map(|(entry_id, minted)| (entry_id.clone(), minted.svid.not_after()))
+                .collect();
+            self.tell(Event::WorkloadSvidsHeld(expiries));
             let Some(wake) = self.machine.next_wakeup() else {
                 return Ok(());
             };
@@ -205,6 +206,10 @@ impl Runner {
             }
             Action::ForgetSvid => {
                 self.forget_svid();
+                Ok(Vec::new())
+            }
+            Action::WithdrawExpired(entry_ids) => {
+                self.withdraw_expired(&entry_ids);
                 Ok(Vec::new())
             }
             Action::Stop(reason) => Err(match reason {
@@ -620,20 +625,15 @@ impl Runner {
     }
 
     /// Withdraws SVIDs that have expired; they are never served.
-    fn withdraw_expired(&mut self, now: SystemTime) {
-        let n_before = self.svids.len();
-        self.svids.retain(|entry_id, minted| {
-            let alive = minted.svid.not_after() > now;
-            if !alive {
+    fn withdraw_expired(&mut self, entry_ids: &[EntryId]) {
+        for entry_id in entry_ids {
+            if self.svids.remove(entry_id).is_some() {
                 tracing::warn!(
                     entry_id = %entry_id,
                     "an X509-SVID expired before it could be renewed"
                 );
+                self.dirty = true;
             }
-            alive
-        });
-        if self.svids.len() != n_before {
-            self.dirty = true;
         }
     }
 
