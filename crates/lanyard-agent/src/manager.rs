@@ -13,10 +13,15 @@
 //! the server lacks the service. When the server is unreachable it keeps serving what is still
 //! valid and retries with backoff. A ban, or a demand to re-attest that the agent cannot
 //! meet, stops the manager with an error ([`ManagerHandle::failed`]).
+//!
+//! When to sync, renew, re-attest, back off or stop, and which workload SVIDs to mint (in
+//! which batches) or drop over capacity, is decided by `machine::Machine`, which does no I/O
+//! and reads no clock; `runner::Runner` feeds it events and performs its actions.
 
 mod attest;
 mod client;
 mod jwt;
+mod machine;
 mod report;
 mod runner;
 mod storage;

@@ -86,14 +86,6 @@ pub(super) fn authorities(bundle: &TrustBundle, untainted_only: bool) -> Vec<Vec
         .collect()
 }
 
-pub(super) fn agent_renewal_time(credentials: &AgentCredentials) -> SystemTime {
-    rotation::renewal_time(
-        credentials.not_before,
-        credentials.svid.not_after(),
-        Jitter::random(),
-    )
-}
-
 /// How to authenticate the server for the first attestation, in SPIRE's order: the stored
 /// bundle, the configured bootstrap bundle, or (insecure) the server's ID alone.
 pub(super) fn bootstrap_trust(

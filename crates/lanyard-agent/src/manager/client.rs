@@ -35,6 +35,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use super::machine::dial_order;
+
 /// The deadline of one RPC, streams included (SPIRE's agent uses 30 s).
 pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -356,8 +358,7 @@ async fn connect_any(
 ) -> Result<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, io::Error> {
     let last = *preferred.lock().unwrap_or_else(|e| e.into_inner());
     let mut last_error = io::Error::other("no server address");
-    for step in 0..targets.len() {
-        let index = (last.target + step) % targets.len();
+    for index in dial_order(last.target, targets.len()) {
         let target = &targets[index];
         let resolved =
             tokio::time::timeout(ADDRESS_TIMEOUT, tokio::net::lookup_host(&target.address)).await;

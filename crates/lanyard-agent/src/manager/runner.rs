@@ -1,39 +1,37 @@
-//! The manager's background task: the sync loop, workload SVID minting and renewal,
-//! agent SVID rotation, reactions to the server's denials, and snapshot publishing.
+//! The manager's background task: the thin async side of [`Machine`]. It owns the server
+//! client, the clock, the sleeps and the caches, feeds the machine what happened and performs
+//! what it decides: syncs, workload SVID minting, agent SVID rotation, reactions to the
+//! server's denials, and snapshot publishing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use lanyard_core::keys::{KeyPair, KeyType};
-use lanyard_core::rotation::{self, Jitter};
+use lanyard_core::rotation::Jitter;
 use lanyard_core::x509::{self, X509Svid};
 use lanyard_core::{EntryId, SpiffeId, TrustBundle, TrustDomain};
 use lanyard_proto::convert::x509_svid_from_proto;
 use lanyard_proto::spire::api::server::svid::v1::NewX509svidParams;
 use lanyard_proto::spire::api::types::permission_denied_details::Reason;
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tonic::Code;
 use tonic::transport::Channel;
 
 use super::attest::{
-    agent_renewal_time, attest_once, attestation_refused, authorities, credentials_from_chain,
-    load_attestor,
+    attest_once, attestation_refused, authorities, credentials_from_chain, load_attestor,
 };
 use super::client::{self, AgentCredentials, ClientError, ServerClient, ServerTrust};
+use super::machine::{
+    Action, AgentSvid, Event, Failure, HeldSvid, Machine, MintCandidate, Now, Operation, Settings,
+    StopReason,
+};
 use super::report::UsageReporter;
 use super::storage::{self, StoredState, StoredSvid};
-use super::{AGENT_SVID_EXPIRY_MARGIN, Clock, ManagerError, blocking, sync};
+use super::{Clock, ManagerError, blocking, sync};
 use crate::cache::{CachedEntry, Identity, Snapshot};
 use crate::config::AgentConfig;
 use crate::usage::UsageTracker;
-
-/// The longest wait between failed syncs (SPIRE: min(8 min, 48 × sync interval)).
-const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(8 * 60);
-
-/// The most CSRs in one `BatchNewX509SVID` call (the server's per-call limit).
-const MAX_CSRS_PER_CALL: usize = 500;
 
 /// A workload SVID the agent minted, with its key and when to renew it.
 struct MintedSvid {
@@ -45,23 +43,15 @@ struct MintedSvid {
     force_renew: bool,
 }
 
-/// What to do after a server error.
-enum NextStep {
-    /// Back off and try again.
-    Retry,
-    /// Attest again, for this reason.
-    Reattest(&'static str),
-}
-
 /// The manager's background task and everything it owns.
 pub(super) struct Runner {
     config: AgentConfig,
     clock: Clock,
     client: Arc<ServerClient>,
+    machine: Machine,
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
     agent_id_tx: watch::Sender<SpiffeId>,
     credentials: Arc<AgentCredentials>,
-    agent_renew_at: SystemTime,
     reattestable: bool,
     bundle: Arc<TrustBundle>,
     federated: BTreeMap<TrustDomain, Arc<TrustBundle>>,
@@ -70,10 +60,6 @@ pub(super) struct Runner {
     synced: bool,
     /// Something changed since the last published snapshot.
     dirty: bool,
-    /// CSRs per `BatchNewX509SVID` call: halved after a failed call, like SPIRE's agent.
-    batch_limit: usize,
-    /// Entries left without SVIDs because of `x509_svid_cache_size`, last time we warned.
-    n_over_capacity: usize,
     usage: UsageReporter,
     /// Published for the health checks.
     health: watch::Sender<super::AgentHealth>,
@@ -96,13 +82,26 @@ impl Runner {
         health: watch::Sender<super::AgentHealth>,
         metrics: crate::metrics::AgentMetrics,
     ) -> Self {
+        let settings = Settings {
+            sync_interval: config.sync_interval,
+            x509_svid_cache_size: config.x509_svid_cache_size,
+            has_reattest_method: config.node_attestor.x509pop.is_some()
+                || config.node_attestor.k8s_psat.is_some(),
+        };
+        let now = read_now(&clock);
+        let machine = Machine::new(
+            now,
+            settings,
+            agent_svid(&credentials, reattestable),
+            Box::new(Jitter::random),
+        );
         Self {
             config,
             clock,
             client,
+            machine,
             snapshot_tx,
             agent_id_tx,
-            agent_renew_at: agent_renewal_time(&credentials),
             credentials,
             reattestable,
             bundle,
@@ -111,8 +110,6 @@ impl Runner {
             svids: BTreeMap::new(),
             synced: false,
             dirty: false,
-            batch_limit: MAX_CSRS_PER_CALL,
-            n_over_capacity: 0,
             usage: UsageReporter::new(usage),
             health,
             metrics,
@@ -123,82 +120,52 @@ impl Runner {
         (self.clock)()
     }
 
-    /// The monotonic instant at which the clock will show `at`.
-    fn instant_at(&self, at: SystemTime) -> Instant {
-        Instant::now() + at.duration_since(self.now()).unwrap_or_default()
+    /// Tells the machine what happened, now.
+    fn tell(&mut self, event: Event) -> Vec<Action> {
+        let now = read_now(&self.clock);
+        self.machine.on_event(now, event)
     }
 
     pub(super) async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), ManagerError> {
-        let interval = self.config.sync_interval;
-        let max_backoff = MAX_SYNC_BACKOFF
-            .min(interval.saturating_mul(48))
-            .max(interval);
-        let mut next_sync = Instant::now();
-        let mut sync_failures: u32 = 0;
-        let mut next_rotation = Instant::now();
-        let mut rotation_failures: u32 = 0;
-        let mut must_reattest: Option<&'static str> = None;
-
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            let now = self.now();
-            self.withdraw_expired(now);
-
-            if now + AGENT_SVID_EXPIRY_MARGIN >= self.credentials.svid.not_after() {
-                if !self.can_reattest() {
-                    return Err(ManagerError::AgentSvidExpired {
-                        expired_at: self.credentials.svid.not_after(),
-                    });
-                }
-                must_reattest.get_or_insert("the agent SVID expired");
-            }
-
-            let rotation_due = must_reattest.is_some() || now >= self.agent_renew_at;
-            if rotation_due && Instant::now() >= next_rotation {
-                let reattest_reason = must_reattest.take();
-                let result = tokio::select! {
-                    result = self.rotate(reattest_reason) => result,
+            let mut pending: VecDeque<Action> = self.tell(Event::Wakeup).into();
+            while let Some(action) = pending.pop_front() {
+                let next = tokio::select! {
+                    next = self.perform(action) => next?,
                     _ = stop.changed() => return Ok(()),
                 };
-                match result {
-                    Ok(()) => {
-                        rotation_failures = 0;
-                        // Never rotate twice within an interval, even if the server hands
-                        // out SVIDs that are due at once.
-                        next_rotation = Instant::now() + interval;
-                        // A re-attestation may follow a failed sync; sync again now.
-                        if reattest_reason.is_some() {
-                            next_sync = Instant::now();
-                        }
-                    }
-                    Err(error) => {
-                        self.client.reset();
-                        let reattest = match self.next_step(&error, reattest_reason.is_some())? {
-                            NextStep::Reattest(reason) => Some(reason),
-                            NextStep::Retry => reattest_reason,
-                        };
-                        must_reattest = reattest;
-                        let delay = rotation::backoff(
-                            rotation_failures,
-                            interval,
-                            max_backoff,
-                            Jitter::random(),
-                        );
-                        rotation_failures = rotation_failures.saturating_add(1);
-                        next_rotation = Instant::now() + delay;
-                        tracing::warn!(%error, retry_in = ?delay, "agent SVID rotation failed");
-                    }
-                }
+                pending.extend(next);
             }
 
-            if must_reattest.is_none() && Instant::now() >= next_sync {
-                let started = Instant::now().into_std();
-                let result = tokio::select! {
-                    result = self.sync() => result,
-                    _ = stop.changed() => return Ok(()),
-                };
+            self.publish();
+
+            let expiries = self
+                .svids
+                .iter()
+                .map(|(entry_id, minted)| (entry_id.clone(), minted.svid.not_after()))
+                .collect();
+            self.tell(Event::WorkloadSvidsHeld(expiries));
+            let Some(wake) = self.machine.next_wakeup() else {
+                return Ok(());
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+    }
+
+    /// Performs one of the machine's actions; returns what the machine decides next.
+    async fn perform(&mut self, action: Action) -> Result<Vec<Action>, ManagerError> {
+        match action {
+            Action::RenewAgentSvid => Ok(self.rotate(None).await),
+            Action::Reattest { reason } => Ok(self.rotate(Some(reason)).await),
+            Action::Sync => {
+                let started = tokio::time::Instant::now().into_std();
+                let result = self.sync().await;
                 self.metrics
                     .sync_ended(started, result.is_ok().then_some(self.entries.len()));
                 match result {
@@ -206,113 +173,82 @@ impl Runner {
                         let now = self.now();
                         self.health
                             .send_modify(|health| health.last_sync = Some(now));
-                        if sync_failures > 0 {
+                        if self.machine.sync_failures() > 0 {
                             tracing::info!("sync with the server resumed");
                         }
-                        sync_failures = 0;
-                        next_sync = Instant::now() + interval;
-                        // Serving what was just synced comes first: publish, then report.
-                        self.publish();
-                        let entries = &self.entries;
-                        tokio::select! {
-                            () = self.usage.after_sync(&self.client, |id| entries.contains_key(id)) => {}
-                            _ = stop.changed() => return Ok(()),
-                        }
+                        let n_entries = self.entries.len();
+                        Ok(self.tell(Event::SyncSucceeded { n_entries }))
                     }
                     Err(error) => {
-                        self.client.reset();
-                        match self.next_step(&error, false)? {
-                            NextStep::Reattest(reason) => {
-                                must_reattest = Some(reason);
-                                next_rotation = next_rotation.max(Instant::now());
-                                next_sync = Instant::now();
-                            }
-                            NextStep::Retry => {
-                                let delay = rotation::backoff(
-                                    sync_failures,
-                                    interval,
-                                    max_backoff,
-                                    Jitter::random(),
-                                );
-                                sync_failures = sync_failures.saturating_add(1);
-                                next_sync = Instant::now() + delay;
-                                tracing::warn!(
-                                    %error,
-                                    retry_in = ?delay,
-                                    "sync with the server failed"
-                                );
-                            }
-                        }
+                        let actions = self.tell(Event::SyncFailed(classify(&error)));
+                        log_retry(
+                            &actions,
+                            Operation::Sync,
+                            &error,
+                            "sync with the server failed",
+                        );
+                        Ok(actions)
                     }
                 }
             }
-
-            self.publish();
-
-            let mut wake = next_sync;
-            if must_reattest.is_some() {
-                wake = wake.min(next_rotation);
-            } else {
-                wake = wake.min(self.instant_at(self.agent_renew_at).max(next_rotation));
+            Action::ReportUsage => {
+                // Serving what was just synced comes first: publish, then report.
+                self.publish();
+                let entries = &self.entries;
+                self.usage
+                    .after_sync(&self.client, |id| entries.contains_key(id))
+                    .await;
+                Ok(Vec::new())
             }
-            // Wake when the agent SVID is about to expire, unless that has happened already
-            // (a re-attestation is then pending and paced by `next_rotation`).
-            let agent_expiry = self
-                .credentials
-                .svid
-                .not_after()
-                .checked_sub(AGENT_SVID_EXPIRY_MARGIN)
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            if agent_expiry > self.now() {
-                wake = wake.min(self.instant_at(agent_expiry));
+            Action::Reconnect => {
+                self.client.reset();
+                Ok(Vec::new())
             }
-            if let Some(first_expiry) = self.svids.values().map(|s| s.svid.not_after()).min() {
-                wake = wake.min(self.instant_at(first_expiry));
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(wake) => {}
-                _ = stop.changed() => return Ok(()),
-            }
-        }
-    }
-
-    fn can_reattest(&self) -> bool {
-        self.reattestable
-            && (self.config.node_attestor.x509pop.is_some()
-                || self.config.node_attestor.k8s_psat.is_some())
-    }
-
-    /// Decides how to go on after `error`, or stops: banned, or told to re-attest when the
-    /// agent cannot (SPIRE's agent then deletes its SVID and exits). A refused re-attestation
-    /// is final too.
-    fn next_step(&self, error: &ClientError, reattesting: bool) -> Result<NextStep, ManagerError> {
-        let reason = match error.denial_reason() {
-            Some(Reason::AgentBanned) => {
+            Action::ForgetSvid => {
                 self.forget_svid();
-                return Err(ManagerError::Banned);
+                Ok(Vec::new())
             }
-            Some(
-                reason @ (Reason::AgentExpired
-                | Reason::AgentNotAttested
-                | Reason::AgentNotActive
-                | Reason::AgentMustReattest),
-            ) => reason.as_str_name(),
-            _ => {
-                if reattesting && attestation_refused(error) {
-                    self.forget_svid();
-                    return Err(ManagerError::Attestation(error.to_string()));
+            Action::WithdrawExpired(entry_ids) => {
+                self.withdraw_expired(&entry_ids);
+                Ok(Vec::new())
+            }
+            Action::Stop(reason) => Err(match reason {
+                StopReason::Banned => ManagerError::Banned,
+                StopReason::MustReattest(reason) => ManagerError::MustReattest {
+                    reason: reason.to_owned(),
+                },
+                StopReason::AttestationRefused(message) => ManagerError::Attestation(message),
+                StopReason::AgentSvidExpired { expired_at } => {
+                    ManagerError::AgentSvidExpired { expired_at }
                 }
-                return Ok(NextStep::Retry);
-            }
-        };
-        if !self.can_reattest() {
-            self.forget_svid();
-            return Err(ManagerError::MustReattest {
-                reason: reason.to_owned(),
-            });
+            }),
+            // Only a sync asks for these, and it performs them itself.
+            Action::Evict(_) | Action::Mint(_) | Action::RetryLater { .. } => Ok(Vec::new()),
         }
-        tracing::warn!(reason, "the server requires the agent to attest again");
-        Ok(NextStep::Reattest(reason))
+    }
+
+    /// Renews the agent SVID (`reattest` is `None`) or attests again, and tells the machine.
+    async fn rotate(&mut self, reattest: Option<&'static str>) -> Vec<Action> {
+        let result = match reattest {
+            Some(reason) => self.reattest(reason).await,
+            None => self.renew().await,
+        };
+        match result {
+            Ok(()) => {
+                let agent = agent_svid(&self.credentials, self.reattestable);
+                self.tell(Event::RotationSucceeded(agent))
+            }
+            Err(error) => {
+                let actions = self.tell(Event::RotationFailed(classify(&error)));
+                log_retry(
+                    &actions,
+                    Operation::Rotation,
+                    &error,
+                    "agent SVID rotation failed",
+                );
+                actions
+            }
+        }
     }
 
     /// Deletes the stored SVID (keeping the bundle), so that the next start attests anew.
@@ -343,12 +279,8 @@ impl Runner {
         }
     }
 
-    /// Renews the agent SVID: re-attestation when `reattest` gives a reason or the agent is
-    /// re-attestable, else `RenewAgent` with a new key.
-    async fn rotate(&mut self, reattest: Option<&'static str>) -> Result<(), ClientError> {
-        if reattest.is_some() || self.can_reattest() {
-            return self.reattest(reattest.unwrap_or("rotation")).await;
-        }
+    /// Renews the agent SVID with `RenewAgent` and a new key.
+    async fn renew(&mut self) -> Result<(), ClientError> {
         let key = KeyPair::generate(KeyType::EcP256)
             .map_err(|e| ClientError::Local(format!("generating the agent key: {e}")))?;
         let csr = x509::build_csr(&key, None)
@@ -407,7 +339,6 @@ impl Runner {
     /// its first use) and saves them.
     async fn install_credentials(&mut self, credentials: AgentCredentials) {
         let credentials = Arc::new(credentials);
-        self.agent_renew_at = agent_renewal_time(&credentials);
         self.client.set_credentials(Arc::clone(&credentials));
         self.agent_id_tx.send_if_modified(|id| {
             if id == credentials.svid.spiffe_id() {
@@ -519,7 +450,7 @@ impl Runner {
         });
         if !chains_to(self.credentials.svid.cert_chain(), &untainted) {
             tracing::info!("the agent SVID's authority is tainted or gone; renewing it now");
-            self.agent_renew_at = now;
+            self.tell(Event::AgentAuthorityUntrusted);
         }
         true
     }
@@ -544,9 +475,9 @@ impl Runner {
         }
     }
 
-    /// Mints SVIDs for entries that have none, whose entry changed, that are due for
-    /// renewal or chain to a tainted authority, in calls of at most `batch_limit` CSRs. At
-    /// most `x509_svid_cache_size` entries (the first by ID) get SVIDs.
+    /// Mints SVIDs as the machine plans it: for entries that have none, whose entry changed,
+    /// that are due for renewal or chain to a tainted authority, at most
+    /// `x509_svid_cache_size` entries (the first by ID), in batches.
     async fn mint(&mut self, channel: Channel, now: SystemTime) -> Result<(), ClientError> {
         let servable: Vec<Arc<CachedEntry>> = self
             .entries
@@ -554,46 +485,50 @@ impl Runner {
             .filter(|entry| !entry.store_svid)
             .cloned()
             .collect();
-        let capacity = self.config.x509_svid_cache_size.max(1);
-        let n_over = servable.len().saturating_sub(capacity);
-        if n_over != self.n_over_capacity {
-            if n_over > 0 {
-                tracing::warn!(
-                    n_entries = servable.len(),
-                    x509_svid_cache_size = capacity,
-                    "more entries than x509_svid_cache_size; only the first by entry ID get SVIDs"
-                );
-            }
-            self.n_over_capacity = n_over;
-        }
-        let eligible: Vec<Arc<CachedEntry>> = servable.into_iter().take(capacity).collect();
-        let eligible_ids: BTreeSet<&EntryId> = eligible.iter().map(|e| &e.id).collect();
-        let n_before = self.svids.len();
-        self.svids.retain(|id, _| eligible_ids.contains(id));
-        if self.svids.len() != n_before {
-            self.dirty = true;
-        }
-
-        let stale: Vec<Arc<CachedEntry>> = eligible
-            .iter()
-            .filter(|entry| match self.svids.get(&entry.id) {
-                None => true,
-                Some(minted) => {
-                    minted.force_renew
-                        || now >= minted.renew_at
-                        || minted.entry.revision_number != entry.revision_number
-                        || minted.entry.created_at != entry.created_at
-                }
-            })
+        let servable_ids: BTreeSet<&EntryId> = servable.iter().map(|e| &e.id).collect();
+        let other_held: Vec<EntryId> = self
+            .svids
+            .keys()
+            .filter(|id| !servable_ids.contains(id))
             .cloned()
             .collect();
-        if stale.is_empty() {
-            return Ok(());
-        }
-        for batch in stale.chunks(self.batch_limit.max(1)) {
+        let candidates = servable
+            .iter()
+            .map(|entry| MintCandidate {
+                entry_id: entry.id.clone(),
+                held: self.svids.get(&entry.id).map(|minted| HeldSvid {
+                    renew_at: minted.renew_at,
+                    force_renew: minted.force_renew,
+                    entry_changed: minted.entry.revision_number != entry.revision_number
+                        || minted.entry.created_at != entry.created_at,
+                }),
+            })
+            .collect();
+        let plan = self.tell(Event::EntriesSynced {
+            candidates,
+            other_held,
+        });
+        let by_id: BTreeMap<&EntryId, &Arc<CachedEntry>> =
+            servable.iter().map(|entry| (&entry.id, entry)).collect();
+        for action in plan {
+            let batch: Vec<Arc<CachedEntry>> = match action {
+                Action::Evict(ids) => {
+                    for id in ids {
+                        if self.svids.remove(&id).is_some() {
+                            self.dirty = true;
+                        }
+                    }
+                    continue;
+                }
+                Action::Mint(ids) => ids
+                    .iter()
+                    .filter_map(|id| by_id.get(id).map(|entry| Arc::clone(entry)))
+                    .collect(),
+                _ => continue,
+            };
             let mut keys = Vec::with_capacity(batch.len());
             let mut params = Vec::with_capacity(batch.len());
-            for entry in batch {
+            for entry in &batch {
                 let key = KeyPair::generate(self.config.workload_key_type)
                     .map_err(|e| ClientError::Local(format!("generating a workload key: {e}")))?;
                 let csr = x509::build_csr(&key, Some(&entry.spiffe_id))
@@ -612,7 +547,7 @@ impl Runner {
             {
                 Ok(results) => results,
                 Err(error) => {
-                    self.batch_limit = (self.batch_limit / 2).max(1);
+                    self.tell(Event::MintBatchFailed);
                     return Err(error);
                 }
             };
@@ -635,8 +570,7 @@ impl Runner {
                 }
                 match self.accept_svid(entry, result.svid.as_ref(), now) {
                     Ok((svid, not_before)) => {
-                        let renew_at =
-                            rotation::renewal_time(not_before, svid.not_after(), Jitter::random());
+                        let renew_at = self.machine.renewal_time(not_before, svid.not_after());
                         if self.svids.contains_key(&entry.id) {
                             self.metrics.workload_svid_rotated();
                         }
@@ -660,7 +594,7 @@ impl Runner {
                 }
             }
         }
-        self.batch_limit = (self.batch_limit * 2).min(MAX_CSRS_PER_CALL);
+        self.tell(Event::MintFinished);
         Ok(())
     }
 
@@ -691,20 +625,15 @@ impl Runner {
     }
 
     /// Withdraws SVIDs that have expired; they are never served.
-    fn withdraw_expired(&mut self, now: SystemTime) {
-        let n_before = self.svids.len();
-        self.svids.retain(|entry_id, minted| {
-            let alive = minted.svid.not_after() > now;
-            if !alive {
+    fn withdraw_expired(&mut self, entry_ids: &[EntryId]) {
+        for entry_id in entry_ids {
+            if self.svids.remove(entry_id).is_some() {
                 tracing::warn!(
                     entry_id = %entry_id,
                     "an X509-SVID expired before it could be renewed"
                 );
+                self.dirty = true;
             }
-            alive
-        });
-        if self.svids.len() != n_before {
-            self.dirty = true;
         }
     }
 
@@ -737,5 +666,51 @@ impl Runner {
             synced: self.synced,
         };
         self.snapshot_tx.send_replace(Arc::new(snapshot));
+    }
+}
+
+/// Both clocks, read together.
+fn read_now(clock: &Clock) -> Now {
+    Now {
+        instant: tokio::time::Instant::now().into_std(),
+        wall: clock(),
+    }
+}
+
+fn agent_svid(credentials: &AgentCredentials, reattestable: bool) -> AgentSvid {
+    AgentSvid {
+        not_before: credentials.not_before,
+        not_after: credentials.svid.not_after(),
+        reattestable,
+    }
+}
+
+/// What a failed call means for the machine: SPIRE's denial reasons first, then the codes
+/// that refuse an attestation for good.
+fn classify(error: &ClientError) -> Failure {
+    match error.denial_reason() {
+        Some(Reason::AgentBanned) => Failure::Banned,
+        Some(
+            reason @ (Reason::AgentExpired
+            | Reason::AgentNotAttested
+            | Reason::AgentNotActive
+            | Reason::AgentMustReattest),
+        ) => Failure::MustReattest(reason.as_str_name()),
+        _ if attestation_refused(error) => Failure::Refused(error.to_string()),
+        _ => Failure::Retryable,
+    }
+}
+
+/// Logs a failure the machine decided to retry later.
+fn log_retry(actions: &[Action], operation: Operation, error: &ClientError, message: &str) {
+    for action in actions {
+        if let Action::RetryLater {
+            operation: retried,
+            after,
+        } = action
+            && *retried == operation
+        {
+            tracing::warn!(%error, retry_in = ?after, "{message}");
+        }
     }
 }
