@@ -22,6 +22,7 @@ mod attest;
 mod client;
 mod jwt;
 mod machine;
+mod push;
 mod report;
 mod runner;
 mod storage;

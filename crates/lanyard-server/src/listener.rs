@@ -13,7 +13,8 @@
 //! one), so that one host cannot take every slot from agents that are bootstrapping. A
 //! connection that carries no bytes
 //! either way for `connection_idle_timeout` is closed: the server API has no long quiet
-//! streams (attestation has its own 30 s limit), and gRPC clients reconnect on their next call.
+//! streams (attestation has its own 30 s limit; an agent's change stream repeats itself every
+//! 50 s), and gRPC clients reconnect on their next call.
 //! `accept` errors (out of descriptors) back off exponentially up to a second, logged once a
 //! second, and the server raises its soft `RLIMIT_NOFILE` to the hard limit at start.
 

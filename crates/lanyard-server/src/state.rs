@@ -51,8 +51,20 @@ pub struct ServerState {
     clock: Clock,
     ledger: Option<Ledger>,
     rotation_requested: tokio::sync::Notify,
-    /// The change-log revision the index has applied, for the agents' change streams.
-    changes: tokio::sync::watch::Sender<i64>,
+    /// What the agents' change streams announce.
+    changes: tokio::sync::watch::Sender<ChangePoint>,
+    /// The policy generation and the active exceptions at the last catch-up: when these move
+    /// without a write (a policy reloaded, an exception lapsing), agents are told too.
+    decision_context: std::sync::Mutex<Option<(u64, Vec<String>)>>,
+}
+
+/// Where the server's view stands, as the agents' change streams announce it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChangePoint {
+    /// The change-log revision the index has applied.
+    pub revision: i64,
+    /// Counts changes that are not writes: a policy reloaded, an exception lapsing.
+    pub sequence: u64,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -112,7 +124,11 @@ impl ServerState {
             clock,
             ledger: None,
             rotation_requested: tokio::sync::Notify::new(),
-            changes: tokio::sync::watch::Sender::new(revision),
+            changes: tokio::sync::watch::Sender::new(ChangePoint {
+                revision,
+                sequence: 0,
+            }),
+            decision_context: std::sync::Mutex::default(),
         })
     }
 
@@ -206,10 +222,12 @@ impl ServerState {
     pub async fn catch_up(&self) -> Result<(), DatastoreError> {
         let changed = self.index.catch_up(&*self.store, &self.judge).await?;
         let revision = self.index.revision().await;
+        let context_moved = self.decision_context_moved();
         self.changes.send_if_modified(|announced| {
-            let moved = *announced < revision;
-            if moved {
-                *announced = revision;
+            let moved = announced.revision < revision || context_moved;
+            announced.revision = announced.revision.max(revision);
+            if context_moved {
+                announced.sequence += 1;
             }
             moved
         });
@@ -224,10 +242,33 @@ impl ServerState {
         Ok(())
     }
 
-    /// The change-log revision the index has applied, changing after each catch-up that
-    /// applied something: what `AgentChangeService` streams to agents.
-    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<i64> {
+    /// Where the server's view stands, changing after each catch-up that applied something or
+    /// found the policy or the active exceptions changed: what `AgentChangeService` streams.
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<ChangePoint> {
         self.changes.subscribe()
+    }
+
+    /// Whether the policy generation or the set of active exceptions moved since the last
+    /// call (the first call records them).
+    fn decision_context_moved(&self) -> bool {
+        let now = self.now();
+        let generation = self.judge.policy().map_or(0, |policy| policy.generation());
+        let mut active: Vec<String> = self
+            .judge
+            .exceptions()
+            .iter()
+            .filter(|exception| exception.is_active(now))
+            .map(|exception| exception.id.clone())
+            .collect();
+        active.sort();
+        let context = (generation, active);
+        let mut last = self
+            .decision_context
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let moved = last.as_ref().is_some_and(|last| *last != context);
+        *last = Some(context);
+        moved
     }
 
     /// [`ServerState::catch_up`] for a writer that has committed: a failure is logged, not

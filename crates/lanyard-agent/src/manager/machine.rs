@@ -11,8 +11,8 @@
 //! runner. Randomness (jitter) comes from a source the machine is given. Tests drive it on a
 //! virtual clock (one base instant plus offsets) with fixed jitter.
 //!
-//! The server offers no push stream yet, so the runner never reports one and the agent polls
-//! every `sync_interval`; the push events are the machine's side of that future stream.
+//! Push events come from the agent's change stream to a Lanyard server (`push.rs`); against a
+//! server without one (SPIRE's) none arrive and the agent polls every `sync_interval`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -155,24 +155,17 @@ pub(super) enum Event {
     /// The sync failed.
     SyncFailed(Failure),
     /// The workload SVIDs held now, by entry, with their expiry.
-    WorkloadSvidsHeld(BTreeMap<EntryId, SystemTime>),
+    WorkloadSvidsHeld {
+        /// Each held SVID's expiry, by entry.
+        expiries: BTreeMap<EntryId, SystemTime>,
+        /// The earliest time one of them is due for renewal, if any is held.
+        first_renewal: Option<SystemTime>,
+    },
     /// A push stream from the server is up.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the server offers no push stream yet")
-    )]
     PushConnected,
     /// The server says something changed for this agent.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the server offers no push stream yet")
-    )]
     PushNotified,
     /// The push stream broke.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the server offers no push stream yet")
-    )]
     PushLost,
 }
 
@@ -248,6 +241,11 @@ pub(super) struct Machine {
     n_over_capacity: usize,
     /// The workload SVIDs held, with their expiry.
     workload_expiries: BTreeMap<EntryId, SystemTime>,
+    /// When the first held workload SVID is due for renewal (renewals happen in a sync).
+    first_renewal: Option<SystemTime>,
+    /// When the last sync was started (wall clock): a renewal due before then was that
+    /// sync's to do, and does not call for another.
+    sync_started_at: Option<SystemTime>,
 }
 
 impl Machine {
@@ -284,6 +282,8 @@ impl Machine {
             mint_planned: false,
             n_over_capacity: 0,
             workload_expiries: BTreeMap::new(),
+            first_renewal: None,
+            sync_started_at: None,
         };
         machine.agent_renew_at = machine.renewal_time(agent.not_before, agent.not_after);
         machine
@@ -354,8 +354,12 @@ impl Machine {
             }
             Event::SyncSucceeded { n_entries: _ } => self.sync_succeeded(now),
             Event::SyncFailed(failure) => self.sync_failed(now, failure),
-            Event::WorkloadSvidsHeld(expiries) => {
+            Event::WorkloadSvidsHeld {
+                expiries,
+                first_renewal,
+            } => {
                 self.workload_expiries = expiries;
+                self.first_renewal = first_renewal;
                 Vec::new()
             }
             Event::PushConnected => {
@@ -402,7 +406,20 @@ impl Machine {
         if let Some(&first_expiry) = self.workload_expiries.values().min() {
             wake = wake.min(now.instant_at(first_expiry));
         }
+        if let Some(renewal) = self.pending_renewal() {
+            wake = wake.min(now.instant_at(renewal));
+        }
         Some(wake)
+    }
+
+    /// The first workload SVID renewal that no sync has been started for yet. With a push
+    /// stream the poll interval is long, so a renewal brings the next sync forward to its time;
+    /// without one it usually falls between two syncs anyway.
+    fn pending_renewal(&self) -> Option<SystemTime> {
+        self.first_renewal.filter(|renewal| {
+            self.sync_started_at
+                .is_none_or(|started| *renewal > started)
+        })
     }
 
     fn stop(&mut self, reason: StopReason) -> Action {
@@ -446,6 +463,13 @@ impl Machine {
             });
             return actions;
         }
+        if self.sync_failures == 0
+            && self
+                .pending_renewal()
+                .is_some_and(|renewal| renewal <= now.wall)
+        {
+            self.next_sync = self.next_sync.min(now.instant);
+        }
         actions.extend(self.sync_if_due(now));
         actions
     }
@@ -459,6 +483,7 @@ impl Machine {
             return Vec::new();
         }
         self.sync_in_flight = true;
+        self.sync_started_at = Some(now.wall);
         vec![Action::Sync]
     }
 
@@ -850,7 +875,13 @@ mod tests {
             (id("a"), clock.wall(10 * MINUTE)),
             (id("b"), clock.wall(20 * MINUTE)),
         ]);
-        m.on_event(clock.now(), Event::WorkloadSvidsHeld(held));
+        m.on_event(
+            clock.now(),
+            Event::WorkloadSvidsHeld {
+                expiries: held,
+                first_renewal: None,
+            },
+        );
         assert_eq!(m.next_wakeup(), Some(clock.at(10 * MINUTE).instant));
         clock.advance(10 * MINUTE - Duration::from_secs(1));
         assert_eq!(m.on_event(clock.now(), Event::Wakeup), []);
@@ -1255,6 +1286,35 @@ mod tests {
         m.on_event(clock.now(), Event::PushConnected);
         assert_eq!(m.on_event(clock.now(), Event::PushNotified), []);
         assert_eq!(m.next_wakeup(), Some(clock.now().instant + interval));
+    }
+
+    /// With a push stream the poll interval is long; a workload SVID's renewal brings the next
+    /// sync forward to its time, once: a renewal the sync could not make waits for the poll.
+    #[test]
+    fn workload_renewals_are_not_left_to_the_push_safety_net() {
+        let mut clock = VirtualClock::new();
+        let mut m = machine(&clock, settings(Duration::from_secs(5)), 0.0);
+        m.on_event(clock.now(), Event::PushConnected);
+        assert_eq!(m.on_event(clock.now(), Event::Wakeup), [Action::Sync]);
+        m.on_event(clock.now(), Event::SyncSucceeded { n_entries: 1 });
+        let renewal = clock.wall(MINUTE);
+        let held = Event::WorkloadSvidsHeld {
+            expiries: BTreeMap::from([(id("a"), clock.wall(HOUR))]),
+            first_renewal: Some(renewal),
+        };
+        m.on_event(clock.now(), held.clone());
+        assert_eq!(m.next_wakeup(), Some(clock.at(MINUTE).instant));
+        clock.advance(MINUTE);
+        assert_eq!(m.on_event(clock.now(), Event::Wakeup), [Action::Sync]);
+        m.on_event(clock.now(), Event::SyncSucceeded { n_entries: 1 });
+        // The sync did not renew it (the same renewal time is reported again): no sync loop,
+        // the safety net's poll comes next.
+        m.on_event(clock.now(), held);
+        assert_eq!(
+            m.next_wakeup(),
+            Some(clock.now().instant + PUSH_SAFETY_NET_INTERVAL)
+        );
+        assert_eq!(m.on_event(clock.now(), Event::Wakeup), []);
     }
 
     #[test]

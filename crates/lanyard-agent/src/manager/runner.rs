@@ -33,6 +33,15 @@ use crate::cache::{CachedEntry, Identity, Snapshot};
 use crate::config::AgentConfig;
 use crate::usage::UsageTracker;
 
+/// A task that is aborted when this is dropped: the change stream ends with the runner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A workload SVID the agent minted, with its key and when to renew it.
 struct MintedSvid {
     entry: Arc<CachedEntry>,
@@ -127,11 +136,19 @@ impl Runner {
     }
 
     pub(super) async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), ManagerError> {
+        // The change stream runs beside the loop; its events wake the loop like its timers.
+        let (push_tx, mut push_rx) = tokio::sync::mpsc::channel(16);
+        let watcher = AbortOnDrop(tokio::spawn(super::push::watch_changes(
+            Arc::clone(&self.client),
+            push_tx,
+            stop.clone(),
+        )));
+        let mut event = Event::Wakeup;
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            let mut pending: VecDeque<Action> = self.tell(Event::Wakeup).into();
+            let mut pending: VecDeque<Action> = self.tell(event).into();
             while let Some(action) = pending.pop_front() {
                 let next = tokio::select! {
                     next = self.perform(action) => next?,
@@ -147,14 +164,19 @@ impl Runner {
                 .iter()
                 .map(|(entry_id, minted)| (entry_id.clone(), minted.svid.not_after()))
                 .collect();
-            self.tell(Event::WorkloadSvidsHeld(expiries));
+            let first_renewal = self.svids.values().map(|minted| minted.renew_at).min();
+            self.tell(Event::WorkloadSvidsHeld {
+                expiries,
+                first_renewal,
+            });
             let Some(wake) = self.machine.next_wakeup() else {
                 return Ok(());
             };
-            tokio::select! {
-                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
+            event = tokio::select! {
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => Event::Wakeup,
+                Some(pushed) = push_rx.recv(), if !watcher.0.is_finished() => pushed,
                 _ = stop.changed() => return Ok(()),
-            }
+            };
         }
     }
 

@@ -521,6 +521,54 @@ async fn the_agent_keeps_serving_while_the_server_is_down() {
     handle.shutdown().await;
 }
 
+/// With a sync interval far longer than the test, changes reach the agent only because the
+/// server pushes them: a new entry, an update, a deletion; and again after the server restarts
+/// (the stream is opened anew and its first notice syncs what was missed).
+#[tokio::test]
+async fn changes_are_pushed_to_the_agent_without_waiting_for_its_interval() {
+    let mut env = Env::start().await;
+    let token = env.join_token().await;
+    let agent_id = join_token_agent(&token);
+    let first = env.create_entry(&agent_id, "pushed/first", |_| {}).await;
+    let mut config = env.agent_config("agent");
+    config.join_token = Some(token);
+    config.sync_interval = Duration::from_secs(3600);
+    let handle = Manager::start(config, system_clock()).await.unwrap();
+    wait_for(&handle, "the first SVID", |s| {
+        s.synced && has_identity(s, &first)
+    })
+    .await;
+
+    let second = env.create_entry(&agent_id, "pushed/second", |_| {}).await;
+    wait_for(&handle, "the pushed entry's SVID", |s| {
+        has_identity(s, &second)
+    })
+    .await;
+    env.update_entry(&second, |e| e.hint = "pushed".into())
+        .await;
+    wait_for(&handle, "the pushed update", |s| {
+        entry_by_id(s, &second).is_some_and(|e| e.hint == "pushed")
+    })
+    .await;
+    env.delete_entry(&first).await;
+    wait_for(&handle, "the pushed deletion", |s| {
+        entry_by_id(s, &first).is_none() && !has_identity(s, &first)
+    })
+    .await;
+
+    // The stream breaks with the server; a change made while it is back but before the agent
+    // reconnects arrives with the new stream's first notice.
+    env.stop_server().await;
+    env.start_server_again().await;
+    let third = env.create_entry(&agent_id, "pushed/third", |_| {}).await;
+    wait_for(&handle, "a change after the server restarted", |s| {
+        has_identity(s, &third)
+    })
+    .await;
+    assert!(handle.failure().is_none());
+    handle.shutdown().await;
+}
+
 /// Two servers of the trust domain sharing one PostgreSQL, each with its own keys: the agent
 /// is given both addresses, attests through the first, and when that one dies goes on with the
 /// second without attesting again.

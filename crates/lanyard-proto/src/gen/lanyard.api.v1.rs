@@ -18,6 +18,11 @@ pub struct ChangeNotice {
     /// to another server) may start lower.
     #[prost(int64, tag = "1")]
     pub revision: i64,
+    /// Counts the changes this server has seen that are not writes but still
+    /// change what agents may obtain: a policy reloaded, an exception lapsing.
+    /// A notice that moves neither field is a keepalive.
+    #[prost(uint64, tag = "2")]
+    pub sequence: u64,
 }
 impl ::prost::Name for ChangeNotice {
     const NAME: &'static str = "ChangeNotice";
@@ -124,8 +129,11 @@ pub mod agent_change_service_client {
         /// Streams a notice at once, then each time the server applies a change to
         /// entries, agents, exceptions, bundles or federation relationships (made
         /// through any server sharing its datastore). Notices are coalesced: a slow
-        /// reader gets the latest revision, never a backlog. The agent answers each
-        /// by syncing as it would on its interval; the stream carries no entries.
+        /// reader gets the latest revision, never a backlog. A quiet stream repeats
+        /// the current revision now and then, so that its connection is not idle; a
+        /// notice that does not move the revision asks for nothing. The agent
+        /// answers each that does by syncing as it would on its interval; the
+        /// stream carries no entries.
         pub async fn watch_changes(
             &mut self,
             request: impl tonic::IntoRequest<super::WatchChangesRequest>,
@@ -176,8 +184,11 @@ pub mod agent_change_service_server {
         /// Streams a notice at once, then each time the server applies a change to
         /// entries, agents, exceptions, bundles or federation relationships (made
         /// through any server sharing its datastore). Notices are coalesced: a slow
-        /// reader gets the latest revision, never a backlog. The agent answers each
-        /// by syncing as it would on its interval; the stream carries no entries.
+        /// reader gets the latest revision, never a backlog. A quiet stream repeats
+        /// the current revision now and then, so that its connection is not idle; a
+        /// notice that does not move the revision asks for nothing. The agent
+        /// answers each that does by syncing as it would on its interval; the
+        /// stream carries no entries.
         async fn watch_changes(
             &self,
             request: tonic::Request<super::WatchChangesRequest>,

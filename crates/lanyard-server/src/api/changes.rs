@@ -6,8 +6,9 @@
 //!
 //! A stream costs the server a small task and a `watch` receiver. Notices are coalesced: an
 //! agent that stops reading holds at most its HTTP/2 flow-control window of them plus one,
-//! after which the revisions it misses collapse into the newest. Streams end when the server
-//! stops, so they never hold up a shutdown.
+//! after which the revisions it misses collapse into the newest. A quiet stream repeats the
+//! current revision every [`KEEPALIVE_INTERVAL`], which keeps its connection from counting as
+//! idle. Streams end when the server stops, so they never hold up a shutdown.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +25,11 @@ use super::Authorizer;
 use crate::state::ServerState;
 
 const WATCH_CHANGES: &str = "/lanyard.api.v1.AgentChangeService/WatchChanges";
+
+/// How often a quiet stream repeats the current revision: well within the listener's
+/// `connection_idle_timeout` (120 s by default), so that an agent's open stream is not taken
+/// for an idle connection. An agent ignores a notice that does not move the revision.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(50);
 
 /// The change service.
 #[derive(Debug, Clone)]
@@ -68,9 +74,13 @@ impl AgentChangeRpc for AgentChangeService {
         let (notices, receiver) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             loop {
-                let revision = *changes.borrow_and_update();
+                let point = *changes.borrow_and_update();
+                let notice = ChangeNotice {
+                    revision: point.revision,
+                    sequence: point.sequence,
+                };
                 tokio::select! {
-                    sent = notices.send(Ok(ChangeNotice { revision })) => {
+                    sent = notices.send(Ok(notice)) => {
                         if sent.is_err() {
                             return;
                         }
@@ -83,6 +93,7 @@ impl AgentChangeRpc for AgentChangeService {
                             return;
                         }
                     }
+                    () = tokio::time::sleep(KEEPALIVE_INTERVAL) => {}
                     () = notices.closed() => return,
                     _ = stopped.wait_for(|stopped| *stopped) => return,
                 }

@@ -28,12 +28,15 @@ async fn watch(server: &TestServer, agent: &AttestedAgentIdentity) -> Streaming<
 }
 
 async fn next(stream: &mut Streaming<ChangeNotice>) -> Option<i64> {
+    next_notice(stream).await.map(|notice| notice.revision)
+}
+
+async fn next_notice(stream: &mut Streaming<ChangeNotice>) -> Option<ChangeNotice> {
     tokio::time::timeout(PATIENCE, stream.message())
         .await
         .expect("a notice or the end of the stream")
         .ok()
         .flatten()
-        .map(|notice| notice.revision)
 }
 
 #[tokio::test]
@@ -69,7 +72,9 @@ async fn agents_are_told_of_each_change_as_it_is_applied() {
         ))
         .await
         .unwrap();
-    let third = next(&mut notices).await.expect("a notice for the other write");
+    let third = next(&mut notices)
+        .await
+        .expect("a notice for the other write");
     assert!(third > second, "{third} after {second}");
 }
 
@@ -91,6 +96,38 @@ async fn a_reader_that_falls_behind_still_reaches_the_newest_revision_in_order()
     // Each notice moves on: none is repeated and none goes back, however they were grouped.
     assert!(seen.windows(2).all(|pair| pair[0] < pair[1]), "{seen:?}");
     assert!(seen.len() <= 21, "at most one notice per write: {seen:?}");
+}
+
+/// An exception that lapses changes what agents may obtain without any write: the notice moves
+/// its sequence, the revision stays.
+#[tokio::test]
+async fn an_exception_lapsing_is_announced_without_a_write() {
+    let server = crate::governance::governed_server().await;
+    let agent = server.attest_new_agent().await;
+    let mut notices = watch(&server, &agent).await;
+    next_notice(&mut notices).await.unwrap();
+    crate::governance::create_exception(
+        &server,
+        crate::governance::exception(
+            &["admin-needs-exception"],
+            "spiffe://example.org/ops/*",
+            "CHG-1",
+            1,
+            &server,
+        ),
+    )
+    .await
+    .unwrap();
+    let created = next_notice(&mut notices)
+        .await
+        .expect("the exception's write");
+    server.clock.advance(Duration::from_secs(2 * 86_400));
+    let lapsed = next_notice(&mut notices).await.expect("the lapse");
+    assert_eq!(lapsed.revision, created.revision, "no write");
+    assert!(
+        lapsed.sequence > created.sequence,
+        "{lapsed:?} after {created:?}"
+    );
 }
 
 #[tokio::test]

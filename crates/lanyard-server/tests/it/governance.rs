@@ -28,7 +28,7 @@ fn baseline() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/policy/baseline.rego")
 }
 
-async fn governed_server() -> TestServer {
+pub(crate) async fn governed_server() -> TestServer {
     TestServer::start_with(|config| {
         config.policy = Some(lanyard_server::config::PolicyConfig::new(baseline()));
     })
@@ -92,7 +92,7 @@ fn status(status: Option<&types::Status>) -> (i32, String) {
     (status.code, status.message.clone())
 }
 
-async fn create_exception(
+pub(crate) async fn create_exception(
     server: &TestServer,
     exception: gov::PolicyException,
 ) -> Result<gov::PolicyException, tonic::Status> {
@@ -104,7 +104,7 @@ async fn create_exception(
         .map(tonic::Response::into_inner)
 }
 
-fn exception(
+pub(crate) fn exception(
     rules: &[&str],
     pattern: &str,
     ticket: &str,
