@@ -53,7 +53,12 @@ pub fn not_ready(
     if let Some(dead) = not_live(health, failure, now) {
         return Some(dead);
     }
-    let freshness = sync_interval.saturating_mul(3).max(MIN_FRESHNESS);
+    // While the server pushes changes the agent polls less often; a quiet stretch then is no
+    // sign of trouble.
+    let freshness = sync_interval
+        .max(health.poll_interval)
+        .saturating_mul(3)
+        .max(MIN_FRESHNESS);
     match health.last_sync {
         None => Some("no sync with the server has succeeded yet".to_owned()),
         Some(at) => {
@@ -124,6 +129,7 @@ mod tests {
         AgentHealth {
             last_sync: last_sync.map(at),
             svid_expires_at: at(expires),
+            poll_interval: Duration::ZERO,
         }
     }
 
@@ -161,5 +167,12 @@ mod tests {
         assert!(not_ready(&health(Some(10), 1000), None, at(26), short).is_some());
         // Not live is not ready.
         assert!(not_ready(&health(Some(10), 11), None, at(12), interval).is_some());
+        // While changes are pushed, polls are further apart and readiness allows for it.
+        let pushed = AgentHealth {
+            poll_interval: Duration::from_secs(300),
+            ..health(Some(10), 10_000)
+        };
+        assert_eq!(not_ready(&pushed, None, at(900), interval), None);
+        assert!(not_ready(&pushed, None, at(911), interval).is_some());
     }
 }

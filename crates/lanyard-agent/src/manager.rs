@@ -224,6 +224,7 @@ impl Manager {
         let (health_tx, health) = watch::channel(AgentHealth {
             last_sync: None,
             svid_expires_at: credentials.svid.not_after(),
+            poll_interval: config.sync_interval,
         });
         let runner = Runner::new(
             config,
@@ -371,6 +372,9 @@ pub struct AgentHealth {
     pub last_sync: Option<SystemTime>,
     /// When the agent's current SVID expires.
     pub svid_expires_at: SystemTime,
+    /// How often the agent syncs when nothing calls for it sooner: `sync_interval`, or longer
+    /// while the server pushes changes. `Duration::ZERO` until the manager has said.
+    pub poll_interval: std::time::Duration,
 }
 
 /// The manager's health and failure, read by the HTTP health checks.

@@ -311,7 +311,7 @@ impl Machine {
     }
 
     /// The poll interval: `sync_interval`, or with a healthy push stream the safety net.
-    fn poll_interval(&self) -> Duration {
+    pub(super) fn poll_interval(&self) -> Duration {
         if self.push_connected {
             PUSH_SAFETY_NET_INTERVAL.max(self.settings.sync_interval)
         } else {

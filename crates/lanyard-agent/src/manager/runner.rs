@@ -164,6 +164,12 @@ impl Runner {
                 .iter()
                 .map(|(entry_id, minted)| (entry_id.clone(), minted.svid.not_after()))
                 .collect();
+            let poll_interval = self.machine.poll_interval();
+            self.health.send_if_modified(|health| {
+                let moved = health.poll_interval != poll_interval;
+                health.poll_interval = poll_interval;
+                moved
+            });
             let first_renewal = self.svids.values().map(|minted| minted.renew_at).min();
             self.tell(Event::WorkloadSvidsHeld {
                 expiries,
