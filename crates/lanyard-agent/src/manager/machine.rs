@@ -243,9 +243,9 @@ pub(super) struct Machine {
     workload_expiries: BTreeMap<EntryId, SystemTime>,
     /// When the first held workload SVID is due for renewal (renewals happen in a sync).
     first_renewal: Option<SystemTime>,
-    /// When the last sync was started (wall clock): a renewal due before then was that
-    /// sync's to do, and does not call for another.
-    sync_started_at: Option<SystemTime>,
+    /// When the last sync was started: a renewal brings the next sync no closer than
+    /// `sync_interval` after it, the pace the agent keeps without a push stream.
+    sync_started_at: Option<Instant>,
 }
 
 impl Machine {
@@ -406,20 +406,22 @@ impl Machine {
         if let Some(&first_expiry) = self.workload_expiries.values().min() {
             wake = wake.min(now.instant_at(first_expiry));
         }
-        if let Some(renewal) = self.pending_renewal() {
-            wake = wake.min(now.instant_at(renewal));
+        if let Some(renewal_sync) = self.renewal_sync(now) {
+            wake = wake.min(renewal_sync);
         }
         Some(wake)
     }
 
-    /// The first workload SVID renewal that no sync has been started for yet. With a push
-    /// stream the poll interval is long, so a renewal brings the next sync forward to its time;
-    /// without one it usually falls between two syncs anyway.
-    fn pending_renewal(&self) -> Option<SystemTime> {
-        self.first_renewal.filter(|renewal| {
-            self.sync_started_at
-                .is_none_or(|started| *renewal > started)
-        })
+    /// When the first workload SVID renewal calls for a sync: at its time, but no sooner than
+    /// `sync_interval` after the last sync started. With a push stream the poll interval is
+    /// long, and renewals (which happen in a sync) would otherwise wait for it; this keeps
+    /// them on the pace the agent polls at without one, never faster.
+    fn renewal_sync(&self, now: Now) -> Option<Instant> {
+        let renewal = now.instant_at(self.first_renewal?);
+        let paced = self
+            .sync_started_at
+            .map_or(renewal, |started| started + self.settings.sync_interval);
+        Some(renewal.max(paced))
     }
 
     fn stop(&mut self, reason: StopReason) -> Action {
@@ -463,11 +465,7 @@ impl Machine {
             });
             return actions;
         }
-        if self.sync_failures == 0
-            && self
-                .pending_renewal()
-                .is_some_and(|renewal| renewal <= now.wall)
-        {
+        if self.sync_failures == 0 && self.renewal_sync(now).is_some_and(|due| due <= now.instant) {
             self.next_sync = self.next_sync.min(now.instant);
         }
         actions.extend(self.sync_if_due(now));
@@ -483,7 +481,7 @@ impl Machine {
             return Vec::new();
         }
         self.sync_in_flight = true;
-        self.sync_started_at = Some(now.wall);
+        self.sync_started_at = Some(now.instant);
         vec![Action::Sync]
     }
 
@@ -1289,11 +1287,14 @@ mod tests {
     }
 
     /// With a push stream the poll interval is long; a workload SVID's renewal brings the next
-    /// sync forward to its time, once: a renewal the sync could not make waits for the poll.
+    /// sync forward to its time, but never closer than `sync_interval` to the last one: a
+    /// renewal the sync could not make (or one already due when its SVID was minted) is retried
+    /// at the pace of polling without push, not in a loop.
     #[test]
     fn workload_renewals_are_not_left_to_the_push_safety_net() {
         let mut clock = VirtualClock::new();
-        let mut m = machine(&clock, settings(Duration::from_secs(5)), 0.0);
+        let interval = Duration::from_secs(5);
+        let mut m = machine(&clock, settings(interval), 0.0);
         m.on_event(clock.now(), Event::PushConnected);
         assert_eq!(m.on_event(clock.now(), Event::Wakeup), [Action::Sync]);
         m.on_event(clock.now(), Event::SyncSucceeded { n_entries: 1 });
@@ -1307,14 +1308,26 @@ mod tests {
         clock.advance(MINUTE);
         assert_eq!(m.on_event(clock.now(), Event::Wakeup), [Action::Sync]);
         m.on_event(clock.now(), Event::SyncSucceeded { n_entries: 1 });
-        // The sync did not renew it (the same renewal time is reported again): no sync loop,
-        // the safety net's poll comes next.
+        // The sync did not renew it (the same renewal time is reported again): the next try is
+        // a sync interval later, not at once.
         m.on_event(clock.now(), held);
+        assert_eq!(m.next_wakeup(), Some(clock.now().instant + interval));
+        assert_eq!(m.on_event(clock.now(), Event::Wakeup), []);
+        clock.advance(interval);
+        assert_eq!(m.on_event(clock.now(), Event::Wakeup), [Action::Sync]);
+        m.on_event(clock.now(), Event::SyncSucceeded { n_entries: 1 });
+        // Renewed: the next renewal is in an hour, and the safety net comes first.
+        m.on_event(
+            clock.now(),
+            Event::WorkloadSvidsHeld {
+                expiries: BTreeMap::from([(id("a"), clock.wall(2 * HOUR))]),
+                first_renewal: Some(clock.wall(HOUR)),
+            },
+        );
         assert_eq!(
             m.next_wakeup(),
             Some(clock.now().instant + PUSH_SAFETY_NET_INTERVAL)
         );
-        assert_eq!(m.on_event(clock.now(), Event::Wakeup), []);
     }
 
     #[test]

@@ -143,12 +143,17 @@ impl Runner {
             push_tx,
             stop.clone(),
         )));
-        let mut event = Event::Wakeup;
+        let mut events = vec![Event::Wakeup];
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            let mut pending: VecDeque<Action> = self.tell(event).into();
+            // Every event that came in is told before any action is performed, so that a burst
+            // of notices makes one sync (and one more if they overlap it), not one each.
+            let mut pending: VecDeque<Action> = VecDeque::new();
+            for event in events.drain(..) {
+                pending.extend(self.tell(event));
+            }
             while let Some(action) = pending.pop_front() {
                 let next = tokio::select! {
                     next = self.perform(action) => next?,
@@ -178,11 +183,15 @@ impl Runner {
             let Some(wake) = self.machine.next_wakeup() else {
                 return Ok(());
             };
-            event = tokio::select! {
+            let first = tokio::select! {
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => Event::Wakeup,
                 Some(pushed) = push_rx.recv(), if !watcher.0.is_finished() => pushed,
                 _ = stop.changed() => return Ok(()),
             };
+            events.push(first);
+            while let Ok(pushed) = push_rx.try_recv() {
+                events.push(pushed);
+            }
         }
     }
 
