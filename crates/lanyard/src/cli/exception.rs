@@ -16,7 +16,9 @@ use serde_json::{Value, json};
 
 use crate::admin::{CHANGED_SINCE_READ, rpc_error};
 use crate::cli::client::SocketArgs;
-use crate::cli::output::{OutputArgs, count_noun, write_field, write_json};
+use crate::cli::output::{
+    OutputArgs, count_noun, unix_time, unix_time_or_zero, write_field, write_json,
+};
 use crate::cli::parse::{self, format_unix_time};
 
 #[derive(Debug, Subcommand)]
@@ -299,11 +301,6 @@ fn write_one(out: &mut dyn Write, exception: &Exception, json: bool) -> anyhow::
     }
 }
 
-/// A time in whole Unix seconds, as the JSON output carries it; 0 for none.
-fn seconds(time: Option<SystemTime>) -> i64 {
-    time.map_or(0, |time| unix_seconds(time).unwrap_or(0))
-}
-
 /// An exception as JSON: its fields (times in Unix seconds, 0 for none) plus its `status`.
 pub(crate) fn exception_json(exception: &Exception, now: SystemTime) -> Value {
     json!({
@@ -315,10 +312,10 @@ pub(crate) fn exception_json(exception: &Exception, now: SystemTime) -> Value {
         "rules": exception.rules,
         "entry_ids": exception.entry_ids,
         "spiffe_id_pattern": exception.spiffe_id_pattern.as_deref().unwrap_or_default(),
-        "expires_at": seconds(Some(exception.expires_at)),
-        "created_at": seconds(Some(exception.created_at)),
+        "expires_at": unix_time(exception.expires_at),
+        "created_at": unix_time(exception.created_at),
         "created_by": exception.created_by,
-        "revoked_at": seconds(exception.revoked_at),
+        "revoked_at": unix_time_or_zero(exception.revoked_at),
         "revision": exception.revision,
     })
 }
@@ -346,7 +343,7 @@ fn write_exception_pretty(
     exception: &Exception,
     now: SystemTime,
 ) -> anyhow::Result<()> {
-    let time = |at: SystemTime| format_unix_time(seconds(Some(at)));
+    let time = |at: SystemTime| format_unix_time(unix_time(at));
     write_field(out, "Exception ID", &exception.id)?;
     write_field(out, "Status", exception.status(now).as_str())?;
     write_field(out, "Rules", &rules_text(exception, ", "))?;
@@ -425,7 +422,7 @@ fn write_table(
             rules_text(exception, ","),
             scope_text(exception),
             exception.owner.clone(),
-            format_unix_time(seconds(Some(exception.expires_at))),
+            format_unix_time(unix_time(exception.expires_at)),
         ]);
     }
     write_columns(out, &rows)?;

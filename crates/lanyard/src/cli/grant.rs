@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::admin::{Admin, CHANGED_SINCE_READ, describe_status, governed_entry};
 use crate::cli::client::SocketArgs;
 use crate::cli::exception::{unix_seconds, write_columns};
-use crate::cli::output::{OutputArgs, count_noun, stored_entry_json, write_json};
+use crate::cli::output::{OutputArgs, count_noun, stored_entry_json, unix_time, write_json};
 use crate::cli::parse::{self, format_unix_time};
 
 /// The `source` label of grants.
@@ -195,7 +195,7 @@ async fn create(args: &CreateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         ),
     };
     let now = SystemTime::now();
-    let ends_at = entry.expires_at.map_or(0, seconds);
+    let ends_at = entry.expires_at.map_or(0, unix_time);
     if args.output.is_json() {
         return write_json(
             out,
@@ -218,7 +218,7 @@ async fn create(args: &CreateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         out,
         "Ends at {} ({}); owner {}",
         format_unix_time(ends_at),
-        relative(ends_at, seconds(now)),
+        relative(ends_at, unix_time(now)),
         entry.owner.as_deref().unwrap_or_default()
     )?;
     if !result.exception_ids.is_empty() {
@@ -229,11 +229,6 @@ async fn create(args: &CreateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// A time in whole Unix seconds.
-fn seconds(time: SystemTime) -> i64 {
-    unix_seconds(time).unwrap_or(0)
 }
 
 /// Every grant: the entries with the grant source, soonest ending first.
@@ -267,7 +262,7 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
                 json!({
                     "entry": stored_entry_json(grant),
                     "status": grant_state(grant, now),
-                    "ends_at": grant.expires_at.map_or(0, seconds),
+                    "ends_at": grant.expires_at.map_or(0, unix_time),
                 })
             })
             .collect();
@@ -283,7 +278,7 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             .to_vec(),
     ];
     for grant in &grants {
-        let ends_at = grant.expires_at.map_or(0, seconds);
+        let ends_at = grant.expires_at.map_or(0, unix_time);
         rows.push(vec![
             grant.id.to_string(),
             grant.spiffe_id.to_string(),
@@ -292,7 +287,7 @@ async fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             format!(
                 "{} ({})",
                 format_unix_time(ends_at),
-                relative(ends_at, seconds(now))
+                relative(ends_at, unix_time(now))
             ),
         ]);
     }
@@ -320,12 +315,12 @@ async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         bail!(
             "grant {} already ended at {}",
             entry.id,
-            format_unix_time(seconds(ended))
+            format_unix_time(unix_time(ended))
         );
     }
     // Whole seconds, as the wire carries them.
     entry.expires_at =
-        Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds(now).unsigned_abs()));
+        Some(SystemTime::UNIX_EPOCH + Duration::from_secs(unix_time(now).unsigned_abs()));
     // Only its expiry, and only over the revision just read: a grant changed meanwhile (say,
     // extended by someone else) is reported rather than overwritten.
     let read_at = entry.revision_number;
@@ -359,7 +354,7 @@ async fn revoke(args: &RevokeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             )
         );
     };
-    let ended_at = entry.expires_at.map_or(0, seconds);
+    let ended_at = entry.expires_at.map_or(0, unix_time);
     if args.output.is_json() {
         return write_json(
             out,

@@ -205,7 +205,7 @@ pub(crate) fn agent_json(agent: &AttestedAgent) -> Value {
         "id": spiffe_id_json(Some(&spiffe_id_to_proto(&agent.spiffe_id))),
         "attestation_type": agent.attestation_type,
         "x509svid_serial_number": agent.serial,
-        "x509svid_expires_at": unix_seconds(agent.not_after),
+        "x509svid_expires_at": unix_time(agent.not_after),
         "selectors": agent.selectors.iter().map(|s| json!({"type": s.kind(), "value": s.value()})).collect::<Vec<_>>(),
         "banned": agent.is_banned(),
         "can_reattest": agent.can_reattest,
@@ -224,7 +224,7 @@ pub(crate) fn write_agent_pretty(
     write_field(
         out,
         "Expiration time",
-        &format_unix_time(unix_seconds(agent.not_after)),
+        &format_unix_time(unix_time(agent.not_after)),
     )?;
     write_field(out, "Serial number", or_none(&agent.serial))?;
     write_field(out, "Can re-attest", &agent.can_reattest.to_string())?;
@@ -239,9 +239,14 @@ pub(crate) fn write_agent_pretty(
     Ok(())
 }
 
-/// A time in whole Unix seconds; 0 for a time before 1970.
-fn unix_seconds(time: std::time::SystemTime) -> i64 {
+/// A time in whole Unix seconds, as the JSON output carries times; 0 for a time before 1970.
+pub(crate) fn unix_time(time: std::time::SystemTime) -> i64 {
     i64::try_from(lanyard_core::policy::unix_seconds(time)).unwrap_or(i64::MAX)
+}
+
+/// An optional time in whole Unix seconds; 0 for none, as the wire has it.
+pub(crate) fn unix_time_or_zero(time: Option<std::time::SystemTime>) -> i64 {
+    time.map_or(0, unix_time)
 }
 
 /// A bundle as JSON, in the field names of SPIRE's `Bundle` message, with certificates and
@@ -260,7 +265,7 @@ pub(crate) fn bundle_json(bundle: &TrustBundle) -> Value {
             json!({
                 "public_key": b64.encode(k.public_key_der()),
                 "key_id": k.key_id(),
-                "expires_at": k.expires_at().map_or(0, unix_seconds),
+                "expires_at": unix_time_or_zero(k.expires_at()),
                 "tainted": k.is_tainted(),
             })
         })

@@ -18,13 +18,13 @@ use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Subcommand};
 use lanyard_core::RegistrationEntry;
 use lanyard_core::ledger::{EntryUsage, Issuance};
-use lanyard_core::policy::{Exception, unix_seconds};
+use lanyard_core::policy::Exception;
 use lanyard_proto::lanyard::api::v1::ListIssuancesRequest;
 use lanyard_proto::spire::api::server::entry::v1::list_entries_request;
 use serde_json::{Value, json};
 
 use crate::cli::client::SocketArgs;
-use crate::cli::output::{OutputArgs, write_json};
+use crate::cli::output::{OutputArgs, unix_time, unix_time_or_zero, write_json};
 use crate::cli::parse::{self, format_unix_time};
 
 #[derive(Debug, Subcommand)]
@@ -196,14 +196,14 @@ async fn stale(args: &StaleArgs, now: SystemTime, out: &mut dyn Write) -> anyhow
                     "entry_id": entry.entry_id,
                     "spiffe_id": entry.spiffe_id,
                     "owner": entry.owner,
-                    "last_used_at": seconds_or_zero(entry.last_used_at),
-                    "created_at": seconds(entry.created_at),
+                    "last_used_at": unix_time_or_zero(entry.last_used_at),
+                    "created_at": unix_time(entry.created_at),
                 })
             })
             .collect();
         return write_json(
             out,
-            &json!({ "unused_for": unused_for, "cutoff": seconds(cutoff), "entries": entries }),
+            &json!({ "unused_for": unused_for, "cutoff": unix_time(cutoff), "entries": entries }),
         );
     }
     let mut table = Table::new(["ENTRY ID", "SPIFFE ID", "OWNER", "LAST USED", "CREATED"]);
@@ -212,8 +212,8 @@ async fn stale(args: &StaleArgs, now: SystemTime, out: &mut dyn Write) -> anyhow
             entry.entry_id.clone(),
             entry.spiffe_id.clone(),
             or_dash(&entry.owner),
-            format_unix_time(seconds_or_zero(entry.last_used_at)),
-            time_or_dash(seconds(entry.created_at)),
+            format_unix_time(unix_time_or_zero(entry.last_used_at)),
+            time_or_dash(unix_time(entry.created_at)),
         ]);
     }
     table.write(
@@ -276,7 +276,7 @@ fn expiring_items(
                 id: entry.id.to_string(),
                 spiffe_id: entry.spiffe_id.to_string(),
                 owner: owner_of(entry).to_owned(),
-                expires_at: seconds(expires_at),
+                expires_at: unix_time(expires_at),
             })
         })
         .collect();
@@ -289,7 +289,7 @@ fn expiring_items(
                 spiffe_id_pattern: e.spiffe_id_pattern.clone().unwrap_or_default(),
                 entry_ids: e.entry_ids.iter().cloned().collect(),
                 owner: e.owner.clone(),
-                expires_at: seconds(e.expires_at),
+                expires_at: unix_time(e.expires_at),
             }),
     );
     items.sort_by(|a, b| (a.expires_at(), a.id()).cmp(&(b.expires_at(), b.id())));
@@ -309,7 +309,7 @@ async fn expiring(args: &ExpiringArgs, now: SystemTime, out: &mut dyn Write) -> 
         now,
         Duration::from_secs(within.unsigned_abs()),
     );
-    let now = seconds(now);
+    let now = unix_time(now);
 
     if args.common.output.is_json() {
         let items: Vec<Value> = items
@@ -412,10 +412,10 @@ async fn exceptions(args: &CommonArgs, now: SystemTime, out: &mut dyn Write) -> 
                     "rules": e.rules,
                     "entry_ids": e.entry_ids,
                     "spiffe_id_pattern": e.spiffe_id_pattern.as_deref().unwrap_or_default(),
-                    "expires_at": seconds(e.expires_at),
-                    "created_at": seconds(e.created_at),
+                    "expires_at": unix_time(e.expires_at),
+                    "created_at": unix_time(e.created_at),
                     "created_by": e.created_by,
-                    "revoked_at": seconds_or_zero(e.revoked_at),
+                    "revoked_at": unix_time_or_zero(e.revoked_at),
                     "covered_entries": n_covered(e, &entries),
                 })
             })
@@ -443,7 +443,7 @@ async fn exceptions(args: &CommonArgs, now: SystemTime, out: &mut dyn Write) -> 
                 e.spiffe_id_pattern.as_deref().unwrap_or_default(),
                 &entry_ids,
             ),
-            format_unix_time(seconds(e.expires_at)),
+            format_unix_time(unix_time(e.expires_at)),
             n_covered(e, &entries).to_string(),
         ]);
     }
@@ -485,7 +485,7 @@ async fn ownerless(args: &CommonArgs, out: &mut dyn Write) -> anyhow::Result<()>
                     "spiffe_id": entry.spiffe_id.to_string(),
                     "parent_id": entry.parent_id.to_string(),
                     "source": source_of(entry),
-                    "created_at": seconds(entry.created_at),
+                    "created_at": unix_time(entry.created_at),
                 })
             })
             .collect();
@@ -498,7 +498,7 @@ async fn ownerless(args: &CommonArgs, out: &mut dyn Write) -> anyhow::Result<()>
             entry.spiffe_id.to_string(),
             entry.parent_id.to_string(),
             or_dash(&source_of(entry)),
-            time_or_dash(seconds(entry.created_at)),
+            time_or_dash(unix_time(entry.created_at)),
         ]);
     }
     table.write(out, "Every entry has an owner.")
@@ -549,7 +549,7 @@ async fn usage(args: &UsageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         reports.push((entry, agents, issuances));
     }
     let latest = |agents: &[&EntryUsage], at: fn(&EntryUsage) -> Option<SystemTime>| {
-        seconds_or_zero(agents.iter().filter_map(|u| at(u)).max())
+        unix_time_or_zero(agents.iter().filter_map(|u| at(u)).max())
     };
     let issued_at = |u: &EntryUsage| u.last_issued_at;
     let served_at = |u: &EntryUsage| u.last_served_at;
@@ -566,8 +566,8 @@ async fn usage(args: &UsageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
                     "agents": agents.iter().map(|u| json!({
                         "agent_id": u.agent_id,
                         "issued": u.issued,
-                        "last_issued_at": seconds_or_zero(u.last_issued_at),
-                        "last_served_at": seconds_or_zero(u.last_served_at),
+                        "last_issued_at": unix_time_or_zero(u.last_issued_at),
+                        "last_served_at": unix_time_or_zero(u.last_served_at),
                     })).collect::<Vec<_>>(),
                     "issuances": issuances.iter().map(issuance_json).collect::<Vec<_>>(),
                 })
@@ -591,8 +591,8 @@ async fn usage(args: &UsageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             table.row([
                 u.agent_id.clone(),
                 u.issued.to_string(),
-                format_unix_time(seconds_or_zero(u.last_issued_at)),
-                format_unix_time(seconds_or_zero(u.last_served_at)),
+                format_unix_time(unix_time_or_zero(u.last_issued_at)),
+                format_unix_time(unix_time_or_zero(u.last_served_at)),
             ]);
         }
         table.write(out, "No agent was issued or served this entry.")?;
@@ -611,8 +611,8 @@ async fn usage(args: &UsageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
                     issuance.kind.as_str().to_owned(),
                     issuance.serial.clone(),
                     issuance.agent_id.to_string(),
-                    format_unix_time(seconds(issuance.issued_at)),
-                    format_unix_time(seconds(issuance.not_after)),
+                    format_unix_time(unix_time(issuance.issued_at)),
+                    format_unix_time(unix_time(issuance.not_after)),
                     or_dash(&issuance.exception_ids.join(", ")),
                 ]);
             }
@@ -630,8 +630,8 @@ fn issuance_json(issuance: &Issuance) -> Value {
         "spiffe_id": issuance.spiffe_id.to_string(),
         "agent_id": issuance.agent_id.to_string(),
         "authority_id": issuance.authority_id,
-        "issued_at": seconds(issuance.issued_at),
-        "not_after": seconds(issuance.not_after),
+        "issued_at": unix_time(issuance.issued_at),
+        "not_after": unix_time(issuance.not_after),
         "exception_ids": issuance.exception_ids,
     })
 }
@@ -650,7 +650,7 @@ impl Holding {
     fn add(&mut self, issuance: &Issuance) {
         self.agents.insert(issuance.agent_id.to_string());
         self.n_svids += 1;
-        self.latest_not_after = self.latest_not_after.max(seconds(issuance.not_after));
+        self.latest_not_after = self.latest_not_after.max(unix_time(issuance.not_after));
     }
 }
 
@@ -814,16 +814,6 @@ impl<const N: usize> Table<N> {
 
 fn owner_of(entry: &RegistrationEntry) -> &str {
     entry.owner.as_deref().unwrap_or_default()
-}
-
-/// A time in whole Unix seconds, as the JSON output carries it.
-fn seconds(time: SystemTime) -> i64 {
-    i64::try_from(unix_seconds(time)).unwrap_or(i64::MAX)
-}
-
-/// An optional time in whole Unix seconds; 0 for none.
-fn seconds_or_zero(time: Option<SystemTime>) -> i64 {
-    time.map_or(0, seconds)
 }
 
 fn or_dash(value: &str) -> String {
