@@ -4,14 +4,18 @@
 //! notice instead of waiting for its interval. The stream carries no entries: what an agent
 //! obtains is still decided, and audited, by its sync.
 //!
-//! A stream costs the server a small task and a `watch` receiver. Notices are coalesced: an
+//! A stream costs the server a small task and a `watch` receiver, and one agent holds at most
+//! [`MAX_STREAMS_PER_AGENT`]. Notices are coalesced: an
 //! agent that stops reading holds at most its HTTP/2 flow-control window of them plus one,
 //! after which the revisions it misses collapse into the newest. A quiet stream repeats the
 //! current revision every [`KEEPALIVE_INTERVAL`], which keeps its connection from counting as
 //! idle. Streams end when the server stops, so they never hold up a shutdown.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+
+use lanyard_core::SpiffeId;
 
 use lanyard_proto::lanyard::api::v1::agent_change_service_server::{
     AgentChangeService as AgentChangeRpc, AgentChangeServiceServer,
@@ -31,12 +35,54 @@ const WATCH_CHANGES: &str = "/lanyard.api.v1.AgentChangeService/WatchChanges";
 /// for an idle connection. An agent ignores a notice that does not move the revision.
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(50);
 
+/// How many change streams one agent may hold open at once. An agent needs one; a few more
+/// cover a reconnect racing the old stream's end. Beyond that a stream is refused with
+/// `ResourceExhausted`, so one agent cannot tie up a task per stream without bound.
+pub const MAX_STREAMS_PER_AGENT: usize = 4;
+
+/// Open streams per agent.
+type OpenStreams = Arc<std::sync::Mutex<HashMap<SpiffeId, usize>>>;
+
+/// One open stream of an agent, counted until it is dropped (when its task ends).
+struct StreamSlot {
+    open: OpenStreams,
+    agent: SpiffeId,
+}
+
+impl StreamSlot {
+    fn take(open: &OpenStreams, agent: &SpiffeId) -> Option<Self> {
+        let mut counts = open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(agent.clone()).or_default();
+        if *count >= MAX_STREAMS_PER_AGENT {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            open: Arc::clone(open),
+            agent: agent.clone(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut counts = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.agent) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.agent);
+            }
+        }
+    }
+}
+
 /// The change service.
 #[derive(Debug, Clone)]
 pub struct AgentChangeService {
     state: Arc<ServerState>,
     auth: Authorizer,
     stopped: watch::Receiver<bool>,
+    open: OpenStreams,
 }
 
 impl AgentChangeService {
@@ -47,6 +93,7 @@ impl AgentChangeService {
             state,
             auth,
             stopped,
+            open: OpenStreams::default(),
         }
     }
 
@@ -66,13 +113,19 @@ impl AgentChangeRpc for AgentChangeService {
         &self,
         request: Request<WatchChangesRequest>,
     ) -> Result<Response<Self::WatchChangesStream>, Status> {
-        self.auth.agent(&request, WATCH_CHANGES).await?;
+        let caller = self.auth.agent(&request, WATCH_CHANGES).await?;
+        let slot = StreamSlot::take(&self.open, caller.id()).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "{MAX_STREAMS_PER_AGENT} change streams are open for this agent already"
+            ))
+        })?;
         let mut changes = self.state.watch_changes();
         let mut stopped = self.stopped.clone();
         // One notice in flight: while the agent has not read it, later revisions coalesce in
         // the watch and the newest goes next.
         let (notices, receiver) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
+            let _slot = slot;
             loop {
                 let point = *changes.borrow_and_update();
                 let notice = ChangeNotice {

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use lanyard_core::{EntryId, RegistrationEntry, Selector, SpiffeId};
 use lanyard_proto::lanyard::api::v1::agent_change_service_client::AgentChangeServiceClient;
 use lanyard_proto::lanyard::api::v1::{ChangeNotice, WatchChangesRequest};
+use lanyard_server::api::changes::MAX_STREAMS_PER_AGENT;
 use lanyard_server::datastore::{Datastore, SqlStore};
 use tonic::Streaming;
 
@@ -128,6 +129,53 @@ async fn an_exception_lapsing_is_announced_without_a_write() {
         lapsed.sequence > created.sequence,
         "{lapsed:?} after {created:?}"
     );
+}
+
+/// One agent holds a bounded number of streams; a slot comes back when a stream is dropped.
+#[tokio::test]
+async fn an_agent_cannot_open_streams_without_bound() {
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let channel = server.tls(Some((&agent.chain, &agent.key))).await;
+    let mut open = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_AGENT {
+        let mut stream = AgentChangeServiceClient::new(channel.clone())
+            .watch_changes(WatchChangesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut stream).await.expect("a notice");
+        open.push(stream);
+    }
+    let refused = AgentChangeServiceClient::new(channel.clone())
+        .watch_changes(WatchChangesRequest {})
+        .await
+        .expect_err("one stream too many");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    // Another agent is not affected.
+    let other = server.attest_new_agent().await;
+    next(&mut watch(&server, &other).await)
+        .await
+        .expect("a notice");
+
+    drop(open.pop());
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let again = AgentChangeServiceClient::new(channel.clone())
+                .watch_changes(WatchChangesRequest {})
+                .await;
+            if again.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the dropped stream's slot comes back");
 }
 
 #[tokio::test]
