@@ -443,7 +443,9 @@ func stream(args []string) error {
 
 	state := &streamState{changed: make(chan struct{})}
 	// The receiver prints each response as it arrives, and at the end of the stream the end
-	// line, and exits.
+	// line, and exits. It records a response before printing it: a request written after the
+	// test has read the line must carry that response's nonce, or the server takes it for a
+	// stale one and ignores it.
 	go func() {
 		for {
 			resp, err := calls.Recv()
@@ -451,8 +453,8 @@ func stream(args []string) error {
 				printEnd(err)
 				os.Exit(0)
 			}
-			printLine(describe(resp))
 			state.update(resp)
+			printLine(describe(resp))
 		}
 	}()
 
