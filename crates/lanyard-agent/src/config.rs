@@ -11,6 +11,9 @@ use serde::Deserialize;
 pub const DEFAULT_SOCKET_PATH: &str = "/tmp/lanyard/agent/public/api.sock";
 /// Default interval between syncs with the server.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// Default interval between syncs while the server pushes changes (the safety net for a lost
+/// notice).
+pub const DEFAULT_PUSH_SYNC_INTERVAL: Duration = Duration::from_secs(5 * 60);
 /// Default bound on cached X.509-SVIDs.
 pub const DEFAULT_X509_SVID_CACHE_SIZE: usize = 1000;
 /// Default bound on cached JWT-SVIDs.
@@ -178,6 +181,10 @@ pub struct AgentConfig {
     /// How often to sync entries and bundles.
     #[serde(default = "default_sync_interval", with = "duration")]
     pub sync_interval: Duration,
+    /// How often to sync while the server pushes changes (a Lanyard server's change stream):
+    /// the safety net for a lost notice. Never more often than `sync_interval`.
+    #[serde(default = "default_push_sync_interval", with = "duration")]
+    pub push_sync_interval: Duration,
     /// The most X.509-SVIDs kept.
     #[serde(default = "default_x509_cache")]
     pub x509_svid_cache_size: usize,
@@ -683,6 +690,7 @@ impl AgentConfig {
             workload_api: WorkloadApiConfig::default(),
             sds: SdsConfig::default(),
             sync_interval: DEFAULT_SYNC_INTERVAL,
+            push_sync_interval: DEFAULT_PUSH_SYNC_INTERVAL,
             x509_svid_cache_size: DEFAULT_X509_SVID_CACHE_SIZE,
             jwt_svid_cache_size: DEFAULT_JWT_SVID_CACHE_SIZE,
             workload_key_type: KeyType::EcP256,
@@ -728,6 +736,12 @@ impl AgentConfig {
                 reason: "must be greater than zero".into(),
             });
         }
+        if self.push_sync_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "push_sync_interval",
+                reason: "must be greater than zero".into(),
+            });
+        }
         if self.x509_svid_cache_size == 0 || self.jwt_svid_cache_size == 0 {
             return Err(ConfigError::Invalid {
                 key: "x509_svid_cache_size",
@@ -758,6 +772,9 @@ fn default_socket_path() -> PathBuf {
 }
 fn default_sync_interval() -> Duration {
     DEFAULT_SYNC_INTERVAL
+}
+fn default_push_sync_interval() -> Duration {
+    DEFAULT_PUSH_SYNC_INTERVAL
 }
 fn default_x509_cache() -> usize {
     DEFAULT_X509_SVID_CACHE_SIZE
@@ -1262,6 +1279,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sync_interval"), "{err}");
+        let err = AgentConfig::parse(&format!("{base}push_sync_interval = \"0s\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("push_sync_interval"), "{err}");
+        let c = AgentConfig::parse(base).unwrap();
+        assert_eq!(c.push_sync_interval, DEFAULT_PUSH_SYNC_INTERVAL);
+        let c = AgentConfig::parse(&format!("{base}push_sync_interval = \"1m\"")).unwrap();
+        assert_eq!(c.push_sync_interval, Duration::from_secs(60));
     }
 
     #[test]

@@ -20,7 +20,8 @@ use lanyard_proto::spire::api::server::bundle::v1::GetBundleRequest;
 use lanyard_proto::spire::api::server::bundle::v1::bundle_client::BundleClient;
 use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
 use lanyard_proto::spire::api::server::entry::v1::{
-    BatchCreateEntryRequest, BatchUpdateEntryRequest, GetAuthorizedEntriesRequest,
+    BatchCreateEntryRequest, BatchDeleteEntryRequest, BatchUpdateEntryRequest,
+    GetAuthorizedEntriesRequest,
 };
 use lanyard_proto::spire::api::types;
 use lanyard_server::{Server, ServerConfig};
@@ -361,6 +362,12 @@ impl SimAgent {
         .await
     }
 
+    /// Drops this agent's connection: the channel is replaced by one that connects only
+    /// when used (e.g. before its server is stopped, so that nothing reconnects on its own).
+    pub(crate) fn disconnect(&mut self) {
+        self.channel = Endpoint::from_static("http://[::]:1").connect_lazy();
+    }
+
     /// A new mTLS channel to a server at `addr` (e.g. the same server after a restart).
     pub(crate) async fn connect(&self, addr: SocketAddr) -> anyhow::Result<Channel> {
         let authorities = Arc::clone(&self.authorities);
@@ -493,6 +500,22 @@ impl Target {
             }
         }
         Ok(ids)
+    }
+
+    /// Deletes the entries `ids` through the admin socket.
+    pub(crate) async fn delete_entries(&self, ids: Vec<String>) -> anyhow::Result<()> {
+        let results = EntryClient::new(self.admin().await?)
+            .batch_delete_entry(BatchDeleteEntryRequest { ids })
+            .await?
+            .into_inner()
+            .results;
+        for result in results {
+            let status = result.status.unwrap_or_default();
+            if status.code != 0 {
+                bail!("deleting an entry failed: {}", status.message);
+            }
+        }
+        Ok(())
     }
 
     /// Replaces an entry (e.g. to make agents re-mint its SVID).

@@ -18,6 +18,7 @@ mod harness;
 mod plan;
 mod postgres;
 mod report;
+mod server_process;
 mod spire;
 mod stats;
 mod workload;
@@ -41,9 +42,15 @@ struct Cli {
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// Run only these benchmarks (comma-separated): mint, batch, jwt, index, sync, fanin,
-    /// restart, writes, propagation.
+    /// restart, writes, propagation, scale. `scale` runs only when named here: 100k
+    /// registered agents, 1M entries and 10k agents syncing every 5 s against a `lanyard
+    /// server run` child (about 5 minutes; `--quick`: 2k agents, 20k entries, 200 syncing).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// The `lanyard` binary that `scale` runs as its server (default: the one beside this
+    /// executable, e.g. `target/release/lanyard` from `cargo build --release -p lanyard`).
+    #[arg(long)]
+    lanyard_bin: Option<PathBuf>,
     /// Also run batch, jwt, sync, fanin and propagation against SPIRE on this machine.
     #[arg(long)]
     against_spire: bool,
@@ -85,11 +92,15 @@ struct AgentChildArgs {
     metrics_address: Option<std::net::SocketAddr>,
 }
 
+/// Thread-name prefix of this process's load runtime: simulated agents and workloads (and, in
+/// an `agent-child`, the agent).
+pub(crate) const LOAD_THREADS: &str = "lanyard-load";
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .thread_name("lanyard-load")
+        .thread_name(LOAD_THREADS)
         .enable_all()
         .build()?;
     match cli.command {
@@ -266,6 +277,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .any(|b| selected(b))
     {
         report.notes.push(postgres::CLUSTER_NOTE.to_owned());
+    }
+
+    if cli.only.iter().any(|o| o == "scale") {
+        step("scale");
+        let binary = server_process::lanyard_binary(cli.lanyard_bin.as_deref())?;
+        bench::scale::run(&mut report, &binary, &index, &plan.scale, &step).await?;
     }
 
     if cli.against_spire {

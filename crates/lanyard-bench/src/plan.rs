@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::bench::index::{Layout, Shape};
-use crate::bench::{batch, fanin, jwt, overhead, propagation, sync, writes};
+use crate::bench::{batch, fanin, jwt, overhead, propagation, scale, sync, writes};
 
 /// Every benchmark's scale.
 #[derive(Debug, Clone)]
@@ -21,6 +21,8 @@ pub(crate) struct Plan {
     pub(crate) restart_entries: usize,
     pub(crate) writes: writes::Scale,
     pub(crate) propagation: propagation::Scale,
+    /// Only with `--only scale`.
+    pub(crate) scale: scale::Scale,
     /// Rounds of `batch` and `fanin` with metrics off and on (`--metrics-overhead`).
     pub(crate) overhead: overhead::Scale,
     /// Calls through the gRPC call metrics' layer, on and off (`--metrics-overhead`).
@@ -107,6 +109,14 @@ impl Plan {
                 // The agent's default, so that the figure is what a deployment sees.
                 sync_interval: lanyard_agent::config::DEFAULT_SYNC_INTERVAL,
             },
+            scale: scale::Scale {
+                registered_agents: 100_000,
+                entries_per_agent: 10,
+                connected_agents: 10_000,
+                sync_interval: lanyard_agent::config::DEFAULT_SYNC_INTERVAL,
+                warm_up: Duration::from_secs(10),
+                window: Duration::from_secs(60),
+            },
         }
     }
 
@@ -184,6 +194,15 @@ impl Plan {
                 trials: 3,
                 authorize_trials: 5,
                 sync_interval: Duration::from_millis(300),
+            },
+            // The agents' interval stays SPIRE's 5 s: fewer agents, not faster ones.
+            scale: scale::Scale {
+                registered_agents: 2_000,
+                entries_per_agent: 10,
+                connected_agents: 200,
+                sync_interval: lanyard_agent::config::DEFAULT_SYNC_INTERVAL,
+                warm_up: Duration::from_secs(5),
+                window: Duration::from_secs(10),
             },
         }
     }

@@ -134,13 +134,22 @@ fn add_security_header(
     Ok(request)
 }
 
-/// When each SPIFFE ID first reached a streaming workload.
+/// When each SPIFFE ID first reached a streaming workload, and when it first left it again.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Arrivals {
     seen: Arc<Mutex<HashMap<String, Instant>>>,
+    gone: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl Arrivals {
+    /// When a message to the workload first lacked `spiffe_id` after it had come.
+    pub(crate) fn first_gone(&self, spiffe_id: &str) -> Option<Instant> {
+        self.gone
+            .lock()
+            .ok()
+            .and_then(|gone| gone.get(spiffe_id).copied())
+    }
+
     pub(crate) fn first_seen(&self, spiffe_id: &str) -> Option<Instant> {
         self.seen
             .lock()
@@ -168,7 +177,16 @@ pub(crate) async fn watch_arrivals(
                 let mut stream = response.into_inner();
                 while let Ok(Some(message)) = stream.message().await {
                     let now = Instant::now();
-                    if let Ok(mut seen) = recorder.seen.lock() {
+                    if let (Ok(mut seen), Ok(mut gone)) =
+                        (recorder.seen.lock(), recorder.gone.lock())
+                    {
+                        let present: std::collections::HashSet<&str> =
+                            message.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+                        for id in seen.keys() {
+                            if !present.contains(id.as_str()) && !gone.contains_key(id) {
+                                gone.insert(id.clone(), now);
+                            }
+                        }
                         for svid in message.svids {
                             seen.entry(svid.spiffe_id).or_insert(now);
                         }

@@ -1027,6 +1027,16 @@ pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, X509Error> {
     single_spiffe_id(&parse_certificate(der)?)
 }
 
+/// A certificate's SPIFFE ID, serial number in decimal ([`serial_decimal`]) and `NotAfter`,
+/// from one parse: what a server needs of a verified client SVID.
+pub fn svid_identity(der: &[u8]) -> Result<(SpiffeId, String, SystemTime), X509Error> {
+    let cert = parse_certificate(der)?;
+    let id = single_spiffe_id(&cert)?;
+    let serial = serial_to_decimal(cert.raw_serial())?;
+    let (_, not_after) = validity(&cert)?;
+    Ok((id, serial, not_after))
+}
+
 /// The certificate's `NotBefore` and `NotAfter`.
 pub fn validity_of(der: &[u8]) -> Result<(SystemTime, SystemTime), X509Error> {
     validity(&parse_certificate(der)?)

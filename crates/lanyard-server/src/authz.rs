@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use lanyard_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId};
+use lanyard_core::agent::AttestedAgent;
+use lanyard_core::{EntryId, RegistrationEntry, Selector, SpiffeId};
 
 /// The index. Cheap to query; callers hold it behind a lock and apply changes as they commit.
 #[derive(Debug)]
@@ -25,8 +26,9 @@ pub struct AuthorizationIndex {
     by_spiffe_id: HashMap<SpiffeId, BTreeMap<EntryId, ()>>,
     /// Alias entries (parent = server ID) by each of their selectors.
     aliases_by_selector: HashMap<Selector, Vec<EntryId>>,
-    /// Node selectors of each attested agent.
-    agents: HashMap<SpiffeId, SelectorSet>,
+    /// Each attested agent's record: its node selectors for aliases, and its serials and ban
+    /// for the agent authorizer, which would otherwise read the datastore on every call.
+    agents: HashMap<SpiffeId, Arc<AttestedAgent>>,
 }
 
 impl AuthorizationIndex {
@@ -42,18 +44,18 @@ impl AuthorizationIndex {
         }
     }
 
-    /// Builds an index from every entry and every agent's node selectors.
+    /// Builds an index from every entry and every attested agent.
     pub fn build(
         server_id: SpiffeId,
         entries: impl IntoIterator<Item = RegistrationEntry>,
-        agents: impl IntoIterator<Item = (SpiffeId, SelectorSet)>,
+        agents: impl IntoIterator<Item = AttestedAgent>,
     ) -> Self {
         let mut index = Self::new(server_id);
         for entry in entries {
             index.upsert_entry(entry);
         }
-        for (agent_id, selectors) in agents {
-            index.set_agent_selectors(agent_id, selectors);
+        for agent in agents {
+            index.set_agent(agent);
         }
         index
     }
@@ -63,7 +65,7 @@ impl AuthorizationIndex {
         self.entries.len()
     }
 
-    /// Number of agents with node selectors indexed.
+    /// Number of attested agents indexed.
     pub fn agent_count(&self) -> usize {
         self.agents.len()
     }
@@ -129,21 +131,27 @@ impl AuthorizationIndex {
         Some(old)
     }
 
-    /// Records (or replaces) an agent's node selectors.
-    pub fn set_agent_selectors(&mut self, agent_id: SpiffeId, selectors: SelectorSet) {
-        self.agents.insert(agent_id, selectors);
+    /// Records (or replaces) an attested agent's record.
+    pub fn set_agent(&mut self, agent: AttestedAgent) {
+        self.agents.insert(agent.spiffe_id.clone(), Arc::new(agent));
     }
 
-    /// Forgets an agent's node selectors (the agent was evicted).
+    /// The attested agent's record as of the last change applied.
+    pub fn agent(&self, agent_id: &SpiffeId) -> Option<Arc<AttestedAgent>> {
+        self.agents.get(agent_id).cloned()
+    }
+
+    /// Forgets an agent (it was evicted).
     pub fn remove_agent(&mut self, agent_id: &SpiffeId) {
         self.agents.remove(agent_id);
     }
 
     /// The SPIFFE IDs of the node alias entries that apply to this agent at `now`.
     pub fn aliases_of(&self, agent_id: &SpiffeId, now: SystemTime) -> Vec<SpiffeId> {
-        let Some(node_selectors) = self.agents.get(agent_id) else {
+        let Some(agent) = self.agents.get(agent_id) else {
             return Vec::new();
         };
+        let node_selectors = &agent.selectors;
         let mut seen = HashSet::new();
         let mut aliases = Vec::new();
         for selector in node_selectors.iter() {
@@ -337,9 +345,7 @@ impl IndexFeed {
                     }
                 },
                 ChangeSubject::Agent(id) => match store.get_agent(id).await? {
-                    Some(agent) => self
-                        .write()
-                        .set_agent_selectors(id.clone(), agent.selectors),
+                    Some(agent) => self.write().set_agent(agent),
                     None => self.write().remove_agent(id),
                 },
                 ChangeSubject::Exception(_) => exceptions_changed = true,
@@ -382,8 +388,15 @@ mod tests {
         SpiffeId::from_path(&td(), path).unwrap()
     }
 
-    fn sels(items: &[&str]) -> SelectorSet {
+    fn sels(items: &[&str]) -> lanyard_core::SelectorSet {
         items.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn node(agent_id: &SpiffeId, selectors: &[&str]) -> AttestedAgent {
+        let mut agent =
+            AttestedAgent::new(agent_id.clone(), "x509pop", "1", SystemTime::UNIX_EPOCH);
+        agent.selectors = sels(selectors);
+        agent
     }
 
     fn entry(eid: &str, spiffe: &str, parent: &SpiffeId, selectors: &[&str]) -> RegistrationEntry {
@@ -461,7 +474,7 @@ mod tests {
                 let chosen: Vec<&str> = (0..k)
                     .map(|_| node_selectors[rng.below(node_selectors.len())])
                     .collect();
-                (agent.clone(), sels(&chosen))
+                node(agent, &chosen)
             });
             let agent_selectors: Vec<_> = agent_selectors.collect();
             let index = AuthorizationIndex::build(server.clone(), entries.clone(), agent_selectors);
@@ -505,11 +518,8 @@ mod tests {
                 entry("other", "/mail", &agent_b, &["unix:uid:4"]),
             ],
             [
-                (
-                    agent_a.clone(),
-                    sels(&["x509pop:ca:1", "x509pop:dc:eu", "x509pop:x:y"]),
-                ),
-                (agent_b.clone(), sels(&["x509pop:ca:1"])),
+                node(&agent_a, &["x509pop:ca:1", "x509pop:dc:eu", "x509pop:x:y"]),
+                node(&agent_b, &["x509pop:ca:1"]),
             ],
         );
         assert_eq!(
@@ -531,7 +541,7 @@ mod tests {
         );
 
         // Changes apply incrementally.
-        index.set_agent_selectors(agent_b.clone(), sels(&["x509pop:ca:1", "x509pop:dc:eu"]));
+        index.set_agent(node(&agent_b, &["x509pop:ca:1", "x509pop:dc:eu"]));
         assert_eq!(
             ids(&index.authorized_entries(&agent_b, now)),
             ["nested", "other", "via-alias"]

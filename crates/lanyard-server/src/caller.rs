@@ -2,6 +2,7 @@
 //! client's verified SVID. Every service and the write path take a [`Caller`]; nothing here
 //! depends on the services.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -44,6 +45,38 @@ pub struct PeerSvid {
     pub not_after: SystemTime,
 }
 
+impl PeerSvid {
+    /// What a verified leaf certificate says of its holder; `None` if it is no SVID.
+    pub fn of_leaf(leaf: &[u8]) -> Option<Self> {
+        let (id, serial, not_after) = lanyard_core::x509::svid_identity(leaf).ok()?;
+        Some(Self {
+            id,
+            serial,
+            not_after,
+        })
+    }
+}
+
+/// What the API sees of a connection on the TLS listener, taken once when it is accepted:
+/// the client's address (the PROXY header's, with `proxy_protocol`) and the SVID it
+/// presented, if any.
+#[derive(Debug, Clone)]
+pub struct TlsPeer {
+    /// The client's address.
+    pub remote_addr: Option<SocketAddr>,
+    /// The verified SVID the client presented.
+    pub svid: Option<PeerSvid>,
+}
+
+/// The client address of `request`: the TLS listener's view of it, or what tonic knows for
+/// other transports.
+pub fn remote_ip<T>(request: &Request<T>) -> Option<IpAddr> {
+    match request.extensions().get::<TlsPeer>() {
+        Some(peer) => peer.remote_addr.map(|addr| addr.ip()),
+        None => request.remote_addr().map(|addr| addr.ip()),
+    }
+}
+
 impl Caller {
     /// Identifies the caller of `request`.
     pub fn of<T>(request: &Request<T>) -> Caller {
@@ -60,25 +93,17 @@ impl Caller {
                 socket: None,
             };
         }
-        let certs = request
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|info| info.peer_certs());
-        let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
-            return Caller::Anonymous;
+        let svid = match request.extensions().get::<TlsPeer>() {
+            Some(peer) => peer.svid.clone(),
+            // A TLS stream served without the server's listener (an embedder's): the
+            // verifier checked the chain; read what it verified.
+            None => request
+                .extensions()
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.peer_certs())
+                .and_then(|certs| certs.first().and_then(|leaf| PeerSvid::of_leaf(leaf))),
         };
-        // The TLS verifier already checked the chain; read what it verified.
-        let id = lanyard_core::x509::spiffe_id_of(leaf);
-        let serial = lanyard_core::x509::serial_decimal(leaf);
-        let validity = lanyard_core::x509::validity_of(leaf);
-        match (id, serial, validity) {
-            (Ok(id), Ok(serial), Ok((_, not_after))) => Caller::Svid(PeerSvid {
-                id,
-                serial,
-                not_after,
-            }),
-            _ => Caller::Anonymous,
-        }
+        svid.map_or(Caller::Anonymous, Caller::Svid)
     }
 
     /// A short description for audit logs.

@@ -33,7 +33,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::caller::{PeerSvid, TlsPeer};
 
 use crate::config::ServerConfig;
 use crate::proxy_protocol::{self, ProxiedAddress};
@@ -351,6 +353,7 @@ impl AsyncWrite for PeerTcp {
 #[derive(Debug)]
 pub struct ServerConnection {
     stream: TlsStream<PeerTcp>,
+    peer: TlsPeer,
     idle_timeout: Duration,
     last_activity: Instant,
     idle: Pin<Box<Sleep>>,
@@ -364,8 +367,19 @@ impl ServerConnection {
         idle_timeout: Duration,
     ) -> Self {
         let now = Instant::now();
+        let (tcp, tls) = stream.get_ref();
+        // The verifier checked the chain; its leaf is read once for every call on the
+        // connection.
+        let peer = TlsPeer {
+            remote_addr: Some(tcp.peer),
+            svid: tls
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|leaf| PeerSvid::of_leaf(leaf)),
+        };
         Self {
             stream,
+            peer,
             idle_timeout,
             last_activity: now,
             idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
@@ -392,10 +406,10 @@ impl ServerConnection {
 }
 
 impl Connected for ServerConnection {
-    type ConnectInfo = TlsConnectInfo<TcpConnectInfo>;
+    type ConnectInfo = TlsPeer;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.peer.clone()
     }
 }
 

@@ -53,6 +53,8 @@ pub struct ServerState {
     rotation_requested: tokio::sync::Notify,
     /// What the agents' change streams announce.
     changes: tokio::sync::watch::Sender<ChangePoint>,
+    /// While set, change streams announce nothing (tests of the agents' safety net).
+    notices_held: std::sync::atomic::AtomicBool,
     /// The policy generation and the active exceptions at the last catch-up: when these move
     /// without a write (a policy reloaded, an exception lapsing), agents are told too.
     decision_context: std::sync::Mutex<Option<(u64, Vec<String>)>>,
@@ -65,6 +67,9 @@ pub struct ChangePoint {
     pub revision: i64,
     /// Counts changes that are not writes: a policy reloaded, an exception lapsing.
     pub sequence: u64,
+    /// Counts catch-ups that found a bundle changed (this trust domain's or a federated
+    /// one). Not sent: it tells each change stream that its agent must hear of it.
+    pub bundles: u64,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -86,7 +91,25 @@ impl ServerState {
         // Read first: a change committed while the index is loaded is applied again by the
         // first catch-up, which is harmless (each change re-reads its record).
         let revision = store.current_revision().await?;
-        let entries = store.list_all_entries().await?;
+        // A page at a time into the index, so that the rows of every entry are never in
+        // memory at once beside it (an allocator keeps such a peak long after).
+        let mut index = AuthorizationIndex::new(config.trust_domain.server_id());
+        let mut token = None;
+        loop {
+            let (entries, next) = store
+                .list_entries_page(PageRequest {
+                    token: token.take(),
+                    size: crate::datastore::ENTRY_LOAD_PAGE,
+                })
+                .await?;
+            for entry in entries {
+                index.upsert_entry(entry);
+            }
+            match next {
+                Some(next) => token = Some(next),
+                None => break,
+            }
+        }
         let mut agents = Vec::new();
         let mut token = None;
         loop {
@@ -97,13 +120,15 @@ impl ServerState {
             let (batch, next) = store
                 .list_agents(&AgentFilter::default(), Some(page))
                 .await?;
-            agents.extend(batch.into_iter().map(|a| (a.spiffe_id, a.selectors)));
+            agents.extend(batch);
             match next {
                 Some(next) => token = Some(next),
                 None => break,
             }
         }
-        let index = AuthorizationIndex::build(config.trust_domain.server_id(), entries, agents);
+        for agent in agents {
+            index.set_agent(agent);
+        }
         let exceptions = store.list_exceptions().await?;
         let audit = Arc::new(AuditTrail::new(None, &config.instance, Arc::clone(&clock)));
         let metrics = ServerMetrics::new();
@@ -127,8 +152,10 @@ impl ServerState {
             changes: tokio::sync::watch::Sender::new(ChangePoint {
                 revision,
                 sequence: 0,
+                bundles: 0,
             }),
             decision_context: std::sync::Mutex::default(),
+            notices_held: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -223,11 +250,15 @@ impl ServerState {
         let changed = self.index.catch_up(&*self.store, &self.judge).await?;
         let revision = self.index.revision().await;
         let context_moved = self.decision_context_moved();
+        let bundles_moved = !changed.bundles.is_empty();
         self.changes.send_if_modified(|announced| {
-            let moved = announced.revision < revision || context_moved;
+            let moved = announced.revision < revision || context_moved || bundles_moved;
             announced.revision = announced.revision.max(revision);
             if context_moved {
                 announced.sequence += 1;
+            }
+            if bundles_moved {
+                announced.bundles += 1;
             }
             moved
         });
@@ -246,6 +277,46 @@ impl ServerState {
     /// found the policy or the active exceptions changed: what `AgentChangeService` streams.
     pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<ChangePoint> {
         self.changes.subscribe()
+    }
+
+    /// A digest of what `agent_id` can learn from a sync at `point`: the entries it may
+    /// obtain now (IDs and revisions, after the policy and exceptions), whether it is still
+    /// attested and not banned, and the bundle generation. A change stream tells its agent of
+    /// a change only when this moves, so a write that concerns other agents costs this one
+    /// nothing.
+    pub fn agent_view(&self, agent_id: &SpiffeId, point: ChangePoint) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+
+        let mut digest = std::collections::hash_map::DefaultHasher::new();
+        point.bundles.hash(&mut digest);
+        let standing = self
+            .index
+            .read()
+            .agent(agent_id)
+            .map(|agent| agent.is_banned());
+        standing.hash(&mut digest);
+        for entry in self.authorized_entries(agent_id) {
+            entry.id.hash(&mut digest);
+            entry.revision_number.hash(&mut digest);
+        }
+        digest.finish()
+    }
+
+    /// Makes change streams hold back every notice while `held` (and send the newest once
+    /// released): a notice lost on the way, for tests of the agents' safety net. Nothing but
+    /// tests calls it.
+    #[doc(hidden)]
+    pub fn hold_change_notices_for_tests(&self, held: bool) {
+        self.notices_held
+            .store(held, std::sync::atomic::Ordering::Release);
+        if !held {
+            self.changes.send_modify(|_| {});
+        }
+    }
+
+    /// Whether change notices are held back ([`ServerState::hold_change_notices_for_tests`]).
+    pub fn change_notices_held(&self) -> bool {
+        self.notices_held.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the policy generation or the set of active exceptions moved since the last

@@ -28,10 +28,6 @@ pub(super) const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(8 * 60);
 /// The most CSRs in one `BatchNewX509SVID` call (the server's per-call limit).
 pub(super) const MAX_CSRS_PER_CALL: usize = 500;
 
-/// How often the agent still polls while a push stream is healthy, at the least: a safety net
-/// for a notification lost on the way.
-pub(super) const PUSH_SAFETY_NET_INTERVAL: Duration = Duration::from_secs(5 * 60);
-
 /// The moment an event happened, on both clocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Now {
@@ -57,6 +53,9 @@ pub(super) struct Settings {
     /// `sync_interval`: the poll interval, the first backoff step and the least time between
     /// two agent SVID rotations.
     pub(super) sync_interval: Duration,
+    /// `push_sync_interval`: the poll interval while a push stream is healthy, a safety net
+    /// for a notification lost on the way (never shorter than `sync_interval`).
+    pub(super) push_sync_interval: Duration,
     /// `x509_svid_cache_size`: at most this many entries get workload SVIDs.
     pub(super) x509_svid_cache_size: usize,
     /// Whether a node attestor that can attest again (x509pop, k8s_psat) is configured.
@@ -313,7 +312,9 @@ impl Machine {
     /// The poll interval: `sync_interval`, or with a healthy push stream the safety net.
     pub(super) fn poll_interval(&self) -> Duration {
         if self.push_connected {
-            PUSH_SAFETY_NET_INTERVAL.max(self.settings.sync_interval)
+            self.settings
+                .push_sync_interval
+                .max(self.settings.sync_interval)
         } else {
             self.settings.sync_interval
         }
@@ -718,6 +719,9 @@ mod tests {
         }
     }
 
+    /// The default `push_sync_interval`.
+    const PUSH_SAFETY_NET_INTERVAL: Duration = crate::config::DEFAULT_PUSH_SYNC_INTERVAL;
+
     fn fixed(jitter: f64) -> JitterSource {
         Box::new(move || Jitter::new(jitter))
     }
@@ -725,6 +729,7 @@ mod tests {
     fn settings(sync_interval: Duration) -> Settings {
         Settings {
             sync_interval,
+            push_sync_interval: PUSH_SAFETY_NET_INTERVAL,
             x509_svid_cache_size: 1000,
             has_reattest_method: false,
         }

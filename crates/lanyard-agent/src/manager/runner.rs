@@ -93,6 +93,7 @@ impl Runner {
     ) -> Self {
         let settings = Settings {
             sync_interval: config.sync_interval,
+            push_sync_interval: config.push_sync_interval,
             x509_svid_cache_size: config.x509_svid_cache_size,
             has_reattest_method: config.node_attestor.x509pop.is_some()
                 || config.node_attestor.k8s_psat.is_some(),

@@ -569,6 +569,50 @@ async fn changes_are_pushed_to_the_agent_without_waiting_for_its_interval() {
     handle.shutdown().await;
 }
 
+/// A notice lost on the way (the server holds every notice back) is made up for by the push
+/// safety net: the agent, its stream still up, syncs every `push_sync_interval` and gets the
+/// change anyway. Without that poll the entry would never arrive.
+#[tokio::test]
+async fn a_lost_change_notice_is_caught_by_the_push_safety_net() {
+    const SAFETY_NET: Duration = Duration::from_secs(3);
+    let env = Env::start().await;
+    let token = env.join_token().await;
+    let agent_id = join_token_agent(&token);
+    let first = env.create_entry(&agent_id, "net/first", |_| {}).await;
+    let mut config = env.agent_config("agent");
+    config.join_token = Some(token);
+    config.sync_interval = Duration::from_millis(500);
+    config.push_sync_interval = SAFETY_NET;
+    let handle = Manager::start(config, system_clock()).await.unwrap();
+    wait_for(&handle, "the first SVID", |s| {
+        s.synced && has_identity(s, &first)
+    })
+    .await;
+    let pushed = || handle.health().poll_interval == SAFETY_NET;
+    tokio::time::timeout(WAIT, async {
+        while !pushed() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the change stream is up, and polling slowed to the safety net");
+
+    let state = std::sync::Arc::clone(env.server.as_ref().unwrap().state());
+    state.hold_change_notices_for_tests(true);
+    let second = env.create_entry(&agent_id, "net/second", |_| {}).await;
+    wait_for(&handle, "the entry, by the safety net's poll", |s| {
+        has_identity(s, &second)
+    })
+    .await;
+    assert!(
+        pushed(),
+        "the stream stayed up: the entry came by the safety net"
+    );
+    state.hold_change_notices_for_tests(false);
+    assert!(handle.failure().is_none());
+    handle.shutdown().await;
+}
+
 /// Two servers of the trust domain sharing one PostgreSQL, each with its own keys: the agent
 /// is given both addresses, attests through the first, and when that one dies goes on with the
 /// second without attesting again.

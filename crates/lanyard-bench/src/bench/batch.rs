@@ -144,6 +144,7 @@ pub(crate) async fn run(
     let mut grid = Grid::new();
     let mut throughput_series = Vec::new();
     let mut p99_series = Vec::new();
+    let mut single_csr_p50_ms = None;
     for &agents in &scale.agent_counts {
         let mut rates = Vec::new();
         let mut p99s = Vec::new();
@@ -185,6 +186,9 @@ pub(crate) async fn run(
                     ("mint from CSR, 1 thread", mint_us, "µs"),
                 );
             }
+            if (agents, batch) == (1, 1) {
+                single_csr_p50_ms = Some(samples.percentile_ms(50.0));
+            }
             grid.insert((agents, batch), rate);
             rates.push(rate);
             p99s.push(samples.percentile_ms(99.0));
@@ -197,6 +201,25 @@ pub(crate) async fn run(
             name: format!("{agents} agent(s)"),
             values: p99s,
         });
+    }
+    // One CSR is one call plus one mint: what a call that does nothing takes is its floor.
+    if let Some(p50_ms) = single_csr_p50_ms {
+        let lone = Fleet {
+            agents: fleet.agents.iter().take(1).cloned().collect(),
+        };
+        let (_, floor, _) = crate::bench::jwt::minimal_calls(target, &lone, scale.duration).await?;
+        let floor_ms = floor.percentile_ms(50.0) + mint_us / 1e3;
+        report.bench(&bench_name).versus(
+            "agents_1.size_1.p50_ms_vs_call",
+            "p50 latency, 1 agent, batches of 1, against a call that does nothing plus one mint",
+            p50_ms,
+            "ms",
+            (
+                "GetBundle with an empty mask, p50, + one mint",
+                floor_ms,
+                "ms",
+            ),
+        );
     }
     throughput_series.push(Series {
         name: "mint ceiling × cores".into(),

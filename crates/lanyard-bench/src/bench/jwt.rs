@@ -3,8 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+use lanyard_proto::spire::api::server::bundle::v1::GetBundleRequest;
+use lanyard_proto::spire::api::server::bundle::v1::bundle_client::BundleClient;
 use lanyard_proto::spire::api::server::svid::v1::NewJwtsvidRequest;
 use lanyard_proto::spire::api::server::svid::v1::svid_client::SvidClient;
+use lanyard_proto::spire::api::types;
 
 use crate::bench::batch::Fleet;
 use crate::bench::mint::{raw_es256_sign, run_threads};
@@ -29,6 +32,45 @@ pub(crate) struct Outcome {
 /// Raw ES256 signatures per second on every core.
 pub(crate) fn raw_rate(cores: usize, duration: Duration) -> anyhow::Result<f64> {
     run_threads(cores, duration, raw_es256_sign)
+}
+
+/// What the same agents get from calls that do nothing (`GetBundle` with a mask that selects
+/// no field) for `duration`: calls per second, their latencies and the server CPU per call. A
+/// `NewJWTSVID` is one such call plus its work, so this is the floor it stands on.
+pub(crate) async fn minimal_calls(
+    target: &Target,
+    fleet: &Fleet,
+    duration: Duration,
+) -> anyhow::Result<(f64, Samples, f64)> {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let cpu_before = target.cpu.cpu_time();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (agent, _) in &fleet.agents {
+        let mut client = BundleClient::new(agent.channel.clone());
+        tasks.spawn(async move {
+            let mut samples = Samples::new();
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                client
+                    .get_bundle(GetBundleRequest {
+                        output_mask: Some(types::BundleMask::default()),
+                    })
+                    .await?;
+                samples.push(sent.elapsed());
+            }
+            Ok::<_, anyhow::Error>(samples)
+        });
+    }
+    let mut samples = Samples::new();
+    while let Some(joined) = tasks.join_next().await {
+        samples.extend(joined??);
+    }
+    let elapsed = started.elapsed();
+    let cpu = target.cpu.cpu_time().saturating_sub(cpu_before);
+    let per_sec = per_second(samples.len() as u64, elapsed);
+    let cpu_us = cpu.as_secs_f64() * 1e6 / samples.len().max(1) as f64;
+    Ok((per_sec, samples, cpu_us))
 }
 
 pub(crate) async fn run(
@@ -69,6 +111,8 @@ pub(crate) async fn run(
     let elapsed = started.elapsed();
     let cpu = target.cpu.cpu_time().saturating_sub(cpu_before);
     let per_sec = per_second(samples.len() as u64, elapsed);
+    let (floor_per_sec, floor_samples, floor_cpu_us) =
+        minimal_calls(target, &fleet, scale.duration).await?;
     let cores = report.machine.cores;
     let name = if target.name == "lanyard" {
         "jwt".to_owned()
@@ -107,7 +151,36 @@ pub(crate) async fn run(
             "µs",
             ("one raw ES256 signature", raw_us, "µs"),
         );
+        bench.versus(
+            "server_cpu_us_per_jwt_vs_call",
+            "server CPU µs per JWT-SVID, against a call that does nothing plus one raw ES256 signature",
+            cpu.as_secs_f64() * 1e6 / samples.len() as f64,
+            "µs",
+            (
+                "GetBundle with an empty mask + one raw ES256 signature",
+                floor_cpu_us + raw_us,
+                "µs",
+            ),
+        );
     }
+    bench.versus(
+        "per_sec_vs_calls",
+        &format!("JWT-SVIDs/s, {agents} agents, against calls that do nothing"),
+        per_sec,
+        "/s",
+        ("GetBundle with an empty mask", floor_per_sec, "/s"),
+    );
+    bench.versus(
+        "p50_ms_vs_call",
+        &format!("p50 latency, {agents} agents, against a call that does nothing"),
+        samples.percentile_ms(50.0),
+        "ms",
+        (
+            "GetBundle with an empty mask",
+            floor_samples.percentile_ms(50.0),
+            "ms",
+        ),
+    );
     Ok(Outcome {
         per_sec,
         p99_ms: samples.percentile_ms(99.0),

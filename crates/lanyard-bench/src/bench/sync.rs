@@ -1,7 +1,8 @@
 //! `sync`: steady-state entry sync of many simulated agents with nothing changing (server
-//! CPU and wire bytes per sync, against the bare index lookup and the protobuf payload), and
-//! the propagation latency from creating an entry to its SVID reaching a streaming workload
-//! through a real agent, against the agent's sync interval.
+//! CPU and wire bytes per sync, against the bare index lookup, two calls that do nothing and
+//! the protobuf payload), and the propagation latency from creating an entry to its SVID
+//! reaching a streaming workload through a real agent, and from deleting it to the SVID
+//! leaving that stream, against the agent's sync interval.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +57,7 @@ fn agent_sync_mask() -> types::EntryMask {
 
 /// One sync as an agent with nothing to learn runs it: `SyncAuthorizedEntries` (read to the
 /// end, or cancelled once the revisions are in) and `GetBundle`. Returns the payload bytes.
-async fn sync_once(agent: &SimAgent) -> anyhow::Result<usize> {
+pub(crate) async fn sync_once(agent: &SimAgent) -> anyhow::Result<usize> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(SyncAuthorizedEntriesRequest {
         output_mask: Some(agent_sync_mask()),
@@ -86,6 +87,30 @@ async fn sync_once(agent: &SimAgent) -> anyhow::Result<usize> {
     Ok(payload)
 }
 
+/// Two of the cheapest calls an agent can make: `GetBundle` with a mask that selects no
+/// field, twice, on the agent's connection. A sync is two calls too (a stream and a unary
+/// call); this is what they cost the server without entries, authorization or bundle.
+async fn two_minimal_calls(agent: &SimAgent) -> anyhow::Result<usize> {
+    let mut payload = 0;
+    for _ in 0..2 {
+        let answer = BundleClient::new(agent.channel.clone())
+            .get_bundle(GetBundleRequest {
+                output_mask: Some(types::BundleMask::default()),
+            })
+            .await?
+            .into_inner();
+        payload += answer.encoded_len();
+    }
+    Ok(payload)
+}
+
+/// What each simulated agent does in a measured round.
+#[derive(Debug, Clone, Copy)]
+enum RoundOp {
+    Sync,
+    TwoMinimalCalls,
+}
+
 pub(crate) async fn run(
     report: &mut Report,
     target: &Target,
@@ -113,7 +138,7 @@ pub(crate) async fn run(
     let agents = Arc::new(agents);
 
     // A first sync fills each agent's cache; the measured ones find nothing new.
-    let run_round = |agents: Arc<Vec<SimAgent>>| async move {
+    let run_round = |agents: Arc<Vec<SimAgent>>, op: RoundOp| async move {
         let semaphore = Arc::new(tokio::sync::Semaphore::new(64));
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..agents.len() {
@@ -121,9 +146,10 @@ pub(crate) async fn run(
             let agents = Arc::clone(&agents);
             tasks.spawn(async move {
                 let _permit = permit;
-                match agents.get(i) {
-                    Some(agent) => sync_once(agent).await,
-                    None => Ok(0),
+                match (agents.get(i), op) {
+                    (Some(agent), RoundOp::Sync) => sync_once(agent).await,
+                    (Some(agent), RoundOp::TwoMinimalCalls) => two_minimal_calls(agent).await,
+                    (None, _) => Ok(0),
                 }
             });
         }
@@ -133,22 +159,28 @@ pub(crate) async fn run(
         }
         Ok::<_, anyhow::Error>(payload)
     };
-    run_round(Arc::clone(&agents)).await?;
+    run_round(Arc::clone(&agents), RoundOp::Sync).await?;
 
     let bytes_before: u64 = agents.iter().map(|a| a.bytes.total()).sum();
     let cpu_before = target.cpu.cpu_time();
     let started = Instant::now();
     let mut payload = 0usize;
     for _ in 0..scale.rounds {
-        payload += run_round(Arc::clone(&agents)).await?;
+        payload += run_round(Arc::clone(&agents), RoundOp::Sync).await?;
     }
     let elapsed = started.elapsed();
     let cpu = target.cpu.cpu_time().saturating_sub(cpu_before);
+    let floor_before = target.cpu.cpu_time();
+    for _ in 0..scale.rounds {
+        run_round(Arc::clone(&agents), RoundOp::TwoMinimalCalls).await?;
+    }
+    let floor = target.cpu.cpu_time().saturating_sub(floor_before);
     let bytes = agents.iter().map(|a| a.bytes.total()).sum::<u64>() - bytes_before;
     let syncs = (scale.agents * scale.rounds).max(1) as f64;
     let cpu_us_per_sync = cpu.as_secs_f64() * 1e6 / syncs;
     let bytes_per_sync = bytes as f64 / syncs;
     let payload_per_sync = payload as f64 / syncs;
+    let floor_us = floor.as_secs_f64() * 1e6 / syncs;
 
     let name = if target.name == "lanyard" {
         "sync".to_owned()
@@ -165,6 +197,13 @@ pub(crate) async fn run(
             cpu_us_per_sync,
             "µs",
             ("index lookup alone", index_lookup_us, "µs"),
+        );
+        bench.versus(
+            "server_cpu_us_per_sync_vs_calls",
+            "server CPU per steady-state sync, against two calls that do nothing",
+            cpu_us_per_sync,
+            "µs",
+            ("two GetBundle calls with an empty mask", floor_us, "µs"),
         );
         bench.versus(
             "bytes_per_sync",
@@ -210,8 +249,29 @@ async fn propagation(
         Duration::ZERO,
     )
     .await?;
+    let (gone_p50, gone_p99) = measure_removal(
+        target,
+        &agent,
+        scale.propagation_trials,
+        scale.sync_interval,
+    )
+    .await?;
     let interval_ms = scale.sync_interval.as_secs_f64() * 1e3;
     let mut bench = report.bench(name);
+    bench.versus(
+        "removal_p50_ms",
+        "entry delete → its SVID gone from a streaming workload, p50",
+        gone_p50,
+        "ms",
+        ("agent sync interval", interval_ms, "ms"),
+    );
+    bench.versus(
+        "removal_p99_ms",
+        "entry delete → its SVID gone from a streaming workload, p99",
+        gone_p99,
+        "ms",
+        ("agent sync interval", interval_ms, "ms"),
+    );
     bench.versus(
         "propagation_p50_ms",
         "entry create → SVID at a streaming workload, p50",
@@ -280,5 +340,57 @@ pub(crate) async fn measure_propagation(
     }
     watcher.abort();
     let _ = arrivals.count();
+    Ok((samples.percentile_ms(50.0), samples.percentile_ms(99.0)))
+}
+
+/// Creates `trials` entries one at a time for a workload streaming from `agent`, and once each
+/// one's SVID is at the workload, deletes the entry: returns the p50 and p99 from each delete
+/// call to the first message the workload gets without that SVID, in milliseconds.
+async fn measure_removal(
+    target: &Target,
+    agent: &AgentProcess,
+    trials: usize,
+    sync_interval: Duration,
+) -> anyhow::Result<(f64, f64)> {
+    let uid = current_uid();
+    let selector = [format!("unix:uid:{uid}")];
+    let parent = agent.agent_id.as_str().to_owned();
+    // The workload keeps one entry throughout, so its stream never ends for lack of one.
+    target
+        .create_entries(vec![entry_message(
+            &parent,
+            "/bench/removal/stays",
+            &selector,
+        )])
+        .await?;
+    let (arrivals, watcher) = watch_arrivals(&agent.socket).await?;
+    let timeout = sync_interval * 10 + Duration::from_secs(20);
+    let mut samples = Samples::new();
+    for trial in 0..trials {
+        let path = format!("/bench/removal/{trial}");
+        let id = format!("spiffe://example.org{path}");
+        let ids = target
+            .create_entries(vec![entry_message(&parent, &path, &selector)])
+            .await?;
+        wait_until("the SVID to remove", timeout, || {
+            let arrivals = arrivals.clone();
+            let id = id.clone();
+            async move { arrivals.first_seen(&id).is_some() }
+        })
+        .await?;
+        let deleted = Instant::now();
+        target.delete_entries(ids).await?;
+        wait_until("the SVID to be gone", timeout, || {
+            let arrivals = arrivals.clone();
+            let id = id.clone();
+            async move { arrivals.first_gone(&id).is_some() }
+        })
+        .await?;
+        if let Some(gone) = arrivals.first_gone(&id) {
+            samples.push(gone.saturating_duration_since(deleted));
+        }
+        tokio::time::sleep(Duration::from_millis(37 * (trial as u64 % 7))).await;
+    }
+    watcher.abort();
     Ok((samples.percentile_ms(50.0), samples.percentile_ms(99.0)))
 }

@@ -27,7 +27,12 @@ const BENCHMARKS: [&str; 10] = [
 
 /// Figures the quick run must report beyond one per benchmark: the PostgreSQL side of the
 /// comparisons whose baseline is SQLite or a single server.
-const REQUIRED_FIGURES: [&str; 10] = [
+const REQUIRED_FIGURES: [&str; 15] = [
+    "sync.removal_p99_ms",
+    "sync.server_cpu_us_per_sync_vs_calls",
+    "jwt.server_cpu_us_per_jwt_vs_call",
+    "batch.agents_1.size_1.p50_ms_vs_call",
+    "fanin.first_svid_agent_cpu_us",
     "restart.postgres.start_to_serving_ms",
     "writes.sqlite.per_sec",
     "writes.postgres.per_sec",
@@ -122,5 +127,56 @@ fn the_quick_run_reports_every_benchmark_with_baselines_and_ratios() {
             table.contains(&format!("`{bench}`")),
             "results.md lacks {bench}"
         );
+    }
+}
+
+/// `scale` runs only when named; its quick version end to end against the `lanyard` binary
+/// the end-to-end harness provides (built once, or `LANYARD_E2E_BINARY`): every figure is
+/// there, finite, and each baseline carries its ratio.
+#[test]
+fn the_quick_scale_run_reports_its_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("out.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_lanyard-bench"))
+        .args(["--quick", "--only", "scale", "--lanyard-bin"])
+        .arg(lanyard_e2e::lanyard_binary())
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "lanyard-bench --quick --only scale failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(report["benches"], serde_json::json!(["scale"]));
+    let figures = report["figures"].as_array().unwrap();
+    let keys: BTreeSet<&str> = figures
+        .iter()
+        .map(|figure| figure["key"].as_str().unwrap())
+        .collect();
+    for key in [
+        "scale.syncs_per_sec",
+        "scale.server_cpu_us_per_sync",
+        "scale.agents_per_core",
+        "scale.sync_p99_ms",
+        "scale.rss_per_agent_kb",
+        "scale.rss_per_entry_b",
+        "scale.restart_to_serving_ms",
+    ] {
+        assert!(keys.contains(key), "{key} missing from {keys:?}");
+    }
+    for figure in figures {
+        let value = figure["value"].as_f64().unwrap_or(f64::NAN);
+        assert!(value.is_finite() && value >= 0.0, "{figure}");
+        if !figure["baseline"].is_null() {
+            let ratio = figure["baseline"]["ratio"].as_f64().unwrap_or(f64::NAN);
+            assert!(ratio.is_finite() && ratio > 0.0, "{figure}");
+        }
     }
 }

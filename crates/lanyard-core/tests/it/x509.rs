@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lanyard_core::x509::{
     BACKDATE, CaSubject, SvidParams, SvidSubject, X509Ca, X509Error, X509Svid, build_csr,
     create_intermediate_ca, create_self_signed_ca, fingerprint_sha1_hex, is_ca, parse_csr,
-    serial_decimal, spiffe_id_of, subject_key_id_hex, validity_of, verify_svid_chain,
+    serial_decimal, spiffe_id_of, subject_key_id_hex, svid_identity, validity_of,
+    verify_svid_chain,
 };
 use lanyard_core::{KeyPair, KeyType, SpiffeId, TrustDomain};
 use rustls_pki_types::CertificateDer;
@@ -506,6 +507,10 @@ fn leaf_serials_are_positive_128_bit_and_random() {
         assert_ne!(value, 0);
         assert_eq!(svid.serial(), value.to_string());
         assert_eq!(serial_decimal(svid.leaf_der()).unwrap(), value.to_string());
+        let (id, serial, not_after) = svid_identity(svid.leaf_der()).unwrap();
+        assert_eq!(id, spiffe_id_of(svid.leaf_der()).unwrap());
+        assert_eq!(serial, value.to_string());
+        assert_eq!(not_after, validity_of(svid.leaf_der()).unwrap().1);
     }
 }
 
@@ -1138,6 +1143,10 @@ fn inspection_helpers_refuse_garbage() {
     assert!(matches!(is_ca(b"\x30\x00"), Err(X509Error::Malformed(_))));
     assert!(matches!(
         serial_decimal(b"junk"),
+        Err(X509Error::Malformed(_))
+    ));
+    assert!(matches!(
+        svid_identity(b"junk"),
         Err(X509Error::Malformed(_))
     ));
     let ca = root_ca("example.org");

@@ -563,6 +563,8 @@ impl Agent for AgentService {
             }
             Err(e) => return Err(ApiError::from(e).into()),
         }
+        // The agent authorizer reads the index: the ban holds there before it is acknowledged.
+        self.state.written().await;
         self.audit(&caller, "agent banned", &id);
         Ok(Response::new(()))
     }
@@ -575,7 +577,7 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::AttestAgentStream>, Status> {
         // Refused before anything else, and logged per address per interval, not per call.
         self.rate_limits
-            .attestation(request.remote_addr().map(|addr| addr.ip()))
+            .attestation(crate::caller::remote_ip(&request))
             .await?;
         let requests = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -621,7 +623,7 @@ impl Agent for AgentService {
             .filter(|csr| !csr.is_empty())
             .ok_or_else(|| ApiError::InvalidArgument("missing CSR".into()))?;
         let svid = self.sign_agent_svid(caller.id(), &csr)?;
-        let mut agent = caller.agent.clone();
+        let mut agent = (*caller.agent).clone();
         agent.new_serial = svid.serial().to_owned();
         agent.new_not_after = Some(svid.not_after());
         let _audited = self.state.audit.guard();
@@ -630,6 +632,7 @@ impl Agent for AgentService {
             .update_agent(agent)
             .await
             .map_err(ApiError::from)?;
+        self.state.written().await;
         self.state.audit.record(
             caller.id().as_ref(),
             "agent SVID renewed",

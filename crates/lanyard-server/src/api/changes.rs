@@ -1,8 +1,10 @@
 //! `lanyard.api.v1.AgentChangeService`: changes pushed to agents. An attested agent holds one
 //! `WatchChanges` stream open; the server sends the change-log revision at once and again
-//! whenever it applies a change ([`ServerState::catch_up`]), and the agent syncs on each
-//! notice instead of waiting for its interval. The stream carries no entries: what an agent
-//! obtains is still decided, and audited, by its sync.
+//! whenever it applies a change ([`ServerState::catch_up`]) that moves what that agent can
+//! see ([`ServerState::agent_view`]: its authorized entries, its standing, the bundles), and
+//! the agent syncs on each notice instead of waiting for its interval. A write that concerns
+//! other agents only is not announced to this one. The stream carries no entries: what an
+//! agent obtains is still decided, and audited, by its sync.
 //!
 //! A stream costs the server a small task and a `watch` receiver, and one agent holds at most
 //! [`MAX_STREAMS_PER_AGENT`]. Notices are coalesced: an
@@ -121,16 +123,20 @@ impl AgentChangeRpc for AgentChangeService {
         })?;
         let mut changes = self.state.watch_changes();
         let mut stopped = self.stopped.clone();
+        let state = Arc::clone(&self.state);
+        let agent_id = caller.id().clone();
         // One notice in flight: while the agent has not read it, later revisions coalesce in
         // the watch and the newest goes next.
         let (notices, receiver) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             let _slot = slot;
+            // What the agent was last told, and what it could see then.
+            let mut announced = *changes.borrow_and_update();
+            let mut view = state.agent_view(&agent_id, announced);
             loop {
-                let point = *changes.borrow_and_update();
                 let notice = ChangeNotice {
-                    revision: point.revision,
-                    sequence: point.sequence,
+                    revision: announced.revision,
+                    sequence: announced.sequence,
                 };
                 tokio::select! {
                     sent = notices.send(Ok(notice)) => {
@@ -140,15 +146,31 @@ impl AgentChangeRpc for AgentChangeService {
                     }
                     _ = stopped.wait_for(|stopped| *stopped) => return,
                 }
-                tokio::select! {
-                    changed = changes.changed() => {
-                        if changed.is_err() {
-                            return;
+                // Until a change this agent can see, or the keepalive (which repeats the
+                // last notice, so the agent does not sync for it).
+                let keepalive = tokio::time::sleep(KEEPALIVE_INTERVAL);
+                tokio::pin!(keepalive);
+                loop {
+                    tokio::select! {
+                        changed = changes.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
                         }
+                        () = &mut keepalive => break,
+                        () = notices.closed() => return,
+                        _ = stopped.wait_for(|stopped| *stopped) => return,
                     }
-                    () = tokio::time::sleep(KEEPALIVE_INTERVAL) => {}
-                    () = notices.closed() => return,
-                    _ = stopped.wait_for(|stopped| *stopped) => return,
+                    let point = *changes.borrow_and_update();
+                    if state.change_notices_held() {
+                        continue;
+                    }
+                    let seen = state.agent_view(&agent_id, point);
+                    if seen != view {
+                        announced = point;
+                        view = seen;
+                        break;
+                    }
                 }
             }
         });

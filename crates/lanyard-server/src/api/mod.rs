@@ -94,6 +94,12 @@ impl Authorizer {
     /// SVID, an unknown agent, a banned agent or a superseded SVID is refused with the
     /// matching `PermissionDeniedDetails` reason. Presenting the SVID issued by `RenewAgent`
     /// makes it the current one.
+    ///
+    /// The agent's record comes from the authorization index, which every agent write on
+    /// this server updates before it is acknowledged and the change feed updates for writes
+    /// through other servers. Only a record there that accepts the SVID as it stands is
+    /// trusted; anything else (no record yet, a renewed SVID to promote, a refusal) is decided
+    /// on the datastore's record, as if there were no index.
     pub async fn agent<T>(
         &self,
         request: &Request<T>,
@@ -105,6 +111,12 @@ impl Authorizer {
         let now = self.state.now();
         if svid.not_after <= now {
             return Err(not_authorized(method, Some(Reason::AgentExpired)));
+        }
+        if let Some(agent) = self.state.index.read().agent(&svid.id)
+            && !agent.is_banned()
+            && agent.serial == svid.serial
+        {
+            return Ok(AgentCaller { svid, agent });
         }
         let Some(mut agent) = self
             .state
@@ -119,7 +131,10 @@ impl Authorizer {
             return Err(not_authorized(method, Some(Reason::AgentBanned)));
         }
         if agent.serial == svid.serial {
-            return Ok(AgentCaller { svid, agent });
+            return Ok(AgentCaller {
+                svid,
+                agent: Arc::new(agent),
+            });
         }
         if !agent.new_serial.is_empty() && agent.new_serial == svid.serial {
             agent.serial = std::mem::take(&mut agent.new_serial);
@@ -132,7 +147,11 @@ impl Authorizer {
                 }
                 Err(e) => return Err(ApiError::from(e).into_status()),
             };
-            return Ok(AgentCaller { svid, agent });
+            self.state.written().await;
+            return Ok(AgentCaller {
+                svid,
+                agent: Arc::new(agent),
+            });
         }
         Err(not_authorized(method, Some(Reason::AgentNotActive)))
     }
@@ -156,7 +175,7 @@ pub struct AgentCaller {
     /// The SVID it presented.
     pub svid: PeerSvid,
     /// Its attested-agent record.
-    pub agent: AttestedAgent,
+    pub agent: Arc<AttestedAgent>,
 }
 
 impl AgentCaller {

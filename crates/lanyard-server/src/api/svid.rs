@@ -138,7 +138,7 @@ impl Svid for SvidService {
         &self,
         request: Request<BatchNewX509svidRequest>,
     ) -> Result<Response<BatchNewX509svidResponse>, Status> {
-        let source = request.remote_addr().map(|addr| addr.ip());
+        let source = crate::caller::remote_ip(&request);
         let count = request.get_ref().params.len();
         self.rate_limits.signing_from(source, count).await?;
         let agent = self.auth.agent(&request, BATCH_NEW_X509_SVID).await?;
@@ -152,7 +152,7 @@ impl Svid for SvidService {
         request: Request<NewJwtsvidRequest>,
     ) -> Result<Response<NewJwtsvidResponse>, Status> {
         self.rate_limits
-            .signing_from(request.remote_addr().map(|addr| addr.ip()), 1)
+            .signing_from(crate::caller::remote_ip(&request), 1)
             .await?;
         let agent = self.auth.agent(&request, NEW_JWT_SVID).await?;
         self.rate_limits.signing_for(agent.id(), 1).await?;

@@ -265,8 +265,9 @@ impl Datastore for MemoryStore {
         ))
     }
 
-    async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>> {
-        Ok(self.lock().entries.values().cloned().collect())
+    async fn list_entries_page(&self, page: PageRequest) -> Result<Page<RegistrationEntry>> {
+        let state = self.lock();
+        paginate(state.entries.iter(), Some(page))
     }
 
     async fn prune_entries(&self, expires_before: SystemTime) -> Result<Vec<EntryId>> {

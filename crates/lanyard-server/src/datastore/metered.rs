@@ -122,6 +122,7 @@ metered! {
     async fn delete_entry(&self, id: &EntryId, expected_revision: Option<i64>) -> Result<RegistrationEntry>;
     async fn list_entries(&self, filter: &EntryFilter, page: Option<PageRequest>) -> Result<Page<RegistrationEntry>>;
     async fn count_entries(&self, filter: &EntryFilter) -> Result<u64>;
+    async fn list_entries_page(&self, page: PageRequest) -> Result<Page<RegistrationEntry>>;
     async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>>;
     async fn prune_entries(&self, expires_before: SystemTime) -> Result<Vec<EntryId>>;
     async fn current_revision(&self) -> Result<i64>;

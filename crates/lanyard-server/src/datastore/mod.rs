@@ -219,6 +219,11 @@ impl EntryFilter {
     }
 }
 
+/// Entries per page when the server loads them all ([`Datastore::list_all_entries`], the
+/// index at startup): large enough that the round trips do not count, small enough that one
+/// page of rows is never a large part of the server's memory.
+pub const ENTRY_LOAD_PAGE: u32 = 10_000;
+
 /// One page of a listing: resume after `token` (the `next_token` of the previous page, `None`
 /// for the first page), at most `size` records (at least 1).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -512,8 +517,29 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// How many entries match `filter`.
     async fn count_entries(&self, filter: &EntryFilter) -> Result<u64>;
 
-    /// Every entry, ordered by ID, for building the authorization index at startup.
-    async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>>;
+    /// A page of every entry, ordered by ID, read where the server's decisions are read (the
+    /// primary, never a read replica, which may lag behind the change log): for building the
+    /// authorization index at startup a page at a time.
+    async fn list_entries_page(&self, page: PageRequest) -> Result<Page<RegistrationEntry>>;
+
+    /// Every entry, ordered by ID, from the primary ([`Datastore::list_entries_page`]).
+    async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>> {
+        let mut entries = Vec::new();
+        let mut token = None;
+        loop {
+            let (page, next) = self
+                .list_entries_page(PageRequest {
+                    token: token.take(),
+                    size: ENTRY_LOAD_PAGE,
+                })
+                .await?;
+            entries.extend(page);
+            match next {
+                Some(next) => token = Some(next),
+                None => return Ok(entries),
+            }
+        }
+    }
 
     /// Deletes the entries whose `expires_at` is strictly before `expires_before`, returning
     /// their IDs.

@@ -797,6 +797,27 @@ fn push_page(qb: &mut QueryBuilder<Db>, key: &str, page: Option<&PageRequest>) -
     Ok(())
 }
 
+/// The entries matching `filter`, a page of them if asked, read from `pool`.
+async fn select_entries(
+    pool: &sqlx::Pool<Db>,
+    filter: &EntryFilter,
+    page: Option<&PageRequest>,
+) -> Result<Page<RegistrationEntry>> {
+    let mut qb = QueryBuilder::<Db>::new(concat!(
+        "SELECT ",
+        entry_columns!(),
+        " FROM registered_entries e WHERE 1 = 1"
+    ));
+    push_entry_filter(&mut qb, filter)?;
+    push_page(&mut qb, "e.entry_id", page)?;
+    let rows = qb.build().fetch_all(pool).await?;
+    let entries = rows
+        .iter()
+        .map(entry_from_row)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(finish_page(entries, page, |e| e.id.as_str().to_owned()))
+}
+
 /// Cuts the extra row fetched by [`push_page`] and makes the next token from the last key.
 fn finish_page<T>(
     mut items: Vec<T>,
@@ -898,21 +919,7 @@ impl Datastore for Store {
         filter: &EntryFilter,
         page: Option<PageRequest>,
     ) -> Result<Page<RegistrationEntry>> {
-        let mut qb = QueryBuilder::<Db>::new(concat!(
-            "SELECT ",
-            entry_columns!(),
-            " FROM registered_entries e WHERE 1 = 1"
-        ));
-        push_entry_filter(&mut qb, filter)?;
-        push_page(&mut qb, "e.entry_id", page.as_ref())?;
-        let rows = qb.build().fetch_all(self.reader()).await?;
-        let entries = rows
-            .iter()
-            .map(entry_from_row)
-            .collect::<Result<Vec<_>>>()?;
-        Ok(finish_page(entries, page.as_ref(), |e| {
-            e.id.as_str().to_owned()
-        }))
+        select_entries(self.reader(), filter, page.as_ref()).await
     }
 
     async fn count_entries(&self, filter: &EntryFilter) -> Result<u64> {
@@ -922,9 +929,9 @@ impl Datastore for Store {
         count(qb.build_query_scalar::<i64>().fetch_one(self.reader()).await?)
     }
 
-    async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>> {
-        let (entries, _) = self.list_entries(&EntryFilter::default(), None).await?;
-        Ok(entries)
+    async fn list_entries_page(&self, page: PageRequest) -> Result<Page<RegistrationEntry>> {
+        // The primary: the index must not start behind the change log's revision.
+        select_entries(&self.pool, &EntryFilter::default(), Some(&page)).await
     }
 
     async fn prune_entries(&self, expires_before: SystemTime) -> Result<Vec<EntryId>> {

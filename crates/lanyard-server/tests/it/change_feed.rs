@@ -5,6 +5,10 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use lanyard_core::{EntryId, RegistrationEntry, Selector, SpiffeId};
+use lanyard_proto::spire::api::server::entry::v1::GetAuthorizedEntriesRequest;
+use lanyard_proto::spire::api::server::entry::v1::entry_client::EntryClient;
+use lanyard_proto::spire::api::types::permission_denied_details::Reason;
+use lanyard_server::api::errors::denial_reason;
 use lanyard_server::datastore::{Datastore, SqlStore};
 
 use crate::issuance::{create_entry, sync_ids};
@@ -105,4 +109,54 @@ async fn an_acknowledged_write_is_in_the_index_before_the_answer() {
             "entry {i} is served as soon as its creation is answered"
         );
     }
+}
+
+/// The agent's answer to `GetAuthorizedEntries` on `server`: how many entries, or the reason
+/// it was refused.
+async fn agent_call(
+    server: &TestServer,
+    agent: &crate::support::AttestedAgentIdentity,
+) -> Result<usize, Option<Reason>> {
+    let mut client = EntryClient::new(server.tls(Some((&agent.chain, &agent.key))).await);
+    client
+        .get_authorized_entries(GetAuthorizedEntriesRequest { output_mask: None })
+        .await
+        .map(|answer| answer.into_inner().entries.len())
+        .map_err(|status| denial_reason(&status))
+}
+
+/// Polls `agent_call` until it is refused for `reason`; panics after 5 s.
+async fn refused_within_the_poll_interval(
+    server: &TestServer,
+    agent: &crate::support::AttestedAgentIdentity,
+    reason: Reason,
+) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match agent_call(server, agent).await {
+            Err(Some(refused)) if refused == reason => return,
+            other => assert!(
+                Instant::now() < deadline,
+                "still {other:?} 5 s after another server's write; expected {reason:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// The agent authorizer trusts the index's agent records: a ban or an eviction written by
+// another server must reach it through the change feed, not wait for a restart.
+#[tokio::test]
+async fn a_ban_or_eviction_through_another_server_ends_the_agents_access_here() {
+    let server = TestServer::start().await;
+    let banned = server.attest_new_agent().await;
+    let evicted = server.attest_new_agent().await;
+    assert_eq!(agent_call(&server, &banned).await, Ok(0));
+    assert_eq!(agent_call(&server, &evicted).await, Ok(0));
+    let other = other_server_store(&server).await;
+
+    other.ban_agent(&banned.id).await.unwrap();
+    refused_within_the_poll_interval(&server, &banned, Reason::AgentBanned).await;
+    other.delete_agent(&evicted.id).await.unwrap();
+    refused_within_the_poll_interval(&server, &evicted, Reason::AgentNotAttested).await;
 }

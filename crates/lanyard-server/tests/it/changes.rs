@@ -8,6 +8,8 @@ use std::time::{Duration, SystemTime};
 use lanyard_core::{EntryId, RegistrationEntry, Selector, SpiffeId};
 use lanyard_proto::lanyard::api::v1::agent_change_service_client::AgentChangeServiceClient;
 use lanyard_proto::lanyard::api::v1::{ChangeNotice, WatchChangesRequest};
+use lanyard_proto::spire::api::server::localauthority::v1 as authority_pb;
+use lanyard_proto::spire::api::server::localauthority::v1::local_authority_client::LocalAuthorityClient;
 use lanyard_server::api::changes::MAX_STREAMS_PER_AGENT;
 use lanyard_server::datastore::{Datastore, SqlStore};
 use tonic::Streaming;
@@ -119,9 +121,17 @@ async fn an_exception_lapsing_is_announced_without_a_write() {
     )
     .await
     .unwrap();
-    let created = next_notice(&mut notices)
-        .await
-        .expect("the exception's write");
+    // The exception alone changes nothing this agent may obtain; the entry it allows does.
+    let mut admin = crate::governance::entry(&server, "/ops/admin", &agent.id, 30);
+    admin.admin = true;
+    let result = crate::governance::create_governed(
+        &server,
+        admin,
+        crate::governance::metadata("ops", "break glass"),
+    )
+    .await;
+    assert_eq!(result.status.unwrap().code, 0);
+    let created = next_notice(&mut notices).await.expect("the entry's write");
     server.clock.advance(Duration::from_secs(2 * 86_400));
     let lapsed = next_notice(&mut notices).await.expect("the lapse");
     assert_eq!(lapsed.revision, created.revision, "no write");
@@ -199,4 +209,53 @@ async fn streams_end_when_the_server_stops() {
         .await
         .expect("the server stops with a change stream open");
     assert_eq!(next(&mut notices).await, None, "the stream ended");
+}
+
+/// Waits `QUIET` for a notice that should not come; fails if one does.
+async fn assert_quiet(stream: &mut Streaming<ChangeNotice>, what: &str) {
+    const QUIET: Duration = Duration::from_millis(700);
+    if let Ok(notice) = tokio::time::timeout(QUIET, stream.message()).await {
+        panic!("{what}: expected no notice, got {notice:?}");
+    }
+}
+
+/// A write is announced to the agents it concerns: one whose entries it does not touch hears
+/// nothing, and its next notice jumps to the revision that concerns it. A bundle change
+/// concerns every agent.
+#[tokio::test]
+async fn agents_hear_only_of_changes_that_concern_them() {
+    let server = TestServer::start().await;
+    let quiet = server.attest_new_agent().await;
+    let busy = server.attest_new_agent().await;
+    let mut quiet_notices = watch(&server, &quiet).await;
+    let mut busy_notices = watch(&server, &busy).await;
+    let quiet_first = next(&mut quiet_notices).await.unwrap();
+    next(&mut busy_notices).await.unwrap();
+
+    for i in 0..3 {
+        create_entry(&server, &format!("/busy/{i}"), &busy.id, 0).await;
+    }
+    let busy_now = server.server().state().index.revision().await;
+    while next(&mut busy_notices).await.unwrap() < busy_now {}
+    assert_quiet(&mut quiet_notices, "another agent's entries").await;
+
+    create_entry(&server, "/quiet", &quiet.id, 0).await;
+    let revision = server.server().state().index.revision().await;
+    assert_eq!(next(&mut quiet_notices).await, Some(revision));
+    assert!(revision > quiet_first + 3);
+    assert_quiet(&mut busy_notices, "another agent's entry").await;
+
+    // A prepared authority goes into the bundle: both are told.
+    LocalAuthorityClient::new(server.admin().await)
+        .prepare_x509_authority(authority_pb::PrepareX509AuthorityRequest {})
+        .await
+        .unwrap();
+    assert!(
+        next(&mut quiet_notices).await.is_some(),
+        "the bundle changed"
+    );
+    assert!(
+        next(&mut busy_notices).await.is_some(),
+        "the bundle changed"
+    );
 }

@@ -83,6 +83,7 @@ conformance!(
     entry_federates_with_match_modes,
     empty_set_filters_are_invalid,
     entry_paging,
+    loading_every_entry_goes_page_by_page_in_id_order,
     prune_entries_by_expiry,
     change_log_records_every_change,
     agent_crud,
@@ -273,6 +274,43 @@ async fn entry_crud(store: Store) {
         Err(DatastoreError::NotFound(_))
     ));
     assert_eq!(store.list_all_entries().await.unwrap(), vec![plain]);
+}
+
+/// How the server loads its index: pages in ID order that together hold every entry once.
+async fn loading_every_entry_goes_page_by_page_in_id_order(store: Store) {
+    let mut created = Vec::new();
+    for i in [3, 0, 4, 1, 2] {
+        let e = entry(
+            &format!("load-{i}"),
+            &format!("/load/{i}"),
+            "/agent",
+            &["unix:uid:1"],
+        );
+        created.push(store.create_entry(e).await.unwrap());
+    }
+    created.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut loaded = Vec::new();
+    let mut pages = 0;
+    let mut token = None;
+    loop {
+        let (page, next) = store
+            .list_entries_page(PageRequest {
+                token: token.take(),
+                size: 2,
+            })
+            .await
+            .unwrap();
+        assert!(page.len() <= 2, "{} in one page", page.len());
+        loaded.extend(page);
+        pages += 1;
+        match next {
+            Some(next) => token = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(loaded, created);
+    assert_eq!(pages, 3);
+    assert_eq!(store.list_all_entries().await.unwrap(), created);
 }
 
 async fn entry_times_and_ttls_are_whole_seconds(store: Store) {

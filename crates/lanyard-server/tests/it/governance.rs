@@ -44,7 +44,7 @@ fn id(path: &str) -> SpiffeId {
 }
 
 /// An entry under `parent` for uid 1000, expiring `days` from the server's now.
-fn entry(server: &TestServer, path: &str, parent: &SpiffeId, days: u64) -> types::Entry {
+pub(crate) fn entry(server: &TestServer, path: &str, parent: &SpiffeId, days: u64) -> types::Entry {
     let now = server.server().state().now();
     types::Entry {
         spiffe_id: Some(spiffe_id_to_proto(&id(path))),
@@ -58,7 +58,7 @@ fn entry(server: &TestServer, path: &str, parent: &SpiffeId, days: u64) -> types
     }
 }
 
-fn metadata(owner: &str, reason: &str) -> gov::EntryMetadata {
+pub(crate) fn metadata(owner: &str, reason: &str) -> gov::EntryMetadata {
     gov::EntryMetadata {
         owner: owner.into(),
         reason: reason.into(),
@@ -68,7 +68,7 @@ fn metadata(owner: &str, reason: &str) -> gov::EntryMetadata {
     }
 }
 
-async fn create_governed(
+pub(crate) async fn create_governed(
     server: &TestServer,
     entry: types::Entry,
     metadata: gov::EntryMetadata,
