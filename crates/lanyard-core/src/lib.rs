@@ -20,6 +20,7 @@ pub mod k8s_psat;
 pub mod keys;
 pub mod ledger;
 pub mod policy;
+pub mod revocation;
 pub mod rotation;
 pub mod selector;
 pub mod tls;

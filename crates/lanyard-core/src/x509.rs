@@ -169,6 +169,12 @@ pub enum X509Error {
     /// Path validation failed for another reason.
     #[error("certificate chain is invalid: {0}")]
     ChainInvalid(String),
+    /// The certificate is listed on its issuer's certificate revocation list.
+    #[error("certificate has been revoked")]
+    Revoked,
+    /// A certificate revocation list is malformed.
+    #[error("certificate revocation list is invalid: {0}")]
+    BadCrl(String),
 }
 
 /// The subject of a CA certificate. The default is SPIRE's: `C=US, O=SPIFFE`.
@@ -444,6 +450,56 @@ impl X509Ca {
         out.push(self.cert.clone());
         out.extend(self.chain.iter().cloned());
         out
+    }
+
+    /// Signs a certificate revocation list (RFC 5280 §5, version 2) listing `revoked`, with
+    /// CRL number `number`, `thisUpdate` `this_update` and `nextUpdate` `next_update`. The
+    /// issuer is this CA's subject byte for byte and the authority key identifier its subject
+    /// key identifier, so that verifiers (webpki, OpenSSL) pair it with the certificates this
+    /// CA issued.
+    pub fn sign_crl(
+        &self,
+        revoked: &[crate::revocation::RevokedSerial],
+        number: u64,
+        this_update: SystemTime,
+        next_update: SystemTime,
+    ) -> Result<Vec<u8>, X509Error> {
+        let offset = |t: SystemTime| -> Result<time::OffsetDateTime, X509Error> {
+            Ok(CertTime::from_unix(unix_seconds_floor(t)?)?.offset)
+        };
+        let mut revoked_certs = Vec::with_capacity(revoked.len());
+        for entry in revoked {
+            let bytes = crate::revocation::serial_bytes(&entry.serial)
+                .map_err(|e| X509Error::BadCrl(e.to_string()))?;
+            revoked_certs.push(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&bytes),
+                revocation_time: offset(entry.revoked_at)?,
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: offset(this_update)?,
+            next_update: offset(next_update)?,
+            crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: match &self.subject_key_id {
+                Some(id) => rcgen::KeyIdMethod::PreSpecified(id.clone()),
+                None => rcgen::KeyIdMethod::Sha256,
+            },
+        };
+        let issuer = rcgen::Issuer::from_ca_cert_der(
+            &CertificateDer::from(self.cert.as_slice()),
+            self.key.rcgen(),
+        )
+        .map_err(|_| X509Error::UnsupportedIssuerName)?;
+        let der = params
+            .signed_by(&issuer)
+            .map_err(encoding_error)?
+            .der()
+            .to_vec();
+        Ok(der)
     }
 
     /// Mints a leaf X.509-SVID (rules ).
@@ -920,6 +976,29 @@ where
     C: AsRef<[u8]>,
     A: AsRef<[u8]>,
 {
+    verify_svid_chain_with_crls::<C, A, &[u8]>(chain, trust_domain, authorities, &[], now)
+}
+
+/// [`verify_svid_chain`], and then refuses the chain when a certificate on it is listed on a
+/// CRL (DER) of its issuer among `crls` ([`X509Error::Revoked`]).
+///
+/// A CRL counts only for the issuer whose key signed it; a certificate whose issuer has no
+/// CRL here is not refused for that, and a CRL past its `nextUpdate` still refuses what it
+/// lists: a verifier cut off from fresh lists keeps the revocations it knows rather than
+/// refusing every peer. A malformed CRL is an error ([`X509Error::BadCrl`]), since the
+/// caller's source of revocations is broken.
+pub fn verify_svid_chain_with_crls<C, A, R>(
+    chain: &[C],
+    trust_domain: &TrustDomain,
+    authorities: &[A],
+    crls: &[R],
+    now: SystemTime,
+) -> Result<VerifiedSvid, X509Error>
+where
+    C: AsRef<[u8]>,
+    A: AsRef<[u8]>,
+    R: AsRef<[u8]>,
+{
     let leaf_der = chain.first().ok_or(X509Error::EmptyChain)?.as_ref();
     if authorities.is_empty() {
         return Err(X509Error::BadAuthority);
@@ -955,10 +1034,18 @@ where
             None,
         )
         .map_err(map_webpki_error)?;
-    for intermediate in path.intermediate_certificates() {
-        let der = intermediate.der();
-        let cert = parse_certificate(der.as_ref())?;
+    let intermediate_ders: Vec<Vec<u8>> = path
+        .intermediate_certificates()
+        .map(|intermediate| intermediate.der().to_vec())
+        .collect();
+    let mut on_path = vec![parse_certificate(leaf_der)?];
+    for der in &intermediate_ders {
+        let cert = parse_certificate(der)?;
         check_ca_cert(&cert)?;
+        on_path.push(cert);
+    }
+    if !crls.is_empty() {
+        check_crls(&on_path, authorities, crls)?;
     }
 
     let leaf = parse_certificate(leaf_der)?;
@@ -970,6 +1057,67 @@ where
         not_after,
         serial: serial_to_decimal(leaf.raw_serial())?,
     })
+}
+
+/// Refuses the validated path `on_path` (leaf first) when a certificate on it is listed on a CRL
+/// signed by its issuer: the next certificate on the path or, for the last, the authority that
+/// signed it. CRLs are paired with issuers by name and signature, not by name alone, since CAs
+/// commonly share a subject (every SPIRE and Lanyard CA of a trust domain is `C=US, O=SPIFFE`).
+fn check_crls<A, R>(
+    on_path: &[X509Certificate<'_>],
+    authorities: &[A],
+    crls: &[R],
+) -> Result<(), X509Error>
+where
+    A: AsRef<[u8]>,
+    R: AsRef<[u8]>,
+{
+    let parsed = crls
+        .iter()
+        .map(|der| {
+            let (rest, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
+                    .map_err(|e| X509Error::BadCrl(e.to_string()))?;
+            if !rest.is_empty() {
+                return Err(X509Error::BadCrl("trailing bytes".into()));
+            }
+            Ok(crl)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let anchors = authorities
+        .iter()
+        .filter_map(|der| parse_certificate(der.as_ref()).ok())
+        .collect::<Vec<_>>();
+    for (i, cert) in on_path.iter().enumerate() {
+        let issuer = match on_path.get(i + 1) {
+            Some(next) => Some(next),
+            None => anchors.iter().find(|anchor| {
+                anchor.subject().as_raw() == cert.issuer().as_raw()
+                    && cert.verify_signature(Some(anchor.public_key())).is_ok()
+            }),
+        };
+        let Some(issuer) = issuer else { continue };
+        let listed = parsed.iter().any(|crl| {
+            crl.issuer().as_raw() == issuer.subject().as_raw()
+                && crl.verify_signature(issuer.public_key()).is_ok()
+                && crl
+                    .iter_revoked_certificates()
+                    .any(|revoked| same_serial(revoked.raw_serial(), cert.raw_serial()))
+        });
+        if listed {
+            return Err(X509Error::Revoked);
+        }
+    }
+    Ok(())
+}
+
+/// Two DER INTEGER contents denote the same serial (leading zero octets aside).
+fn same_serial(a: &[u8], b: &[u8]) -> bool {
+    let trim = |s: &[u8]| -> Vec<u8> {
+        let start = s.iter().position(|&b| b != 0).unwrap_or(s.len());
+        s[start..].to_vec()
+    };
+    trim(a) == trim(b)
 }
 
 fn map_webpki_error(error: webpki::Error) -> X509Error {
@@ -1073,6 +1221,22 @@ pub fn fingerprint_sha1_hex(der: &[u8]) -> String {
 /// `None` when it has no SKI extension.
 pub fn subject_key_id_hex(der: &[u8]) -> Result<Option<String>, X509Error> {
     Ok(subject_key_id(&parse_certificate(der)?)?.map(|id| hex_lower(&id)))
+}
+
+/// The lowercase hex of a certificate's authority key identifier (its issuer's subject key
+/// ID), if it has one.
+pub fn authority_key_id_hex(der: &[u8]) -> Result<Option<String>, X509Error> {
+    let cert = parse_certificate(der)?;
+    let extension = cert
+        .get_extension_unique(&x509_parser::oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER)
+        .map_err(|_| X509Error::Malformed("authority key identifier"))?;
+    match extension.map(|ext| ext.parsed_extension()) {
+        Some(ParsedExtension::AuthorityKeyIdentifier(aki)) => {
+            Ok(aki.key_identifier.as_ref().map(|id| hex_lower(id.0)))
+        }
+        None => Ok(None),
+        Some(_) => Err(X509Error::Malformed("authority key identifier")),
+    }
 }
 
 /// Converts a big-endian unsigned integer to decimal, without a bignum library.

@@ -3,11 +3,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lanyard_core::revocation::RevokedSerial;
 use lanyard_core::x509::{
     BACKDATE, CaSubject, SvidParams, SvidSubject, X509Ca, X509Error, X509Svid, build_csr,
     create_intermediate_ca, create_self_signed_ca, fingerprint_sha1_hex, is_ca, parse_csr,
     serial_decimal, spiffe_id_of, subject_key_id_hex, svid_identity, validity_of,
-    verify_svid_chain,
+    verify_svid_chain, verify_svid_chain_with_crls,
 };
 use lanyard_core::{KeyPair, KeyType, SpiffeId, TrustDomain};
 use rustls_pki_types::CertificateDer;
@@ -19,6 +20,7 @@ use x509_parser::oid_registry::{
     OID_X509_EXT_SUBJECT_KEY_IDENTIFIER,
 };
 use x509_parser::prelude::FromDer as _;
+use x509_parser::revocation_list::CertificateRevocationList;
 
 const CA_TTL: Duration = Duration::from_secs(24 * 3600);
 const SVID_TTL: Duration = Duration::from_secs(3600);
@@ -1215,4 +1217,152 @@ fn rsa_csrs_are_accepted_and_minted() {
     let last = bad.len() - 1;
     bad[last] ^= 0x01;
     assert!(lanyard_core::x509::parse_csr(&bad).is_err());
+}
+
+fn revoked(serial: &str) -> RevokedSerial {
+    RevokedSerial {
+        serial: serial.to_owned(),
+        authority_id: String::new(),
+        revoked_at: now(),
+    }
+}
+
+#[test]
+fn a_crl_is_a_v2_list_signed_by_its_ca_with_number_times_and_key_id() {
+    let ca = root_ca("example.org");
+    let svid = mint(&ca, "spiffe://example.org/web");
+    let next = now() + Duration::from_secs(600);
+    let der = ca
+        .sign_crl(&[revoked(svid.serial())], 42, now(), next)
+        .unwrap();
+    let (rest, crl) = CertificateRevocationList::from_der(&der).unwrap();
+    assert!(rest.is_empty());
+    let ca_cert = parse(ca.cert_der());
+    assert_eq!(crl.issuer().as_raw(), ca_cert.subject().as_raw());
+    crl.verify_signature(ca_cert.public_key()).unwrap();
+    assert_eq!(crl.version(), Some(x509_parser::x509::X509Version::V2));
+    assert_eq!(crl.crl_number().map(ToString::to_string), Some("42".into()));
+    assert_eq!(crl.last_update().timestamp(), 1_750_000_000);
+    assert_eq!(
+        crl.next_update().map(|t| t.timestamp()),
+        Some(1_750_000_600)
+    );
+    let serials: Vec<String> = crl
+        .iter_revoked_certificates()
+        .map(|r| r.serial().to_string())
+        .collect();
+    assert_eq!(serials, vec![svid.serial().to_owned()]);
+    let aki = crl
+        .extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => aki.key_identifier.clone(),
+            _ => None,
+        })
+        .expect("an authority key identifier");
+    assert_eq!(aki.0, ski(&ca_cert).as_slice());
+
+    // An empty list is still a valid CRL, and a next update before this one is refused.
+    let empty = ca.sign_crl(&[], 43, now(), next).unwrap();
+    let (_, crl) = CertificateRevocationList::from_der(&empty).unwrap();
+    assert_eq!(crl.iter_revoked_certificates().count(), 0);
+    assert!(ca.sign_crl(&[], 44, next, now()).is_err());
+    assert!(ca.sign_crl(&[revoked("0x12")], 45, now(), next).is_err());
+}
+
+#[test]
+fn a_chain_on_its_issuers_crl_is_refused_and_others_pass() {
+    let ca = root_ca("example.org");
+    let bad = mint(&ca, "spiffe://example.org/web");
+    let good = mint(&ca, "spiffe://example.org/web");
+    let next = now() + Duration::from_secs(600);
+    let crl = ca
+        .sign_crl(&[revoked(bad.serial())], 1, now(), next)
+        .unwrap();
+    let verify = |svid: &X509Svid, crls: &[&[u8]]| {
+        verify_svid_chain_with_crls(
+            svid.cert_chain(),
+            &td("example.org"),
+            &[ca.cert_der()],
+            crls,
+            now(),
+        )
+    };
+    assert!(matches!(verify(&bad, &[&crl]), Err(X509Error::Revoked)));
+    verify(&good, &[&crl]).unwrap();
+    verify(&bad, &[]).unwrap();
+
+    // Another CA of the trust domain, with the same subject, signs a CRL listing the serial:
+    // it is not the issuer's, so it neither refuses the certificate nor breaks verification.
+    let other = root_ca("example.org");
+    assert_eq!(
+        parse(other.cert_der()).subject().as_raw(),
+        parse(ca.cert_der()).subject().as_raw()
+    );
+    let foreign = other
+        .sign_crl(&[revoked(good.serial())], 1, now(), next)
+        .unwrap();
+    verify(&good, &[&foreign, &crl]).unwrap();
+    assert!(matches!(
+        verify(&bad, &[&foreign, &crl]),
+        Err(X509Error::Revoked)
+    ));
+
+    // A CRL past its next update still refuses what it lists.
+    let stale = ca
+        .sign_crl(
+            &[revoked(bad.serial())],
+            2,
+            now() - Duration::from_secs(7200),
+            now() - Duration::from_secs(3600),
+        )
+        .unwrap();
+    assert!(matches!(verify(&bad, &[&stale]), Err(X509Error::Revoked)));
+
+    // A malformed list is an error, not a pass.
+    let mut broken = crl.clone();
+    broken.truncate(broken.len() - 3);
+    assert!(matches!(
+        verify(&good, &[&broken]),
+        Err(X509Error::BadCrl(_))
+    ));
+}
+
+#[test]
+fn an_intermediates_crl_refuses_the_leaves_it_issued() {
+    let root = root_ca("example.org");
+    let int_key = key();
+    let der = create_intermediate_ca(
+        &td("example.org"),
+        &int_key.public_key_der(),
+        &CaSubject::default(),
+        &root,
+        now(),
+        CA_TTL,
+    )
+    .unwrap();
+    let intermediate = X509Ca::new(der, int_key, root.issued_chain()).unwrap();
+    let svid = mint(&intermediate, "spiffe://example.org/web");
+    let next = now() + Duration::from_secs(600);
+    let by_intermediate = intermediate
+        .sign_crl(&[revoked(svid.serial())], 1, now(), next)
+        .unwrap();
+    let by_root = root
+        .sign_crl(&[revoked(svid.serial())], 1, now(), next)
+        .unwrap();
+    let verify = |crls: &[&[u8]]| {
+        verify_svid_chain_with_crls(
+            svid.cert_chain(),
+            &td("example.org"),
+            &[root.cert_der()],
+            crls,
+            now(),
+        )
+    };
+    assert!(matches!(
+        verify(&[&by_intermediate]),
+        Err(X509Error::Revoked)
+    ));
+    // The root did not issue the leaf: its list does not reach it.
+    verify(&[&by_root]).unwrap();
 }
