@@ -23,6 +23,7 @@ use lanyard_core::id::{IdError, SpiffeId, TrustDomain};
 use lanyard_core::jwt::JwtSvid;
 use lanyard_core::ledger::{EntryUsage, Issuance, IssuanceKind};
 use lanyard_core::policy::Exception;
+use lanyard_core::revocation::{Revocation, RevocationTarget, RevokedSerial};
 use lanyard_core::selector::{Selector, SelectorError, SelectorSet};
 use lanyard_core::x509::{X509Error, X509Svid};
 
@@ -124,6 +125,9 @@ pub enum ConvertError {
     /// The `trust_domain_bundle` of a federation relationship is not a valid bundle.
     #[error("failed to parse bundle: {0}")]
     InvalidTrustDomainBundle(Box<ConvertError>),
+    /// A revocation's target or governance fields are invalid.
+    #[error("{0}")]
+    InvalidRevocation(lanyard_core::revocation::RevocationError),
     /// A string field holds a value outside the set it is drawn from.
     #[error("unknown {field} {value:?}")]
     UnknownValue {
@@ -931,6 +935,61 @@ pub fn exception_from_proto(
         created_by: exception.created_by.clone(),
         revoked_at: time_from_proto("revoked_at", exception.revoked_at)?,
         revision: exception.revision,
+    })
+}
+
+/// The API form of a revocation.
+pub fn revocation_to_proto(revocation: &Revocation) -> lanyard_v1::Revocation {
+    lanyard_v1::Revocation {
+        id: revocation.id.clone(),
+        kind: revocation.target.kind().to_owned(),
+        value: revocation.target.value(),
+        owner: revocation.owner.clone(),
+        reason: revocation.reason.clone(),
+        ticket: revocation.ticket.clone(),
+        created_at: unix_seconds(revocation.created_at),
+        created_by: revocation.created_by.clone(),
+        expires_at: unix_seconds(revocation.expires_at),
+        sequence: revocation.sequence,
+    }
+}
+
+/// A revocation as a server returns it.
+pub fn revocation_from_proto(
+    revocation: &lanyard_v1::Revocation,
+) -> Result<Revocation, ConvertError> {
+    Ok(Revocation {
+        id: revocation.id.clone(),
+        target: RevocationTarget::parse(&revocation.kind, &revocation.value)
+            .map_err(ConvertError::InvalidRevocation)?,
+        owner: revocation.owner.clone(),
+        reason: revocation.reason.clone(),
+        ticket: revocation.ticket.clone(),
+        created_at: time_from_proto("created_at", revocation.created_at)?.unwrap_or(UNIX_EPOCH),
+        created_by: revocation.created_by.clone(),
+        expires_at: time_from_proto("expires_at", revocation.expires_at)?.unwrap_or(UNIX_EPOCH),
+        sequence: revocation.sequence,
+    })
+}
+
+/// The API form of a revoked serial.
+pub fn revoked_serial_to_proto(serial: &RevokedSerial) -> lanyard_v1::RevokedSerial {
+    lanyard_v1::RevokedSerial {
+        serial: serial.serial.clone(),
+        authority_id: serial.authority_id.clone(),
+        revoked_at: unix_seconds(serial.revoked_at),
+    }
+}
+
+/// A revoked serial as a server returns it.
+pub fn revoked_serial_from_proto(
+    serial: &lanyard_v1::RevokedSerial,
+) -> Result<RevokedSerial, ConvertError> {
+    Ok(RevokedSerial {
+        serial: lanyard_core::revocation::normalize_serial(&serial.serial)
+            .map_err(ConvertError::InvalidRevocation)?,
+        authority_id: serial.authority_id.clone(),
+        revoked_at: time_from_proto("revoked_at", serial.revoked_at)?.unwrap_or(UNIX_EPOCH),
     })
 }
 

@@ -315,7 +315,8 @@ impl IndexFeed {
     /// re-reading its record, so the index ends as the datastore is whatever order writers
     /// committed in, and whichever server made them. On a datastore error nothing past the
     /// last applied change is recorded as done, so the next catch-up tries again. Returns what
-    /// changed outside the index: which bundles and which federation relationships.
+    /// changed outside the index: which bundles and federation relationships, and whether
+    /// revocations did.
     pub async fn catch_up(
         &self,
         store: &dyn crate::datastore::Datastore,
@@ -353,6 +354,7 @@ impl IndexFeed {
                 ChangeSubject::FederationRelationship(trust_domain) => {
                     changed.relationships.push(trust_domain.clone());
                 }
+                ChangeSubject::Revocation(_) => changed.revocations = true,
             }
         }
         if exceptions_changed {
@@ -370,6 +372,8 @@ pub struct ChangedElsewhere {
     pub bundles: Vec<lanyard_core::TrustDomain>,
     /// The trust domains whose federation relationships changed.
     pub relationships: Vec<lanyard_core::TrustDomain>,
+    /// Whether revocations were made or gained serials.
+    pub revocations: bool,
 }
 
 #[cfg(test)]

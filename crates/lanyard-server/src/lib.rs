@@ -22,6 +22,7 @@ pub mod policy;
 pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod relationships;
+pub mod revocations;
 pub mod server;
 pub mod state;
 pub mod tls;

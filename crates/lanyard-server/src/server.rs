@@ -26,6 +26,7 @@ use crate::api::exception::ExceptionService;
 use crate::api::governed::GovernedEntryService;
 use crate::api::localauthority::LocalAuthorityService;
 use crate::api::metadata::EntryMetadataService;
+use crate::api::revocation::{AgentRevocationService, RevocationService};
 use crate::api::svid::SvidService;
 use crate::api::trustdomain::TrustDomainService;
 use crate::api::usage::UsageService;
@@ -257,6 +258,7 @@ impl Server {
             state = state.with_policy(Arc::clone(policy));
         }
         let state = Arc::new(state);
+        state.refresh_revocations().await;
         if let Some(policy) = &policy {
             let weak = Arc::downgrade(&state);
             policy.set_sampler(Box::new(move || {
@@ -656,6 +658,8 @@ fn routes(
         .add_service(LocalAuthorityService::new(Arc::clone(state)).into_server())
         .add_service(TrustDomainService::new(Arc::clone(state)).into_server())
         .add_service(AgentChangeService::new(Arc::clone(state), stopped.clone()).into_server())
+        .add_service(RevocationService::new(Arc::clone(state)).into_server())
+        .add_service(AgentRevocationService::new(Arc::clone(state)).into_server())
 }
 
 /// Binds a public endpoint's listener.
@@ -917,10 +921,26 @@ async fn rotate(
             return;
         }
         let now = state.now();
-        match state.ca.rotate(now).await {
-            Ok(report) if report.changed() => tracing::info!(?report, "CA rotated"),
-            Ok(_) => {}
-            Err(error) => tracing::error!(%error, "CA rotation failed"),
+        let rotated = match state.ca.rotate(now).await {
+            Ok(report) if report.changed() => {
+                tracing::info!(?report, "CA rotated");
+                true
+            }
+            Ok(_) => false,
+            Err(error) => {
+                tracing::error!(%error, "CA rotation failed");
+                false
+            }
+        };
+        if rotated || state.revocations.due(now) {
+            state.refresh_revocations().await;
+        }
+        match state.store.prune_revocations(now).await {
+            Ok(0) => {}
+            Ok(pruned) => {
+                tracing::info!(pruned, "dropped revocations whose SVIDs have all expired")
+            }
+            Err(error) => tracing::warn!(%error, "pruning revocations failed"),
         }
         if let Err(error) = state.ca.check_key_files() {
             tracing::error!(%error, "checking the CA's key files failed");

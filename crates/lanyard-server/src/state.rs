@@ -20,6 +20,7 @@ use crate::ledger::Ledger;
 use crate::metrics::ServerMetrics;
 use crate::policy::PolicyHolder;
 use crate::relationships::BundleRefresh;
+use crate::revocations::RevocationState;
 
 /// A source of the current time; tests substitute a controllable one.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
@@ -48,6 +49,8 @@ pub struct ServerState {
     pub bundle_refresh: BundleRefresh,
     /// The counters of signing, attestation and policy decisions (see [`crate::metrics`]).
     pub metrics: ServerMetrics,
+    /// The CRLs and the newest revocation sequence.
+    pub revocations: RevocationState,
     clock: Clock,
     ledger: Option<Ledger>,
     rotation_requested: tokio::sync::Notify,
@@ -70,6 +73,8 @@ pub struct ChangePoint {
     /// Counts catch-ups that found a bundle changed (this trust domain's or a federated
     /// one). Not sent: it tells each change stream that its agent must hear of it.
     pub bundles: u64,
+    /// The highest revocation sequence (0 when there is none).
+    pub revocations: i64,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -153,7 +158,9 @@ impl ServerState {
                 revision,
                 sequence: 0,
                 bundles: 0,
+                revocations: 0,
             }),
+            revocations: RevocationState::new(),
             decision_context: std::sync::Mutex::default(),
             notices_held: std::sync::atomic::AtomicBool::new(false),
         })
@@ -251,9 +258,17 @@ impl ServerState {
         let revision = self.index.revision().await;
         let context_moved = self.decision_context_moved();
         let bundles_moved = !changed.bundles.is_empty();
+        if changed.revocations {
+            self.refresh_revocations().await;
+        }
+        let revocations = self.revocations.sequence();
         self.changes.send_if_modified(|announced| {
-            let moved = announced.revision < revision || context_moved || bundles_moved;
+            let moved = announced.revision < revision
+                || context_moved
+                || bundles_moved
+                || announced.revocations < revocations;
             announced.revision = announced.revision.max(revision);
+            announced.revocations = announced.revocations.max(revocations);
             if context_moved {
                 announced.sequence += 1;
             }
@@ -289,6 +304,7 @@ impl ServerState {
 
         let mut digest = std::collections::hash_map::DefaultHasher::new();
         point.bundles.hash(&mut digest);
+        point.revocations.hash(&mut digest);
         let standing = self
             .index
             .read()
@@ -347,6 +363,18 @@ impl ServerState {
     pub async fn written(&self) {
         if let Err(error) = self.catch_up().await {
             tracing::warn!(%error, "the authorization index could not catch up with the change log; retrying on the next pass");
+        }
+    }
+
+    /// Re-reads the revocations and signs the CRLs anew ([`RevocationState::refresh`]); a
+    /// failure is logged and the CRLs in force stay.
+    pub async fn refresh_revocations(&self) {
+        if let Err(error) = self
+            .revocations
+            .refresh(&*self.store, &self.ca, self.now())
+            .await
+        {
+            tracing::error!(%error, "could not refresh the revocation lists; the ones in force stay");
         }
     }
 

@@ -20,9 +20,13 @@ pub struct ChangeNotice {
     pub revision: i64,
     /// Counts the changes this server has seen that are not writes but still
     /// change what agents may obtain: a policy reloaded, an exception lapsing.
-    /// A notice that moves neither field is a keepalive.
+    /// A notice that moves none of the fields is a keepalive.
     #[prost(uint64, tag = "2")]
     pub sequence: u64,
+    /// The highest revocation sequence the server holds (0 when none): an agent
+    /// that has applied less asks for the revocations after its own.
+    #[prost(int64, tag = "3")]
+    pub revocation_sequence: i64,
 }
 impl ::prost::Name for ChangeNotice {
     const NAME: &'static str = "ChangeNotice";
@@ -3222,6 +3226,1180 @@ pub mod usage_service_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "lanyard.api.v1.UsageService";
     impl<T> tonic::server::NamedService for UsageServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// A revocation as stored.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Revocation {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// What it stops: "x509-serial" (one X.509-SVID by decimal serial),
+    /// "spiffe-id" or "entry" (every X.509-SVID of that SPIFFE ID or entry
+    /// issued before it was made), "agent" (every X.509-SVID issued to that
+    /// agent before, made with a ban of the agent) or "jwt-id" (one JWT-SVID by
+    /// its jti).
+    #[prost(string, tag = "2")]
+    pub kind: ::prost::alloc::string::String,
+    /// The serial, SPIFFE ID, entry ID, agent SPIFFE ID or jti.
+    #[prost(string, tag = "3")]
+    pub value: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub owner: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub ticket: ::prost::alloc::string::String,
+    #[prost(int64, tag = "7")]
+    pub created_at: i64,
+    #[prost(string, tag = "8")]
+    pub created_by: ::prost::alloc::string::String,
+    /// Every SVID it can cover has expired by then; it may be dropped after.
+    #[prost(int64, tag = "9")]
+    pub expires_at: i64,
+    /// Its place in the order revocations were made, from 1.
+    #[prost(int64, tag = "10")]
+    pub sequence: i64,
+}
+impl ::prost::Name for Revocation {
+    const NAME: &'static str = "Revocation";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.Revocation".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.Revocation".into()
+    }
+}
+/// An X.509-SVID serial that a revocation puts on the CRLs.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokedSerial {
+    /// Decimal.
+    #[prost(string, tag = "1")]
+    pub serial: ::prost::alloc::string::String,
+    /// The X.509 authority (subject key ID, hex) whose CRL lists it; empty:
+    /// every authority's.
+    #[prost(string, tag = "2")]
+    pub authority_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub revoked_at: i64,
+}
+impl ::prost::Name for RevokedSerial {
+    const NAME: &'static str = "RevokedSerial";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.RevokedSerial".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.RevokedSerial".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeRequest {
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub value: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub owner: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub ticket: ::prost::alloc::string::String,
+    #[prost(bool, tag = "6")]
+    pub dry_run: bool,
+}
+impl ::prost::Name for RevokeRequest {
+    const NAME: &'static str = "RevokeRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.RevokeRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.RevokeRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RevokeResponse {
+    /// As stored (or, with dry_run, as it would be, with sequence 0).
+    #[prost(message, optional, tag = "1")]
+    pub revocation: ::core::option::Option<Revocation>,
+    /// The serials it lists on the CRLs: named outright, or found in the
+    /// issuance ledger for the target. Agents add those they drop.
+    #[prost(message, repeated, tag = "2")]
+    pub serials: ::prost::alloc::vec::Vec<RevokedSerial>,
+    /// With kind "agent": whether the agent was banned by this call (false
+    /// when it was banned already).
+    #[prost(bool, tag = "3")]
+    pub banned: bool,
+}
+impl ::prost::Name for RevokeResponse {
+    const NAME: &'static str = "RevokeResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.RevokeResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.RevokeResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetRevocationRequest {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+}
+impl ::prost::Name for GetRevocationRequest {
+    const NAME: &'static str = "GetRevocationRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.GetRevocationRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.GetRevocationRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GetRevocationResponse {
+    #[prost(message, optional, tag = "1")]
+    pub revocation: ::core::option::Option<Revocation>,
+    #[prost(message, repeated, tag = "2")]
+    pub serials: ::prost::alloc::vec::Vec<RevokedSerial>,
+    /// Attested agents that have applied it.
+    #[prost(message, repeated, tag = "3")]
+    pub acknowledged: ::prost::alloc::vec::Vec<AgentAcknowledgement>,
+    /// Attested agents (not banned) that have not.
+    #[prost(string, repeated, tag = "4")]
+    pub pending_agent_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+impl ::prost::Name for GetRevocationResponse {
+    const NAME: &'static str = "GetRevocationResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.GetRevocationResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.GetRevocationResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentAcknowledgement {
+    #[prost(string, tag = "1")]
+    pub agent_id: ::prost::alloc::string::String,
+    /// The highest sequence the agent has applied.
+    #[prost(int64, tag = "2")]
+    pub sequence: i64,
+    #[prost(int64, tag = "3")]
+    pub acknowledged_at: i64,
+}
+impl ::prost::Name for AgentAcknowledgement {
+    const NAME: &'static str = "AgentAcknowledgement";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.AgentAcknowledgement".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.AgentAcknowledgement".into()
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListRevocationsRequest {}
+impl ::prost::Name for ListRevocationsRequest {
+    const NAME: &'static str = "ListRevocationsRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.ListRevocationsRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.ListRevocationsRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListRevocationsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub revocations: ::prost::alloc::vec::Vec<Revocation>,
+}
+impl ::prost::Name for ListRevocationsResponse {
+    const NAME: &'static str = "ListRevocationsResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.ListRevocationsResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.ListRevocationsResponse".into()
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FetchRevocationsRequest {
+    #[prost(int64, tag = "1")]
+    pub after_sequence: i64,
+    /// The CRL number of the lists the caller holds (0: none); the lists are sent
+    /// only when the server's are another.
+    #[prost(uint64, tag = "2")]
+    pub crl_number: u64,
+}
+impl ::prost::Name for FetchRevocationsRequest {
+    const NAME: &'static str = "FetchRevocationsRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.FetchRevocationsRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.FetchRevocationsRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct FetchRevocationsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub revocations: ::prost::alloc::vec::Vec<Revocation>,
+    /// The highest sequence given here, or the server's newest when all are
+    /// (0 when none): the caller asks next from it.
+    #[prost(int64, tag = "2")]
+    pub sequence: i64,
+    /// DER CRLs, one per X.509 authority whose key the server holds; empty when
+    /// the caller's crl_number is current.
+    #[prost(bytes = "vec", repeated, tag = "3")]
+    pub crls: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    /// The CRL number of the server's lists.
+    #[prost(uint64, tag = "4")]
+    pub crl_number: u64,
+}
+impl ::prost::Name for FetchRevocationsResponse {
+    const NAME: &'static str = "FetchRevocationsResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.FetchRevocationsResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.FetchRevocationsResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AcknowledgeRevocationsRequest {
+    #[prost(int64, tag = "1")]
+    pub sequence: i64,
+    #[prost(message, repeated, tag = "2")]
+    pub dropped: ::prost::alloc::vec::Vec<acknowledge_revocations_request::Dropped>,
+}
+/// Nested message and enum types in `AcknowledgeRevocationsRequest`.
+pub mod acknowledge_revocations_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct Dropped {
+        #[prost(string, tag = "1")]
+        pub revocation_id: ::prost::alloc::string::String,
+        #[prost(string, tag = "2")]
+        pub serial: ::prost::alloc::string::String,
+        #[prost(string, tag = "3")]
+        pub authority_id: ::prost::alloc::string::String,
+    }
+    impl ::prost::Name for Dropped {
+        const NAME: &'static str = "Dropped";
+        const PACKAGE: &'static str = "lanyard.api.v1";
+        fn full_name() -> ::prost::alloc::string::String {
+            "lanyard.api.v1.AcknowledgeRevocationsRequest.Dropped".into()
+        }
+        fn type_url() -> ::prost::alloc::string::String {
+            "type.googleapis.com/lanyard.api.v1.AcknowledgeRevocationsRequest.Dropped"
+                .into()
+        }
+    }
+}
+impl ::prost::Name for AcknowledgeRevocationsRequest {
+    const NAME: &'static str = "AcknowledgeRevocationsRequest";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.AcknowledgeRevocationsRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.AcknowledgeRevocationsRequest".into()
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AcknowledgeRevocationsResponse {}
+impl ::prost::Name for AcknowledgeRevocationsResponse {
+    const NAME: &'static str = "AcknowledgeRevocationsResponse";
+    const PACKAGE: &'static str = "lanyard.api.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "lanyard.api.v1.AcknowledgeRevocationsResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/lanyard.api.v1.AcknowledgeRevocationsResponse".into()
+    }
+}
+/// Generated client implementations.
+pub mod revocation_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Admin callers make and read revocations. Every revocation is audited.
+    #[derive(Debug, Clone)]
+    pub struct RevocationServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl RevocationServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> RevocationServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> RevocationServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            RevocationServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Makes a revocation; with dry_run, stores nothing and answers what it
+        /// would be and which serials it would list. INVALID_ARGUMENT for a bad
+        /// target or a missing owner or reason; NOT_FOUND for an entry or agent
+        /// that does not exist.
+        pub async fn revoke(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RevokeRequest>,
+        ) -> std::result::Result<tonic::Response<super::RevokeResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.RevocationService/Revoke",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lanyard.api.v1.RevocationService", "Revoke"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// One revocation, its serials, and which attested agents have applied it.
+        pub async fn get_revocation(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetRevocationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetRevocationResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.RevocationService/GetRevocation",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("lanyard.api.v1.RevocationService", "GetRevocation"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Every revocation still kept, in sequence order.
+        pub async fn list_revocations(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRevocationsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.RevocationService/ListRevocations",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "lanyard.api.v1.RevocationService",
+                        "ListRevocations",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod revocation_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with RevocationServiceServer.
+    #[async_trait]
+    pub trait RevocationService: std::marker::Send + std::marker::Sync + 'static {
+        /// Makes a revocation; with dry_run, stores nothing and answers what it
+        /// would be and which serials it would list. INVALID_ARGUMENT for a bad
+        /// target or a missing owner or reason; NOT_FOUND for an entry or agent
+        /// that does not exist.
+        async fn revoke(
+            &self,
+            request: tonic::Request<super::RevokeRequest>,
+        ) -> std::result::Result<tonic::Response<super::RevokeResponse>, tonic::Status>;
+        /// One revocation, its serials, and which attested agents have applied it.
+        async fn get_revocation(
+            &self,
+            request: tonic::Request<super::GetRevocationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetRevocationResponse>,
+            tonic::Status,
+        >;
+        /// Every revocation still kept, in sequence order.
+        async fn list_revocations(
+            &self,
+            request: tonic::Request<super::ListRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRevocationsResponse>,
+            tonic::Status,
+        >;
+    }
+    /// Admin callers make and read revocations. Every revocation is audited.
+    #[derive(Debug)]
+    pub struct RevocationServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> RevocationServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for RevocationServiceServer<T>
+    where
+        T: RevocationService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/lanyard.api.v1.RevocationService/Revoke" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeSvc<T: RevocationService>(pub Arc<T>);
+                    impl<
+                        T: RevocationService,
+                    > tonic::server::UnaryService<super::RevokeRequest>
+                    for RevokeSvc<T> {
+                        type Response = super::RevokeResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RevokeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RevocationService>::revoke(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.api.v1.RevocationService/GetRevocation" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetRevocationSvc<T: RevocationService>(pub Arc<T>);
+                    impl<
+                        T: RevocationService,
+                    > tonic::server::UnaryService<super::GetRevocationRequest>
+                    for GetRevocationSvc<T> {
+                        type Response = super::GetRevocationResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetRevocationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RevocationService>::get_revocation(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetRevocationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.api.v1.RevocationService/ListRevocations" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListRevocationsSvc<T: RevocationService>(pub Arc<T>);
+                    impl<
+                        T: RevocationService,
+                    > tonic::server::UnaryService<super::ListRevocationsRequest>
+                    for ListRevocationsSvc<T> {
+                        type Response = super::ListRevocationsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListRevocationsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RevocationService>::list_revocations(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListRevocationsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for RevocationServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "lanyard.api.v1.RevocationService";
+    impl<T> tonic::server::NamedService for RevocationServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod agent_revocation_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Called by an attested agent over its mTLS connection. A SPIRE server does
+    /// not have it (UNIMPLEMENTED); a Lanyard agent then goes without.
+    #[derive(Debug, Clone)]
+    pub struct AgentRevocationServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl AgentRevocationServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> AgentRevocationServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> AgentRevocationServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            AgentRevocationServiceClient::new(
+                InterceptedService::new(inner, interceptor),
+            )
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// The revocations numbered after after_sequence, and the CRL of each X.509
+        /// authority of the trust domain.
+        pub async fn fetch_revocations(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FetchRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FetchRevocationsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.AgentRevocationService/FetchRevocations",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "lanyard.api.v1.AgentRevocationService",
+                        "FetchRevocations",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// The caller has applied every revocation up to sequence; dropped lists the
+        /// X.509-SVIDs it held that they covered, so that the CRLs list them too.
+        pub async fn acknowledge_revocations(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AcknowledgeRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AcknowledgeRevocationsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lanyard.api.v1.AgentRevocationService/AcknowledgeRevocations",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "lanyard.api.v1.AgentRevocationService",
+                        "AcknowledgeRevocations",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod agent_revocation_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with AgentRevocationServiceServer.
+    #[async_trait]
+    pub trait AgentRevocationService: std::marker::Send + std::marker::Sync + 'static {
+        /// The revocations numbered after after_sequence, and the CRL of each X.509
+        /// authority of the trust domain.
+        async fn fetch_revocations(
+            &self,
+            request: tonic::Request<super::FetchRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FetchRevocationsResponse>,
+            tonic::Status,
+        >;
+        /// The caller has applied every revocation up to sequence; dropped lists the
+        /// X.509-SVIDs it held that they covered, so that the CRLs list them too.
+        async fn acknowledge_revocations(
+            &self,
+            request: tonic::Request<super::AcknowledgeRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AcknowledgeRevocationsResponse>,
+            tonic::Status,
+        >;
+    }
+    /// Called by an attested agent over its mTLS connection. A SPIRE server does
+    /// not have it (UNIMPLEMENTED); a Lanyard agent then goes without.
+    #[derive(Debug)]
+    pub struct AgentRevocationServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> AgentRevocationServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>>
+    for AgentRevocationServiceServer<T>
+    where
+        T: AgentRevocationService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/lanyard.api.v1.AgentRevocationService/FetchRevocations" => {
+                    #[allow(non_camel_case_types)]
+                    struct FetchRevocationsSvc<T: AgentRevocationService>(pub Arc<T>);
+                    impl<
+                        T: AgentRevocationService,
+                    > tonic::server::UnaryService<super::FetchRevocationsRequest>
+                    for FetchRevocationsSvc<T> {
+                        type Response = super::FetchRevocationsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FetchRevocationsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AgentRevocationService>::fetch_revocations(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = FetchRevocationsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lanyard.api.v1.AgentRevocationService/AcknowledgeRevocations" => {
+                    #[allow(non_camel_case_types)]
+                    struct AcknowledgeRevocationsSvc<T: AgentRevocationService>(
+                        pub Arc<T>,
+                    );
+                    impl<
+                        T: AgentRevocationService,
+                    > tonic::server::UnaryService<super::AcknowledgeRevocationsRequest>
+                    for AcknowledgeRevocationsSvc<T> {
+                        type Response = super::AcknowledgeRevocationsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AcknowledgeRevocationsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AgentRevocationService>::acknowledge_revocations(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AcknowledgeRevocationsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for AgentRevocationServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "lanyard.api.v1.AgentRevocationService";
+    impl<T> tonic::server::NamedService for AgentRevocationServiceServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }

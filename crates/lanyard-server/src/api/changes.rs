@@ -137,6 +137,7 @@ impl AgentChangeRpc for AgentChangeService {
                 let notice = ChangeNotice {
                     revision: announced.revision,
                     sequence: announced.sequence,
+                    revocation_sequence: announced.revocations,
                 };
                 tokio::select! {
                     sent = notices.send(Ok(notice)) => {

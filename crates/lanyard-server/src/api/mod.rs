@@ -15,6 +15,7 @@ pub mod governed;
 pub mod localauthority;
 pub mod metadata;
 pub mod paging;
+pub mod revocation;
 pub mod svid;
 pub mod trustdomain;
 pub mod usage;

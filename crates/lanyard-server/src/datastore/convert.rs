@@ -85,6 +85,39 @@ pub(crate) fn normalize_exception(mut exception: Exception) -> Result<Exception>
     Ok(exception)
 }
 
+/// The revocation as a store keeps it: checked, times truncated to whole seconds.
+pub(crate) fn normalize_revocation(
+    mut revocation: lanyard_core::revocation::Revocation,
+) -> Result<lanyard_core::revocation::Revocation> {
+    if revocation.id.is_empty() {
+        return Err(DatastoreError::Invalid("revocation: empty ID".to_owned()));
+    }
+    revocation.created_at = whole_second(revocation.created_at)?;
+    revocation.expires_at = whole_second(revocation.expires_at)?;
+    revocation
+        .validate()
+        .map_err(|e| DatastoreError::Invalid(format!("revocation: {e}")))?;
+    Ok(revocation)
+}
+
+/// Revoked serials as a store keeps them: serials checked and without leading zeros, times
+/// truncated to whole seconds.
+pub(crate) fn normalize_revoked_serials(
+    serials: &[lanyard_core::revocation::RevokedSerial],
+) -> Result<Vec<lanyard_core::revocation::RevokedSerial>> {
+    serials
+        .iter()
+        .map(|s| {
+            Ok(lanyard_core::revocation::RevokedSerial {
+                serial: lanyard_core::revocation::normalize_serial(&s.serial)
+                    .map_err(|e| DatastoreError::Invalid(e.to_string()))?,
+                authority_id: s.authority_id.clone(),
+                revoked_at: whole_second(s.revoked_at)?,
+            })
+        })
+        .collect()
+}
+
 /// The agent as a store gives it back: times truncated to whole seconds.
 pub(crate) fn normalize_agent(mut agent: AttestedAgent) -> Result<AttestedAgent> {
     agent.not_after = whole_second(agent.not_after)?;

@@ -9,11 +9,12 @@ use lanyard_core::bundle::TrustBundle;
 use lanyard_core::bundle_fetch::{FetchedBundleChange, compare_fetched};
 use lanyard_core::federation::{FederationRelationship, RelationshipMask};
 use lanyard_core::policy::Exception;
+use lanyard_core::revocation::{Revocation, RevocationAck, RevokedSerial};
 use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
 
 use super::convert::{
-    checked_bundle, normalize_agent, normalize_entry, normalize_exception, whole_second,
-    with_stored_bundle,
+    checked_bundle, normalize_agent, normalize_entry, normalize_exception, normalize_revocation,
+    normalize_revoked_serials, whole_second, with_stored_bundle,
 };
 use super::governance::usage_record;
 use super::{
@@ -44,6 +45,14 @@ struct State {
     exceptions: BTreeMap<String, Exception>,
     issuances: BTreeMap<(IssuanceKind, String), Issuance>,
     served: BTreeMap<(String, String), SystemTime>,
+    /// By ID.
+    revocations: BTreeMap<String, Revocation>,
+    /// By revocation ID, then serial.
+    revoked_serials: BTreeMap<String, BTreeMap<String, RevokedSerial>>,
+    /// By agent ID.
+    revocation_acks: BTreeMap<String, RevocationAck>,
+    /// The last revocation sequence given.
+    revocation_sequence: i64,
 }
 
 impl State {
@@ -861,6 +870,142 @@ impl Datastore for MemoryStore {
             }
         }
         Ok(usage.into_values().collect())
+    }
+
+    async fn create_revocation(
+        &self,
+        revocation: Revocation,
+        serials: &[RevokedSerial],
+    ) -> Result<Revocation> {
+        let mut revocation = normalize_revocation(revocation)?;
+        let serials = normalize_revoked_serials(serials)?;
+        let mut state = self.lock();
+        if state.revocations.contains_key(&revocation.id) {
+            return Err(DatastoreError::exists(format!(
+                "revocation {:?}",
+                revocation.id
+            )));
+        }
+        state.revocation_sequence += 1;
+        revocation.sequence = state.revocation_sequence;
+        let listed = state
+            .revoked_serials
+            .entry(revocation.id.clone())
+            .or_default();
+        for serial in serials {
+            listed.entry(serial.serial.clone()).or_insert(serial);
+        }
+        state
+            .revocations
+            .insert(revocation.id.clone(), revocation.clone());
+        state.record(
+            ChangeKind::Created,
+            ChangeSubject::Revocation(revocation.id.clone()),
+        );
+        Ok(revocation)
+    }
+
+    async fn get_revocation(&self, id: &str) -> Result<Option<Revocation>> {
+        Ok(self.lock().revocations.get(id).cloned())
+    }
+
+    async fn list_revocations(&self, after_sequence: i64) -> Result<Vec<Revocation>> {
+        let mut out: Vec<Revocation> = self
+            .lock()
+            .revocations
+            .values()
+            .filter(|r| r.sequence > after_sequence)
+            .cloned()
+            .collect();
+        out.sort_by_key(|r| r.sequence);
+        Ok(out)
+    }
+
+    async fn add_revoked_serials(
+        &self,
+        revocation_id: &str,
+        serials: &[RevokedSerial],
+    ) -> Result<()> {
+        let serials = normalize_revoked_serials(serials)?;
+        let mut state = self.lock();
+        if !state.revocations.contains_key(revocation_id) {
+            return Err(not_found("revocation", revocation_id));
+        }
+        let listed = state
+            .revoked_serials
+            .entry(revocation_id.to_owned())
+            .or_default();
+        let mut added = false;
+        for serial in serials {
+            if !listed.contains_key(&serial.serial) {
+                listed.insert(serial.serial.clone(), serial);
+                added = true;
+            }
+        }
+        if added {
+            state.record(
+                ChangeKind::Updated,
+                ChangeSubject::Revocation(revocation_id.to_owned()),
+            );
+        }
+        Ok(())
+    }
+
+    async fn list_revoked_serials(
+        &self,
+        revocation_id: Option<&str>,
+    ) -> Result<Vec<RevokedSerial>> {
+        let state = self.lock();
+        let mut out: Vec<RevokedSerial> = state
+            .revoked_serials
+            .iter()
+            .filter(|(id, _)| revocation_id.is_none_or(|wanted| wanted == id.as_str()))
+            .flat_map(|(_, serials)| serials.values().cloned())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn acknowledge_revocations(
+        &self,
+        agent_id: &SpiffeId,
+        sequence: i64,
+        at: SystemTime,
+    ) -> Result<()> {
+        let at = whole_second(at)?;
+        let mut state = self.lock();
+        let ack = state
+            .revocation_acks
+            .entry(agent_id.as_str().to_owned())
+            .or_insert_with(|| RevocationAck {
+                agent_id: agent_id.clone(),
+                sequence,
+                acked_at: at,
+            });
+        if sequence >= ack.sequence {
+            ack.sequence = sequence;
+            ack.acked_at = at;
+        }
+        Ok(())
+    }
+
+    async fn list_revocation_acks(&self) -> Result<Vec<RevocationAck>> {
+        Ok(self.lock().revocation_acks.values().cloned().collect())
+    }
+
+    async fn prune_revocations(&self, expired_before: SystemTime) -> Result<u64> {
+        let mut state = self.lock();
+        let gone: Vec<String> = state
+            .revocations
+            .values()
+            .filter(|r| r.expires_at < expired_before)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in &gone {
+            state.revocations.remove(id);
+            state.revoked_serials.remove(id);
+        }
+        Ok(gone.len() as u64)
     }
 }
 

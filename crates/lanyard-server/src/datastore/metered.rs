@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime};
 use lanyard_core::bundle::TrustBundle;
 use lanyard_core::federation::{FederationRelationship, RelationshipMask};
 use lanyard_core::policy::Exception;
+use lanyard_core::revocation::{Revocation, RevocationAck, RevokedSerial};
 use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
 use lanyard_metrics::Outcome;
 use prometheus_client::metrics::family::Family;
@@ -162,6 +163,14 @@ metered! {
     async fn prune_issuances(&self, issued_before: SystemTime) -> Result<u64>;
     async fn record_served(&self, agent_id: &SpiffeId, served: &[(String, SystemTime)]) -> Result<()>;
     async fn list_usage(&self, entry_ids: &[String]) -> Result<Vec<EntryUsage>>;
+    async fn create_revocation(&self, revocation: Revocation, serials: &[RevokedSerial]) -> Result<Revocation>;
+    async fn get_revocation(&self, id: &str) -> Result<Option<Revocation>>;
+    async fn list_revocations(&self, after_sequence: i64) -> Result<Vec<Revocation>>;
+    async fn add_revoked_serials(&self, revocation_id: &str, serials: &[RevokedSerial]) -> Result<()>;
+    async fn list_revoked_serials(&self, revocation_id: Option<&str>) -> Result<Vec<RevokedSerial>>;
+    async fn acknowledge_revocations(&self, agent_id: &SpiffeId, sequence: i64, at: SystemTime) -> Result<()>;
+    async fn list_revocation_acks(&self) -> Result<Vec<RevocationAck>>;
+    async fn prune_revocations(&self, expired_before: SystemTime) -> Result<u64>;
 }
 
 #[cfg(test)]

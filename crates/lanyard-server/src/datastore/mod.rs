@@ -22,6 +22,7 @@ use lanyard_core::bundle::TrustBundle;
 use lanyard_core::bundle_fetch::FetchedBundleChange;
 use lanyard_core::federation::{FederationRelationship, RelationshipMask};
 use lanyard_core::policy::Exception;
+use lanyard_core::revocation::{Revocation, RevocationAck, RevokedSerial};
 use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
 
 mod convert;
@@ -382,6 +383,8 @@ pub enum ChangeSubject {
     Exception(String),
     /// A federation relationship, by its foreign trust domain.
     FederationRelationship(TrustDomain),
+    /// A revocation, by ID.
+    Revocation(String),
 }
 
 impl ChangeSubject {
@@ -392,6 +395,7 @@ impl ChangeSubject {
             Self::Bundle(_) => "bundle",
             Self::Exception(_) => "exception",
             Self::FederationRelationship(_) => "federation_relationship",
+            Self::Revocation(_) => "revocation",
         }
     }
 
@@ -400,7 +404,7 @@ impl ChangeSubject {
             Self::Entry(id) => id.as_str(),
             Self::Agent(id) => id.as_str(),
             Self::Bundle(td) | Self::FederationRelationship(td) => td.name(),
-            Self::Exception(id) => id,
+            Self::Exception(id) | Self::Revocation(id) => id,
         }
     }
 
@@ -418,6 +422,7 @@ impl ChangeSubject {
                 .map(Self::Bundle)
                 .map_err(|e| corrupt(&e)),
             "exception" if !key.is_empty() => Ok(Self::Exception(key.to_owned())),
+            "revocation" if !key.is_empty() => Ok(Self::Revocation(key.to_owned())),
             "federation_relationship" => TrustDomain::new(key)
                 .map(Self::FederationRelationship)
                 .map_err(|e| corrupt(&e)),
@@ -763,6 +768,51 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// Usage per entry and agent, ordered by entry ID then agent ID: every pair with an
     /// issuance in the ledger or a report of serving. Only `entry_ids` when not empty.
     async fn list_usage(&self, entry_ids: &[String]) -> Result<Vec<EntryUsage>>;
+
+    // Revocations.
+
+    /// Stores `revocation` with the serials it puts on the CRLs, numbered after every earlier
+    /// one (its `sequence` is assigned here), and logs its creation. An existing ID is
+    /// [`DatastoreError::AlreadyExists`].
+    async fn create_revocation(
+        &self,
+        revocation: Revocation,
+        serials: &[RevokedSerial],
+    ) -> Result<Revocation>;
+
+    /// The revocation with this ID, if any.
+    async fn get_revocation(&self, id: &str) -> Result<Option<Revocation>>;
+
+    /// The revocations numbered after `after_sequence`, in order.
+    async fn list_revocations(&self, after_sequence: i64) -> Result<Vec<Revocation>>;
+
+    /// Adds serials to the revocation `revocation_id` (those its agents report having
+    /// dropped); a serial it lists already is left as it is. Logs an update when one is new.
+    async fn add_revoked_serials(
+        &self,
+        revocation_id: &str,
+        serials: &[RevokedSerial],
+    ) -> Result<()>;
+
+    /// The serials of one revocation, or with `None` of every revocation, ordered by serial.
+    async fn list_revoked_serials(&self, revocation_id: Option<&str>)
+    -> Result<Vec<RevokedSerial>>;
+
+    /// Records that `agent_id` has applied every revocation up to `sequence` at `at`; a lower
+    /// sequence than the one recorded leaves the record as it is.
+    async fn acknowledge_revocations(
+        &self,
+        agent_id: &SpiffeId,
+        sequence: i64,
+        at: SystemTime,
+    ) -> Result<()>;
+
+    /// Every agent's acknowledgement, ordered by agent ID.
+    async fn list_revocation_acks(&self) -> Result<Vec<RevocationAck>>;
+
+    /// Deletes the revocations that expired before `expired_before`, with their serials;
+    /// returns how many.
+    async fn prune_revocations(&self, expired_before: SystemTime) -> Result<u64>;
 }
 
 /// The error for a record that is not there, naming it.

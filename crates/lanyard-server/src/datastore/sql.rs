@@ -22,6 +22,7 @@ use lanyard_core::bundle::TrustBundle;
 use lanyard_core::bundle_fetch::FetchedBundleChange;
 use lanyard_core::federation::{BundleEndpointProfile, FederationRelationship, RelationshipMask};
 use lanyard_core::policy::Exception;
+use lanyard_core::revocation::{Revocation, RevocationAck, RevocationTarget, RevokedSerial};
 use lanyard_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId, TrustDomain};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
@@ -32,8 +33,8 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::convert::{
     BundleRecord, JwtAuthorityRecord, X509AuthorityRecord, checked_bundle, duration_seconds,
-    from_unix_seconds, normalize_agent, normalize_entry, normalize_exception, seconds_duration,
-    unix_seconds, whole_second, with_stored_bundle,
+    from_unix_seconds, normalize_agent, normalize_entry, normalize_exception, normalize_revocation,
+    normalize_revoked_serials, seconds_duration, unix_seconds, whole_second, with_stored_bundle,
 };
 use super::governance::usage_record;
 use super::{

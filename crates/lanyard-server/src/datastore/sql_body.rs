@@ -1780,6 +1780,215 @@ impl Datastore for Store {
         tx.commit().await?;
         Ok(usage.into_values().collect())
     }
+
+    async fn create_revocation(
+        &self,
+        revocation: Revocation,
+        serials: &[RevokedSerial],
+    ) -> Result<Revocation> {
+        let mut revocation = normalize_revocation(revocation)?;
+        let serials = normalize_revoked_serials(serials)?;
+        let mut tx = self.write().await?;
+        // Writes are serialized, so the next number is the last one given plus one; the last
+        // is kept apart from the rows, so that a number is never given twice after a prune.
+        let given: Option<Vec<u8>> = sqlx::query_scalar(q("SELECT value FROM meta WHERE key = ?"))
+            .bind(REVOCATION_SEQUENCE_KEY)
+            .fetch_optional(tx.conn())
+            .await?;
+        let given = given
+            .map(|bytes| {
+                std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(|text| text.parse::<i64>().ok())
+                    .ok_or_else(|| corrupt("revocation sequence", "not a number"))
+            })
+            .transpose()?
+            .unwrap_or(0);
+        let last: Option<i64> = sqlx::query_scalar(q("SELECT MAX(sequence) FROM revocations"))
+            .fetch_one(tx.conn())
+            .await?;
+        revocation.sequence = given.max(last.unwrap_or(0)) + 1;
+        sqlx::query(q(
+            "INSERT INTO meta (key, value) VALUES (?, ?) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        ))
+        .bind(REVOCATION_SEQUENCE_KEY)
+        .bind(revocation.sequence.to_string().into_bytes())
+        .execute(&mut *tx.conn())
+        .await?;
+        let inserted = sqlx::query(q(
+            "INSERT INTO revocations (id, sequence, kind, value, owner, reason, ticket, \
+             created_at, created_by, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO NOTHING",
+        ))
+        .bind(revocation.id.as_str())
+        .bind(revocation.sequence)
+        .bind(revocation.target.kind())
+        .bind(revocation.target.value())
+        .bind(revocation.owner.as_str())
+        .bind(revocation.reason.as_str())
+        .bind(revocation.ticket.as_str())
+        .bind(unix_seconds(revocation.created_at)?)
+        .bind(revocation.created_by.as_str())
+        .bind(unix_seconds(revocation.expires_at)?)
+        .execute(&mut *tx.conn())
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(DatastoreError::exists(format!(
+                "revocation {:?}",
+                revocation.id
+            )));
+        }
+        insert_revoked_serials(tx.conn(), &revocation.id, &serials).await?;
+        record_change(
+            tx.conn(),
+            ChangeKind::Created,
+            &ChangeSubject::Revocation(revocation.id.clone()),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(revocation)
+    }
+
+    async fn get_revocation(&self, id: &str) -> Result<Option<Revocation>> {
+        sqlx::query(q(concat!(
+            "SELECT ",
+            revocation_columns!(),
+            " FROM revocations WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(revocation_from_row)
+        .transpose()
+    }
+
+    async fn list_revocations(&self, after_sequence: i64) -> Result<Vec<Revocation>> {
+        sqlx::query(q(concat!(
+            "SELECT ",
+            revocation_columns!(),
+            " FROM revocations WHERE sequence > ? ORDER BY sequence"
+        )))
+        .bind(after_sequence)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(revocation_from_row)
+        .collect()
+    }
+
+    async fn add_revoked_serials(
+        &self,
+        revocation_id: &str,
+        serials: &[RevokedSerial],
+    ) -> Result<()> {
+        let serials = normalize_revoked_serials(serials)?;
+        let mut tx = self.write().await?;
+        let exists: Option<i64> =
+            sqlx::query_scalar(q("SELECT sequence FROM revocations WHERE id = ?"))
+                .bind(revocation_id)
+                .fetch_optional(tx.conn())
+                .await?;
+        if exists.is_none() {
+            return Err(not_found("revocation", revocation_id));
+        }
+        let added = insert_revoked_serials(tx.conn(), revocation_id, &serials).await?;
+        if added > 0 {
+            record_change(
+                tx.conn(),
+                ChangeKind::Updated,
+                &ChangeSubject::Revocation(revocation_id.to_owned()),
+            )
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    async fn list_revoked_serials(
+        &self,
+        revocation_id: Option<&str>,
+    ) -> Result<Vec<RevokedSerial>> {
+        let mut builder: QueryBuilder<Db> = QueryBuilder::new(
+            "SELECT serial, authority_id, revoked_at FROM revoked_serials",
+        );
+        if let Some(id) = revocation_id {
+            builder
+                .push(" WHERE revocation_id = ")
+                .push_bind(id.to_owned());
+        }
+        let rows = builder.build().fetch_all(&self.pool).await?;
+        let mut out = rows
+            .iter()
+            .map(|row| {
+                Ok(RevokedSerial {
+                    serial: row.try_get("serial")?,
+                    authority_id: row.try_get("authority_id")?,
+                    revoked_at: from_unix_seconds(row.try_get("revoked_at")?)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.sort();
+        Ok(out)
+    }
+
+    async fn acknowledge_revocations(
+        &self,
+        agent_id: &SpiffeId,
+        sequence: i64,
+        at: SystemTime,
+    ) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(q(
+            "INSERT INTO revocation_acks (agent_id, sequence, acked_at) VALUES (?, ?, ?) \
+             ON CONFLICT (agent_id) DO UPDATE SET sequence = excluded.sequence, \
+             acked_at = excluded.acked_at WHERE excluded.sequence >= revocation_acks.sequence",
+        ))
+        .bind(agent_id.as_str())
+        .bind(sequence)
+        .bind(unix_seconds(at)?)
+        .execute(&mut *tx.conn())
+        .await?;
+        tx.commit().await
+    }
+
+    async fn list_revocation_acks(&self) -> Result<Vec<RevocationAck>> {
+        sqlx::query(q(
+            "SELECT agent_id, sequence, acked_at FROM revocation_acks ORDER BY agent_id",
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            let agent_id: String = row.try_get("agent_id")?;
+            Ok(RevocationAck {
+                agent_id: agent_id
+                    .parse()
+                    .map_err(|e| corrupt("acknowledging agent ID", e))?,
+                sequence: row.try_get("sequence")?,
+                acked_at: from_unix_seconds(row.try_get("acked_at")?)?,
+            })
+        })
+        .collect()
+    }
+
+    async fn prune_revocations(&self, expired_before: SystemTime) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let before = unix_seconds(expired_before)?;
+        sqlx::query(q(
+            "DELETE FROM revoked_serials WHERE revocation_id IN \
+             (SELECT id FROM revocations WHERE expires_at < ?)",
+        ))
+        .bind(before)
+        .execute(&mut *tx.conn())
+        .await?;
+        let done = sqlx::query(q("DELETE FROM revocations WHERE expires_at < ?"))
+            .bind(before)
+            .execute(&mut *tx.conn())
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
 }
 
 impl Store {
@@ -1805,6 +2014,61 @@ impl Store {
         tx.commit().await?;
         Ok(agent)
     }
+}
+
+/// The `meta` key holding the last revocation sequence given.
+const REVOCATION_SEQUENCE_KEY: &str = "revocation_sequence";
+
+macro_rules! revocation_columns {
+    () => {
+        "id, sequence, kind, value, owner, reason, ticket, created_at, created_by, expires_at"
+    };
+}
+use revocation_columns;
+
+fn revocation_from_row(row: &DbRow) -> Result<Revocation> {
+    let kind: String = row.try_get("kind")?;
+    let value: String = row.try_get("value")?;
+    Ok(Revocation {
+        id: row.try_get("id")?,
+        target: RevocationTarget::parse(&kind, &value)
+            .map_err(|e| corrupt("revocation target", e))?,
+        owner: row.try_get("owner")?,
+        reason: row.try_get("reason")?,
+        ticket: row.try_get("ticket")?,
+        created_at: from_unix_seconds(row.try_get("created_at")?)?,
+        created_by: row.try_get("created_by")?,
+        expires_at: from_unix_seconds(row.try_get("expires_at")?)?,
+        sequence: row.try_get("sequence")?,
+    })
+}
+
+/// Inserts the serials a revocation lists that it does not list yet; returns how many.
+async fn insert_revoked_serials(
+    conn: &mut Conn,
+    revocation_id: &str,
+    serials: &[RevokedSerial],
+) -> Result<u64> {
+    let mut added = 0;
+    // 4 parameters per row, well under either database's limit.
+    for chunk in serials.chunks(1000) {
+        let mut builder: QueryBuilder<Db> = QueryBuilder::new(
+            "INSERT INTO revoked_serials (revocation_id, serial, authority_id, revoked_at) ",
+        );
+        let mut rows = Vec::with_capacity(chunk.len());
+        for serial in chunk {
+            rows.push((serial, unix_seconds(serial.revoked_at)?));
+        }
+        builder.push_values(rows, |mut row, (serial, revoked_at)| {
+            row.push_bind(revocation_id.to_owned())
+                .push_bind(serial.serial.clone())
+                .push_bind(serial.authority_id.clone())
+                .push_bind(revoked_at);
+        });
+        builder.push(" ON CONFLICT (revocation_id, serial) DO NOTHING");
+        added += builder.build().execute(&mut *conn).await?.rows_affected();
+    }
+    Ok(added)
 }
 
 macro_rules! exception_columns {

@@ -37,6 +37,9 @@ pub const TABLES: &[&str] = &[
     "issuances",
     "entry_usage",
     "federation_relationships",
+    "revocations",
+    "revoked_serials",
+    "revocation_acks",
 ];
 
 /// Rows per `INSERT` while copying.

@@ -18,6 +18,7 @@ use lanyard_core::federation::{
     BundleEndpointProfile, FederationRelationship, HTTPS_SPIFFE, RelationshipMask,
 };
 use lanyard_core::policy::Exception;
+use lanyard_core::revocation::{Revocation, RevocationTarget, RevokedSerial};
 use lanyard_core::x509::{CaSubject, create_self_signed_ca};
 use lanyard_core::{
     EntryId, KeyPair, KeyType, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain,
@@ -105,6 +106,7 @@ conformance!(
     federation_relationship_paging_and_change_log,
     ledger_records_lists_pages_and_prunes,
     usage_merges_issuances_and_reports,
+    revocations_are_numbered_list_their_serials_and_record_acknowledgements,
 );
 
 // ----- fixtures -----
@@ -2385,6 +2387,189 @@ async fn exceptions_round_trip(store: Store) {
         Err(DatastoreError::NotFound(_))
     ));
     assert!(store.get_exception("missing").await.unwrap().is_none());
+}
+
+fn sample_revocation(id: &str, target: RevocationTarget) -> Revocation {
+    Revocation {
+        id: id.to_owned(),
+        target,
+        owner: "security".to_owned(),
+        reason: "key leaked".to_owned(),
+        ticket: "INC-7".to_owned(),
+        created_at: at(1_900_000_000) + Duration::from_millis(300),
+        created_by: "local uid 0".to_owned(),
+        expires_at: at(1_900_086_400),
+        sequence: 0,
+    }
+}
+
+fn revoked(serial: &str, authority: &str) -> RevokedSerial {
+    RevokedSerial {
+        serial: serial.to_owned(),
+        authority_id: authority.to_owned(),
+        revoked_at: at(1_900_000_000) + Duration::from_millis(900),
+    }
+}
+
+async fn revocations_are_numbered_list_their_serials_and_record_acknowledgements(store: Store) {
+    let by_id = RevocationTarget::SpiffeId(spiffe("/web"));
+    let first = store
+        .create_revocation(
+            sample_revocation("r1", by_id.clone()),
+            &[revoked("0012", "aa"), revoked("7", "bb")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.sequence, 1);
+    // Times come back whole seconds; serials without leading zeros.
+    assert_eq!(first.created_at, at(1_900_000_000));
+    assert_eq!(
+        store.get_revocation("r1").await.unwrap(),
+        Some(first.clone())
+    );
+    let second = store
+        .create_revocation(
+            sample_revocation("r2", RevocationTarget::JwtId("j-1".to_owned())),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.sequence, 2);
+    assert!(matches!(
+        store
+            .create_revocation(sample_revocation("r1", by_id.clone()), &[])
+            .await,
+        Err(DatastoreError::AlreadyExists { .. })
+    ));
+    // A record without a reason, or with a bad serial, is refused and takes no number.
+    let mut bad = sample_revocation("r3", by_id.clone());
+    bad.reason.clear();
+    assert!(matches!(
+        store.create_revocation(bad, &[]).await,
+        Err(DatastoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        store
+            .create_revocation(sample_revocation("r3", by_id.clone()), &[revoked("x1", "")])
+            .await,
+        Err(DatastoreError::Invalid(_))
+    ));
+    let ids = |list: Vec<Revocation>| {
+        list.into_iter()
+            .map(|r| (r.id, r.sequence))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(store.list_revocations(0).await.unwrap()),
+        [("r1".to_owned(), 1), ("r2".to_owned(), 2)]
+    );
+    assert_eq!(
+        ids(store.list_revocations(1).await.unwrap()),
+        [("r2".to_owned(), 2)]
+    );
+    assert!(store.list_revocations(2).await.unwrap().is_empty());
+
+    let serials = |list: Vec<RevokedSerial>| {
+        list.into_iter()
+            .map(|s| (s.serial, s.authority_id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        serials(store.list_revoked_serials(Some("r1")).await.unwrap()),
+        [
+            ("12".to_owned(), "aa".to_owned()),
+            ("7".to_owned(), "bb".to_owned())
+        ]
+    );
+    // Agents add serials; one listed already stays as it was.
+    store
+        .add_revoked_serials("r1", &[revoked("12", "zz"), revoked("99", "")])
+        .await
+        .unwrap();
+    assert_eq!(
+        serials(store.list_revoked_serials(None).await.unwrap()),
+        [
+            ("12".to_owned(), "aa".to_owned()),
+            ("7".to_owned(), "bb".to_owned()),
+            ("99".to_owned(), String::new()),
+        ]
+    );
+    assert!(matches!(
+        store
+            .add_revoked_serials("missing", &[revoked("1", "")])
+            .await,
+        Err(DatastoreError::NotFound(_))
+    ));
+    // Creation and each addition that brought a new serial are in the change log.
+    let changes: Vec<(ChangeKind, ChangeSubject)> = store
+        .changes_since(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.kind, c.subject))
+        .collect();
+    let r = |id: &str| ChangeSubject::Revocation(id.to_owned());
+    assert_eq!(
+        changes,
+        [
+            (ChangeKind::Created, r("r1")),
+            (ChangeKind::Created, r("r2")),
+            (ChangeKind::Updated, r("r1")),
+        ]
+    );
+    store
+        .add_revoked_serials("r1", &[revoked("99", "")])
+        .await
+        .unwrap();
+    assert_eq!(store.changes_since(0).await.unwrap().len(), 3);
+
+    // Acknowledgements only move forward.
+    let agent = spiffe("/spire/agent/a");
+    store
+        .acknowledge_revocations(&agent, 2, at(1_900_000_010))
+        .await
+        .unwrap();
+    store
+        .acknowledge_revocations(&agent, 1, at(1_900_000_020))
+        .await
+        .unwrap();
+    store
+        .acknowledge_revocations(&spiffe("/spire/agent/b"), 1, at(1_900_000_030))
+        .await
+        .unwrap();
+    let acks: Vec<(String, i64, SystemTime)> = store
+        .list_revocation_acks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.agent_id.to_string(), a.sequence, a.acked_at))
+        .collect();
+    assert_eq!(
+        acks,
+        [
+            (agent.to_string(), 2, at(1_900_000_010)),
+            (spiffe("/spire/agent/b").to_string(), 1, at(1_900_000_030)),
+        ]
+    );
+
+    // Pruning drops what expired, with its serials.
+    let mut short = sample_revocation("r0", RevocationTarget::X509Serial("5".to_owned()));
+    short.expires_at = at(1_900_000_500);
+    let short = store
+        .create_revocation(short, &[revoked("5", "")])
+        .await
+        .unwrap();
+    assert_eq!(short.sequence, 3);
+    assert_eq!(store.prune_revocations(at(1_900_001_000)).await.unwrap(), 1);
+    assert!(store.get_revocation("r0").await.unwrap().is_none());
+    assert_eq!(store.list_revoked_serials(Some("r0")).await.unwrap(), []);
+    assert_eq!(store.list_revocations(0).await.unwrap().len(), 2);
+    // A number is never given twice, even once its revocation is gone.
+    let next = store
+        .create_revocation(sample_revocation("r4", by_id), &[])
+        .await
+        .unwrap();
+    assert_eq!(next.sequence, 4);
 }
 
 fn issuance(

@@ -22,6 +22,7 @@ mod oidc_discovery;
 mod pg;
 mod postgres;
 mod rate_limits;
+mod revocation;
 mod support;
 mod svid_bundle_api;
 mod trust_domain_api;
