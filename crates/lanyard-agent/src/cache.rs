@@ -64,6 +64,12 @@ pub struct Snapshot {
     /// Whether the agent has completed at least one sync since it started; before that an
     /// empty entry list does not yet mean "no identity".
     pub synced: bool,
+    /// The trust domain's certificate revocation lists (DER), one per X.509 authority whose
+    /// key the server holds; empty when the server gives none (SPIRE's).
+    pub crls: Arc<Vec<Vec<u8>>>,
+    /// Revoked JWT-SVID IDs, each until its revocation expires: never handed out, refused by
+    /// `ValidateJWTSVID`.
+    pub revoked_jtis: Arc<BTreeMap<String, SystemTime>>,
 }
 
 impl Snapshot {
@@ -76,7 +82,14 @@ impl Snapshot {
             entries: Vec::new(),
             identities: BTreeMap::new(),
             synced: false,
+            crls: Arc::default(),
+            revoked_jtis: Arc::default(),
         }
+    }
+
+    /// Whether the JWT-SVID with this `jti` is revoked at `now`.
+    pub fn jti_revoked(&self, jti: &str, now: SystemTime) -> bool {
+        self.revoked_jtis.get(jti).is_some_and(|until| *until > now)
     }
 
     /// The entries whose selectors are all among `selectors`, in SPIRE's order (oldest

@@ -24,6 +24,7 @@ mod jwt;
 mod machine;
 mod push;
 mod report;
+mod revoke;
 mod runner;
 mod storage;
 mod sync;

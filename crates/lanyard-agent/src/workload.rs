@@ -129,6 +129,9 @@ pub enum WorkloadError {
     /// The JWT-SVID did not validate.
     #[error("{0}")]
     InvalidToken(JwtError),
+    /// The JWT-SVID validated but its ID is revoked.
+    #[error("token has been revoked (jti {0:?})")]
+    RevokedToken(String),
     /// A JWT-SVID could not be minted.
     #[error("could not fetch JWT-SVID: {0}")]
     JwtMint(JwtMintError),
@@ -160,7 +163,8 @@ impl WorkloadError {
             | Self::NoAudience
             | Self::NoSvid
             | Self::InvalidSpiffeId(_)
-            | Self::InvalidToken(_) => Status::invalid_argument(message),
+            | Self::InvalidToken(_)
+            | Self::RevokedToken(_) => Status::invalid_argument(message),
             Self::CallerUnknown(_) => Status::internal(message),
             Self::Attestation(error) if error.is_caller_unverified() => Status::unauthenticated(
                 format!("could not verify existence of the original caller: {error}"),
@@ -609,7 +613,7 @@ fn x509_svid_step(
     Step::Send {
         message: X509svidResponse {
             svids,
-            crl: Vec::new(),
+            crl: snapshot.crls.as_ref().clone(),
             federated_bundles,
         },
         recheck_at,
@@ -731,6 +735,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             "FetchX509Bundles",
             caller,
             move |snapshot, _| {
+                let crls = Arc::clone(&snapshot.crls);
                 map_step(
                     bundles_step(
                         snapshot,
@@ -738,7 +743,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         TrustBundle::x509_authorities_der_concat,
                     ),
                     |bundles| X509BundlesResponse {
-                        crl: Vec::new(),
+                        crl: crls.as_ref().clone(),
                         bundles,
                     },
                 )
@@ -843,6 +848,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         };
         let validated = validate_jwt_svid(&body.svid, &body.audience, bundle_for, (self.clock)())
             .map_err(WorkloadError::InvalidToken)?;
+        if let Some(Value::String(jti)) = validated.claims.get("jti")
+            && snapshot.jti_revoked(jti, (self.clock)())
+        {
+            return Err(WorkloadError::RevokedToken(jti.clone()).into());
+        }
 
         let mut claims = validated.claims;
         if !validated.spiffe_id.is_member_of(&snapshot.trust_domain) {

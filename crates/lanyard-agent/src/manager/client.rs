@@ -18,6 +18,7 @@ use lanyard_core::x509::{self, X509Svid};
 use lanyard_core::{SpiffeId, TrustBundle, TrustDomain, k8s_psat, x509pop};
 use lanyard_proto::convert::bundle_from_proto;
 use lanyard_proto::lanyard::api::v1 as lanyard_pb;
+use lanyard_proto::lanyard::api::v1::agent_revocation_service_client::AgentRevocationServiceClient;
 use lanyard_proto::lanyard::api::v1::usage_service_client::UsageServiceClient;
 use lanyard_proto::spire::api::server::agent::v1 as agent_pb;
 use lanyard_proto::spire::api::server::agent::v1::agent_client::AgentClient;
@@ -755,6 +756,40 @@ pub(crate) async fn report_usage(
         .report_usage(lanyard_pb::ReportUsageRequest { served })
         .await
         .map_err(rpc_error(REPORT_USAGE))?;
+    Ok(())
+}
+
+pub(crate) const FETCH_REVOCATIONS: &str = "FetchRevocations";
+pub(crate) const ACKNOWLEDGE_REVOCATIONS: &str = "AcknowledgeRevocations";
+
+/// The revocations after `after_sequence`, and the CRLs unless `crl_number` is current
+/// (Lanyard's `AgentRevocationService`; a SPIRE server answers Unimplemented).
+pub(crate) async fn fetch_revocations(
+    channel: Channel,
+    after_sequence: i64,
+    crl_number: u64,
+) -> Result<lanyard_pb::FetchRevocationsResponse, ClientError> {
+    Ok(AgentRevocationServiceClient::new(channel)
+        .fetch_revocations(lanyard_pb::FetchRevocationsRequest {
+            after_sequence,
+            crl_number,
+        })
+        .await
+        .map_err(rpc_error(FETCH_REVOCATIONS))?
+        .into_inner())
+}
+
+/// Tells the server the agent has applied every revocation up to `sequence`, with the
+/// X.509-SVIDs they made it drop.
+pub(crate) async fn acknowledge_revocations(
+    channel: Channel,
+    sequence: i64,
+    dropped: Vec<lanyard_pb::acknowledge_revocations_request::Dropped>,
+) -> Result<(), ClientError> {
+    AgentRevocationServiceClient::new(channel)
+        .acknowledge_revocations(lanyard_pb::AcknowledgeRevocationsRequest { sequence, dropped })
+        .await
+        .map_err(rpc_error(ACKNOWLEDGE_REVOCATIONS))?;
     Ok(())
 }
 

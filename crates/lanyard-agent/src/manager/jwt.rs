@@ -179,9 +179,18 @@ impl JwtMinter for ManagerJwtMinter {
         sorted.sort();
         sorted.dedup();
         let key = (entry.spiffe_id.clone(), sorted);
-        let bundle = Arc::clone(&self.snapshots.borrow().bundle);
+        let (bundle, revoked) = {
+            let snapshot = self.snapshots.borrow();
+            (
+                Arc::clone(&snapshot.bundle),
+                Arc::clone(&snapshot.revoked_jtis),
+            )
+        };
         let now = (self.clock)();
-        if let Some(svid) = self.cache().get(&key, now, &bundle, true) {
+        let is_revoked = |svid: &JwtSvid| revoked.get(&svid.jti).is_some_and(|until| *until > now);
+        if let Some(svid) = self.cache().get(&key, now, &bundle, true)
+            && !is_revoked(&svid)
+        {
             return Ok(svid);
         }
         match self.mint(entry, audiences, &bundle).await {
@@ -190,7 +199,10 @@ impl JwtMinter for ManagerJwtMinter {
                 Ok(svid)
             }
             Err(error) => {
-                let fallback = self.cache().get(&key, (self.clock)(), &bundle, false);
+                let fallback = self
+                    .cache()
+                    .get(&key, (self.clock)(), &bundle, false)
+                    .filter(|svid| !is_revoked(svid));
                 match fallback {
                     Some(svid) => {
                         tracing::warn!(

@@ -70,6 +70,8 @@ pub(super) struct Runner {
     /// Something changed since the last published snapshot.
     dirty: bool,
     usage: UsageReporter,
+    /// Revocations applied, the CRLs and revoked JWT IDs.
+    revocations: super::revoke::AgentRevocations,
     /// Published for the health checks.
     health: watch::Sender<super::AgentHealth>,
     metrics: crate::metrics::AgentMetrics,
@@ -121,6 +123,7 @@ impl Runner {
             synced: false,
             dirty: false,
             usage: UsageReporter::new(usage),
+            revocations: super::revoke::AgentRevocations::default(),
             health,
             metrics,
         }
@@ -444,7 +447,9 @@ impl Runner {
             self.dirty = true;
         }
         self.apply_entries(entries);
-        self.mint(channel, now).await?;
+        self.fetch_revocations(channel.clone(), now).await;
+        self.mint(channel.clone(), now).await?;
+        self.acknowledge_revocations(channel).await;
         if !self.synced {
             self.synced = true;
             self.dirty = true;
@@ -491,6 +496,80 @@ impl Runner {
             self.tell(Event::AgentAuthorityUntrusted);
         }
         true
+    }
+
+    /// Asks the server for the revocations after the last applied (and newer CRLs), drops
+    /// the SVIDs they cover and takes the CRLs and revoked JWT IDs. A failure is logged and
+    /// tried again at the next sync; a server without the service is not asked again.
+    async fn fetch_revocations(&mut self, channel: Channel, now: SystemTime) {
+        if self.revocations.unsupported {
+            return;
+        }
+        let result = client::with_deadline(
+            client::FETCH_REVOCATIONS,
+            client::fetch_revocations(
+                channel,
+                self.revocations.applied,
+                self.revocations.crl_number,
+            ),
+        )
+        .await;
+        let response = match result {
+            Ok(response) => response,
+            Err(error) if error.code() == Some(tonic::Code::Unimplemented) => {
+                tracing::info!("the server has no revocation service; this agent goes without");
+                self.revocations.unsupported = true;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "fetching revocations failed; trying again at the next sync");
+                return;
+            }
+        };
+        let agent_id = self.credentials.svid.spiffe_id().clone();
+        let held = self
+            .svids
+            .iter()
+            .map(|(entry_id, minted)| super::revoke::Held {
+                entry_id: entry_id.as_str(),
+                svid: &minted.svid,
+            });
+        let applied = self.revocations.apply(&response, held, &agent_id, now);
+        for entry_id in &applied.drop {
+            let removed = EntryId::new(entry_id)
+                .ok()
+                .and_then(|id| self.svids.remove(&id));
+            if removed.is_some() {
+                tracing::info!(entry_id = %entry_id, "dropped a revoked X509-SVID; minting a new one");
+                self.dirty = true;
+            }
+        }
+        if applied.changed {
+            self.dirty = true;
+        }
+    }
+
+    /// Tells the server which revocations are applied, with the SVIDs dropped for them.
+    async fn acknowledge_revocations(&mut self, channel: Channel) {
+        if self.revocations.unsupported || !self.revocations.ack_due() {
+            return;
+        }
+        let sequence = self.revocations.applied;
+        let dropped = std::mem::take(&mut self.revocations.dropped);
+        let result = client::with_deadline(
+            client::ACKNOWLEDGE_REVOCATIONS,
+            client::acknowledge_revocations(channel, sequence, dropped.clone()),
+        )
+        .await;
+        match result {
+            Ok(()) => self.revocations.acknowledged = sequence,
+            Err(error) => {
+                tracing::warn!(%error, "acknowledging revocations failed; trying again at the next sync");
+                let mut again = dropped;
+                again.append(&mut self.revocations.dropped);
+                self.revocations.dropped = again;
+            }
+        }
     }
 
     /// Takes the new set of authorized entries. SVIDs of entries that are gone, or whose
@@ -702,6 +781,8 @@ impl Runner {
             entries: self.entries.values().cloned().collect(),
             identities,
             synced: self.synced,
+            crls: Arc::clone(&self.revocations.crls),
+            revoked_jtis: Arc::clone(&self.revocations.jtis),
         };
         self.snapshot_tx.send_replace(Arc::new(snapshot));
     }

@@ -1094,3 +1094,120 @@ async fn federated_bundles_are_fetched_for_the_trust_domains_entries_name() {
     assert!(handle.failure().is_none());
     handle.shutdown().await;
 }
+
+/// A revocation reaches the agent pushed, with no sync interval in the way: the covered SVID
+/// is dropped and replaced (the old serial never comes back), the CRLs in the snapshot refuse
+/// the old one and pass the new one, a revoked JWT-SVID is not handed out again, and the
+/// server records the agent's acknowledgement.
+#[tokio::test]
+async fn revocations_are_applied_replaced_and_acknowledged() {
+    use lanyard_proto::lanyard::api::v1::revocation_service_client::RevocationServiceClient;
+    use lanyard_proto::lanyard::api::v1::{GetRevocationRequest, RevokeRequest};
+
+    let env = Env::start().await;
+    let token = env.join_token().await;
+    let agent_id = join_token_agent(&token);
+    let web = env
+        .create_entry(&agent_id, "revoked/web", |e| {
+            e.jwt_svid_ttl = 600;
+        })
+        .await;
+    let mut config = env.agent_config("agent");
+    config.join_token = Some(token);
+    config.sync_interval = Duration::from_secs(3600);
+    let handle = Manager::start(config, system_clock()).await.unwrap();
+    let snapshot = wait_for(&handle, "the SVID", |s| s.synced && has_identity(s, &web)).await;
+    let old = Arc::clone(&snapshot.identities[&EntryId::new(&web).unwrap()].svid);
+    let entry = entry_by_id(&snapshot, &web).unwrap().clone();
+    let minter = handle.jwt_minter();
+    let jwt = minter.jwt_svid(&entry, &["db".to_owned()]).await.unwrap();
+    assert!(snapshot.crls.len() <= 1);
+
+    let revoke = |kind: &str, value: String| RevokeRequest {
+        kind: kind.to_owned(),
+        value,
+        owner: "security".to_owned(),
+        reason: "leaked".to_owned(),
+        ticket: String::new(),
+        dry_run: false,
+    };
+    let made = RevocationServiceClient::new(env.admin().await)
+        .revoke(revoke("spiffe-id", old.spiffe_id().to_string()))
+        .await
+        .unwrap()
+        .into_inner()
+        .revocation
+        .unwrap();
+    let snapshot = wait_for(&handle, "a replacement SVID", |s| {
+        has_identity(s, &web) && serial(s, &web) != old.serial()
+    })
+    .await;
+    let new = Arc::clone(&snapshot.identities[&EntryId::new(&web).unwrap()].svid);
+    let authorities: Vec<Vec<u8>> = snapshot
+        .bundle
+        .x509_authorities()
+        .iter()
+        .map(|a| a.der().to_vec())
+        .collect();
+    let snapshot = wait_for(&handle, "CRLs listing the old serial", |s| {
+        matches!(
+            x509::verify_svid_chain_with_crls(
+                old.cert_chain(),
+                &trust_domain(),
+                &authorities,
+                &s.crls,
+                SystemTime::now(),
+            ),
+            Err(x509::X509Error::Revoked)
+        )
+    })
+    .await;
+    x509::verify_svid_chain_with_crls(
+        new.cert_chain(),
+        &trust_domain(),
+        &authorities,
+        &snapshot.crls,
+        SystemTime::now(),
+    )
+    .expect("the replacement passes the CRLs");
+
+    // The acknowledgement reaches the server.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let detail = RevocationServiceClient::new(env.admin().await)
+            .get_revocation(GetRevocationRequest {
+                id: made.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if detail
+            .acknowledged
+            .iter()
+            .any(|a| a.agent_id == agent_id.to_string())
+        {
+            assert!(detail.pending_agent_ids.is_empty());
+            assert!(detail.serials.iter().any(|s| s.serial == old.serial()));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no acknowledgement: {detail:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A revoked JWT-SVID is not handed out again.
+    RevocationServiceClient::new(env.admin().await)
+        .revoke(revoke("jwt-id", jwt.jti.clone()))
+        .await
+        .unwrap();
+    wait_for(&handle, "the revoked JWT ID", |s| {
+        s.jti_revoked(&jwt.jti, SystemTime::now())
+    })
+    .await;
+    let fresh = minter.jwt_svid(&entry, &["db".to_owned()]).await.unwrap();
+    assert_ne!(fresh.jti, jwt.jti);
+    assert!(handle.failure().is_none());
+    handle.shutdown().await;
+}
