@@ -39,7 +39,10 @@ mod bundles;
 mod entries;
 mod federation;
 mod governance;
+mod revocations;
 mod writes;
+
+pub(crate) use revocations::{RevocationDetail, Revoked};
 
 pub(crate) use entries::fetch_metadata;
 pub(crate) use writes::{

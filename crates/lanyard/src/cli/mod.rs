@@ -21,6 +21,7 @@ pub(crate) mod output;
 mod parse;
 mod policy;
 mod report;
+mod revoke;
 mod server;
 mod svid;
 mod token;
@@ -94,6 +95,10 @@ pub(crate) enum Command {
     /// Create, list, show, extend and revoke exceptions to the policy.
     #[command(subcommand)]
     Exception(exception::ExceptionCommand),
+    /// Revoke SVIDs before they expire (by serial, SPIFFE ID, entry, agent or JWT ID), and
+    /// list and show revocations with who has applied them.
+    #[command(subcommand)]
+    Revoke(revoke::RevokeCommand),
     /// Create and revoke just-in-time grants: entries that end on their own.
     #[command(subcommand)]
     Grant(grant::GrantCommand),
@@ -129,6 +134,7 @@ impl Command {
             Self::Audit(command) => ("audit", command.name()),
             Self::Exception(command) => ("exception", command.name()),
             Self::Grant(command) => ("grant", command.name()),
+            Self::Revoke(command) => ("revoke", command.name()),
             Self::Report(command) => ("report", command.name()),
             Self::Plan(_) => return "plan".to_owned(),
             Self::Apply(_) => return "apply".to_owned(),
@@ -164,6 +170,7 @@ impl Command {
             Self::Audit(command) => command.run(out).await,
             Self::Exception(command) => command.run(out).await,
             Self::Grant(command) => command.run(out).await,
+            Self::Revoke(command) => command.run(out).await,
             Self::Plan(args) => declare::plan(args, out).await,
             Self::Apply(args) => declare::apply(args, out).await,
             Self::Report(command) => command.run(out).await,

@@ -22,6 +22,7 @@ mod paging;
 mod pg;
 mod real_server;
 mod report;
+mod revoke;
 mod signals;
 
 use std::path::Path;
