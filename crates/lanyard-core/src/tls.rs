@@ -21,6 +21,10 @@ use crate::x509;
 /// every handshake, so a rotated bundle takes effect without rebuilding the configuration.
 pub type AuthoritySource = Arc<dyn Fn() -> Vec<Vec<u8>> + Send + Sync>;
 
+/// Where the verifier gets the trust domain's certificate revocation lists (DER) from, as the
+/// Workload API's `crl` fields give them. Called on every handshake.
+pub type CrlSource = Arc<dyn Fn() -> Vec<Vec<u8>> + Send + Sync>;
+
 /// The crypto provider: ring.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -40,6 +44,7 @@ pub struct SpiffeServerVerifier {
     trust_domain: TrustDomain,
     expected: SpiffeId,
     authorities: AuthoritySource,
+    crls: Option<CrlSource>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -59,8 +64,16 @@ impl SpiffeServerVerifier {
             trust_domain: expected.trust_domain(),
             expected,
             authorities,
+            crls: None,
             provider: provider(),
         }
+    }
+
+    /// Also refuses a server certificate listed on its issuer's CRL among `crls`
+    /// ([`x509::verify_svid_chain_with_crls`]).
+    pub fn with_crls(mut self, crls: CrlSource) -> Self {
+        self.crls = Some(crls);
+        self
     }
 }
 
@@ -76,10 +89,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let authorities = (self.authorities)();
         let mut chain: Vec<&[u8]> = vec![end_entity.as_ref()];
         chain.extend(intermediates.iter().map(|c| c.as_ref()));
-        let verified = x509::verify_svid_chain(
+        let crls = self
+            .crls
+            .as_ref()
+            .map(|source| source())
+            .unwrap_or_default();
+        let verified = x509::verify_svid_chain_with_crls(
             &chain,
             &self.trust_domain,
             &authorities,
+            &crls,
             unix_time_to_system(now),
         )
         .map_err(bad_certificate)?;

@@ -75,6 +75,9 @@ pub struct ChangePoint {
     pub bundles: u64,
     /// The highest revocation sequence (0 when there is none).
     pub revocations: i64,
+    /// The CRL number of the CRLs in force. Not sent: a new one (a serial added, or the
+    /// periodic re-signing) tells every agent's stream to have its agent sync.
+    pub crls: u64,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -159,6 +162,7 @@ impl ServerState {
                 sequence: 0,
                 bundles: 0,
                 revocations: 0,
+                crls: 0,
             }),
             revocations: RevocationState::new(),
             decision_context: std::sync::Mutex::default(),
@@ -305,6 +309,7 @@ impl ServerState {
         let mut digest = std::collections::hash_map::DefaultHasher::new();
         point.bundles.hash(&mut digest);
         point.revocations.hash(&mut digest);
+        point.crls.hash(&mut digest);
         let standing = self
             .index
             .read()
@@ -375,7 +380,16 @@ impl ServerState {
             .await
         {
             tracing::error!(%error, "could not refresh the revocation lists; the ones in force stay");
+            return;
         }
+        let number = self.revocations.crls().number;
+        let sequence = self.revocations.sequence();
+        self.changes.send_if_modified(|announced| {
+            let moved = announced.crls != number || announced.revocations < sequence;
+            announced.crls = number;
+            announced.revocations = announced.revocations.max(sequence);
+            moved
+        });
     }
 
     /// Re-reads the exceptions from the datastore (after a write, and periodically, so that

@@ -23,7 +23,7 @@ const SERVER_SVID_TTL: &str = "20";
 const CLIENT_UID: u32 = 65534;
 
 /// The PEM certificates of a file, DER.
-fn certificates(path: &Path) -> Vec<Vec<u8>> {
+pub(crate) fn certificates(path: &Path) -> Vec<Vec<u8>> {
     let pem =
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     pem.split("-----BEGIN CERTIFICATE-----")
@@ -48,7 +48,7 @@ fn base64_decode(text: &str) -> Vec<u8> {
 }
 
 /// The serial number of the certificate the server presented, and the response body.
-fn get_over_mtls(
+pub(crate) fn get_over_mtls(
     port: u16,
     config: &Arc<rustls::ClientConfig>,
 ) -> Result<(Vec<u8>, String), String> {

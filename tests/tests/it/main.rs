@@ -25,6 +25,7 @@ mod oidc;
 mod pg;
 mod py_spiffe;
 mod resilience;
+mod revocation;
 mod rotation;
 mod sds;
 mod spiffe_client;

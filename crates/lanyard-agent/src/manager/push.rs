@@ -3,8 +3,9 @@
 //!
 //! - The first notice of a stream is `PushConnected` then `PushNotified`: whatever changed
 //!   while no stream was open is caught by that sync.
-//! - Later notices are `PushNotified` when they move the revision or the sequence (a policy
-//!   reloaded, an exception lapsing); the server's keepalive repeats ask for nothing.
+//! - Later notices are `PushNotified` when they move the revision, the sequence (a policy
+//!   reloaded, an exception lapsing), the revocation sequence or the CRL number (lists signed
+//!   anew); the server's keepalive repeats ask for nothing.
 //! - A stream that ends or fails is `PushLost` (the machine polls at `sync_interval` again) and
 //!   is opened again after a backoff (1 s doubling to 1 min, reset by a stream that worked).
 //! - A server without the service (SPIRE's) answers `Unimplemented`: the agent polls as SPIRE's
@@ -96,7 +97,7 @@ async fn stream_once(
             return Outcome::Ended { worked: false };
         }
     };
-    let mut last: Option<(i64, u64)> = None;
+    let mut last: Option<(i64, u64, i64, u64)> = None;
     loop {
         let message = tokio::select! {
             message = stream.message() => message,
@@ -107,7 +108,12 @@ async fn stream_once(
                 if last.is_none() && events.send(Event::PushConnected).await.is_err() {
                     return Outcome::Stopped;
                 }
-                let point = (notice.revision, notice.sequence);
+                let point = (
+                    notice.revision,
+                    notice.sequence,
+                    notice.revocation_sequence,
+                    notice.crl_number,
+                );
                 let moved = last != Some(point);
                 last = Some(point);
                 if !moved {

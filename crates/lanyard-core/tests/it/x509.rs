@@ -1366,3 +1366,47 @@ fn an_intermediates_crl_refuses_the_leaves_it_issued() {
     // The root did not issue the leaf: its list does not reach it.
     verify(&[&by_root]).unwrap();
 }
+
+#[test]
+fn the_server_verifier_refuses_a_certificate_on_its_crl() {
+    use std::sync::Arc;
+
+    use lanyard_core::tls::SpiffeServerVerifier;
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::{ServerName, UnixTime};
+
+    let ca = root_ca("example.org");
+    let revoked_svid = mint(&ca, "spiffe://example.org/server");
+    let good_svid = mint(&ca, "spiffe://example.org/server");
+    let crl = ca
+        .sign_crl(
+            &[revoked(revoked_svid.serial())],
+            1,
+            now(),
+            now() + Duration::from_secs(600),
+        )
+        .unwrap();
+    let authorities = vec![ca.cert_der().to_vec()];
+    let verifier = |with_crl: bool| {
+        let authorities = authorities.clone();
+        let verifier = SpiffeServerVerifier::new(
+            id("spiffe://example.org/server"),
+            Arc::new(move || authorities.clone()),
+        );
+        if with_crl {
+            let crl = crl.clone();
+            verifier.with_crls(Arc::new(move || vec![crl.clone()]))
+        } else {
+            verifier
+        }
+    };
+    let at = UnixTime::since_unix_epoch(now().duration_since(UNIX_EPOCH).unwrap());
+    let name = ServerName::try_from("server").unwrap();
+    let check = |verifier: &SpiffeServerVerifier, svid: &X509Svid| {
+        verifier.verify_server_cert(&CertificateDer::from(svid.leaf_der()), &[], &name, &[], at)
+    };
+    let error = check(&verifier(true), &revoked_svid).unwrap_err();
+    assert!(error.to_string().contains("revoked"), "{error}");
+    check(&verifier(true), &good_svid).unwrap();
+    check(&verifier(false), &revoked_svid).unwrap();
+}

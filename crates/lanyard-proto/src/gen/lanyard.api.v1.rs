@@ -27,6 +27,11 @@ pub struct ChangeNotice {
     /// that has applied less asks for the revocations after its own.
     #[prost(int64, tag = "3")]
     pub revocation_sequence: i64,
+    /// The CRL number of the server's revocation lists: they are signed anew when
+    /// a serial is added and periodically, and an agent holding older ones syncs
+    /// to get them.
+    #[prost(uint64, tag = "4")]
+    pub crl_number: u64,
 }
 impl ::prost::Name for ChangeNotice {
     const NAME: &'static str = "ChangeNotice";

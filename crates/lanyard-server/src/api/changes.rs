@@ -138,6 +138,7 @@ impl AgentChangeRpc for AgentChangeService {
                     revision: announced.revision,
                     sequence: announced.sequence,
                     revocation_sequence: announced.revocations,
+                    crl_number: announced.crls,
                 };
                 tokio::select! {
                     sent = notices.send(Ok(notice)) => {

@@ -67,6 +67,11 @@ pub(crate) struct HelperConfig {
     /// The trust bundle (PEM).
     #[serde(default = "default_svid_bundle_file_name")]
     pub(crate) svid_bundle_file_name: String,
+    /// The certificate revocation lists of the trust domain's authorities (PEM `X509 CRL`
+    /// blocks, as the agent gives them), for a verifier that reads a CRL file (nginx's
+    /// `ssl_crl`); written beside the bundle, with its mode.
+    #[serde(default)]
+    pub(crate) crl_file_name: Option<String>,
     /// Put federated trust domains' authorities in the bundle file too.
     #[serde(default)]
     pub(crate) include_federated_domains: bool,
@@ -209,6 +214,9 @@ impl HelperConfig {
         ];
         if let Some(name) = &self.jwt_bundle_file_name {
             names.push(("jwt_bundle_file_name", name));
+        }
+        if let Some(name) = &self.crl_file_name {
+            names.push(("crl_file_name", name));
         }
         if let Some(name) = &self.pkcs12_file_name {
             names.push(("pkcs12_file_name", name));
@@ -452,6 +460,18 @@ pub(crate) fn x509_files(
         contents: bundle.into_bytes(),
         mode: config.cert_file_mode,
     });
+    if let Some(name) = &config.crl_file_name {
+        let crls: String = response
+            .crl
+            .iter()
+            .map(|der| pem_encode("X509 CRL", der))
+            .collect();
+        files.push(FileToWrite {
+            name: name.clone(),
+            contents: crls.into_bytes(),
+            mode: config.cert_file_mode,
+        });
+    }
     if let Some(name) = &config.pkcs12_truststore_file_name {
         files.push(FileToWrite {
             name: name.clone(),
@@ -962,6 +982,28 @@ mod tests {
             federated_bundles: [("spiffe://b.org".to_owned(), der(5))].into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_crls_are_written_beside_the_bundle_when_asked_for() {
+        let mut with_crls = response();
+        with_crls.crl = vec![vec![0x30, 1, 2], vec![0x30, 3, 4]];
+        let files = x509_files(&config("crl_file_name = \"crl.pem\"\n"), &with_crls).unwrap();
+        let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["svid_key.pem", "svid.pem", "svid_bundle.pem", "crl.pem"]
+        );
+        assert_eq!(files[3].mode, 0o644);
+        let expected = format!(
+            "{}{}",
+            pem_encode("X509 CRL", &[0x30, 1, 2]),
+            pem_encode("X509 CRL", &[0x30, 3, 4])
+        );
+        assert_eq!(files[3].contents, expected.into_bytes());
+        // Without the key, no CRL file.
+        let files = x509_files(&config(""), &with_crls).unwrap();
+        assert!(files.iter().all(|f| f.name != "crl.pem"));
     }
 
     #[test]

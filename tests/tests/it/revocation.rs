@@ -1,0 +1,184 @@
+//! Revocation reaching a verifier we did not write: `lanyard helper` writes the trust domain's
+//! CRLs beside the bundle (`crl_file_name`), Debian's nginx checks client certificates against
+//! them (`ssl_crl`), and once a client's SVID is revoked by serial nginx refuses it, while the
+//! replacement the agent minted at once is accepted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lanyard_core::tls::{SpiffeServerVerifier, client_config};
+use lanyard_core::{KeyPair, SpiffeId};
+use lanyard_e2e::nginx::nginx_or_skip;
+use lanyard_e2e::{
+    ChildProcess, CliOutput, Cluster, RunAs, free_port, poll, toml_string, uid_selector,
+};
+
+use crate::helper::{certificates, get_over_mtls};
+
+/// The uid the client runs as (nobody), to get an identity of its own.
+const CLIENT_UID: u32 = 65534;
+
+#[test]
+fn nginx_refuses_a_revoked_client_certificate_with_the_crl_the_helper_writes() {
+    let Some(nginx) =
+        nginx_or_skip("nginx_refuses_a_revoked_client_certificate_with_the_crl_the_helper_writes")
+    else {
+        return;
+    };
+    let cluster = Cluster::start();
+    let server_id = cluster.register_uid("/nginx", lanyard_e2e::current_uid(), &[]);
+    cluster.register("/client", &[&uid_selector(CLIENT_UID)], &[]);
+    let dir = cluster.dir();
+
+    let port = free_port();
+    let certs = dir.subdir("nginx-certs");
+    let nginx_dir = dir.subdir("nginx");
+    let conf = nginx_dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nuser root;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
+             error_log {dir}/error.log info;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n\
+               access_log {dir}/access.log;\n\
+               client_body_temp_path {dir}/body;\n\
+               proxy_temp_path {dir}/proxy;\n\
+               fastcgi_temp_path {dir}/fastcgi;\n\
+               uwsgi_temp_path {dir}/uwsgi;\n\
+               scgi_temp_path {dir}/scgi;\n\
+               server {{\n\
+                 listen 127.0.0.1:{port} ssl;\n\
+                 ssl_protocols TLSv1.3;\n\
+                 ssl_certificate {certs}/svid.pem;\n\
+                 ssl_certificate_key {certs}/svid_key.pem;\n\
+                 ssl_client_certificate {certs}/svid_bundle.pem;\n\
+                 ssl_crl {certs}/crl.pem;\n\
+                 ssl_verify_client on;\n\
+                 ssl_verify_depth 3;\n\
+                 location / {{ return 200 \"client verified: $ssl_client_verify\\n\"; }}\n\
+               }}\n\
+             }}\n",
+            dir = nginx_dir.display(),
+            certs = certs.display(),
+        ),
+    )
+    .expect("writing nginx.conf");
+    let helper_conf = dir.join("helper.toml");
+    std::fs::write(
+        &helper_conf,
+        format!(
+            "agent_address = {socket}\ncert_dir = {certs}\ncrl_file_name = \"crl.pem\"\n\
+             cmd = {nginx}\ncmd_args = {args}\nrenew_signal = \"SIGHUP\"\n",
+            socket = toml_string(cluster.agent.socket_path().to_str().expect("UTF-8")),
+            certs = toml_string(certs.to_str().expect("UTF-8")),
+            nginx = toml_string(nginx.to_str().expect("UTF-8")),
+            args = toml_string(&format!("-c {}", conf.display())),
+        ),
+    )
+    .expect("writing helper.toml");
+    let mut helper = ChildProcess::new("lanyard helper", dir.join("helper.log"));
+    let mut command = cluster.agent.workload_command(None);
+    command.arg("helper").arg("--config").arg(&helper_conf);
+    helper.start(command);
+    let crl_file = certs.join("crl.pem");
+    poll(
+        "the helper to write the CRLs",
+        Duration::from_secs(30),
+        || {
+            helper.assert_running();
+            match std::fs::read_to_string(&crl_file) {
+                Ok(text) if text.contains("BEGIN X509 CRL") => Ok(()),
+                _ => Err(helper.log_tail(20)),
+            }
+        },
+    );
+
+    // The client's SVID, written by `helper --once` as nobody.
+    use std::os::unix::fs::PermissionsExt as _;
+    let client_certs = dir.subdir("client-certs");
+    std::os::unix::fs::chown(&client_certs, Some(CLIENT_UID), Some(CLIENT_UID))
+        .expect("chown the client's directory");
+    let client_conf = dir.join("client-helper.toml");
+    std::fs::write(
+        &client_conf,
+        format!(
+            "agent_address = {socket}\ncert_dir = {certs}\n",
+            socket = toml_string(cluster.agent.socket_path().to_str().expect("UTF-8")),
+            certs = toml_string(client_certs.to_str().expect("UTF-8")),
+        ),
+    )
+    .expect("writing the client's helper.toml");
+    std::fs::set_permissions(&client_conf, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let fetch_client = || {
+        let mut once = cluster.agent.workload_command(Some(RunAs::uid(CLIENT_UID)));
+        once.arg("helper")
+            .arg("--config")
+            .arg(&client_conf)
+            .arg("--once");
+        let output = CliOutput::run(&mut once);
+        assert!(output.success(), "helper --once: {output}");
+        let chain = certificates(&client_certs.join("svid.pem"));
+        let key = KeyPair::from_pkcs8_pem(
+            &std::fs::read_to_string(client_certs.join("svid_key.pem")).expect("the client key"),
+        )
+        .expect("a PKCS#8 key");
+        let serial = lanyard_core::x509::serial_decimal(&chain[0]).expect("a serial");
+        let bundle = certificates(&client_certs.join("svid_bundle.pem"));
+        let expected: SpiffeId = server_id.parse().expect("the server's SPIFFE ID");
+        let verifier = SpiffeServerVerifier::new(expected, Arc::new(move || bundle.clone()));
+        let mut config =
+            client_config(Arc::new(verifier), Some((&chain, &key))).expect("a client config");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        (serial, Arc::new(config))
+    };
+    let accepted = |config: &Arc<rustls::ClientConfig>| -> Result<bool, String> {
+        get_over_mtls(port, config).map(|(_, body)| body.contains("client verified: SUCCESS"))
+    };
+    let (revoked_serial, revoked) = fetch_client();
+    let ok = poll("nginx to serve mTLS", Duration::from_secs(30), || {
+        accepted(&revoked).map_err(|e| format!("{e}\n{}", helper.log_tail(20)))
+    });
+    assert!(ok, "nginx accepts the client before the revocation");
+
+    let made = cluster.server.cli([
+        "revoke",
+        "x509",
+        "--serial",
+        revoked_serial.as_str(),
+        "--owner",
+        "security",
+        "--reason",
+        "the client's key was copied",
+        "--output",
+        "json",
+    ]);
+    assert!(made.success(), "revoke: {made}");
+
+    // The agent drops the revoked SVID and mints another; the client gets the new one.
+    let (fresh_serial, fresh) = poll("a replacement SVID", Duration::from_secs(30), || {
+        let (serial, config) = fetch_client();
+        if serial == revoked_serial {
+            Err("the revoked SVID is still served".to_owned())
+        } else {
+            Ok((serial, config))
+        }
+    });
+    assert_ne!(fresh_serial, revoked_serial);
+
+    // nginx, given the new CRLs by the helper, refuses the revoked certificate and takes the
+    // new one.
+    poll(
+        "nginx to refuse the revoked certificate",
+        Duration::from_secs(30),
+        || match accepted(&revoked) {
+            Ok(false) | Err(_) => Ok(()),
+            Ok(true) => Err(format!("still accepted\n{}", helper.log_tail(20))),
+        },
+    );
+    assert_eq!(accepted(&fresh), Ok(true), "the replacement is accepted");
+    let errors = std::fs::read_to_string(nginx_dir.join("error.log")).unwrap_or_default();
+    assert!(errors.contains("revoked"), "nginx says why: {errors}");
+    let status = helper.terminate();
+    assert!(status.success(), "the helper exits cleanly: {status}");
+}
