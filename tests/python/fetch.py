@@ -1,6 +1,8 @@
 """Talks to a SPIFFE Workload API with py-spiffe, as a Python workload would, and prints JSON.
 
-The socket comes from SPIFFE_ENDPOINT_SOCKET; the JWT audience is the only argument. The script
+The socket comes from SPIFFE_ENDPOINT_SOCKET; the JWT audience is the only argument (or
+`validate AUDIENCE TOKEN` validates one token through the Workload API and prints the
+verdict). The script
 fetches the default X.509-SVID and the X.509 bundles, fetches a JWT-SVID for the audience,
 validates it through the Workload API (ValidateJWTSVID) and offline against the JWT bundles
 the agent serves, and checks that validation for another audience fails. Every Workload API
@@ -25,9 +27,27 @@ def pem(certificates):
     return "".join(cert.public_bytes(Encoding.PEM).decode("ascii") for cert in certificates)
 
 
+def validate(audience, token):
+    """ValidateJWTSVID of TOKEN for AUDIENCE; prints {"valid": ..., ...} (a refusal is output)."""
+    with WorkloadApiClient(default_timeout=TIMEOUT_SECONDS) as client:
+        try:
+            validated = client.validate_jwt_svid(token, audience)
+            result = {"valid": True, "spiffe_id": str(validated.spiffe_id)}
+        except ValidateJwtSvidError as error:
+            result = {"valid": False, "error": str(error)}
+    json.dump(result, sys.stdout)
+    print()
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "validate":
+        validate(sys.argv[2], sys.argv[3])
+        return
     if len(sys.argv) != 2:
-        sys.exit("usage: fetch.py AUDIENCE  (with SPIFFE_ENDPOINT_SOCKET set)")
+        sys.exit(
+            "usage: fetch.py AUDIENCE | fetch.py validate AUDIENCE TOKEN "
+            "(with SPIFFE_ENDPOINT_SOCKET set)"
+        )
     audience = sys.argv[1]
 
     with WorkloadApiClient(default_timeout=TIMEOUT_SECONDS) as client:

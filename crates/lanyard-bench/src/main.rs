@@ -42,7 +42,7 @@ struct Cli {
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// Run only these benchmarks (comma-separated): mint, batch, jwt, index, sync, fanin,
-    /// restart, writes, propagation, scale. `scale` runs only when named here: 100k
+    /// revoke, restart, writes, propagation, scale. `scale` runs only when named here: 100k
     /// registered agents, 1M entries and 10k agents syncing every 5 s against a `lanyard
     /// server run` child (about 5 minutes; `--quick`: 2k agents, 20k entries, 200 syncing).
     #[arg(long, value_delimiter = ',')]
@@ -213,6 +213,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             step("fanin");
             lanyard.fanin = Some(bench::fanin::run(&mut report, &target, &plan.fanin).await?);
         }
+        if selected("revoke") {
+            step("revoke");
+            bench::revoke::run(&mut report, &target, &plan.revoke).await?;
+        }
         server.shutdown().await;
         drop(dir);
     }
@@ -333,7 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// The benchmarks that run against one server with its SQLite datastore.
-const SINGLE_SERVER: [&str; 4] = ["batch", "jwt", "sync", "fanin"];
+const SINGLE_SERVER: [&str; 5] = ["batch", "jwt", "sync", "fanin", "revoke"];
 
 /// `propagation` on two Lanyard servers, instances `a` and `b`, over a fresh PostgreSQL
 /// database.

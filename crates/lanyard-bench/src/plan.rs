@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::bench::index::{Layout, Shape};
-use crate::bench::{batch, fanin, jwt, overhead, propagation, scale, sync, writes};
+use crate::bench::{batch, fanin, jwt, overhead, propagation, revoke, scale, sync, writes};
 
 /// Every benchmark's scale.
 #[derive(Debug, Clone)]
@@ -18,6 +18,7 @@ pub(crate) struct Plan {
     pub(crate) index_changes: usize,
     pub(crate) sync: sync::Scale,
     pub(crate) fanin: fanin::Scale,
+    pub(crate) revoke: revoke::Scale,
     pub(crate) restart_entries: usize,
     pub(crate) writes: writes::Scale,
     pub(crate) propagation: propagation::Scale,
@@ -80,6 +81,11 @@ impl Plan {
                 workloads: 1_000,
                 cached_svids: 100,
                 sync_interval: Duration::from_secs(1),
+            },
+            revoke: revoke::Scale {
+                agents: 1_000,
+                rounds: 20,
+                crl_serials: vec![10_000, 100_000],
             },
             // 16 rounds, 32 runs of about 13 s: about 7 minutes on 2 cores. Four cells of
             // the grid, its corners (the cheapest call, the largest batches, many agents at
@@ -170,6 +176,11 @@ impl Plan {
                 workloads: 50,
                 cached_svids: 10,
                 sync_interval: Duration::from_millis(300),
+            },
+            revoke: revoke::Scale {
+                agents: 20,
+                rounds: 3,
+                crl_serials: vec![100, 1_000],
             },
             // One round each way: the code path, not a figure.
             overhead: overhead::Scale {

@@ -19,6 +19,9 @@
 //	dial HINT SERVER_ID ADDR COUNT INTERVAL
 //	    COUNT fresh mTLS connections to ADDR, INTERVAL apart, presenting the SVID with HINT
 //	    and accepting only SERVER_ID; one JSON line per exchange.
+//	validate AUDIENCE TOKEN
+//	    workloadapi.ValidateJWTSVID of TOKEN for AUDIENCE; one JSON object: {"valid": true,
+//	    "spiffe_id": ...} or {"valid": false, "error": ...} (a refusal is not a failure).
 //	federation TRUST_DOMAIN URL PROFILE AUTH_FILE ENDPOINT_ID
 //	    federation.FetchBundle from the bundle endpoint at URL, as a federated SPIRE server
 //	    fetches it. PROFILE https_spiffe: AUTH_FILE is TRUST_DOMAIN's bundle (SPIFFE JSON) and
@@ -76,6 +79,8 @@ func main() {
 		err = withArgs(args, 2, func() error { return serve(args[0], args[1]) })
 	case "dial":
 		err = withArgs(args, 5, func() error { return dial(args[0], args[1], args[2], args[3], args[4]) })
+	case "validate":
+		err = withArgs(args, 2, func() error { return validate(args[0], args[1]) })
 	case "federation":
 		err = withArgs(args, 5, func() error { return fetchFederated(args[0], args[1], args[2], args[3], args[4]) })
 	default:
@@ -105,6 +110,18 @@ func emit(value any) {
 		fail(err)
 	}
 	fmt.Println(string(line))
+}
+
+func validate(audience, token string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	validated, err := workloadapi.ValidateJWTSVID(ctx, token, audience)
+	if err != nil {
+		emit(map[string]any{"valid": false, "error": err.Error()})
+		return nil
+	}
+	emit(map[string]any{"valid": true, "spiffe_id": validated.ID.String()})
+	return nil
 }
 
 func fetch(audience string) error {

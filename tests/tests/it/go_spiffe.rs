@@ -233,7 +233,7 @@ fn go_spiffe_mtls_keeps_handshaking_across_rotations_and_refuses_the_wrong_serve
 }
 
 /// The go-spiffe client, built if needed; `None` when `LANYARD_E2E_SKIP_GO=1`.
-fn client() -> Option<&'static Path> {
+pub(crate) fn client() -> Option<&'static Path> {
     if std::env::var_os(SKIP_GO_VAR).is_some_and(|value| value == "1") {
         skip_notice();
         return None;
@@ -247,7 +247,7 @@ fn skip_notice() {
 }
 
 /// The client with `args`, as a workload of the cluster's agent.
-fn go_command(cluster: &Cluster, client: &Path, args: &[&str]) -> Command {
+pub(crate) fn go_command(cluster: &Cluster, client: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(client);
     command
         .args(args)

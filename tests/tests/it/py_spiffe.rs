@@ -68,7 +68,7 @@ fn py_spiffe_fetches_svids_and_validates_a_jwt() {
 }
 
 /// `tests/python`.
-fn python_dir() -> PathBuf {
+pub(crate) fn python_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("python")
 }
 
@@ -76,7 +76,7 @@ static PYTHON: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 /// The virtual environment's interpreter, with py-spiffe importable; `None` when skipped.
 /// Made once per test process; a panic here fails every caller with the same message.
-fn py_spiffe_python() -> Option<&'static Path> {
+pub(crate) fn py_spiffe_python() -> Option<&'static Path> {
     PYTHON
         .get_or_init(|| {
             if std::env::var_os(SKIP_VAR).is_some_and(|value| value == "1") {

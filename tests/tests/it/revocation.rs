@@ -182,3 +182,120 @@ fn nginx_refuses_a_revoked_client_certificate_with_the_crl_the_helper_writes() {
     let status = helper.terminate();
     assert!(status.success(), "the helper exits cleanly: {status}");
 }
+
+/// The `jti` of a compact JWT.
+fn jti_of(token: &str) -> String {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).expect("a compact JWT");
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64url claims"),
+    )
+    .expect("JSON claims");
+    claims["jti"].as_str().expect("a jti").to_owned()
+}
+
+/// A JWT-SVID revoked by its `jti` fails `ValidateJWTSVID` through go-spiffe and py-spiffe, as
+/// workloads call it; another token of the same identity still validates.
+#[test]
+fn a_revoked_jwt_id_fails_validation_through_go_spiffe_and_py_spiffe() {
+    let go = crate::go_spiffe::client();
+    let python = crate::py_spiffe::py_spiffe_python();
+    let cluster = Cluster::start();
+    let id = cluster.register_uid("/e2e/jwt", lanyard_e2e::current_uid(), &[]);
+    cluster.agent.wait_for_svids(None, &[&id]);
+    let token = |audience: &str| {
+        let mut fetch = cluster.agent.workload_command(None);
+        fetch.args(["fetch", "jwt", "--audience", audience, "--output", "json"]);
+        let fetched = CliOutput::run(&mut fetch).json();
+        fetched["svids"][0]["svid"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no token in {fetched}"))
+            .to_owned()
+    };
+    let revoked = token("db");
+    let kept = token("cache");
+    let go_verdict = |token: &str, audience: &str| -> Option<serde_json::Value> {
+        let client = go?;
+        let mut command =
+            crate::go_spiffe::go_command(&cluster, client, &["validate", audience, token]);
+        let output = CliOutput::run(&mut command);
+        assert!(output.success(), "go-spiffe validate: {output}");
+        Some(output.json())
+    };
+    let py_verdict = |token: &str, audience: &str| -> Option<serde_json::Value> {
+        let python = python?;
+        let mut command = std::process::Command::new(python);
+        command
+            .arg(crate::py_spiffe::python_dir().join("fetch.py"))
+            .args(["validate", audience, token])
+            .env("SPIFFE_ENDPOINT_SOCKET", cluster.agent.endpoint())
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env_remove("PYTHONPATH");
+        let output = CliOutput::run(&mut command);
+        assert!(output.success(), "py-spiffe validate: {output}");
+        Some(output.json())
+    };
+    for verdict in [go_verdict(&revoked, "db"), py_verdict(&revoked, "db")]
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(verdict["valid"], true, "before the revocation: {verdict}");
+        assert_eq!(verdict["spiffe_id"], id.as_str(), "{verdict}");
+    }
+
+    let jti = jti_of(&revoked);
+    let made = cluster.server.cli([
+        "revoke",
+        "jwt",
+        "--jti",
+        jti.as_str(),
+        "--owner",
+        "security",
+        "--reason",
+        "the token was pasted into a ticket",
+    ]);
+    assert!(made.success(), "revoke: {made}");
+
+    // The agent learns it at once (pushed); both libraries then see the refusal.
+    let mut validate = cluster.agent.workload_command(None);
+    validate.args(["validate", "jwt", "--audience", "db", "--svid", &revoked]);
+    poll(
+        "the agent to refuse the revoked token",
+        Duration::from_secs(30),
+        || {
+            let output = CliOutput::run(&mut validate);
+            if output.success() {
+                Err(format!("still valid: {output}"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+    for verdict in [go_verdict(&revoked, "db"), py_verdict(&revoked, "db")]
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(verdict["valid"], false, "after the revocation: {verdict}");
+        assert!(
+            verdict["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("revoked"),
+            "{verdict}"
+        );
+    }
+    for verdict in [go_verdict(&kept, "cache"), py_verdict(&kept, "cache")]
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(verdict["valid"], true, "another token: {verdict}");
+    }
+    // A new token for the revoked one's audience is another token, and validates.
+    let fresh = token("db");
+    assert_ne!(jti_of(&fresh), jti);
+    if let Some(verdict) = go_verdict(&fresh, "db") {
+        assert_eq!(verdict["valid"], true, "the new token: {verdict}");
+    }
+}

@@ -1211,3 +1211,96 @@ async fn revocations_are_applied_replaced_and_acknowledged() {
     assert!(handle.failure().is_none());
     handle.shutdown().await;
 }
+
+/// Which agents the server lists as not having applied revocation `id`.
+async fn pending_agents(env: &Env, id: &str) -> Vec<String> {
+    use lanyard_proto::lanyard::api::v1::GetRevocationRequest;
+    use lanyard_proto::lanyard::api::v1::revocation_service_client::RevocationServiceClient;
+    let mut pending = RevocationServiceClient::new(env.admin().await)
+        .get_revocation(GetRevocationRequest { id: id.to_owned() })
+        .await
+        .unwrap()
+        .into_inner()
+        .pending_agent_ids;
+    pending.sort();
+    pending
+}
+
+/// A running agent acknowledges a revocation at once; a stopped one is listed as pending
+/// until it comes back, and then acknowledges it too.
+#[tokio::test]
+async fn a_stopped_agent_is_pending_until_it_returns_and_acknowledges() {
+    use lanyard_proto::lanyard::api::v1::RevokeRequest;
+    use lanyard_proto::lanyard::api::v1::revocation_service_client::RevocationServiceClient;
+
+    let env = Env::start().await;
+    let start = |name: &'static str, token: String| {
+        let mut config = env.agent_config(name);
+        config.join_token = Some(token);
+        config.sync_interval = Duration::from_secs(3600);
+        config
+    };
+    let running_token = env.join_token().await;
+    let stopped_token = env.join_token().await;
+    let running_id = join_token_agent(&running_token).to_string();
+    let stopped_id = join_token_agent(&stopped_token).to_string();
+    let running = Manager::start(start("running", running_token), system_clock())
+        .await
+        .unwrap();
+    let mut stopped_config = start("stopped", stopped_token);
+    let stopped = Manager::start(stopped_config.clone(), system_clock())
+        .await
+        .unwrap();
+    wait_for(&running, "a sync", |s| s.synced).await;
+    wait_for(&stopped, "a sync", |s| s.synced).await;
+    stopped.shutdown().await;
+
+    let made = RevocationServiceClient::new(env.admin().await)
+        .revoke(RevokeRequest {
+            kind: "jwt-id".to_owned(),
+            value: "leaked-token".to_owned(),
+            owner: "security".to_owned(),
+            reason: "pasted in a chat".to_owned(),
+            ticket: String::new(),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revocation
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let pending = pending_agents(&env, &made.id).await;
+        if pending == [stopped_id.clone()] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the running agent never acknowledged: pending {pending:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!pending_agents(&env, &made.id).await.contains(&running_id));
+
+    // Back from its data directory, the stopped agent catches up and acknowledges.
+    stopped_config.join_token = None;
+    stopped_config.trust_bundle_path = None;
+    let back = Manager::start(stopped_config, system_clock())
+        .await
+        .unwrap();
+    wait_for(&back, "the revocation applied", |s| {
+        s.jti_revoked("leaked-token", SystemTime::now())
+    })
+    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !pending_agents(&env, &made.id).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the returning agent never acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    back.shutdown().await;
+    running.shutdown().await;
+}

@@ -12,8 +12,9 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const BENCHMARKS: [&str; 10] = [
+const BENCHMARKS: [&str; 11] = [
     "mint",
+    "revoke",
     "batch",
     "jwt",
     "index",
@@ -27,7 +28,10 @@ const BENCHMARKS: [&str; 10] = [
 
 /// Figures the quick run must report beyond one per benchmark: the PostgreSQL side of the
 /// comparisons whose baseline is SQLite or a single server.
-const REQUIRED_FIGURES: [&str; 15] = [
+const REQUIRED_FIGURES: [&str; 18] = [
+    "revoke.all_acknowledged_p99_ms",
+    "revoke.crl_1000.sign_ms",
+    "revoke.crl_1000.bytes_per_serial",
     "sync.removal_p99_ms",
     "sync.server_cpu_us_per_sync_vs_calls",
     "jwt.server_cpu_us_per_jwt_vs_call",
