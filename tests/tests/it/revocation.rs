@@ -299,3 +299,145 @@ fn a_revoked_jwt_id_fails_validation_through_go_spiffe_and_py_spiffe() {
         assert_eq!(verdict["valid"], true, "the new token: {verdict}");
     }
 }
+
+/// The DER of every `label` PEM block in `text`.
+fn pem_blocks(text: &str, label: &str) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    text.split(begin.as_str())
+        .skip(1)
+        .map(|block| {
+            let body: String = block
+                .split(end.as_str())
+                .next()
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect();
+            base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .expect("PEM base64")
+        })
+        .collect()
+}
+
+/// `spire-agent` attached to the Lanyard server knows nothing of revocations and keeps
+/// working; the serial of an SVID it serves, once revoked, is on the CRLs a Lanyard agent
+/// delivers (here through `lanyard helper --once` with `crl_file_name`), so a CRL-checking
+/// peer refuses it while it passes one that does not check.
+#[test]
+fn a_spire_agent_keeps_working_and_its_revoked_serial_is_refused_by_crl_checkers() {
+    use lanyard_e2e::spire::{SpireAgent, spire_or_skip};
+
+    if spire_or_skip(
+        "a_spire_agent_keeps_working_and_its_revoked_serial_is_refused_by_crl_checkers",
+    )
+    .is_none()
+    {
+        return;
+    }
+    let cluster = Cluster::start();
+    let server = &cluster.server;
+    let token = server.generate_token();
+    let spire_agent_id = lanyard_e2e::spiffe_id(&format!("/spire/agent/join_token/{token}"));
+    let spire_workload = lanyard_e2e::spiffe_id("/e2e/spire-agent/revoked");
+    let selector = uid_selector(lanyard_e2e::current_uid());
+    server.create_entry(&spire_workload, &spire_agent_id, &[&selector], &[]);
+    let mut spire_agent = SpireAgent::start(
+        &cluster.dir().join("spire-agent"),
+        &server.address(),
+        &server.bundle_pem(),
+        &token,
+    );
+    let served = spire_agent.wait_for_x509(&spire_workload);
+    let serial = lanyard_core::x509::serial_decimal(&served.chain[0]).expect("a serial");
+
+    // A reader of the CRLs on the Lanyard agent of the same trust domain.
+    cluster.register_uid("/e2e/crl-reader", lanyard_e2e::current_uid(), &[]);
+    let crl_dir = cluster.dir().subdir("crl-reader");
+    let conf = cluster.dir().join("crl-helper.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "agent_address = {socket}\ncert_dir = {certs}\ncrl_file_name = \"crl.pem\"\n",
+            socket = toml_string(cluster.agent.socket_path().to_str().expect("UTF-8")),
+            certs = toml_string(crl_dir.to_str().expect("UTF-8")),
+        ),
+    )
+    .expect("writing the helper's config");
+    let authorities = server.bundle_der();
+    let verdict = |crls: &[Vec<u8>]| {
+        lanyard_core::x509::verify_svid_chain_with_crls(
+            &served.chain,
+            &lanyard_e2e::trust_domain(),
+            &authorities,
+            crls,
+            std::time::SystemTime::now(),
+        )
+    };
+    let read_crls = || {
+        let mut once = cluster.agent.workload_command(None);
+        once.arg("helper").arg("--config").arg(&conf).arg("--once");
+        let output = CliOutput::run(&mut once);
+        assert!(output.success(), "helper --once: {output}");
+        pem_blocks(
+            &std::fs::read_to_string(crl_dir.join("crl.pem")).expect("the CRL file"),
+            "X509 CRL",
+        )
+    };
+    let before = read_crls();
+    assert!(!before.is_empty(), "the agent delivers CRLs");
+    verdict(&before).expect("spire-agent's SVID passes before the revocation");
+
+    let made = server.cli([
+        "revoke",
+        "x509",
+        "--serial",
+        serial.as_str(),
+        "--owner",
+        "security",
+        "--reason",
+        "copied off the node",
+    ]);
+    assert!(made.success(), "revoke: {made}");
+    poll(
+        "the CRLs to list spire-agent's serial",
+        Duration::from_secs(30),
+        || match verdict(&read_crls()) {
+            Err(lanyard_core::x509::X509Error::Revoked) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+
+    // spire-agent ignores revocations: it keeps serving what it holds, and keeps syncing.
+    let still = spire_agent
+        .fetch_x509()
+        .expect("spire-agent still serves its workload");
+    assert_eq!(still.spiffe_id, spire_workload);
+    assert!(
+        lanyard_core::x509::verify_svid_chain(
+            &still.chain,
+            &lanyard_e2e::trust_domain(),
+            &authorities,
+            std::time::SystemTime::now(),
+        )
+        .is_ok(),
+        "a verifier that does not check CRLs still accepts it"
+    );
+    let later = lanyard_e2e::spiffe_id("/e2e/spire-agent/later");
+    server.create_entry(&later, &spire_agent_id, &[&selector], &[]);
+    poll(
+        "spire-agent to sync a later entry",
+        lanyard_e2e::spire::SPIRE_TIMEOUT,
+        || {
+            let all = spire_agent
+                .fetch_x509_all()
+                .map_err(|output| output.to_string())?;
+            if all.iter().any(|svid| svid.spiffe_id == later) {
+                Ok(())
+            } else {
+                Err(format!("{} SVIDs, none for {later}", all.len()))
+            }
+        },
+    );
+}
