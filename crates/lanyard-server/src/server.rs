@@ -723,8 +723,23 @@ async fn start_bundle_endpoint(
         tracing::warn!(refresh_hint = ?config.refresh_hint, "the bundle endpoint's refresh_hint is a day or more; federated servers will miss unscheduled bundle changes for that long (5m is usual)");
     }
     let (listener, address) = bind_endpoint(config.address).await?;
+    let revocations = Arc::downgrade(state);
     let responder =
-        crate::endpoints::bundle::BundleEndpoint::new(Arc::clone(&state.ca), config.refresh_hint);
+        crate::endpoints::bundle::BundleEndpoint::new(Arc::clone(&state.ca), config.refresh_hint)
+            .with_crls(Arc::new(move || {
+                revocations
+                    .upgrade()
+                    .map(|state| {
+                        state
+                            .revocations
+                            .crls()
+                            .lists
+                            .iter()
+                            .map(|list| list.der.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            }));
     tasks.spawn(crate::endpoints::serve(
         "bundle endpoint",
         listener,

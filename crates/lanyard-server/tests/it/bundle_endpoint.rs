@@ -316,3 +316,68 @@ async fn the_bundle_endpoint_answers_get_on_its_root_only_and_refuses_large_requ
             .is_err()
     );
 }
+
+/// A federated peer that checks revocations reads the CRLs at `/crl`: once an SVID's serial is
+/// revoked, the lists it gets there refuse that SVID and pass others.
+#[tokio::test]
+async fn the_bundle_endpoint_serves_the_crls_at_crl() {
+    use lanyard_proto::lanyard::api::v1::RevokeRequest;
+    use lanyard_proto::lanyard::api::v1::revocation_service_client::RevocationServiceClient;
+
+    let (server, addr) = start(|_| {}).await;
+    let agent = server.attest_new_agent().await;
+    let entry = crate::issuance::create_entry(&server, "/revoked", &agent.id, 0).await;
+    let chain = |result: lanyard_proto::spire::api::server::svid::v1::batch_new_x509svid_response::Result| {
+        result.svid.unwrap().cert_chain
+    };
+    let revoked = chain(crate::issuance::mint(&server, &agent, &entry).await);
+    let kept = chain(crate::issuance::mint(&server, &agent, &entry).await);
+    RevocationServiceClient::new(server.admin().await)
+        .revoke(RevokeRequest {
+            kind: "x509-serial".to_owned(),
+            value: x509::serial_decimal(&revoked[0]).unwrap(),
+            owner: "security".to_owned(),
+            reason: "copied".to_owned(),
+            ticket: String::new(),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+
+    let authorities = server.authorities();
+    let verifier = SpiffeServerVerifier::new(trust_domain().server_id(), {
+        let authorities = authorities.clone();
+        Arc::new(move || authorities.clone())
+    });
+    let config = Arc::new(client_config(Arc::new(verifier), rustls::DEFAULT_VERSIONS));
+    let answer = get_tls(addr, config, "bundle.example.org", "/crl")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.header("content-type"), "application/x-pem-file");
+    let text = String::from_utf8(answer.body.clone()).unwrap();
+    let crls: Vec<Vec<u8>> = text
+        .split("-----BEGIN X509 CRL-----")
+        .skip(1)
+        .map(|block| {
+            use base64::Engine as _;
+            let body: String = block
+                .split("-----END X509 CRL-----")
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .collect();
+            base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .unwrap()
+        })
+        .collect();
+    assert!(!crls.is_empty(), "{text}");
+    let now = server.clock.clock()();
+    assert!(matches!(
+        x509::verify_svid_chain_with_crls(&revoked, &trust_domain(), &authorities, &crls, now),
+        Err(x509::X509Error::Revoked)
+    ));
+    x509::verify_svid_chain_with_crls(&kept, &trust_domain(), &authorities, &crls, now)
+        .expect("an unrevoked SVID passes");
+}
