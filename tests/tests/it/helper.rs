@@ -26,25 +26,7 @@ const CLIENT_UID: u32 = 65534;
 pub(crate) fn certificates(path: &Path) -> Vec<Vec<u8>> {
     let pem =
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    pem.split("-----BEGIN CERTIFICATE-----")
-        .skip(1)
-        .map(|block| {
-            let body: String = block
-                .split("-----END CERTIFICATE-----")
-                .next()
-                .unwrap_or_default()
-                .split_whitespace()
-                .collect();
-            base64_decode(&body)
-        })
-        .collect()
-}
-
-fn base64_decode(text: &str) -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .expect("PEM base64")
+    crate::revocation::pem_blocks(&pem, "CERTIFICATE")
 }
 
 /// The serial number of the certificate the server presented, and the response body.

@@ -301,7 +301,7 @@ fn a_revoked_jwt_id_fails_validation_through_go_spiffe_and_py_spiffe() {
 }
 
 /// The DER of every `label` PEM block in `text`.
-fn pem_blocks(text: &str, label: &str) -> Vec<Vec<u8>> {
+pub(crate) fn pem_blocks(text: &str, label: &str) -> Vec<Vec<u8>> {
     use base64::Engine as _;
     let begin = format!("-----BEGIN {label}-----");
     let end = format!("-----END {label}-----");
