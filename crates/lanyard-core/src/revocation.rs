@@ -237,6 +237,16 @@ impl Revocation {
     pub fn is_live(&self, now: SystemTime) -> bool {
         now < self.expires_at
     }
+
+    /// Whether an X.509-SVID whose `notBefore` is `not_before` was issued by the time the
+    /// revocation was made. Issuers backdate `notBefore` by [`crate::x509::BACKDATE`] (Lanyard
+    /// and SPIRE alike), so the issue time is `not_before` plus that; one in the revocation's
+    /// own second counts as issued by then, since revoking too much is the safe side.
+    pub fn predates(&self, not_before: SystemTime) -> bool {
+        not_before
+            .checked_add(crate::x509::BACKDATE)
+            .is_some_and(|issued| issued <= self.created_at)
+    }
 }
 
 /// One serial a revocation puts on the CRLs.
@@ -379,6 +389,12 @@ mod tests {
         };
         record.validate().unwrap();
         assert!(record.is_live(now) && !record.is_live(record.expires_at));
+        // Issue time is notBefore plus the backdate; the revocation's own second counts.
+        let backdate = crate::x509::BACKDATE;
+        assert!(record.predates(now - backdate));
+        assert!(record.predates(now - backdate - std::time::Duration::from_secs(1)));
+        assert!(!record.predates(now - backdate + std::time::Duration::from_secs(1)));
+        assert!(!record.predates(now));
         let mut bad = record.clone();
         bad.owner = " ".into();
         assert_eq!(bad.validate(), Err(RevocationError::Missing("an owner")));

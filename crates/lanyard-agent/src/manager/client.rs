@@ -785,12 +785,12 @@ pub(crate) async fn acknowledge_revocations(
     channel: Channel,
     sequence: i64,
     dropped: Vec<lanyard_pb::acknowledge_revocations_request::Dropped>,
-) -> Result<(), ClientError> {
-    AgentRevocationServiceClient::new(channel)
+) -> Result<lanyard_pb::AcknowledgeRevocationsResponse, ClientError> {
+    Ok(AgentRevocationServiceClient::new(channel)
         .acknowledge_revocations(lanyard_pb::AcknowledgeRevocationsRequest { sequence, dropped })
         .await
-        .map_err(rpc_error(ACKNOWLEDGE_REVOCATIONS))?;
-    Ok(())
+        .map_err(rpc_error(ACKNOWLEDGE_REVOCATIONS))?
+        .into_inner())
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! (the sync then mints replacements where the entry still authorizes them), and remembers a
 //! revoked JWT ID until the revocation expires, so that the JWT-SVID cache never hands it out
 //! and `ValidateJWTSVID` refuses it. The agent then acknowledges the sequence it has applied,
-//! with the serials it dropped, which the server adds to the CRLs.
+//! with the certificates it dropped, which the server checks and adds to the CRLs (at most
+//! [`MAX_DROPPED_PER_ACK`] a call, as the server takes).
 //!
 //! A server without the service (SPIRE's) answers `Unimplemented`: the agent stops asking.
 //! Nothing here fails a sync: a failed call is tried again at the next one.
@@ -19,6 +20,9 @@ use lanyard_core::revocation::{Revocation, RevocationTarget};
 use lanyard_core::x509::{self, X509Svid};
 use lanyard_proto::lanyard::api::v1::FetchRevocationsResponse;
 use lanyard_proto::lanyard::api::v1::acknowledge_revocations_request::Dropped;
+
+/// Dropped SVIDs one acknowledgement reports, at most (the server refuses more).
+pub(super) const MAX_DROPPED_PER_ACK: usize = 10_000;
 
 /// What the agent knows of revocations.
 #[derive(Debug, Default)]
@@ -105,8 +109,7 @@ impl AgentRevocations {
                     applied.drop.push(svid.entry_id.to_owned());
                     self.dropped.push(Dropped {
                         revocation_id: revocation.id.clone(),
-                        serial: svid.svid.serial().to_owned(),
-                        authority_id: issuer_id(svid.svid).unwrap_or_default(),
+                        certificates: svid.svid.cert_chain().to_vec(),
                     });
                 }
             }
@@ -128,11 +131,11 @@ impl AgentRevocations {
 }
 
 /// Whether `revocation` covers `held`, an SVID of `agent_id`: its target matches, and the
-/// SVID was issued before the revocation was made (its `notBefore`, which is its issue time
-/// backdated, is earlier), so that what the agent mints afterwards is not dropped again.
+/// SVID was issued by the time the revocation was made ([`Revocation::predates`]), so that
+/// what the agent mints afterwards is not dropped again.
 pub(super) fn covers(revocation: &Revocation, held: Held<'_>, agent_id: &SpiffeId) -> bool {
     let issued_before = x509::validity_of(held.svid.leaf_der())
-        .is_ok_and(|(not_before, _)| not_before < revocation.created_at);
+        .is_ok_and(|(not_before, _)| revocation.predates(not_before));
     issued_before
         && revocation.target.covers_x509(
             held.svid.serial(),
@@ -140,12 +143,6 @@ pub(super) fn covers(revocation: &Revocation, held: Held<'_>, agent_id: &SpiffeI
             held.entry_id,
             agent_id,
         )
-}
-
-/// The subject key ID (hex) of the certificate that issued the SVID's leaf: its authority
-/// key identifier.
-fn issuer_id(svid: &X509Svid) -> Option<String> {
-    x509::authority_key_id_hex(svid.leaf_der()).ok().flatten()
 }
 
 #[cfg(test)]
@@ -257,9 +254,8 @@ mod tests {
         assert_eq!(state.applied, 1);
         assert_eq!(state.crl_number, 7);
         assert_eq!(state.dropped.len(), 1);
-        assert_eq!(state.dropped[0].serial, web_old.serial());
+        assert_eq!(state.dropped[0].certificates, web_old.cert_chain());
         assert_eq!(state.dropped[0].revocation_id, "r1");
-        assert_eq!(state.dropped[0].authority_id, ca.authority_id());
         assert!(state.ack_due());
 
         // The same CRLs again change nothing; an agent's own revocation covers all it holds.

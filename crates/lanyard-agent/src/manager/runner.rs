@@ -555,14 +555,33 @@ impl Runner {
             return;
         }
         let sequence = self.revocations.applied;
-        let dropped = std::mem::take(&mut self.revocations.dropped);
+        let mut dropped = std::mem::take(&mut self.revocations.dropped);
+        if dropped.len() > super::revoke::MAX_DROPPED_PER_ACK {
+            // The server takes drops for the revocations an acknowledgement newly applies, in
+            // one call: the rest are left to the ledger's records.
+            tracing::warn!(
+                dropped = dropped.len(),
+                reported = super::revoke::MAX_DROPPED_PER_ACK,
+                "more dropped X509-SVIDs than one acknowledgement reports"
+            );
+            dropped.truncate(super::revoke::MAX_DROPPED_PER_ACK);
+        }
         let result = client::with_deadline(
             client::ACKNOWLEDGE_REVOCATIONS,
             client::acknowledge_revocations(channel, sequence, dropped.clone()),
         )
         .await;
         match result {
-            Ok(()) => self.revocations.acknowledged = sequence,
+            Ok(answer) => {
+                if answer.refused > 0 {
+                    tracing::warn!(
+                        listed = answer.listed,
+                        refused = answer.refused,
+                        "the server left some dropped X509-SVIDs off its CRLs"
+                    );
+                }
+                self.revocations.acknowledged = sequence;
+            }
             Err(error) => {
                 tracing::warn!(%error, "acknowledging revocations failed; trying again at the next sync");
                 let mut again = dropped;

@@ -3487,14 +3487,19 @@ pub struct AcknowledgeRevocationsRequest {
 }
 /// Nested message and enum types in `AcknowledgeRevocationsRequest`.
 pub mod acknowledge_revocations_request {
+    /// An X.509-SVID the caller held and dropped for a revocation. The server adds it
+    /// to the CRLs only when its chain verifies against the trust domain's
+    /// authorities, it was issued before the revocation was made, the revocation
+    /// covers it for this caller (an entry's revocation: an entry the caller is
+    /// authorized for, with the certificate's SPIFFE ID), and the revocation is one
+    /// this acknowledgement newly applies.
     #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
     pub struct Dropped {
         #[prost(string, tag = "1")]
         pub revocation_id: ::prost::alloc::string::String,
-        #[prost(string, tag = "2")]
-        pub serial: ::prost::alloc::string::String,
-        #[prost(string, tag = "3")]
-        pub authority_id: ::prost::alloc::string::String,
+        /// The certificates (DER), leaf first, then any intermediates.
+        #[prost(bytes = "vec", repeated, tag = "4")]
+        pub certificates: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
     }
     impl ::prost::Name for Dropped {
         const NAME: &'static str = "Dropped";
@@ -3519,7 +3524,14 @@ impl ::prost::Name for AcknowledgeRevocationsRequest {
     }
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct AcknowledgeRevocationsResponse {}
+pub struct AcknowledgeRevocationsResponse {
+    /// Dropped SVIDs added to the CRLs (or listed already).
+    #[prost(uint32, tag = "1")]
+    pub listed: u32,
+    /// Dropped SVIDs left out, having failed a check.
+    #[prost(uint32, tag = "2")]
+    pub refused: u32,
+}
 impl ::prost::Name for AcknowledgeRevocationsResponse {
     const NAME: &'static str = "AcknowledgeRevocationsResponse";
     const PACKAGE: &'static str = "lanyard.api.v1";
@@ -4125,7 +4137,9 @@ pub mod agent_revocation_service_client {
             self.inner.unary(req, path, codec).await
         }
         /// The caller has applied every revocation up to sequence; dropped lists the
-        /// X.509-SVIDs it held that they covered, so that the CRLs list them too.
+        /// X.509-SVIDs it held that they covered, so that the CRLs list them too. A
+        /// dropped SVID that does not pass the server's checks is left out (and logged);
+        /// the acknowledgement still counts.
         pub async fn acknowledge_revocations(
             &mut self,
             request: impl tonic::IntoRequest<super::AcknowledgeRevocationsRequest>,
@@ -4180,7 +4194,9 @@ pub mod agent_revocation_service_server {
             tonic::Status,
         >;
         /// The caller has applied every revocation up to sequence; dropped lists the
-        /// X.509-SVIDs it held that they covered, so that the CRLs list them too.
+        /// X.509-SVIDs it held that they covered, so that the CRLs list them too. A
+        /// dropped SVID that does not pass the server's checks is left out (and logged);
+        /// the acknowledgement still counts.
         async fn acknowledge_revocations(
             &self,
             request: tonic::Request<super::AcknowledgeRevocationsRequest>,

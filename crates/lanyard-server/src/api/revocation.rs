@@ -8,7 +8,7 @@
 //! bounded and it coalesces repeated issuances). Every revocation is audited; revoking an
 //! agent bans it in the same call.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -489,20 +489,64 @@ impl AgentRevocationRpc for AgentRevocationService {
             )));
         }
         let now = self.state.now();
-        let mut by_revocation: std::collections::BTreeMap<String, Vec<RevokedSerial>> =
-            std::collections::BTreeMap::new();
+        // Drops count only for the revocations this acknowledgement newly applies, so that an
+        // agent reports each revocation's SVIDs once.
+        let newly: BTreeMap<String, Revocation> = if request.dropped.is_empty() {
+            BTreeMap::new()
+        } else {
+            let previous = self
+                .state
+                .store
+                .get_revocation_ack(caller.id())
+                .await
+                .map_err(ApiError::from)?
+                .map_or(0, |ack| ack.sequence);
+            self.state
+                .store
+                .list_revocations(previous)
+                .await
+                .map_err(ApiError::from)?
+                .into_iter()
+                .filter(|r| r.sequence <= request.sequence)
+                .map(|r| (r.id.clone(), r))
+                .collect()
+        };
+        let bundle = self.state.bundle();
+        let authorities: Vec<&[u8]> = bundle.x509_authorities().iter().map(|a| a.der()).collect();
+        let mut by_revocation: BTreeMap<&str, Vec<RevokedSerial>> = BTreeMap::new();
+        let mut refused: Vec<(&str, DropRefused)> = Vec::new();
         for dropped in &request.dropped {
-            let serial = lanyard_core::revocation::normalize_serial(&dropped.serial)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            by_revocation
-                .entry(dropped.revocation_id.clone())
-                .or_default()
-                .push(RevokedSerial {
-                    serial,
-                    authority_id: dropped.authority_id.clone(),
-                    revoked_at: now,
+            let checked = newly
+                .get(&dropped.revocation_id)
+                .ok_or(DropRefused::NotNewlyApplied)
+                .and_then(|revocation| {
+                    check_drop(
+                        &self.state,
+                        &authorities,
+                        caller.id(),
+                        revocation,
+                        &dropped.certificates,
+                        now,
+                    )
                 });
+            match checked {
+                Ok(serial) => by_revocation
+                    .entry(dropped.revocation_id.as_str())
+                    .or_default()
+                    .push(serial),
+                Err(reason) => refused.push((dropped.revocation_id.as_str(), reason)),
+            }
         }
+        if let Some((revocation_id, reason)) = refused.first() {
+            tracing::warn!(
+                agent_id = %caller.id(),
+                refused = refused.len(),
+                %revocation_id,
+                %reason,
+                "dropped SVIDs an agent reported were left off the CRLs (the first one's reason)"
+            );
+        }
+        let listed: usize = by_revocation.values().map(Vec::len).sum();
         let mut added = false;
         for (revocation_id, serials) in &by_revocation {
             match self
@@ -526,8 +570,99 @@ impl AgentRevocationRpc for AgentRevocationService {
             self.state.written().await;
             self.state.refresh_revocations().await;
         }
-        Ok(Response::new(AcknowledgeRevocationsResponse {}))
+        Ok(Response::new(AcknowledgeRevocationsResponse {
+            listed: u32::try_from(listed).unwrap_or(u32::MAX),
+            refused: u32::try_from(refused.len()).unwrap_or(u32::MAX),
+        }))
     }
+}
+
+/// Why a dropped SVID an agent reported is not put on the CRLs.
+#[derive(Debug)]
+enum DropRefused {
+    NotNewlyApplied,
+    NoCertificate,
+    TooLong,
+    Unverified(lanyard_core::x509::X509Error),
+    IssuedAfter,
+    EntryNotTheCallers,
+    NotCovered,
+}
+
+impl std::fmt::Display for DropRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotNewlyApplied => {
+                f.write_str("not a revocation this acknowledgement newly applies")
+            }
+            Self::NoCertificate => f.write_str("no certificate"),
+            Self::TooLong => f.write_str("a chain longer than an X.509-SVID's"),
+            Self::Unverified(error) => {
+                write!(f, "not an X.509-SVID of this trust domain: {error}")
+            }
+            Self::IssuedAfter => f.write_str("issued after the revocation was made"),
+            Self::EntryNotTheCallers => f.write_str(
+                "the revoked entry is not one the agent is authorized for, with this SPIFFE ID",
+            ),
+            Self::NotCovered => f.write_str("not covered by the revocation"),
+        }
+    }
+}
+
+/// Certificates in a dropped SVID's chain, at most.
+const MAX_DROPPED_CHAIN: usize = 8;
+
+/// The CRL entry for an X.509-SVID (`chain`) that `caller` reports having dropped for
+/// `revocation`, if it is one the revocation covers: an SVID of this trust domain
+/// (`authorities`) valid now, issued before the revocation was made, and covered for this
+/// caller. Certificates are public, so an agent could report anyone's: an entry's revocation
+/// takes only SVIDs with the SPIFFE ID of an entry the caller is authorized for, and an
+/// agent's only the caller's own (an agent revoked is banned, so never the caller).
+fn check_drop(
+    state: &ServerState,
+    authorities: &[&[u8]],
+    caller: &lanyard_core::SpiffeId,
+    revocation: &Revocation,
+    chain: &[Vec<u8>],
+    now: SystemTime,
+) -> Result<RevokedSerial, DropRefused> {
+    let leaf = chain.first().ok_or(DropRefused::NoCertificate)?;
+    if chain.len() > MAX_DROPPED_CHAIN {
+        return Err(DropRefused::TooLong);
+    }
+    let verified =
+        lanyard_core::x509::verify_svid_chain(chain, &state.config.trust_domain, authorities, now)
+            .map_err(DropRefused::Unverified)?;
+    if !revocation.predates(verified.not_before()) {
+        return Err(DropRefused::IssuedAfter);
+    }
+    let entry_id = match &revocation.target {
+        RevocationTarget::Entry(id) => {
+            let authorized = state
+                .authorized_entry(caller, id)
+                .is_some_and(|entry| &entry.spiffe_id == verified.spiffe_id());
+            if !authorized {
+                return Err(DropRefused::EntryNotTheCallers);
+            }
+            id.as_str()
+        }
+        _ => "",
+    };
+    if !revocation
+        .target
+        .covers_x509(verified.serial(), verified.spiffe_id(), entry_id, caller)
+    {
+        return Err(DropRefused::NotCovered);
+    }
+    let authority_id = lanyard_core::x509::authority_key_id_hex(leaf)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    Ok(RevokedSerial {
+        serial: verified.serial().to_owned(),
+        authority_id,
+        revoked_at: revocation.created_at,
+    })
 }
 
 /// A trimmed governance text: required or optional, bounded, without control characters.

@@ -993,6 +993,10 @@ impl Datastore for MemoryStore {
         Ok(self.lock().revocation_acks.values().cloned().collect())
     }
 
+    async fn get_revocation_ack(&self, agent_id: &SpiffeId) -> Result<Option<RevocationAck>> {
+        Ok(self.lock().revocation_acks.get(agent_id.as_str()).cloned())
+    }
+
     async fn prune_revocations(&self, expired_before: SystemTime) -> Result<u64> {
         let mut state = self.lock();
         let gone: Vec<String> = state

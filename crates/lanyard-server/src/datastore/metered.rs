@@ -170,6 +170,7 @@ metered! {
     async fn list_revoked_serials(&self, revocation_id: Option<&str>) -> Result<Vec<RevokedSerial>>;
     async fn acknowledge_revocations(&self, agent_id: &SpiffeId, sequence: i64, at: SystemTime) -> Result<()>;
     async fn list_revocation_acks(&self) -> Result<Vec<RevocationAck>>;
+    async fn get_revocation_ack(&self, agent_id: &SpiffeId) -> Result<Option<RevocationAck>>;
     async fn prune_revocations(&self, expired_before: SystemTime) -> Result<u64>;
 }
 

@@ -810,6 +810,9 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// Every agent's acknowledgement, ordered by agent ID.
     async fn list_revocation_acks(&self) -> Result<Vec<RevocationAck>>;
 
+    /// The acknowledgement of `agent_id`, if it has made one.
+    async fn get_revocation_ack(&self, agent_id: &SpiffeId) -> Result<Option<RevocationAck>>;
+
     /// Deletes the revocations that expired before `expired_before`, with their serials;
     /// returns how many.
     async fn prune_revocations(&self, expired_before: SystemTime) -> Result<u64>;

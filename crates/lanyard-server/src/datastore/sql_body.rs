@@ -1972,6 +1972,23 @@ impl Datastore for Store {
         .collect()
     }
 
+    async fn get_revocation_ack(&self, agent_id: &SpiffeId) -> Result<Option<RevocationAck>> {
+        sqlx::query(q(
+            "SELECT sequence, acked_at FROM revocation_acks WHERE agent_id = ?",
+        ))
+        .bind(agent_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| {
+            Ok(RevocationAck {
+                agent_id: agent_id.clone(),
+                sequence: row.try_get("sequence")?,
+                acked_at: from_unix_seconds(row.try_get("acked_at")?)?,
+            })
+        })
+        .transpose()
+    }
+
     async fn prune_revocations(&self, expired_before: SystemTime) -> Result<u64> {
         let mut tx = self.write().await?;
         let before = unix_seconds(expired_before)?;

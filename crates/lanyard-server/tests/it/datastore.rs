@@ -2551,6 +2551,15 @@ async fn revocations_are_numbered_list_their_serials_and_record_acknowledgements
             (spiffe("/spire/agent/b").to_string(), 1, at(1_900_000_030)),
         ]
     );
+    let one = store.get_revocation_ack(&agent).await.unwrap().unwrap();
+    assert_eq!((one.sequence, one.acked_at), (2, at(1_900_000_010)));
+    assert!(
+        store
+            .get_revocation_ack(&spiffe("/spire/agent/never"))
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // Pruning drops what expired, with its serials.
     let mut short = sample_revocation("r0", RevocationTarget::X509Serial("5".to_owned()));

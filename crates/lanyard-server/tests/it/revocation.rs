@@ -1,7 +1,8 @@
 //! Revocations: an admin revokes X.509-SVIDs by serial, SPIFFE ID, entry or agent, or a
 //! JWT-SVID by jti; the server lists the serials on CRLs signed by its authorities, tells the
 //! agents' change streams, gives agents the revocations and CRLs, records their
-//! acknowledgements (with the serials they dropped), and refuses bad input storing nothing.
+//! acknowledgements (with the SVIDs they dropped, checked before they reach the CRLs), and
+//! refuses bad input storing nothing.
 
 use std::time::{Duration, SystemTime};
 
@@ -93,6 +94,32 @@ async fn wait_for_ledger(server: &TestServer, serials: &[&str]) {
     }
 }
 
+/// Acknowledges revocation sequence 1 for `agent`, reporting `chains` dropped for
+/// `revocation_id`: the drops listed and refused.
+async fn acknowledge(
+    server: &TestServer,
+    agent: &AttestedAgentIdentity,
+    revocation_id: &str,
+    chains: &[&[Vec<u8>]],
+) -> (u32, u32) {
+    let answer =
+        AgentRevocationServiceClient::new(server.tls(Some((&agent.chain, &agent.key))).await)
+            .acknowledge_revocations(AcknowledgeRevocationsRequest {
+                sequence: 1,
+                dropped: chains
+                    .iter()
+                    .map(|chain| Dropped {
+                        revocation_id: revocation_id.to_owned(),
+                        certificates: chain.to_vec(),
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    (answer.listed, answer.refused)
+}
+
 fn verdict(server: &TestServer, chain: &[Vec<u8>], crls: &[Vec<u8>]) -> Result<(), X509Error> {
     verify_svid_chain_with_crls(
         chain,
@@ -117,6 +144,9 @@ async fn a_revoked_identity_is_on_the_crl_agents_hear_of_it_and_acknowledge() {
     let (web_chain2, web_serial2) = svid(&server, &other, &other_web).await;
     let (db_chain, db_serial) = svid(&server, &agent, &db).await;
     wait_for_ledger(&server, &[&web_serial, &web_serial2, &db_serial]).await;
+    // Minted again within the ledger's coalescing window: not recorded yet, so only the
+    // agent's report of having dropped it can put it on the CRLs.
+    let (web_mid_chain, web_mid_serial) = svid(&server, &agent, &web).await;
     let mut notices =
         AgentChangeServiceClient::new(server.tls(Some((&agent.chain, &agent.key))).await)
             .watch_changes(WatchChangesRequest {})
@@ -185,8 +215,9 @@ async fn a_revoked_identity_is_on_the_crl_agents_hear_of_it_and_acknowledge() {
         Err(X509Error::Revoked)
     ));
     verdict(&server, &db_chain, &fetched.crls).unwrap();
-    // What is minted for the identity afterwards is not covered.
-    let (fresh_chain, fresh_serial) = svid(&server, &agent, &web).await;
+    // What is minted for the identity afterwards (in a later second) is not covered.
+    server.clock.advance(Duration::from_secs(1));
+    let (fresh_chain, _) = svid(&server, &agent, &web).await;
     verdict(&server, &fresh_chain, &fetched.crls).unwrap();
     assert!(fetch(&server, &agent, 1).await.revocations.is_empty());
     // Lists the caller holds already are not sent again.
@@ -230,18 +261,53 @@ async fn a_revoked_identity_is_on_the_crl_agents_hear_of_it_and_acknowledge() {
         .await
         .unwrap_err();
     assert_eq!(too_far.code(), Code::InvalidArgument);
-    agent_client()
+    verdict(&server, &web_mid_chain, &fetched.crls).unwrap();
+    let dropped = |chain: &[Vec<u8>]| Dropped {
+        revocation_id: revocation.id.clone(),
+        certificates: chain.to_vec(),
+    };
+    let mut forged = web_mid_chain.clone();
+    let last = forged[0].len() - 1;
+    forged[0][last] ^= 1;
+    let answer = agent_client()
         .await
         .acknowledge_revocations(AcknowledgeRevocationsRequest {
             sequence: 1,
-            dropped: vec![Dropped {
-                revocation_id: revocation.id.clone(),
-                serial: fresh_serial.clone(),
-                authority_id: authority.clone(),
-            }],
+            dropped: vec![
+                // Covered, and unknown to the ledger: listed.
+                dropped(&web_mid_chain),
+                // Covered and listed already.
+                dropped(&web_chain),
+                // Issued after the revocation was made.
+                dropped(&fresh_chain),
+                // Another identity, which the revocation does not cover.
+                dropped(&db_chain),
+                // A signature that does not verify.
+                dropped(&forged),
+                // No certificate.
+                dropped(&[]),
+                // A revocation that is not there.
+                Dropped {
+                    revocation_id: "no-such-revocation".to_owned(),
+                    certificates: web_mid_chain.clone(),
+                },
+            ],
         })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    assert_eq!((answer.listed, answer.refused), (2, 5));
+    // Drops for a revocation acknowledged already are not taken again.
+    let answer = agent_client()
+        .await
+        .acknowledge_revocations(AcknowledgeRevocationsRequest {
+            sequence: 1,
+            dropped: vec![dropped(&web_mid_chain)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((answer.listed, answer.refused), (0, 1));
     let detail = admin()
         .await
         .get_revocation(GetRevocationRequest {
@@ -253,12 +319,23 @@ async fn a_revoked_identity_is_on_the_crl_agents_hear_of_it_and_acknowledge() {
     assert_eq!(detail.pending_agent_ids, [other.id.to_string()]);
     assert_eq!(detail.acknowledged.len(), 1);
     assert_eq!(detail.acknowledged[0].agent_id, agent.id.to_string());
-    assert_eq!(detail.serials.len(), 3);
+    let mut listed: Vec<&str> = detail.serials.iter().map(|s| s.serial.as_str()).collect();
+    listed.sort_unstable();
+    let mut expected = vec![
+        web_serial.as_str(),
+        web_serial2.as_str(),
+        web_mid_serial.as_str(),
+    ];
+    expected.sort_unstable();
+    assert_eq!(listed, expected);
+    assert!(detail.serials.iter().all(|s| s.authority_id == authority));
     let fetched = fetch(&server, &agent, 0).await;
     assert!(matches!(
-        verdict(&server, &fresh_chain, &fetched.crls),
+        verdict(&server, &web_mid_chain, &fetched.crls),
         Err(X509Error::Revoked)
     ));
+    verdict(&server, &fresh_chain, &fetched.crls).unwrap();
+    verdict(&server, &db_chain, &fetched.crls).unwrap();
 
     // Only admins revoke; only agents fetch and acknowledge.
     let denied = RevocationServiceClient::new(server.tls(Some((&agent.chain, &agent.key))).await)
@@ -274,6 +351,67 @@ async fn a_revoked_identity_is_on_the_crl_agents_hear_of_it_and_acknowledge() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn an_entrys_revocation_takes_dropped_svids_only_from_agents_authorized_for_it() {
+    let server = TestServer::start().await;
+    let holder = server.attest_new_agent().await;
+    let intruder = server.attest_new_agent().await;
+    // The same identity through two entries, one per agent.
+    let revoked_entry = create_entry(&server, "/web", &holder.id, 0).await;
+    let intruders_entry = create_entry(&server, "/web", &intruder.id, 0).await;
+    let (first, first_serial) = svid(&server, &holder, &revoked_entry).await;
+    let (theirs, theirs_serial) = svid(&server, &intruder, &intruders_entry).await;
+    wait_for_ledger(&server, &[&first_serial, &theirs_serial]).await;
+    // Coalesced by the ledger: known to no one but the agent that holds it.
+    let (held, held_serial) = svid(&server, &holder, &revoked_entry).await;
+    let made = revoke(&server, request("entry", &revoked_entry))
+        .await
+        .unwrap();
+    assert_eq!(made.serials.len(), 1);
+    assert_eq!(made.serials[0].serial, first_serial);
+    let revocation_id = made.revocation.unwrap().id;
+    // Certificates are public: an agent not authorized for the revoked entry cannot put what
+    // it has seen on the CRLs, neither the holder's SVID nor its own of the same identity.
+    assert_eq!(
+        acknowledge(&server, &intruder, &revocation_id, &[&held, &theirs]).await,
+        (0, 2)
+    );
+    let fetched = fetch(&server, &intruder, 0).await;
+    verdict(&server, &held, &fetched.crls).unwrap();
+    verdict(&server, &theirs, &fetched.crls).unwrap();
+    assert!(matches!(
+        verdict(&server, &first, &fetched.crls),
+        Err(X509Error::Revoked)
+    ));
+    // The holder's report is taken, once.
+    assert_eq!(
+        acknowledge(&server, &holder, &revocation_id, &[&held]).await,
+        (1, 0)
+    );
+    assert_eq!(
+        acknowledge(&server, &holder, &revocation_id, &[&held]).await,
+        (0, 1)
+    );
+    let fetched = fetch(&server, &holder, 0).await;
+    assert!(matches!(
+        verdict(&server, &held, &fetched.crls),
+        Err(X509Error::Revoked)
+    ));
+    verdict(&server, &theirs, &fetched.crls).unwrap();
+    let serials = server
+        .server()
+        .state()
+        .store
+        .list_revoked_serials(None)
+        .await
+        .unwrap();
+    let mut listed: Vec<&str> = serials.iter().map(|s| s.serial.as_str()).collect();
+    listed.sort_unstable();
+    let mut expected = vec![first_serial.as_str(), held_serial.as_str()];
+    expected.sort_unstable();
+    assert_eq!(listed, expected);
 }
 
 #[tokio::test]
