@@ -316,7 +316,7 @@ impl IndexFeed {
     /// committed in, and whichever server made them. On a datastore error nothing past the
     /// last applied change is recorded as done, so the next catch-up tries again. Returns what
     /// changed outside the index: which bundles and federation relationships, and whether
-    /// revocations did.
+    /// revocations or published CRLs did.
     pub async fn catch_up(
         &self,
         store: &dyn crate::datastore::Datastore,
@@ -355,6 +355,7 @@ impl IndexFeed {
                     changed.relationships.push(trust_domain.clone());
                 }
                 ChangeSubject::Revocation(_) => changed.revocations = true,
+                ChangeSubject::Crl(_) => changed.crls = true,
             }
         }
         if exceptions_changed {
@@ -374,6 +375,8 @@ pub struct ChangedElsewhere {
     pub relationships: Vec<lanyard_core::TrustDomain>,
     /// Whether revocations were made or gained serials.
     pub revocations: bool,
+    /// Whether a server published CRLs (this one or another sharing the datastore).
+    pub crls: bool,
 }
 
 #[cfg(test)]

@@ -160,6 +160,9 @@ pub struct JwtKey {
 struct CaState {
     x509_current: Option<Arc<X509Slot>>,
     x509_next: Option<Arc<X509Slot>>,
+    /// The authority the last activation replaced, kept (in memory only) until it expires so
+    /// that the SVIDs it signed still have a CRL.
+    x509_retired: Option<Arc<X509Slot>>,
     jwt_current: Option<Arc<JwtKey>>,
     jwt_next: Option<Arc<JwtKey>>,
     bundle: Option<Arc<TrustBundle>>,
@@ -270,6 +273,29 @@ impl CaManager {
         (state.x509_current.clone(), state.x509_next.clone())
     }
 
+    /// The X.509 authorities whose keys this server holds and that sign CRLs at `now`: the
+    /// active one, the prepared one, and the one retired last while it has not expired and is
+    /// still in the bundle (not revoked).
+    pub fn crl_signers(&self, now: SystemTime) -> Vec<Arc<X509Ca>> {
+        let state = self.read();
+        let retired = state.x509_retired.as_ref().filter(|slot| {
+            slot.ca.not_after() > now
+                && state
+                    .bundle
+                    .as_ref()
+                    .is_some_and(|bundle| bundle.x509_authority(slot.ca.cert_der()).is_some())
+        });
+        [
+            state.x509_current.as_ref(),
+            state.x509_next.as_ref(),
+            retired,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|slot| Arc::clone(&slot.ca))
+        .collect()
+    }
+
     /// The active JWT signing key. Present once [`CaManager::load`] has returned.
     pub fn jwt_key(&self) -> Option<Arc<JwtKey>> {
         self.read().jwt_current.clone()
@@ -329,7 +355,7 @@ impl CaManager {
                     CaAction::ActivateNext => {
                         let mut s = self.write();
                         if let Some(next) = s.x509_next.take() {
-                            s.x509_current = Some(next);
+                            s.x509_retired = s.x509_current.replace(next);
                             report.x509_activated = true;
                         }
                     }

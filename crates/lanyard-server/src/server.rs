@@ -950,6 +950,11 @@ async fn rotate(
         if rotated || state.revocations.due(now) {
             state.refresh_revocations().await;
         }
+        if let Some(before) = now.checked_sub(crate::revocations::PUBLISHED_CRL_RETENTION)
+            && let Err(error) = state.store.prune_published_crls(before).await
+        {
+            tracing::warn!(%error, "pruning published CRLs failed");
+        }
         match state.store.prune_revocations(now).await {
             Ok(0) => {}
             Ok(pruned) => {

@@ -75,8 +75,9 @@ pub struct ChangePoint {
     pub bundles: u64,
     /// The highest revocation sequence (0 when there is none).
     pub revocations: i64,
-    /// The CRL number of the CRLs in force. Not sent: a new one (a serial added, or the
-    /// periodic re-signing) tells every agent's stream to have its agent sync.
+    /// The version of the CRLs in force ([`crate::revocations::Crls::version`]), sent as the
+    /// notice's `crl_number`: a new one (a serial added, the periodic re-signing, another
+    /// server's lists) tells every agent's stream to have its agent sync.
     pub crls: u64,
 }
 
@@ -264,6 +265,8 @@ impl ServerState {
         let bundles_moved = !changed.bundles.is_empty();
         if changed.revocations {
             self.refresh_revocations().await;
+        } else if changed.crls {
+            self.reload_published_crls().await;
         }
         let revocations = self.revocations.sequence();
         self.changes.send_if_modified(|announced| {
@@ -382,11 +385,33 @@ impl ServerState {
             tracing::error!(%error, "could not refresh the revocation lists; the ones in force stay");
             return;
         }
-        let number = self.revocations.crls().number;
+        self.announce_revocations();
+    }
+
+    /// Takes the CRLs other servers sharing the datastore published
+    /// ([`RevocationState::reload_published`]); a failure is logged and the lists in force stay.
+    async fn reload_published_crls(&self) {
+        match self
+            .revocations
+            .reload_published(&*self.store, &self.ca)
+            .await
+        {
+            Ok(true) => self.announce_revocations(),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, "could not read the CRLs other servers published; the ones in force stay");
+            }
+        }
+    }
+
+    /// Moves the change point when the revocation sequence or the set of CRLs moved, so that
+    /// every agent's change stream announces it.
+    fn announce_revocations(&self) {
+        let version = self.revocations.crls().version;
         let sequence = self.revocations.sequence();
         self.changes.send_if_modified(|announced| {
-            let moved = announced.crls != number || announced.revocations < sequence;
-            announced.crls = number;
+            let moved = announced.crls != version || announced.revocations < sequence;
+            announced.crls = version;
             announced.revocations = announced.revocations.max(sequence);
             moved
         });

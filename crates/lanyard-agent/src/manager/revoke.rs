@@ -31,7 +31,7 @@ pub(super) struct AgentRevocations {
     pub(super) applied: i64,
     /// The highest sequence the server has been told of.
     pub(super) acknowledged: i64,
-    /// The CRL number of `crls`.
+    /// The server's version of `crls` (its `crl_number`).
     pub(super) crl_number: u64,
     /// The trust domain's CRLs (DER), as the Workload API serves them.
     pub(super) crls: Arc<Vec<Vec<u8>>>,

@@ -27,9 +27,10 @@ pub struct ChangeNotice {
     /// that has applied less asks for the revocations after its own.
     #[prost(int64, tag = "3")]
     pub revocation_sequence: i64,
-    /// The CRL number of the server's revocation lists: they are signed anew when
-    /// a serial is added and periodically, and an agent holding older ones syncs
-    /// to get them.
+    /// The version of the server's set of revocation lists (an opaque number,
+    /// compared for equality): it moves when they are signed anew (a serial added,
+    /// periodically) or another server publishes its own, and an agent holding
+    /// another set syncs to get them.
     #[prost(uint64, tag = "4")]
     pub crl_number: u64,
 }
@@ -3437,8 +3438,8 @@ impl ::prost::Name for ListRevocationsResponse {
 pub struct FetchRevocationsRequest {
     #[prost(int64, tag = "1")]
     pub after_sequence: i64,
-    /// The CRL number of the lists the caller holds (0: none); the lists are sent
-    /// only when the server's are another.
+    /// The version of the set of lists the caller holds (0: none), as a fetch
+    /// gave it; the lists are sent only when the server's set is another.
     #[prost(uint64, tag = "2")]
     pub crl_number: u64,
 }
@@ -3460,11 +3461,14 @@ pub struct FetchRevocationsResponse {
     /// (0 when none): the caller asks next from it.
     #[prost(int64, tag = "2")]
     pub sequence: i64,
-    /// DER CRLs, one per X.509 authority whose key the server holds; empty when
-    /// the caller's crl_number is current.
+    /// DER CRLs, one per X.509 authority of the trust domain's bundle that has
+    /// one: those whose keys the server holds, signed by it, and those other
+    /// servers sharing its datastore published. Empty when the caller's
+    /// crl_number is current.
     #[prost(bytes = "vec", repeated, tag = "3")]
     pub crls: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
-    /// The CRL number of the server's lists.
+    /// The version of the server's set of lists (an opaque number, compared for
+    /// equality; 0 when there are none).
     #[prost(uint64, tag = "4")]
     pub crl_number: u64,
 }

@@ -78,6 +78,10 @@ impl LocalAuthorityService {
         })?;
         // The server's own SVID follows an activated authority at once, not at the next tick.
         self.state.request_rotation();
+        if kind == AuthorityKind::X509 {
+            // The authorities that sign CRLs changed (one prepared, retired or removed).
+            self.state.refresh_revocations().await;
+        }
         self.state.audit.record(
             &caller.describe(),
             action,

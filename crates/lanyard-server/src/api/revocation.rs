@@ -461,12 +461,12 @@ impl AgentRevocationRpc for AgentRevocationService {
                 .map(revocation_to_proto)
                 .collect(),
             sequence,
-            crls: if held == crls.number {
+            crls: if held == crls.version {
                 Vec::new()
             } else {
                 crls.lists.iter().map(|list| list.der.clone()).collect()
             },
-            crl_number: crls.number,
+            crl_number: crls.version,
         }))
     }
 
@@ -489,18 +489,18 @@ impl AgentRevocationRpc for AgentRevocationService {
             )));
         }
         let now = self.state.now();
+        let previous = self
+            .state
+            .store
+            .get_revocation_ack(caller.id())
+            .await
+            .map_err(ApiError::from)?
+            .map_or(0, |ack| ack.sequence);
         // Drops count only for the revocations this acknowledgement newly applies, so that an
         // agent reports each revocation's SVIDs once.
         let newly: BTreeMap<String, Revocation> = if request.dropped.is_empty() {
             BTreeMap::new()
         } else {
-            let previous = self
-                .state
-                .store
-                .get_revocation_ack(caller.id())
-                .await
-                .map_err(ApiError::from)?
-                .map_or(0, |ack| ack.sequence);
             self.state
                 .store
                 .list_revocations(previous)
@@ -547,6 +547,7 @@ impl AgentRevocationRpc for AgentRevocationService {
             );
         }
         let listed: usize = by_revocation.values().map(Vec::len).sum();
+        let _audited = self.state.audit.guard();
         let mut added = false;
         for (revocation_id, serials) in &by_revocation {
             match self
@@ -566,6 +567,20 @@ impl AgentRevocationRpc for AgentRevocationService {
             .acknowledge_revocations(caller.id(), request.sequence, now)
             .await
             .map_err(ApiError::from)?;
+        if request.sequence > previous || listed > 0 {
+            // The governance record: which agent applied which revocations, and what it
+            // dropped. Retries of an acknowledgement already recorded add nothing.
+            self.state.audit.record(
+                caller.id().as_ref(),
+                "revocations acknowledged",
+                serde_json::json!({
+                    "sequence": request.sequence,
+                    "previous_sequence": previous,
+                    "dropped_listed": listed,
+                    "dropped_refused": refused.len(),
+                }),
+            );
+        }
         if added {
             self.state.written().await;
             self.state.refresh_revocations().await;

@@ -152,7 +152,7 @@ impl CaManager {
             match kind {
                 AuthorityKind::X509 => {
                     if let Some(next) = state.x509_next.take() {
-                        state.x509_current = Some(next);
+                        state.x509_retired = state.x509_current.replace(next);
                     }
                 }
                 AuthorityKind::Jwt => {

@@ -118,6 +118,26 @@ pub(crate) fn normalize_revoked_serials(
         .collect()
 }
 
+/// A published CRL as a store keeps it: `next_update` in whole seconds, the number within a
+/// signed 64-bit column.
+pub(crate) fn normalize_published_crl(crl: &super::PublishedCrl) -> Result<super::PublishedCrl> {
+    if i64::try_from(crl.number).is_err() {
+        return Err(DatastoreError::Invalid(format!(
+            "CRL number {} is out of range",
+            crl.number
+        )));
+    }
+    if crl.authority_id.is_empty() {
+        return Err(DatastoreError::Invalid(
+            "a published CRL needs its authority ID".to_owned(),
+        ));
+    }
+    Ok(super::PublishedCrl {
+        next_update: whole_second(crl.next_update)?,
+        ..crl.clone()
+    })
+}
+
 /// The agent as a store gives it back: times truncated to whole seconds.
 pub(crate) fn normalize_agent(mut agent: AttestedAgent) -> Result<AttestedAgent> {
     agent.not_after = whole_second(agent.not_after)?;

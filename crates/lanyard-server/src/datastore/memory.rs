@@ -13,15 +13,15 @@ use lanyard_core::revocation::{Revocation, RevocationAck, RevokedSerial};
 use lanyard_core::{EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
 
 use super::convert::{
-    checked_bundle, normalize_agent, normalize_entry, normalize_exception, normalize_revocation,
-    normalize_revoked_serials, whole_second, with_stored_bundle,
+    checked_bundle, normalize_agent, normalize_entry, normalize_exception, normalize_published_crl,
+    normalize_revocation, normalize_revoked_serials, whole_second, with_stored_bundle,
 };
 use super::governance::usage_record;
 use super::{
     AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSubject, Datastore,
     DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
-    JoinTokenRecord, Page, PageRequest, Result, bundle_in_use, exception_conflict, merge_bundles,
-    missing_federated_bundle, not_found, revision_conflict,
+    JoinTokenRecord, Page, PageRequest, PublishedCrl, Result, bundle_in_use, exception_conflict,
+    merge_bundles, missing_federated_bundle, not_found, revision_conflict,
 };
 
 /// A datastore held in memory behind one mutex. Nothing survives the process.
@@ -53,6 +53,8 @@ struct State {
     revocation_acks: BTreeMap<String, RevocationAck>,
     /// The last revocation sequence given.
     revocation_sequence: i64,
+    /// By authority ID.
+    published_crls: BTreeMap<String, PublishedCrl>,
 }
 
 impl State {
@@ -995,6 +997,39 @@ impl Datastore for MemoryStore {
 
     async fn get_revocation_ack(&self, agent_id: &SpiffeId) -> Result<Option<RevocationAck>> {
         Ok(self.lock().revocation_acks.get(agent_id.as_str()).cloned())
+    }
+
+    async fn publish_crls(&self, crls: &[PublishedCrl]) -> Result<usize> {
+        let mut state = self.lock();
+        let mut written = 0;
+        for crl in crls {
+            let crl = normalize_published_crl(crl)?;
+            if state
+                .published_crls
+                .get(&crl.authority_id)
+                .is_some_and(|stored| stored.number >= crl.number)
+            {
+                continue;
+            }
+            let subject = ChangeSubject::Crl(crl.authority_id.clone());
+            state.published_crls.insert(crl.authority_id.clone(), crl);
+            state.record(ChangeKind::Updated, subject);
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    async fn list_published_crls(&self) -> Result<Vec<PublishedCrl>> {
+        Ok(self.lock().published_crls.values().cloned().collect())
+    }
+
+    async fn prune_published_crls(&self, before: SystemTime) -> Result<u64> {
+        let mut state = self.lock();
+        let count = state.published_crls.len();
+        state
+            .published_crls
+            .retain(|_, crl| crl.next_update >= before);
+        Ok((count - state.published_crls.len()) as u64)
     }
 
     async fn prune_revocations(&self, expired_before: SystemTime) -> Result<u64> {

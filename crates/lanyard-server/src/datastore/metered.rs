@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 use super::{
     AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeSignal, Datastore, DatastoreError,
     EntryFilter, EntryUsage, FetchedBundleChange, Issuance, IssuanceFilter, JoinTokenRecord, Page,
-    PageRequest, Result,
+    PageRequest, PublishedCrl, Result,
 };
 
 type QueryLabels = [(&'static str, &'static str); 2];
@@ -171,6 +171,9 @@ metered! {
     async fn acknowledge_revocations(&self, agent_id: &SpiffeId, sequence: i64, at: SystemTime) -> Result<()>;
     async fn list_revocation_acks(&self) -> Result<Vec<RevocationAck>>;
     async fn get_revocation_ack(&self, agent_id: &SpiffeId) -> Result<Option<RevocationAck>>;
+    async fn publish_crls(&self, crls: &[PublishedCrl]) -> Result<usize>;
+    async fn list_published_crls(&self) -> Result<Vec<PublishedCrl>>;
+    async fn prune_published_crls(&self, before: SystemTime) -> Result<u64>;
     async fn prune_revocations(&self, expired_before: SystemTime) -> Result<u64>;
 }
 

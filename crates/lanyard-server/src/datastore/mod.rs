@@ -385,6 +385,21 @@ pub enum ChangeSubject {
     FederationRelationship(TrustDomain),
     /// A revocation, by ID.
     Revocation(String),
+    /// A published CRL, by the authority ID that signed it.
+    Crl(String),
+}
+
+/// The newest CRL of one X.509 authority, as the server holding its key published it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedCrl {
+    /// The signer's subject key ID (hex).
+    pub authority_id: String,
+    /// The DER CRL.
+    pub der: Vec<u8>,
+    /// Its CRL number.
+    pub number: u64,
+    /// Its `nextUpdate`, in whole seconds.
+    pub next_update: SystemTime,
 }
 
 impl ChangeSubject {
@@ -396,6 +411,7 @@ impl ChangeSubject {
             Self::Exception(_) => "exception",
             Self::FederationRelationship(_) => "federation_relationship",
             Self::Revocation(_) => "revocation",
+            Self::Crl(_) => "crl",
         }
     }
 
@@ -404,7 +420,7 @@ impl ChangeSubject {
             Self::Entry(id) => id.as_str(),
             Self::Agent(id) => id.as_str(),
             Self::Bundle(td) | Self::FederationRelationship(td) => td.name(),
-            Self::Exception(id) | Self::Revocation(id) => id,
+            Self::Exception(id) | Self::Revocation(id) | Self::Crl(id) => id,
         }
     }
 
@@ -423,6 +439,7 @@ impl ChangeSubject {
                 .map_err(|e| corrupt(&e)),
             "exception" if !key.is_empty() => Ok(Self::Exception(key.to_owned())),
             "revocation" if !key.is_empty() => Ok(Self::Revocation(key.to_owned())),
+            "crl" if !key.is_empty() => Ok(Self::Crl(key.to_owned())),
             "federation_relationship" => TrustDomain::new(key)
                 .map(Self::FederationRelationship)
                 .map_err(|e| corrupt(&e)),
@@ -812,6 +829,17 @@ pub trait Datastore: Send + Sync + fmt::Debug {
 
     /// The acknowledgement of `agent_id`, if it has made one.
     async fn get_revocation_ack(&self, agent_id: &SpiffeId) -> Result<Option<RevocationAck>>;
+
+    /// Publishes CRLs this server signed: each replaces its authority's stored one when its
+    /// number is higher (a change logged per list written), so servers sharing the datastore
+    /// serve each other's. Returns how many were written.
+    async fn publish_crls(&self, crls: &[PublishedCrl]) -> Result<usize>;
+
+    /// Every published CRL, ordered by authority ID.
+    async fn list_published_crls(&self) -> Result<Vec<PublishedCrl>>;
+
+    /// Deletes the published CRLs whose `next_update` is before `before`; returns how many.
+    async fn prune_published_crls(&self, before: SystemTime) -> Result<u64>;
 
     /// Deletes the revocations that expired before `expired_before`, with their serials;
     /// returns how many.

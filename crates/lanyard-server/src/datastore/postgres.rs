@@ -28,16 +28,17 @@ use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
 use super::convert::{
     BundleRecord, JwtAuthorityRecord, X509AuthorityRecord, checked_bundle, duration_seconds,
-    from_unix_seconds, normalize_agent, normalize_entry, normalize_exception, normalize_revocation,
-    normalize_revoked_serials, seconds_duration, unix_seconds, whole_second, with_stored_bundle,
+    from_unix_seconds, normalize_agent, normalize_entry, normalize_exception,
+    normalize_published_crl, normalize_revocation, normalize_revoked_serials, seconds_duration,
+    unix_seconds, whole_second, with_stored_bundle,
 };
 use super::governance::usage_record;
 use super::{
     AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSignal, ChangeSubject,
     Datastore, DatastoreError, EntryFilter, EntryUsage, Issuance, IssuanceFilter, IssuanceKind,
-    JoinTokenRecord, MatchMode, Page, PageRequest, Result, SelectorFilter, banned_agent,
-    bundle_in_use, exception_conflict, merge_bundles, missing_federated_bundle, not_found,
-    revision_conflict,
+    JoinTokenRecord, MatchMode, Page, PageRequest, PublishedCrl, Result, SelectorFilter,
+    banned_agent, bundle_in_use, exception_conflict, merge_bundles, missing_federated_bundle,
+    not_found, revision_conflict,
 };
 
 /// The schema migrations, embedded at compile time from `migrations/postgres/`.

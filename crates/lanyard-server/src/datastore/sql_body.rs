@@ -1989,6 +1989,73 @@ impl Datastore for Store {
         .transpose()
     }
 
+    async fn publish_crls(&self, crls: &[PublishedCrl]) -> Result<usize> {
+        let crls = crls
+            .iter()
+            .map(normalize_published_crl)
+            .collect::<Result<Vec<_>>>()?;
+        let mut tx = self.write().await?;
+        let mut written = 0;
+        for crl in &crls {
+            let number = i64::try_from(crl.number).unwrap_or(i64::MAX);
+            let affected = sqlx::query(q(
+                "INSERT INTO published_crls (authority_id, der, number, next_update) \
+                 VALUES (?, ?, ?, ?) ON CONFLICT (authority_id) DO UPDATE SET \
+                 der = excluded.der, number = excluded.number, next_update = excluded.next_update \
+                 WHERE excluded.number > published_crls.number",
+            ))
+            .bind(crl.authority_id.as_str())
+            .bind(crl.der.as_slice())
+            .bind(number)
+            .bind(unix_seconds(crl.next_update)?)
+            .execute(&mut *tx.conn())
+            .await?
+            .rows_affected();
+            if affected > 0 {
+                record_change(
+                    tx.conn(),
+                    ChangeKind::Updated,
+                    &ChangeSubject::Crl(crl.authority_id.clone()),
+                )
+                .await?;
+                written += 1;
+            }
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    async fn list_published_crls(&self) -> Result<Vec<PublishedCrl>> {
+        sqlx::query(q(
+            "SELECT authority_id, der, number, next_update FROM published_crls \
+             ORDER BY authority_id",
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            let number: i64 = row.try_get("number")?;
+            Ok(PublishedCrl {
+                authority_id: row.try_get("authority_id")?,
+                der: row.try_get("der")?,
+                number: u64::try_from(number).map_err(|e| corrupt("CRL number", e))?,
+                next_update: from_unix_seconds(row.try_get("next_update")?)?,
+            })
+        })
+        .collect()
+    }
+
+    async fn prune_published_crls(&self, before: SystemTime) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let pruned = sqlx::query(q("DELETE FROM published_crls WHERE next_update < ?"))
+            .bind(unix_seconds(before)?)
+            .execute(&mut *tx.conn())
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(pruned)
+    }
+
     async fn prune_revocations(&self, expired_before: SystemTime) -> Result<u64> {
         let mut tx = self.write().await?;
         let before = unix_seconds(expired_before)?;

@@ -40,6 +40,7 @@ pub const TABLES: &[&str] = &[
     "revocations",
     "revoked_serials",
     "revocation_acks",
+    "published_crls",
 ];
 
 /// Rows per `INSERT` while copying.

@@ -26,7 +26,7 @@ use lanyard_core::{
 use lanyard_server::datastore::{
     AgentFilter, AttestedAgent, BundleDeleteMode, Change, ChangeKind, ChangeSubject, Datastore,
     DatastoreError, EntryFilter, FederatesWithFilter, Issuance, IssuanceFilter, IssuanceKind,
-    MatchMode, PageRequest, SelectorFilter, SqlStore,
+    MatchMode, PageRequest, PublishedCrl, SelectorFilter, SqlStore,
 };
 use tempfile::TempDir;
 
@@ -107,6 +107,7 @@ conformance!(
     ledger_records_lists_pages_and_prunes,
     usage_merges_issuances_and_reports,
     revocations_are_numbered_list_their_serials_and_record_acknowledgements,
+    published_crls_move_only_forward_and_are_pruned,
 );
 
 // ----- fixtures -----
@@ -2579,6 +2580,76 @@ async fn revocations_are_numbered_list_their_serials_and_record_acknowledgements
         .await
         .unwrap();
     assert_eq!(next.sequence, 4);
+}
+
+async fn published_crls_move_only_forward_and_are_pruned(store: Store) {
+    let crl = |authority: &str, number: u64, next_update: u64| PublishedCrl {
+        authority_id: authority.to_owned(),
+        der: format!("{authority}-{number}").into_bytes(),
+        number,
+        next_update: at(next_update),
+    };
+    let before = store.current_revision().await.unwrap();
+    let written = store
+        .publish_crls(&[crl("aa", 5, 1_900_000_000), crl("bb", 7, 1_900_000_100)])
+        .await
+        .unwrap();
+    assert_eq!(written, 2);
+    // A lower or equal number leaves the stored list; a higher one replaces it.
+    assert_eq!(
+        store
+            .publish_crls(&[crl("aa", 4, 1_900_009_000), crl("bb", 7, 1_900_009_000)])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .publish_crls(&[crl("aa", 6, 1_900_000_200)])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.list_published_crls().await.unwrap(),
+        [crl("aa", 6, 1_900_000_200), crl("bb", 7, 1_900_000_100)]
+    );
+    // Every list written is a change, for the other servers' change feeds.
+    let changes: Vec<ChangeSubject> = store
+        .changes_since(before)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|change| change.subject)
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ChangeSubject::Crl("aa".to_owned()),
+            ChangeSubject::Crl("bb".to_owned()),
+            ChangeSubject::Crl("aa".to_owned()),
+        ]
+    );
+    // Bad input is refused, storing nothing.
+    assert!(matches!(
+        store.publish_crls(&[crl("", 9, 1_900_000_000)]).await,
+        Err(DatastoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        store
+            .publish_crls(&[crl("cc", u64::MAX, 1_900_000_000)])
+            .await,
+        Err(DatastoreError::Invalid(_))
+    ));
+    assert_eq!(store.list_published_crls().await.unwrap().len(), 2);
+    assert_eq!(
+        store.prune_published_crls(at(1_900_000_150)).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store.list_published_crls().await.unwrap(),
+        [crl("aa", 6, 1_900_000_200)]
+    );
 }
 
 fn issuance(

@@ -309,6 +309,91 @@ async fn two_servers_with_their_own_keys_serve_one_trust_domain() {
 }
 
 #[tokio::test]
+async fn each_server_serves_the_crls_of_every_servers_authority() {
+    use lanyard_proto::lanyard::api::v1::agent_revocation_service_client::AgentRevocationServiceClient;
+    use lanyard_proto::lanyard::api::v1::revocation_service_client::RevocationServiceClient;
+    use lanyard_proto::lanyard::api::v1::{FetchRevocationsRequest, RevokeRequest};
+
+    let url = fresh_database().await;
+    let a = server_named(&url, "a").await.unwrap();
+    let b = server_named(&url, "b").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.authorities().len() < 2 || b.authorities().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the servers never shared a bundle"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let agent = a.attest_new_agent().await;
+    let id = create_entry(&a, "/web", &agent.id, 0).await;
+    let by_a = crate::issuance::mint(&a, &agent, &id).await;
+    let by_a = by_a.svid.unwrap().cert_chain;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sync_ids(&b, &agent).await != vec![id.clone()] {
+        assert!(Instant::now() < deadline, "B never served A's entry");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let by_b = crate::issuance::mint(&b, &agent, &id).await;
+    let by_b = by_b.svid.unwrap().cert_chain;
+    // Each server revokes the serial its own authority signed.
+    for (server, chain) in [(&a, &by_a), (&b, &by_b)] {
+        let serial = lanyard_core::x509::serial_decimal(&chain[0]).unwrap();
+        RevocationServiceClient::new(server.admin().await)
+            .revoke(RevokeRequest {
+                kind: "x509-serial".to_owned(),
+                value: serial,
+                owner: "security".to_owned(),
+                reason: "key leaked".to_owned(),
+                ticket: String::new(),
+                dry_run: false,
+            })
+            .await
+            .unwrap();
+    }
+    // Through either server the agent gets lists that refuse both: a verifier meeting an SVID
+    // of either server's authority finds its issuer's list.
+    for server in [&a, &b] {
+        let roots = server.authorities();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let fetched = AgentRevocationServiceClient::new(
+                server.tls(Some((&agent.chain, &agent.key))).await,
+            )
+            .fetch_revocations(FetchRevocationsRequest {
+                after_sequence: 0,
+                crl_number: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+            let refused = [&by_a, &by_b].into_iter().all(|chain| {
+                matches!(
+                    lanyard_core::x509::verify_svid_chain_with_crls(
+                        chain,
+                        &trust_domain(),
+                        &roots,
+                        &fetched.crls,
+                        SystemTime::now(),
+                    ),
+                    Err(lanyard_core::x509::X509Error::Revoked)
+                )
+            });
+            if refused {
+                assert_eq!(fetched.crls.len(), 2, "one list per authority");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never served lists refusing both servers' SVIDs",
+                server.config.instance
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_second_server_under_the_same_instance_name_is_refused() {
     let url = fresh_database().await;
     let _a = server_named(&url, "same").await.unwrap();

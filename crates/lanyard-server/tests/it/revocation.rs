@@ -308,6 +308,17 @@ async fn a_revoked_identity_is_on_the_crl_agents_hear_of_it_and_acknowledge() {
         .unwrap()
         .into_inner();
     assert_eq!((answer.listed, answer.refused), (0, 1));
+    // The audit log records the acknowledgement, once.
+    let log = std::fs::read_to_string(server.config.audit_log_path()).unwrap();
+    let acks: Vec<serde_json::Value> = lanyard_core::audit::events(&log)
+        .filter(|(_, _, event)| event["action"] == "revocations acknowledged")
+        .map(|(_, _, event)| event.clone())
+        .collect();
+    assert_eq!(acks.len(), 1, "{acks:?}");
+    assert_eq!(acks[0]["caller"], agent.id.as_str());
+    assert_eq!(acks[0]["details"]["sequence"], 1);
+    assert_eq!(acks[0]["details"]["dropped_listed"], 2);
+    assert_eq!(acks[0]["details"]["dropped_refused"], 5);
     let detail = admin()
         .await
         .get_revocation(GetRevocationRequest {
@@ -412,6 +423,84 @@ async fn an_entrys_revocation_takes_dropped_svids_only_from_agents_authorized_fo
     let mut expected = vec![first_serial.as_str(), held_serial.as_str()];
     expected.sort_unstable();
     assert_eq!(listed, expected);
+}
+
+#[tokio::test]
+async fn an_authority_replaced_by_a_rotation_keeps_signing_its_crl_until_it_expires() {
+    use lanyard_server::ca::AuthorityKind;
+
+    let server = TestServer::start().await;
+    let agent = server.attest_new_agent().await;
+    let web = create_entry(&server, "/web", &agent.id, 0).await;
+    let (old_chain, old_serial) = svid(&server, &agent, &web).await;
+    let state = server.server().state();
+    let old_authority = state.ca.x509_ca().unwrap().authority_id();
+    // A rotation: the next authority prepared and activated; the SVID's issuer is now old.
+    let now = state.now();
+    let prepared = state
+        .ca
+        .prepare_authority(AuthorityKind::X509, now)
+        .await
+        .unwrap();
+    state
+        .ca
+        .activate_authority(AuthorityKind::X509, &prepared.authority_id, now)
+        .await
+        .unwrap();
+    assert_ne!(state.ca.x509_ca().unwrap().authority_id(), old_authority);
+    let made = revoke(&server, request("x509-serial", &old_serial))
+        .await
+        .unwrap();
+    assert_eq!(made.serials[0].authority_id, old_authority);
+    // The old authority's key signs a list that refuses the SVID; every list is the issuer's.
+    let fetched = fetch(&server, &agent, 0).await;
+    let signers: Vec<String> = fetched.crls.iter().map(|der| crl_issuer(der)).collect();
+    assert!(signers.contains(&old_authority), "{signers:?}");
+    assert!(signers.contains(&prepared.authority_id), "{signers:?}");
+    assert!(matches!(
+        verdict(&server, &old_chain, &fetched.crls),
+        Err(X509Error::Revoked)
+    ));
+    // Once the old authority has expired it signs no more.
+    let old_expiry = lanyard_core::x509::validity_of(
+        &server
+            .authorities()
+            .into_iter()
+            .find(|der| lanyard_core::x509::authority_id_of(der).unwrap() == old_authority)
+            .unwrap(),
+    )
+    .unwrap()
+    .1;
+    assert!(
+        state
+            .ca
+            .crl_signers(old_expiry)
+            .iter()
+            .all(|ca| ca.authority_id() != old_authority)
+    );
+    assert!(
+        state
+            .ca
+            .crl_signers(state.now())
+            .iter()
+            .any(|ca| ca.authority_id() == old_authority)
+    );
+}
+
+/// The authority key ID (hex) of a DER CRL: the authority that signed it.
+fn crl_issuer(der: &[u8]) -> String {
+    use x509_parser::prelude::FromDer as _;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
+    crl.extensions()
+        .iter()
+        .find_map(|extension| match extension.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => aki
+                .key_identifier
+                .as_ref()
+                .map(|id| id.0.iter().map(|b| format!("{b:02x}")).collect()),
+            _ => None,
+        })
+        .unwrap()
 }
 
 #[tokio::test]
