@@ -770,6 +770,9 @@ pub(crate) async fn fetch_revocations(
     crl_number: u64,
 ) -> Result<lanyard_pb::FetchRevocationsResponse, ClientError> {
     Ok(AgentRevocationServiceClient::new(channel)
+        // CRLs listing many serials outgrow gRPC's default 4 MiB (100,000 serials make about
+        // 3.5 MiB per authority).
+        .max_decoding_message_size(super::revoke::MAX_FETCH_BYTES)
         .fetch_revocations(lanyard_pb::FetchRevocationsRequest {
             after_sequence,
             crl_number,

@@ -24,6 +24,34 @@ use lanyard_proto::lanyard::api::v1::acknowledge_revocations_request::Dropped;
 /// Dropped SVIDs one acknowledgement reports, at most (the server refuses more).
 pub(super) const MAX_DROPPED_PER_ACK: usize = 10_000;
 
+/// Certificate bytes one acknowledgement reports, at most: under the 4 MiB a gRPC server
+/// takes by default, with room for the rest of the message.
+pub(super) const MAX_DROPPED_BYTES_PER_ACK: usize = 3 << 20;
+
+/// The largest `FetchRevocations` answer the agent takes.
+pub(super) const MAX_FETCH_BYTES: usize = 64 << 20;
+
+/// The most CRL bytes the agent serves in a Workload API response. Clients take 4 MiB per
+/// message by default (go-spiffe, grpc-java), and an X.509-SVID response that outgrows it
+/// fails whole: beyond this, the lists are left out of the Workload API (and an error
+/// logged), so that workloads keep getting their SVIDs.
+pub(super) const MAX_WORKLOAD_CRL_BYTES: usize = 2 << 20;
+
+/// The dropped SVIDs one acknowledgement reports, from the front of `dropped`: at most
+/// [`MAX_DROPPED_PER_ACK`] and [`MAX_DROPPED_BYTES_PER_ACK`] of certificates (one at least).
+pub(super) fn ack_batch(dropped: &[Dropped]) -> usize {
+    let mut bytes = 0;
+    let mut count = 0;
+    for drop in dropped.iter().take(MAX_DROPPED_PER_ACK) {
+        bytes += drop.certificates.iter().map(Vec::len).sum::<usize>();
+        if count > 0 && bytes > MAX_DROPPED_BYTES_PER_ACK {
+            break;
+        }
+        count += 1;
+    }
+    count
+}
+
 /// What the agent knows of revocations.
 #[derive(Debug, Default)]
 pub(super) struct AgentRevocations {
@@ -74,7 +102,17 @@ impl AgentRevocations {
     ) -> Applied {
         let mut applied = Applied::default();
         if !response.crls.is_empty() && response.crl_number != self.crl_number {
-            self.crls = Arc::new(response.crls.clone());
+            let size: usize = response.crls.iter().map(Vec::len).sum();
+            self.crls = if size > MAX_WORKLOAD_CRL_BYTES {
+                tracing::error!(
+                    bytes = size,
+                    limit = MAX_WORKLOAD_CRL_BYTES,
+                    "the trust domain's CRLs are too large for Workload API clients; they are left out of the Workload API until revocations expire"
+                );
+                Arc::new(Vec::new())
+            } else {
+                Arc::new(response.crls.clone())
+            };
             self.crl_number = response.crl_number;
             applied.changed = true;
         }
@@ -292,6 +330,39 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(state.applied, 3);
+    }
+
+    #[test]
+    fn acknowledgements_are_bounded_in_count_and_bytes() {
+        let drop = |bytes: usize| Dropped {
+            revocation_id: "r".into(),
+            certificates: vec![vec![0; bytes]],
+        };
+        assert_eq!(ack_batch(&[]), 0);
+        let small: Vec<Dropped> = (0..MAX_DROPPED_PER_ACK + 5).map(|_| drop(10)).collect();
+        assert_eq!(ack_batch(&small), MAX_DROPPED_PER_ACK);
+        let large: Vec<Dropped> = (0..10).map(|_| drop(1 << 20)).collect();
+        assert_eq!(ack_batch(&large), 3);
+        // One larger than the budget still goes alone, rather than never.
+        assert_eq!(
+            ack_batch(&[drop(MAX_DROPPED_BYTES_PER_ACK + 1), drop(1)]),
+            1
+        );
+    }
+
+    #[test]
+    fn crls_too_large_for_workload_clients_are_left_out() {
+        let agent: SpiffeId = "spiffe://example.org/spire/agent/a".parse().unwrap();
+        let mut state = AgentRevocations::default();
+        let mut big = response(&[], 0, 9);
+        big.crls = vec![vec![0x30; MAX_WORKLOAD_CRL_BYTES + 1]];
+        let applied = state.apply(&big, [], &agent, at(1_800_000_000));
+        assert!(applied.changed);
+        assert!(state.crls.is_empty());
+        assert_eq!(state.crl_number, 9, "not fetched again and again");
+        let fits = response(&[], 0, 10);
+        state.apply(&fits, [], &agent, at(1_800_000_000));
+        assert_eq!(state.crls.len(), 1);
     }
 
     #[test]

@@ -556,15 +556,16 @@ impl Runner {
         }
         let sequence = self.revocations.applied;
         let mut dropped = std::mem::take(&mut self.revocations.dropped);
-        if dropped.len() > super::revoke::MAX_DROPPED_PER_ACK {
+        let batch = super::revoke::ack_batch(&dropped);
+        if batch < dropped.len() {
             // The server takes drops for the revocations an acknowledgement newly applies, in
             // one call: the rest are left to the ledger's records.
             tracing::warn!(
                 dropped = dropped.len(),
-                reported = super::revoke::MAX_DROPPED_PER_ACK,
+                reported = batch,
                 "more dropped X509-SVIDs than one acknowledgement reports"
             );
-            dropped.truncate(super::revoke::MAX_DROPPED_PER_ACK);
+            dropped.truncate(batch);
         }
         let result = client::with_deadline(
             client::ACKNOWLEDGE_REVOCATIONS,
