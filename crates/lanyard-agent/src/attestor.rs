@@ -210,9 +210,50 @@ struct UnixAttestorInner {
     discover_workload_path: bool,
     workload_size_limit: u64,
     proc_root: PathBuf,
-    passwd_path: PathBuf,
-    group_path: PathBuf,
+    passwd: AccountDatabase,
+    groups: AccountDatabase,
     digests: Mutex<HashMap<FileIdentity, String>>,
+}
+
+/// `/etc/passwd` or `/etc/group` as names by numeric ID, read again only when the file
+/// changes ([`FileIdentity`]): attesting a caller costs a `stat`, not a read and a parse.
+#[derive(Debug)]
+struct AccountDatabase {
+    path: PathBuf,
+    cached: Mutex<Option<(FileIdentity, Arc<AccountNames>)>>,
+}
+
+/// Account names by numeric ID.
+type AccountNames = HashMap<u32, String>;
+
+impl AccountDatabase {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The names by ID as the file is now; none when it cannot be read (names are optional
+    /// selectors).
+    fn names(&self) -> Arc<AccountNames> {
+        let identity = match std::fs::metadata(&self.path) {
+            Ok(metadata) => FileIdentity::of(&metadata),
+            Err(error) => {
+                tracing::debug!(path = %self.path.display(), %error, "account database unreadable");
+                return Arc::default();
+            }
+        };
+        let mut cached = self.cached.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, names)) = cached.as_ref()
+            && *at == identity
+        {
+            return Arc::clone(names);
+        }
+        let names = Arc::new(account_names(&read_optional(&self.path)));
+        *cached = Some((identity, Arc::clone(&names)));
+        names
+    }
 }
 
 /// What identifies a file's content without reading it. The change time (`ctime`) cannot
@@ -262,8 +303,8 @@ impl UnixAttestor {
                 discover_workload_path: config.discover_workload_path,
                 workload_size_limit: config.workload_size_limit,
                 proc_root,
-                passwd_path,
-                group_path,
+                passwd: AccountDatabase::new(passwd_path),
+                groups: AccountDatabase::new(group_path),
                 digests: Mutex::new(HashMap::new()),
             }),
         }
@@ -278,6 +319,14 @@ impl UnixAttestor {
 #[tonic::async_trait]
 impl WorkloadAttestor for UnixAttestor {
     async fn attest(&self, peer: &PeerCredentials) -> Result<SelectorSet, AttestError> {
+        if !self.inner.discover_workload_path {
+            // Reads of `/proc` never wait on a disk, and the account databases are read only
+            // when they change: on the runtime's thread this is a few system calls, where a
+            // blocking-pool hand-off would cost a thread (and, in a burst of callers, hundreds
+            // of them).
+            return self.inner.attest(peer);
+        }
+        // Hashing the executable reads a file of any size.
         let inner = Arc::clone(&self.inner);
         let peer = *peer;
         tokio::task::spawn_blocking(move || inner.attest(&peer))
@@ -319,19 +368,19 @@ impl UnixAttestorInner {
         }
 
         let mut selectors = SelectorSet::new();
-        let users = read_optional(&self.passwd_path);
-        let groups = read_optional(&self.group_path);
+        let users = self.passwd.names();
+        let groups = self.groups.names();
         add(&mut selectors, "uid", &peer.uid.to_string());
-        if let Some(user) = account_name(&users, 2, peer.uid) {
+        if let Some(user) = users.get(&peer.uid) {
             add(&mut selectors, "user", user);
         }
         add(&mut selectors, "gid", &peer.gid.to_string());
-        if let Some(group) = account_name(&groups, 2, peer.gid) {
+        if let Some(group) = groups.get(&peer.gid) {
             add(&mut selectors, "group", group);
         }
         for gid in &status.supplementary_gids {
             add(&mut selectors, "supplementary_gid", &gid.to_string());
-            if let Some(group) = account_name(&groups, 2, *gid) {
+            if let Some(group) = groups.get(gid) {
                 add(&mut selectors, "supplementary_group", group);
             }
         }
@@ -487,18 +536,22 @@ fn second_id(value: &str) -> Option<u32> {
     value.split_ascii_whitespace().nth(1)?.parse().ok()
 }
 
-/// The name of the first `/etc/passwd` or `/etc/group` line whose numeric ID (the field at
-/// `id_field`) is `id`.
-fn account_name(database: &str, id_field: usize, id: u32) -> Option<&str> {
-    database
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let mut fields = line.split(':');
-            let name = fields.next()?;
-            let line_id: u32 = fields.nth(id_field - 1)?.parse().ok()?;
-            (line_id == id && !name.is_empty()).then_some(name)
-        })
+/// The names of an `/etc/passwd` or `/etc/group` file by numeric ID (its third field, in
+/// both), the first line for an ID winning, as `getpwuid` and `getgrgid` do.
+fn account_names(database: &str) -> AccountNames {
+    let mut names = HashMap::new();
+    for line in database.lines().filter(|line| !line.starts_with('#')) {
+        let mut fields = line.split(':');
+        let (Some(name), Some(id)) = (fields.next(), fields.nth(1)) else {
+            continue;
+        };
+        if let Ok(id) = id.parse::<u32>()
+            && !name.is_empty()
+        {
+            names.entry(id).or_insert_with(|| name.to_owned());
+        }
+    }
+    names
 }
 
 fn add(selectors: &mut SelectorSet, kind: &str, value: &str) {
@@ -577,13 +630,51 @@ mod tests {
     #[test]
     fn account_names_come_from_the_numeric_id_field() {
         let passwd = "# comment\nroot:x:0:0:root:/root:/bin/bash\n\
-                      nginx:x:101:101::/nonexistent:/usr/sbin/nologin\nbad:x:notanumber:1\n";
-        assert_eq!(account_name(passwd, 2, 0), Some("root"));
-        assert_eq!(account_name(passwd, 2, 101), Some("nginx"));
-        assert_eq!(account_name(passwd, 2, 5), None);
+                      nginx:x:101:101::/nonexistent:/usr/sbin/nologin\nbad:x:notanumber:1\n\
+                      toor:x:0:0::/root:/bin/sh\n:x:7:7::/:/bin/sh\n";
+        let users = account_names(passwd);
+        assert_eq!(
+            users.get(&0).map(String::as_str),
+            Some("root"),
+            "first wins"
+        );
+        assert_eq!(users.get(&101).map(String::as_str), Some("nginx"));
+        assert_eq!(users.get(&5), None);
+        assert_eq!(users.get(&7), None, "no name");
+        assert_eq!(users.len(), 2);
         let group = "root:x:0:\nadm:x:4:syslog,alice\n";
-        assert_eq!(account_name(group, 2, 4), Some("adm"));
-        assert_eq!(account_name("", 2, 0), None);
+        assert_eq!(
+            account_names(group).get(&4).map(String::as_str),
+            Some("adm")
+        );
+        assert!(account_names("").is_empty());
+    }
+
+    #[test]
+    fn account_databases_are_read_again_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passwd");
+        let database = AccountDatabase::new(path.clone());
+        assert!(database.names().is_empty(), "missing: no names");
+        std::fs::write(&path, "alice:x:1000:1000::/home/alice:/bin/sh\n").unwrap();
+        assert_eq!(
+            database.names().get(&1000).map(String::as_str),
+            Some("alice")
+        );
+        let first = database.names();
+        assert!(
+            Arc::ptr_eq(&first, &database.names()),
+            "unchanged: not read again"
+        );
+        // Replaced (a new inode, as `useradd` and editors write it): read again.
+        let replacement = dir.path().join("passwd.new");
+        std::fs::write(&replacement, "bob:x:1000:1000::/home/bob:/bin/sh\n").unwrap();
+        std::fs::rename(&replacement, &path).unwrap();
+        assert_eq!(database.names().get(&1000).map(String::as_str), Some("bob"));
+        // Rewritten in place with the same length: its change time moves.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, "eve:x:1000:1000::/home/bob:/bin/sh\n").unwrap();
+        assert_eq!(database.names().get(&1000).map(String::as_str), Some("eve"));
     }
 
     #[test]
