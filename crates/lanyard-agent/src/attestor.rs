@@ -216,11 +216,22 @@ struct UnixAttestorInner {
 }
 
 /// `/etc/passwd` or `/etc/group` as names by numeric ID, read again only when the file
-/// changes ([`FileIdentity`]): attesting a caller costs a `stat`, not a read and a parse.
+/// changes ([`FileIdentity`]), which is looked at no more than every
+/// [`ACCOUNT_RECHECK_INTERVAL`]: a burst of callers costs neither reads nor `stat`s.
 #[derive(Debug)]
 struct AccountDatabase {
     path: PathBuf,
-    cached: Mutex<Option<(FileIdentity, Arc<AccountNames>)>>,
+    cached: Mutex<Option<CachedAccounts>>,
+}
+
+/// How long account names are used before the file is looked at again.
+const ACCOUNT_RECHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Debug)]
+struct CachedAccounts {
+    identity: Option<FileIdentity>,
+    checked_at: std::time::Instant,
+    names: Arc<AccountNames>,
 }
 
 /// Account names by numeric ID.
@@ -237,21 +248,33 @@ impl AccountDatabase {
     /// The names by ID as the file is now; none when it cannot be read (names are optional
     /// selectors).
     fn names(&self) -> Arc<AccountNames> {
+        self.names_at(std::time::Instant::now())
+    }
+
+    fn names_at(&self, now: std::time::Instant) -> Arc<AccountNames> {
+        let mut cached = self.cached.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cached) = cached.as_ref()
+            && now.saturating_duration_since(cached.checked_at) < ACCOUNT_RECHECK_INTERVAL
+        {
+            return Arc::clone(&cached.names);
+        }
         let identity = match std::fs::metadata(&self.path) {
-            Ok(metadata) => FileIdentity::of(&metadata),
+            Ok(metadata) => Some(FileIdentity::of(&metadata)),
             Err(error) => {
                 tracing::debug!(path = %self.path.display(), %error, "account database unreadable");
-                return Arc::default();
+                None
             }
         };
-        let mut cached = self.cached.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, names)) = cached.as_ref()
-            && *at == identity
-        {
-            return Arc::clone(names);
-        }
-        let names = Arc::new(account_names(&read_optional(&self.path)));
-        *cached = Some((identity, Arc::clone(&names)));
+        let names = match cached.as_ref() {
+            Some(previous) if previous.identity == identity => Arc::clone(&previous.names),
+            _ if identity.is_none() => Arc::default(),
+            _ => Arc::new(account_names(&read_optional(&self.path))),
+        };
+        *cached = Some(CachedAccounts {
+            identity,
+            checked_at: now,
+            names: Arc::clone(&names),
+        });
         names
     }
 }
@@ -339,13 +362,14 @@ impl UnixAttestorInner {
     fn attest(&self, peer: &PeerCredentials) -> Result<SelectorSet, AttestError> {
         let pid = peer.pid.ok_or(AttestError::NoPid)?;
         let process_dir = self.proc_root.join(pid.to_string());
-        let started = start_time_in(&process_dir, pid)?;
-        if peer
-            .start_time
-            .is_some_and(|at_accept| at_accept != started)
-        {
-            return Err(AttestError::PidReused { pid });
-        }
+        // The start time read when the connection was accepted pins the process; without one
+        // (a caller that did not go through the accept loop) it is read now. Start times only
+        // grow, so the process read after collecting has the same one only if it is the
+        // same process, whatever ran under the PID in between.
+        let started = match peer.start_time {
+            Some(at_accept) => at_accept,
+            None => start_time_in(&process_dir, pid)?,
+        };
 
         let status_path = process_dir.join("status");
         let status = read_proc_file(&status_path, pid)?;
@@ -655,26 +679,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("passwd");
         let database = AccountDatabase::new(path.clone());
-        assert!(database.names().is_empty(), "missing: no names");
+        let start = std::time::Instant::now();
+        let later = |seconds: u64| start + std::time::Duration::from_secs(seconds);
+        let name = |at: std::time::Instant| database.names_at(at).get(&1000).cloned();
+        assert!(database.names_at(start).is_empty(), "missing: no names");
         std::fs::write(&path, "alice:x:1000:1000::/home/alice:/bin/sh\n").unwrap();
-        assert_eq!(
-            database.names().get(&1000).map(String::as_str),
-            Some("alice")
-        );
-        let first = database.names();
+        // Within the recheck interval the file is not looked at.
+        assert_eq!(name(start), None);
+        assert_eq!(name(later(1)).as_deref(), Some("alice"));
+        let first = database.names_at(later(2));
         assert!(
-            Arc::ptr_eq(&first, &database.names()),
+            Arc::ptr_eq(&first, &database.names_at(later(3))),
             "unchanged: not read again"
         );
         // Replaced (a new inode, as `useradd` and editors write it): read again.
         let replacement = dir.path().join("passwd.new");
         std::fs::write(&replacement, "bob:x:1000:1000::/home/bob:/bin/sh\n").unwrap();
         std::fs::rename(&replacement, &path).unwrap();
-        assert_eq!(database.names().get(&1000).map(String::as_str), Some("bob"));
+        assert_eq!(name(later(4)).as_deref(), Some("bob"));
         // Rewritten in place with the same length: its change time moves.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&path, "eve:x:1000:1000::/home/bob:/bin/sh\n").unwrap();
-        assert_eq!(database.names().get(&1000).map(String::as_str), Some("eve"));
+        assert_eq!(name(later(5)).as_deref(), Some("eve"));
+        // Gone: no names.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(name(later(6)), None);
     }
 
     #[test]
