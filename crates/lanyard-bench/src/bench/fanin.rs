@@ -76,6 +76,7 @@ async fn measure(
     .await?;
     watcher.abort();
     let mut lone = Samples::new();
+    let mut lone_answer = None;
     for _ in 0..5 {
         let started = Instant::now();
         let mut client = workload_client(&agent.socket).await?;
@@ -83,7 +84,7 @@ async fn measure(
             .fetch_x509svid(X509svidRequest {})
             .await?
             .into_inner();
-        stream.message().await?;
+        lone_answer = stream.message().await?;
         lone.push(started.elapsed());
     }
     let lone_ms = lone.percentile_ms(50.0);
@@ -201,6 +202,23 @@ async fn measure(
     let rss_per_svid = (rss_bytes(agent.pid()) as f64 - rss_before_cache).max(0.0)
         / scale.cached_svids.max(1) as f64;
 
+    // The floor: the same burst against a server that only sends the lone workload's answer.
+    let floor = match (target.name == "lanyard", lone_answer) {
+        (true, Some(answer)) => {
+            let dir = scratch_dir("lanyard-bench-fanin-floor")?;
+            Some(
+                crate::bench::fanin_floor::measure(
+                    dir.path(),
+                    answer,
+                    scale.workloads,
+                    lanyard_agent::config::DEFAULT_MAX_STREAMS_PER_CONNECTION,
+                )
+                .await?,
+            )
+        }
+        _ => None,
+    };
+
     let name = if target.name == "lanyard" {
         "fanin".to_owned()
     } else {
@@ -223,6 +241,41 @@ async fn measure(
         "ms",
         ("a lone workload", lone_ms, "ms"),
     );
+    if let Some(floor) = &floor {
+        bench.versus(
+            "first_svid_p99_vs_floor_ms",
+            &format!("first SVID, {n} workloads at once, p99, against the transport's floor"),
+            first.percentile_ms(99.0),
+            "ms",
+            (
+                "the same burst against a gRPC server that only sends a fixed answer, p99",
+                floor.first.percentile_ms(99.0),
+                "ms",
+            ),
+        );
+        bench.versus(
+            "first_svid_p50_vs_floor_ms",
+            &format!("first SVID, {n} workloads at once, p50, against the transport's floor"),
+            first.percentile_ms(50.0),
+            "ms",
+            (
+                "the same burst against a gRPC server that only sends a fixed answer, p50",
+                floor.first.percentile_ms(50.0),
+                "ms",
+            ),
+        );
+        bench.versus(
+            "first_svid_agent_cpu_vs_floor_us",
+            &format!("agent CPU per first SVID, {n} workloads at once, against the floor's"),
+            agent_us,
+            "µs",
+            (
+                "the fixed-answer server's CPU per first message",
+                floor.server_us,
+                "µs",
+            ),
+        );
+    }
     bench.figure(
         "first_svid_agent_cpu_us",
         &format!("agent CPU per first SVID, {n} workloads at once (attestation included)"),

@@ -8,6 +8,7 @@ use crate::workload::AgentProcess;
 
 pub(crate) mod batch;
 pub(crate) mod fanin;
+pub(crate) mod fanin_floor;
 pub(crate) mod index;
 pub(crate) mod jwt;
 pub(crate) mod mint;
