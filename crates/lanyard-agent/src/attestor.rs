@@ -589,8 +589,30 @@ fn add(selectors: &mut SelectorSet, kind: &str, value: &str) {
     }
 }
 
+/// A `/proc` file's text. Read in plain `read`s, without the size query and seek that
+/// `std::fs::read_to_string` makes first (procfs files report no size): an attestation reads
+/// two of these per call.
 fn read_proc_file(path: &Path, pid: i32) -> Result<String, AttestError> {
-    std::fs::read_to_string(path).map_err(|source| proc_error(pid, path, source))
+    let read = || -> io::Result<String> {
+        let mut file = File::open(path)?;
+        let mut text = Vec::with_capacity(2048);
+        let mut chunk = [0u8; 4096];
+        loop {
+            match file.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => text.extend_from_slice(&chunk[..n]),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        // A process names itself: its command name may be any bytes, and none of what is
+        // parsed here depends on them.
+        Ok(match String::from_utf8(text) {
+            Ok(text) => text,
+            Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
+        })
+    };
+    read().map_err(|source| proc_error(pid, path, source))
 }
 
 fn proc_error(pid: i32, path: &Path, source: io::Error) -> AttestError {
@@ -628,6 +650,23 @@ mod tests {
         assert_eq!(parse_start_time(stat), Ok(987_654));
         assert!(parse_start_time("1234 no-paren S 1").is_err());
         assert!(parse_start_time("1 (x) S 1 2").is_err());
+    }
+
+    #[test]
+    fn a_command_name_that_is_not_utf8_does_not_stop_attestation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stat = b"77 (caf\xe9)) S 1 77 77 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 ".to_vec();
+        stat.extend_from_slice(b"4242 1000000 100 18446744073709551615\n");
+        std::fs::write(dir.path().join("stat"), stat).unwrap();
+        assert_eq!(start_time_in(dir.path(), 77).unwrap(), 4242);
+        // A file past one read's worth comes whole.
+        let long = "x".repeat(10_000);
+        std::fs::write(dir.path().join("long"), &long).unwrap();
+        assert_eq!(read_proc_file(&dir.path().join("long"), 77).unwrap(), long);
+        assert!(matches!(
+            read_proc_file(&dir.path().join("gone"), 77),
+            Err(AttestError::ProcessGone { pid: 77 })
+        ));
     }
 
     #[test]

@@ -417,13 +417,37 @@ impl WorkloadApi {
         let timeout = limits.config.stream_send_timeout;
         let metrics = self.metrics.clone();
         let open = metrics.stream_opened();
+        // The first step runs here, and a first message is queued before the handler returns:
+        // the response stream has it when tonic first polls it, rather than after the task
+        // below is scheduled (behind every other caller's, in a burst).
+        let first_now = clock();
+        let snapshot = Arc::clone(&snapshots.borrow_and_update());
+        let mut first = Some(step(&snapshot, first_now));
+        drop(snapshot);
+        let mut last_sent: Option<T> = None;
+        if let Some(Step::Send {
+            message, served, ..
+        }) = &first
+            && tx.try_send(Ok(message.clone())).is_ok()
+        {
+            if let Some(usage) = &usage {
+                usage.record(served, first_now);
+            }
+            last_sent = Some(message.clone());
+        }
         tokio::spawn(async move {
             let _open = open;
-            let mut last_sent: Option<T> = None;
             loop {
-                let snapshot = Arc::clone(&snapshots.borrow_and_update());
-                let now = clock();
-                let (recheck_at, waiting_for) = match step(&snapshot, now) {
+                let (now, taken) = match first.take() {
+                    Some(taken) => (first_now, taken),
+                    None => {
+                        let snapshot = Arc::clone(&snapshots.borrow_and_update());
+                        let now = clock();
+                        let taken = step(&snapshot, now);
+                        (now, taken)
+                    }
+                };
+                let (recheck_at, waiting_for) = match taken {
                     Step::Send {
                         message,
                         recheck_at,
