@@ -49,3 +49,42 @@ fn install() -> Result<PathBuf, String> {
         Err(format!("apt-get installed nginx but there is no {NGINX}"))
     }
 }
+
+/// An nginx configuration that serves HTTPS (TLS 1.3) on `127.0.0.1:port` with the files
+/// `lanyard helper` writes into `certs` (`svid.pem`, `svid_key.pem`, `svid_bundle.pem`, and
+/// with `check_crl` the CRLs in `crl.pem`), requires a client certificate from the bundle and
+/// answers `client verified: …`; its pid file, logs and temporary files go under `dir`
+/// (the pid file is `dir/nginx.pid`).
+pub fn mtls_config(dir: &Path, certs: &Path, port: u16, check_crl: bool) -> String {
+    let crl = if check_crl {
+        format!("     ssl_crl {}/crl.pem;\n", certs.display())
+    } else {
+        String::new()
+    };
+    format!(
+        "daemon off;\nuser root;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
+         error_log {dir}/error.log info;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n\
+           access_log {dir}/access.log;\n\
+           client_body_temp_path {dir}/body;\n\
+           proxy_temp_path {dir}/proxy;\n\
+           fastcgi_temp_path {dir}/fastcgi;\n\
+           uwsgi_temp_path {dir}/uwsgi;\n\
+           scgi_temp_path {dir}/scgi;\n\
+           server {{\n\
+             listen 127.0.0.1:{port} ssl;\n\
+             ssl_protocols TLSv1.3;\n\
+             ssl_certificate {certs}/svid.pem;\n\
+             ssl_certificate_key {certs}/svid_key.pem;\n\
+             ssl_client_certificate {certs}/svid_bundle.pem;\n\
+        {crl}\
+             ssl_verify_client on;\n\
+             ssl_verify_depth 3;\n\
+             location / {{ return 200 \"client verified: $ssl_client_verify\\n\"; }}\n\
+           }}\n\
+         }}\n",
+        dir = dir.display(),
+        certs = certs.display(),
+    )
+}

@@ -76,35 +76,9 @@ fn helper_keeps_nginx_serving_mtls_across_rotations() {
     let certs = dir.subdir("nginx-certs");
     let nginx_dir = dir.subdir("nginx");
     let conf = nginx_dir.join("nginx.conf");
-    let pid_file = nginx_dir.join("nginx.pid");
     std::fs::write(
         &conf,
-        format!(
-            "daemon off;\nuser root;\nworker_processes 1;\npid {pid};\n\
-             error_log {dir}/error.log info;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n\
-               access_log {dir}/access.log;\n\
-               client_body_temp_path {dir}/body;\n\
-               proxy_temp_path {dir}/proxy;\n\
-               fastcgi_temp_path {dir}/fastcgi;\n\
-               uwsgi_temp_path {dir}/uwsgi;\n\
-               scgi_temp_path {dir}/scgi;\n\
-               server {{\n\
-                 listen 127.0.0.1:{port} ssl;\n\
-                 ssl_protocols TLSv1.3;\n\
-                 ssl_certificate {certs}/svid.pem;\n\
-                 ssl_certificate_key {certs}/svid_key.pem;\n\
-                 ssl_client_certificate {certs}/svid_bundle.pem;\n\
-                 ssl_verify_client on;\n\
-                 ssl_verify_depth 3;\n\
-                 location / {{ return 200 \"client verified: $ssl_client_verify\\n\"; }}\n\
-               }}\n\
-             }}\n",
-            pid = pid_file.display(),
-            dir = nginx_dir.display(),
-            certs = certs.display(),
-        ),
+        lanyard_e2e::nginx::mtls_config(&nginx_dir, &certs, port, false),
     )
     .expect("writing nginx.conf");
 

@@ -36,32 +36,7 @@ fn nginx_refuses_a_revoked_client_certificate_with_the_crl_the_helper_writes() {
     let conf = nginx_dir.join("nginx.conf");
     std::fs::write(
         &conf,
-        format!(
-            "daemon off;\nuser root;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
-             error_log {dir}/error.log info;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n\
-               access_log {dir}/access.log;\n\
-               client_body_temp_path {dir}/body;\n\
-               proxy_temp_path {dir}/proxy;\n\
-               fastcgi_temp_path {dir}/fastcgi;\n\
-               uwsgi_temp_path {dir}/uwsgi;\n\
-               scgi_temp_path {dir}/scgi;\n\
-               server {{\n\
-                 listen 127.0.0.1:{port} ssl;\n\
-                 ssl_protocols TLSv1.3;\n\
-                 ssl_certificate {certs}/svid.pem;\n\
-                 ssl_certificate_key {certs}/svid_key.pem;\n\
-                 ssl_client_certificate {certs}/svid_bundle.pem;\n\
-                 ssl_crl {certs}/crl.pem;\n\
-                 ssl_verify_client on;\n\
-                 ssl_verify_depth 3;\n\
-                 location / {{ return 200 \"client verified: $ssl_client_verify\\n\"; }}\n\
-               }}\n\
-             }}\n",
-            dir = nginx_dir.display(),
-            certs = certs.display(),
-        ),
+        lanyard_e2e::nginx::mtls_config(&nginx_dir, &certs, port, true),
     )
     .expect("writing nginx.conf");
     let helper_conf = dir.join("helper.toml");
