@@ -124,8 +124,10 @@ pub enum EntryError {
 }
 
 /// A registration entry's identifier: SPIRE's charset, at most 255 bytes.
+///
+/// Shared, not copied, when cloned: the server keys several indexes by it.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EntryId(String);
+pub struct EntryId(std::sync::Arc<str>);
 
 impl EntryId {
     /// Validates an entry ID.
@@ -142,7 +144,7 @@ impl EntryId {
         {
             return Err(EntryError::BadIdChar(id.to_owned()));
         }
-        Ok(Self(id.to_owned()))
+        Ok(Self(id.into()))
     }
 
     /// A fresh random ID in UUIDv4 form, as SPIRE generates them.
@@ -155,14 +157,17 @@ impl EntryId {
         bytes[6] = (bytes[6] & 0x0f) | 0x40;
         bytes[8] = (bytes[8] & 0x3f) | 0x80;
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Self(format!(
-            "{}-{}-{}-{}-{}",
-            &hex[0..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        ))
+        Self(
+            format!(
+                "{}-{}-{}-{}-{}",
+                &hex[0..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..32]
+            )
+            .into(),
+        )
     }
 
     /// The ID as a string.

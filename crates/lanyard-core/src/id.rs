@@ -94,7 +94,7 @@ impl TrustDomain {
     pub fn id(&self) -> SpiffeId {
         SpiffeId {
             td_len: self.name.len(),
-            id: format!("{SCHEME_PREFIX}{}", self.name),
+            id: format!("{SCHEME_PREFIX}{}", self.name).into(),
         }
     }
 
@@ -102,7 +102,7 @@ impl TrustDomain {
     pub fn server_id(&self) -> SpiffeId {
         SpiffeId {
             td_len: self.name.len(),
-            id: format!("{SCHEME_PREFIX}{}/spire/server", self.name),
+            id: format!("{SCHEME_PREFIX}{}/spire/server", self.name).into(),
         }
     }
 
@@ -158,7 +158,9 @@ impl fmt::Debug for TrustDomain {
 /// (lowercase scheme and trust domain) form.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    id: String,
+    /// Shared, not copied, when an ID is cloned: the server holds one per entry in several
+    /// indexes.
+    id: std::sync::Arc<str>,
     td_len: usize,
 }
 
@@ -173,7 +175,7 @@ impl SpiffeId {
         check_len(&id)?;
         Ok(Self {
             td_len: trust_domain.name.len(),
-            id,
+            id: id.into(),
         })
     }
 
@@ -188,7 +190,7 @@ impl SpiffeId {
         check_len(&id)?;
         Ok(Self {
             td_len: trust_domain.name.len(),
-            id,
+            id: id.into(),
         })
     }
 
@@ -249,7 +251,7 @@ impl SpiffeId {
         check_len(&id)?;
         Ok(Self {
             td_len: self.td_len,
-            id,
+            id: id.into(),
         })
     }
 }
@@ -268,7 +270,7 @@ impl FromStr for SpiffeId {
         validate_trust_domain(trust_domain)?;
         validate_path(path)?;
         Ok(Self {
-            id: s.to_owned(),
+            id: s.into(),
             td_len,
         })
     }

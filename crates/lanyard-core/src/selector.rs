@@ -1,7 +1,6 @@
 //! Selectors (`type:value`) and selector sets, with SPIRE's matching rule: an entry applies
 //! to a workload when every one of the entry's selectors is in the workload's set.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
@@ -113,12 +112,23 @@ impl<'de> serde::Deserialize<'de> for Selector {
 }
 
 /// A set of selectors, ordered and without duplicates.
-#[derive(
-    Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+///
+/// Kept as a sorted vector of exactly its length: an entry has a few selectors, and the
+/// server holds an entry's set in memory for every entry it authorizes (a B-tree would
+/// allocate a node of eleven for one selector).
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(transparent)]
 pub struct SelectorSet {
-    selectors: BTreeSet<Selector>,
+    /// Sorted, without duplicates.
+    selectors: Vec<Selector>,
+}
+
+impl<'de> serde::Deserialize<'de> for SelectorSet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Vec::<Selector>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
+    }
 }
 
 impl SelectorSet {
@@ -129,12 +139,18 @@ impl SelectorSet {
 
     /// Adds a selector; returns whether it was new.
     pub fn insert(&mut self, selector: Selector) -> bool {
-        self.selectors.insert(selector)
+        match self.selectors.binary_search(&selector) {
+            Ok(_) => false,
+            Err(at) => {
+                self.selectors.insert(at, selector);
+                true
+            }
+        }
     }
 
     /// Whether the set holds `selector`.
     pub fn contains(&self, selector: &Selector) -> bool {
-        self.selectors.contains(selector)
+        self.selectors.binary_search(selector).is_ok()
     }
 
     /// Number of selectors.
@@ -156,31 +172,55 @@ impl SelectorSet {
     /// agent) whose attested selectors are `attested`. True when every selector here is in
     /// `attested`. An empty set never matches, because an entry must have selectors.
     pub fn matches(&self, attested: &SelectorSet) -> bool {
-        !self.is_empty() && self.selectors.is_subset(&attested.selectors)
+        !self.is_empty() && self.is_subset(attested)
     }
 
     /// Whether every selector here is in `other` (plain subset; true for an empty set).
     pub fn is_subset(&self, other: &SelectorSet) -> bool {
-        self.selectors.is_subset(&other.selectors)
+        if self.selectors.len() > other.selectors.len() {
+            return false;
+        }
+        // Both sorted: one walk through `other`.
+        let mut theirs = other.selectors.iter();
+        self.selectors
+            .iter()
+            .all(|mine| theirs.by_ref().any(|candidate| candidate == mine))
     }
 
     /// Whether the two sets share at least one selector.
     pub fn intersects(&self, other: &SelectorSet) -> bool {
-        !self.selectors.is_disjoint(&other.selectors)
+        let (mut a, mut b) = (
+            self.selectors.iter().peekable(),
+            other.selectors.iter().peekable(),
+        );
+        while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
+            match x.cmp(y) {
+                std::cmp::Ordering::Less => {
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => return true,
+            }
+        }
+        false
     }
 }
 
 impl FromIterator<Selector> for SelectorSet {
     fn from_iter<I: IntoIterator<Item = Selector>>(iter: I) -> Self {
-        Self {
-            selectors: iter.into_iter().collect(),
-        }
+        let mut selectors: Vec<Selector> = iter.into_iter().collect();
+        selectors.sort();
+        selectors.dedup();
+        selectors.shrink_to_fit();
+        Self { selectors }
     }
 }
 
 impl IntoIterator for SelectorSet {
     type Item = Selector;
-    type IntoIter = std::collections::btree_set::IntoIter<Selector>;
+    type IntoIter = std::vec::IntoIter<Selector>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.selectors.into_iter()
@@ -189,7 +229,7 @@ impl IntoIterator for SelectorSet {
 
 impl<'a> IntoIterator for &'a SelectorSet {
     type Item = &'a Selector;
-    type IntoIter = std::collections::btree_set::Iter<'a, Selector>;
+    type IntoIter = std::slice::Iter<'a, Selector>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.selectors.iter()
@@ -262,5 +302,52 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(json, r#"["a:1","b:2"]"#);
         assert_eq!(serde_json::from_str::<SelectorSet>(&json).unwrap(), s);
+        // Whatever order and repetition a document has, the set is the same.
+        assert_eq!(
+            serde_json::from_str::<SelectorSet>(r#"["b:2","a:1","b:2"]"#).unwrap(),
+            s
+        );
+    }
+
+    #[test]
+    fn set_operations_agree_with_a_reference_set() {
+        use std::collections::BTreeSet;
+        let pool: Vec<Selector> = ["a:1", "a:2", "b:1", "k8s:ns:x", "unix:uid:0", "z:9"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        // Every pair of subsets of the pool, by bit mask.
+        let subsets = |mask: u32| -> (SelectorSet, BTreeSet<Selector>) {
+            let chosen: Vec<Selector> = pool
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, s)| s.clone())
+                .collect();
+            (
+                chosen.iter().rev().cloned().collect(),
+                chosen.into_iter().collect(),
+            )
+        };
+        for a in 0..64 {
+            let (set_a, ref_a) = subsets(a);
+            for b in 0..64 {
+                let (set_b, ref_b) = subsets(b);
+                assert_eq!(set_a.is_subset(&set_b), ref_a.is_subset(&ref_b), "{a} {b}");
+                assert_eq!(
+                    set_a.intersects(&set_b),
+                    !ref_a.is_disjoint(&ref_b),
+                    "{a} {b}"
+                );
+                assert_eq!(set_a.cmp(&set_b), ref_a.cmp(&ref_b), "{a} {b}");
+            }
+            let mut grown = SelectorSet::new();
+            for selector in ref_a.iter().rev() {
+                assert!(grown.insert(selector.clone()));
+                assert!(!grown.insert(selector.clone()));
+            }
+            assert_eq!(grown, set_a);
+            assert!(ref_a.iter().all(|s| set_a.contains(s)));
+        }
     }
 }
