@@ -8,7 +8,7 @@
 //! entry already found. Alias entries themselves are not returned. Expired entries authorize
 //! nothing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -21,9 +21,9 @@ pub struct AuthorizationIndex {
     server_id: SpiffeId,
     entries: HashMap<EntryId, Arc<RegistrationEntry>>,
     /// Entry IDs by parent ID, ordered for stable output.
-    by_parent: HashMap<SpiffeId, BTreeMap<EntryId, ()>>,
+    by_parent: HashMap<SpiffeId, EntryIds>,
     /// Entry IDs by SPIFFE ID: the way from an entry up to what authorizes it.
-    by_spiffe_id: HashMap<SpiffeId, BTreeMap<EntryId, ()>>,
+    by_spiffe_id: HashMap<SpiffeId, EntryIds>,
     /// Alias entries (parent = server ID) by each of their selectors.
     aliases_by_selector: HashMap<Selector, Vec<EntryId>>,
     /// Each attested agent's record: its node selectors for aliases, and its serials and ban
@@ -84,14 +84,8 @@ impl AuthorizationIndex {
     pub fn upsert_entry(&mut self, entry: RegistrationEntry) {
         self.remove_entry(&entry.id);
         let entry = Arc::new(entry);
-        self.by_parent
-            .entry(entry.parent_id.clone())
-            .or_default()
-            .insert(entry.id.clone(), ());
-        self.by_spiffe_id
-            .entry(entry.spiffe_id.clone())
-            .or_default()
-            .insert(entry.id.clone(), ());
+        insert_id(&mut self.by_parent, &entry.parent_id, &entry.id);
+        insert_id(&mut self.by_spiffe_id, &entry.spiffe_id, &entry.id);
         if entry.parent_id == self.server_id {
             for selector in entry.selectors.iter() {
                 self.aliases_by_selector
@@ -106,18 +100,8 @@ impl AuthorizationIndex {
     /// Removes an entry; returns it if it was indexed.
     pub fn remove_entry(&mut self, id: &EntryId) -> Option<Arc<RegistrationEntry>> {
         let old = self.entries.remove(id)?;
-        if let Some(children) = self.by_parent.get_mut(&old.parent_id) {
-            children.remove(id);
-            if children.is_empty() {
-                self.by_parent.remove(&old.parent_id);
-            }
-        }
-        if let Some(same_id) = self.by_spiffe_id.get_mut(&old.spiffe_id) {
-            same_id.remove(id);
-            if same_id.is_empty() {
-                self.by_spiffe_id.remove(&old.spiffe_id);
-            }
-        }
+        remove_id(&mut self.by_parent, &old.parent_id, id);
+        remove_id(&mut self.by_spiffe_id, &old.spiffe_id, id);
         if old.parent_id == self.server_id {
             for selector in old.selectors.iter() {
                 if let Some(ids) = self.aliases_by_selector.get_mut(selector) {
@@ -191,7 +175,7 @@ impl AuthorizationIndex {
             let Some(children) = self.by_parent.get(&parent) else {
                 continue;
             };
-            for id in children.keys() {
+            for id in children.iter() {
                 let Some(entry) = self.entries.get(id) else {
                     continue;
                 };
@@ -226,7 +210,7 @@ impl AuthorizationIndex {
         self.by_spiffe_id
             .get(id)
             .into_iter()
-            .flat_map(|ids| ids.keys())
+            .flat_map(EntryIds::iter)
             .filter_map(|id| self.entries.get(id))
     }
 
@@ -366,6 +350,68 @@ impl IndexFeed {
     }
 }
 
+/// The IDs of the entries under one key of an index (a parent, a SPIFFE ID). Most SPIFFE
+/// IDs have one entry, held inline; more go into an ordered set.
+#[derive(Debug, Clone)]
+enum EntryIds {
+    One(EntryId),
+    Many(BTreeSet<EntryId>),
+}
+
+impl EntryIds {
+    fn iter(&self) -> impl Iterator<Item = &EntryId> {
+        let (one, many) = match self {
+            Self::One(id) => (Some(id), None),
+            Self::Many(ids) => (None, Some(ids.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
+/// Files `id` under `key`.
+fn insert_id(index: &mut HashMap<SpiffeId, EntryIds>, key: &SpiffeId, id: &EntryId) {
+    match index.get_mut(key) {
+        None => {
+            index.insert(key.clone(), EntryIds::One(id.clone()));
+        }
+        Some(EntryIds::One(existing)) if existing == id => {}
+        Some(slot @ EntryIds::One(_)) => {
+            let EntryIds::One(existing) = std::mem::replace(slot, EntryIds::Many(BTreeSet::new()))
+            else {
+                return;
+            };
+            *slot = EntryIds::Many(BTreeSet::from([existing, id.clone()]));
+        }
+        Some(EntryIds::Many(ids)) => {
+            ids.insert(id.clone());
+        }
+    }
+}
+
+/// Takes `id` from under `key`, dropping the key when nothing is left.
+fn remove_id(index: &mut HashMap<SpiffeId, EntryIds>, key: &SpiffeId, id: &EntryId) {
+    let Some(slot) = index.get_mut(key) else {
+        return;
+    };
+    let now_empty = match slot {
+        EntryIds::One(existing) => existing == id,
+        EntryIds::Many(ids) => {
+            ids.remove(id);
+            if ids.len() == 1
+                && let Some(last) = ids.pop_first()
+            {
+                *slot = EntryIds::One(last);
+                false
+            } else {
+                ids.is_empty()
+            }
+        }
+    };
+    if now_empty {
+        index.remove(key);
+    }
+}
+
 /// What an [`IndexFeed::catch_up`] found changed that the index does not hold.
 #[derive(Debug, Default)]
 pub struct ChangedElsewhere {
@@ -386,6 +432,36 @@ mod tests {
     use lanyard_core::TrustDomain;
 
     use super::*;
+
+    #[test]
+    fn entry_id_sets_go_from_one_to_many_and_back() {
+        let key: SpiffeId = "spiffe://example.org/web".parse().unwrap();
+        let id = |s: &str| EntryId::new(s).unwrap();
+        let ids = |index: &HashMap<SpiffeId, EntryIds>| -> Vec<String> {
+            index
+                .get(&key)
+                .map(|ids| ids.iter().map(ToString::to_string).collect())
+                .unwrap_or_default()
+        };
+        let mut index = HashMap::new();
+        insert_id(&mut index, &key, &id("b"));
+        insert_id(&mut index, &key, &id("b"));
+        assert!(matches!(index.get(&key), Some(EntryIds::One(_))));
+        assert_eq!(ids(&index), ["b"]);
+        insert_id(&mut index, &key, &id("a"));
+        insert_id(&mut index, &key, &id("c"));
+        assert_eq!(ids(&index), ["a", "b", "c"]);
+        remove_id(&mut index, &key, &id("b"));
+        remove_id(&mut index, &key, &id("missing"));
+        assert_eq!(ids(&index), ["a", "c"]);
+        remove_id(&mut index, &key, &id("a"));
+        assert!(matches!(index.get(&key), Some(EntryIds::One(_))));
+        assert_eq!(ids(&index), ["c"]);
+        remove_id(&mut index, &key, &id("a"));
+        assert_eq!(ids(&index), ["c"]);
+        remove_id(&mut index, &key, &id("c"));
+        assert!(index.is_empty(), "the key goes with its last entry");
+    }
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").unwrap()
