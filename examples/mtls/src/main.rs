@@ -12,8 +12,11 @@
     reason = "a command-line example reports on stdout and stderr"
 )]
 
+mod crl;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +43,10 @@ struct Cli {
     /// (for example two entries for the same uid); by default the first one.
     #[arg(long, global = true, value_name = "HINT")]
     svid_hint: Option<String>,
+    /// Also refuse a peer whose certificate a CRL in this PEM file names (the file `lanyard
+    /// helper` writes with `crl_file_name`), read again whenever it changes.
+    #[arg(long, global = true, value_name = "PATH")]
+    crl_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -84,9 +91,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let crls = cli
+        .crl_file
+        .as_deref()
+        .map(crl::CrlFile::open)
+        .transpose()?
+        .map(Arc::new);
     let source = x509_source(cli.svid_hint).await?;
     let outcome = match cli.command {
-        Command::Server { listen, allow } => serve(&source, listen, allow).await,
+        Command::Server { listen, allow } => serve(&source, listen, allow, crls).await,
         Command::Client {
             connect,
             server_id,
@@ -94,7 +107,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             interval_ms,
         } => {
             let interval = Duration::from_millis(interval_ms);
-            run_client(&source, connect, &server_id, count, interval).await
+            let checks = Checks {
+                source: &source,
+                crls: crls.as_deref(),
+            };
+            run_client(checks, connect, &server_id, count, interval).await
         }
     };
     source.shutdown().await;
@@ -127,10 +144,31 @@ impl SvidPicker for HintPicker {
     }
 }
 
+/// What a side checks beyond spiffe-rustls: the peer against the CRLs, when given.
+#[derive(Clone, Copy)]
+struct Checks<'a> {
+    source: &'a X509Source,
+    crls: Option<&'a crl::CrlFile>,
+}
+
+impl Checks<'_> {
+    fn revocation(
+        &self,
+        chain: Option<&[CertificateDer<'_>]>,
+        peer: crl::Peer,
+    ) -> anyhow::Result<()> {
+        match self.crls {
+            Some(crls) => crl::check(self.source, crls, chain, peer),
+            None => Ok(()),
+        }
+    }
+}
+
 async fn serve(
     source: &X509Source,
     listen: SocketAddr,
     allow: Vec<SpiffeId>,
+    crls: Option<Arc<crl::CrlFile>>,
 ) -> anyhow::Result<()> {
     // Verify client chains only against the bundles of the trust domains we accept clients
     // from (defense in depth under federation), then authorize the exact IDs.
@@ -157,8 +195,14 @@ async fn serve(
             _ = &mut shutdown => return Ok(()),
         };
         let acceptor = acceptor.clone();
+        let source = source.clone();
+        let crls = crls.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(CONNECTION_TIMEOUT, greet(&acceptor, tcp)).await {
+            let checks = Checks {
+                source: &source,
+                crls: crls.as_deref(),
+            };
+            match tokio::time::timeout(CONNECTION_TIMEOUT, greet(&acceptor, checks, tcp)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => eprintln!("{client_address}: {error:#}"),
                 Err(_elapsed) => eprintln!("{client_address}: timed out"),
@@ -168,10 +212,17 @@ async fn serve(
 }
 
 /// Serves one connection: the handshake, where spiffe-rustls verifies the client's chain and
-/// authorizes its SPIFFE ID, then one line naming the client.
-async fn greet(acceptor: &TlsAcceptor, tcp: TcpStream) -> anyhow::Result<()> {
+/// authorizes its SPIFFE ID, the CRL check when asked for (a revoked client's connection is
+/// closed without a greeting), then one line naming the client.
+async fn greet(acceptor: &TlsAcceptor, checks: Checks<'_>, tcp: TcpStream) -> anyhow::Result<()> {
     let mut tls = acceptor.accept(tcp).await.context("TLS handshake")?;
-    let (client_id, serial) = peer_identity(tls.get_ref().1.peer_certificates())?;
+    let peer = tls.get_ref().1.peer_certificates();
+    let (client_id, serial) = peer_identity(peer)?;
+    if let Err(error) = checks.revocation(peer, crl::Peer::Client) {
+        println!("refused {client_id} (certificate serial {serial}): {error:#}");
+        tls.shutdown().await?;
+        return Ok(());
+    }
     println!("accepted {client_id} (certificate serial {serial})");
     tls.write_all(format!("hello {client_id}\n").as_bytes())
         .await?;
@@ -180,13 +231,13 @@ async fn greet(acceptor: &TlsAcceptor, tcp: TcpStream) -> anyhow::Result<()> {
 }
 
 async fn run_client(
-    source: &X509Source,
+    checks: Checks<'_>,
     address: SocketAddr,
     server_id: &SpiffeId,
     count: u64,
     interval: Duration,
 ) -> anyhow::Result<()> {
-    let config = mtls_client(source.clone())
+    let config = mtls_client(checks.source.clone())
         .authorize(authorizer::exact([server_id.clone()])?)
         .trust_domain_policy(LocalOnly(server_id.trust_domain().clone()))
         .build()?;
@@ -195,9 +246,10 @@ async fn run_client(
         if n > 1 {
             tokio::time::sleep(interval).await;
         }
-        let exchanged = tokio::time::timeout(CONNECTION_TIMEOUT, exchange(&connector, address))
-            .await
-            .unwrap_or_else(|_elapsed| Err(anyhow!("timed out")));
+        let exchanged =
+            tokio::time::timeout(CONNECTION_TIMEOUT, exchange(&connector, checks, address))
+                .await
+                .unwrap_or_else(|_elapsed| Err(anyhow!("timed out")));
         let (serial, greeting) =
             exchanged.with_context(|| format!("connection {n} of {count} to {address}"))?;
         println!("{n}/{count} {server_id} (certificate serial {serial}) says: {greeting}");
@@ -210,6 +262,7 @@ async fn run_client(
 /// greeting.
 async fn exchange(
     connector: &TlsConnector,
+    checks: Checks<'_>,
     address: SocketAddr,
 ) -> anyhow::Result<(String, String)> {
     let tcp = TcpStream::connect(address).await.context("connecting")?;
@@ -219,7 +272,9 @@ async fn exchange(
         .connect(server_name, tcp)
         .await
         .context("TLS handshake")?;
-    let (_, serial) = peer_identity(tls.get_ref().1.peer_certificates())?;
+    let peer = tls.get_ref().1.peer_certificates();
+    let (_, serial) = peer_identity(peer)?;
+    checks.revocation(peer, crl::Peer::Server)?;
     // In TLS 1.3 the server checks our certificate after our side of the handshake is done,
     // so a rejection shows up here, as an alert or an empty read.
     let mut greeting = String::new();
