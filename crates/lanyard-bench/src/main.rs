@@ -215,7 +215,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         if selected("revoke") {
             step("revoke");
-            bench::revoke::run(&mut report, &target, &plan.revoke).await?;
+            let lanyard = server_process::lanyard_binary(cli.lanyard_bin.as_deref()).ok();
+            bench::revoke::run(&mut report, &target, &plan.revoke, lanyard.as_deref()).await?;
         }
         server.shutdown().await;
         drop(dir);

@@ -86,6 +86,7 @@ impl Plan {
                 agents: 1_000,
                 rounds: 20,
                 crl_serials: vec![10_000, 100_000],
+                nginx_rounds: 10,
             },
             // 16 rounds, 32 runs of about 13 s: about 7 minutes on 2 cores. Four cells of
             // the grid, its corners (the cheapest call, the largest batches, many agents at
@@ -181,6 +182,7 @@ impl Plan {
                 agents: 20,
                 rounds: 3,
                 crl_serials: vec![100, 1_000],
+                nginx_rounds: 2,
             },
             // One round each way: the code path, not a figure.
             overhead: overhead::Scale {

@@ -16,6 +16,7 @@ pub(crate) mod overhead;
 pub(crate) mod propagation;
 pub(crate) mod restart;
 pub(crate) mod revoke;
+pub(crate) mod revoke_nginx;
 pub(crate) mod scale;
 pub(crate) mod sync;
 pub(crate) mod writes;

@@ -33,6 +33,8 @@ pub(crate) struct Scale {
     pub(crate) rounds: usize,
     /// Serials on the CRLs measured.
     pub(crate) crl_serials: Vec<usize>,
+    /// Revocations of the SVID a real nginx checks ([`super::revoke_nginx`]).
+    pub(crate) nginx_rounds: usize,
 }
 
 /// One agent's acknowledgement: which sequence, when.
@@ -75,7 +77,13 @@ async fn agent_loop(agent: SimAgent, acks: mpsc::UnboundedSender<Ack>) -> anyhow
     Ok(())
 }
 
-pub(crate) async fn run(report: &mut Report, target: &Target, scale: &Scale) -> anyhow::Result<()> {
+/// The figures; the nginx round runs when the `lanyard` binary (for its helper) is at hand.
+pub(crate) async fn run(
+    report: &mut Report,
+    target: &Target,
+    scale: &Scale,
+    lanyard: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let agents = target.attest_agents(scale.agents, 8).await?;
     let n = agents.len();
     let (acks_tx, mut acks) = mpsc::unbounded_channel();
@@ -155,7 +163,20 @@ pub(crate) async fn run(report: &mut Report, target: &Target, scale: &Scale) -> 
         );
     }
     drop(bench);
-    crl_costs(report, &scale.crl_serials)
+    crl_costs(report, &scale.crl_serials)?;
+    match lanyard {
+        Some(lanyard) => {
+            super::revoke_nginx::run(report, target, lanyard, scale.nginx_rounds).await
+        }
+        None => {
+            report.notes.push(
+                "revoke → nginx refuses: skipped, no `lanyard` binary for its helper \
+                 (--lanyard-bin)"
+                    .to_owned(),
+            );
+            Ok(())
+        }
+    }
 }
 
 /// CRL size and signing time with `sizes` serials, against an empty CRL.

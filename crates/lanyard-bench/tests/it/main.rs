@@ -28,15 +28,17 @@ const BENCHMARKS: [&str; 11] = [
 
 /// Figures the quick run must report beyond one per benchmark: the PostgreSQL side of the
 /// comparisons whose baseline is SQLite or a single server.
-const REQUIRED_FIGURES: [&str; 18] = [
+const REQUIRED_FIGURES: [&str; 20] = [
     "revoke.all_acknowledged_p99_ms",
     "revoke.crl_1000.sign_ms",
     "revoke.crl_1000.bytes_per_serial",
+    "revoke.nginx_refuses_p99_ms",
     "sync.removal_p99_ms",
     "sync.server_cpu_us_per_sync_vs_calls",
     "jwt.server_cpu_us_per_jwt_vs_call",
     "batch.agents_1.size_1.p50_ms_vs_call",
     "fanin.first_svid_agent_cpu_us",
+    "fanin.first_svid_p99_vs_floor_ms",
     "restart.postgres.start_to_serving_ms",
     "writes.sqlite.per_sec",
     "writes.postgres.per_sec",
@@ -56,6 +58,9 @@ fn the_quick_run_reports_every_benchmark_with_baselines_and_ratios() {
     let output = Command::new(env!("CARGO_BIN_EXE_lanyard-bench"))
         .arg("--quick")
         .arg("--metrics-overhead")
+        // The helper of `revoke`'s nginx round.
+        .arg("--lanyard-bin")
+        .arg(lanyard_e2e::lanyard_binary())
         .arg("--json")
         .arg(&json_path)
         .arg("--out")
