@@ -9,7 +9,7 @@ use lanyard_proto::workload::X509svidRequest;
 use tokio::time::Instant;
 
 use crate::cpu::{CpuMeter, rss_bytes};
-use crate::harness::{Target, current_uid, entry_message, scratch_dir, wait_until};
+use crate::harness::{TRUST_DOMAIN, Target, current_uid, entry_message, scratch_dir, wait_until};
 use crate::report::Report;
 use crate::stats::Samples;
 use crate::workload::{AgentProcess, wait_for_socket, watch_arrivals, workload_client};
@@ -89,6 +89,40 @@ async fn measure(
     }
     let lone_ms = lone.percentile_ms(50.0);
     let rss_idle = rss_bytes(agent.pid()) as f64;
+
+    // Memory per cached SVID: more entries for this workload, seen by one stream. Measured on
+    // the idle agent, before the burst leaves freed memory that an allocator keeps resident
+    // and hands out again (the growth would then read as nothing); the entries are deleted
+    // again, and the agent has dropped them, before the burst.
+    let (arrivals, watcher) = watch_arrivals(&agent.socket).await?;
+    let extra_paths: Vec<String> = (0..scale.cached_svids)
+        .map(|i| format!("/bench/fanin/cached/{i}"))
+        .collect();
+    let extra_ids: Vec<String> = extra_paths
+        .iter()
+        .map(|path| format!("spiffe://{TRUST_DOMAIN}{path}"))
+        .collect();
+    let extra: Vec<_> = extra_paths
+        .iter()
+        .map(|path| entry_message(&parent, path, &selector))
+        .collect();
+    let created = target.create_entries(extra).await?;
+    let expected = scale.cached_svids + 1;
+    wait_until("the cached SVIDs", timeout, || {
+        let arrivals = arrivals.clone();
+        async move { arrivals.count() >= expected }
+    })
+    .await?;
+    let rss_per_svid =
+        (rss_bytes(agent.pid()) as f64 - rss_idle).max(0.0) / scale.cached_svids.max(1) as f64;
+    target.delete_entries(created).await?;
+    wait_until("the cached SVIDs dropped", timeout, || {
+        let arrivals = arrivals.clone();
+        let ids = &extra_ids;
+        async move { ids.iter().all(|id| arrivals.first_gone(id).is_some()) }
+    })
+    .await?;
+    watcher.abort();
 
     // Every workload at once, each on its own connection.
     let logs: Arc<Mutex<Vec<StreamLog>>> =
@@ -184,23 +218,6 @@ async fn measure(
     while tasks.join_next().await.is_some() {}
     let all_ms = (last_rotated - updated).as_secs_f64() * 1e3;
     let spread_ms = (last_rotated - first_rotated).as_secs_f64() * 1e3;
-
-    // Memory per cached SVID: more entries for this workload, seen by one stream.
-    let rss_before_cache = rss_bytes(agent.pid()) as f64;
-    let (arrivals, watcher) = watch_arrivals(&agent.socket).await?;
-    let extra: Vec<_> = (0..scale.cached_svids)
-        .map(|i| entry_message(&parent, &format!("/bench/fanin/cached/{i}"), &selector))
-        .collect();
-    target.create_entries(extra).await?;
-    let expected = scale.cached_svids + 1;
-    wait_until("the cached SVIDs", timeout, || {
-        let arrivals = arrivals.clone();
-        async move { arrivals.count() >= expected }
-    })
-    .await?;
-    watcher.abort();
-    let rss_per_svid = (rss_bytes(agent.pid()) as f64 - rss_before_cache).max(0.0)
-        / scale.cached_svids.max(1) as f64;
 
     // The floor: the same burst against a server that only sends the lone workload's answer.
     let floor = match (target.name == "lanyard", lone_answer) {
