@@ -8,10 +8,13 @@
 //! `discover_workload_path` also `unix:path` and `unix:sha256`.
 //!
 //! A PID is only a name for a process while that process lives; once it exits the kernel may
-//! hand the same PID to another one. The attestor therefore pins the process by its start
-//! time (`/proc/<pid>/stat` field 22): the time read when the connection was accepted, before
-//! collecting and after collecting must all agree, and the process's effective UID and GID
-//! must still be the ones the kernel reported for the connection.
+//! hand the same PID to another one. The agent therefore pins the caller when it accepts the
+//! connection: it opens a pidfd for it ([`ProcessHandle`]), and once the attestor has read
+//! `/proc/<pid>` it checks that the pinned process has not exited, so what it read was that
+//! process's. On kernels without pidfds (before 5.3) it pins the process by its start time
+//! (`/proc/<pid>/stat` field 22) instead: the time read at accept and the one read after
+//! collecting must agree. Either way the process's effective UID and GID must still be the
+//! ones the kernel reported for the connection.
 //!
 //! [`CombinedAttestor`] is what the agent runs: the Unix attestor always, and each attestor
 //! configured under `[workload_attestor]` ([`k8s::K8sAttestor`]), the caller's selectors being
@@ -22,6 +25,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read as _};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -41,7 +45,7 @@ pub const UNIX_SELECTOR_TYPE: &str = "unix";
 const DIGEST_CACHE_CAPACITY: usize = 256;
 
 /// The kernel's credentials for the process at the other end of a Workload API connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCredentials {
     /// The peer's process ID, when the platform reports it.
     pub pid: Option<i32>,
@@ -53,6 +57,9 @@ pub struct PeerCredentials {
     /// read when the connection was accepted. With it the attestor can tell the original
     /// caller from a later process that was given the same PID.
     pub start_time: Option<u64>,
+    /// The peer process itself, opened when the connection was accepted: while it has not
+    /// exited, its PID names no other process.
+    pub process: Option<ProcessHandle>,
 }
 
 impl PeerCredentials {
@@ -63,6 +70,21 @@ impl PeerCredentials {
             uid: cred.uid(),
             gid: cred.gid(),
             start_time: None,
+            process: None,
+        }
+    }
+
+    /// Pins the peer process now, when the connection has just been accepted: by a pidfd, or
+    /// where the kernel has none, by its start time. Fails when the PID is unknown or the
+    /// process is already gone.
+    pub fn pinned(mut self) -> Result<Self, AttestError> {
+        let pid = self.pid.ok_or(AttestError::NoPid)?;
+        match ProcessHandle::open(pid)? {
+            Some(process) => {
+                self.process = Some(process);
+                Ok(self)
+            }
+            None => self.with_current_start_time(),
         }
     }
 
@@ -74,6 +96,57 @@ impl PeerCredentials {
         Ok(self)
     }
 }
+
+/// A process pinned by a pidfd. The kernel does not give its PID to another process while
+/// the descriptor is open and the process has not been reaped, and the descriptor reports
+/// when the process exits; clones share one descriptor.
+#[derive(Debug, Clone)]
+pub struct ProcessHandle(Arc<OwnedFd>);
+
+impl ProcessHandle {
+    /// Opens process `pid`; `None` when this kernel cannot (no pidfds before Linux 5.3, or a
+    /// PID that names a thread rather than a process), so that the caller pins the process
+    /// another way.
+    pub fn open(pid: i32) -> Result<Option<Self>, AttestError> {
+        let Some(id) = rustix::process::Pid::from_raw(pid) else {
+            return Err(AttestError::ProcessGone { pid });
+        };
+        match rustix::process::pidfd_open(id, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => Ok(Some(Self(Arc::new(fd)))),
+            Err(rustix::io::Errno::SRCH) => Err(AttestError::ProcessGone { pid }),
+            Err(error) => {
+                tracing::debug!(pid, %error, "no pidfd for the caller; pinning it by start time");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Whether the process has exited (it may not have been reaped yet).
+    pub fn has_exited(&self) -> io::Result<bool> {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        loop {
+            let mut fds = [PollFd::new(&*self.0, PollFlags::IN)];
+            match rustix::event::poll(&mut fds, Some(&now)) {
+                // A pidfd is readable once its process has exited.
+                Ok(ready) => return Ok(ready > 0),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+impl PartialEq for ProcessHandle {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ProcessHandle {}
 
 /// Why a caller could not be attested.
 #[derive(Debug, thiserror::Error)]
@@ -351,7 +424,7 @@ impl WorkloadAttestor for UnixAttestor {
         }
         // Hashing the executable reads a file of any size.
         let inner = Arc::clone(&self.inner);
-        let peer = *peer;
+        let peer = peer.clone();
         tokio::task::spawn_blocking(move || inner.attest(&peer))
             .await
             .map_err(|e| AttestError::Task(e.to_string()))?
@@ -362,14 +435,7 @@ impl UnixAttestorInner {
     fn attest(&self, peer: &PeerCredentials) -> Result<SelectorSet, AttestError> {
         let pid = peer.pid.ok_or(AttestError::NoPid)?;
         let process_dir = self.proc_root.join(pid.to_string());
-        // The start time read when the connection was accepted pins the process; without one
-        // (a caller that did not go through the accept loop) it is read now. Start times only
-        // grow, so the process read after collecting has the same one only if it is the
-        // same process, whatever ran under the PID in between.
-        let started = match peer.start_time {
-            Some(at_accept) => at_accept,
-            None => start_time_in(&process_dir, pid)?,
-        };
+        let pin = CallerPin::of(peer, &process_dir, pid)?;
 
         let status_path = process_dir.join("status");
         let status = read_proc_file(&status_path, pid)?;
@@ -421,9 +487,7 @@ impl UnixAttestorInner {
             add(&mut selectors, "sha256", &digest);
         }
 
-        if start_time_in(&process_dir, pid)? != started {
-            return Err(AttestError::PidReused { pid });
-        }
+        pin.check(&process_dir, pid)?;
         Ok(selectors)
     }
 
@@ -488,6 +552,53 @@ impl UnixAttestorInner {
             digests.insert(before, digest.clone());
         }
         Ok(digest)
+    }
+}
+
+/// How an attestation knows that what it read under `/proc/<pid>` was the caller's.
+pub(crate) enum CallerPin<'a> {
+    /// The pidfd opened at accept: the process must not have exited by the end.
+    Process(&'a ProcessHandle),
+    /// A start time: the process read after collecting must have this one. Start times only
+    /// grow, so it has the same one only if it is the same process, whatever ran under the
+    /// PID in between.
+    StartTime(u64),
+}
+
+impl<'a> CallerPin<'a> {
+    /// The caller's pin: its pidfd, or the start time read at accept, or without either (a
+    /// caller that did not go through the accept loop) the start time now.
+    pub(crate) fn of(
+        peer: &'a PeerCredentials,
+        process_dir: &Path,
+        pid: i32,
+    ) -> Result<Self, AttestError> {
+        Ok(match (&peer.process, peer.start_time) {
+            (Some(process), _) => Self::Process(process),
+            (None, Some(at_accept)) => Self::StartTime(at_accept),
+            (None, None) => Self::StartTime(start_time_in(process_dir, pid)?),
+        })
+    }
+
+    /// Fails unless the pinned process is still the one under `process_dir`.
+    pub(crate) fn check(&self, process_dir: &Path, pid: i32) -> Result<(), AttestError> {
+        match self {
+            Self::Process(process) => match process.has_exited() {
+                Ok(false) => Ok(()),
+                Ok(true) => Err(AttestError::ProcessGone { pid }),
+                Err(source) => Err(AttestError::Io {
+                    path: process_dir.to_owned(),
+                    source,
+                }),
+            },
+            Self::StartTime(started) => {
+                if start_time_in(process_dir, pid)? == *started {
+                    Ok(())
+                } else {
+                    Err(AttestError::PidReused { pid })
+                }
+            }
+        }
     }
 }
 
@@ -771,6 +882,7 @@ mod tests {
             uid: 1000,
             gid: 1000,
             start_time: Some(777),
+            process: None,
         };
 
         let selectors: Vec<String> = attestor
@@ -796,20 +908,23 @@ mod tests {
 
         let reused = PeerCredentials {
             start_time: Some(776),
-            ..peer
+            ..peer.clone()
         };
         assert!(matches!(
             attestor.attest_blocking(&reused),
             Err(AttestError::PidReused { pid: 42 })
         ));
-        let other_uid = PeerCredentials { uid: 7, ..peer };
+        let other_uid = PeerCredentials {
+            uid: 7,
+            ..peer.clone()
+        };
         assert!(matches!(
             attestor.attest_blocking(&other_uid),
             Err(AttestError::CredentialsChanged { what: "uid", .. })
         ));
         let gone = PeerCredentials {
             pid: Some(43),
-            ..peer
+            ..peer.clone()
         };
         assert!(matches!(
             attestor.attest_blocking(&gone),

@@ -720,7 +720,7 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, WorkloadError> {
         })?;
     let peer = info
         .peer()
-        .copied()
+        .cloned()
         .map_err(|reason| WorkloadError::CallerUnknown(reason.to_owned()))?;
     Ok(Caller {
         peer,
@@ -935,8 +935,8 @@ fn json_to_value(value: Value) -> prost_types::Value {
 }
 
 /// Connection info of a Workload API connection, in every request's extensions: the peer's
-/// kernel credentials with its process start time, read when the connection was accepted,
-/// and a handle that closes the connection.
+/// kernel credentials with its process pinned when the connection was accepted (a pidfd, or
+/// its start time), and a handle that closes the connection.
 #[derive(Debug, Clone)]
 pub struct WorkloadConnectInfo {
     peer: Result<PeerCredentials, Arc<str>>,
@@ -1016,7 +1016,7 @@ impl WorkloadConnection {
             }
         };
         let peer = PeerCredentials::from_ucred(&cred)
-            .with_current_start_time()
+            .pinned()
             .map_err(|e| format!("could not identify the calling process: {e}"));
         if let Err(error) = &peer {
             tracing::debug!(%error, "workload connection without usable credentials");

@@ -28,7 +28,9 @@ use lanyard_core::{Selector, SelectorSet};
 
 use self::kubelet::{KubeletClient, PodListFetcher, PodSource};
 use self::pods::Lookup;
-use super::{AttestError, PeerCredentials, WorkloadAttestor, read_proc_file, start_time_in};
+use super::{
+    AttestError, CallerPin, PeerCredentials, WorkloadAttestor, read_proc_file, start_time_in,
+};
 use crate::config::{K8sAttestorConfig, KubeletEndpoint};
 
 pub use self::kubelet::{KUBELET_REQUEST_TIMEOUT, MAX_POD_LIST_LEN};
@@ -167,13 +169,19 @@ impl WorkloadAttestor for K8sAttestor {
     async fn attest(&self, peer: &PeerCredentials) -> Result<SelectorSet, AttestError> {
         let pid = peer.pid.ok_or(AttestError::NoPid)?;
         let process_dir = self.inner.proc_root.join(pid.to_string());
-        let started = start_time_in(&process_dir, pid)?;
-        if peer
-            .start_time
-            .is_some_and(|at_accept| at_accept != started)
-        {
-            return Err(AttestError::PidReused { pid });
-        }
+        let pin = match &peer.process {
+            Some(process) => CallerPin::Process(process),
+            None => {
+                let started = start_time_in(&process_dir, pid)?;
+                if peer
+                    .start_time
+                    .is_some_and(|at_accept| at_accept != started)
+                {
+                    return Err(AttestError::PidReused { pid });
+                }
+                CallerPin::StartTime(started)
+            }
+        };
         let cgroup_path = process_dir.join("cgroup");
         let placement = cgroup::placement(&read_proc_file(&cgroup_path, pid)?);
         let placement = match placement {
@@ -200,9 +208,7 @@ impl WorkloadAttestor for K8sAttestor {
                 .map_err(AttestError::Kubernetes)?,
         };
         // The kubelet may have been asked for seconds: the PID must still be the caller's.
-        if start_time_in(&process_dir, pid)? != started {
-            return Err(AttestError::PidReused { pid });
-        }
+        pin.check(&process_dir, pid)?;
         Ok(selectors)
     }
 }
@@ -312,6 +318,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
+    use crate::attestor::ProcessHandle;
     use crate::attestor::k8s::pods::PodIndex;
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/k8s");
@@ -370,6 +377,7 @@ mod tests {
             uid: 1000,
             gid: 1000,
             start_time: Some(555),
+            process: None,
         }
     }
 
@@ -743,6 +751,67 @@ mod tests {
         assert!(matches!(
             attestor.attest(&gone).await,
             Err(AttestError::ProcessGone { .. })
+        ));
+    }
+
+    /// A caller pinned by a pidfd at accept: one that exits while the kubelet is asked is
+    /// refused, whatever `/proc` then says under its PID.
+    #[tokio::test]
+    async fn a_caller_pinned_by_pidfd_that_exits_during_the_lookup_is_refused() {
+        struct ExitDuringLookup {
+            child: Mutex<std::process::Child>,
+        }
+        #[tonic::async_trait]
+        impl PodSource for ExitDuringLookup {
+            async fn pods(&self) -> Result<PodIndex, String> {
+                let mut child = self.child.lock().unwrap();
+                child.kill().unwrap();
+                child.wait().unwrap();
+                PodIndex::parse(fixture("pods.json").as_bytes())
+            }
+        }
+
+        let process = process(&fixture("cgroup-v2-containerd-systemd.txt"));
+        let spawn = || {
+            let child = std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .unwrap();
+            let pid = i32::try_from(child.id()).unwrap();
+            let handle = ProcessHandle::open(pid).unwrap().expect("pidfds");
+            (child, handle)
+        };
+        let (mut alive, handle) = spawn();
+        let pinned = PeerCredentials {
+            start_time: None,
+            process: Some(handle),
+            ..peer()
+        };
+        let (attestor, _) = attestor(
+            &process,
+            &K8sAttestorConfig::default(),
+            vec![Ok(fixture("pods.json"))],
+        );
+        assert!(attestor.attest(&pinned).await.is_ok());
+        alive.kill().unwrap();
+        alive.wait().unwrap();
+
+        let (child, handle) = spawn();
+        let exits = K8sAttestor::with_source(
+            &K8sAttestorConfig::default(),
+            process.proc_root.clone(),
+            Box::new(ExitDuringLookup {
+                child: Mutex::new(child),
+            }),
+        );
+        let pinned = PeerCredentials {
+            start_time: None,
+            process: Some(handle),
+            ..peer()
+        };
+        assert!(matches!(
+            exits.attest(&pinned).await,
+            Err(AttestError::ProcessGone { pid: PID })
         ));
     }
 }

@@ -311,6 +311,7 @@ fn peer() -> PeerCredentials {
         uid: 1000,
         gid: 1000,
         start_time: Some(START_TIME),
+        process: None,
     }
 }
 

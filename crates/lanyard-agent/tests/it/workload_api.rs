@@ -843,6 +843,7 @@ fn my_credentials() -> PeerCredentials {
         uid: current_uid(),
         gid: current_gid(),
         start_time: None,
+        process: None,
     }
 }
 
@@ -930,7 +931,7 @@ async fn unix_attestor_refuses_dead_and_reused_processes() {
     let me = my_credentials().with_current_start_time().unwrap();
     let impostor = PeerCredentials {
         start_time: me.start_time.map(|t| t + 1),
-        ..me
+        ..me.clone()
     };
     let error = attestor.attest(&impostor).await.unwrap_err();
     assert!(matches!(error, AttestError::PidReused { .. }), "{error:?}");
@@ -944,4 +945,65 @@ async fn unix_attestor_refuses_dead_and_reused_processes() {
         matches!(error, AttestError::CredentialsChanged { what: "uid", .. }),
         "{error:?}"
     );
+}
+
+/// Connections are pinned by a pidfd: a caller that has exited is refused even while its
+/// `/proc` entry is still there (a zombie, not yet reaped, with its start time and
+/// credentials unchanged), which a start-time pin would accept.
+#[tokio::test]
+async fn a_caller_pinned_by_pidfd_is_refused_once_it_exits() {
+    let attestor = UnixAttestor::new(&UnixAttestorConfig::default());
+    let pinned = my_credentials().pinned().unwrap();
+    let process = pinned.process.clone().expect("this kernel has pidfds");
+    assert!(!process.has_exited().unwrap());
+    attestor.attest(&pinned).await.unwrap();
+
+    let mut child = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(child.id()).unwrap();
+    let caller = PeerCredentials {
+        pid: Some(pid),
+        ..my_credentials()
+    };
+    let pinned = caller.clone().pinned().unwrap();
+    let by_start_time = caller.with_current_start_time().unwrap();
+    attestor.attest(&pinned).await.unwrap();
+    attestor.attest(&by_start_time).await.unwrap();
+
+    child.kill().unwrap();
+    let handle = pinned.process.clone().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !handle.has_exited().unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never exited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Not reaped: /proc still describes it, and its start time still matches.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("State:\tZ"), "{status}");
+    attestor.attest(&by_start_time).await.unwrap();
+    let error = attestor.attest(&pinned).await.unwrap_err();
+    assert!(
+        matches!(error, AttestError::ProcessGone { pid: gone } if gone == pid),
+        "{error:?}"
+    );
+
+    child.wait().unwrap();
+    let error = attestor.attest(&pinned).await.unwrap_err();
+    assert!(
+        matches!(error, AttestError::ProcessGone { .. }),
+        "{error:?}"
+    );
+    assert!(matches!(
+        PeerCredentials {
+            pid: Some(pid),
+            ..my_credentials()
+        }
+        .pinned(),
+        Err(AttestError::ProcessGone { .. })
+    ));
 }
