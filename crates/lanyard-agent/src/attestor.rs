@@ -580,6 +580,27 @@ impl<'a> CallerPin<'a> {
         })
     }
 
+    /// The caller's pin, checked now: its pidfd, or its start time read now, which must be
+    /// the one read at accept if there is one. For attestors that wait on something slow
+    /// before the final check, so a PID already taken over costs no lookup.
+    pub(crate) fn checked_now(
+        peer: &'a PeerCredentials,
+        process_dir: &Path,
+        pid: i32,
+    ) -> Result<Self, AttestError> {
+        if let Some(process) = &peer.process {
+            return Ok(Self::Process(process));
+        }
+        let started = start_time_in(process_dir, pid)?;
+        if peer
+            .start_time
+            .is_some_and(|at_accept| at_accept != started)
+        {
+            return Err(AttestError::PidReused { pid });
+        }
+        Ok(Self::StartTime(started))
+    }
+
     /// Fails unless the pinned process is still the one under `process_dir`.
     pub(crate) fn check(&self, process_dir: &Path, pid: i32) -> Result<(), AttestError> {
         match self {

@@ -28,9 +28,7 @@ use lanyard_core::{Selector, SelectorSet};
 
 use self::kubelet::{KubeletClient, PodListFetcher, PodSource};
 use self::pods::Lookup;
-use super::{
-    AttestError, CallerPin, PeerCredentials, WorkloadAttestor, read_proc_file, start_time_in,
-};
+use super::{AttestError, CallerPin, PeerCredentials, WorkloadAttestor, read_proc_file};
 use crate::config::{K8sAttestorConfig, KubeletEndpoint};
 
 pub use self::kubelet::{KUBELET_REQUEST_TIMEOUT, MAX_POD_LIST_LEN};
@@ -169,19 +167,7 @@ impl WorkloadAttestor for K8sAttestor {
     async fn attest(&self, peer: &PeerCredentials) -> Result<SelectorSet, AttestError> {
         let pid = peer.pid.ok_or(AttestError::NoPid)?;
         let process_dir = self.inner.proc_root.join(pid.to_string());
-        let pin = match &peer.process {
-            Some(process) => CallerPin::Process(process),
-            None => {
-                let started = start_time_in(&process_dir, pid)?;
-                if peer
-                    .start_time
-                    .is_some_and(|at_accept| at_accept != started)
-                {
-                    return Err(AttestError::PidReused { pid });
-                }
-                CallerPin::StartTime(started)
-            }
-        };
+        let pin = CallerPin::checked_now(peer, &process_dir, pid)?;
         let cgroup_path = process_dir.join("cgroup");
         let placement = cgroup::placement(&read_proc_file(&cgroup_path, pid)?);
         let placement = match placement {
