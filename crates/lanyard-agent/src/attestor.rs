@@ -661,25 +661,27 @@ impl ProcessStatus {
     fn parse(status: &str) -> Result<Self, &'static str> {
         let mut effective_uid = None;
         let mut effective_gid = None;
-        let mut supplementary_gids = Vec::new();
+        let mut supplementary_gids = None;
+        // Every line is read and the last of each kind wins: the kernel's own come after the
+        // process's name, which old kernels printed unescaped, newlines included. Each line is
+        // matched by its prefix, without searching it for a colon.
         for line in status.lines() {
-            let Some((key, value)) = line.split_once(':') else {
-                continue;
-            };
-            match key {
+            if let Some(value) = line.strip_prefix("Uid:") {
                 // Real, effective, saved and filesystem IDs; SPIRE uses the effective one.
-                "Uid" => effective_uid = Some(second_id(value).ok_or("bad Uid line")?),
-                "Gid" => effective_gid = Some(second_id(value).ok_or("bad Gid line")?),
-                "Groups" => {
-                    supplementary_gids = value
+                effective_uid = Some(second_id(value).ok_or("bad Uid line")?);
+            } else if let Some(value) = line.strip_prefix("Gid:") {
+                effective_gid = Some(second_id(value).ok_or("bad Gid line")?);
+            } else if let Some(value) = line.strip_prefix("Groups:") {
+                supplementary_gids = Some(
+                    value
                         .split_ascii_whitespace()
                         .map(str::parse)
                         .collect::<Result<_, _>>()
-                        .map_err(|_| "bad Groups line")?;
-                }
-                _ => {}
+                        .map_err(|_| "bad Groups line")?,
+                );
             }
         }
+        let supplementary_gids = supplementary_gids.unwrap_or_default();
         Ok(Self {
             effective_uid: effective_uid.ok_or("no Uid line")?,
             effective_gid: effective_gid.ok_or("no Gid line")?,
@@ -723,7 +725,7 @@ fn add(selectors: &mut SelectorSet, kind: &str, value: &str) {
 
 /// A `/proc` file's text. Read in plain `read`s, without the size query and seek that
 /// `std::fs::read_to_string` makes first (procfs files report no size): an attestation reads
-/// two of these per call.
+/// one or two of these per call.
 fn read_proc_file(path: &Path, pid: i32) -> Result<String, AttestError> {
     let read = || -> io::Result<String> {
         let mut file = File::open(path)?;
@@ -817,6 +819,18 @@ mod tests {
         assert_eq!(
             ProcessStatus::parse(no_groups).map(|s| s.supplementary_gids),
             Ok(vec![])
+        );
+        // A name with newlines (old kernels print it unescaped) comes first and loses.
+        let forged = "Name:\tx\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t0\n\
+                      Umask:\t0022\nUid:\t1000\t1001\t1000\t1001\nGid:\t50\t51\t50\t51\n\
+                      Groups:\t4\n";
+        assert_eq!(
+            ProcessStatus::parse(forged),
+            Ok(ProcessStatus {
+                effective_uid: 1001,
+                effective_gid: 51,
+                supplementary_gids: vec![4],
+            })
         );
         assert!(ProcessStatus::parse("Gid:\t0\t0\t0\t0\n").is_err());
         assert!(ProcessStatus::parse("Uid:\tx\ty\nGid:\t0\t0\n").is_err());

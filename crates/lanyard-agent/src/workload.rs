@@ -397,12 +397,7 @@ impl WorkloadApi {
     /// A message the workload does not take within `stream_send_timeout` closes the
     /// caller's connection: HTTP/2 would otherwise hold the stream, and what was queued on
     /// it, for as long as the workload stays connected.
-    fn watch<T, F>(
-        &self,
-        method: &'static str,
-        caller: Caller,
-        mut step: F,
-    ) -> ReceiverStream<Result<T, Status>>
+    fn watch<T, F>(&self, method: &'static str, caller: Caller, mut step: F) -> Streamed<T>
     where
         T: Clone + PartialEq + Send + 'static,
         F: FnMut(&Snapshot, SystemTime) -> Step<T> + Send + 'static,
@@ -422,64 +417,89 @@ impl WorkloadApi {
         // below is scheduled (behind every other caller's, in a burst).
         let first_now = clock();
         let snapshot = Arc::clone(&snapshots.borrow_and_update());
-        let mut first = Some(step(&snapshot, first_now));
-        drop(snapshot);
-        let mut last_sent: Option<T> = None;
-        if let Some(Step::Send {
-            message, served, ..
-        }) = &first
-            && tx.try_send(Ok(message.clone())).is_ok()
-        {
-            if let Some(usage) = &usage {
-                usage.record(served, first_now);
-            }
-            last_sent = Some(message.clone());
-        }
-        tokio::spawn(async move {
-            let _open = open;
-            loop {
-                let (now, taken) = match first.take() {
-                    Some(taken) => (first_now, taken),
-                    None => {
-                        let snapshot = Arc::clone(&snapshots.borrow_and_update());
-                        let now = clock();
-                        let taken = step(&snapshot, now);
-                        (now, taken)
+        let mut first = Some(match step(&snapshot, first_now) {
+            Step::Send {
+                message,
+                recheck_at,
+                served,
+            } => match tx.try_send(Ok(Box::new(message.clone()))) {
+                Ok(()) => {
+                    if let Some(usage) = &usage {
+                        usage.record(&served, first_now);
                     }
-                };
-                let (recheck_at, waiting_for) = match taken {
-                    Step::Send {
+                    First::Sent {
                         message,
                         recheck_at,
-                        served,
-                    } => {
-                        if last_sent.as_ref() != Some(&message) {
-                            match deliver(&tx, Ok(message.clone()), &mut stop, timeout).await {
-                                Delivery::Sent => {}
-                                Delivery::Gone => return,
-                                Delivery::Stalled => {
-                                    limits.stalled(&caller);
-                                    return;
-                                }
-                            }
-                            if let Some(usage) = &usage {
-                                usage.record(&served, clock());
-                            }
-                            last_sent = Some(message);
-                        }
-                        (recheck_at, None)
                     }
-                    Step::Wait { reason, recheck_at } => (recheck_at, Some(reason)),
-                    Step::Fail(error) => {
-                        if matches!(error, WorkloadError::NoIdentity) {
-                            metrics.no_identity(method);
-                        }
-                        let delivery =
-                            deliver(&tx, Err(error.into_status()), &mut stop, timeout).await;
-                        if let Delivery::Stalled = delivery {
-                            limits.stalled(&caller);
-                        }
-                        return;
+                }
+                Err(_) => First::Pending(Step::Send {
+                    message,
+                    recheck_at,
+                    served,
+                }),
+            },
+            pending => First::Pending(pending),
+        });
+        drop(snapshot);
+        tokio::spawn(async move {
+            let _open = open;
+            let mut last_sent: Option<T> = None;
+            loop {
+                let (now, recheck_at, waiting_for) = match first.take() {
+                    Some(First::Sent {
+                        message,
+                        recheck_at,
+                    }) => {
+                        last_sent = Some(message);
+                        (first_now, recheck_at, None)
+                    }
+                    pending => {
+                        let (now, taken) = match pending {
+                            Some(First::Pending(taken)) => (first_now, taken),
+                            _ => {
+                                let snapshot = Arc::clone(&snapshots.borrow_and_update());
+                                let now = clock();
+                                (now, step(&snapshot, now))
+                            }
+                        };
+                        let (recheck_at, waiting_for) = match taken {
+                            Step::Send {
+                                message,
+                                recheck_at,
+                                served,
+                            } => {
+                                if last_sent.as_ref() != Some(&message) {
+                                    let item = Ok(Box::new(message.clone()));
+                                    match deliver(&tx, item, &mut stop, timeout).await {
+                                        Delivery::Sent => {}
+                                        Delivery::Gone => return,
+                                        Delivery::Stalled => {
+                                            limits.stalled(&caller);
+                                            return;
+                                        }
+                                    }
+                                    if let Some(usage) = &usage {
+                                        usage.record(&served, clock());
+                                    }
+                                    last_sent = Some(message);
+                                }
+                                (recheck_at, None)
+                            }
+                            Step::Wait { reason, recheck_at } => (recheck_at, Some(reason)),
+                            Step::Fail(error) => {
+                                if matches!(error, WorkloadError::NoIdentity) {
+                                    metrics.no_identity(method);
+                                }
+                                let delivery =
+                                    deliver(&tx, Err(error.into_status()), &mut stop, timeout)
+                                        .await;
+                                if let Delivery::Stalled = delivery {
+                                    limits.stalled(&caller);
+                                }
+                                return;
+                            }
+                        };
+                        (now, recheck_at, waiting_for)
                     }
                 };
                 // Only the first message has a deadline; later, waiting means the workload
@@ -509,8 +529,19 @@ impl WorkloadApi {
                 }
             }
         });
-        ReceiverStream::new(rx)
+        Streamed(ReceiverStream::new(rx))
     }
+}
+
+/// A stream's first step, taken in its handler.
+enum First<T> {
+    /// Queued already: kept to compare the next step's message with.
+    Sent {
+        message: T,
+        recheck_at: Option<SystemTime>,
+    },
+    /// Not queued (it is not a message, or the queue was full): the stream's task takes it.
+    Pending(Step<T>),
 }
 
 const NOT_SYNCED: &str = "the agent has not synced with the server yet";
@@ -565,8 +596,8 @@ enum Delivery {
 /// within `timeout`: a workload that does not read must neither keep the server from
 /// shutting down nor hold what was queued for it.
 async fn deliver<T>(
-    tx: &mpsc::Sender<Result<T, Status>>,
-    item: Result<T, Status>,
+    tx: &mpsc::Sender<Result<Box<T>, Status>>,
+    item: Result<Box<T>, Status>,
     stop: &mut watch::Receiver<bool>,
     timeout: Duration,
 ) -> Delivery {
@@ -728,7 +759,21 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, WorkloadError> {
     })
 }
 
-type Streamed<T> = ReceiverStream<Result<T, Status>>;
+/// A streaming RPC's messages as its task queues them. They travel boxed: a channel
+/// allocates room for 32 items at once, whatever its capacity, and a boxed message takes 16
+/// bytes of that room instead of a whole message's.
+#[derive(Debug)]
+pub struct Streamed<T>(ReceiverStream<Result<Box<T>, Status>>);
+
+impl<T> tokio_stream::Stream for Streamed<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.0)
+            .poll_next(cx)
+            .map(|item| item.map(|item| item.map(|message| *message)))
+    }
+}
 
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {

@@ -56,7 +56,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    Caller, Delivery, NOT_SYNCED, SVIDS_PENDING, WorkloadApi, WorkloadError, deliver,
+    Caller, Delivery, NOT_SYNCED, SVIDS_PENDING, Streamed, WorkloadApi, WorkloadError, deliver,
     sleep_until_time, stopped,
 };
 use crate::cache::{Identity, Snapshot};
@@ -569,8 +569,6 @@ fn fresh_nonce(random: &SystemRandom) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-type Streamed<T> = ReceiverStream<Result<T, Status>>;
-
 impl SecretDiscovery {
     fn build_for(
         &self,
@@ -682,7 +680,7 @@ impl SecretDiscovery {
                             resources = response.resources.len(),
                             "sending secrets"
                         );
-                        match deliver(&tx, Ok(response), &mut stop, timeout).await {
+                        match deliver(&tx, Ok(Box::new(response)), &mut stop, timeout).await {
                             Delivery::Sent => {}
                             Delivery::Gone => return,
                             Delivery::Stalled => {
@@ -704,7 +702,7 @@ impl SecretDiscovery {
                 }
             }
         });
-        ReceiverStream::new(rx)
+        Streamed(ReceiverStream::new(rx))
     }
 }
 
