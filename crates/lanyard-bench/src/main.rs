@@ -98,6 +98,7 @@ pub(crate) const LOAD_THREADS: &str = "lanyard-load";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    install_logging(matches!(cli.command, Some(Command::AgentChild(_))));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(LOAD_THREADS)
@@ -107,6 +108,27 @@ fn main() -> anyhow::Result<()> {
         Some(Command::AgentChild(args)) => runtime.block_on(agent_child(args)),
         None => runtime.block_on(run(cli)),
     }
+}
+
+/// Installs a subscriber as the `lanyard` binary does (`info`, unless `RUST_LOG` says
+/// otherwise), so that what is measured pays for logging what a deployment pays: with none
+/// installed, every disabled span and event of the HTTP/2 stack would take `tracing`'s `log`
+/// fallback instead. An `agent-child` writes to its stderr (a file the benchmark names); this
+/// process discards its lines unless `RUST_LOG` is set, to keep its report readable.
+fn install_logging(agent_child: bool) {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let requested = std::env::var_os("RUST_LOG").is_some();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let writer = if agent_child || requested {
+        BoxMakeWriter::new(std::io::stderr)
+    } else {
+        BoxMakeWriter::new(std::io::sink)
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .try_init();
 }
 
 async fn agent_child(args: AgentChildArgs) -> anyhow::Result<()> {

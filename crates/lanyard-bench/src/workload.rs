@@ -12,7 +12,6 @@ use lanyard_core::SpiffeId;
 use lanyard_proto::workload::X509svidRequest;
 use lanyard_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use crate::harness::{Target, trust_domain, uds_channel};
 
@@ -22,6 +21,8 @@ pub(crate) struct AgentProcess {
     child: Child,
     pub(crate) socket: PathBuf,
     pub(crate) agent_id: SpiffeId,
+    /// Where the agent's log lines go, when this benchmark chose.
+    log: Option<PathBuf>,
 }
 
 impl AgentProcess {
@@ -42,6 +43,7 @@ impl AgentProcess {
             .collect();
         std::fs::write(&bundle, pem)?;
         let socket = dir.join("workload").join("api.sock");
+        let log = dir.join("agent.log");
         let mut command = Command::new(std::env::current_exe()?);
         command.arg("agent-child");
         if let Some(scraper) = &target.scraper {
@@ -67,6 +69,7 @@ impl AgentProcess {
             .arg(sync_interval.as_millis().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).context("creating the agent's log")?)
             .spawn()
             .context("starting the agent process")?;
         let agent_id = trust_domain().join_token_agent_id(&token)?;
@@ -74,6 +77,7 @@ impl AgentProcess {
             child,
             socket,
             agent_id,
+            log: Some(log),
         })
     }
 
@@ -83,6 +87,7 @@ impl AgentProcess {
             child,
             socket,
             agent_id,
+            log: None,
         }
     }
 
@@ -93,7 +98,17 @@ impl AgentProcess {
     /// Fails if the process has exited.
     pub(crate) fn check_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            anyhow::bail!("the agent process exited: {status}");
+            let last_lines = self
+                .log
+                .as_ref()
+                .and_then(|log| std::fs::read_to_string(log).ok())
+                .map(|text| {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let start = lines.len().saturating_sub(20);
+                    lines.get(start..).unwrap_or_default().join("\n")
+                })
+                .unwrap_or_default();
+            anyhow::bail!("the agent process exited: {status}\n{last_lines}");
         }
         Ok(())
     }
@@ -107,21 +122,60 @@ impl Drop for AgentProcess {
 }
 
 /// A Workload API client on its own connection, as a separate workload process would have.
-pub(crate) async fn workload_client(
-    socket: &Path,
-) -> anyhow::Result<
-    SpiffeWorkloadApiClient<
-        tonic::service::interceptor::InterceptedService<
-            Channel,
-            fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
-        >,
+pub(crate) type WorkloadClient = SpiffeWorkloadApiClient<
+    tonic::service::interceptor::InterceptedService<
+        Http2Connection,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
     >,
-> {
-    let channel = uds_channel(socket).await?;
-    Ok(SpiffeWorkloadApiClient::with_interceptor(
-        channel,
-        add_security_header as fn(_) -> _,
+>;
+
+/// Connects a [`WorkloadClient`] to the Workload API on `socket`: one HTTP/2 connection
+/// straight over the socket, as go-spiffe's or a Rust workload's client has, rather than a
+/// `tonic` channel, whose request queue (a task and a buffer per channel) and reconnection
+/// layers would make a thousand clients on the agent's own two cores spend more CPU in a burst
+/// than the agent they measure.
+pub(crate) async fn workload_client(socket: &Path) -> anyhow::Result<WorkloadClient> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .with_context(|| format!("HTTP/2 handshake on {}", socket.display()))?;
+    // Runs until the client and its streams are gone, or the agent closes the connection.
+    tokio::spawn(connection);
+    Ok(SpiffeWorkloadApiClient::with_origin(
+        tonic::service::interceptor::InterceptedService::new(
+            Http2Connection(sender),
+            add_security_header as fn(_) -> _,
+        ),
+        http::Uri::from_static("http://localhost"),
     ))
+}
+
+/// One HTTP/2 connection as the service a generated `tonic` client calls.
+#[derive(Debug, Clone)]
+pub(crate) struct Http2Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower::Service<http::Request<tonic::body::Body>> for Http2Connection {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
 }
 
 fn add_security_header(
@@ -132,6 +186,46 @@ fn add_security_header(
         tonic::metadata::MetadataValue::from_static("true"),
     );
     Ok(request)
+}
+
+/// Where a burst of workload clients waits: each connects, then [`Gate::pass`]es; the
+/// benchmark waits until all are [`Gate::connected`] and the agent has settled, takes its
+/// readings, and [`Gate::release`]s them at once, so that what it reads for the burst is the
+/// calls and not the connections.
+#[derive(Debug, Clone)]
+pub(crate) struct Gate {
+    connected: Arc<tokio::sync::Barrier>,
+    released: Arc<tokio::sync::Barrier>,
+}
+
+/// How long the connections are left to settle (the agent reads each one's HTTP/2 preface
+/// and settings) before the burst is released.
+const SETTLE: Duration = Duration::from_millis(250);
+
+impl Gate {
+    pub(crate) fn new(clients: usize) -> Self {
+        Self {
+            connected: Arc::new(tokio::sync::Barrier::new(clients + 1)),
+            released: Arc::new(tokio::sync::Barrier::new(clients + 1)),
+        }
+    }
+
+    /// A client: connected (or failed to), waits for the release.
+    pub(crate) async fn pass(&self) {
+        self.connected.wait().await;
+        self.released.wait().await;
+    }
+
+    /// The benchmark: returns once every client is connected and the connections settled.
+    pub(crate) async fn connected(&self) {
+        self.connected.wait().await;
+        tokio::time::sleep(SETTLE).await;
+    }
+
+    /// The benchmark: lets every client go.
+    pub(crate) async fn release(&self) {
+        self.released.wait().await;
+    }
 }
 
 /// When each SPIFFE ID first reached a streaming workload, and when it first left it again.

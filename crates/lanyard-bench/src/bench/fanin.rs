@@ -12,7 +12,7 @@ use crate::cpu::{CpuMeter, rss_bytes};
 use crate::harness::{TRUST_DOMAIN, Target, current_uid, entry_message, scratch_dir, wait_until};
 use crate::report::Report;
 use crate::stats::Samples;
-use crate::workload::{AgentProcess, wait_for_socket, watch_arrivals, workload_client};
+use crate::workload::{AgentProcess, Gate, wait_for_socket, watch_arrivals, workload_client};
 
 /// The shape of one run.
 #[derive(Debug, Clone)]
@@ -127,17 +127,17 @@ async fn measure(
     // Every workload at once, each on its own connection.
     let logs: Arc<Mutex<Vec<StreamLog>>> =
         Arc::new(Mutex::new(vec![StreamLog::default(); scale.workloads]));
-    let gate = Arc::new(tokio::sync::Barrier::new(scale.workloads + 1));
+    let gate = Gate::new(scale.workloads);
     let mut tasks = tokio::task::JoinSet::new();
     let latencies: Arc<Mutex<Samples>> = Arc::default();
     for i in 0..scale.workloads {
         let socket = agent.socket.clone();
         let logs = Arc::clone(&logs);
-        let gate = Arc::clone(&gate);
+        let gate = gate.clone();
         let latencies = Arc::clone(&latencies);
         tasks.spawn(async move {
             let client = workload_client(&socket).await;
-            gate.wait().await;
+            gate.pass().await;
             let mut client = client?;
             let started = Instant::now();
             let mut stream = client
@@ -168,12 +168,13 @@ async fn measure(
         });
     }
     // Whose CPU the burst takes: the agent's, and this process's workload clients', which
-    // share the machine's cores with it.
+    // share the machine's cores with it; read once every client is connected.
+    gate.connected().await;
     let agent_cpu = CpuMeter::Process(agent.pid());
     let clients_cpu = CpuMeter::Threads(vec![crate::LOAD_THREADS]);
     let (agent_before, clients_before) = (agent_cpu.cpu_time(), clients_cpu.cpu_time());
     let released = Instant::now();
-    gate.wait().await;
+    gate.release().await;
     let all_first = || {
         let logs = Arc::clone(&logs);
         async move {

@@ -23,7 +23,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::stats::Samples;
-use crate::workload::workload_client;
+use crate::workload::{Gate, workload_client};
 
 /// The floor's result for a burst of `workloads`.
 #[derive(Debug, Clone)]
@@ -74,16 +74,16 @@ async fn burst(
     workloads: usize,
     server_cpu: &crate::cpu::CpuMeter,
 ) -> anyhow::Result<Floor> {
-    let gate = Arc::new(tokio::sync::Barrier::new(workloads + 1));
+    let gate = Gate::new(workloads);
     let latencies: Arc<Mutex<Samples>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workloads {
         let socket = socket.to_owned();
-        let gate = Arc::clone(&gate);
+        let gate = gate.clone();
         let latencies = Arc::clone(&latencies);
         tasks.spawn(async move {
             let client = workload_client(&socket).await;
-            gate.wait().await;
+            gate.pass().await;
             let mut client = client?;
             let started = Instant::now();
             let mut stream = client
@@ -102,8 +102,9 @@ async fn burst(
             Ok::<_, anyhow::Error>(())
         });
     }
+    gate.connected().await;
     let before = server_cpu.cpu_time();
-    gate.wait().await;
+    gate.release().await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let done = latencies.lock().map(|l| l.len()).unwrap_or_default();
