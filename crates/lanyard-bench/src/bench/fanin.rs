@@ -8,6 +8,7 @@ use std::time::Duration;
 use lanyard_proto::workload::X509svidRequest;
 use tokio::time::Instant;
 
+use crate::bench::fanin_floor::FloorServer;
 use crate::cpu::{CpuMeter, rss_bytes};
 use crate::harness::{TRUST_DOMAIN, Target, current_uid, entry_message, scratch_dir, wait_until};
 use crate::report::Report;
@@ -220,19 +221,24 @@ async fn measure(
     let all_ms = (last_rotated - updated).as_secs_f64() * 1e3;
     let spread_ms = (last_rotated - first_rotated).as_secs_f64() * 1e3;
 
-    // The floor: the same burst against a server that only sends the lone workload's answer.
-    let floor = match (target.name == "lanyard", lone_answer) {
+    // The floors: the same burst against a server that only sends the lone workload's answer,
+    // on the agent's stack and on HTTP/2 alone.
+    let floors = match (target.name == "lanyard", lone_answer) {
         (true, Some(answer)) => {
             let dir = scratch_dir("lanyard-bench-fanin-floor")?;
-            Some(
-                crate::bench::fanin_floor::measure(
+            let mut floors = Vec::new();
+            for server in [FloorServer::Tonic, FloorServer::Http2] {
+                let floor = crate::bench::fanin_floor::measure(
                     dir.path(),
-                    answer,
+                    answer.clone(),
                     scale.workloads,
                     lanyard_agent::config::DEFAULT_MAX_STREAMS_PER_CONNECTION,
+                    server,
                 )
-                .await?,
-            )
+                .await?;
+                floors.push(floor);
+            }
+            Some((floors.remove(0), floors.remove(0)))
         }
         _ => None,
     };
@@ -259,7 +265,7 @@ async fn measure(
         "ms",
         ("a lone workload", lone_ms, "ms"),
     );
-    if let Some(floor) = &floor {
+    if let Some((floor, http2)) = &floors {
         bench.versus(
             "first_svid_p99_vs_floor_ms",
             &format!("first SVID, {n} workloads at once, p99, against the transport's floor"),
@@ -290,6 +296,28 @@ async fn measure(
             (
                 "the fixed-answer server's CPU per first message",
                 floor.server_us,
+                "µs",
+            ),
+        );
+        bench.versus(
+            "first_svid_p99_vs_http2_floor_ms",
+            &format!("first SVID, {n} workloads at once, p99, against HTTP/2's floor"),
+            first.percentile_ms(99.0),
+            "ms",
+            (
+                "the same burst against an h2 server (no hyper, no tonic) that only sends a fixed answer, p99",
+                http2.first.percentile_ms(99.0),
+                "ms",
+            ),
+        );
+        bench.versus(
+            "first_svid_agent_cpu_vs_http2_floor_us",
+            &format!("agent CPU per first SVID, {n} workloads at once, against HTTP/2's floor"),
+            agent_us,
+            "µs",
+            (
+                "the h2 fixed-answer server's CPU per first message",
+                http2.server_us,
                 "µs",
             ),
         );

@@ -1,9 +1,10 @@
-//! The floor under `fanin`'s first-SVID figures: the same burst of workload clients against a
-//! gRPC server that does nothing but answer `FetchX509SVID` with a fixed message (the one the
-//! agent sent a lone workload) on the same kind of Unix socket, with the same tonic and HTTP/2
-//! stack and two worker threads, in this process. What it takes is what the transport alone
-//! costs on this machine, with the clients on the same cores; the agent's figure over it is
-//! what attestation, the snapshot and the stream cost on top.
+//! The floors under `fanin`'s first-SVID figures: the same burst of workload clients against a
+//! server that does nothing but answer `FetchX509SVID` with a fixed message (the one the agent
+//! sent a lone workload) on the same kind of Unix socket, on two worker threads of its own in
+//! this process. [`FloorServer::Tonic`] is the agent's own stack (tonic, hyper and h2): what
+//! the transport costs the agent, whose figure over it is what attestation, the snapshot and
+//! the stream cost on top. [`FloorServer::Http2`] answers on h2 alone, without hyper's and
+//! tonic's layers: what HTTP/2 itself costs, with the clients on the same cores.
 
 use std::path::Path;
 use std::pin::Pin;
@@ -33,6 +34,15 @@ pub(crate) struct Floor {
     pub(crate) server_us: f64,
 }
 
+/// Which server a floor is measured on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FloorServer {
+    /// tonic's server, as the agent runs it.
+    Tonic,
+    /// An h2 server that writes the gRPC response's headers and message itself.
+    Http2,
+}
+
 /// Serves `response` on a fresh socket and measures `workloads` clients' first message, each
 /// on its own connection, released at once.
 pub(crate) async fn measure(
@@ -40,6 +50,7 @@ pub(crate) async fn measure(
     response: X509svidResponse,
     workloads: usize,
     max_streams: u32,
+    server: FloorServer,
 ) -> anyhow::Result<Floor> {
     let socket = dir.join("floor.sock");
     let _ = std::fs::remove_file(&socket);
@@ -52,14 +63,21 @@ pub(crate) async fn measure(
         let _entered = runtime.enter();
         tokio::net::UnixListener::bind(&socket)?
     };
-    runtime.spawn(
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(max_streams)
-            .add_service(SpiffeWorkloadApiServer::new(FixedAnswer {
-                response: Arc::new(response),
-            }))
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
-    );
+    match server {
+        FloorServer::Tonic => {
+            runtime.spawn(
+                tonic::transport::Server::builder()
+                    .max_concurrent_streams(max_streams)
+                    .add_service(SpiffeWorkloadApiServer::new(FixedAnswer {
+                        response: Arc::new(response),
+                    }))
+                    .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+            );
+        }
+        FloorServer::Http2 => {
+            runtime.spawn(serve_http2(listener, grpc_message(&response)?, max_streams));
+        }
+    }
     let server_cpu = crate::cpu::CpuMeter::Threads(vec![SERVER_THREADS]);
     let result = burst(&socket, workloads, &server_cpu).await;
     runtime.shutdown_background();
@@ -126,6 +144,48 @@ async fn burst(
     while tasks.join_next().await.is_some() {}
     let first = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     Ok(Floor { first, server_us })
+}
+
+/// `message` as one gRPC length-prefixed message: no compression, four bytes of length.
+fn grpc_message(message: &X509svidResponse) -> anyhow::Result<prost::bytes::Bytes> {
+    let length = u32::try_from(prost::Message::encoded_len(message))?;
+    let mut framed = Vec::with_capacity(5 + length as usize);
+    framed.push(0);
+    framed.extend_from_slice(&length.to_be_bytes());
+    prost::Message::encode(message, &mut framed)?;
+    Ok(framed.into())
+}
+
+/// Answers every stream on every connection with `message` after gRPC's response headers, and
+/// holds the streams open until their connection ends.
+async fn serve_http2(
+    listener: tokio::net::UnixListener,
+    message: prost::bytes::Bytes,
+    max_streams: u32,
+) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let message = message.clone();
+        tokio::spawn(async move {
+            let handshake = h2::server::Builder::new()
+                .max_concurrent_streams(max_streams)
+                .handshake::<_, prost::bytes::Bytes>(stream);
+            let Ok(mut connection) = handshake.await else {
+                return;
+            };
+            let mut open = Vec::new();
+            while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                let headers = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(());
+                let Ok(headers) = headers else { continue };
+                if let Ok(mut stream) = respond.send_response(headers, false)
+                    && stream.send_data(message.clone(), false).is_ok()
+                {
+                    open.push(stream);
+                }
+            }
+        });
+    }
 }
 
 /// A Workload API that answers `FetchX509SVID` with one fixed message and holds the stream.

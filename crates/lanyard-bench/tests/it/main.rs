@@ -28,7 +28,7 @@ const BENCHMARKS: [&str; 11] = [
 
 /// Figures the quick run must report beyond one per benchmark: the PostgreSQL side of the
 /// comparisons whose baseline is SQLite or a single server.
-const REQUIRED_FIGURES: [&str; 20] = [
+const REQUIRED_FIGURES: [&str; 21] = [
     "revoke.all_acknowledged_p99_ms",
     "revoke.crl_1000.sign_ms",
     "revoke.crl_1000.bytes_per_serial",
@@ -39,6 +39,7 @@ const REQUIRED_FIGURES: [&str; 20] = [
     "batch.agents_1.size_1.p50_ms_vs_call",
     "fanin.first_svid_agent_cpu_us",
     "fanin.first_svid_p99_vs_floor_ms",
+    "fanin.first_svid_p99_vs_http2_floor_ms",
     "restart.postgres.start_to_serving_ms",
     "writes.sqlite.per_sec",
     "writes.postgres.per_sec",
