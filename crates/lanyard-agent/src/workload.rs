@@ -427,79 +427,73 @@ impl WorkloadApi {
                     if let Some(usage) = &usage {
                         usage.record(&served, first_now);
                     }
-                    First::Sent {
+                    Taken::Queued {
                         message,
                         recheck_at,
                     }
                 }
-                Err(_) => First::Pending(Step::Send {
+                Err(_) => Taken::Step(Step::Send {
                     message,
                     recheck_at,
                     served,
                 }),
             },
-            pending => First::Pending(pending),
+            other => Taken::Step(other),
         });
         drop(snapshot);
         tokio::spawn(async move {
             let _open = open;
             let mut last_sent: Option<T> = None;
             loop {
-                let (now, recheck_at, waiting_for) = match first.take() {
-                    Some(First::Sent {
+                let (now, taken) = match first.take() {
+                    Some(taken) => (first_now, taken),
+                    None => {
+                        let snapshot = Arc::clone(&snapshots.borrow_and_update());
+                        let now = clock();
+                        (now, Taken::Step(step(&snapshot, now)))
+                    }
+                };
+                let (recheck_at, waiting_for) = match taken {
+                    Taken::Queued {
                         message,
                         recheck_at,
-                    }) => {
+                    } => {
                         last_sent = Some(message);
-                        (first_now, recheck_at, None)
+                        (recheck_at, None)
                     }
-                    pending => {
-                        let (now, taken) = match pending {
-                            Some(First::Pending(taken)) => (first_now, taken),
-                            _ => {
-                                let snapshot = Arc::clone(&snapshots.borrow_and_update());
-                                let now = clock();
-                                (now, step(&snapshot, now))
-                            }
-                        };
-                        let (recheck_at, waiting_for) = match taken {
-                            Step::Send {
-                                message,
-                                recheck_at,
-                                served,
-                            } => {
-                                if last_sent.as_ref() != Some(&message) {
-                                    let item = Ok(Box::new(message.clone()));
-                                    match deliver(&tx, item, &mut stop, timeout).await {
-                                        Delivery::Sent => {}
-                                        Delivery::Gone => return,
-                                        Delivery::Stalled => {
-                                            limits.stalled(&caller);
-                                            return;
-                                        }
-                                    }
-                                    if let Some(usage) = &usage {
-                                        usage.record(&served, clock());
-                                    }
-                                    last_sent = Some(message);
-                                }
-                                (recheck_at, None)
-                            }
-                            Step::Wait { reason, recheck_at } => (recheck_at, Some(reason)),
-                            Step::Fail(error) => {
-                                if matches!(error, WorkloadError::NoIdentity) {
-                                    metrics.no_identity(method);
-                                }
-                                let delivery =
-                                    deliver(&tx, Err(error.into_status()), &mut stop, timeout)
-                                        .await;
-                                if let Delivery::Stalled = delivery {
+                    Taken::Step(Step::Send {
+                        message,
+                        recheck_at,
+                        served,
+                    }) => {
+                        if last_sent.as_ref() != Some(&message) {
+                            let item = Ok(Box::new(message.clone()));
+                            match deliver(&tx, item, &mut stop, timeout).await {
+                                Delivery::Sent => {}
+                                Delivery::Gone => return,
+                                Delivery::Stalled => {
                                     limits.stalled(&caller);
+                                    return;
                                 }
-                                return;
                             }
-                        };
-                        (now, recheck_at, waiting_for)
+                            if let Some(usage) = &usage {
+                                usage.record(&served, clock());
+                            }
+                            last_sent = Some(message);
+                        }
+                        (recheck_at, None)
+                    }
+                    Taken::Step(Step::Wait { reason, recheck_at }) => (recheck_at, Some(reason)),
+                    Taken::Step(Step::Fail(error)) => {
+                        if matches!(error, WorkloadError::NoIdentity) {
+                            metrics.no_identity(method);
+                        }
+                        let delivery =
+                            deliver(&tx, Err(error.into_status()), &mut stop, timeout).await;
+                        if let Delivery::Stalled = delivery {
+                            limits.stalled(&caller);
+                        }
+                        return;
                     }
                 };
                 // Only the first message has a deadline; later, waiting means the workload
@@ -533,15 +527,16 @@ impl WorkloadApi {
     }
 }
 
-/// A stream's first step, taken in its handler.
-enum First<T> {
-    /// Queued already: kept to compare the next step's message with.
-    Sent {
+/// A step as a stream's task finds it.
+enum Taken<T> {
+    /// The handler's first step, whose message it queued already: kept to compare the next
+    /// step's message with.
+    Queued {
         message: T,
         recheck_at: Option<SystemTime>,
     },
-    /// Not queued (it is not a message, or the queue was full): the stream's task takes it.
-    Pending(Step<T>),
+    /// A step for the task to act on.
+    Step(Step<T>),
 }
 
 const NOT_SYNCED: &str = "the agent has not synced with the server yet";

@@ -226,19 +226,19 @@ async fn measure(
     let floors = match (target.name == "lanyard", lone_answer) {
         (true, Some(answer)) => {
             let dir = scratch_dir("lanyard-bench-fanin-floor")?;
-            let mut floors = Vec::new();
-            for server in [FloorServer::Tonic, FloorServer::Http2] {
-                let floor = crate::bench::fanin_floor::measure(
+            let floor = |server| {
+                crate::bench::fanin_floor::measure(
                     dir.path(),
                     answer.clone(),
                     scale.workloads,
                     lanyard_agent::config::DEFAULT_MAX_STREAMS_PER_CONNECTION,
                     server,
                 )
-                .await?;
-                floors.push(floor);
-            }
-            Some((floors.remove(0), floors.remove(0)))
+            };
+            Some((
+                floor(FloorServer::Tonic).await?,
+                floor(FloorServer::Http2).await?,
+            ))
         }
         _ => None,
     };
