@@ -118,7 +118,7 @@ impl Agent {
             .enabled
             .then(|| SecretDiscovery::new(api.clone(), config.sds.clone()).into_service());
         let router = server_builder(&limits, rpc_metrics.as_ref())
-            .add_service(api.into_service())
+            .add_workload_api(api)
             .add_optional_service(sds)
             .add_service(health_service);
         let server = tokio::spawn(async move {

@@ -46,10 +46,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::{Connected, Router};
 use tonic::{Request, Response, Status};
-use tower::layer::util::{Identity, Stack};
 
 use crate::attestor::{AttestError, PeerCredentials, WorkloadAttestor};
 use crate::cache::{CachedEntry, JwtMintError, JwtMinter, Snapshot};
@@ -60,6 +60,7 @@ use crate::limits::{
 use crate::metrics::AgentMetrics;
 use crate::usage::UsageTracker;
 
+mod http2;
 pub mod sds;
 
 /// The gRPC metadata key every Workload API request must carry with the value `true`.
@@ -97,8 +98,64 @@ pub type WorkloadApiService = InterceptedService<
     fn(Request<()>) -> Result<Request<()>, Status>,
 >;
 
-/// A router for the Workload API socket, with the gRPC call metrics' layer (on or off).
-pub type WorkloadRouter = Router<Stack<RpcMetricsLayer, Identity>>;
+/// What the Workload API socket serves: the Workload API and any other gRPC service sharing
+/// the socket (Envoy SDS, health), with the per-connection limits and the gRPC call metrics'
+/// layer (on or off). Built by [`server_builder`], served by [`serve_router`].
+#[derive(Debug)]
+pub struct WorkloadRouter {
+    routes: RoutesBuilder,
+    api: Option<WorkloadApi>,
+    metrics: RpcMetricsLayer,
+    max_streams: u32,
+}
+
+impl WorkloadRouter {
+    /// Adds the Workload API (with its security-header check). Its `FetchX509SVID` is
+    /// answered on the HTTP/2 stream itself; its other calls go through the router.
+    pub fn add_workload_api(mut self, api: WorkloadApi) -> Self {
+        self.routes.add_service(api.clone().into_service());
+        self.api = Some(api);
+        self
+    }
+
+    /// Adds another gRPC service for the same socket.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Adds `service` if there is one.
+    pub fn add_optional_service<S>(self, service: Option<S>) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        match service {
+            Some(service) => self.add_service(service),
+            None => self,
+        }
+    }
+}
 
 /// Why a Workload API request failed. [`WorkloadError::into_status`] is the one place these
 /// become gRPC statuses; the messages that clients match on are SPIRE's.
@@ -351,7 +408,8 @@ impl WorkloadApi {
         }
     }
 
-    /// The service with its security-header check, for [`Router::add_service`].
+    /// The service with its security-header check, for a tonic router (the agent's socket
+    /// takes it with [`WorkloadRouter::add_workload_api`]).
     pub fn into_service(self) -> WorkloadApiService {
         SpiffeWorkloadApiServer::with_interceptor(
             self,
@@ -719,10 +777,19 @@ fn map_step<T, U>(step: Step<T>, f: impl FnOnce(T) -> U) -> Step<U> {
 /// The tonic interceptor enforcing the Workload API's security header: exactly one
 /// `workload.spiffe.io` entry, equal to `true`.
 pub fn check_security_header(request: Request<()>) -> Result<Request<()>, Status> {
-    let mut values = request.metadata().get_all(SECURITY_HEADER).iter();
+    let values = request.metadata().get_all(SECURITY_HEADER).iter();
+    if one_true(values.map(|value| value.as_bytes())) {
+        Ok(request)
+    } else {
+        Err(WorkloadError::MissingSecurityHeader.into_status())
+    }
+}
+
+/// Whether `values` is exactly one value, `true`.
+fn one_true<V: AsRef<[u8]>>(mut values: impl Iterator<Item = V>) -> bool {
     match (values.next(), values.next()) {
-        (Some(value), None) if value.as_bytes() == b"true" => Ok(request),
-        _ => Err(WorkloadError::MissingSecurityHeader.into_status()),
+        (Some(value), None) => value.as_ref() == b"true",
+        _ => false,
     }
 }
 
@@ -1099,14 +1166,6 @@ fn closed_by_agent() -> io::Error {
     )
 }
 
-impl Connected for WorkloadConnection {
-    type ConnectInfo = WorkloadConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.info.clone()
-    }
-}
-
 impl AsyncRead for WorkloadConnection {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -1174,9 +1233,6 @@ pub enum ServeError {
     /// Something that is not a socket is in the way.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
-    /// The gRPC server failed.
-    #[error("serving the Workload API: {0}")]
-    Transport(#[from] tonic::transport::Error),
 }
 
 /// Binds the public Workload API socket: creates missing parent directories with mode 0755,
@@ -1228,24 +1284,26 @@ fn create_public_dirs(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// A tonic server builder with the per-connection limits of `limits`: add the Workload API
-/// (and any other service for the same socket) to it and pass the router to
-/// [`serve_router`].
-/// With `rpc_metrics`, every call is counted and timed.
+/// An empty router for the Workload API socket with the per-connection limits of `limits`:
+/// add the Workload API (and any other service for the same socket) to it and pass it to
+/// [`serve_router`]. With `rpc_metrics`, every call is counted and timed.
 pub fn server_builder(
     limits: &WorkloadApiConfig,
     rpc_metrics: Option<&Arc<RpcMetrics>>,
-) -> tonic::transport::Server<Stack<RpcMetricsLayer, Identity>> {
-    let layer = rpc_metrics.map_or_else(RpcMetricsLayer::off, |rpc| rpc.layer(None));
-    tonic::transport::Server::builder()
-        .max_concurrent_streams(limits.max_streams_per_connection)
-        .layer(layer)
+) -> WorkloadRouter {
+    WorkloadRouter {
+        routes: RoutesBuilder::default(),
+        api: None,
+        metrics: rpc_metrics.map_or_else(RpcMetricsLayer::off, |rpc| rpc.layer(None)),
+        max_streams: limits.max_streams_per_connection,
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, recording each connection's
 /// caller ([`WorkloadConnectInfo`]) as it is accepted and refusing connections beyond
 /// `limits.max_connections_per_uid`. Call [`StreamStopper::stop`] before or as `shutdown`
-/// completes; connections still open 5 seconds later are closed.
+/// completes: connections then take no new calls and end with their open ones, and those
+/// still open 5 seconds later are closed.
 pub async fn serve_router<F>(
     listener: UnixListener,
     router: WorkloadRouter,
@@ -1255,26 +1313,46 @@ pub async fn serve_router<F>(
 where
     F: Future<Output = ()>,
 {
+    let server = Arc::new(http2::Http2Server::new(
+        router.routes.routes().prepare(),
+        router.api,
+        router.metrics,
+        router.max_streams,
+    ));
     let limiter = ConnectionLimiter::new(limits.max_connections_per_uid);
     let (close_all, server_closing) = watch::channel(false);
-    let (connections, incoming) = mpsc::channel(1);
+    let (drain, draining) = watch::channel(false);
+    let (connections, mut incoming) = mpsc::channel(1);
     tokio::spawn(accept(listener, limiter, server_closing, connections));
-    let (shutdown_started, mut shutting_down) = watch::channel(false);
-    let serving = router.serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
-        shutdown.await;
-        shutdown_started.send_replace(true);
-    });
-    let grace = async move {
-        let _ = shutting_down.wait_for(|started| *started).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    let mut open = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = incoming.recv() => match accepted {
+                Some(connection) => {
+                    open.spawn(Arc::clone(&server).serve_connection(connection, draining.clone()));
+                }
+                None => break,
+            },
+            Some(_) = open.join_next() => {}
+            () = &mut shutdown => break,
+        }
+    }
+    // No new connections (the accepting task ends with the receiver), no new calls on open
+    // ones; those still open after the grace are closed.
+    drop(incoming);
+    drain.send_replace(true);
+    let drained = async { while open.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
         tracing::debug!("closing the Workload API connections still open");
         close_all.send_replace(true);
-        std::future::pending::<()>().await
-    };
-    tokio::select! {
-        served = serving => served.map_err(ServeError::Transport),
-        () = grace => Ok(()),
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while open.join_next().await.is_some() {}
+        })
+        .await;
+        open.abort_all();
     }
+    Ok(())
 }
 
 /// Accepts connections into `connections` until its receiver is gone, closing those over
@@ -1284,7 +1362,7 @@ async fn accept(
     listener: UnixListener,
     limiter: Arc<ConnectionLimiter>,
     server_closing: watch::Receiver<bool>,
-    connections: mpsc::Sender<io::Result<WorkloadConnection>>,
+    connections: mpsc::Sender<WorkloadConnection>,
 ) {
     let mut backoff = None;
     let mut errors = OffenderLog::new(OFFENDER_LOG_INTERVAL);
@@ -1298,7 +1376,7 @@ async fn accept(
                 backoff = None;
                 if let Some(connection) =
                     WorkloadConnection::admit(stream, &limiter, &server_closing)
-                    && connections.send(Ok(connection)).await.is_err()
+                    && connections.send(connection).await.is_err()
                 {
                     return;
                 }
@@ -1334,7 +1412,7 @@ where
     let listener = bind_socket(socket_path)?;
     let stopper = api.stream_stopper();
     let limits = api.limits().clone();
-    let router = server_builder(&limits, None).add_service(api.into_service());
+    let router = server_builder(&limits, None).add_workload_api(api);
     tracing::info!(socket = %socket_path.display(), "serving the Workload API");
     serve_router(listener, router, &limits, async move {
         shutdown.await;

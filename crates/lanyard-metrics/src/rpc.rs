@@ -206,6 +206,39 @@ impl RpcMetricsLayer {
     }
 }
 
+impl RpcMetricsLayer {
+    /// Starts recording a call to `path` that a server answers itself, outside the layer.
+    pub fn start_call(&self, path: &str) -> CallRecord {
+        CallRecord(Recorder(self.call_start(path)))
+    }
+
+    fn call_start(&self, path: &str) -> Option<CallStart> {
+        self.metrics.as_ref().map(|metrics| CallStart {
+            metrics: Arc::clone(metrics),
+            listener: self.listener,
+            method: metrics.methods.labels(path),
+            started: Instant::now(),
+        })
+    }
+}
+
+/// A call recorded outside [`RpcMetricsLayer`]: with its status code when finished, or as
+/// canceled when dropped unfinished (the client went away).
+pub struct CallRecord(Recorder);
+
+impl CallRecord {
+    /// Records the call as ended with the gRPC status `code`.
+    pub fn finish(mut self, code: i32) {
+        self.0.finish(code);
+    }
+}
+
+impl fmt::Debug for CallRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CallRecord")
+    }
+}
+
 impl<S> Layer<S> for RpcMetricsLayer {
     type Service = RpcMetricsService<S>;
 
@@ -252,12 +285,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
-        let call = self.layer.metrics.as_ref().map(|metrics| CallStart {
-            metrics: Arc::clone(metrics),
-            listener: self.layer.listener,
-            method: metrics.methods.labels(request.uri().path()),
-            started: Instant::now(),
-        });
+        let call = self.layer.call_start(request.uri().path());
         MeteredFuture {
             inner: self.inner.call(request),
             call,
@@ -530,6 +558,26 @@ mod tests {
             text.contains("# TYPE lanyard_test_rpc_duration_seconds histogram\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn calls_answered_outside_the_layer_are_recorded_alike() {
+        let mut registry = Registry::with_prefix("lanyard_test");
+        let metrics = RpcMetrics::register(&mut registry, methods());
+        let layer = metrics.layer(None);
+        let path = "/SpiffeWorkloadAPI/FetchX509SVID";
+        layer.start_call(path).finish(0);
+        layer.start_call(path).finish(7);
+        drop(layer.start_call(path));
+        RpcMetricsLayer::off().start_call(path).finish(0);
+
+        let text = encode(&registry);
+        for (code, count) in [("OK", 1), ("PermissionDenied", 1), ("Canceled", 1)] {
+            let series = format!(
+                "lanyard_test_rpc_calls_total{{service=\"SpiffeWorkloadAPI\",method=\"FetchX509SVID\",code=\"{code}\"}} {count}\n"
+            );
+            assert!(text.contains(&series), "{series}{text}");
+        }
     }
 
     #[test]

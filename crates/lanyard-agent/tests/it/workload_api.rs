@@ -757,7 +757,7 @@ async fn the_security_header_is_required_only_by_the_workload_api() {
     let (_health_reporter, health_service) = tonic_health::server::health_reporter();
     let limits = lanyard_agent::config::WorkloadApiConfig::default();
     let router = workload::server_builder(&limits, None)
-        .add_service(api.into_service())
+        .add_workload_api(api)
         .add_service(health_service);
     let (shutdown, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -820,6 +820,114 @@ async fn the_security_header_is_required_only_by_the_workload_api() {
     within(stream.message()).await.unwrap().unwrap();
     shutdown.send(()).unwrap();
     within(server).await.unwrap().unwrap();
+}
+
+/// Sends one `FetchX509SVID` with `body` as its request body on a raw HTTP/2 connection,
+/// and returns the response's headers and its first data frame, if any.
+async fn raw_fetch_x509svid(
+    client: &mut h2::client::SendRequest<prost::bytes::Bytes>,
+    body: Vec<u8>,
+) -> (http::HeaderMap, Option<prost::bytes::Bytes>) {
+    let request = http::Request::post("http://localhost/SpiffeWorkloadAPI/FetchX509SVID")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(workload::SECURITY_HEADER, "true")
+        .body(())
+        .unwrap();
+    let (response, mut stream) = within(client.clone().ready())
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    stream.send_data(body.into(), true).unwrap();
+    let response = within(response).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let (parts, mut body) = response.into_parts();
+    let first = if body.is_end_stream() {
+        None
+    } else {
+        within(body.data()).await.map(Result::unwrap)
+    };
+    (parts.headers, first)
+}
+
+fn grpc_body(compressed: u8, messages: &[&[u8]]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for message in messages {
+        body.push(compressed);
+        body.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+        body.extend_from_slice(message);
+    }
+    body
+}
+
+#[tokio::test]
+async fn fetch_x509svid_is_answered_alike_on_its_stream_and_through_the_router() {
+    let pki = Pki::new();
+    let web = pki.entry("web", "/web", &[my_uid_selector()], "");
+    let agent = Agent::start(&pki, pki.snapshot(&[Arc::clone(&web)])).await;
+
+    // Answered on the stream itself, and (with a deadline, which tonic enforces) through the
+    // router: the same message either way.
+    let mut raw = agent.raw_client().await;
+    let mut direct = within(raw.fetch_x509svid(with_header(X509svidRequest {})))
+        .await
+        .unwrap()
+        .into_inner();
+    let direct = within(direct.message()).await.unwrap().unwrap();
+    let mut routed = with_header(X509svidRequest {});
+    routed.set_timeout(Duration::from_secs(60));
+    let mut routed = within(raw.fetch_x509svid(routed))
+        .await
+        .unwrap()
+        .into_inner();
+    let routed = within(routed.message()).await.unwrap().unwrap();
+    assert_eq!(direct.svids.len(), 1);
+    assert_eq!(direct.svids[0].spiffe_id, "spiffe://example.org/web");
+    assert_eq!(direct, routed);
+
+    // Bodies that are not one whole uncompressed message get a status of their own, and the
+    // connection goes on serving.
+    let stream = tokio::net::UnixStream::connect(&agent.socket)
+        .await
+        .unwrap();
+    let (mut client, connection) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(connection);
+    for (body, code, message) in [
+        (
+            grpc_body(0, &[&[], &[]]),
+            tonic::Code::Unimplemented,
+            "more than one message",
+        ),
+        (grpc_body(1, &[&[]]), tonic::Code::Internal, "compressed"),
+        (vec![0, 0, 0], tonic::Code::Internal, "length"),
+        (grpc_body(0, &[&[8]]), tonic::Code::Internal, "decoding"),
+        (
+            Vec::new(),
+            tonic::Code::Internal,
+            "Missing request message.",
+        ),
+    ] {
+        let (headers, data) = raw_fetch_x509svid(&mut client, body).await;
+        let status = tonic::Status::from_header_map(&headers).unwrap();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(message), "{status:?}");
+        assert_eq!(data, None);
+    }
+    let (headers, data) = raw_fetch_x509svid(&mut client, grpc_body(0, &[&[]])).await;
+    assert_eq!(headers.get("content-type").unwrap(), "application/grpc");
+    assert_eq!(headers.get("grpc-status"), None);
+    let data = data.unwrap();
+    assert_eq!(data[0], 0);
+    assert_eq!(
+        usize::try_from(u32::from_be_bytes(data[1..5].try_into().unwrap())).unwrap(),
+        data.len() - 5
+    );
+    let response: lanyard_proto::workload::X509svidResponse =
+        prost::Message::decode(&data[5..]).unwrap();
+    assert_eq!(response, direct);
+
+    agent.stop().await;
 }
 
 #[tokio::test]

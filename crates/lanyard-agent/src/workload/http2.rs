@@ -1,0 +1,457 @@
+//! The Workload API socket's HTTP/2 server, on `h2` directly: one task per connection
+//! accepting its streams, one per stream.
+//!
+//! `FetchX509SVID`, the call every workload makes first (and all of them at once when a node
+//! starts), is answered straight from its stream: the security header is checked, the
+//! request message read and the responses framed here, and [`WorkloadApi`] does the rest as
+//! for any other call. Every other call goes to the tonic services sharing the socket (the
+//! Workload API, SDS, health) through their router, with the caller's
+//! [`WorkloadConnectInfo`] in the request's extensions as tonic's own server would put it;
+//! so does a `FetchX509SVID` with a compressed request or a deadline, which tonic handles.
+
+use std::fmt::Display;
+use std::future::poll_fn;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream, SendStream};
+use http_body::{Body, Frame};
+use lanyard_metrics::rpc::{CallRecord, RpcMetricsLayer, RpcMetricsService};
+use lanyard_proto::workload::X509svidRequest;
+use lanyard_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi as _;
+use prost::bytes::{Bytes, BytesMut};
+use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
+use tonic::service::Routes;
+use tonic::{Code, Status};
+use tower::ServiceExt as _;
+
+use super::{SECURITY_HEADER, WorkloadApi, WorkloadConnectInfo, WorkloadConnection};
+
+/// The path of the call answered without the router.
+const FETCH_X509_SVID: &str = "/SpiffeWorkloadAPI/FetchX509SVID";
+/// The largest request message read (tonic's default limit for the services it serves).
+const MAX_REQUEST_MESSAGE: usize = 4 << 20;
+/// The gRPC message prefix: a compression flag and four bytes of length.
+const MESSAGE_PREFIX: usize = 5;
+/// The largest header block a client may send (hyper's default).
+const MAX_HEADER_LIST_SIZE: u32 = 16 << 10;
+/// Per-stream and per-connection receive windows (hyper's defaults).
+const RECEIVE_WINDOW: u32 = 1 << 20;
+/// The most a stream buffers for a client that does not read before its response waits for
+/// room (hyper's default); past it the stream's producer waits, then stalls.
+const MAX_SEND_BUFFER: usize = 400 << 10;
+
+/// What every connection of one socket serves.
+pub(super) struct Http2Server {
+    routes: RpcMetricsService<Routes>,
+    fast: Option<WorkloadApi>,
+    metrics: RpcMetricsLayer,
+    max_streams: u32,
+}
+
+impl Http2Server {
+    /// Serves `routes` (behind `metrics`), answering `FetchX509SVID` from `fast` when given.
+    pub(super) fn new(
+        routes: Routes,
+        fast: Option<WorkloadApi>,
+        metrics: RpcMetricsLayer,
+        max_streams: u32,
+    ) -> Self {
+        Self {
+            routes: tower::Layer::layer(&metrics, routes),
+            fast,
+            metrics,
+            max_streams,
+        }
+    }
+
+    /// Serves `connection` until it ends: the client closes it, it fails, or the agent closes
+    /// it. Once `draining` turns true it takes no new streams and ends when its open ones do.
+    pub(super) async fn serve_connection(
+        self: Arc<Self>,
+        connection: WorkloadConnection,
+        mut draining: watch::Receiver<bool>,
+    ) {
+        let info = connection.info.clone();
+        let handshake = h2::server::Builder::new()
+            .max_concurrent_streams(self.max_streams)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .initial_window_size(RECEIVE_WINDOW)
+            .initial_connection_window_size(RECEIVE_WINDOW)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .handshake::<_, Bytes>(connection);
+        let mut connection = match handshake.await {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::debug!(%error, "Workload API connection ended before HTTP/2 began");
+                return;
+            }
+        };
+        let mut drained = false;
+        loop {
+            let next = tokio::select! {
+                next = connection.accept() => next,
+                _ = draining.wait_for(|draining| *draining), if !drained => {
+                    drained = true;
+                    connection.graceful_shutdown();
+                    continue;
+                }
+            };
+            match next {
+                Some(Ok((request, respond))) => {
+                    tokio::spawn(Arc::clone(&self).serve_stream(info.clone(), request, respond));
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "Workload API connection failed");
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+
+    async fn serve_stream(
+        self: Arc<Self>,
+        info: WorkloadConnectInfo,
+        request: http::Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+    ) {
+        match &self.fast {
+            Some(api) if takes_fast_path(&request) => {
+                let call = self.metrics.start_call(FETCH_X509_SVID);
+                fetch_x509svid(api, call, info, request, respond).await;
+            }
+            _ => self.route(info, request, respond).await,
+        }
+    }
+
+    /// Hands the call to the tonic services and sends back what they answer.
+    async fn route(
+        &self,
+        info: WorkloadConnectInfo,
+        request: http::Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) {
+        let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(info);
+        let request = http::Request::from_parts(parts, RequestBody::new(body));
+        let response = tokio::select! {
+            response = self.routes.clone().oneshot(request) => response,
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let (parts, body) = response.into_parts();
+        let end = body.is_end_stream();
+        let Ok(mut send) = respond.send_response(http::Response::from_parts(parts, ()), end) else {
+            return;
+        };
+        if !end {
+            pipe(body, &mut send).await;
+        }
+    }
+}
+
+/// Whether `request` is answered without the router: a `FetchX509SVID` neither compressed
+/// nor with a deadline.
+fn takes_fast_path(request: &http::Request<RecvStream>) -> bool {
+    let headers = request.headers();
+    request.uri().path() == FETCH_X509_SVID
+        && !headers.contains_key("grpc-timeout")
+        && headers
+            .get("grpc-encoding")
+            .is_none_or(|encoding| encoding == "identity")
+}
+
+/// `FetchX509SVID` served on its stream: the same checks, statuses and messages as through
+/// the router, with the messages framed here.
+async fn fetch_x509svid(
+    api: &WorkloadApi,
+    call: CallRecord,
+    info: WorkloadConnectInfo,
+    request: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let (mut parts, mut body) = request.into_parts();
+    let started = async {
+        if !super::one_true(parts.headers.get_all(SECURITY_HEADER).iter()) {
+            return Err(super::WorkloadError::MissingSecurityHeader.into_status());
+        }
+        let message: X509svidRequest = read_request(&mut body).await?;
+        parts.extensions.insert(info);
+        let request = tonic::Request::from_http(http::Request::from_parts(parts, message));
+        api.fetch_x509svid(request)
+            .await
+            .map(tonic::Response::into_inner)
+    };
+    let started = tokio::select! {
+        started = started => started,
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+    };
+    let mut messages = match started {
+        Ok(messages) => messages,
+        Err(status) => {
+            call.finish(status.code() as i32);
+            let _ = respond.send_response(status.into_http(), true);
+            return;
+        }
+    };
+    let headers = http::Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(());
+    let Ok(headers) = headers else { return };
+    let Ok(mut send) = respond.send_response(headers, false) else {
+        return;
+    };
+    loop {
+        if room(&mut send).await.is_err() {
+            return;
+        }
+        let next = tokio::select! {
+            next = messages.next() => next,
+            _ = poll_fn(|cx| send.poll_reset(cx)) => return,
+        };
+        let status = match next {
+            Some(Ok(message)) => match framed(&message) {
+                Ok(framed) => {
+                    if send.send_data(framed, false).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(status) => status,
+            },
+            Some(Err(status)) => status,
+            None => Status::ok(""),
+        };
+        call.finish(status.code() as i32);
+        let mut trailers = http::HeaderMap::new();
+        if status.add_header(&mut trailers).is_ok() {
+            let _ = send.send_trailers(trailers);
+        } else {
+            send.send_reset(Reason::INTERNAL_ERROR);
+        }
+        return;
+    }
+}
+
+/// Reads a unary request's one message to the end of its stream.
+async fn read_request<M: prost::Message + Default>(body: &mut RecvStream) -> Result<M, Status> {
+    let mut received = BytesMut::new();
+    while let Some(data) = body.data().await {
+        let data =
+            data.map_err(|error| Status::cancelled(format!("reading the request: {error}")))?;
+        let _ = body.flow_control().release_capacity(data.len());
+        if received.len() + data.len() > MESSAGE_PREFIX + MAX_REQUEST_MESSAGE {
+            return Err(Status::resource_exhausted(format!(
+                "the request message is larger than {MAX_REQUEST_MESSAGE} bytes"
+            )));
+        }
+        received.extend_from_slice(&data);
+    }
+    decode_request(&received)
+}
+
+/// The one message of a request's body: uncompressed, its length as its prefix says, nothing
+/// after it.
+fn decode_request<M: prost::Message + Default>(body: &[u8]) -> Result<M, Status> {
+    let Some((&compressed, rest)) = body.split_first() else {
+        return Err(Status::internal("Missing request message."));
+    };
+    if compressed != 0 {
+        return Err(Status::internal(
+            "the request message is compressed but the request names no grpc-encoding",
+        ));
+    }
+    let Some((length, rest)) = rest.split_first_chunk::<4>() else {
+        return Err(Status::internal(
+            "the request message's length is cut short",
+        ));
+    };
+    let length = u32::from_be_bytes(*length) as usize;
+    let Some(message) = rest.get(..length) else {
+        return Err(Status::internal(format!(
+            "the request message is cut short: {} of {length} bytes",
+            rest.len()
+        )));
+    };
+    if rest.len() > length {
+        return Err(Status::unimplemented(
+            "the request carries more than one message; the call takes one",
+        ));
+    }
+    M::decode(message).map_err(|error| Status::internal(format!("decoding the request: {error}")))
+}
+
+/// `message` as one gRPC message: no compression, four bytes of length, the message.
+fn framed(message: &impl prost::Message) -> Result<Bytes, Status> {
+    let length = message.encoded_len();
+    let prefix = u32::try_from(length)
+        .map_err(|_| Status::new(Code::Internal, "a response message over 4 GiB"))?;
+    let mut framed = Vec::with_capacity(MESSAGE_PREFIX + length);
+    framed.push(0);
+    framed.extend_from_slice(&prefix.to_be_bytes());
+    message
+        .encode(&mut framed)
+        .map_err(|error| Status::internal(format!("encoding the response: {error}")))?;
+    Ok(framed.into())
+}
+
+/// Waits until the stream may send at least one byte more: a client that does not read
+/// leaves its stream without room once `MAX_SEND_BUFFER` is queued, which holds the
+/// response's producer back (and, for a watch, ends in the stall timeout).
+async fn room(send: &mut SendStream<Bytes>) -> Result<(), ()> {
+    send.reserve_capacity(1);
+    while send.capacity() == 0 {
+        match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return Err(()),
+        }
+    }
+    Ok(())
+}
+
+/// Sends `body` on `send` until it ends, the client resets the stream, or it fails.
+async fn pipe<B>(body: B, send: &mut SendStream<Bytes>)
+where
+    B: Body<Data = Bytes>,
+    B::Error: Display,
+{
+    let mut body = pin!(body);
+    loop {
+        if room(send).await.is_err() {
+            return;
+        }
+        let frame = tokio::select! {
+            frame = poll_fn(|cx| body.as_mut().poll_frame(cx)) => frame,
+            _ = poll_fn(|cx| send.poll_reset(cx)) => return,
+        };
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => {
+                tracing::debug!(%error, "a Workload API response failed");
+                send.send_reset(Reason::INTERNAL_ERROR);
+                return;
+            }
+            None => {
+                let _ = send.send_data(Bytes::new(), true);
+                return;
+            }
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                let end = body.is_end_stream();
+                if send.send_data(data, end).is_err() || end {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    send.reserve_capacity(0);
+                    let _ = send.send_trailers(trailers);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A request body read from its h2 stream, giving back receive window as it is read.
+struct RequestBody {
+    stream: RecvStream,
+    data_done: bool,
+}
+
+impl RequestBody {
+    fn new(stream: RecvStream) -> Self {
+        Self {
+            stream,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match ready!(this.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.stream.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => this.data_done = true,
+            }
+        }
+        Poll::Ready(match ready!(this.stream.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+            Ok(None) => None,
+            Err(error) => Some(Err(error)),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lanyard_proto::workload::X509svidResponse;
+
+    use super::*;
+
+    fn body(compressed: u8, length: u32, message: &[u8]) -> Vec<u8> {
+        let mut body = vec![compressed];
+        body.extend_from_slice(&length.to_be_bytes());
+        body.extend_from_slice(message);
+        body
+    }
+
+    #[test]
+    fn request_messages_decode_only_when_whole_and_alone() {
+        let empty: X509svidRequest = decode_request(&body(0, 0, &[])).unwrap();
+        assert_eq!(empty, X509svidRequest {});
+
+        let refused = |bytes: &[u8]| decode_request::<X509svidRequest>(bytes).unwrap_err();
+        assert_eq!(refused(&[]).message(), "Missing request message.");
+        assert!(refused(&body(1, 0, &[])).message().contains("compressed"));
+        assert!(refused(&[0, 0, 0]).message().contains("length"));
+        assert!(
+            refused(&body(0, 3, &[8]))
+                .message()
+                .contains("1 of 3 bytes")
+        );
+        assert_eq!(refused(&body(0, 0, &[0])).code(), Code::Unimplemented);
+        // A field the request does not have is skipped, as protobuf wants; a broken one is not.
+        let _: X509svidRequest = decode_request(&body(0, 2, &[8, 1])).unwrap();
+        assert!(refused(&body(0, 1, &[8])).message().contains("decoding"));
+    }
+
+    #[test]
+    fn responses_are_framed_with_their_length() {
+        let response = X509svidResponse {
+            crl: vec![vec![1, 2, 3]],
+            ..X509svidResponse::default()
+        };
+        let framed = framed(&response).unwrap();
+        let length = prost::Message::encoded_len(&response);
+        assert_eq!(framed.len(), MESSAGE_PREFIX + length);
+        assert_eq!(framed[0], 0);
+        assert_eq!(framed[1..5], u32::try_from(length).unwrap().to_be_bytes());
+        let decoded: X509svidResponse = prost::Message::decode(&framed[5..]).unwrap();
+        assert_eq!(decoded, response);
+    }
+}
