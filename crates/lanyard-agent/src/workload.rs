@@ -18,13 +18,13 @@
 //! Envoy's Secret Discovery Service shares the socket, the caller identification and the
 //! limits ([`sds`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -259,6 +259,7 @@ pub struct WorkloadApi {
     usage: Option<Arc<UsageTracker>>,
     limits: Arc<ApiLimits>,
     metrics: AgentMetrics,
+    x509_steps: Arc<Mutex<X509Steps>>,
 }
 
 /// The limits a [`WorkloadApi`] applies to each call, shared by its clones.
@@ -359,6 +360,7 @@ impl WorkloadApi {
             usage: None,
             limits: Arc::new(ApiLimits::new(WorkloadApiConfig::default())),
             metrics: AgentMetrics::new(),
+            x509_steps: Arc::default(),
         }
     }
 
@@ -433,6 +435,19 @@ impl WorkloadApi {
         Ok((selectors, caller))
     }
 
+    /// `FetchX509SVID`'s messages for the caller of `request`, shared with every caller
+    /// that has the same selectors (see [`X509Steps`]).
+    pub(crate) async fn x509_messages<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<Streamed<Arc<X509Message>>, Status> {
+        let (selectors, caller) = self.attest(request).await?;
+        let steps = Arc::clone(&self.x509_steps);
+        Ok(self.watch("FetchX509SVID", caller, move |snapshot, now| {
+            X509Steps::step(&steps, snapshot, &selectors, now)
+        }))
+    }
+
     /// The latest snapshot once the agent has synced at least once.
     async fn synced_snapshot(&self) -> Result<Arc<Snapshot>, WorkloadError> {
         let mut snapshots = self.snapshots.clone();
@@ -458,7 +473,7 @@ impl WorkloadApi {
     fn watch<T, F>(&self, method: &'static str, caller: Caller, mut step: F) -> Streamed<T>
     where
         T: Clone + PartialEq + Send + 'static,
-        F: FnMut(&Snapshot, SystemTime) -> Step<T> + Send + 'static,
+        F: FnMut(&Arc<Snapshot>, SystemTime) -> Step<T> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(1);
         let mut snapshots = self.snapshots.clone();
@@ -837,9 +852,128 @@ impl<T> tokio_stream::Stream for Streamed<T> {
     }
 }
 
+/// A `FetchX509SVID` response as built once for all callers with the same selectors on the
+/// same snapshot, with its gRPC framing made once, when a stream first sends it.
+#[derive(Debug)]
+pub(crate) struct X509Message {
+    response: X509svidResponse,
+    framed: std::sync::OnceLock<prost::bytes::Bytes>,
+}
+
+impl X509Message {
+    fn new(response: X509svidResponse) -> Self {
+        Self {
+            response,
+            framed: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The response as one length-prefixed gRPC message.
+    pub(crate) fn framed(&self) -> Result<prost::bytes::Bytes, Status> {
+        if let Some(framed) = self.framed.get() {
+            return Ok(framed.clone());
+        }
+        let framed = http2::framed(&self.response)?;
+        Ok(self.framed.get_or_init(|| framed).clone())
+    }
+}
+
+impl PartialEq for X509Message {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other) || self.response == other.response
+    }
+}
+
+/// `FetchX509SVID`'s responses as tonic sends them.
+#[derive(Debug)]
+pub struct X509Stream(Streamed<Arc<X509Message>>);
+
+impl tokio_stream::Stream for X509Stream {
+    type Item = Result<X509svidResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.0)
+            .poll_next(cx)
+            .map(|item| item.map(|item| item.map(|message| message.response.clone())))
+    }
+}
+
+/// The most selector sets whose `FetchX509SVID` step is kept for one snapshot.
+const MAX_CACHED_X509_STEPS: usize = 1024;
+
+/// `FetchX509SVID` steps of the current snapshot by caller selectors, so that callers with
+/// the same selectors (a thousand replicas starting at once, or all of them when an SVID
+/// rotates) share one built message and its framing. A step is the same for every time from
+/// when it was built until its `recheck_at` (the first of its SVIDs to expire), and is built
+/// again after that, for an earlier time (a clock set back) or for another snapshot.
+#[derive(Debug, Default)]
+struct X509Steps {
+    /// The snapshot the steps are of; a `Weak` keeps its allocation, so no other snapshot can
+    /// take its address while the steps are kept, without keeping its contents.
+    snapshot: std::sync::Weak<Snapshot>,
+    steps: HashMap<SelectorSet, CachedX509Step>,
+}
+
+#[derive(Debug)]
+struct CachedX509Step {
+    message: Arc<X509Message>,
+    built_at: SystemTime,
+    recheck_at: Option<SystemTime>,
+    served: Vec<EntryId>,
+}
+
+impl X509Steps {
+    fn step(
+        shared: &Mutex<Self>,
+        snapshot: &Arc<Snapshot>,
+        selectors: &SelectorSet,
+        now: SystemTime,
+    ) -> Step<Arc<X509Message>> {
+        let mut this = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if std::ptr::eq(this.snapshot.as_ptr(), Arc::as_ptr(snapshot)) {
+            if let Some(cached) = this.steps.get(selectors)
+                && cached.built_at <= now
+                && cached.recheck_at.is_none_or(|at| now < at)
+            {
+                return Step::Send {
+                    message: Arc::clone(&cached.message),
+                    recheck_at: cached.recheck_at,
+                    served: cached.served.clone(),
+                };
+            }
+        } else {
+            this.snapshot = Arc::downgrade(snapshot);
+            this.steps.clear();
+        }
+        let step = map_step(x509_svid_step(snapshot, selectors, now), |response| {
+            Arc::new(X509Message::new(response))
+        });
+        if let Step::Send {
+            message,
+            recheck_at,
+            served,
+        } = &step
+        {
+            if this.steps.len() >= MAX_CACHED_X509_STEPS {
+                this.steps.clear();
+            }
+            this.steps.insert(
+                selectors.clone(),
+                CachedX509Step {
+                    message: Arc::clone(message),
+                    built_at: now,
+                    recheck_at: *recheck_at,
+                    served: served.clone(),
+                },
+            );
+        }
+        step
+    }
+}
+
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
-    type FetchX509SVIDStream = Streamed<X509svidResponse>;
+    type FetchX509SVIDStream = X509Stream;
     type FetchX509BundlesStream = Streamed<X509BundlesResponse>;
     type FetchJWTBundlesStream = Streamed<JwtBundlesResponse>;
     type FetchWITSVIDStream = tokio_stream::Empty<Result<WitsvidResponse, Status>>;
@@ -849,12 +983,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (selectors, caller) = self.attest(&request).await?;
-        Ok(Response::new(self.watch(
-            "FetchX509SVID",
-            caller,
-            move |snapshot, now| x509_svid_step(snapshot, &selectors, now),
-        )))
+        let messages = self.x509_messages(&request).await?;
+        Ok(Response::new(X509Stream(messages)))
     }
 
     async fn fetch_x509_bundles(
@@ -1551,6 +1681,69 @@ mod tests {
         };
         let keys: Vec<&String> = message.keys().collect();
         assert_eq!(keys, ["spiffe://example.org", "spiffe://foreign.example"]);
+    }
+
+    #[test]
+    fn callers_with_the_same_selectors_share_one_x509_message_while_it_holds() {
+        let mut f = fixture();
+        f.snapshot.synced = true;
+        f.snapshot.entries.push(Arc::clone(&f.entry));
+        let now = SystemTime::now();
+        let fresh = identity(&f, now);
+        let not_after = fresh.svid.not_after();
+        f.snapshot.identities.insert(f.entry.id.clone(), fresh);
+        let snapshot = Arc::new(f.snapshot.clone());
+        let steps = Mutex::new(X509Steps::default());
+        let message = |snapshot: &Arc<Snapshot>, selectors: &SelectorSet, at| {
+            let Step::Send {
+                message,
+                recheck_at,
+                served,
+            } = X509Steps::step(&steps, snapshot, selectors, at)
+            else {
+                panic!("nothing to send")
+            };
+            assert_eq!(recheck_at, Some(not_after));
+            assert_eq!(served, [f.entry.id.clone()]);
+            message
+        };
+
+        let first = message(&snapshot, &f.selectors, now);
+        let Step::Send { message: built, .. } = x509_svid_step(&snapshot, &f.selectors, now) else {
+            panic!("nothing to send")
+        };
+        assert_eq!(first.response, built);
+        // Another caller with the same selectors, later: the same message, framed once.
+        let later = now + Duration::from_secs(10);
+        assert!(Arc::ptr_eq(
+            &first,
+            &message(&snapshot, &f.selectors, later)
+        ));
+        let framed = first.framed().unwrap();
+        assert_eq!(framed.as_ptr(), first.framed().unwrap().as_ptr());
+        assert_eq!(framed.len(), 5 + prost::Message::encoded_len(&built));
+
+        // Other selectors: a message of their own, equal here.
+        let mut more = f.selectors.clone();
+        more.insert("unix:gid:1000".parse().unwrap());
+        let other = message(&snapshot, &more, later);
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert!(*first == *other);
+        // A clock set back, or another snapshot (even an equal one): built again.
+        let earlier = message(&snapshot, &f.selectors, now - Duration::from_secs(1));
+        assert!(!Arc::ptr_eq(&first, &earlier));
+        let next = Arc::new(f.snapshot.clone());
+        let rebuilt = message(&next, &f.selectors, later);
+        assert!(!Arc::ptr_eq(&earlier, &rebuilt));
+        assert!(Arc::ptr_eq(&rebuilt, &message(&next, &f.selectors, later)));
+        // From the first SVID's expiry nothing built before it is served.
+        assert!(matches!(
+            X509Steps::step(&steps, &next, &f.selectors, not_after),
+            Step::Wait {
+                reason: SVIDS_PENDING,
+                ..
+            }
+        ));
     }
 
     #[test]

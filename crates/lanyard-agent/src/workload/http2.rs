@@ -20,7 +20,6 @@ use h2::{Reason, RecvStream, SendStream};
 use http_body::{Body, Frame};
 use lanyard_metrics::rpc::{CallRecord, RpcMetricsLayer, RpcMetricsService};
 use lanyard_proto::workload::X509svidRequest;
-use lanyard_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi as _;
 use prost::bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
@@ -185,9 +184,7 @@ async fn fetch_x509svid(
         let message: X509svidRequest = read_request(&mut body).await?;
         parts.extensions.insert(info);
         let request = tonic::Request::from_http(http::Request::from_parts(parts, message));
-        api.fetch_x509svid(request)
-            .await
-            .map(tonic::Response::into_inner)
+        api.x509_messages(&request).await
     };
     let started = tokio::select! {
         started = started => started,
@@ -217,7 +214,7 @@ async fn fetch_x509svid(
             _ = poll_fn(|cx| send.poll_reset(cx)) => return,
         };
         let status = match next {
-            Some(Ok(message)) => match framed(&message) {
+            Some(Ok(message)) => match message.framed() {
                 Ok(framed) => {
                     if send.send_data(framed, false).is_err() {
                         return;
@@ -289,7 +286,7 @@ fn decode_request<M: prost::Message + Default>(body: &[u8]) -> Result<M, Status>
 }
 
 /// `message` as one gRPC message: no compression, four bytes of length, the message.
-fn framed(message: &impl prost::Message) -> Result<Bytes, Status> {
+pub(super) fn framed(message: &impl prost::Message) -> Result<Bytes, Status> {
     let length = message.encoded_len();
     let prefix = u32::try_from(length)
         .map_err(|_| Status::new(Code::Internal, "a response message over 4 GiB"))?;
