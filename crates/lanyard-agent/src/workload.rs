@@ -905,7 +905,8 @@ const MAX_CACHED_X509_STEPS: usize = 1024;
 /// the same selectors (a thousand replicas starting at once, or all of them when an SVID
 /// rotates) share one built message and its framing. A step is the same for every time from
 /// when it was built until its `recheck_at` (the first of its SVIDs to expire), and is built
-/// again after that, for an earlier time (a clock set back) or for another snapshot.
+/// again after that, for an earlier time (a clock set back) or for another snapshot. Only the
+/// streams that were sent a message keep it: once they are gone, so is the message.
 #[derive(Debug, Default)]
 struct X509Steps {
     /// The snapshot the steps are of; a `Weak` keeps its allocation, so no other snapshot can
@@ -916,7 +917,7 @@ struct X509Steps {
 
 #[derive(Debug)]
 struct CachedX509Step {
-    message: Arc<X509Message>,
+    message: std::sync::Weak<X509Message>,
     built_at: SystemTime,
     recheck_at: Option<SystemTime>,
     served: Vec<EntryId>,
@@ -934,9 +935,10 @@ impl X509Steps {
             if let Some(cached) = this.steps.get(selectors)
                 && cached.built_at <= now
                 && cached.recheck_at.is_none_or(|at| now < at)
+                && let Some(message) = cached.message.upgrade()
             {
                 return Step::Send {
-                    message: Arc::clone(&cached.message),
+                    message,
                     recheck_at: cached.recheck_at,
                     served: cached.served.clone(),
                 };
@@ -960,7 +962,7 @@ impl X509Steps {
             this.steps.insert(
                 selectors.clone(),
                 CachedX509Step {
-                    message: Arc::clone(message),
+                    message: Arc::downgrade(message),
                     built_at: now,
                     recheck_at: *recheck_at,
                     served: served.clone(),
@@ -1736,6 +1738,11 @@ mod tests {
         let rebuilt = message(&next, &f.selectors, later);
         assert!(!Arc::ptr_eq(&earlier, &rebuilt));
         assert!(Arc::ptr_eq(&rebuilt, &message(&next, &f.selectors, later)));
+        // Kept by the streams that hold it, not by the steps.
+        let kept = Arc::downgrade(&rebuilt);
+        drop((first, other, earlier, rebuilt));
+        assert!(kept.upgrade().is_none());
+        let _ = message(&next, &f.selectors, later);
         // From the first SVID's expiry nothing built before it is served.
         assert!(matches!(
             X509Steps::step(&steps, &next, &f.selectors, not_after),
