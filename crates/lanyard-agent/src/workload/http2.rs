@@ -7,7 +7,9 @@
 //! for any other call. Every other call goes to the tonic services sharing the socket (the
 //! Workload API, SDS, health) through their router, with the caller's
 //! [`WorkloadConnectInfo`] in the request's extensions as tonic's own server would put it;
-//! so does a `FetchX509SVID` with a compressed request or a deadline, which tonic handles.
+//! so does a `FetchX509SVID` whose request names a compression, which tonic answers. A
+//! deadline (`grpc-timeout`) is the client's to keep, on either path: it resets the stream
+//! when the deadline passes, and the call is dropped.
 
 use std::fmt::Display;
 use std::future::poll_fn;
@@ -156,13 +158,12 @@ impl Http2Server {
     }
 }
 
-/// Whether `request` is answered without the router: a `FetchX509SVID` neither compressed
-/// nor with a deadline.
+/// Whether `request` is answered without the router: a `FetchX509SVID` whose request names
+/// no compression.
 fn takes_fast_path(request: &http::Request<RecvStream>) -> bool {
-    let headers = request.headers();
     request.uri().path() == FETCH_X509_SVID
-        && !headers.contains_key("grpc-timeout")
-        && headers
+        && request
+            .headers()
             .get("grpc-encoding")
             .is_none_or(|encoding| encoding == "identity")
 }

@@ -822,18 +822,21 @@ async fn the_security_header_is_required_only_by_the_workload_api() {
     within(server).await.unwrap().unwrap();
 }
 
-/// Sends one `FetchX509SVID` with `body` as its request body on a raw HTTP/2 connection,
-/// and returns the response's headers and its first data frame, if any.
+/// Sends one `FetchX509SVID` with `body` as its request body (and `extra` headers) on a raw
+/// HTTP/2 connection, and returns the response's headers and its first data frame, if any.
 async fn raw_fetch_x509svid(
     client: &mut h2::client::SendRequest<prost::bytes::Bytes>,
     body: Vec<u8>,
+    extra: &[(&'static str, &'static str)],
 ) -> (http::HeaderMap, Option<prost::bytes::Bytes>) {
-    let request = http::Request::post("http://localhost/SpiffeWorkloadAPI/FetchX509SVID")
+    let mut request = http::Request::post("http://localhost/SpiffeWorkloadAPI/FetchX509SVID")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .header(workload::SECURITY_HEADER, "true")
-        .body(())
-        .unwrap();
+        .header(workload::SECURITY_HEADER, "true");
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(()).unwrap();
     let (response, mut stream) = within(client.clone().ready())
         .await
         .unwrap()
@@ -862,29 +865,28 @@ fn grpc_body(compressed: u8, messages: &[&[u8]]) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn fetch_x509svid_is_answered_alike_on_its_stream_and_through_the_router() {
+async fn fetch_x509svid_is_answered_on_its_stream_and_a_compressed_one_by_tonic() {
     let pki = Pki::new();
     let web = pki.entry("web", "/web", &[my_uid_selector()], "");
     let agent = Agent::start(&pki, pki.snapshot(&[Arc::clone(&web)])).await;
 
-    // Answered on the stream itself, and (with a deadline, which tonic enforces) through the
-    // router: the same message either way.
+    // Answered on the stream itself, with or without a deadline (the client's to keep).
     let mut raw = agent.raw_client().await;
     let mut direct = within(raw.fetch_x509svid(with_header(X509svidRequest {})))
         .await
         .unwrap()
         .into_inner();
     let direct = within(direct.message()).await.unwrap().unwrap();
-    let mut routed = with_header(X509svidRequest {});
-    routed.set_timeout(Duration::from_secs(60));
-    let mut routed = within(raw.fetch_x509svid(routed))
+    let mut deadline = with_header(X509svidRequest {});
+    deadline.set_timeout(Duration::from_secs(60));
+    let mut deadline = within(raw.fetch_x509svid(deadline))
         .await
         .unwrap()
         .into_inner();
-    let routed = within(routed.message()).await.unwrap().unwrap();
+    let deadline = within(deadline.message()).await.unwrap().unwrap();
     assert_eq!(direct.svids.len(), 1);
     assert_eq!(direct.svids[0].spiffe_id, "spiffe://example.org/web");
-    assert_eq!(direct, routed);
+    assert_eq!(direct, deadline);
 
     // Bodies that are not one whole uncompressed message get a status of their own, and the
     // connection goes on serving.
@@ -908,13 +910,24 @@ async fn fetch_x509svid_is_answered_alike_on_its_stream_and_through_the_router()
             "Missing request message.",
         ),
     ] {
-        let (headers, data) = raw_fetch_x509svid(&mut client, body).await;
+        let (headers, data) = raw_fetch_x509svid(&mut client, body, &[]).await;
         let status = tonic::Status::from_header_map(&headers).unwrap();
         assert_eq!(status.code(), code, "{status:?}");
         assert!(status.message().contains(message), "{status:?}");
         assert_eq!(data, None);
     }
-    let (headers, data) = raw_fetch_x509svid(&mut client, grpc_body(0, &[&[]])).await;
+    // A request naming a compression goes to tonic, which takes none.
+    let (headers, _) = raw_fetch_x509svid(
+        &mut client,
+        grpc_body(1, &[&[]]),
+        &[("grpc-encoding", "gzip")],
+    )
+    .await;
+    let status = tonic::Status::from_header_map(&headers).unwrap();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains("gzip"), "{status:?}");
+
+    let (headers, data) = raw_fetch_x509svid(&mut client, grpc_body(0, &[&[]]), &[]).await;
     assert_eq!(headers.get("content-type").unwrap(), "application/grpc");
     assert_eq!(headers.get("grpc-status"), None);
     let data = data.unwrap();
