@@ -33,8 +33,9 @@ use super::{SECURITY_HEADER, WorkloadApi, WorkloadConnectInfo, WorkloadConnectio
 
 /// The path of the call answered without the router.
 const FETCH_X509_SVID: &str = "/SpiffeWorkloadAPI/FetchX509SVID";
-/// The largest request message read (tonic's default limit for the services it serves).
-const MAX_REQUEST_MESSAGE: usize = 4 << 20;
+/// The largest request message read. `X509SVIDRequest` has no fields: a client's is empty,
+/// and a stream cannot make the agent hold more than this for it.
+const MAX_REQUEST_MESSAGE: usize = 64 << 10;
 /// The gRPC message prefix: a compression flag and four bytes of length.
 const MESSAGE_PREFIX: usize = 5;
 /// The largest header block a client may send (hyper's default).

@@ -909,6 +909,11 @@ async fn fetch_x509svid_is_answered_on_its_stream_and_a_compressed_one_by_tonic(
             tonic::Code::Internal,
             "Missing request message.",
         ),
+        (
+            grpc_body(0, &[&[0; 70_000]]),
+            tonic::Code::ResourceExhausted,
+            "larger than 65536 bytes",
+        ),
     ] {
         let (headers, data) = raw_fetch_x509svid(&mut client, body, &[]).await;
         let status = tonic::Status::from_header_map(&headers).unwrap();
