@@ -441,11 +441,18 @@ impl WorkloadApi {
         &self,
         request: &Request<T>,
     ) -> Result<Streamed<Arc<X509Message>>, Status> {
+        Ok(spawn_watch(self.x509_watch(request).await?))
+    }
+
+    /// `FetchX509SVID` for the caller of `request`, attested and ready to run on an
+    /// [`Outlet`]; its messages are shared as [`WorkloadApi::x509_messages`]' are.
+    async fn x509_watch<T>(&self, request: &Request<T>) -> Result<Watch<X509Stepper>, Status> {
         let (selectors, caller) = self.attest(request).await?;
-        let steps = Arc::clone(&self.x509_steps);
-        Ok(self.watch("FetchX509SVID", caller, move |snapshot, now| {
-            X509Steps::step(&steps, snapshot, &selectors, now)
-        }))
+        let step = X509Stepper {
+            steps: Arc::clone(&self.x509_steps),
+            selectors,
+        };
+        Ok(self.watch_on("FetchX509SVID", caller, step))
     }
 
     /// The latest snapshot once the agent has synced at least once.
@@ -465,40 +472,155 @@ impl WorkloadApi {
     }
 
     /// Runs `step` on the current snapshot and again on every new one (and at the times it
-    /// asks for), sending each message that differs from the last one sent.
-    ///
-    /// A message the workload does not take within `stream_send_timeout` closes the
-    /// caller's connection: HTTP/2 would otherwise hold the stream, and what was queued on
-    /// it, for as long as the workload stays connected.
-    fn watch<T, F>(&self, method: &'static str, caller: Caller, mut step: F) -> Streamed<T>
+    /// asks for), sending each message that differs from the last one sent, from a task of
+    /// its own into the stream returned.
+    fn watch<T, F>(&self, method: &'static str, caller: Caller, step: F) -> Streamed<T>
     where
         T: Clone + PartialEq + Send + 'static,
         F: FnMut(&Arc<Snapshot>, SystemTime) -> Step<T> + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(1);
-        let mut snapshots = self.snapshots.clone();
-        let mut stop = self.stop.subscribe();
-        let clock = Arc::clone(&self.clock);
-        let usage = self.usage.clone();
-        let give_up_at = tokio::time::Instant::now() + self.initial_wait;
-        let limits = Arc::clone(&self.limits);
-        let timeout = limits.config.stream_send_timeout;
-        let metrics = self.metrics.clone();
-        let open = metrics.stream_opened();
-        // The first step runs here, and a first message is queued before the handler returns:
-        // the response stream has it when tonic first polls it, rather than after the task
-        // below is scheduled (behind every other caller's, in a burst).
-        let first_now = clock();
-        let snapshot = Arc::clone(&snapshots.borrow_and_update());
-        let mut first = Some(match step(&snapshot, first_now) {
+        spawn_watch(self.watch_on(method, caller, step))
+    }
+
+    /// A stream of `method` for `caller` running `step`, to be run on an [`Outlet`].
+    fn watch_on<F>(&self, method: &'static str, caller: Caller, step: F) -> Watch<F> {
+        Watch {
+            method,
+            caller,
+            step,
+            snapshots: self.snapshots.clone(),
+            stop: self.stop.subscribe(),
+            clock: Arc::clone(&self.clock),
+            usage: self.usage.clone(),
+            give_up_at: tokio::time::Instant::now() + self.initial_wait,
+            limits: Arc::clone(&self.limits),
+            metrics: self.metrics.clone(),
+            _open: self.metrics.stream_opened(),
+        }
+    }
+}
+
+/// Runs `watch` in a task of its own, into the stream returned. The first step runs here,
+/// and a first message is queued before the handler returns: the response stream has it
+/// when tonic first polls it, rather than after the task is scheduled (behind every other
+/// caller's, in a burst).
+fn spawn_watch<T, F>(mut watch: Watch<F>) -> Streamed<T>
+where
+    T: Clone + PartialEq + Send + 'static,
+    F: Stepper<T> + 'static,
+{
+    let (tx, rx) = mpsc::channel(1);
+    let first = watch.queue_first(&tx);
+    tokio::spawn(watch.run(tx, Some(first)));
+    Streamed(ReceiverStream::new(rx))
+}
+
+/// What a streaming RPC does with each snapshot.
+trait Stepper<T>: Send {
+    fn step(&mut self, snapshot: &Arc<Snapshot>, now: SystemTime) -> Step<T>;
+}
+
+impl<T, F> Stepper<T> for F
+where
+    F: FnMut(&Arc<Snapshot>, SystemTime) -> Step<T> + Send,
+{
+    fn step(&mut self, snapshot: &Arc<Snapshot>, now: SystemTime) -> Step<T> {
+        self(snapshot, now)
+    }
+}
+
+/// `FetchX509SVID`'s step: the caller's messages, shared through [`X509Steps`].
+struct X509Stepper {
+    steps: Arc<Mutex<X509Steps>>,
+    selectors: SelectorSet,
+}
+
+impl Stepper<Arc<X509Message>> for X509Stepper {
+    fn step(&mut self, snapshot: &Arc<Snapshot>, now: SystemTime) -> Step<Arc<X509Message>> {
+        X509Steps::step(&self.steps, snapshot, &self.selectors, now)
+    }
+}
+
+/// Where a stream's messages go: the channel a tonic response stream reads, or an HTTP/2
+/// stream written directly.
+trait Outlet<T>: Send {
+    /// Hands `item` to the workload, waiting at most `timeout` for it to take it. An error
+    /// ends the stream with that status.
+    fn deliver(
+        &mut self,
+        item: Result<T, Status>,
+        timeout: Duration,
+    ) -> impl Future<Output = Delivery> + Send;
+
+    /// Resolves once the workload is gone.
+    fn closed(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl<T: Send> Outlet<T> for mpsc::Sender<Result<Box<T>, Status>> {
+    async fn deliver(&mut self, item: Result<T, Status>, timeout: Duration) -> Delivery {
+        match tokio::time::timeout(timeout, self.send(item.map(Box::new))).await {
+            Ok(Ok(())) => Delivery::Sent,
+            Ok(Err(_)) => Delivery::Gone,
+            Err(_) => Delivery::Stalled,
+        }
+    }
+
+    async fn closed(&mut self) {
+        mpsc::Sender::closed(self).await;
+    }
+}
+
+/// A streaming RPC between snapshots: what it runs on each, and what it waits on for the
+/// next.
+struct Watch<F> {
+    method: &'static str,
+    caller: Caller,
+    step: F,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stop: watch::Receiver<bool>,
+    clock: Clock,
+    usage: Option<Arc<UsageTracker>>,
+    /// When a stream that has sent nothing yet gives up waiting for its first message.
+    give_up_at: tokio::time::Instant,
+    limits: Arc<ApiLimits>,
+    metrics: AgentMetrics,
+    _open: crate::metrics::OpenStream,
+}
+
+/// Why a [`Watch`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchEnd {
+    /// It sent its final status.
+    Finished,
+    /// The outlet is gone, or streams are stopping.
+    Gone,
+    /// The workload did not take a message within the timeout; its connection is closed.
+    Stalled,
+    /// The workload went away while the stream waited.
+    Closed,
+}
+
+impl<F> Watch<F> {
+    /// Runs the first step now and queues its message on `tx` if there is room.
+    fn queue_first<T>(
+        &mut self,
+        tx: &mpsc::Sender<Result<Box<T>, Status>>,
+    ) -> (SystemTime, Taken<T>)
+    where
+        T: Clone,
+        F: Stepper<T>,
+    {
+        let now = (self.clock)();
+        let snapshot = Arc::clone(&self.snapshots.borrow_and_update());
+        let taken = match self.step.step(&snapshot, now) {
             Step::Send {
                 message,
                 recheck_at,
                 served,
             } => match tx.try_send(Ok(Box::new(message.clone()))) {
                 Ok(()) => {
-                    if let Some(usage) = &usage {
-                        usage.record(&served, first_now);
+                    if let Some(usage) = &self.usage {
+                        usage.record(&served, now);
                     }
                     Taken::Queued {
                         message,
@@ -512,91 +634,126 @@ impl WorkloadApi {
                 }),
             },
             other => Taken::Step(other),
-        });
-        drop(snapshot);
-        tokio::spawn(async move {
-            let _open = open;
-            let mut last_sent: Option<T> = None;
-            loop {
-                let (now, taken) = match first.take() {
-                    Some(taken) => (first_now, taken),
-                    None => {
-                        let snapshot = Arc::clone(&snapshots.borrow_and_update());
-                        let now = clock();
-                        (now, Taken::Step(step(&snapshot, now)))
-                    }
-                };
-                let (recheck_at, waiting_for) = match taken {
-                    Taken::Queued {
-                        message,
-                        recheck_at,
-                    } => {
-                        last_sent = Some(message);
-                        (recheck_at, None)
-                    }
-                    Taken::Step(Step::Send {
-                        message,
-                        recheck_at,
-                        served,
-                    }) => {
-                        if last_sent.as_ref() != Some(&message) {
-                            let item = Ok(Box::new(message.clone()));
-                            match deliver(&tx, item, &mut stop, timeout).await {
-                                Delivery::Sent => {}
-                                Delivery::Gone => return,
-                                Delivery::Stalled => {
-                                    limits.stalled(&caller);
-                                    return;
-                                }
-                            }
-                            if let Some(usage) = &usage {
-                                usage.record(&served, clock());
-                            }
-                            last_sent = Some(message);
-                        }
-                        (recheck_at, None)
-                    }
-                    Taken::Step(Step::Wait { reason, recheck_at }) => (recheck_at, Some(reason)),
-                    Taken::Step(Step::Fail(error)) => {
-                        if matches!(error, WorkloadError::NoIdentity) {
-                            metrics.no_identity(method);
-                        }
-                        let delivery =
-                            deliver(&tx, Err(error.into_status()), &mut stop, timeout).await;
-                        if let Delivery::Stalled = delivery {
-                            limits.stalled(&caller);
-                        }
-                        return;
-                    }
-                };
-                // Only the first message has a deadline; later, waiting means the workload
-                // keeps what it has until the manager publishes more.
-                let give_up = match waiting_for {
-                    Some(reason) if last_sent.is_none() => Some(reason),
-                    _ => None,
-                };
-                let outcome = tokio::select! {
-                    changed = snapshots.changed() => match changed {
-                        Ok(()) => None,
-                        Err(_) => Some(WorkloadError::ShuttingDown),
-                    },
-                    () = sleep_until_time(recheck_at, now) => None,
-                    reason = give_up_after(give_up, give_up_at) => {
-                        Some(WorkloadError::NotReady(reason))
-                    }
-                    () = stopped(&mut stop) => Some(WorkloadError::ShuttingDown),
-                    () = tx.closed() => return,
-                };
-                if let Some(error) = outcome {
-                    let delivery = deliver(&tx, Err(error.into_status()), &mut stop, timeout).await;
-                    if let Delivery::Stalled = delivery {
-                        limits.stalled(&caller);
-                    }
-                    return;
+        };
+        (now, taken)
+    }
+
+    /// Sends the stream's messages into `outlet` until it ends: `first` is a step already
+    /// taken, or the first step runs here.
+    ///
+    /// A message the workload does not take within `stream_send_timeout` closes the
+    /// caller's connection: HTTP/2 would otherwise hold the stream, and what was queued on
+    /// it, for as long as the workload stays connected.
+    async fn run<T, O>(self, mut outlet: O, first: Option<(SystemTime, Taken<T>)>) -> WatchEnd
+    where
+        T: Clone + PartialEq + Send,
+        O: Outlet<T>,
+        F: Stepper<T>,
+    {
+        let Watch {
+            method,
+            caller,
+            mut step,
+            mut snapshots,
+            mut stop,
+            clock,
+            usage,
+            give_up_at,
+            limits,
+            metrics,
+            _open,
+        } = self;
+        let timeout = limits.config.stream_send_timeout;
+        let mut first = first;
+        let mut last_sent: Option<T> = None;
+        loop {
+            let (now, taken) = match first.take() {
+                Some(first) => first,
+                None => {
+                    let snapshot = Arc::clone(&snapshots.borrow_and_update());
+                    let now = clock();
+                    (now, Taken::Step(step.step(&snapshot, now)))
                 }
+            };
+            let (recheck_at, waiting_for) = match taken {
+                Taken::Queued {
+                    message,
+                    recheck_at,
+                } => {
+                    last_sent = Some(message);
+                    (recheck_at, None)
+                }
+                Taken::Step(Step::Send {
+                    message,
+                    recheck_at,
+                    served,
+                }) => {
+                    if last_sent.as_ref() != Some(&message) {
+                        let item = Ok(message.clone());
+                        match deliver(&mut outlet, item, &mut stop, timeout).await {
+                            Delivery::Sent => {}
+                            Delivery::Gone => return WatchEnd::Gone,
+                            Delivery::Stalled => {
+                                limits.stalled(&caller);
+                                return WatchEnd::Stalled;
+                            }
+                        }
+                        if let Some(usage) = &usage {
+                            usage.record(&served, clock());
+                        }
+                        last_sent = Some(message);
+                    }
+                    (recheck_at, None)
+                }
+                Taken::Step(Step::Wait { reason, recheck_at }) => (recheck_at, Some(reason)),
+                Taken::Step(Step::Fail(error)) => {
+                    if matches!(error, WorkloadError::NoIdentity) {
+                        metrics.no_identity(method);
+                    }
+                    return finish(&mut outlet, error, &mut stop, timeout, &limits, &caller).await;
+                }
+            };
+            // Only the first message has a deadline; later, waiting means the workload
+            // keeps what it has until the manager publishes more.
+            let give_up = match waiting_for {
+                Some(reason) if last_sent.is_none() => Some(reason),
+                _ => None,
+            };
+            let outcome = tokio::select! {
+                changed = snapshots.changed() => match changed {
+                    Ok(()) => None,
+                    Err(_) => Some(WorkloadError::ShuttingDown),
+                },
+                () = sleep_until_time(recheck_at, now) => None,
+                reason = give_up_after(give_up, give_up_at) => {
+                    Some(WorkloadError::NotReady(reason))
+                }
+                () = stopped(&mut stop) => Some(WorkloadError::ShuttingDown),
+                () = outlet.closed() => return WatchEnd::Closed,
+            };
+            if let Some(error) = outcome {
+                return finish(&mut outlet, error, &mut stop, timeout, &limits, &caller).await;
             }
-        });
-        Streamed(ReceiverStream::new(rx))
+        }
+    }
+}
+
+/// Ends a stream with `error`.
+async fn finish<T, O: Outlet<T>>(
+    outlet: &mut O,
+    error: WorkloadError,
+    stop: &mut watch::Receiver<bool>,
+    timeout: Duration,
+    limits: &ApiLimits,
+    caller: &Caller,
+) -> WatchEnd {
+    match deliver(outlet, Err(error.into_status()), stop, timeout).await {
+        Delivery::Sent => WatchEnd::Finished,
+        Delivery::Gone => WatchEnd::Gone,
+        Delivery::Stalled => {
+            limits.stalled(caller);
+            WatchEnd::Stalled
+        }
     }
 }
 
@@ -663,19 +820,15 @@ enum Delivery {
 /// Sends `item` unless the streams are stopped first or the workload does not take it
 /// within `timeout`: a workload that does not read must neither keep the server from
 /// shutting down nor hold what was queued for it.
-async fn deliver<T>(
-    tx: &mpsc::Sender<Result<Box<T>, Status>>,
-    item: Result<Box<T>, Status>,
+async fn deliver<T, O: Outlet<T>>(
+    outlet: &mut O,
+    item: Result<T, Status>,
     stop: &mut watch::Receiver<bool>,
     timeout: Duration,
 ) -> Delivery {
     tokio::select! {
         biased;
-        sent = tokio::time::timeout(timeout, tx.send(item)) => match sent {
-            Ok(Ok(())) => Delivery::Sent,
-            Ok(Err(_)) => Delivery::Gone,
-            Err(_) => Delivery::Stalled,
-        },
+        delivery = outlet.deliver(item, timeout) => delivery,
         () = stopped(stop) => Delivery::Gone,
     }
 }

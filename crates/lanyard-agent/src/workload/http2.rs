@@ -24,12 +24,14 @@ use lanyard_metrics::rpc::{CallRecord, RpcMetricsLayer, RpcMetricsService};
 use lanyard_proto::workload::X509svidRequest;
 use prost::bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
-use tokio_stream::StreamExt as _;
 use tonic::service::Routes;
 use tonic::{Code, Status};
 use tower::ServiceExt as _;
 
-use super::{SECURITY_HEADER, WorkloadApi, WorkloadConnectInfo, WorkloadConnection};
+use super::{
+    Delivery, Outlet, SECURITY_HEADER, WatchEnd, WorkloadApi, WorkloadConnectInfo,
+    WorkloadConnection, X509Message,
+};
 
 /// The path of the call answered without the router.
 const FETCH_X509_SVID: &str = "/SpiffeWorkloadAPI/FetchX509SVID";
@@ -170,7 +172,7 @@ fn takes_fast_path(request: &http::Request<RecvStream>) -> bool {
 }
 
 /// `FetchX509SVID` served on its stream: the same checks, statuses and messages as through
-/// the router, with the messages framed here.
+/// the router, with the messages framed and sent here, from this task.
 async fn fetch_x509svid(
     api: &WorkloadApi,
     call: CallRecord,
@@ -186,56 +188,130 @@ async fn fetch_x509svid(
         let message: X509svidRequest = read_request(&mut body).await?;
         parts.extensions.insert(info);
         let request = tonic::Request::from_http(http::Request::from_parts(parts, message));
-        api.x509_messages(&request).await
+        api.x509_watch(&request).await
     };
     let started = tokio::select! {
         started = started => started,
         _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
     };
-    let mut messages = match started {
-        Ok(messages) => messages,
-        Err(status) => {
-            call.finish(status.code() as i32);
-            let _ = respond.send_response(status.into_http(), true);
-            return;
-        }
+    let mut outlet = Http2Outlet {
+        respond,
+        send: None,
+        call: Some(call),
+        broken: false,
     };
-    let headers = http::Response::builder()
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .body(());
-    let Ok(headers) = headers else { return };
-    let Ok(mut send) = respond.send_response(headers, false) else {
-        return;
-    };
-    loop {
-        if room(&mut send).await.is_err() {
-            return;
-        }
-        let next = tokio::select! {
-            next = messages.next() => next,
-            _ = poll_fn(|cx| send.poll_reset(cx)) => return,
-        };
-        let status = match next {
-            Some(Ok(message)) => match message.framed() {
-                Ok(framed) => {
-                    if send.send_data(framed, false).is_err() {
-                        return;
-                    }
-                    continue;
+    match started {
+        // The headers go out at once, as tonic sends a response stream's: a client waiting
+        // for them learns that the call was taken.
+        Ok(watch) => {
+            if outlet.start() {
+                // A stream that ends without a status of its own (the agent is stopping)
+                // ends as tonic ends a response stream: with OK.
+                if watch.run(&mut outlet, None).await == WatchEnd::Gone {
+                    outlet.finish(&Status::ok(""));
                 }
-                Err(status) => status,
-            },
-            Some(Err(status)) => status,
-            None => Status::ok(""),
-        };
-        call.finish(status.code() as i32);
-        let mut trailers = http::HeaderMap::new();
-        if status.add_header(&mut trailers).is_ok() {
-            let _ = send.send_trailers(trailers);
-        } else {
-            send.send_reset(Reason::INTERNAL_ERROR);
+            }
         }
-        return;
+        Err(status) => outlet.finish(&status),
+    }
+}
+
+/// A `FetchX509SVID` response on its HTTP/2 stream: the headers once the call is taken,
+/// the status in trailers (or alone, for a call refused).
+struct Http2Outlet {
+    respond: SendResponse<Bytes>,
+    send: Option<SendStream<Bytes>>,
+    /// The call's record until its status is sent; dropped unfinished, it counts as
+    /// canceled.
+    call: Option<CallRecord>,
+    /// Whether the stream failed (reset by the client, or the connection gone).
+    broken: bool,
+}
+
+impl Http2Outlet {
+    /// Ends the response with `status`, unless it has ended already.
+    fn finish(&mut self, status: &Status) {
+        let Some(call) = self.call.take() else { return };
+        if self.broken {
+            return;
+        }
+        call.finish(status.code() as i32);
+        match &mut self.send {
+            Some(send) => {
+                let mut trailers = http::HeaderMap::new();
+                if status.add_header(&mut trailers).is_ok() {
+                    let _ = send.send_trailers(trailers);
+                } else {
+                    send.send_reset(Reason::INTERNAL_ERROR);
+                }
+            }
+            None => {
+                let _ = self.respond.send_response(status.clone().into_http(), true);
+            }
+        }
+    }
+
+    /// Sends the response's headers; false if the stream is gone.
+    fn start(&mut self) -> bool {
+        let headers = http::Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(());
+        let Ok(headers) = headers else { return false };
+        match self.respond.send_response(headers, false) {
+            Ok(send) => {
+                self.send = Some(send);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Sends `framed` once the stream has room for it.
+    async fn send(&mut self, framed: Bytes, timeout: std::time::Duration) -> Delivery {
+        let Some(send) = &mut self.send else {
+            return Delivery::Gone;
+        };
+        match tokio::time::timeout(timeout, room(send)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(())) => return Delivery::Gone,
+            Err(_) => return Delivery::Stalled,
+        }
+        if send.send_data(framed, false).is_err() {
+            return Delivery::Gone;
+        }
+        Delivery::Sent
+    }
+}
+
+impl Outlet<Arc<X509Message>> for &mut Http2Outlet {
+    async fn deliver(
+        &mut self,
+        item: Result<Arc<X509Message>, Status>,
+        timeout: std::time::Duration,
+    ) -> Delivery {
+        let status = match item.and_then(|message| message.framed()) {
+            Ok(framed) => {
+                let delivery = self.send(framed, timeout).await;
+                if let Delivery::Gone = delivery {
+                    self.broken = true;
+                }
+                return delivery;
+            }
+            Err(status) => status,
+        };
+        self.finish(&status);
+        Delivery::Sent
+    }
+
+    async fn closed(&mut self) {
+        match &mut self.send {
+            Some(send) => {
+                let _ = poll_fn(|cx| send.poll_reset(cx)).await;
+            }
+            None => {
+                let _ = poll_fn(|cx| self.respond.poll_reset(cx)).await;
+            }
+        }
     }
 }
 

@@ -595,7 +595,7 @@ impl SecretDiscovery {
         selectors: SelectorSet,
         mut inbound: Streaming<DiscoveryRequest>,
     ) -> Streamed<DiscoveryResponse> {
-        let (tx, rx) = mpsc::channel(1);
+        let (mut tx, rx) = mpsc::channel(1);
         let this = self.clone();
         let mut snapshots = self.api.snapshots.clone();
         let mut stop = self.api.stop.subscribe();
@@ -614,7 +614,7 @@ impl SecretDiscovery {
                     received = inbound.message() => match received {
                         Ok(Some(request)) => {
                             if let Err(error) = limits.check_rate(caller.peer.uid) {
-                                let _ = deliver(&tx, Err(error.into_status()), &mut stop, timeout).await;
+                                let _ = deliver(&mut tx, Err(error.into_status()), &mut stop, timeout).await;
                                 return;
                             }
                             // One warning per response rejected: a client repeating its
@@ -654,7 +654,7 @@ impl SecretDiscovery {
                             )
                         }
                         Err(_) => {
-                            let _ = deliver(&tx, Err(WorkloadError::ShuttingDown.into_status()), &mut stop, timeout).await;
+                            let _ = deliver(&mut tx, Err(WorkloadError::ShuttingDown.into_status()), &mut stop, timeout).await;
                             return;
                         }
                     },
@@ -680,7 +680,7 @@ impl SecretDiscovery {
                             resources = response.resources.len(),
                             "sending secrets"
                         );
-                        match deliver(&tx, Ok(Box::new(response)), &mut stop, timeout).await {
+                        match deliver(&mut tx, Ok(response), &mut stop, timeout).await {
                             Delivery::Sent => {}
                             Delivery::Gone => return,
                             Delivery::Stalled => {
@@ -696,7 +696,8 @@ impl SecretDiscovery {
                         if refusal == Refusal::NoIdentity {
                             this.api.metrics.no_identity("StreamSecrets");
                         }
-                        let _ = deliver(&tx, Err(refusal.into_status()), &mut stop, timeout).await;
+                        let _ =
+                            deliver(&mut tx, Err(refusal.into_status()), &mut stop, timeout).await;
                         return;
                     }
                 }
