@@ -22,6 +22,7 @@
 //! the same way around whatever it looks up, and joins `CombinedAttestor::new` with its
 //! config table.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read as _};
@@ -438,7 +439,10 @@ impl UnixAttestorInner {
         let pin = CallerPin::of(peer, &process_dir, pid)?;
 
         let status_path = process_dir.join("status");
-        let status = read_proc_file(&status_path, pid)?;
+        // A process's status is a page or two; a stack buffer takes it whole unless its
+        // supplementary groups run into the hundreds.
+        let mut buffer = [0u8; 4096];
+        let status = read_proc_bytes(&status_path, pid, &mut buffer)?;
         let status = ProcessStatus::parse(&status).map_err(|reason| AttestError::Malformed {
             path: status_path.clone(),
             reason,
@@ -457,21 +461,21 @@ impl UnixAttestorInner {
             }
         }
 
-        let mut selectors = SelectorSet::new();
+        let mut selectors = UnixSelectors::default();
         let users = self.passwd.names();
         let groups = self.groups.names();
-        add(&mut selectors, "uid", &peer.uid.to_string());
+        selectors.add("uid", peer.uid);
         if let Some(user) = users.get(&peer.uid) {
-            add(&mut selectors, "user", user);
+            selectors.add("user", user);
         }
-        add(&mut selectors, "gid", &peer.gid.to_string());
+        selectors.add("gid", peer.gid);
         if let Some(group) = groups.get(&peer.gid) {
-            add(&mut selectors, "group", group);
+            selectors.add("group", group);
         }
         for gid in &status.supplementary_gids {
-            add(&mut selectors, "supplementary_gid", &gid.to_string());
+            selectors.add("supplementary_gid", gid);
             if let Some(group) = groups.get(gid) {
-                add(&mut selectors, "supplementary_group", group);
+                selectors.add("supplementary_group", group);
             }
         }
 
@@ -480,15 +484,15 @@ impl UnixAttestorInner {
             let path = std::fs::read_link(&exe_link)
                 .map_err(|source| proc_error(pid, &exe_link, source))?;
             let path = path.to_string_lossy().into_owned();
-            add(&mut selectors, "path", &path);
+            selectors.add("path", &path);
             // Hash through the /proc link rather than the path: it is the file the process
             // runs even when the path names something else in another mount namespace.
             let digest = self.sha256_of(&exe_link, &path, pid)?;
-            add(&mut selectors, "sha256", &digest);
+            selectors.add("sha256", &digest);
         }
 
         pin.check(&process_dir, pid)?;
-        Ok(selectors)
+        Ok(selectors.set)
     }
 
     fn sha256_of(
@@ -658,26 +662,26 @@ struct ProcessStatus {
 }
 
 impl ProcessStatus {
-    fn parse(status: &str) -> Result<Self, &'static str> {
+    fn parse(status: &[u8]) -> Result<Self, &'static str> {
         let mut effective_uid = None;
         let mut effective_gid = None;
         let mut supplementary_gids = None;
         // Every line is read and the last of each kind wins: the kernel's own come after the
         // process's name, which old kernels printed unescaped, newlines included. Each line is
-        // matched by its prefix, without searching it for a colon.
-        for line in status.lines() {
-            if let Some(value) = line.strip_prefix("Uid:") {
+        // matched by its prefix, without searching it for a colon; the name may be any bytes,
+        // and nothing here depends on it.
+        for line in status.split(|&byte| byte == b'\n') {
+            if let Some(value) = line.strip_prefix(b"Uid:") {
                 // Real, effective, saved and filesystem IDs; SPIRE uses the effective one.
                 effective_uid = Some(second_id(value).ok_or("bad Uid line")?);
-            } else if let Some(value) = line.strip_prefix("Gid:") {
+            } else if let Some(value) = line.strip_prefix(b"Gid:") {
                 effective_gid = Some(second_id(value).ok_or("bad Gid line")?);
-            } else if let Some(value) = line.strip_prefix("Groups:") {
+            } else if let Some(value) = line.strip_prefix(b"Groups:") {
                 supplementary_gids = Some(
-                    value
-                        .split_ascii_whitespace()
-                        .map(str::parse)
-                        .collect::<Result<_, _>>()
-                        .map_err(|_| "bad Groups line")?,
+                    ids(value)
+                        .map(parse_id)
+                        .collect::<Option<_>>()
+                        .ok_or("bad Groups line")?,
                 );
             }
         }
@@ -690,8 +694,19 @@ impl ProcessStatus {
     }
 }
 
-fn second_id(value: &str) -> Option<u32> {
-    value.split_ascii_whitespace().nth(1)?.parse().ok()
+/// The whitespace-separated numbers of a status line's value.
+fn ids(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(u8::is_ascii_whitespace)
+        .filter(|id| !id.is_empty())
+}
+
+fn parse_id(id: &[u8]) -> Option<u32> {
+    std::str::from_utf8(id).ok()?.parse().ok()
+}
+
+fn second_id(value: &[u8]) -> Option<u32> {
+    parse_id(ids(value).nth(1)?)
 }
 
 /// The names of an `/etc/passwd` or `/etc/group` file by numeric ID (its third field, in
@@ -712,14 +727,26 @@ fn account_names(database: &str) -> AccountNames {
     names
 }
 
-fn add(selectors: &mut SelectorSet, kind: &str, value: &str) {
-    // A value no selector can hold (over-long, control characters) matches no entry either;
-    // leaving it out never grants more than including it would.
-    match Selector::new(UNIX_SELECTOR_TYPE, &format!("{kind}:{value}")) {
-        Ok(selector) => {
-            selectors.insert(selector);
+/// The `unix` selectors of one attestation, each written in one reused buffer.
+#[derive(Default)]
+struct UnixSelectors {
+    set: SelectorSet,
+    value: String,
+}
+
+impl UnixSelectors {
+    fn add(&mut self, kind: &str, value: impl std::fmt::Display) {
+        use std::fmt::Write as _;
+        self.value.clear();
+        let _ = write!(self.value, "{kind}:{value}");
+        // A value no selector can hold (over-long, control characters) matches no entry
+        // either; leaving it out never grants more than including it would.
+        match Selector::new(UNIX_SELECTOR_TYPE, &self.value) {
+            Ok(selector) => {
+                self.set.insert(selector);
+            }
+            Err(error) => tracing::warn!(%error, kind, "skipping unrepresentable unix selector"),
         }
-        Err(error) => tracing::warn!(%error, kind, "skipping unrepresentable unix selector"),
     }
 }
 
@@ -727,26 +754,43 @@ fn add(selectors: &mut SelectorSet, kind: &str, value: &str) {
 /// `std::fs::read_to_string` makes first (procfs files report no size): an attestation reads
 /// one or two of these per call.
 fn read_proc_file(path: &Path, pid: i32) -> Result<String, AttestError> {
-    let read = || -> io::Result<String> {
+    let mut buffer = [0u8; 4096];
+    let text = read_proc_bytes(path, pid, &mut buffer)?;
+    // A process names itself: its command name may be any bytes, and none of what is
+    // parsed here depends on them.
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// A `/proc` file's bytes, read in plain `read`s into `buffer`, or into a vector when they
+/// do not fit.
+fn read_proc_bytes<'a>(
+    path: &Path,
+    pid: i32,
+    buffer: &'a mut [u8],
+) -> Result<Cow<'a, [u8]>, AttestError> {
+    let read = |buffer: &'a mut [u8]| -> io::Result<Cow<'a, [u8]>> {
         let mut file = File::open(path)?;
-        let mut text = Vec::with_capacity(2048);
-        let mut chunk = [0u8; 4096];
-        loop {
-            match file.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => text.extend_from_slice(&chunk[..n]),
+        let mut filled = 0;
+        while let Some(room) = buffer.get_mut(filled..).filter(|room| !room.is_empty()) {
+            match file.read(room) {
+                Ok(0) => return Ok(Cow::Borrowed(buffer.get(..filled).unwrap_or_default())),
+                Ok(n) => filled += n,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => return Err(error),
             }
         }
-        // A process names itself: its command name may be any bytes, and none of what is
-        // parsed here depends on them.
-        Ok(match String::from_utf8(text) {
-            Ok(text) => text,
-            Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
-        })
+        let mut text = buffer.to_vec();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match file.read(&mut chunk) {
+                Ok(0) => return Ok(Cow::Owned(text)),
+                Ok(n) => text.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
     };
-    read().map_err(|source| proc_error(pid, path, source))
+    read(buffer).map_err(|source| proc_error(pid, path, source))
 }
 
 fn proc_error(pid: i32, path: &Path, source: io::Error) -> AttestError {
@@ -808,7 +852,7 @@ mod tests {
         let status = "Name:\tx\nUid:\t1000\t1001\t1000\t1001\nGid:\t50\t51\t50\t51\n\
                       Groups:\t4 24 27 \nVmRSS:\t1 kB\n";
         assert_eq!(
-            ProcessStatus::parse(status),
+            ProcessStatus::parse(status.as_bytes()),
             Ok(ProcessStatus {
                 effective_uid: 1001,
                 effective_gid: 51,
@@ -817,7 +861,7 @@ mod tests {
         );
         let no_groups = "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n";
         assert_eq!(
-            ProcessStatus::parse(no_groups).map(|s| s.supplementary_gids),
+            ProcessStatus::parse(no_groups.as_bytes()).map(|s| s.supplementary_gids),
             Ok(vec![])
         );
         // A name with newlines (old kernels print it unescaped) comes first and loses.
@@ -825,15 +869,15 @@ mod tests {
                       Umask:\t0022\nUid:\t1000\t1001\t1000\t1001\nGid:\t50\t51\t50\t51\n\
                       Groups:\t4\n";
         assert_eq!(
-            ProcessStatus::parse(forged),
+            ProcessStatus::parse(forged.as_bytes()),
             Ok(ProcessStatus {
                 effective_uid: 1001,
                 effective_gid: 51,
                 supplementary_gids: vec![4],
             })
         );
-        assert!(ProcessStatus::parse("Gid:\t0\t0\t0\t0\n").is_err());
-        assert!(ProcessStatus::parse("Uid:\tx\ty\nGid:\t0\t0\n").is_err());
+        assert!(ProcessStatus::parse(b"Gid:\t0\t0\t0\t0\n").is_err());
+        assert!(ProcessStatus::parse(b"Uid:\tx\ty\nGid:\t0\t0\n").is_err());
     }
 
     #[test]
@@ -940,6 +984,29 @@ mod tests {
                 "unix:user:alice",
             ]
         );
+
+        // A status past the stack buffer (a process in hundreds of groups) is read whole:
+        // the kernel's last lines win, so a cut-off read would name the wrong groups.
+        let many: Vec<String> = (10_000..11_000).map(|gid| gid.to_string()).collect();
+        std::fs::write(
+            process.join("status"),
+            format!(
+                "Uid:\t7\t1000\t1000\t1000\nGid:\t7\t1000\t1000\t1000\nGroups:\t{}\n\
+                 Groups:\t{} 4\n",
+                many.join(" "),
+                many.join(" "),
+            ),
+        )
+        .unwrap();
+        let selectors = attestor.attest_blocking(&peer).unwrap();
+        let supplementary: Vec<String> = selectors
+            .iter()
+            .map(ToString::to_string)
+            .filter(|s| s.starts_with("unix:supplementary_gid:"))
+            .collect();
+        assert_eq!(supplementary.len(), 1001, "{supplementary:?}");
+        assert!(supplementary.contains(&"unix:supplementary_gid:4".to_owned()));
+        assert!(supplementary.contains(&"unix:supplementary_gid:10999".to_owned()));
 
         let reused = PeerCredentials {
             start_time: Some(776),
