@@ -74,10 +74,21 @@ fn task_cpu_time(task: &Path) -> Duration {
 
 /// Resident set size of a process in bytes (0 if unknown).
 pub(crate) fn rss_bytes(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// The anonymous part of a process's resident set (its heap and stacks, not the pages of its
+/// executable and libraries) in bytes (0 if unknown).
+pub(crate) fn rss_anon_bytes(pid: u32) -> u64 {
+    status_bytes(pid, "RssAnon:")
+}
+
+/// A `kB` figure of `/proc/<pid>/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
@@ -98,6 +109,8 @@ mod tests {
         std::hint::black_box(x);
         assert!(CpuMeter::Process(pid).cpu_time() > Duration::ZERO);
         assert!(rss_bytes(pid) > 0);
+        let anon = rss_anon_bytes(pid);
+        assert!(anon > 0 && anon < rss_bytes(pid), "{anon}");
         assert_eq!(
             CpuMeter::Threads(vec!["no-such-thread-name"]).cpu_time(),
             Duration::ZERO

@@ -9,7 +9,7 @@ use lanyard_proto::workload::X509svidRequest;
 use tokio::time::Instant;
 
 use crate::bench::fanin_floor::FloorServer;
-use crate::cpu::{CpuMeter, rss_bytes};
+use crate::cpu::{CpuMeter, rss_anon_bytes, rss_bytes};
 use crate::harness::{TRUST_DOMAIN, Target, current_uid, entry_message, scratch_dir, wait_until};
 use crate::report::Report;
 use crate::stats::Samples;
@@ -90,6 +90,7 @@ async fn measure(
     }
     let lone_ms = lone.percentile_ms(50.0);
     let rss_idle = rss_bytes(agent.pid()) as f64;
+    let rss_anon_idle = rss_anon_bytes(agent.pid()) as f64;
 
     // Memory per cached SVID: more entries for this workload, seen by one stream. Measured on
     // the idle agent, before the burst leaves freed memory that an allocator keeps resident
@@ -341,6 +342,12 @@ async fn measure(
         "agent_rss_mib",
         "agent RSS, idle with one SVID",
         rss_idle / (1 << 20) as f64,
+        "MiB",
+    );
+    bench.figure(
+        "agent_rss_anon_mib",
+        "agent anonymous RSS (heap and stacks, not the executable's pages), idle with one SVID",
+        rss_anon_idle / (1 << 20) as f64,
         "MiB",
     );
     bench.figure(

@@ -28,7 +28,7 @@ const BENCHMARKS: [&str; 11] = [
 
 /// Figures the quick run must report beyond one per benchmark: the PostgreSQL side of the
 /// comparisons whose baseline is SQLite or a single server.
-const REQUIRED_FIGURES: [&str; 21] = [
+const REQUIRED_FIGURES: [&str; 22] = [
     "revoke.all_acknowledged_p99_ms",
     "revoke.crl_1000.sign_ms",
     "revoke.crl_1000.bytes_per_serial",
@@ -40,6 +40,7 @@ const REQUIRED_FIGURES: [&str; 21] = [
     "fanin.first_svid_agent_cpu_us",
     "fanin.first_svid_p99_vs_floor_ms",
     "fanin.first_svid_p99_vs_http2_floor_ms",
+    "fanin.agent_rss_anon_mib",
     "restart.postgres.start_to_serving_ms",
     "writes.sqlite.per_sec",
     "writes.postgres.per_sec",
