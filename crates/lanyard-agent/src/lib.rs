@@ -8,6 +8,7 @@ pub mod attestor;
 pub mod cache;
 pub mod config;
 pub mod health;
+pub mod heap;
 pub mod http;
 pub mod limits;
 pub mod manager;

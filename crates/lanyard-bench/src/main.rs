@@ -98,12 +98,20 @@ pub(crate) const LOAD_THREADS: &str = "lanyard-load";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    install_logging(matches!(cli.command, Some(Command::AgentChild(_))));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let is_agent_child = matches!(cli.command, Some(Command::AgentChild(_)));
+    install_logging(is_agent_child);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
         .worker_threads(2)
         .thread_name(LOAD_THREADS)
-        .enable_all()
-        .build()?;
+        .enable_all();
+    if is_agent_child {
+        // As `lanyard agent run` prepares its threads.
+        builder.on_thread_start(|| {
+            lanyard_agent::heap::reserve_thread_heap(lanyard_agent::heap::THREAD_HEAP_RESERVE);
+        });
+    }
+    let runtime = builder.build()?;
     match cli.command {
         Some(Command::AgentChild(args)) => runtime.block_on(agent_child(args)),
         None => runtime.block_on(run(cli)),

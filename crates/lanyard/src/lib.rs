@@ -24,10 +24,16 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return cli::report_usage_error(&err),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if cli.command.serves_workloads() {
+        // A node's workloads start with its agent: their first calls come at once, and each
+        // runtime thread's heap grows by their streams (see `lanyard_agent::heap`).
+        builder.on_thread_start(|| {
+            lanyard_agent::heap::reserve_thread_heap(lanyard_agent::heap::THREAD_HEAP_RESERVE);
+        });
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err) => return cli::finish("lanyard", Err(anyhow::Error::new(err))),
     };

@@ -147,6 +147,14 @@ impl Command {
         format!("{group} {leaf}")
     }
 
+    /// Whether the command runs an agent serving the Workload API (`agent run`, `dev`).
+    pub(crate) fn serves_workloads(&self) -> bool {
+        matches!(
+            self,
+            Self::Agent(agent::AgentCommand::Run(_)) | Self::Dev(_)
+        )
+    }
+
     /// Runs the command, writing its results to `out`. An error is reported by the caller as
     /// the command's one stderr line; a batch whose items partly failed prints every item
     /// first and then returns an error that counts the failures.
@@ -461,5 +469,13 @@ mod tests {
         assert_eq!(cli.command.name(), "entry count");
         let cli = Cli::try_parse_from(["lanyard", "server", "healthcheck"]).expect("parses");
         assert_eq!(cli.command.name(), "server healthcheck");
+        assert!(!cli.command.serves_workloads());
+        for serving in [
+            &["lanyard", "agent", "run", "--config", "agent.conf"][..],
+            &["lanyard", "dev"],
+        ] {
+            let cli = Cli::try_parse_from(serving).expect("parses");
+            assert!(cli.command.serves_workloads(), "{serving:?}");
+        }
     }
 }
