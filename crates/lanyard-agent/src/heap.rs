@@ -9,9 +9,11 @@
 //! address range stays writable, so later growth up to there costs the page faults alone.
 //! With any other allocator it is an allocation and a free.
 
-/// How far a runtime thread's arena is grown: the heap a thousand streams take, split
-/// between two worker threads, with room to spare.
-pub const THREAD_HEAP_RESERVE: usize = 16 << 20;
+/// How far a runtime thread's arena is grown: what a thousand workloads' connections and
+/// streams take (about 55 kB each, most of it the connections' HTTP/2 buffers, allocated
+/// whole even where untouched), split between two worker threads, with some room. glibc's
+/// per-thread heaps are at most 64 MiB.
+pub const THREAD_HEAP_RESERVE: usize = 48 << 20;
 
 /// The blocks it is grown in: below glibc's threshold for serving an allocation from its own
 /// mapping (128 KiB), so that they come from the thread's arena.
