@@ -9,6 +9,8 @@
 //! address range stays writable, so later growth up to there costs the page faults alone.
 //! With any other allocator it is an allocation and a free.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 /// How far a runtime thread's arena is grown: what a thousand workloads' connections and
 /// streams take (about 55 kB each, most of it the connections' HTTP/2 buffers, allocated
 /// whole even where untouched), split between two worker threads, with some room. glibc's
@@ -19,8 +21,31 @@ pub const THREAD_HEAP_RESERVE: usize = 48 << 20;
 /// mapping (128 KiB), so that they come from the thread's arena.
 const BLOCK: usize = 64 << 10;
 
+/// How many threads have taken [`reserve_runtime_thread_heap`]'s reserve.
+static RESERVED_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// For a runtime's `on_thread_start`: reserves [`THREAD_HEAP_RESERVE`] on the first threads
+/// started, one per core. A multi-thread runtime starts its workers first, as it is built;
+/// the threads its blocking pool starts later, and again after each idle spell (for a
+/// workload path to hash, a file to write), run briefly and share arenas, so they skip it.
+pub fn reserve_runtime_thread_heap() {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if take_reserve(&RESERVED_THREADS, cores) {
+        reserve_thread_heap(THREAD_HEAP_RESERVE);
+    }
+}
+
+/// Whether one more of at most `limit` reserves may be taken, counting it in `taken`.
+fn take_reserve(taken: &AtomicUsize, limit: usize) -> bool {
+    taken
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .is_ok()
+}
+
 /// Grows the calling thread's heap by about `bytes` and frees it again (see the module's
-/// documentation). For a runtime's `on_thread_start`.
+/// documentation).
 pub fn reserve_thread_heap(bytes: usize) {
     let blocks: Vec<Vec<u8>> = (0..bytes / BLOCK)
         .map(|_| Vec::with_capacity(BLOCK))
@@ -42,6 +67,16 @@ mod tests {
             .and_then(|kb| kb.parse::<usize>().ok())
             .unwrap()
             * 1024
+    }
+
+    #[test]
+    fn only_the_first_threads_take_the_reserve() {
+        let taken = AtomicUsize::new(0);
+        assert!(take_reserve(&taken, 2));
+        assert!(take_reserve(&taken, 2));
+        assert!(!take_reserve(&taken, 2));
+        assert!(!take_reserve(&taken, 2));
+        assert_eq!(taken.load(Ordering::Relaxed), 2);
     }
 
     /// The start, end and name of the mapping of this process that holds `address`.

@@ -644,7 +644,7 @@ impl<F> Watch<F> {
     /// A message the workload does not take within `stream_send_timeout` closes the
     /// caller's connection: HTTP/2 would otherwise hold the stream, and what was queued on
     /// it, for as long as the workload stays connected.
-    async fn run<T, O>(self, mut outlet: O, first: Option<(SystemTime, Taken<T>)>) -> WatchEnd
+    async fn run<T, O>(self, mut outlet: O, mut first: Option<(SystemTime, Taken<T>)>) -> WatchEnd
     where
         T: Clone + PartialEq + Send,
         O: Outlet<T>,
@@ -664,7 +664,6 @@ impl<F> Watch<F> {
             _open,
         } = self;
         let timeout = limits.config.stream_send_timeout;
-        let mut first = first;
         let mut last_sent: Option<T> = None;
         loop {
             let (now, taken) = match first.take() {

@@ -107,9 +107,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all();
     if is_agent_child {
         // As `lanyard agent run` prepares its threads.
-        builder.on_thread_start(|| {
-            lanyard_agent::heap::reserve_thread_heap(lanyard_agent::heap::THREAD_HEAP_RESERVE);
-        });
+        builder.on_thread_start(lanyard_agent::heap::reserve_runtime_thread_heap);
     }
     let runtime = builder.build()?;
     match cli.command {

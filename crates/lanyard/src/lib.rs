@@ -29,9 +29,7 @@ pub fn main() -> ExitCode {
     if cli.command.serves_workloads() {
         // A node's workloads start with its agent: their first calls come at once, and each
         // runtime thread's heap grows by their streams (see `lanyard_agent::heap`).
-        builder.on_thread_start(|| {
-            lanyard_agent::heap::reserve_thread_heap(lanyard_agent::heap::THREAD_HEAP_RESERVE);
-        });
+        builder.on_thread_start(lanyard_agent::heap::reserve_runtime_thread_heap);
     }
     let runtime = match builder.build() {
         Ok(runtime) => runtime,
