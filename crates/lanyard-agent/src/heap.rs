@@ -9,7 +9,7 @@
 //! address range stays writable, so later growth up to there costs the page faults alone.
 //! With any other allocator it is an allocation and a free.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 
 /// How far a runtime thread's arena is grown: what a thousand workloads' connections and
 /// streams take (about 55 kB each, most of it the connections' HTTP/2 buffers, allocated
@@ -21,27 +21,26 @@ pub const THREAD_HEAP_RESERVE: usize = 48 << 20;
 /// mapping (128 KiB), so that they come from the thread's arena.
 const BLOCK: usize = 64 << 10;
 
-/// How many threads have taken [`reserve_runtime_thread_heap`]'s reserve.
-static RESERVED_THREADS: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    /// Whether this thread has taken [`reserve_worker_heap`]'s reserve.
+    static RESERVED: Cell<bool> = const { Cell::new(false) };
+}
 
-/// For a runtime's `on_thread_start`: reserves [`THREAD_HEAP_RESERVE`] on the first threads
-/// started, one per core. A multi-thread runtime starts its workers first, as it is built;
-/// the threads its blocking pool starts later, and again after each idle spell (for a
-/// workload path to hash, a file to write), run briefly and share arenas, so they skip it.
-pub fn reserve_runtime_thread_heap() {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    if take_reserve(&RESERVED_THREADS, cores) {
+/// For a multi-thread runtime's `on_thread_park`, which only its workers call: reserves
+/// [`THREAD_HEAP_RESERVE`] the first time each worker parks (when it first runs out of work,
+/// right after the runtime starts), and does nothing on later parks. `on_thread_start` would
+/// not tell the workers from the blocking pool's threads, which start on demand (for a file
+/// to write, a workload path to hash), again after each idle spell, and race the workers to
+/// start.
+pub fn reserve_worker_heap() {
+    if take_reserve(&RESERVED) {
         reserve_thread_heap(THREAD_HEAP_RESERVE);
     }
 }
 
-/// Whether one more of at most `limit` reserves may be taken, counting it in `taken`.
-fn take_reserve(taken: &AtomicUsize, limit: usize) -> bool {
-    taken
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-            (n < limit).then_some(n + 1)
-        })
-        .is_ok()
+/// Whether `reserved` was not set yet; sets it.
+fn take_reserve(reserved: &'static std::thread::LocalKey<Cell<bool>>) -> bool {
+    !reserved.replace(true)
 }
 
 /// Grows the calling thread's heap by about `bytes` and frees it again (see the module's
@@ -70,13 +69,17 @@ mod tests {
     }
 
     #[test]
-    fn only_the_first_threads_take_the_reserve() {
-        let taken = AtomicUsize::new(0);
-        assert!(take_reserve(&taken, 2));
-        assert!(take_reserve(&taken, 2));
-        assert!(!take_reserve(&taken, 2));
-        assert!(!take_reserve(&taken, 2));
-        assert_eq!(taken.load(Ordering::Relaxed), 2);
+    fn each_thread_takes_the_reserve_once() {
+        thread_local! {
+            static TAKEN: Cell<bool> = const { Cell::new(false) };
+        }
+        assert!(take_reserve(&TAKEN));
+        assert!(!take_reserve(&TAKEN));
+        assert!(!take_reserve(&TAKEN));
+        let elsewhere = std::thread::spawn(|| (take_reserve(&TAKEN), take_reserve(&TAKEN)))
+            .join()
+            .unwrap();
+        assert_eq!(elsewhere, (true, false));
     }
 
     /// The start, end and name of the mapping of this process that holds `address`.

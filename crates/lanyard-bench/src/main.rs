@@ -107,7 +107,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all();
     if is_agent_child {
         // As `lanyard agent run` prepares its threads.
-        builder.on_thread_start(lanyard_agent::heap::reserve_runtime_thread_heap);
+        builder.on_thread_park(lanyard_agent::heap::reserve_worker_heap);
     }
     let runtime = builder.build()?;
     match cli.command {

@@ -29,7 +29,7 @@ pub fn main() -> ExitCode {
     if cli.command.serves_workloads() {
         // A node's workloads start with its agent: their first calls come at once, and each
         // runtime thread's heap grows by their streams (see `lanyard_agent::heap`).
-        builder.on_thread_start(lanyard_agent::heap::reserve_runtime_thread_heap);
+        builder.on_thread_park(lanyard_agent::heap::reserve_worker_heap);
     }
     let runtime = match builder.build() {
         Ok(runtime) => runtime,
