@@ -29,8 +29,8 @@ use tonic::{Code, Status};
 use tower::ServiceExt as _;
 
 use super::{
-    Delivery, Outlet, SECURITY_HEADER, WatchEnd, WorkloadApi, WorkloadConnectInfo,
-    WorkloadConnection, X509Message,
+    Delivery, Outlet, SECURITY_HEADER, Watch, WatchEnd, WorkloadApi, WorkloadConnectInfo,
+    WorkloadConnection, X509Message, X509Stepper,
 };
 
 /// The path of the call answered without the router.
@@ -94,11 +94,14 @@ impl Http2Server {
                 return;
             }
         };
+        // One wait for the whole connection: made anew at each stream, it would join and
+        // leave the waiters every connection shares, under their lock, twice a stream.
+        let mut drain = pin!(draining.wait_for(|draining| *draining));
         let mut drained = false;
         loop {
             let next = tokio::select! {
                 next = connection.accept() => next,
-                _ = draining.wait_for(|draining| *draining), if !drained => {
+                _ = &mut drain, if !drained => {
                     drained = true;
                     connection.graceful_shutdown();
                     continue;
@@ -106,7 +109,12 @@ impl Http2Server {
             };
             match next {
                 Some(Ok((request, respond))) => {
-                    tokio::spawn(Arc::clone(&self).serve_stream(info.clone(), request, respond));
+                    let accepted = Box::new(Accepted {
+                        info: info.clone(),
+                        request,
+                        respond,
+                    });
+                    tokio::spawn(Arc::clone(&self).serve_stream(accepted));
                 }
                 Some(Err(error)) => {
                     tracing::debug!(%error, "Workload API connection failed");
@@ -117,18 +125,30 @@ impl Http2Server {
         }
     }
 
-    async fn serve_stream(
-        self: Arc<Self>,
-        info: WorkloadConnectInfo,
-        request: http::Request<RecvStream>,
-        respond: SendResponse<Bytes>,
-    ) {
+    /// Serves one stream. A task's size is its future's largest state, for as long as the
+    /// task lives (a `FetchX509SVID` stream's, as long as the workload runs), and in a burst
+    /// of first calls each new stream's task is fresh heap, a page fault per page: so what
+    /// only a call's start needs (the request, the attestation's states, the router's future)
+    /// is boxed, and gone once it is done.
+    async fn serve_stream(self: Arc<Self>, accepted: Box<Accepted>) {
+        let Accepted {
+            info,
+            request,
+            respond,
+        } = *accepted;
         match &self.fast {
             Some(api) if takes_fast_path(&request) => {
                 let call = self.metrics.start_call(FETCH_X509_SVID);
-                fetch_x509svid(api, call, info, request, respond).await;
+                let started = Box::pin(start_x509svid(api, call, info, request, respond)).await;
+                if let Some((watch, mut outlet)) = started {
+                    // A stream that ends without a status of its own (the agent is
+                    // stopping) ends as tonic ends a response stream: with OK.
+                    if watch.run(&mut outlet, None).await == WatchEnd::Gone {
+                        outlet.finish(&Status::ok(""));
+                    }
+                }
             }
-            _ => self.route(info, request, respond).await,
+            _ => Box::pin(self.route(info, request, respond)).await,
         }
     }
 
@@ -171,15 +191,23 @@ fn takes_fast_path(request: &http::Request<RecvStream>) -> bool {
             .is_none_or(|encoding| encoding == "identity")
 }
 
-/// `FetchX509SVID` served on its stream: the same checks, statuses and messages as through
-/// the router, with the messages framed and sent here, from this task.
-async fn fetch_x509svid(
+/// A stream as the connection accepted it.
+struct Accepted {
+    info: WorkloadConnectInfo,
+    request: http::Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+}
+
+/// `FetchX509SVID`'s start on its stream: the same checks and statuses as through the
+/// router. The watch to run and its outlet, with the response's headers sent, or nothing if
+/// the call ended here (refused, or the client gone).
+async fn start_x509svid(
     api: &WorkloadApi,
     call: CallRecord,
     info: WorkloadConnectInfo,
     request: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-) {
+) -> Option<(Watch<X509Stepper>, Http2Outlet)> {
     let (mut parts, mut body) = request.into_parts();
     let started = async {
         if !super::one_true(parts.headers.get_all(SECURITY_HEADER).iter()) {
@@ -192,7 +220,7 @@ async fn fetch_x509svid(
     };
     let started = tokio::select! {
         started = started => started,
-        _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => return None,
     };
     let mut outlet = Http2Outlet {
         respond,
@@ -203,16 +231,11 @@ async fn fetch_x509svid(
     match started {
         // The headers go out at once, as tonic sends a response stream's: a client waiting
         // for them learns that the call was taken.
-        Ok(watch) => {
-            if outlet.start() {
-                // A stream that ends without a status of its own (the agent is stopping)
-                // ends as tonic ends a response stream: with OK.
-                if watch.run(&mut outlet, None).await == WatchEnd::Gone {
-                    outlet.finish(&Status::ok(""));
-                }
-            }
+        Ok(watch) => outlet.start().then_some((watch, outlet)),
+        Err(status) => {
+            outlet.finish(&status);
+            None
         }
-        Err(status) => outlet.finish(&status),
     }
 }
 
