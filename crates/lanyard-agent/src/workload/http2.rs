@@ -529,11 +529,12 @@ mod tests {
     /// A stream's task lives as long as its workload does: what only the call's start needs
     /// takes no room in it once the watch runs. Passed by value through the calls, the
     /// accepted stream and the call's start kept room in every open stream's task (5.5 kB in
-    /// all, where the watch takes under half of that).
+    /// all); with the watch run from inside the start again it is 3.4 kB, and 2.6 kB as it
+    /// is.
     #[test]
     fn a_streams_task_holds_little_beyond_its_watch() {
         let stream = future_size(Http2Server::serve_stream);
-        assert!(stream < 4 << 10, "a stream's future takes {stream} bytes");
+        assert!(stream < 3 << 10, "a stream's future takes {stream} bytes");
     }
 
     #[test]
